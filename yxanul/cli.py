@@ -1,0 +1,62 @@
+"""The `yxanul` command line. Thin: parse arguments, call the library, print tables/JSON.
+
+Every subcommand lives in ``yxanul/commands/<name>.py`` and exposes ``register(subparsers)``, which adds its
+parser and sets ``func`` (taking the parsed args, returning an exit code or None).
+A :class:`YxanulError` anywhere becomes one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+from . import __version__
+from .errors import YxanulError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors also exit 2, with one line
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import commands
+
+    parser = _Parser(prog="yxanul", description="FP8 mixed-precision training for small language models.")
+    parser.add_argument("--version", action="version", version=f"yxanul {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{commands.__name__}.{info.name}")
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:
+        argv = ["train"]  # the embedded default: train `tiny` on the bundled text, on CPU
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except YxanulError as e:
+        print(f"yxanul: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("yxanul: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

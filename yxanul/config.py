@@ -1,0 +1,152 @@
+"""Configuration: model presets and YAML loading with validation.
+
+Every loader raises :class:`YxanulError` naming the file and key on bad input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import YxanulError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+PRESET_DIR = CONFIG_DIR / "models"
+DEFAULT_POLICY = CONFIG_DIR / "mixed_precision_config.yaml"
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; malformed YAML or a non-mapping top level is a YxanulError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise YxanulError("file not found", source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise YxanulError(f"cannot read: {e}", source=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise YxanulError(f"malformed YAML{where}: {problem}", source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise YxanulError(f"top level must be a mapping, got {type(data).__name__}", source=str(path))
+    return data
+
+
+def _coerce(value: Any, typ: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], source, key)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise YxanulError(f"expected true/false, got {value!r}", source=source, key=key)
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise YxanulError(f"expected an integer, got {value!r}", source=source, key=key)
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise YxanulError(f"expected a number, got {value!r}", source=source, key=key)
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise YxanulError(f"expected a string, got {value!r}", source=source, key=key)
+        return value
+    return value
+
+
+def dataclass_from_dict(cls, data: dict, source: str, prefix: str = "", base=None):
+    """Build dataclass `cls` from `data` (over `base` if given), rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    kwargs = dataclasses.asdict(base) if base is not None else {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise YxanulError(f"unknown key (expected one of: {', '.join(sorted(names))})", source=source, key=key)
+        kwargs[k] = _coerce(v, hints[k], source, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise YxanulError(f"incomplete config: {e}", source=source) from None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 200005
+    d_model: int = 768
+    n_layers: int = 28
+    n_heads: int = 12
+    n_kv_heads: int = 2
+    head_dim: int = 64
+    ffn_hidden: int = 2048
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    embed_rank: int = 128  # 0: full vocab x d_model embedding
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    name: str = "custom"
+
+    def validate(self, source: str = "model config") -> "ModelConfig":
+        for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "max_seq_len"):
+            if getattr(self, k) <= 0:
+                raise YxanulError(f"must be positive, got {getattr(self, k)}", source=source, key=k)
+        if self.n_heads % self.n_kv_heads:
+            raise YxanulError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
+                              source=source, key="n_kv_heads")
+        if self.head_dim % 2:
+            raise YxanulError("must be even for RoPE", source=source, key="head_dim")
+        if self.embed_rank < 0:
+            raise YxanulError("must be >= 0", source=source, key="embed_rank")
+        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
+            raise YxanulError("norm_eps, init_std and rope_theta must be positive", source=source)
+        return self
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_model_config(spec: str | Path, overrides: dict | None = None) -> ModelConfig:
+    """`spec` is a preset name (see configs/models) or a YAML path.
+
+    A YAML file may name a preset to start from with `preset: NAME` and override fields one by one.
+    """
+    spec = str(spec)
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        data = load_yaml(path)
+        source = str(path)
+        name = path.stem
+    else:
+        if spec not in list_presets():
+            raise YxanulError(f"unknown model preset (known: {', '.join(list_presets())}; or pass a YAML path)",
+                              source="--model", key=spec)
+        data = load_yaml(PRESET_DIR / f"{spec}.yaml")
+        source = str(PRESET_DIR / f"{spec}.yaml")
+        name = spec
+    base = None
+    if "preset" in data:
+        preset = data.pop("preset")
+        if not isinstance(preset, str):
+            raise YxanulError("expected a preset name", source=source, key="preset")
+        base = load_model_config(preset)
+    data.setdefault("name", name)
+    cfg = dataclass_from_dict(ModelConfig, data, source, base=base)
+    if overrides:
+        cfg = dataclass_from_dict(ModelConfig, overrides, "overrides", base=cfg)
+    return cfg.validate(source)

@@ -1,0 +1,188 @@
+"""The Yxanul decoder-only transformer, readable top to bottom.
+
+Pre-norm blocks of GQA attention (RoPE, SDPA) and a SwiGLU MLP, RMSNorm everywhere, no biases.
+The embedding may be factorized (``Embedding(V, r)`` then an ``r -> d`` projection); the output head is
+then tied through the factorization: ``logits = (h @ P) @ E.T`` with the same ``P`` and ``E``.
+
+Module names follow the design note's patterns so a policy YAML reads naturally:
+``embeddings.{tok,proj}``, ``layers.N.attn.{q,k,v,o}_proj``, ``layers.N.mlp.{gate,up,down}_proj``,
+``layers.N.{attn_norm,mlp_norm}``, ``norm`` and (untied models only) ``lm_head``.
+
+Initialization: every weight ~ N(0, init_std); the two residual-branch outputs (``o_proj`` and
+``down_proj``) use init_std / sqrt(2 * n_layers), as GPT-2 does; RMSNorm weights start at 1.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    t = torch.arange(max_seq_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # Llama's rotate-half layout
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [T, D]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = True
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            causal = T > 1  # one new token attends to the whole cache
+            if causal and k.shape[2] != T:
+                raise ValueError("prefill with a non-empty KV cache is not supported")
+        if self.n_kv_heads != self.n_heads:  # GQA: share each KV head across its group of query heads
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Embeddings(nn.Module):
+    """Token embedding, optionally factorized: ``tok`` is V x r and ``proj`` maps r -> d."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        r = cfg.embed_rank or cfg.d_model
+        self.tok = nn.Embedding(cfg.vocab_size, r)
+        self.proj = nn.Linear(r, cfg.d_model, bias=False) if cfg.embed_rank else None
+
+    def forward(self, idx):
+        e = self.tok(idx)
+        return self.proj(e) if self.proj is not None else e
+
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(E, P) with logits = (h @ P) @ E.T, P None when not factorized."""
+        return self.tok.weight, (self.proj.weight if self.proj is not None else None)
+
+
+class Yxanul(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, resid_std)
+            else:
+                p.normal_(0.0, std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- forward -----------------------------------------------------------------------------------
+    def hidden(self, idx: torch.Tensor, kv_caches=None, pos: int = 0) -> torch.Tensor:
+        T = idx.shape[1]
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.embeddings(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_caches[i] if kv_caches is not None else None)
+        return self.norm(x)
+
+    def head_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W, P): logits = (h @ P) @ W.T; P is None unless the embedding is factorized and tied."""
+        if self.lm_head is not None:
+            return self.lm_head.weight, None
+        return self.embeddings.head_weights()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        W, P = self.head_weight()
+        if P is not None:
+            h = h @ P.to(h.dtype)
+        return F.linear(h, W)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits for `idx`, or the mean cross-entropy against `targets` (ignore_index=-1)."""
+        h = self.hidden(idx)
+        if targets is None:
+            return self.logits(h)
+        loss_fn = getattr(self, "loss_fn", None)
+        if loss_fn is not None:
+            return loss_fn(self, h, targets)
+        logits = self.logits(h)
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+
+
+def build_model(cfg: ModelConfig) -> Yxanul:
+    return Yxanul(cfg)
