@@ -63,8 +63,17 @@ class SafetensorsHeader:
         return self.file_size - self.data_start
 
 
+def safe_name(name, limit: int = 200) -> str:
+    """A tensor/file name fit for a one-line message: control characters escaped, long names shortened."""
+    s = str(name)
+    if not s.isprintable():
+        s = repr(s)[1:-1]
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
 def _err(path, msg: str, key: str | None = None) -> YxanulError:
-    return YxanulError(msg, source=str(path), key=key)
+    return YxanulError(safe_name(msg, 1000), source=safe_name(path, 1000),
+                       key=None if key is None else safe_name(key))
 
 
 def parse_header_bytes(raw: bytes, path: str = "<bytes>", file_size: int | None = None) -> SafetensorsHeader:

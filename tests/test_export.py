@@ -1,0 +1,135 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from yxanul.checkpoint.export import export_hf, load_checkpoint_weights
+from yxanul.cli import main
+from yxanul.config import load_model_config
+from yxanul.errors import YxanulError
+from yxanul.model import Yxanul
+
+transformers = pytest.importorskip("transformers")
+
+
+def make_run(tmp_path, overrides=None, name="run"):
+    cfg = load_model_config("tiny", overrides or {})
+    torch.manual_seed(0)
+    m = Yxanul(cfg)
+    with torch.no_grad():  # non-trivial norm weights so a wrong norm mapping shows
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    step = tmp_path / name / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    sd["layers.0.attn.q_proj.fp8_amax_history"] = torch.zeros(16)  # non-parameter keys are ignored
+    save_file(sd, str(step / "model.safetensors"))
+    meta = {"step": 10, "model_config": dataclasses.asdict(cfg),
+            "tokenizer": {"kind": "bytes", "path": None, "vocab_size": 257, "eot_id": 256}}
+    (step / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / name / "checkpoints" / "latest").write_text("step_00000010\n")
+    return tmp_path / name, m.eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"embed_rank": 32}, {"tie_embeddings": False}])
+def test_transformers_logits_and_greedy_match(tmp_path, overrides):
+    run, ref = make_run(tmp_path, overrides)
+    out = tmp_path / "hf"
+    rep = export_hf(run, out, dtype="fp32")
+    assert rep["tie_word_embeddings"] == ref.cfg.tie_embeddings
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["LlamaForCausalLM"] and conf["num_key_value_heads"] == 2
+    assert conf["tie_word_embeddings"] == ref.cfg.tie_embeddings and conf["eos_token_id"] == 256
+    assert (out / "generation_config.json").exists() and (out / "TOKENIZER.md").exists()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert sum(p.numel() for p in hf.parameters()) >= ref.num_params()
+    idx = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = ref(idx)
+        b = hf(idx).logits
+    assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item()
+    # greedy continuation: same tokens
+    from yxanul.generate import SamplingOptions, generate_ids
+    prompt = idx[0, :8].tolist()
+    ours = list(generate_ids(ref, prompt, SamplingOptions(max_new_tokens=12, temperature=0)))
+    with torch.no_grad():
+        g = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)
+    assert g[0, 8:].tolist() == ours
+
+
+def test_bf16_default_sharded_and_cli(tmp_path):
+    run, ref = make_run(tmp_path)
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--out", str(out), "--max-shard-size", "1000000"]) == 0
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(idx["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).exists() for s in shards)
+    assert "model.layers.3.post_attention_layernorm.weight" in idx["weight_map"]
+    assert "lm_head.weight" not in idx["weight_map"]  # tied
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(hf.model.embed_tokens.weight.float(),
+                               ref.embeddings.tok.weight.to(torch.bfloat16).float())
+    # exists -> exit 2, untouched; --overwrite replaces
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["export", str(run), "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert main(["export", str(run / "checkpoints" / "step_00000010"), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
+
+
+def test_bare_safetensors_needs_model(tmp_path, capsys):
+    run, ref = make_run(tmp_path)
+    f = run / "checkpoints" / "step_00000010" / "model.safetensors"
+    assert main(["export", str(f), "--out", str(tmp_path / "x")]) == 2
+    assert "--model" in capsys.readouterr().err
+    cfg, sd, meta = load_checkpoint_weights(f, "tiny")
+    assert set(sd) == {n for n, _ in ref.named_parameters()}
+    with pytest.raises(YxanulError, match="shape"):
+        load_checkpoint_weights(f, "yxanul-197m")
+
+
+def test_export_errors(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    run, _ = make_run(tmp_path)
+    step = run / "checkpoints" / "step_00000010"
+    meta = json.loads((step / "meta.json").read_text())
+    meta["model_config"]["bogus"] = 1
+    (step / "meta.json").write_text(json.dumps(meta))
+    assert main(["export", str(step), "--out", str(tmp_path / "o")]) == 2
+    assert "bogus" in capsys.readouterr().err
+    meta["model_config"].pop("bogus")
+    meta["tokenizer"]["vocab_size"] = 100_000  # tokenizer mismatch
+    (step / "meta.json").write_text(json.dumps(meta))
+    assert main(["export", str(step), "--out", str(tmp_path / "o")]) == 2
+    assert "vocab_size" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".o")] == []
+
+
+def test_fp8_export_loads_fp8_config(tmp_path):
+    pytest.importorskip("yxanul.checkpoint.convert")
+    run, ref = make_run(tmp_path)
+    out = tmp_path / "hf8"
+    assert main(["export", str(run), "--out", str(out), "--fp8"]) == 0
+    conf = transformers.AutoConfig.from_pretrained(out)
+    q = conf.quantization_config
+    q = q if isinstance(q, dict) else q.to_dict()
+    assert q["quant_method"] == "fp8" and list(q["weight_block_size"]) == [128, 128]
+    fq = transformers.FineGrainedFP8Config.from_dict(dict(q))
+    assert tuple(fq.weight_block_size) == (128, 128)
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        w = f.get_tensor("model.layers.0.mlp.up_proj.weight")
+        s = f.get_tensor("model.layers.0.mlp.up_proj.weight_scale_inv")
+        assert w.dtype == torch.float8_e4m3fn and s.shape == (6, 2)
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        deq = (w.float().view(6, 128, 2, 128) * s[:, None, :, None]).reshape(768, 256)
+        torch.testing.assert_close(deq, ref.layers[0].mlp.up_proj.weight.detach(), rtol=0.07, atol=1e-3)
+    assert "model.norm.weight" in keys and (out / "generation_config.json").exists()

@@ -1,0 +1,233 @@
+"""Fused FP8 kernels against their pure-torch references.
+
+The Triton kernels are checked on the CPU through TRITON_INTERPRET=1 in a subprocess (the variable must be
+set before triton is imported and must not leak into the rest of the test session). The interpreter's FP8
+cast is not always round-to-nearest-even, so on the CPU scales must match exactly and every FP8 value must be
+within one FP8 step of the reference; on a GPU everything must match bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from yxanul.errors import YxanulError
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fp8_ordinal(q: torch.Tensor) -> torch.Tensor:
+    """Map FP8 bytes to integers ordered like the values they encode (adjacent values differ by 1)."""
+    b = q.view(torch.uint8).to(torch.int32)
+    mag = b & 0x7F
+    return torch.where(b & 0x80 != 0, -mag, mag)
+
+
+def compare(out, ref) -> dict:
+    """Differences between a kernel's outputs and the reference's (tensor by tensor)."""
+    res = []
+    for a, b in zip(out, ref):
+        if a is None or b is None:
+            res.append({"none": [a is None, b is None]})
+            continue
+        d = {"shape_ok": tuple(a.shape) == tuple(b.shape), "dtype_ok": a.dtype == b.dtype}
+        if not d["shape_ok"]:
+            res.append(d)
+            continue
+        if a.dtype in FP8:
+            steps = (fp8_ordinal(a) - fp8_ordinal(b)).abs()
+            d.update(kind="fp8", max_steps=int(steps.max()) if a.numel() else 0,
+                     mismatch=float((steps > 0).float().mean()) if a.numel() else 0.0)
+        elif a.dtype == torch.float32:
+            rel = ((a - b).abs() / b.abs().clamp_min(1e-30)).max() if a.numel() else torch.tensor(0.0)
+            d.update(kind="f32", max_rel=float(rel))
+        else:
+            rel = ((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-3)).max()
+            d.update(kind="lowp", max_rel=float(rel))
+        res.append(d)
+    return res
+
+
+CASES = [  # (op, M, K, dtype, kwargs)
+    ("act_quant", 70, 300, "bfloat16", {}),
+    ("act_quant", 64, 256, "float32", {"fmt": "e5m2"}),
+    ("act_quant", 33, 130, "bfloat16", {"pow2_scales": True}),
+    ("act_quant", 40, 96, "float32", {"block": 32}),
+    ("act_quant_t", 200, 72, "bfloat16", {}),
+    ("act_quant_t", 128, 64, "float32", {"pow2_scales": True}),
+    ("act_quant_dual", 150, 260, "bfloat16", {}),
+    ("weight_quant", 200, 300, "bfloat16", {}),
+    ("weight_quant", 256, 128, "float32", {"pow2_scales": True}),
+    ("tensor_quant", 70, 300, "bfloat16", {}),
+    ("tensor_quant", 9000, 2, "float32", {"fmt": "e5m2"}),
+    ("rmsnorm_quant", 37, 300, "bfloat16", {}),
+    ("rmsnorm_quant", 16, 256, "float32", {"pow2_scales": True}),
+    ("swiglu_quant", 45, 200, "bfloat16", {}),
+    ("swiglu_quant", 32, 256, "float32", {"return_h": False}),
+]
+
+
+def case_id(c) -> str:
+    op, M, K, dt, kw = c
+    return f"{op}-{M}x{K}-{dt}" + "".join(f"-{k}={v}" for k, v in kw.items())
+
+
+def run_case(c, device: str = "cpu") -> dict:
+    """Run one case through the Triton kernel and the reference; return the comparison."""
+    from yxanul import kernels
+    from yxanul.kernels import reference
+
+    op, M, K, dt, kw = c
+    g = torch.Generator().manual_seed(zlib.crc32(case_id(c).encode()))
+    dtype = getattr(torch, dt)
+    x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 10).to(dtype).to(device)
+    x[0, : min(K, 5)] = 0  # partial zero runs; an all-zero tile below
+    if M > 2 and K >= 128:
+        x[2, :128] = 0
+    if op == "rmsnorm_quant":
+        w = (torch.rand(K, generator=g) + 0.5).to(device)
+        out = kernels.rmsnorm_quant(x, w, 1e-6, impl="triton", **kw)
+        ref = reference.rmsnorm_quant(x, w, 1e-6, **kw)
+        # the quantization must be exactly that of the kernel's own y
+        requant = reference.act_quant(out[0], **kw)
+        return {"main": compare(out, ref), "requant": compare(out[1:], requant)}
+    if op == "swiglu_quant":
+        up = (torch.randn(M, K, generator=g) * 3).to(dtype).to(device)
+        out = kernels.swiglu_quant(x, up, impl="triton", **kw)
+        ref = reference.swiglu_quant(x, up, **kw)
+        h = out[0] if out[0] is not None else reference.swiglu(x, up)
+        requant = reference.act_quant(h, **{k: v for k, v in kw.items() if k != "return_h"})
+        return {"main": compare(out, ref), "requant": compare(out[1:], requant)}
+    out = getattr(kernels, op)(x, impl="triton", **kw)
+    ref = getattr(reference, op)(x, **kw)
+    return {"main": compare(out, ref)}
+
+
+def _worker():
+    results = {case_id(c): run_case(c) for c in CASES}
+    sys.stdout.write("RESULTS " + json.dumps(results) + "\n")
+
+
+@pytest.fixture(scope="module")
+def interp_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret-worker"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
+    return json.loads(line[len("RESULTS "):])
+
+
+def _check(parts, fp8_steps=0, scale_rel=0.0, y_rel=None):
+    """Assert on compare() output: FP8 values within `fp8_steps` FP8 steps, FP32 scales within `scale_rel`
+    relative error; with `y_rel`, any output within `y_rel` relative error."""
+    for d in parts:
+        if "none" in d:
+            assert d["none"][0] == d["none"][1], d
+            continue
+        assert d["shape_ok"] and d["dtype_ok"], d
+        if y_rel is not None:
+            assert d["max_rel"] <= y_rel, d
+        elif d["kind"] == "fp8":
+            assert d["max_steps"] <= fp8_steps, d
+            if fp8_steps:
+                assert d["mismatch"] < 0.1, d
+        else:
+            assert d["max_rel"] <= scale_rel, d
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_triton_kernel_matches_reference_interpreted(interp_results, case):
+    """The kernels round to the FP8 grid themselves, so even the interpreter must agree bit for bit."""
+    r = interp_results[case_id(case)]
+    if "requant" in r:
+        _check(r["requant"])                        # exactly the quantization of the kernel's own y / h
+        _check(r["main"][:1], y_rel=1.6e-2)         # y / h: within about one bf16 ulp of the reference
+        _check(r["main"][1:], fp8_steps=1, scale_rel=2e-2)
+    else:
+        _check(r["main"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_triton_kernel_bit_exact_on_gpu(case):
+    pytest.importorskip("triton")
+    r = run_case(case, "cuda")
+    if "requant" in r:
+        _check(r["requant"])
+        _check(r["main"][:1], y_rel=1.6e-2)
+        _check(r["main"][1:], fp8_steps=1, scale_rel=2e-2)
+    else:
+        _check(r["main"])
+
+
+# ---- dispatch and references (no Triton needed) -----------------------------------------------------------
+
+def test_dispatch_uses_reference_on_cpu(monkeypatch):
+    from yxanul import kernels
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(4, 256)
+    assert not kernels.uses_triton(x)
+    q, s = kernels.act_quant(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (4, 2)
+    with pytest.raises(YxanulError):
+        kernels.act_quant(x, impl="triton")
+    with pytest.raises(YxanulError):
+        kernels.act_quant(x, impl="fast")
+
+
+def test_reference_shapes_and_roundtrip():
+    from yxanul import kernels
+    from yxanul.fp8.quant import dequantize
+    x = torch.randn(300, 200)
+    q, s, qt, st = kernels.act_quant_dual(x)
+    assert q.shape == (300, 200) and s.shape == (300, 2)
+    assert qt.shape == (200, 300) and st.shape == (200, 3) and qt.is_contiguous()
+    tol = float(s.max()) / 8  # an eighth of the largest tile's unit: above the subnormal quantum
+    assert torch.allclose(dequantize(q, s), x, rtol=0.07, atol=tol)
+    assert torch.allclose(dequantize(qt, st).t(), x, rtol=0.07, atol=tol)
+    assert not torch.equal(q.float(), qt.t().float())  # different tiles, different scales
+    wq, ws = kernels.weight_quant(x)
+    assert ws.shape == (3, 2)
+    assert torch.allclose(dequantize(wq, ws, (128, 128)), x, rtol=0.07, atol=float(ws.max()) / 8)
+    tq, ts = kernels.tensor_quant(x)
+    assert ts.dim() == 0 and float(ts) == pytest.approx(float(x.abs().max()) / 448)
+    y, nq, ns = kernels.rmsnorm_quant(x.bfloat16(), torch.ones(200), 1e-6)
+    from yxanul.model import RMSNorm
+    torch.testing.assert_close(y, RMSNorm(200)(x.bfloat16()))
+    h, hq, hs = kernels.swiglu_quant(x, x * 0.5)
+    torch.testing.assert_close(h, torch.nn.functional.silu(x) * x * 0.5)
+    assert kernels.swiglu_quant(x, x, return_h=False)[0] is None
+
+
+@pytest.mark.parametrize("bad", [
+    lambda k: k.act_quant(torch.randn(2, 3, 4)),
+    lambda k: k.act_quant(torch.randn(4, 128), block=100),
+    lambda k: k.act_quant(torch.arange(8).view(2, 4)),
+    lambda k: k.rmsnorm_quant(torch.randn(4, 128), torch.ones(64)),
+    lambda k: k.swiglu_quant(torch.randn(4, 128), torch.randn(4, 64)),
+    lambda k: k.act_quant(torch.randn(4, 128), fmt="e3m4"),
+])
+def test_bad_input_is_a_yxanul_error(bad):
+    from yxanul import kernels
+    with pytest.raises(YxanulError):
+        bad(kernels)
+
+
+def test_op_table_names():
+    from yxanul import kernels
+    assert set(kernels.OPS) >= {"act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "rmsnorm_quant",
+                                "swiglu_quant"}
+    assert callable(kernels.swiglu_quant) and kernels.OPS["swiglu_quant"] is kernels.swiglu_quant
+
+
+if __name__ == "__main__" and "--interpret-worker" in sys.argv:
+    _worker()

@@ -1,0 +1,142 @@
+"""Fused linear cross-entropy against F.cross_entropy on full FP32 logits: loss and every gradient."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from yxanul.errors import YxanulError
+from yxanul.kernels.linear_ce import (default_chunk, linear_cross_entropy, reference_cross_entropy,
+                                      use_fused_ce)
+
+
+def _data(N=41, d=24, r=16, V=97, factorized=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g).requires_grad_()
+    P = (torch.randn(d, r, generator=g) / math.sqrt(d)).requires_grad_() if factorized else None
+    W = torch.randn(V, r if factorized else d, generator=g).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::4] = -1
+    return h, P, W, t
+
+
+def _grads(loss_fn, tensors, scale=1.0):
+    for x in tensors:
+        x.grad = None
+    loss = loss_fn()
+    (loss * scale).backward()
+    return loss.detach(), [x.grad.clone() for x in tensors]
+
+
+@pytest.mark.parametrize("factorized", [True, False])
+@pytest.mark.parametrize("chunk", [1, 7, 41, 1000])
+def test_loss_and_grads_match_reference(factorized, chunk):
+    h, P, W, t = _data(factorized=factorized)
+    ts = [x for x in (h, P, W) if x is not None]
+    l1, g1 = _grads(lambda: linear_cross_entropy(h, W, t, P=P, chunk=chunk), ts, scale=2.5)
+    l2, g2 = _grads(lambda: reference_cross_entropy(h, W, t, P=P), ts, scale=2.5)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_ignored_rows_get_zero_grad_and_all_ignored_is_nan():
+    h, P, W, t = _data(factorized=False)
+    _, (gh, _) = _grads(lambda: linear_cross_entropy(h, W, t, chunk=5), [h, W])
+    assert torch.all(gh[t == -1] == 0) and torch.all(gh[t != -1].abs().sum(1) > 0)
+    t_all = torch.full_like(t, -1)
+    loss = linear_cross_entropy(h, W, t_all)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(h @ W.t(), t_all, ignore_index=-1))
+
+
+def test_custom_ignore_index_and_3d_input():
+    h, P, W, t = _data(N=24, factorized=False)
+    t2 = torch.where(t == -1, torch.full_like(t, -100), t)
+    a = linear_cross_entropy(h.view(2, 12, -1), W, t2.view(2, 12), ignore_index=-100, chunk=5)
+    b = F.cross_entropy(h @ W.t(), t2, ignore_index=-100)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_and_frozen_weight():
+    h, P, W, t = _data(factorized=False)
+    with torch.no_grad():
+        a = linear_cross_entropy(h, W, t, chunk=8)
+    torch.testing.assert_close(a, reference_cross_entropy(h, W, t).detach(), rtol=1e-5, atol=1e-5)
+    W2 = W.detach()
+    loss = linear_cross_entropy(h, W2, t, chunk=8)
+    loss.backward()
+    assert h.grad is not None and W2.grad is None
+
+
+def test_autocast_bf16_close_to_fp32():
+    h, P, W, t = _data(factorized=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = linear_cross_entropy(h, W, t, P=P, chunk=16)
+        a.backward()
+    assert W.grad.dtype == torch.float32 and h.grad.dtype == torch.float32 and P.grad.dtype == torch.float32
+    b = reference_cross_entropy(h, W, t, P=P)
+    assert abs(float(a.detach()) - float(b)) / float(b) < 0.03
+
+
+def test_fp8_head_emulated_close():
+    h, P, W, t = _data(factorized=False)
+    a = linear_cross_entropy(h, W, t, chunk=16, head_fp8=True)
+    b = reference_cross_entropy(h, W, t)
+    assert float(a) != float(b)  # the head really went through FP8
+    assert abs(float(a) - float(b)) / float(b) < 0.05
+    a.backward()
+    assert torch.isfinite(W.grad).all() and torch.isfinite(h.grad).all()
+
+
+def test_model_plugin_matches_default_loss(tiny_cfg):
+    from yxanul.model import Yxanul
+    torch.manual_seed(0)
+    model = Yxanul(tiny_cfg)
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 16))
+    tgt = torch.randint(0, tiny_cfg.vocab_size, (2, 16))
+    tgt[0, :3] = -1
+    ref = model(idx, tgt)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    use_fused_ce(model, chunk=8)
+    got = model(idx, tgt)
+    got.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_default_chunk_bounds():
+    assert default_chunk(16384, 200005) == 1024
+    assert default_chunk(10, 200005) == 10
+    assert default_chunk(1 << 20, 257) == 1 << 19  # 2^30 bytes / (4 * 257) rounded down to a power of two
+
+
+@pytest.mark.parametrize("bad", [
+    lambda h, P, W, t: linear_cross_entropy(h, W, t[:-1]),
+    lambda h, P, W, t: linear_cross_entropy(h, W[:, :5], t),
+    lambda h, P, W, t: linear_cross_entropy(h, W, t, chunk=0),
+    lambda h, P, W, t: linear_cross_entropy(h, W, t, P=torch.randn(3, 4)),
+    lambda h, P, W, t: linear_cross_entropy(h[0], W, t),
+])
+def test_bad_input(bad):
+    h, P, W, t = _data(factorized=False)
+    with pytest.raises(YxanulError):
+        bad(h, P, W, t)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_and_fp8_head():
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(512, 128, device=dev, generator=g).requires_grad_()
+    W = (torch.randn(1000, 128, device=dev, generator=g) * 0.1).requires_grad_()
+    t = torch.randint(0, 1000, (512,), device=dev, generator=g)
+    ref = reference_cross_entropy(h, W, t)
+    for fp8 in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            a = linear_cross_entropy(h, W, t, chunk=128, head_fp8=fp8)
+        assert abs(float(a) - float(ref)) / float(ref) < (0.05 if fp8 else 0.01)

@@ -1,0 +1,152 @@
+import json
+
+import pytest
+import torch
+
+from yxanul.cli import main
+from yxanul.config import load_model_config
+from yxanul.errors import YxanulError
+from yxanul.memory import MemoryOptions, estimate, note_comparison
+from yxanul.model import Yxanul
+from yxanul.precision import load_policy
+
+KEYS = ("weights_bytes", "master_weights_bytes", "grads_bytes", "optimizer_bytes", "scales_bytes",
+        "activations_bytes", "logits_bytes")
+
+
+def est(model, **kw):
+    return estimate(load_model_config(model), load_policy(), MemoryOptions(**kw))
+
+
+@pytest.mark.parametrize("model", ["tiny", "yxanul-197m", "yxanul-197m-seed"])
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_totals_add_up(model, precision):
+    e = est(model, batch=2, seq=128, precision=precision)
+    assert all(isinstance(e[k], int) for k in KEYS + ("total_bytes",))
+    assert e["total_bytes"] == sum(e[k] for k in KEYS)
+    a = e["breakdown"]["activations"]
+    assert a["per_layer_bytes"] == sum(a["per_layer"].values())
+    assert e["activations_bytes"] == a["layers"] * a["per_layer_bytes"] + sum(a["global"].values())
+
+
+def test_hand_computation_197m():
+    e = est("yxanul-197m", batch=8, seq=2048, precision="bf16")
+    P = 196_398_464
+    assert e["params"] == P
+    assert e["master_weights_bytes"] == 4 * P and e["grads_bytes"] == 4 * P
+    assert e["optimizer_bytes"] == 8 * P  # AdamW, two FP32 states
+    assert e["logits_bytes"] == 12 * 8 * 2048 * 200005
+    # BF16 copies of every GEMM weight: 28 layers x (q,k,v,o,gate,up,down), the proj (twice: autocast + explicit
+    # cast for the tied head) and the V x r tied head
+    layer = 768 * 768 * 2 + 2 * 768 * 128 + 3 * 768 * 2048
+    assert e["weights_bytes"] == 2 * (28 * layer + 2 * 768 * 128 + 200005 * 128)
+    assert e["scales_bytes"] == 0
+    f = est("yxanul-197m", batch=8, seq=2048, precision="fp8")
+    blocks = 36 + 6 + 6 + 36 + 3 * 96
+    assert f["scales_bytes"] == 28 * blocks * 4 * 2
+    # FP8 W + W^T (2 B) replaces the BF16 copy (2 B) for the FP8 linears
+    assert f["weights_bytes"] == e["weights_bytes"]
+
+
+def test_hand_computation_tiny():
+    e = est("tiny", batch=4, seq=64, precision="bf16", optimizer="sgd")
+    P = 3_213_824
+    assert e["params"] == P and e["optimizer_bytes"] == 4 * P
+    N, d, f = 4 * 64, 256, 768
+    # FP32 residual (plain embedding): each of q/k/v and gate/up casts its input; SDPA saves q, expanded k/v,
+    # output, logsumexp; MLP saves gate, silu, up, product
+    per_tok = 2 * (8 * d + 4) + 5 * 2 * d + 4 * 2 * 256 + 4 * 4 + 4 * 2 * f
+    assert e["breakdown"]["activations"]["per_layer_bytes"] == per_tok * N
+    ck = est("tiny", batch=4, seq=64, precision="bf16", activation_checkpointing=True)
+    assert ck["activations_bytes"] == e["activations_bytes"] - 3 * per_tok * N + 4 * 4 * d * N
+
+
+def test_fp8_activation_cache_saves_memory():
+    a = est("yxanul-197m", batch=2, seq=256, precision="fp8", fp8_activation_cache=False)
+    b = est("yxanul-197m", batch=2, seq=256, precision="fp8", fp8_activation_cache=True)
+    assert b["fp8_activation_cache"] and b["activations_bytes"] < a["activations_bytes"]
+    per = b["breakdown"]["activations"]["per_layer"]
+    assert per["down_input"] == 2 * 256 * 2048 * (1 + 4 / 128)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"embed_rank": 64}, {"embed_rank": 64, "tie_embeddings": False}])
+def test_activation_model_matches_autograd_saved_tensors(overrides):
+    """The estimate equals the bytes autograd really saves in a BF16-autocast forward (weights included)."""
+    cfg = load_model_config("tiny", overrides)
+    torch.manual_seed(0)
+    m = Yxanul(cfg)
+    skip = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+    seen = {}
+
+    def pack(t):
+        sp = t.untyped_storage().data_ptr()
+        if sp not in skip:
+            seen[sp] = t.untyped_storage().nbytes()
+        return t
+
+    B, T = 2, 48
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(idx, idx)
+    measured = sum(seen.values()) - loss.numel() * 4
+    e = estimate(cfg, load_policy(), MemoryOptions(batch=B, seq=T, precision="bf16"))
+    predicted = e["weights_bytes"] + e["activations_bytes"] + e["breakdown"]["logits"]["log_softmax_fp32_saved"]
+    assert predicted == pytest.approx(measured, rel=0.01)
+
+
+def test_note_comparison_rows():
+    b = est("yxanul-197m-seed", precision="bf16")
+    f = est("yxanul-197m-seed", precision="fp8")
+    rows = {r["row"]: r for r in note_comparison(b, f)}
+    assert rows["Embeddings (200k vocab)"]["wrong"] and rows["Embeddings (200k vocab)"]["correct_bf16_bytes"] == \
+        2 * 2 * 200005 * 768
+    assert rows["Optimizer states"]["correct_bf16_bytes"] == 8 * 477_907_200 and rows["Optimizer states"]["wrong"]
+    assert not rows["FFN (28 layers)"]["wrong"]
+    assert rows["Total Memory"]["wrong"] and rows["Total Model"]["correct_bf16_bytes"] == 2 * 477_907_200
+
+
+def test_cli_json_and_tables(capsys):
+    assert main(["memory", "--model", "tiny", "--batch", "2", "--seq", "64", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    for k in KEYS + ("total_bytes",):
+        assert isinstance(d[k], int)
+    assert d["seq"] == 64 and "breakdown" in d and d["precision"] == "fp8"
+    assert main(["memory", "--model", "yxanul-197m-seed", "--batch", "1", "--seq", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "Memory Layout for yxanul-197m-seed" in out and "WRONG" in out and "Optimizer states" in out
+    assert main(["memory", "--model", "yxanul-197m", "--batch", "1", "--seq", "128"]) == 0
+    assert "design note" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--batch", "0"], "--batch"), (["--seq", "5000"], "max_seq_len"), (["--optimizer", "lion"], "--optimizer"),
+    (["--grad-accum", "-1"], "--grad-accum"), (["--model", "nope"], "unknown model preset"),
+    (["--config", "/nonexistent.yaml"], "not found"),
+])
+def test_cli_errors(argv, msg, capsys):
+    base = ["memory", "--model", "yxanul-197m"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_measure_needs_cuda(capsys):
+    assert main(["memory", "--model", "tiny", "--seq", "32", "--measure"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_measure_close_to_estimate():
+    from yxanul.memory import measure_peak
+    cfg = load_model_config("tiny")
+    opts = MemoryOptions(batch=8, seq=512, precision="bf16")
+    e = estimate(cfg, load_policy(), opts)
+    m = measure_peak(cfg, load_policy(), opts, steps=2)
+    assert abs(e["total_bytes"] / m["peak_bytes"] - 1) < 0.25
+
+
+def test_options_validation():
+    with pytest.raises(YxanulError):
+        est("tiny", precision="fp16")

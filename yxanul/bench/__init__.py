@@ -1,0 +1,1 @@
+"""Benchmarks: training throughput per precision mode (:mod:`yxanul.bench.throughput`)."""

@@ -1,0 +1,315 @@
+"""Training throughput of one model under several precision modes, side by side, in one process.
+
+Every mode builds the same model from the same seed, trains on the same random tokens with fused AdamW
+under BF16 autocast, excludes warm-up (and compilation) from the timing, and times ``steps`` optimizer steps
+with CUDA events (wall clock on a CPU). Modes:
+
+  bf16-plain          the model as a user would write it: autocast BF16, F.cross_entropy over the full FP32
+                      logits, fused AdamW, torch.compile of the whole model; nothing of this project's kernels
+  bf16                the project's best BF16 path: fused linear cross-entropy (no full logits), compiled body
+  fp8                 the policy's recipe (default policy: blockwise), native FP8 GEMMs, Triton quantizers,
+                      fused cross-entropy
+  fp8-blockwise, fp8-tensorwise, fp8-rowwise, fp8-delayed
+                      the same with that recipe
+  fp8-head            fp8 plus the output head's GEMM in FP8 (tensorwise)
+  torchao-tensorwise, torchao-rowwise
+                      torchao.float8.convert_to_float8_training with that recipe, whole model compiled
+
+A mode that fails records its error in its row and the run goes on. The JSON file is rewritten after every
+mode, so an interrupted run keeps the finished rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import math
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F  # noqa: F401  (the plain mode's loss lives in Yxanul.forward)
+
+from ..errors import YxanulError
+
+MODES = ("bf16-plain", "bf16", "fp8", "fp8-blockwise", "fp8-tensorwise", "fp8-rowwise", "fp8-delayed", "fp8-head",
+         "torchao-tensorwise", "torchao-rowwise")
+DEFAULT_MODES = ("bf16-plain", "bf16", "fp8", "fp8-blockwise", "fp8-tensorwise", "fp8-delayed", "fp8-head",
+                 "torchao-tensorwise")
+ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
+
+# Dense BF16 tensor-core peak (FLOP/s) by device-name substring; MFU is always relative to the BF16 peak.
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "GH200": 989.4e12, "B200": 2250e12,
+             "A100": 312e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12}
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in str(text).split(",") if m.strip()]
+    if not modes:
+        raise YxanulError("no modes given", key="--modes")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise YxanulError(f"unknown mode(s) {', '.join(bad)} (expected: {', '.join(MODES)})", key="--modes")
+    if len(set(modes)) != len(modes):
+        raise YxanulError("a mode is listed twice", key="--modes")
+    return modes
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for k, v in PEAK_BF16.items():
+        if k in name:
+            return v
+    return None
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    """Training FLOPs per token: 6 x (parameters used in matmuls) + causal attention (6 x L x H x Dh x T)."""
+    d, L, H, Hkv, Dh, Fh = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden
+    per_layer = d * H * Dh * 2 + d * Hkv * Dh * 2 + 3 * d * Fh
+    r = cfg.embed_rank or 0
+    head = cfg.vocab_size * (r or d) + (d * r if r and cfg.tie_embeddings else 0)
+    embed_proj = d * r if r else 0
+    return 6.0 * (L * per_layer + head + embed_proj) + 6.0 * L * H * Dh * seq
+
+
+def _empty_row(mode: str) -> dict:
+    row = {k: None for k in ROW_KEYS}
+    row["mode"] = mode
+    row["error"] = None
+    return row
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class _Run:
+    """One mode's model, optimizer and step function."""
+
+    def __init__(self, mode, cfg, device, compile_, policy_path):
+        from ..kernels.linear_ce import use_fused_ce
+        from ..model import Yxanul
+
+        self.mode, self.device, self.fp8 = mode, device, False
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Yxanul(cfg)
+        self.model = model
+        self.notes = []
+        fwd = model
+        if mode == "bf16-plain":
+            fwd = torch.compile(model) if compile_ else model
+        elif mode == "bf16":
+            use_fused_ce(model)
+            if compile_:
+                model.hidden = torch.compile(model.hidden)
+        elif mode.startswith("fp8"):
+            from .. import kernels
+            from ..fp8.linear import convert_model
+            from ..precision import load_policy
+
+            pol = load_policy(policy_path)
+            recipe = {"fp8": pol.recipe.name, "fp8-head": pol.recipe.name}.get(mode, mode[len("fp8-"):])
+            pol = pol.with_recipe(name=recipe, calibration_steps=0)
+            backend = "native" if device.type == "cuda" else "emulated"
+            installed = kernels.install_fp8_ops(pol.recipe, backend)
+            if installed:
+                self.notes.append("triton quantizers: " + ",".join(installed))
+            convert_model(model, pol, backend=backend, quiet=True)
+            self.fp8 = True
+            use_fused_ce(model, head_fp8=(mode == "fp8-head"))
+            if compile_:
+                model.hidden = torch.compile(model.hidden)
+        elif mode.startswith("torchao"):
+            try:
+                from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            except Exception as e:  # noqa: BLE001
+                raise RuntimeError(f"torchao is not importable ({type(e).__name__}: {e})") from None
+            rec = mode[len("torchao-"):]
+            config = Float8LinearConfig.from_recipe_name(rec) if rec != "tensorwise" else Float8LinearConfig()
+            convert_to_float8_training(
+                model, config=config,
+                module_filter_fn=lambda m, fqn: (isinstance(m, torch.nn.Linear) and m.in_features % 16 == 0
+                                                 and m.out_features % 16 == 0))
+            fwd = torch.compile(model) if compile_ else model
+        self.fwd = fwd
+        fused = device.type == "cuda"
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
+
+    def step(self, x, y):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            loss = self.fwd(x, y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.fp8:
+            from ..fp8.linear import fp8_step
+            fp8_step(self.model)
+        return loss
+
+
+def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log):
+    run = _Run(mode, cfg, device, compile_, policy_path)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = run.step(x, y)
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    if warmup and not math.isfinite(float(loss)):
+        raise RuntimeError(f"non-finite loss {float(loss)} during warm-up")
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            loss = run.step(x, y)
+        end.record()
+        torch.cuda.synchronize(device)
+        ms = start.elapsed_time(end) / steps
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = run.step(x, y)
+        ms = (time.perf_counter() - t0) * 1000 / steps
+        peak = None
+    final = float(loss)
+    notes = run.notes
+    del run
+    return ms, peak, warm_s, final, notes
+
+
+def _ratios(rows):
+    base = {r["mode"]: r["tokens_per_s"] for r in rows if r.get("tokens_per_s")}
+    for r in rows:
+        tps = r.get("tokens_per_s")
+        for key, ref in (("ratio_vs_bf16_plain", "bf16-plain"), ("ratio_vs_bf16", "bf16")):
+            r[key] = round(tps / base[ref], 4) if tps and ref in base else None
+
+
+def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048, steps: int = 20, warmup: int = 5,
+                   modes=DEFAULT_MODES, layers: int | None = None, compile: bool = True, device: str | None = None,
+                   policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None) -> dict:
+    """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode)."""
+    from ..config import load_model_config
+    from ..io import atomic_write_json
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    modes = parse_modes(",".join(modes) if not isinstance(modes, str) else modes)
+    for k, v in (("--batch", batch), ("--seq", seq), ("--steps", steps)):
+        if not isinstance(v, int) or v < 1:
+            raise YxanulError(f"must be a positive integer, got {v!r}", key=k)
+    if not isinstance(warmup, int) or warmup < 0:
+        raise YxanulError(f"must be a non-negative integer, got {warmup!r}", key="--warmup")
+    cfg = load_model_config(model)
+    if layers is not None:
+        if layers < 1:
+            raise YxanulError(f"must be a positive integer, got {layers}", key="--layers")
+        cfg = dataclasses.replace(cfg, n_layers=int(layers))
+    if seq > cfg.max_seq_len:
+        raise YxanulError(f"sequence length {seq} exceeds the model's max_seq_len {cfg.max_seq_len}", key="--seq")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise YxanulError("CUDA is not available", key="--device")
+    if policy is not None:
+        from ..precision import load_policy
+        load_policy(policy)  # fail early on a bad policy file
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(dev)
+    fpt = flops_per_token(cfg, seq)
+    g = torch.Generator().manual_seed(1234)
+    data = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(dev)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "model": cfg.name if layers is None else f"{cfg.name} ({cfg.n_layers} layers)",
+              "batch": batch, "seq": seq, "rows": []}
+    log(f"bench throughput: {result['model']} on {result['device']}, batch {batch} x seq {seq}, "
+        f"{steps} timed steps after {warmup} warm-up, compile={'on' if compile else 'off'}")
+    for mode in modes:
+        row = _empty_row(mode)
+        log(f"[{mode}] building and warming up ...")
+        _free(dev)
+        try:
+            try:
+                ms, pk, warm_s, final, notes = _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup, log)
+            except Exception as e:  # noqa: BLE001
+                if not compile or mode == "bf16-plain" or isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise
+                log(f"[{mode}] compiled run failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                    "retrying without torch.compile")
+                _free(dev)
+                ms, pk, warm_s, final, notes = _time_mode(mode, cfg, dev, False, policy, x, y, steps, warmup, log)
+                notes = notes + ["not compiled (compile failed)"]
+            tps = batch * seq / (ms / 1000)
+            row.update(tokens_per_s=round(tps, 1), step_ms=round(ms, 3),
+                       peak_mem_gib=round(pk, 3) if pk is not None else None,
+                       mfu=round(tps * fpt / peak, 4) if peak else None)
+            if notes:
+                row["notes"] = "; ".join(notes)
+            log(f"[{mode}] {tps:,.0f} tok/s, {ms:.2f} ms/step, peak "
+                f"{'%.2f GiB' % pk if pk is not None else 'n/a'}, warm-up {warm_s:.1f}s, final loss {final:.4f}")
+        except Exception as e:  # noqa: BLE001  (one mode's failure must not end the run)
+            msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            row["error"] = msg
+            log(f"[{mode}] FAILED: {msg}")
+            tb = traceback.format_exc().strip().splitlines()
+            log("    " + "\n    ".join(tb[-6:]))
+        finally:
+            _free(dev)
+        result["rows"].append(row)
+        _ratios(result["rows"])
+        if json_out:
+            atomic_write_json(json_out, result)
+    return result
+
+
+def format_table(result: dict) -> str:
+    from ..commands._common import table
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    rows = []
+    for r in result["rows"]:
+        if r.get("error"):
+            rows.append([r["mode"], "failed", "", "", "", "", "", r["error"][:80]])
+            continue
+        rows.append([r["mode"], f(r["tokens_per_s"], ",.0f"), f(r["step_ms"], ".2f"), f(r["peak_mem_gib"], ".2f"),
+                     f(r["mfu"] * 100 if r["mfu"] is not None else None, ".1f"),
+                     f(r["ratio_vs_bf16_plain"], ".3f"), f(r["ratio_vs_bf16"], ".3f"), r.get("notes", "")])
+    head = (f"{result['model']} on {result['device']} (torch {result['torch']}), batch {result['batch']} x "
+            f"seq {result['seq']}")
+    return head + "\n" + table(rows, ["mode", "tokens/s", "step ms", "peak GiB", "MFU %", "vs bf16-plain",
+                                      "vs bf16", "notes"], "lrrrrrrl")
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+    ok = [r for r in result["rows"] if r.get("tokens_per_s")]
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(ok) + 2), 4))
+    ax.bar([r["mode"] for r in ok], [r["tokens_per_s"] for r in ok], color="#4477aa")
+    for i, r in enumerate(ok):
+        if r.get("ratio_vs_bf16_plain"):
+            ax.text(i, r["tokens_per_s"], f"{r['ratio_vs_bf16_plain']:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{result['model']}, {result['batch']}x{result['seq']}, {result['device']}", fontsize=9)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,517 @@
+"""BF16/FP32 <-> FP8 block-quantized checkpoints in the HF FineGrainedFP8 / vLLM / DeepSeek-V3 layout.
+
+Quantized layout: each selected weight ``<name>`` is stored as ``F8_E4M3`` (or ``F8_E5M2``) with the same shape,
+plus ``<name>_scale_inv`` (F32, ``[ceil(out / b), ceil(in / b)]``) so that ``w ~= q.float() * scale_inv`` per
+``b x b`` block. ``config.json`` (when present) gets a ``quantization_config`` with ``quant_method: fp8``.
+
+Both directions stream tensor by tensor: the output header is planned from the input headers alone (shapes and
+dtypes are known before any data is read), written first, then each tensor is read, converted and appended.
+Peak memory is bounded by the largest tensor. Everything is written into a temporary folder renamed onto OUT
+only on success.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import YxanulError
+from .analyze import classify, infer_block
+from .safetensors_header import DTYPE_BITS, INDEX_NAME, Checkpoint, TensorInfo, open_checkpoint, safe_name
+
+def _yerr(msg: str, source=None, key=None) -> YxanulError:
+    """A one-line error: names from checkpoint headers may hold control characters."""
+    return YxanulError(safe_name(msg, 1000), source=None if source is None else safe_name(source, 1000),
+                       key=None if key is None else safe_name(key))
+
+
+_FLOAT_IN = {"BF16", "F16", "F32", "F64"}
+_FP8 = {"F8_E4M3", "F8_E5M2"}
+_SCALE_DTYPES = {"F32", "BF16", "F16", "F8_E8M0"}
+_SKIP_COPY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt", ".tmp")
+_COPY_CHUNK = 16 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# planning: the output layout, decided from headers only
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Out:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    op: str                 # "copy" | "quant" | "scale" | "dequant"
+    src: TensorInfo         # the tensor it comes from (for "scale": the weight)
+    src_file: str
+    scale: TensorInfo | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
+
+
+def _header_bytes(outs: list[_Out], metadata: dict[str, str]) -> tuple[bytes, list[_Out]]:
+    """Order tensors like safetensors does (wider dtypes first, then name) so every tensor stays aligned."""
+    outs = sorted(outs, key=lambda o: (-DTYPE_BITS[o.dtype], o.name))
+    hdr: dict = {"__metadata__": metadata} if metadata else {}
+    pos = 0
+    for o in outs:
+        hdr[o.name] = {"dtype": o.dtype, "shape": list(o.shape), "data_offsets": [pos, pos + o.nbytes]}
+        pos += o.nbytes
+    raw = json.dumps(hdr, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((-len(raw)) % 8)
+    return raw, outs
+
+
+def _write_shard(path: Path, outs: list[_Out], metadata: dict[str, str], produce) -> int:
+    """Write one safetensors file; ``produce(out, fh)`` writes exactly ``out.nbytes`` bytes for each tensor."""
+    raw, outs = _header_bytes(outs, metadata)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for o in outs:
+            start = fh.tell()
+            produce(o, fh)
+            if fh.tell() - start != o.nbytes:  # pragma: no cover - internal invariant
+                raise RuntimeError(f"{o.name}: wrote {fh.tell() - start} bytes, planned {o.nbytes}")
+    return 8 + len(raw) + sum(o.nbytes for o in outs)
+
+
+def _copy_raw(src_file: str, t: TensorInfo, data_start: int, fh) -> None:
+    with open(src_file, "rb") as f:
+        f.seek(data_start + t.offsets[0])
+        left = t.nbytes
+        while left:
+            chunk = f.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise _yerr("file shrank while reading tensor data", source=src_file, key=safe_name(t.name))
+            fh.write(chunk)
+            left -= len(chunk)
+
+
+def _tensor_bytes(t, fh) -> None:
+    import torch
+    fh.write(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
+
+
+def _module_of(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which weights are FP8: the precision policy applied to checkpoint names
+# ---------------------------------------------------------------------------------------------------------------
+class _Leaf:
+    """A parameter-owning stand-in module, enough for :meth:`Policy.resolve` (name, type, param count)."""
+
+    def __init__(self, numel: int, linear: bool):
+        self._numel = numel
+        if linear:
+            self.in_features = 0
+
+    def parameters(self, recurse: bool = False):
+        yield _Count(self._numel)
+
+
+class _Count:
+    def __init__(self, n: int):
+        self._n = n
+
+    def numel(self) -> int:
+        return self._n
+
+
+class RMSNorm(_Leaf):
+    """Stand-in for a norm module (the policy keys RMSNorm by type name)."""
+
+
+class _Names:
+    """A module tree rebuilt from checkpoint tensor names (``a.b.weight`` -> module ``a.b``)."""
+
+    def __init__(self, tensors: list[TensorInfo]):
+        import torch.nn as nn
+
+        self._mods: dict[str, object] = {}
+        for t in tensors:
+            if not t.name.endswith(".weight"):
+                continue
+            mod, comp = _module_of(t.name), classify(t.name)
+            if comp == "embeddings" and len(t.shape) == 2:
+                self._mods[mod] = nn.Embedding(t.shape[0], t.shape[1], device="meta")
+            elif comp == "norms" or len(t.shape) == 1:
+                self._mods[mod] = RMSNorm(t.numel, linear=False)
+            else:
+                self._mods[mod] = _Leaf(t.numel, linear=len(t.shape) == 2)
+
+    def named_modules(self):
+        return iter(self._mods.items())
+
+
+def weight_precisions(tensors: list[TensorInfo], policy) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """Tensor name -> (precision, rule) for every ``*.weight`` tensor, plus policy warnings.
+
+    The policy's own rules decide (component keys, explicit glob lists, ``use_fp8``). Names the policy does not
+    know as attention/FFN (DeepSeek MLA ``q_a_proj``/``kv_b_proj``..., other projection names) but that
+    :func:`classify` recognises as attention / MLP / experts follow ``attention_compute`` / ``ffn_compute`` unless
+    an explicit pattern decided.
+    """
+    names = _Names(tensors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mods = policy.resolve(names, strict=False)
+    warns = [str(w.message) for w in caught]
+    default = policy.dtype_of("default_dtype")
+    fallback = default if not default.startswith("fp8") else "bf16"
+    out: dict[str, tuple[str, str]] = {}
+    for m in mods:
+        prec, rule = m.precision, m.rule
+        if m.component == "other" and m.rule == "precision_strategy.default_dtype":
+            comp = classify(m.name + ".weight")
+            key = {"attention": "attention_compute", "mlp": "ffn_compute", "moe_experts": "ffn_compute",
+                   "shared_experts": "ffn_compute", "lm_head": "output_head", "embeddings": "embeddings",
+                   "norms": "layer_norms"}.get(comp)
+            if key:
+                prec, rule = policy.dtype_of(key), f"precision_strategy.{key} (name {comp})"
+                if prec.startswith("fp8") and not policy.strategy.use_fp8:
+                    prec, rule = fallback, "use_fp8: false"
+        out[m.name + ".weight"] = (prec, rule)
+    return out, warns
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shared pieces
+# ---------------------------------------------------------------------------------------------------------------
+def _read_config(ck: Checkpoint) -> tuple[dict | None, Path | None]:
+    p = ck.root / "config.json"
+    if not p.is_file():
+        return None, None
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _yerr("is not valid JSON", source=str(p)) from None
+    if not isinstance(cfg, dict):
+        raise _yerr("must be a JSON object", source=str(p))
+    return cfg, p
+
+
+def _copy_side_files(ck: Checkpoint, tmp: Path) -> list[str]:
+    """Copy tokenizer/generation files of a folder checkpoint (not weights, index or config)."""
+    if ck.index is None and len(ck.headers) == 1 and not Path(ck.headers[0].path).name == "model.safetensors":
+        return []
+    copied = []
+    for f in sorted(ck.root.iterdir()):
+        if not f.is_file() or f.name in ("config.json", INDEX_NAME) or f.name.startswith(".") \
+                or f.name.endswith(_SKIP_COPY_SUFFIXES):
+            continue
+        shutil.copy2(f, tmp / f.name)
+        copied.append(f.name)
+    return copied
+
+
+def _write_index(tmp: Path, ck: Checkpoint, shards: dict[str, list[_Out]], total: int, extra: dict) -> None:
+    from ..io import atomic_write_json
+
+    if ck.index is None and len(shards) == 1:
+        return
+    meta = dict(ck.index.metadata) if ck.index else {}
+    meta["total_size"] = total
+    meta.update(extra)
+    wm = {o.name: fname for fname, outs in shards.items() for o in outs}
+    atomic_write_json(tmp / INDEX_NAME, {"metadata": meta, "weight_map": dict(sorted(wm.items()))})
+
+
+def _errstats(x, y) -> tuple[float, float]:
+    """(sum x^2, sum (x-y)^2) in float64."""
+    x64 = x.double()
+    return float(x64.square().sum()), float((x64 - y.double()).square().sum())
+
+
+def _rel_sqnr(sig: float, err: float) -> tuple[float, float | None]:
+    rel = math.sqrt(err / sig) if sig > 0 else (0.0 if err == 0 else float("inf"))
+    sqnr = 10.0 * math.log10(sig / err) if err > 0 and sig > 0 else None
+    return rel, sqnr
+
+
+def _torch_dtype(st: str):
+    import torch
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[st]
+
+
+def _get(handles: dict, path: str, name: str):
+    from safetensors import safe_open
+
+    h = handles.get(path)
+    if h is None:
+        try:
+            h = handles[path] = safe_open(path, framework="pt", device="cpu")
+        except Exception as e:  # noqa: BLE001 - the library's own error types vary by version
+            raise _yerr(f"cannot open ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                              source=path) from None
+    try:
+        return h.get_tensor(name)
+    except Exception as e:  # noqa: BLE001
+        raise _yerr(f"cannot read tensor ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                          source=path, key=safe_name(name)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantize
+# ---------------------------------------------------------------------------------------------------------------
+def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, skip=(),
+                        policy=None, overwrite: bool = False) -> dict:
+    """Quantize the policy's FP8 linear weights of a safetensors checkpoint into ``b x b`` FP8 blocks.
+
+    ``src``: a ``.safetensors`` file, a folder (with or without ``model.safetensors.index.json``) or an index.
+    ``dst``: the output folder. ``skip``: fnmatch globs of tensor or module names kept as they are.
+    ``policy``: a :class:`yxanul.precision.Policy`, a policy YAML path, or None (the shipped default policy).
+    Returns the report: per-tensor rows and totals.
+    """
+    import torch
+
+    from ..fp8.formats import get_format
+    from ..fp8.quant import dequantize, quantize, scale_shape
+    from ..io import atomic_dir, atomic_write_json
+    from ..precision import Policy, load_policy
+
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+        raise _yerr(f"block size must be a positive integer, got {block!r}", key="--block")
+    f8 = get_format(fmt)
+    skip = tuple(skip or ())
+    pol = policy if isinstance(policy, Policy) else load_policy(policy)
+    ck = open_checkpoint(src)
+    if Path(dst).resolve() == ck.root.resolve() or Path(dst).resolve() in [Path(h.path).resolve() for h in ck.headers]:
+        raise _yerr("output must differ from the input", source=str(dst))
+    all_t = [t for _, t in ck.tensors()]
+    for t in all_t:
+        if t.dtype in _FP8 or t.name.endswith("_scale_inv"):
+            raise _yerr(f"already holds FP8 weights or block scales ({t.name}, {t.dtype}); "
+                              f"dequantize it first", source=str(src))
+    precisions, warns = weight_precisions(all_t, pol)
+    cfg, cfg_path = _read_config(ck)
+
+    shards: dict[str, list[_Out]] = {}
+    rows: list[dict] = []
+    not_converted: list[str] = []
+    tile = (block, block)
+    for h in ck.headers:
+        fname = Path(h.path).name
+        outs = shards.setdefault(fname, [])
+        for t in h.tensors.values():
+            prec, rule = precisions.get(t.name, (None, "not a weight"))
+            reason = None
+            if not t.name.endswith(".weight"):
+                reason = "not a weight"
+            elif len(t.shape) != 2:
+                reason = f"{len(t.shape)}-D"
+            elif t.dtype not in _FLOAT_IN:
+                reason = f"dtype {t.dtype}"
+            elif any(fnmatch.fnmatchcase(t.name, g) or fnmatch.fnmatchcase(_module_of(t.name), g) for g in skip):
+                reason = "--skip"
+            elif prec is None or not prec.startswith("fp8"):
+                reason = f"policy: {prec} ({rule})"
+            elif t.numel == 0:
+                reason = "empty"
+            if reason is not None:
+                outs.append(_Out(t.name, t.dtype, t.shape, "copy", t, h.path))
+                if t.name.endswith(".weight") and len(t.shape) == 2 and classify(t.name) != "embeddings":
+                    not_converted.append(_module_of(t.name))
+                rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "out_dtype": t.dtype,
+                             "action": "kept", "reason": reason, "bytes_before": t.nbytes, "bytes_after": t.nbytes})
+                continue
+            sname = t.name + "_scale_inv"
+            if any(sname in hh.tensors for hh in ck.headers):
+                raise _yerr(f"tensor {sname} already exists", source=h.path, key=safe_name(sname))
+            outs.append(_Out(t.name, f8.safetensors, t.shape, "quant", t, h.path))
+            outs.append(_Out(sname, "F32", scale_shape(t.shape, tile), "scale", t, h.path))
+            rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "out_dtype": f8.safetensors,
+                         "action": "fp8", "reason": rule, "bytes_before": t.nbytes,
+                         "bytes_after": outs[-2].nbytes + outs[-1].nbytes, "scale_shape": list(outs[-1].shape)})
+    row_of = {r["name"]: r for r in rows}
+
+    qcfg = {"quant_method": "fp8", "fmt": f8.name, "activation_scheme": "dynamic",
+            "weight_block_size": [block, block], "modules_to_not_convert": sorted(set(not_converted))}
+    if pow2_scales:
+        qcfg["scale_fmt"] = "ue8m0"
+
+    handles: dict = {}
+    tot = {"sig": 0.0, "err": 0.0}
+    data_starts = {h.path: h.data_start for h in ck.headers}
+
+    def produce(o: _Out, fh):
+        if o.op == "copy":
+            _copy_raw(o.src_file, o.src, data_starts[o.src_file], fh)
+            return
+        # scales are laid out before the 1-byte weights (alignment), so each is recomputed from the source
+        # when written: memory stays bounded by one tensor instead of a shard's worth of pending weights
+        key = o.src.name
+        x = _get(handles, o.src_file, key)
+        q, s = quantize(x, tile, f8, pow2_scales=pow2_scales, nonfinite="raise", name=key)
+        if o.op == "scale":
+            _tensor_bytes(s.float(), fh)
+            return
+        sig, err = _errstats(x.float(), dequantize(q, s, tile))
+        rel, sqnr = _rel_sqnr(sig, err)
+        row_of[key].update(rel_l2=rel, sqnr_db=sqnr)
+        tot["sig"] += sig
+        tot["err"] += err
+        _tensor_bytes(q, fh)
+
+    total_after = 0
+    with torch.no_grad(), atomic_dir(dst, overwrite) as tmp:
+        for fname, outs in shards.items():
+            meta = dict(next(h for h in ck.headers if Path(h.path).name == fname).metadata)
+            meta.setdefault("format", "pt")
+            _write_shard(tmp / fname, outs, meta, produce)
+            total_after += sum(o.nbytes for o in outs)
+        _write_index(tmp, ck, shards, total_after, {})
+        if cfg is not None:
+            atomic_write_json(tmp / "config.json", {**cfg, "quantization_config": qcfg})
+        copied = _copy_side_files(ck, tmp)
+    return _report(rows, tot, ck, dst, qcfg, warns, copied, cfg is not None, "quantize")
+
+
+def _report(rows, tot, ck, dst, qcfg, warns, copied, had_config, what) -> dict:
+    before = sum(r["bytes_before"] for r in rows)
+    after = sum(r["bytes_after"] for r in rows)
+    conv = [r for r in rows if r["action"] != "kept"]
+    rel, sqnr = _rel_sqnr(tot["sig"], tot["err"])
+    if not had_config:
+        warns = warns + ["no config.json next to the input; none written"]
+    return {
+        "command": what,
+        "input": str(ck.index.path if ck.index else (ck.headers[0].path if len(ck.headers) == 1 else ck.root)),
+        "output": str(dst),
+        "files": len(ck.headers),
+        "tensors": rows,
+        "totals": {"tensors": len(rows), "converted": len(conv), "kept": len(rows) - len(conv),
+                   "converted_params": sum(math.prod(r["shape"]) for r in conv),
+                   "bytes_before": before, "bytes_after": after,
+                   "ratio": (after / before) if before else 1.0,
+                   "rel_l2": rel, "sqnr_db": sqnr},
+        "quantization_config": qcfg,
+        "copied_files": copied,
+        "warnings": warns,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dequantize
+# ---------------------------------------------------------------------------------------------------------------
+def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False) -> dict:
+    """Turn every FP8 weight with a ``<name>_scale_inv`` back into ``dtype`` (bf16 or fp32); drop the scales.
+
+    The block comes from ``config.json``'s ``quantization_config.weight_block_size`` when present, otherwise it
+    is inferred from each weight/scale shape pair. Returns the report (per-tensor rows and totals).
+    """
+    import torch
+
+    from ..fp8.quant import dequantize, scale_shape
+    from ..io import atomic_dir, atomic_write_json
+
+    dt = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}.get(str(dtype).lower())
+    if dt is None:
+        raise _yerr(f"unknown dtype {dtype!r} (expected bf16 or fp32)", key="--dtype")
+    ck = open_checkpoint(src)
+    if Path(dst).resolve() == ck.root.resolve():
+        raise _yerr("output must differ from the input", source=str(dst))
+    cfg, cfg_path = _read_config(ck)
+    qcfg = (cfg or {}).get("quantization_config")
+    cfg_block = None
+    if isinstance(qcfg, dict) and qcfg.get("weight_block_size") is not None:
+        wbs = qcfg["weight_block_size"]
+        if not (isinstance(wbs, list) and len(wbs) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                 and v > 0 for v in wbs)):
+            raise _yerr(f"must be two positive integers, got {wbs!r}", source=str(cfg_path),
+                              key="quantization_config.weight_block_size")
+        cfg_block = (wbs[0], wbs[1])
+
+    where: dict[str, tuple] = {}
+    for h, t in ck.tensors():
+        where[t.name] = (h, t)
+    scales_used: set[str] = set()
+    shards: dict[str, list[_Out]] = {}
+    rows: list[dict] = []
+    blocks: dict[str, tuple[int, int]] = {}
+    for h in ck.headers:
+        fname = Path(h.path).name
+        outs = shards.setdefault(fname, [])
+        for t in h.tensors.values():
+            if t.name.endswith("_scale_inv"):
+                base = t.name[: -len("_scale_inv")]
+                if base not in where:
+                    raise _yerr(f"scale tensor has no weight {base!r}", source=h.path, key=safe_name(t.name))
+                continue
+            if t.dtype not in _FP8:
+                outs.append(_Out(t.name, t.dtype, t.shape, "copy", t, h.path))
+                rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "out_dtype": t.dtype,
+                             "action": "kept", "reason": f"dtype {t.dtype}", "bytes_before": t.nbytes,
+                             "bytes_after": t.nbytes})
+                continue
+            sname = t.name + "_scale_inv"
+            if sname not in where:
+                raise _yerr(f"FP8 tensor has no {sname}", source=h.path, key=safe_name(t.name))
+            sh, st = where[sname]
+            if st.dtype not in _SCALE_DTYPES:
+                raise _yerr(f"scale dtype {st.dtype} is not a float scale", source=sh.path, key=safe_name(sname))
+            if len(t.shape) != 2:
+                raise _yerr(f"FP8 block weight must be 2-D, got shape {list(t.shape)}", source=h.path,
+                                  key=safe_name(t.name))
+            blk = cfg_block or (tuple(infer_block(t.shape, st.shape) or ()) or None)
+            if blk is None or tuple(st.shape) != tuple(scale_shape(t.shape, blk)):
+                exp = f"expected {list(scale_shape(t.shape, blk))} for block {list(blk)}" if blk else \
+                    "no block size fits"
+                raise _yerr(f"scale shape {list(st.shape)} inconsistent with weight {list(t.shape)} ({exp})",
+                                  source=sh.path, key=safe_name(sname))
+            blocks[t.name] = tuple(blk)
+            scales_used.add(sname)
+            o = _Out(t.name, dt, t.shape, "dequant", t, h.path, scale=st)
+            outs.append(o)
+            rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "out_dtype": dt,
+                         "action": "dequantized", "reason": f"block {blk[0]}x{blk[1]}",
+                         "bytes_before": t.nbytes + st.nbytes, "bytes_after": o.nbytes})
+    row_of = {r["name"]: r for r in rows}
+    data_starts = {h.path: h.data_start for h in ck.headers}
+    handles: dict = {}
+    tot = {"sig": 0.0, "err": 0.0}
+    target = _torch_dtype(dt)
+
+    def produce(o: _Out, fh):
+        if o.op == "copy":
+            _copy_raw(o.src_file, o.src, data_starts[o.src_file], fh)
+            return
+        q = _get(handles, o.src_file, o.name)
+        s = _get(handles, where[o.name + "_scale_inv"][0].path, o.name + "_scale_inv").float()
+        if not bool(torch.isfinite(s).all()):
+            raise _yerr("non-finite block scale", source=o.src_file, key=safe_name(o.name + "_scale_inv"))
+        x = dequantize(q, s, blocks[o.name], dtype=torch.float32)
+        y = x.to(target)
+        if dt != "F32":   # report the rounding the output dtype adds to the FP8 values
+            sig, err = _errstats(x, y.float())
+            rel, sqnr = _rel_sqnr(sig, err)
+            row_of[o.name].update(rel_l2=rel, sqnr_db=sqnr)
+            tot["sig"] += sig
+            tot["err"] += err
+        else:
+            row_of[o.name].update(rel_l2=0.0, sqnr_db=None)
+        _tensor_bytes(y, fh)
+
+    with torch.no_grad(), atomic_dir(dst, overwrite) as tmp:
+        total_after = 0
+        for fname, outs in shards.items():
+            meta = dict(next(h for h in ck.headers if Path(h.path).name == fname).metadata)
+            meta.setdefault("format", "pt")
+            _write_shard(tmp / fname, outs, meta, produce)
+            total_after += sum(o.nbytes for o in outs)
+        _write_index(tmp, ck, shards, total_after, {})
+        if cfg is not None:
+            out_cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+            if dt == "BF16" and "torch_dtype" in out_cfg:
+                out_cfg["torch_dtype"] = "bfloat16"
+            atomic_write_json(tmp / "config.json", out_cfg)
+        copied = _copy_side_files(ck, tmp)
+    return _report(rows, tot, ck, dst, None, [], copied, cfg is not None, "dequantize")

@@ -1,0 +1,141 @@
+"""Memory-mapped token shards and deterministic batches.
+
+A training batch is a pure function of ``(seed, step, micro_step)``: the global batch of
+``batch_size * world_size`` windows is drawn from a NumPy generator seeded with that triple, and rank ``r``
+takes rows ``[r * batch_size, (r + 1) * batch_size)``. A resumed run therefore sees exactly the batches the
+uninterrupted run would have seen, and N ranks with per-rank batch B see the same data as one process with
+batch N * B. Validation batches are fixed, non-overlapping windows walked in order.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import YxanulError
+from .prepare import FORMAT
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise YxanulError("not a prepared data folder (no meta.json); run `yxanul data prepare` first",
+                          source=str(data_dir))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise YxanulError(f"unreadable meta.json: {e}", source=str(path)) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "splits" not in meta:
+        raise YxanulError(f"not a {FORMAT} meta.json", source=str(path))
+    return meta
+
+
+class TokenShards:
+    """The shards of one split as read-only memmaps."""
+
+    def __init__(self, data_dir: str | Path, split: str, meta: dict | None = None):
+        self.dir = Path(data_dir)
+        meta = meta or read_meta(data_dir)
+        info = meta["splits"].get(split)
+        if info is None:
+            raise YxanulError(f"no {split!r} split", source=str(self.dir / "meta.json"))
+        self.split = split
+        self.arrays: list[np.ndarray] = []
+        for sh in info["shards"]:
+            p = self.dir / sh["file"]
+            if not p.exists():
+                raise YxanulError("shard listed in meta.json is missing", source=str(p))
+            if p.stat().st_size != 4 * sh["tokens"]:
+                raise YxanulError(f"shard size {p.stat().st_size} B does not match {sh['tokens']} tokens",
+                                  source=str(p))
+            if sh["tokens"]:
+                self.arrays.append(np.memmap(p, dtype=np.uint32, mode="r"))
+        self.lengths = np.array([a.size for a in self.arrays], dtype=np.int64)
+        self.tokens = int(self.lengths.sum())
+
+    def window_counts(self, T: int) -> np.ndarray:
+        return np.maximum(self.lengths - T, 0)  # start offsets with room for T + 1 tokens
+
+
+def _to_tensor(rows: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+class DataLoader:
+    """Deterministic batches of ``(x, y)`` int64 tensors of shape [batch_size, seq_len]."""
+
+    def __init__(self, data_dir: str | Path, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device: str | torch.device = "cpu", model_vocab: int | None = None):
+        self.meta = read_meta(data_dir)
+        self.dir = Path(data_dir)
+        self.B, self.T, self.seed = int(batch_size), int(seq_len), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.device = torch.device(device)
+        if model_vocab is not None:
+            from .tokenizers import check_ids
+            check_ids(int(self.meta.get("max_token_id", self.meta["vocab_size"] - 1)) + 1, model_vocab,
+                      source=str(self.dir / "meta.json"))
+        self.train = TokenShards(data_dir, "train", self.meta)
+        self.val = TokenShards(data_dir, "val", self.meta) if self.meta["splits"].get("val", {}).get("tokens") else None
+        counts = self.train.window_counts(self.T)
+        if counts.sum() <= 0:
+            raise YxanulError(f"training split has {self.train.tokens} tokens, fewer than seq_len + 1 = {self.T + 1}",
+                              source=str(self.dir), key="seq_len")
+        self._probs = counts / counts.sum()
+        self._counts = counts
+        self._pin = self.device.type == "cuda"
+
+    # -- training ---------------------------------------------------------------------------------
+    def offsets(self, step: int, micro: int) -> list[tuple[int, int]]:
+        """(shard, offset) of every window of this rank's part of the global batch."""
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(step), int(micro)])))
+        n = self.B * self.world_size
+        shards = rng.choice(len(self._counts), size=n, p=self._probs) if len(self._counts) > 1 else np.zeros(n, int)
+        offs = (rng.random(n) * self._counts[shards]).astype(np.int64)
+        lo, hi = self.rank * self.B, (self.rank + 1) * self.B
+        return list(zip(shards[lo:hi].tolist(), offs[lo:hi].tolist()))
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [np.asarray(self.train.arrays[s][o:o + self.T + 1]) for s, o in self.offsets(step, micro)]
+        return self._move(_to_tensor(rows))
+
+    # -- validation -------------------------------------------------------------------------------
+    def val_batches(self, n: int):
+        """The first `n` validation batches (same windows every call); wraps around a small val split."""
+        if self.val is None:
+            return
+        T, B = self.T, self.B
+        flat = self.val.arrays
+        total = self.val.tokens
+        if total < T + 1:
+            return
+        n_windows = total // (T + 1) if total >= T + 1 else 0
+        for i in range(n):
+            rows = []
+            for j in range(B):
+                w = ((i * self.world_size + self.rank) * B + j) % n_windows
+                rows.append(self._read_flat(flat, w * (T + 1), T + 1))
+            yield self._move(_to_tensor(rows))
+
+    @staticmethod
+    def _read_flat(arrays: list[np.ndarray], start: int, length: int) -> np.ndarray:
+        out, pos = [], start
+        for a in arrays:
+            if pos >= a.size:
+                pos -= a.size
+                continue
+            take = a[pos:pos + length - sum(x.size for x in out)]
+            out.append(np.asarray(take))
+            pos = 0
+            if sum(x.size for x in out) >= length:
+                break
+        return np.concatenate(out)
+
+    def _move(self, xy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pin:
+            xy = xy.pin_memory().to(self.device, non_blocking=True)
+        elif self.device.type != "cpu":
+            xy = xy.to(self.device)
+        return xy[:, :-1], xy[:, 1:]

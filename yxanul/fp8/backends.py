@@ -1,0 +1,439 @@
+"""FP8 GEMM backends as a small table of operations, plus the native-vs-emulated self-check.
+
+Every recipe is expressed with five operations (an :class:`Fp8Ops`):
+
+``act_quant(x [M,K]) -> (q [M,K], s)``           activations / output grads, scaled along the last dim
+``act_quant_t(x [M,K]) -> (qT [K,M], sT)``       the same tensor transposed, scaled along M (for wgrad)
+``weight_quant(w [N,K]) -> (q [N,K], s)``        the weight's forward copy
+``weight_t(w, q, s) -> (qT [K,N], sT)``          the weight's transposed copy for dgrad
+``gemm(a_q, a_s, b_q, b_s, out_dtype) -> a @ b.T``  both operands row-major with the reduction on the last dim
+
+Scale shapes say the granularity (``block`` is the recipe's block size, 128 by default):
+
+========== ======================= ======================================
+recipe     activation scales       weight scales
+========== ======================= ======================================
+blockwise  ``[M, ceil(K/block)]``  ``[ceil(N/block), ceil(K/block)]``
+tensorwise ``[]`` (one scalar)     ``[]``
+rowwise    ``[M, 1]``              ``[N, 1]``
+delayed    ``[]`` (from history)   ``[]``
+========== ======================= ======================================
+
+A gemm infers each operand's granularity from its scale's shape: rows == the operand's rows means one scale
+per row (per 1 x block tile), otherwise one per block x block block; one column means the whole row.
+Where two readings are possible (N == 1, K <= block) they give identical numbers.
+
+Grad operands use the recipe's grad format (E5M2 under ``hybrid``); ``grad_quant``/``grad_quant_t`` default
+to the activation ops with that format.
+
+Backends: ``emulated`` (quantize -> dequantize -> FP32 matmul: the numerics reference), ``native``
+(``torch.nn.functional.scaled_mm`` / ``torch._scaled_mm`` on CUDA sm_89+), ``te`` (Transformer Engine, optional)
+and ``auto``. Faster implementations plug in with :func:`register_ops`, e.g. fused Triton quantization
+kernels with the same signatures.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import YxanulError
+from .formats import Fp8Format, get_format
+from .quant import AMAX_EPS, pow2_ceil
+from .recipe import Fp8Recipe
+
+BACKENDS = ("auto", "emulated", "native", "te")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference quantizers (pure torch, vectorized; no Python loop over tiles, no host sync)
+# ---------------------------------------------------------------------------------------------------------
+def _pad_cols(x: torch.Tensor, mult: int) -> torch.Tensor:
+    pc = (-x.shape[-1]) % mult
+    return F.pad(x, (0, pc)) if pc else x
+
+
+def _scale_from_amax(amax: torch.Tensor, fmt: Fp8Format, pow2: bool) -> torch.Tensor:
+    s = amax.float().clamp_min(AMAX_EPS) / fmt.max
+    return pow2_ceil(s) if pow2 else s
+
+
+def _cast(y: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    # clamp keeps finite values in range; NaN (and Inf, which turns its tile's scale into Inf -> NaN) propagate
+    return y.clamp(-fmt.max, fmt.max).to(fmt.dtype)
+
+
+def quant_tiles(x: torch.Tensor, fmt: Fp8Format, block: int = 128, pow2: bool = False):
+    """1 x block tiles along the last dim of a 2-D tensor -> (q, s [M, ceil(K/block)])."""
+    M, K = x.shape
+    xp = _pad_cols(x.float(), block)
+    t = xp.view(M, -1, block)
+    s = _scale_from_amax(t.abs().amax(dim=2), fmt, pow2)
+    q = _cast(t / s.unsqueeze(2), fmt).view(M, -1)[:, :K]
+    return (q if q.is_contiguous() else q.contiguous()), s
+
+
+def quant_blocks(w: torch.Tensor, fmt: Fp8Format, block: int = 128, pow2: bool = False):
+    """block x block blocks of a 2-D tensor -> (q, s [ceil(N/block), ceil(K/block)])."""
+    N, K = w.shape
+    pr, pc = (-N) % block, (-K) % block
+    wp = F.pad(w.float(), (0, pc, 0, pr)) if (pr or pc) else w.float()
+    t = wp.view((N + pr) // block, block, (K + pc) // block, block)
+    s = _scale_from_amax(t.abs().amax(dim=(1, 3)), fmt, pow2)
+    q = _cast(t / s[:, None, :, None], fmt).view(N + pr, K + pc)[:N, :K]
+    return (q if q.is_contiguous() else q.contiguous()), s
+
+
+def quant_rows(x: torch.Tensor, fmt: Fp8Format, pow2: bool = False):
+    s = _scale_from_amax(x.float().abs().amax(dim=1, keepdim=True), fmt, pow2)
+    return _cast(x.float() / s, fmt), s
+
+
+def quant_tensor(x: torch.Tensor, fmt: Fp8Format, pow2: bool = False, scale_inv: torch.Tensor | None = None):
+    """Per-tensor quantization with the current amax, or with a given ``scale_inv`` (delayed scaling)."""
+    s = _scale_from_amax(x.float().abs().amax(), fmt, pow2) if scale_inv is None else scale_inv.float().reshape(())
+    return _cast(x.float() / s, fmt), s
+
+
+def expand_operand_scales(s: torch.Tensor, rows: int, cols: int, block: int = 128) -> torch.Tensor:
+    """Broadcastable per-element scales for a [rows, cols] operand from its scale tensor (see module doc)."""
+    if s.dim() == 0 or s.numel() == 1 and s.dim() < 2:
+        return s.reshape(1, 1)
+    if s.shape[1] == 1:
+        bc = cols
+    else:
+        bc = block
+    br = 1 if s.shape[0] == rows else block
+    out = s
+    if br > 1:
+        out = out.repeat_interleave(br, 0)[:rows]
+    if bc > 1 and s.shape[1] > 1:
+        out = out.repeat_interleave(bc, 1)[:, :cols]
+    return out
+
+
+def dequant_operand(q: torch.Tensor, s: torch.Tensor, block: int = 128) -> torch.Tensor:
+    return q.float() * expand_operand_scales(s.float(), q.shape[0], q.shape[1], block)
+
+
+def emulated_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
+    """a @ b.T from FP8 operands: dequantize and multiply in FP32 (the numerics reference)."""
+    out = dequant_operand(a_q, a_s, block) @ dequant_operand(b_q, b_s, block).t()
+    return out.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Native (cuBLAS via torch scaled-mm)
+# ---------------------------------------------------------------------------------------------------------
+def native_available(device=None) -> tuple[bool, str]:
+    """(ok, reason): native FP8 GEMMs need CUDA with compute capability >= 8.9."""
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    if dev.type != "cuda":
+        return False, f"device {dev} is not CUDA"
+    cap = torch.cuda.get_device_capability(dev)
+    if cap < (8, 9):
+        return False, f"GPU capability sm_{cap[0]}{cap[1]} < sm_89"
+    if not hasattr(torch, "_scaled_mm"):
+        return False, "this torch has no _scaled_mm"
+    return True, f"sm_{cap[0]}{cap[1]}"
+
+
+def blockwise_native_available() -> bool:
+    return hasattr(F, "scaled_mm") and hasattr(F, "ScalingType") and torch.cuda.is_available() \
+        and torch.cuda.get_device_capability() >= (9, 0)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _pad2(t: torch.Tensor, rows: int, cols: int, value=0.0) -> torch.Tensor:
+    pr, pc = rows - t.shape[0], cols - t.shape[1]
+    if not (pr or pc):
+        return t
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        out = torch.zeros(rows, cols, dtype=t.dtype, device=t.device)
+        out[:t.shape[0], :t.shape[1]] = t
+        return out
+    return F.pad(t, (0, pc, 0, pr), value=value)
+
+
+def _col_major(s: torch.Tensor) -> torch.Tensor:
+    """Same shape, stride [1, rows] ("outer-dim-major"), as cuBLAS wants for 1 x 128 scales."""
+    return s.t().contiguous().t()
+
+
+def _block_scales_for_b(s: torch.Tensor, k_blocks: int) -> torch.Tensor:
+    """128x128 scales of b [N, K] (shape [N/128, K/128]) laid out for mat2 = b.T [K, N]:
+    shape [L4, N/128] with L4 = round_up(K/128, 4) and stride [1, L4] (the K/128 dim padded to 4)."""
+    L4 = _round_up(k_blocks, 4)
+    buf = torch.ones(s.shape[0], L4, dtype=torch.float32, device=s.device)
+    buf[:, :k_blocks] = s[:, :k_blocks]
+    return buf.t()
+
+
+def native_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
+    """a @ b.T with cuBLAS FP8. Pads M, N, K as the kernels need (zeros contribute nothing)."""
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    tensorwise = a_s.numel() == 1 and b_s.numel() == 1 and (a_s.dim() < 2 or M != 1)
+    rowwise = (not tensorwise and a_s.dim() == 2 and b_s.dim() == 2 and a_s.shape == (M, 1)
+               and b_s.shape == (N, 1) and K > block)
+    if tensorwise or rowwise:
+        Mp, Np, Kp = _round_up(M, 16), _round_up(N, 16), _round_up(K, 16)
+        a = _pad2(a_q, Mp, Kp)
+        b = _pad2(b_q, Np, Kp)
+        if tensorwise:
+            sa, sb = a_s.float().reshape(()), b_s.float().reshape(())
+        else:
+            sa = _pad2(a_s.float(), Mp, 1, 1.0).contiguous()
+            sb = _pad2(b_s.float(), Np, 1, 1.0).reshape(1, Np).contiguous()
+        out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+        return out[:M, :N]
+    if block != 128:
+        raise YxanulError(f"native blockwise GEMMs need block_size 128, got {block}", key="recipe.block_size")
+    if not blockwise_native_available():
+        raise YxanulError("native blockwise GEMMs need torch >= 2.9 (torch.nn.functional.scaled_mm) on sm_90+",
+                          key="fp8_backend")
+    ST, SW = F.ScalingType, F.SwizzleType
+    Mp, Kp = _round_up(M, 128), _round_up(K, 128)
+    kb = Kp // 128
+    b_is_blocks = b_s.shape[0] != N or N == 1
+    Np = _round_up(N, 128)
+    a = _pad2(a_q, Mp, Kp)
+    b = _pad2(b_q, Np, Kp)
+    sa = _col_major(_pad2(a_s.float(), Mp, kb, 1.0))
+    if b_is_blocks:
+        sb = _block_scales_for_b(_pad2(b_s.float(), Np // 128, kb, 1.0), kb)
+        rb = ST.BlockWise128x128
+    else:
+        sb = _col_major(_pad2(b_s.float(), Np, kb, 1.0))
+        rb = ST.BlockWise1x128
+    out = F.scaled_mm(a, b.t(), sa, ST.BlockWise1x128, sb, rb, SW.NO_SWIZZLE, SW.NO_SWIZZLE,
+                      output_dtype=out_dtype)
+    return out[:M, :N]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The op table
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Fp8Ops:
+    """The operations one (recipe, backend) pair computes with; see the module docstring.
+
+    Quantizers take the tensor only (the format is bound when the table is built); delayed-scaling
+    quantizers also take ``scale_inv=`` (the per-tensor scale from the amax history).
+    """
+    act_quant: Callable
+    act_quant_t: Callable
+    weight_quant: Callable
+    weight_t: Callable
+    gemm: Callable
+    grad_quant: Callable
+    grad_quant_t: Callable
+    backend: str = "emulated"
+
+
+def _t_from(q_fn):
+    def act_t(x, **kw):
+        return q_fn(x.t().contiguous(), **kw)
+    return act_t
+
+
+def _tensor_t(q_fn):
+    # one scale for the whole tensor: the transposed copy is the same values transposed
+    def act_t(x, **kw):
+        q, s = q_fn(x, **kw)
+        return q.t().contiguous(), s
+    return act_t
+
+
+def _weight_t_transpose(w, q, s):
+    # a 128x128 block's transpose is the same block; a per-tensor scale is unchanged
+    return q.t().contiguous(), (s.t().contiguous() if s.dim() == 2 else s)
+
+
+def default_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str = "emulated") -> Fp8Ops:
+    """The reference op table for a recipe: pure-torch quantizers + the backend's gemm."""
+    f = get_format(fmt)
+    g = get_format(recipe.grad_format) if recipe.fp8_format == "hybrid" else f
+    b, p2 = recipe.block_size, recipe.pow2_scales
+    gemm = functools.partial(native_gemm if backend == "native" else emulated_gemm, block=b)
+    if recipe.name == "blockwise":
+        aq = functools.partial(quant_tiles, fmt=f, block=b, pow2=p2)
+        gq = functools.partial(quant_tiles, fmt=g, block=b, pow2=p2)
+        return Fp8Ops(aq, _t_from(aq), functools.partial(quant_blocks, fmt=f, block=b, pow2=p2),
+                      _weight_t_transpose, gemm, gq, _t_from(gq), backend)
+    if recipe.name == "rowwise":
+        aq = functools.partial(quant_rows, fmt=f, pow2=p2)
+        gq = functools.partial(quant_rows, fmt=g, pow2=p2)
+        return Fp8Ops(aq, _t_from(aq), aq, lambda w, q, s: aq(w.t().contiguous()), gemm, gq, _t_from(gq), backend)
+    # tensorwise and delayed: one scale per tensor (delayed passes scale_inv=)
+    aq = functools.partial(quant_tensor, fmt=f, pow2=p2)
+    gq = functools.partial(quant_tensor, fmt=g, pow2=p2)
+    return Fp8Ops(aq, _tensor_t(aq), aq, _weight_t_transpose, gemm, gq, _tensor_t(gq), backend)
+
+
+_REGISTRY: dict[tuple[str, str], dict[str, Callable]] = {}
+
+
+def register_ops(recipe: str, backend: str, **ops: Callable) -> None:
+    """Override some operations of (recipe, backend), e.g. ``register_ops("blockwise", "native",
+    act_quant=kernels.act_quant, act_quant_t=kernels.act_quant_t)``. Later calls replace earlier ones;
+    an op set to None restores the reference."""
+    valid = {f for f in Fp8Ops.__dataclass_fields__ if f != "backend"}
+    bad = set(ops) - valid
+    if bad:
+        raise YxanulError(f"unknown FP8 op(s) {sorted(bad)} (expected: {', '.join(sorted(valid))})")
+    cur = _REGISTRY.setdefault((recipe, backend), {})
+    for k, v in ops.items():
+        if v is None:
+            cur.pop(k, None)
+        else:
+            cur[k] = v
+
+
+def get_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str = "emulated") -> Fp8Ops:
+    ops = default_ops(recipe, fmt, backend)
+    over = _REGISTRY.get((recipe.name, backend))
+    return replace(ops, **over) if over else ops
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------------------------------------
+def te_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device=None, quiet: bool = False) -> str:
+    """Map ``auto`` to a concrete backend; validate the others."""
+    if backend not in BACKENDS:
+        raise YxanulError(f"unknown FP8 backend {backend!r} (expected one of: {', '.join(BACKENDS)})",
+                          key="fp8_backend")
+    ok, why = native_available(device)
+    if backend == "auto":
+        if ok:
+            return "native"
+        if not quiet:
+            print(f"yxanul: FP8 backend auto -> emulated ({why})", file=sys.stderr)
+        return "emulated"
+    if backend == "native" and not ok:
+        raise YxanulError(f"native FP8 backend unavailable: {why} (use --fp8-backend emulated)", key="fp8_backend")
+    if backend == "te" and not te_available():
+        raise YxanulError("Transformer Engine is not importable (pip install transformer-engine, or use "
+                          "--fp8-backend native|emulated)", key="fp8_backend")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Self-check
+# ---------------------------------------------------------------------------------------------------------
+# Native and emulated GEMMs see the same FP8 values and FP32 scales, so they differ only by accumulation
+# order/precision and the final BF16 rounding (relative 2**-9 per element, ~0.2% RMS). A wrong scale layout
+# gives O(10%) or larger errors (a 47% error was once observed). 1e-2 sits between the two by a wide margin.
+NATIVE_TOL = 1e-2
+# On CPU the check compares the emulated FP8 GEMM with an unquantized FP32 GEMM: E4M3 keeps 3 mantissa bits
+# (relative rounding error <= 2**-4, ~2-3% RMS per element, averaging down in a dot product), E5M2 keeps 2.
+REFERENCE_TOL = {"e4m3": 0.06, "e5m2": 0.12}
+
+OPS = ("fprop", "dgrad", "wgrad")
+
+
+def model_shapes(cfg, tokens: int) -> list[tuple[str, int, int, int]]:
+    """(module kind, M, K, N) of every FP8 linear of a model config: q, k, v, o, gate, up, down."""
+    d, hq, hkv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = [("q_proj", tokens, d, hq), ("k_proj", tokens, d, hkv), ("v_proj", tokens, d, hkv),
+              ("o_proj", tokens, hq, d), ("gate_proj", tokens, d, cfg.ffn_hidden),
+              ("up_proj", tokens, d, cfg.ffn_hidden), ("down_proj", tokens, cfg.ffn_hidden, d)]
+    return shapes
+
+
+def _operands(op: str, M: int, K: int, N: int, ops: Fp8Ops, gen: torch.Generator, device):
+    """Quantized operands of one of a linear layer's three GEMMs (x [M,K], W [N,K], dy [M,N])."""
+    def rnd(*shape):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float32).to(device)
+        # a few outlier rows/columns, like real activations
+        return t * (1 + 8 * (torch.rand(shape[-1], generator=gen) < 0.02).float().to(device))
+    x, w, dy = rnd(M, K), rnd(N, K) * 0.02, rnd(M, N) * 1e-3
+    if op == "fprop":
+        a, b = ops.act_quant(x), ops.weight_quant(w)
+        ref = (x, w)
+    elif op == "dgrad":
+        q, s = ops.weight_quant(w)
+        a, b = ops.grad_quant(dy), ops.weight_t(w, q, s)
+        ref = (dy, w.t())
+    else:
+        a, b = ops.grad_quant_t(dy), ops.act_quant_t(x)
+        ref = (dy.t(), x.t())
+    return a, b, ref
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def selfcheck(shapes, recipes=("blockwise", "tensorwise", "rowwise", "delayed"), backend: str = "native",
+              seed: int = 0, base: Fp8Recipe | None = None) -> list[dict]:
+    """Compare ``backend`` against the emulated reference on the same quantized inputs, for each recipe,
+    shape ``(M, K, N)`` and op (fprop, dgrad, wgrad). Rows: ``{recipe, op, M, K, N, rel_err, tol, ok,
+    compared, error}``; ``compared`` is ``native_vs_emulated`` or, where native is unavailable,
+    ``emulated_vs_fp32`` (then ``rel_err`` is the FP8 quantization error against an FP32 GEMM)."""
+    native = backend == "native"
+    device = "cuda" if native else "cpu"
+    rows = []
+    for rname in recipes:
+        rec = replace(base or Fp8Recipe(), name=rname).validate()
+        emu = get_ops(rec, "e4m3", "emulated")
+        nat = get_ops(rec, "e4m3", "native") if native else None
+        for shape in shapes:
+            M, K, N = (int(v) for v in shape[-3:])
+            for op in OPS:
+                gen = torch.Generator().manual_seed(seed + M * 7 + K * 13 + N * 17 + OPS.index(op))
+                row = {"recipe": rname, "op": op, "M": M, "K": K, "N": N}
+                try:
+                    (aq, as_), (bq, bs), (ra, rb) = _operands(op, M, K, N, nat or emu, gen, device)
+                    want = emulated_gemm(aq, as_, bq, bs, torch.float32, rec.block_size)
+                    if native:
+                        got = nat.gemm(aq, as_, bq, bs, torch.bfloat16)
+                        err, tol, what = _rel(got, want), NATIVE_TOL, "native_vs_emulated"
+                    else:
+                        fmt = rec.grad_format if op != "fprop" else "e4m3"
+                        err, tol, what = _rel(want, ra @ rb.t()), REFERENCE_TOL[fmt], "emulated_vs_fp32"
+                    row.update(rel_err=err, tol=tol, ok=bool(err <= tol), compared=what, error=None)
+                except Exception as e:  # a kernel refusing a layout is a failed check, not a crash
+                    row.update(rel_err=math.nan, tol=NATIVE_TOL, ok=False,
+                               compared="native_vs_emulated" if native else "emulated_vs_fp32",
+                               error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                rows.append(row)
+    return rows
+
+
+_CHECKED: dict[tuple, bool] = {}
+
+
+def native_shape_ok(recipe: Fp8Recipe, M: int, K: int, N: int) -> bool:
+    """Self-check one (recipe, shape) once per process (cached); False if native disagrees with emulated."""
+    key = (recipe.name, recipe.fp8_format, recipe.block_size, recipe.pow2_scales, M, K, N)
+    if key not in _CHECKED:
+        rows = selfcheck([(M, K, N)], [recipe.name], "native", base=recipe)
+        bad = [r for r in rows if not r["ok"]]
+        _CHECKED[key] = not bad
+        if bad:
+            detail = "; ".join(f"{r['op']} rel_err={r['rel_err']:.3g}" + (f" ({r['error']})" if r["error"] else "")
+                               for r in bad)
+            print(f"yxanul: WARNING: native FP8 {recipe.name} GEMM at M={M} K={K} N={N} disagrees with the "
+                  f"emulated reference ({detail}); this shape falls back to the emulated backend", file=sys.stderr)
+    return _CHECKED[key]

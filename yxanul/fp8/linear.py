@@ -1,0 +1,419 @@
+"""FP8 linear layers: :class:`Fp8Linear`, :func:`convert_model`, :func:`fp8_step`, :func:`fp8_stats`.
+
+``Fp8Linear`` is a drop-in ``nn.Linear`` (same ``weight``/``bias`` parameters, so state dicts load either way)
+whose three GEMMs run on FP8 operands quantized by the recipe:
+
+* fprop ``y = x W^T``    x scaled along K (its rows), W as the forward copy;
+* dgrad ``dx = dy W``    dy scaled along N, W's transposed copy;
+* wgrad ``dW = dy^T x``  dy^T and x^T scaled along the token dim M (the reduction dim of this GEMM).
+
+The FP32 master weight is never modified: the quantized copies live in a cache that is rebuilt once per
+optimizer step (:func:`fp8_step` invalidates it; an in-place change of the weight is also detected), so
+gradient-accumulation micro-batches reuse it. Outputs are in the autocast dtype when autocast is on,
+else in the input's dtype; ``dx`` in the input's dtype; ``dW`` in FP32 (accumulated into ``weight.grad``).
+
+Non-finite values are never silently cast: every quantization folds "any NaN/Inf" into a per-module device
+flag (no host sync); :func:`fp8_check` raises :class:`NonFiniteError` naming the modules, and
+:func:`fp8_stats` reports them.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import NonFiniteError, YxanulError
+from . import scaling
+from .backends import get_ops, native_shape_ok, resolve_backend
+from .formats import get_format
+from .recipe import Fp8Recipe
+
+_SLOT = {"x": 0, "w": 1, "dy": 2}
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except Exception:  # pragma: no cover - very old torch
+        return False
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, wq, ws, wtq, wts, sx, mod):
+        ops = mod.ops
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        delayed = sx is not None
+        xq, xs = ops.act_quant(x2, scale_inv=sx) if delayed else ops.act_quant(x2)
+        if not delayed:  # delayed flags the amax it records
+            mod._flag(0, xs)
+        y = ops.gemm(xq, xs, wq, ws, _out_dtype(x))
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        if mod.recipe.cache_fp8_activations:
+            if delayed or mod.recipe.name == "tensorwise":
+                xtq, xts = xq.t().contiguous(), xs  # one scale: the transposed copy is free
+            else:
+                xtq, xts = ops.act_quant_t(x2)
+            ctx.save_for_backward(None, xtq, xts, wtq, wts, sx)
+        else:
+            ctx.save_for_backward(x2, None, None, wtq, wts, sx)
+        ctx.mod, ctx.x_shape, ctx.x_dtype, ctx.has_bias = mod, x.shape, x.dtype, bias is not None
+        if mod._collect:
+            mod._record_stats("x", x2, xq, xs)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xtq, xts, wtq, wts, sx = ctx.saved_tensors
+        mod = ctx.mod
+        ops = mod.ops
+        N = dy.shape[-1]
+        dy2 = dy.reshape(-1, N)
+        delayed = sx is not None
+        if delayed:
+            sdy = mod._delayed_scale("dy", dy2)
+            dyq, dys = ops.grad_quant(dy2, scale_inv=sdy)
+        else:
+            dyq, dys = ops.grad_quant(dy2)
+            mod._flag(2, dys)
+        if mod._collect:
+            mod._record_stats("dy", dy2, dyq, dys)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.gemm(dyq, dys, wtq, wts, ctx.x_dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            if delayed:
+                dytq, dyts = dyq.t().contiguous(), dys
+            else:
+                dytq, dyts = ops.grad_quant_t(dy2)
+            if xtq is None:
+                if delayed:
+                    xq, xts = ops.act_quant(x2, scale_inv=sx)
+                    xtq = xq.t().contiguous()
+                else:
+                    xtq, xts = ops.act_quant_t(x2)
+            dw = ops.gemm(dytq, dyts, xtq, xts, torch.float32)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.float().sum(0)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+class Fp8Linear(nn.Module):
+    """``nn.Linear`` computing its forward and both backward GEMMs in FP8 (see the module docstring).
+
+    ``recipe`` picks the scaling (blockwise, tensorwise, rowwise, delayed), ``fmt`` the forward format
+    (e4m3 or e5m2; grads follow ``recipe.fp8_format``), ``backend`` the GEMM implementation
+    (emulated | native; resolve ``auto`` with :func:`convert_model`), ``name`` is used in messages.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, recipe: Fp8Recipe | None = None,
+                 fmt: str = "e4m3", backend: str = "emulated", name: str = "", device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        fk = {"device": device, "dtype": dtype or torch.float32}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **fk))
+        else:
+            self.register_parameter("bias", None)
+        self.recipe = (recipe or Fp8Recipe()).validate()
+        self.fmt = get_format(fmt).name
+        if backend not in ("emulated", "native"):
+            raise YxanulError(f"Fp8Linear backend must be emulated or native (got {backend!r}); "
+                              f"use convert_model(..., backend='auto') to choose automatically", key="fp8_backend")
+        self.backend = backend
+        self.name = name
+        self.ops = get_ops(self.recipe, self.fmt, backend)
+        self._init_buffers(device)
+        self._wcache = None
+        self._wcache_version = None
+        self._collect = False
+        self._stats: dict[str, torch.Tensor] = {}
+        if self.recipe.name == "delayed":
+            self._fmt_max = [get_format(f).max for f in scaling.operand_formats(self.recipe, self.fmt)]
+        self.reset_parameters()
+
+    def _init_buffers(self, device) -> None:
+        """(Re)create the state buffers on `device`: the non-finite flags and, for delayed, the histories."""
+        self._steps = 0
+        self.register_buffer("nonfinite", torch.zeros(3, dtype=torch.int32, device=device), persistent=False)
+        if self.recipe.name == "delayed":
+            L = self.recipe.amax_history_len
+            self.register_buffer("amax_history", torch.zeros(L, 3, device=device))
+            self.register_buffer("scale_inv", torch.ones(3, device=device))
+            self.register_buffer("scale_ready", torch.zeros(3, device=device))
+            self.register_buffer("fp8_steps", torch.zeros((), dtype=torch.int64, device=device))
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"recipe={self.recipe.name}, fmt={self.fmt}, backend={self.backend}")
+
+    # -- state -----------------------------------------------------------------------------------------
+    @property
+    def calibrating(self) -> bool:
+        return self.recipe.name == "delayed" and self._steps < self.recipe.calibration_steps
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = backend
+        self.ops = get_ops(self.recipe, self.fmt, backend)
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        self._wcache = None
+        self._wcache_version = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # a plain nn.Linear checkpoint has no delayed-scaling state: keep the fresh buffers
+        own = {prefix + n for n in ("amax_history", "scale_inv", "scale_ready", "fp8_steps")}
+        missing_keys[before:] = [k for k in missing_keys[before:] if k not in own]
+        if self.recipe.name == "delayed" and prefix + "fp8_steps" in state_dict:
+            self._steps = int(state_dict[prefix + "fp8_steps"])
+        self.invalidate()
+
+    def _flag(self, slot: int, t: torch.Tensor) -> None:
+        bad = (~torch.isfinite(t.float())).any() if t.dtype.is_floating_point else None
+        if bad is not None:
+            self.nonfinite[slot] += bad.to(torch.int32)
+
+    def _delayed_scale(self, which: str, t: torch.Tensor) -> torch.Tensor:
+        i = _SLOT[which]
+        amax = t.detach().abs().amax().float()
+        self._flag(i, amax)
+        scaling.record_amax(self.amax_history, i, amax)
+        return scaling.current_or_delayed(amax, self.scale_inv[i], self.scale_ready[i], self._fmt_max[i],
+                                          self.recipe.margin)
+
+    @torch.no_grad()
+    def _record_stats(self, which: str, t: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+        fmax = get_format(self.recipe.grad_format if which == "dy" and self.recipe.fp8_format == "hybrid"
+                          else self.fmt).max
+        qa = q.float().abs()
+        nz = t != 0
+        n = max(t.numel(), 1)
+        self._stats[which] = torch.stack([
+            t.detach().float().abs().amax(), s.float().min(), s.float().max(),
+            (qa >= fmax).float().sum() / n, (nz & (qa == 0)).float().sum() / n])
+
+    # -- weight cache ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _quantize_weight(self):
+        w = self.weight.detach()
+        if self.recipe.name == "delayed":
+            s = self._delayed_scale("w", w)
+            q, s = self.ops.weight_quant(w, scale_inv=s)
+        else:
+            q, s = self.ops.weight_quant(w)
+            self._flag(1, s)
+        qt, st = self.ops.weight_t(w, q, s)
+        if self._collect:
+            self._record_stats("w", w, q, s)
+        return q, s, qt, st
+
+    def weight_fp8(self):
+        """(q, s, qT, sT): the cached FP8 forward and transposed copies, rebuilt once per optimizer step."""
+        if _compiling():
+            return self._quantize_weight()  # traced into the graph; caching would break it
+        ver = (self.weight._version, self.weight.data_ptr())
+        if self._wcache is None or self._wcache_version != ver:
+            self._wcache = self._quantize_weight()
+            self._wcache_version = ver
+        return self._wcache
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise YxanulError(f"input has {x.shape[-1]} features, expected {self.in_features}", key=self.name or None)
+        if self.calibrating:
+            return self._calibration_forward(x)
+        wq, ws, wtq, wts = self.weight_fp8()
+        sx = self._delayed_scale("x", x) if self.recipe.name == "delayed" else None
+        return _Fp8LinearFn.apply(x, self.weight, self.bias, wq, ws, wtq, wts, sx, self)
+
+    def _calibration_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Delayed recipe, first calibration_steps steps: BF16 GEMMs while amax histories are recorded."""
+        dt = _out_dtype(x)
+        if dt == torch.float32:
+            dt = torch.bfloat16
+        with torch.no_grad():
+            if self._wcache is None:  # weight amax once per step
+                scaling.record_amax(self.amax_history, 1, self.weight.detach().abs().amax())
+                self._wcache = ()
+            scaling.record_amax(self.amax_history, 0, x.detach().abs().amax())
+        y = F.linear(x.to(dt), self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
+        if y.requires_grad:
+            y.register_hook(self._dy_hook)
+        return y.to(_out_dtype(x))
+
+    def _dy_hook(self, g):
+        scaling.record_amax(self.amax_history, 2, g.detach().abs().amax())
+
+    # -- per optimizer step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        """After an optimizer step: drop the weight cache; advance delayed scaling (and calibration)."""
+        self.invalidate()
+        if self.recipe.name == "delayed":
+            fmax = torch.tensor(self._fmt_max, device=self.scale_inv.device)
+            scaling.advance(self.amax_history, self.scale_inv, self.scale_ready, self.recipe.amax_compute_algo,
+                            fmax, self.recipe.margin, self.recipe.pow2_scales)
+            self.fp8_steps += 1
+            self._steps += 1
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear sharing this module's parameters."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = self.weight
+        lin.bias = self.bias
+        return lin
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model-level helpers
+# ---------------------------------------------------------------------------------------------------------
+def fp8_modules(model: nn.Module) -> dict[str, Fp8Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+
+
+NATIVE_CHECK_TOKENS = 512
+
+
+def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Recipe | None = None,
+                  quiet: bool = False) -> nn.Module:
+    """Swap, in place, exactly the Linear modules ``policy.fp8_modules(model)`` names for Fp8Linear
+    (sharing their weight Parameters, so optimizers built earlier stay valid). Returns the model.
+
+    ``backend``: auto | emulated | native. With native, every (recipe, shape) is self-checked against the
+    emulated reference once per process; a failing shape falls back to emulated with a loud notice."""
+    recipe = recipe or policy.recipe
+    names = policy.fp8_modules(model)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if dev.type == "meta":
+        concrete = backend if backend in ("emulated", "native") else "emulated"
+        if backend not in ("auto", "emulated", "native", "te"):
+            resolve_backend(backend)
+    else:
+        concrete = resolve_backend(backend, dev, quiet=quiet)
+    if concrete == "te":
+        raise YxanulError("the te backend is not implemented in this version; use native or emulated",
+                          key="fp8_backend")
+    for name, prec in names.items():
+        old = model.get_submodule(name)
+        if isinstance(old, Fp8Linear):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        fmt = "e5m2" if prec == "fp8_e5m2" else "e4m3"
+        new = Fp8Linear(old.in_features, old.out_features, bias=old.bias is not None, recipe=recipe, fmt=fmt,
+                        backend=concrete, name=name, device="meta")
+        new.weight = old.weight
+        new.bias = old.bias
+        new._init_buffers(old.weight.device)
+        setattr(parent, attr, new)
+    if concrete == "native":
+        for name, m in fp8_modules(model).items():
+            if not native_shape_ok(m.recipe, NATIVE_CHECK_TOKENS, m.in_features, m.out_features):
+                m.set_backend("emulated")
+    return model
+
+
+def unconvert_model(model: nn.Module) -> nn.Module:
+    """Replace every Fp8Linear with a plain nn.Linear sharing its parameters (in place); returns the model."""
+    for name, m in list(fp8_modules(model).items()):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, m.to_linear())
+    return model
+
+
+def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
+    """Call after every optimizer step: invalidates weight caches, advances delayed-scaling histories and
+    calibration counters. ``collect_stats=True`` makes the next forward/backward record statistics
+    (device-side) for :func:`fp8_stats`."""
+    for m in fp8_modules(model).values():
+        m.step()
+        m._collect = bool(collect_stats)
+        if collect_stats:
+            m._stats = {}
+
+
+def fp8_check(model: nn.Module) -> None:
+    """Raise NonFiniteError naming every module that quantized a NaN/Inf since the last reset."""
+    bad = _nonfinite(model)
+    if bad:
+        raise NonFiniteError("NaN or Inf in FP8 operands: " + ", ".join(f"{n} ({'/'.join(w)})" for n, w in bad.items()))
+
+
+def _nonfinite(model: nn.Module) -> dict[str, list[str]]:
+    mods = fp8_modules(model)
+    if not mods:
+        return {}
+    flags = torch.stack([m.nonfinite.to("cpu", non_blocking=False) for m in mods.values()]).tolist()
+    return {n: [s for s, f in zip(("x", "w", "dy"), fl) if f] for n, fl in zip(mods, flags) if any(fl)}
+
+
+def reset_nonfinite(model: nn.Module) -> None:
+    for m in fp8_modules(model).values():
+        m.nonfinite.zero_()
+
+
+_STAT_KEYS = ("amax", "scale_inv_min", "scale_inv_max", "saturation", "underflow")
+
+
+def fp8_stats(model: nn.Module) -> dict:
+    """Per-module and aggregate FP8 statistics (one host sync). Weight statistics are computed now;
+    activation (x) and output-grad (dy) statistics come from the last pass armed with
+    ``fp8_step(model, collect_stats=True)``. ``saturation`` is the fraction of elements at the format's
+    largest value, ``underflow`` the fraction of nonzero elements that became zero."""
+    mods = fp8_modules(model)
+    out: dict = {"modules": {}, "aggregate": {}, "nonfinite": _nonfinite(model)}
+    for name, m in mods.items():
+        if m._collect is False or "w" not in m._stats:
+            prev = m._collect
+            m._collect = True
+            with torch.no_grad():
+                w = m.weight.detach()
+                if m.recipe.name == "delayed":
+                    q, s = m.ops.weight_quant(w, scale_inv=scaling.current_or_delayed(
+                        w.abs().amax(), m.scale_inv[1], m.scale_ready[1], m._fmt_max[1], m.recipe.margin))
+                else:
+                    q, s = m.ops.weight_quant(w)
+                m._record_stats("w", w, q, s)
+            m._collect = prev
+        entry = {}
+        for which, t in m._stats.items():
+            entry[which] = dict(zip(_STAT_KEYS, (float(v) for v in t.tolist())))
+        if m.recipe.name == "delayed":
+            entry["delayed"] = {"scale_inv": m.scale_inv.tolist(), "ready": m.scale_ready.tolist(),
+                                "steps": int(m.fp8_steps), "calibrating": m.calibrating}
+        out["modules"][name] = entry
+    for which in ("x", "w", "dy"):
+        vals = [e[which] for e in out["modules"].values() if which in e]
+        if vals:
+            out["aggregate"][which] = {"amax": max(v["amax"] for v in vals),
+                                       "saturation": sum(v["saturation"] for v in vals) / len(vals),
+                                       "underflow": sum(v["underflow"] for v in vals) / len(vals)}
+    return out

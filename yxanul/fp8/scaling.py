@@ -1,0 +1,72 @@
+"""Delayed (history-based) per-tensor scaling, in Transformer Engine's vocabulary.
+
+Each FP8 linear keeps, for its three GEMM operands (``x``, ``w``, ``dy``):
+
+``amax_history`` ``[amax_history_len, 3]``  row 0 is the step in progress (max over its micro-batches),
+                                              rows 1.. are the previous optimizer steps, newest first
+``scale_inv``    ``[3]``                     the dequantization scale used now: ``x ~= q * scale_inv``
+``scale_ready``  ``[3]``                     1 once a scale has been computed from a recorded history
+
+At every optimizer step (:func:`advance`):
+
+1. ``amax = max(history)`` (``amax_compute_algo: max``) or ``history[0]`` (``most_recent``);
+2. ``scale_inv = amax / (FMT_MAX / 2**margin)`` where that amax is positive (a tensor that was all zeros keeps
+   its previous scale);
+3. the history rolls by one row and row 0 starts empty.
+
+So the scale used during step t comes from steps t-1, t-2, ... (it is "delayed"). Until a scale exists
+(the very first step), the operand is scaled by its current amax instead, so step 0 is never clipped.
+All updates are tensor ops on the buffers' device: no host synchronization.
+"""
+from __future__ import annotations
+
+import torch
+
+from .formats import get_format
+from .recipe import Fp8Recipe
+
+SLOTS = ("x", "w", "dy")
+
+
+def operand_formats(recipe: Fp8Recipe, fmt: str = "e4m3") -> tuple[str, str, str]:
+    f = get_format(fmt).name
+    return f, f, (recipe.grad_format if recipe.fp8_format == "hybrid" else f)
+
+
+def fmt_max_tensor(recipe: Fp8Recipe, fmt: str = "e4m3", device=None) -> torch.Tensor:
+    return torch.tensor([get_format(f).max for f in operand_formats(recipe, fmt)], dtype=torch.float32,
+                        device=device)
+
+
+@torch.no_grad()
+def record_amax(history: torch.Tensor, slot: int, amax: torch.Tensor) -> None:
+    """Fold this micro-batch's amax into the current row (max over micro-batches)."""
+    cur = history[0, slot]
+    cur.copy_(torch.maximum(cur, amax.detach().float().reshape(())))
+
+
+def scale_from_history(history: torch.Tensor, algo: str, fmt_max: torch.Tensor, margin: int) -> torch.Tensor:
+    amax = history.amax(dim=0) if algo == "max" else history[0]
+    return amax / (fmt_max / (2.0 ** margin))
+
+
+@torch.no_grad()
+def advance(history: torch.Tensor, scale_inv: torch.Tensor, ready: torch.Tensor, algo: str,
+            fmt_max: torch.Tensor, margin: int, pow2: bool = False) -> None:
+    """End of an optimizer step: new scales from the history, then roll the history (in place)."""
+    amax = history.amax(dim=0) if algo == "max" else history[0]
+    new = scale_from_history(history, algo, fmt_max, margin)
+    if pow2:
+        new = torch.exp2(torch.ceil(torch.log2(new.clamp_min(1e-30))))
+    has = amax > 0
+    scale_inv.copy_(torch.where(has, new, scale_inv))
+    ready.copy_(torch.where(has, torch.ones_like(ready), ready))
+    history.copy_(torch.roll(history, 1, dims=0))
+    history[0].zero_()
+
+
+def current_or_delayed(amax_now: torch.Tensor, scale_inv: torch.Tensor, ready: torch.Tensor, fmt_max: float,
+                       margin: int) -> torch.Tensor:
+    """The scale to use now for one operand: the delayed one if ready, else from the current amax."""
+    now = amax_now.float().clamp_min(1e-12) / (fmt_max / (2.0 ** margin))
+    return torch.where(ready > 0, scale_inv, now)

@@ -1,0 +1,163 @@
+"""Fused FP8 kernels with one dispatching entry point per operation.
+
+Every operation has a pure-torch reference (:mod:`yxanul.kernels.reference`, the numerics) and a Triton
+kernel. The dispatcher uses Triton for CUDA tensors (or for any tensor when ``TRITON_INTERPRET=1``, which is
+how the kernels are tested on a CPU) and the reference otherwise. ``impl="torch"|"triton"|"auto"`` forces a
+choice per call; ``set_impl`` or the environment variable ``YXANUL_KERNELS`` changes the default.
+
+Operations (x is 2-D ``[M, K]``; FP32 scales, ``scale_inv = amax / FMT_MAX``):
+  act_quant(x, block=128, fmt="e4m3")       -> q [M, K], s [M, ceil(K/block)]
+  act_quant_t(x, block=128)                 -> qT [K, M], sT [K, ceil(M/block)]
+  act_quant_dual(x, block=128)              -> q, s, qT, sT from one read of x
+  weight_quant(w, block=128)                -> q [N, K], s [ceil(N/block), ceil(K/block)]
+  tensor_quant(x, fmt="e4m3")               -> q like x, 0-d scale
+  rmsnorm_quant(x, weight, eps, block=128)  -> y (x's dtype), q, s
+  swiglu_quant(gate, up, block=128)         -> h (gate's dtype) or None, q, s
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from ..errors import YxanulError
+from . import reference
+
+IMPLS = ("auto", "triton", "torch")
+_default_impl = os.environ.get("YXANUL_KERNELS", "auto")
+
+__all__ = ["act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "rmsnorm_quant",
+           "swiglu_quant", "set_impl", "triton_available", "uses_triton", "OPS"]
+
+
+def set_impl(name: str) -> None:
+    """Default implementation for every operation: auto (Triton on CUDA), triton, or torch."""
+    global _default_impl
+    if name not in IMPLS:
+        raise YxanulError(f"unknown kernel implementation {name!r} (expected one of {', '.join(IMPLS)})",
+                          key="YXANUL_KERNELS")
+    _default_impl = name
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        for name in ("quant", "norm_quant", "swiglu_quant"):
+            _mod(name)
+    except Exception:
+        return False
+    return True
+
+
+def _mod(name: str):
+    """The Triton submodule `name` (importing a submodule rebinds the package attribute of the same name,
+    which for ``swiglu_quant`` is the dispatching function: put it back)."""
+    mod = importlib.import_module(f"{__name__}.{name}")
+    globals()["swiglu_quant"] = _swiglu_quant_dispatch
+    return mod
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def uses_triton(*tensors: torch.Tensor, impl: str | None = None) -> bool:
+    """Whether a call with these tensors would run the Triton kernel."""
+    impl = impl or _default_impl
+    if impl not in IMPLS:
+        raise YxanulError(f"unknown kernel implementation {impl!r} (expected one of {', '.join(IMPLS)})",
+                          key="impl")
+    if impl == "torch":
+        return False
+    ok = triton_available() and (_interpret() or all(t.is_cuda for t in tensors))
+    if impl == "triton" and not ok:
+        raise YxanulError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1) and an importable triton",
+                          key="impl")
+    return ok
+
+
+def act_quant(x, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *, impl: str | None = None):
+    if uses_triton(x, impl=impl):
+        return _mod("quant").act_quant(x, block, fmt, pow2_scales)
+    return reference.act_quant(x, block, fmt, pow2_scales)
+
+
+def act_quant_t(x, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *, impl: str | None = None):
+    if uses_triton(x, impl=impl):
+        return _mod("quant").act_quant_t(x, block, fmt, pow2_scales)
+    return reference.act_quant_t(x, block, fmt, pow2_scales)
+
+
+def act_quant_dual(x, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *,
+                   impl: str | None = None):
+    if uses_triton(x, impl=impl):
+        return _mod("quant").act_quant_dual(x, block, fmt, pow2_scales)
+    return reference.act_quant_dual(x, block, fmt, pow2_scales)
+
+
+def weight_quant(w, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *, impl: str | None = None):
+    if uses_triton(w, impl=impl):
+        return _mod("quant").weight_quant(w, block, fmt, pow2_scales)
+    return reference.weight_quant(w, block, fmt, pow2_scales)
+
+
+def tensor_quant(x, fmt: str = "e4m3", *, impl: str | None = None):
+    if uses_triton(x, impl=impl):
+        return _mod("quant").tensor_quant(x, fmt)
+    return reference.tensor_quant(x, fmt)
+
+
+def rmsnorm_quant(x, weight, eps: float = 1e-6, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False,
+                  *, impl: str | None = None):
+    if uses_triton(x, weight, impl=impl):
+        return _mod("norm_quant").rmsnorm_quant(x, weight, eps, block, fmt, pow2_scales)
+    return reference.rmsnorm_quant(x, weight, eps, block, fmt, pow2_scales)
+
+
+def swiglu_quant(gate, up, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, return_h: bool = True,
+                 *, impl: str | None = None):
+    if uses_triton(gate, up, impl=impl):
+        return _mod("swiglu_quant").swiglu_quant(gate, up, block, fmt, pow2_scales, return_h)
+    return reference.swiglu_quant(gate, up, block, fmt, pow2_scales, return_h)
+
+
+_swiglu_quant_dispatch = swiglu_quant
+
+
+# The op table an FP8 backend can take its quantization ops from (same names and signatures).
+OPS = {"act_quant": act_quant, "act_quant_t": act_quant_t, "act_quant_dual": act_quant_dual,
+       "weight_quant": weight_quant, "tensor_quant": tensor_quant, "rmsnorm_quant": rmsnorm_quant,
+       "swiglu_quant": swiglu_quant}
+
+
+def install_fp8_ops(recipe, backend: str = "native") -> list[str]:
+    """Plug the Triton quantizers into the FP8 layers' op table for `recipe` (an ``Fp8Recipe``) on `backend`.
+
+    Blockwise: activations, their transpose, output grads (both layouts) and weights. Tensorwise: activations,
+    grads and weights (the transposed copies are plain transposes of a per-tensor quantization). Other recipes
+    keep the reference ops. The kernels produce the same bytes as the reference quantizers; off CUDA the
+    dispatchers fall back to them. Returns the names of the ops installed.
+    """
+    from ..fp8.backends import register_ops
+    from ..fp8.formats import get_format
+
+    f = get_format(recipe.fp8_format if recipe.fp8_format != "hybrid" else "e4m3").name
+    g = get_format(recipe.grad_format).name if recipe.fp8_format == "hybrid" else f
+    b, p2 = recipe.block_size, recipe.pow2_scales
+    if recipe.name == "blockwise":
+        ops = dict(act_quant=functools.partial(act_quant, block=b, fmt=f, pow2_scales=p2),
+                   act_quant_t=functools.partial(act_quant_t, block=b, fmt=f, pow2_scales=p2),
+                   grad_quant=functools.partial(act_quant, block=b, fmt=g, pow2_scales=p2),
+                   grad_quant_t=functools.partial(act_quant_t, block=b, fmt=g, pow2_scales=p2),
+                   weight_quant=functools.partial(weight_quant, block=b, fmt=f, pow2_scales=p2))
+    elif recipe.name == "tensorwise" and not p2:
+        ops = dict(act_quant=functools.partial(tensor_quant, fmt=f),
+                   grad_quant=functools.partial(tensor_quant, fmt=g),
+                   weight_quant=functools.partial(tensor_quant, fmt=f))
+    else:
+        return []
+    register_ops(recipe.name, backend, **ops)
+    return sorted(ops)

@@ -1,0 +1,184 @@
+"""Fused linear cross-entropy: the output head and the loss without FP32 logits for the whole batch.
+
+``loss = mean_i CE(h_i @ W.T, t_i)`` over the tokens whose target is not ``ignore_index``. The tokens are
+processed in chunks: for each chunk the logits are computed in the compute dtype (BF16 under autocast),
+upcast to FP32 for the log-sum-exp, turned in place into the gradient of the loss w.r.t. the logits
+(``softmax - onehot``, scaled by ``1/n_valid``), and immediately contracted into ``grad_h = g @ W`` and
+``grad_W += g.T @ h``. The backward pass only scales the stored gradients by the incoming gradient. Peak extra
+memory is one chunk of logits (about ``chunk * V * 6`` bytes) plus ``grad_W`` in FP32, instead of ``N * V``
+logits in BF16 and FP32 and their gradient.
+
+Factorized tied heads (``logits = (h @ P) @ W.T``): pass ``P``; ``h @ P`` is computed first, under autograd, so
+P's gradient flows normally and the fused part only sees the rank-r projection.
+
+Optional FP8 head (``head_fp8=True``): the logits GEMM runs in FP8 E4M3 with one scale per tensor for the
+chunk and for W (``torch._scaled_mm`` on CUDA, quantize-dequantize emulation elsewhere); the gradients use the
+compute-dtype operands (a straight-through estimator for the head's quantization).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import YxanulError
+
+CHUNK_BYTES = 1 << 30   # budget for one chunk's FP32 logits when chunk is not given
+
+
+def default_chunk(n_tokens: int, vocab: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Largest power of two of rows whose FP32 logits fit the budget (at least 16, at most n_tokens)."""
+    rows = max(16, 2 ** int(math.floor(math.log2(max(1, budget_bytes // (4 * max(vocab, 1)))))))
+    return max(1, min(n_tokens, rows))
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    dev = h.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (TypeError, AttributeError, RuntimeError):  # older signatures: CUDA-only query
+        if dev == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return h.dtype
+
+
+class _Fp8Head:
+    """Logits of a chunk through FP8 E4M3 with tensorwise scales; W quantized once per forward."""
+
+    def __init__(self, Wc: torch.Tensor, out_dtype: torch.dtype):
+        from . import tensor_quant
+        self.V, self.d = Wc.shape
+        self.out_dtype = out_dtype
+        self.native = (Wc.is_cuda and hasattr(torch, "_scaled_mm") and self.d % 16 == 0
+                       and torch.cuda.get_device_capability(Wc.device) >= (8, 9))
+        self.wq, self.sw = tensor_quant(Wc)
+        if self.native:
+            pad = (-self.V) % 16
+            if pad:
+                self.wq = torch.cat([self.wq, self.wq.new_zeros(pad, self.d)])
+        else:
+            self.wf = self.wq.float() * self.sw
+
+    def __call__(self, hc: torch.Tensor) -> torch.Tensor:
+        from . import tensor_quant
+        hq, sh = tensor_quant(hc)
+        if self.native and hc.shape[0] % 16 == 0:
+            out = torch._scaled_mm(hq, self.wq.t(), scale_a=sh, scale_b=self.sw, out_dtype=self.out_dtype)
+            return out[:, :self.V]
+        wf = self.wf if not self.native else self.wq[:self.V].float() * self.sw
+        return (hq.float() * sh) @ wf.t()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, targets, ignore_index, chunk, cdtype, head_fp8):
+        with torch.autocast(h.device.type, enabled=False):
+            hc = h.to(cdtype)
+            Wc = W.to(cdtype)
+            N = hc.shape[0]
+            valid = targets != ignore_index
+            n_valid = valid.sum()
+            inv = 1.0 / n_valid.clamp_min(1).float()
+            need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(hc) if ctx.needs_input_grad[0] else None
+            grad_W = torch.zeros(Wc.shape, dtype=torch.float32, device=W.device) if ctx.needs_input_grad[1] else None
+            head = _Fp8Head(Wc, cdtype) if head_fp8 else None
+            loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+            for s in range(0, N, chunk):
+                e = min(N, s + chunk)
+                hch, v = hc[s:e], valid[s:e]
+                t = torch.where(v, targets[s:e], torch.zeros_like(targets[s:e]))
+                logits = head(hch) if head is not None else hch @ Wc.t()
+                lf = logits.float()
+                del logits
+                lse = torch.logsumexp(lf, dim=-1)
+                tgt = lf.gather(1, t[:, None]).squeeze(1)
+                vf = v.float()
+                loss_sum += ((lse - tgt) * vf).sum()
+                if not need_grad:
+                    continue
+                g = lf.sub_(lse[:, None]).exp_()                      # softmax, in place
+                g.scatter_add_(1, t[:, None], torch.full_like(tgt[:, None], -1.0))
+                g.mul_((vf * inv)[:, None])
+                g = g.to(cdtype)
+                if grad_h is not None:
+                    torch.matmul(g, Wc, out=grad_h[s:e])
+                if grad_W is not None:
+                    grad_W.add_((g.t() @ hch).float())
+            loss = loss_sum / n_valid.float()
+        ctx.save_for_backward(grad_h if grad_h is not None else h.new_empty(0),
+                              grad_W if grad_W is not None else W.new_empty(0))
+        ctx.has = (grad_h is not None, grad_W is not None)
+        ctx.dtypes = (h.dtype, W.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, go):
+        grad_h, grad_W = ctx.saved_tensors
+        gh = gw = None
+        if ctx.has[0]:
+            gh = (grad_h.float() * go).to(ctx.dtypes[0])
+        if ctx.has[1]:
+            gw = (grad_W * go).to(ctx.dtypes[1])
+        return gh, gw, None, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, P: torch.Tensor | None = None,
+                         ignore_index: int = -1, chunk: int | None = None, head_fp8: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of ``((h @ P) if P else h) @ W.T`` against `targets`, never materializing all logits.
+
+    h ``[N, d]`` (or ``[..., d]``), W ``[V, r]``, targets ``[N]`` (or h's leading shape), P ``[d, r]`` or None.
+    Returns a 0-d FP32 tensor (NaN when every target is ignored, as ``F.cross_entropy`` does).
+    """
+    if h.dim() < 2 or W.dim() != 2:
+        raise YxanulError(f"linear_cross_entropy needs h [N, d] and W [V, r], got {tuple(h.shape)} and "
+                          f"{tuple(W.shape)}", key="h")
+    h = h.reshape(-1, h.shape[-1])
+    targets = targets.reshape(-1)
+    if targets.shape[0] != h.shape[0]:
+        raise YxanulError(f"{targets.shape[0]} targets for {h.shape[0]} tokens", key="targets")
+    if P is not None:
+        if P.dim() != 2 or P.shape[0] != h.shape[1]:
+            raise YxanulError(f"projection P {tuple(P.shape)} does not match h {tuple(h.shape)}", key="P")
+        h = h @ P.to(h.dtype)
+    if h.shape[1] != W.shape[1]:
+        raise YxanulError(f"h has {h.shape[1]} features but W has {W.shape[1]}", key="W")
+    if chunk is None:
+        chunk = default_chunk(h.shape[0], W.shape[0])
+    if not isinstance(chunk, int) or chunk < 1:
+        raise YxanulError(f"chunk must be a positive integer, got {chunk!r}", key="chunk")
+    if h.shape[0] == 0:
+        raise YxanulError("linear_cross_entropy got no tokens", key="h")
+    cdtype = _compute_dtype(h)
+    return _LinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), int(chunk), cdtype, bool(head_fp8))
+
+
+class FusedCrossEntropy:
+    """``model.loss_fn``: the fused head + loss for a :class:`yxanul.model.Yxanul` (ignore_index -1)."""
+
+    def __init__(self, chunk: int | None = None, head_fp8: bool = False):
+        self.chunk, self.head_fp8 = chunk, head_fp8
+
+    def __call__(self, model, h, targets):
+        W, P = model.head_weight()
+        return linear_cross_entropy(h, W, targets, P=P, ignore_index=-1, chunk=self.chunk, head_fp8=self.head_fp8)
+
+    def __repr__(self):
+        return f"FusedCrossEntropy(chunk={self.chunk}, head_fp8={self.head_fp8})"
+
+
+def use_fused_ce(model, chunk: int | None = None, head_fp8: bool = False):
+    """Make ``model(idx, targets)`` use the fused linear cross-entropy. Returns the model."""
+    model.loss_fn = FusedCrossEntropy(chunk, head_fp8)
+    return model
+
+
+def reference_cross_entropy(h, W, targets, P=None, ignore_index: int = -1):
+    """The unfused computation (full logits, ``F.cross_entropy`` in FP32), for tests and benchmarks."""
+    h = h.reshape(-1, h.shape[-1])
+    if P is not None:
+        h = h @ P.to(h.dtype)
+    logits = h @ W.to(h.dtype).t()
+    return F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=ignore_index)

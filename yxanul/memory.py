@@ -1,0 +1,371 @@
+"""Training-memory estimator: what one training step of a Yxanul model keeps in device memory.
+
+The estimate follows the model's real forward pass (``yxanul/model.py``) under BF16 autocast with FP32
+parameters, tensor by tensor, and counts what autograd saves for the backward pass:
+
+* **weights** - compute copies. Under autocast every ``Linear`` casts its FP32 weight to BF16 once per
+  forward and that copy is *saved for backward*, so it lives from the forward until the layer's backward.
+  FP8 linears keep an E4M3 copy of the weight plus, for the backward pass, its transpose. The embedding
+  lookup and RMSNorm read the FP32 parameters directly (no copy).
+* **master weights** (the parameters, ``precision_strategy.master_weights``), **gradients**
+  (``gradient_accumulation``) and **optimizer states** (AdamW: two states at ``optimizer_dtype``).
+* **scales** - FP8 weight scale factors (block x block tiles for the blockwise recipe, one per row or per
+  tensor otherwise, both orientations) and the delayed recipe's amax histories.
+* **activations** - per layer: both RMSNorms save their FP32 input, ``rsqrt`` and normalized output; each
+  linear saves its (BF16, or FP8 + 1 x block scales with the FP8 activation cache) input; SDPA saves q,
+  the GQA-expanded k and v, its output and the FP32 logsumexp; the MLP saves gate, silu(gate), up and
+  their product. The residual stream is FP32 when the embedding is a plain lookup (its output is FP32
+  under autocast) and BF16 when it is factorized (the ``r -> d`` projection runs in BF16); an FP32
+  residual makes every linear cast its input separately. With activation checkpointing only each
+  block's input is kept, plus one block's activations while it is recomputed.
+* **logits** - the cross-entropy working set at the start of the backward pass: the FP32 log-softmax
+  output (saved), its incoming gradient and the outgoing gradient, 12 bytes per token per vocabulary
+  entry (the forward pass peaks at 10: BF16 logits, their FP32 upcast and the log-softmax). With a 200k
+  vocabulary this term dominates.
+
+Everything is summed: the total is the peak at the start of the backward pass of a step where the
+gradients already exist (gradient accumulation, or ``zero_grad(set_to_none=False)``), an upper bound of
+the allocator's ``max_memory_allocated`` up to fragmentation and kernel workspaces.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import ModelConfig
+from .errors import YxanulError
+from .precision import BYTES, Policy
+
+OPTIMIZERS = {"adamw": 2, "sgd": 1}  # number of per-parameter states (SGD: momentum)
+PRECISION_MODES = ("bf16", "fp8")
+COMPONENT_ORDER = ("embeddings", "layer_norms", "attention", "ffn", "output_head")
+_COMPONENT_OF = {"embeddings": "embeddings", "layer_norms": "layer_norms", "attention_compute": "attention",
+                 "ffn_compute": "ffn", "output_head": "output_head", "other": "other"}
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    batch: int = 8
+    seq: int | None = 2048  # None: min(2048, max_seq_len)
+    optimizer: str = "adamw"
+    grad_accum: int = 1
+    precision: str | None = None              # None: fp8 if the policy enables it, else bf16
+    activation_checkpointing: bool = False
+    fp8_activation_cache: bool | None = None  # None: the policy recipe's cache_fp8_activations
+
+    def validate(self, cfg: ModelConfig) -> "MemoryOptions":
+        if self.seq is None:
+            import dataclasses
+            return dataclasses.replace(self, seq=min(2048, cfg.max_seq_len)).validate(cfg)
+        for k in ("batch", "seq", "grad_accum"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise YxanulError(f"must be a positive integer, got {v!r}", source=f"--{k.replace('_', '-')}")
+        if self.seq > cfg.max_seq_len:
+            raise YxanulError(f"{self.seq} exceeds the model's max_seq_len {cfg.max_seq_len}", source="--seq")
+        if self.optimizer not in OPTIMIZERS:
+            raise YxanulError(f"unknown optimizer {self.optimizer!r} (expected one of: {', '.join(OPTIMIZERS)})",
+                              source="--optimizer")
+        if self.precision is not None and self.precision not in PRECISION_MODES:
+            raise YxanulError(f"unknown precision {self.precision!r} (expected bf16 or fp8)", source="--precision")
+        return self
+
+
+def _linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Every GEMM weight the forward pass uses: name -> (out_features, in_features)."""
+    d, dq, dkv, f, v = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_hidden, \
+        cfg.vocab_size
+    out: dict[str, tuple[int, int]] = {}
+    if cfg.embed_rank:
+        out["embeddings.proj"] = (d, cfg.embed_rank)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        out[p + "attn.q_proj"] = (dq, d)
+        out[p + "attn.k_proj"] = (dkv, d)
+        out[p + "attn.v_proj"] = (dkv, d)
+        out[p + "attn.o_proj"] = (d, dq)
+        out[p + "mlp.gate_proj"] = (f, d)
+        out[p + "mlp.up_proj"] = (f, d)
+        out[p + "mlp.down_proj"] = (d, f)
+    out["lm_head"] = (v, cfg.embed_rank if (cfg.tie_embeddings and cfg.embed_rank) else d)
+    return out
+
+
+def _weight_scale_count(o: int, i: int, recipe) -> int:
+    if recipe.name == "blockwise":
+        b = recipe.block_size
+        return math.ceil(o / b) * math.ceil(i / b)
+    if recipe.name == "rowwise":
+        return o
+    return 1
+
+
+def _act_scale_bytes_per_elem(in_features: int, recipe) -> float:
+    if recipe.name == "blockwise":
+        return 4.0 / recipe.block_size
+    if recipe.name == "rowwise":
+        return 4.0 / in_features
+    return 0.0
+
+
+def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None) -> dict:
+    """The memory of one training step; see the module docstring for what each term holds."""
+    import torch
+
+    from .model import Yxanul
+
+    opts = (opts or MemoryOptions()).validate(cfg)
+    mode = opts.precision or ("fp8" if policy.strategy.use_fp8 else "bf16")
+    pol = policy.with_fp8(mode == "fp8")
+    recipe = pol.recipe
+    cache = recipe.cache_fp8_activations if opts.fp8_activation_cache is None else opts.fp8_activation_cache
+    with torch.device("meta"):
+        model = Yxanul(cfg)
+    mods = pol.resolve(model, strict=False)
+    prec = {m.name: m.precision for m in mods}
+    comp_of = {m.name: _COMPONENT_OF.get(m.component, "other") for m in mods}
+    n_params = sum(p.numel() for p in model.parameters())
+
+    master_b = BYTES[pol.dtype_of("master_weights")]
+    grad_b = BYTES[pol.dtype_of("gradient_accumulation")]
+    opt_b = BYTES[pol.dtype_of("optimizer_dtype")]
+    low_b = 2  # autocast compute dtype: BF16
+
+    # -- parameters by component ------------------------------------------------------------------------
+    params_by: dict[str, int] = {}
+    for m in mods:
+        c = comp_of[m.name]
+        params_by[c] = params_by.get(c, 0) + m.params
+
+    # -- compute copies of GEMM weights and their scales -------------------------------------------------
+    shapes = _linear_shapes(cfg)
+    weights_by = {c: 0 for c in params_by}
+    weights_by.setdefault("output_head", 0)
+    fp8_by = {c: 0 for c in weights_by}
+    scales = 0
+    n_fp8 = 0
+    for name, (o, i) in shapes.items():
+        p = prec.get(name, "bf16")
+        c = comp_of.get(name, "output_head" if name == "lm_head" else "other")
+        if p.startswith("fp8"):
+            n_fp8 += 1
+            fp8_by[c] = fp8_by.get(c, 0) + 2 * o * i        # W and its transpose for the dgrad GEMM
+            weights_by[c] = weights_by.get(c, 0) + 2 * o * i
+            scales += 2 * 4 * _weight_scale_count(o, i, recipe)
+        elif master_b != low_b:
+            weights_by[c] = weights_by.get(c, 0) + low_b * o * i  # autocast's BF16 copy, saved for backward
+    if cfg.embed_rank and cfg.tie_embeddings and master_b != low_b:
+        # the tied head computes (h @ P.to(h.dtype)) @ E.T: an explicit BF16 copy of P next to autocast's
+        weights_by["embeddings"] = weights_by.get("embeddings", 0) + low_b * cfg.d_model * cfg.embed_rank
+    if recipe.name == "delayed" and n_fp8:
+        scales += n_fp8 * 3 * recipe.amax_history_len * 4 + n_fp8 * 3 * 4  # amax histories + scales
+    weights = sum(weights_by.values())
+
+    # -- activations ------------------------------------------------------------------------------------
+    d, f, hq, hkv, hd = cfg.d_model, cfg.ffn_hidden, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    tokens = opts.batch * opts.seq
+    res_b = low_b if cfg.embed_rank else master_b  # dtype of the residual stream under autocast
+
+    def linear_inputs(names: list[str], in_features: int, in_b: int, already_saved: bool) -> float:
+        """Bytes per token the linears `names` save of their common input (`in_b` bytes per element)."""
+        total = 0.0
+        shared_low = False
+        for n in names:
+            p = prec.get(n, "bf16")
+            if p.startswith("fp8") and cache:
+                total += in_features * (1 + _act_scale_bytes_per_elem(in_features, recipe))
+            elif in_b == low_b:
+                shared_low = True  # the BF16 input itself, one tensor for all consumers
+            else:
+                total += low_b * in_features  # each consumer casts its FP32 input separately
+        if shared_low and not already_saved:
+            total += low_b * in_features
+        return total
+
+    per_layer: dict[str, float] = {}
+    norm = 4 * d + 4 + 4 * d  # FP32 input (or its upcast), rsqrt, normalized output
+    L0 = "layers.0."
+    per_layer["attn_norm"] = norm
+    per_layer["qkv_inputs"] = linear_inputs([L0 + "attn.q_proj", L0 + "attn.k_proj", L0 + "attn.v_proj"], d,
+                                            res_b, False)
+    kv_heads_saved = hq if hkv != hq else hkv
+    per_layer["sdpa_q_k_v"] = low_b * hd * (hq + 2 * kv_heads_saved)
+    per_layer["sdpa_out"] = low_b * hq * hd
+    per_layer["sdpa_logsumexp"] = 4 * hq
+    per_layer["o_proj_input"] = linear_inputs([L0 + "attn.o_proj"], hq * hd, low_b, True)
+    per_layer["mlp_norm"] = norm
+    per_layer["gate_up_inputs"] = linear_inputs([L0 + "mlp.gate_proj", L0 + "mlp.up_proj"], d, res_b, False)
+    per_layer["gate_silu_up"] = 3 * low_b * f
+    per_layer["down_input"] = linear_inputs([L0 + "mlp.down_proj"], f, low_b, False)
+    layer_token = sum(per_layer.values())
+    layer_bytes = {k: int(round(v * tokens)) for k, v in per_layer.items()}
+    layer_total = sum(layer_bytes.values())
+
+    glob: dict[str, int] = {"token_ids": 8 * tokens}
+    if cfg.embed_rank:
+        glob["embed_proj_input"] = int(round(tokens * linear_inputs(["embeddings.proj"], cfg.embed_rank, master_b,
+                                                                    False)))
+    glob["final_norm"] = int(norm * tokens)
+    if cfg.embed_rank and cfg.tie_embeddings:
+        # h @ P saves h; the head GEMM saves h @ P (rank r)
+        glob["head_input"] = int(tokens * (low_b * d + linear_inputs(["lm_head"], cfg.embed_rank, low_b, False)))
+    else:
+        glob["head_input"] = int(round(tokens * linear_inputs(["lm_head"], d, res_b, False)))
+    if opts.activation_checkpointing:
+        block_inputs = cfg.n_layers * res_b * d * tokens
+        activations = block_inputs + layer_total + sum(glob.values())
+    else:
+        block_inputs = 0
+        activations = cfg.n_layers * layer_total + sum(glob.values())
+
+    logits_parts = {"log_softmax_fp32_saved": 4 * tokens * cfg.vocab_size,
+                    "grad_log_softmax_fp32": 4 * tokens * cfg.vocab_size,
+                    "grad_logits_fp32": 4 * tokens * cfg.vocab_size}
+    logits = sum(logits_parts.values())
+    logits_forward_peak = (2 + 4 + 4) * tokens * cfg.vocab_size
+
+    master = master_b * n_params
+    grads = grad_b * n_params
+    optimizer = OPTIMIZERS[opts.optimizer] * opt_b * n_params
+    total = weights + master + grads + optimizer + scales + activations + logits
+    return {
+        "model": cfg.name,
+        "params": n_params,
+        "precision": mode,
+        "recipe": recipe.name,
+        "batch": opts.batch,
+        "seq": opts.seq,
+        "grad_accum": opts.grad_accum,
+        "tokens_per_step": tokens * opts.grad_accum,
+        "optimizer": opts.optimizer,
+        "activation_checkpointing": opts.activation_checkpointing,
+        "fp8_activation_cache": bool(cache) and mode == "fp8",
+        "weights_bytes": weights,
+        "master_weights_bytes": master,
+        "grads_bytes": grads,
+        "optimizer_bytes": optimizer,
+        "scales_bytes": scales,
+        "activations_bytes": activations,
+        "logits_bytes": logits,
+        "total_bytes": total,
+        "breakdown": {
+            "params_by_component": params_by,
+            "weights_by_component": weights_by,
+            "fp8_weights_by_component": {k: v for k, v in fp8_by.items() if v},
+            "dtypes": {"master_weights": pol.dtype_of("master_weights"),
+                       "grads": pol.dtype_of("gradient_accumulation"),
+                       "optimizer_states": pol.dtype_of("optimizer_dtype"),
+                       "residual_stream": "fp32" if res_b == 4 else "bf16"},
+            "activations": {"per_layer_bytes": layer_total, "per_layer": layer_bytes,
+                            "per_layer_bytes_per_token": layer_token, "layers": cfg.n_layers,
+                            "checkpointed_block_inputs_bytes": block_inputs, "global": glob},
+            "logits": {**logits_parts, "forward_peak_bytes": logits_forward_peak},
+        },
+    }
+
+
+# -- the design note's "Memory Layout for Yxanul 197M" table, checked ----------------------------------------
+NOTE_ROWS = [  # (row, note's BF16 MB, note's mixed-precision MB)
+    ("Embeddings (200k vocab)", 307, 307),
+    ("LayerNorms (28 layers)", 0.4, 0.4),
+    ("Attention (28 layers)", 66, 33),
+    ("FFN (28 layers)", 263, 131),
+    ("Scale factors", 0, 2),
+    ("Total Model", 637, 474),
+    ("Optimizer states", 1274, 1274),
+    ("Total Memory", 1911, 1748),
+]
+
+
+def note_comparison(bf16: dict, fp8: dict) -> list[dict]:
+    """The note's rows against the figures for the model the table describes (decimal MB, like the note)."""
+    p = bf16["breakdown"]["params_by_component"]
+    emb, head = p.get("embeddings", 0), p.get("output_head", 0)
+    norms, attn, ffn = p.get("layer_norms", 0), p.get("attention", 0), p.get("ffn", 0)
+    total_p = bf16["params"]
+    fp8_w = fp8["breakdown"]["fp8_weights_by_component"]
+    mb = 1e6
+    rows = [
+        ("Embeddings (200k vocab)", 2 * (emb + head), 2 * (emb + head),
+         f"the note counts one {emb:,}-param embedding; the seed also has an untied lm_head of {head:,} params, "
+         "and both stay BF16 under the policy"),
+        ("LayerNorms (28 layers)", 2 * norms, 2 * norms,
+         f"{norms:,} params (2 per layer + final, d_model each) are {2 * norms / mb:.2f} MB in BF16, not 0.4 MB"),
+        ("Attention (28 layers)", 2 * attn, attn,
+         f"GQA q/k/v/o hold {attn:,} params = {2 * attn / mb:.1f} MB in BF16; one FP8 byte each is "
+         f"{attn / mb:.1f} MB - but FP8 training keeps the transposed copy too ({fp8_w.get('attention', 0) / mb:.1f} MB)"),
+        ("FFN (28 layers)", 2 * ffn, ffn,
+         f"{ffn:,} params: BF16 {2 * ffn / mb:.1f} MB, FP8 {ffn / mb:.1f} MB (+ transposed copy in training: "
+         f"{fp8_w.get('ffn', 0) / mb:.1f} MB)"),
+        ("Scale factors", 0, fp8["scales_bytes"],
+         f"128x128 weight blocks need only {fp8['scales_bytes'] // 8:,} FP32 scales per orientation; the "
+         "per-token 1x128 activation scales are activations"),
+        ("Total Model", 2 * total_p, total_p + (emb + head + norms),
+         f"{total_p:,} params; FP8 compute copies do not replace the FP32 master weights, they add to them"),
+        ("Optimizer states", bf16["optimizer_bytes"], fp8["optimizer_bytes"],
+         "AdamW keeps two FP32 states = 8 bytes/param; the note's row is 2 bytes/param per state"),
+        ("Total Memory", bf16["total_bytes"], fp8["total_bytes"],
+         f"the note forgets FP32 master weights ({bf16['master_weights_bytes'] / mb:,.0f} MB), FP32 gradients "
+         f"({bf16['grads_bytes'] / mb:,.0f} MB), activations and the 200k-vocab logits "
+         f"(batch {bf16['batch']} x seq {bf16['seq']})"),
+    ]
+    out = []
+    for (name, note_bf16, note_mp), (_, ok_bf16, ok_mp, why) in zip(NOTE_ROWS, rows):
+        wrong = abs(note_bf16 - ok_bf16 / mb) > max(0.05, 0.02 * note_bf16) or \
+            abs(note_mp - ok_mp / mb) > max(0.05, 0.02 * note_mp)
+        out.append({"row": name, "note_bf16_mb": note_bf16, "note_mixed_mb": note_mp,
+                    "correct_bf16_bytes": int(ok_bf16), "correct_mixed_bytes": int(ok_mp),
+                    "wrong": bool(wrong), "why": why})
+    return out
+
+
+def measure_peak(cfg: ModelConfig, policy: Policy, opts: MemoryOptions, steps: int = 3) -> dict:
+    """Run `steps` real training steps on CUDA (AdamW, BF16 autocast, FP8 linears when the precision is fp8)
+    and return ``torch.cuda.max_memory_allocated``."""
+    import torch
+
+    from .model import Yxanul
+
+    if not torch.cuda.is_available():
+        raise YxanulError("needs a CUDA device (this machine has none); drop --measure for the estimate",
+                          source="--measure")
+    if steps < 1:
+        raise YxanulError(f"must be >= 1, got {steps}", source="--steps")
+    opts = opts.validate(cfg)
+    mode = opts.precision or ("fp8" if policy.strategy.use_fp8 else "bf16")
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = Yxanul(cfg).to(dev)
+    if mode == "fp8":
+        try:
+            from .fp8.linear import convert_model
+        except ImportError:
+            raise YxanulError("FP8 training layers (yxanul.fp8.linear) are not available; use --precision bf16",
+                              source="--measure") from None
+        pol = policy.with_fp8(True)
+        if opts.fp8_activation_cache is not None:
+            pol = pol.with_recipe(cache_fp8_activations=opts.fp8_activation_cache)
+        model = convert_model(model, pol) or model
+    if opts.activation_checkpointing:
+        from torch.utils.checkpoint import checkpoint
+
+        for blk in model.layers:
+            fwd = blk.forward
+            blk.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(fwd)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if opts.optimizer == "adamw" else \
+        torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    g = torch.Generator(device=dev).manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        for _ in range(opts.grad_accum):
+            idx = torch.randint(0, cfg.vocab_size, (opts.batch, opts.seq + 1), device=dev, generator=g)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(idx[:, :-1], idx[:, 1:])
+            (loss / opts.grad_accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"device": torch.cuda.get_device_name(), "steps": steps, "precision": mode, "peak_bytes": int(peak),
+            "final_loss": float(loss.item())}
