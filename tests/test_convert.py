@@ -83,6 +83,11 @@ def test_quantize_dequantize_round_trip(hf_ckpt, tmp_path, capsys):
     for name, shard in ix["weight_map"].items():
         assert name in read_header(out / shard).tensors
     assert ix["metadata"]["total_size"] == sum(read_header(f).data_size for f in out.glob("*.safetensors"))
+    for f in out.glob("*.safetensors"):     # every tensor aligned to its item size, header padded to 8 bytes
+        h = read_header(f)
+        assert h.data_start % 8 == 0
+        assert all(t.offsets[0] % {"F8_E4M3": 1, "BF16": 2, "F32": 4, "I64": 8}[t.dtype] == 0
+                   for t in h.tensors.values())
     # config.json with quantization_config, loadable by transformers' FP8 config class
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]

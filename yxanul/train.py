@@ -44,13 +44,13 @@ class TrainConfig:
     tokenizer: str = "bytes"  # only for the bundled corpus
     out: str | None = None  # run folder; None: runs/<timestamp>
     # schedule
-    steps: int = 400
+    steps: int = 150
     batch_size: int = 16
     seq_len: int = 128
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup: int = 30
+    warmup: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -66,10 +66,10 @@ class TrainConfig:
     loss_scale_growth_interval: int = 2000
     loss_scale_backoff: float = 0.5
     # evaluation, logging, checkpoints
-    eval_every: int = 100
-    eval_batches: int = 8
+    eval_every: int = 50
+    eval_batches: int = 4
     log_every: int = 10
-    checkpoint_every: int = 100
+    checkpoint_every: int = 50
     keep_last: int = 2
     # runtime
     compile: bool = False
@@ -503,8 +503,8 @@ class Trainer:
         bad = (~ok).long()
         self.skipped += bad
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
-        if self.fp8:
-            self._fp8_step(self.model)
+        if self.fp8:  # arm statistics for the pass of the next logged step
+            self._fp8_step(self.model, collect_stats=(step + 2) % cfg.log_every == 0)
         return loss_mean, gnorm, ok
 
     def _offending_module(self) -> str | None:
@@ -596,8 +596,10 @@ class Trainer:
                     v = self.evaluate()
                     self._write_metrics({"step": self.step, "val_loss": v}, tb)
                     last["val_loss"] = v
-                if do_ckpt:
+                if do_ckpt and consecutive == 0:  # never checkpoint in the middle of a bad streak
                     self.save()
+                elif do_ckpt:
+                    self.log(f"step {self.step}: checkpoint postponed ({consecutive} bad steps in a row)")
         finally:
             if bar is not None:
                 bar.close()
@@ -634,9 +636,13 @@ class Trainer:
             rec["last_bad_module"] = self.last_bad_module
         if self.fp8 and self._fp8_stats is not None:
             try:
-                rec["fp8"] = _jsonable(self._fp8_stats(self.model))
+                stats = _jsonable(self._fp8_stats(self.model))
             except Exception as e:  # statistics must never stop training
-                rec["fp8"] = {"error": f"{type(e).__name__}: {e}"}
+                stats = {"error": f"{type(e).__name__}: {e}"}
+            rec["fp8"] = fp8_summary(stats)
+            if self.is_main and "modules" in stats:
+                with open(self.run_dir / "fp8_stats.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": self.step, **stats}) + "\n")
         return rec
 
     def _write_metrics(self, rec: dict, tb) -> None:
@@ -650,20 +656,21 @@ class Trainer:
                     tb.add_scalar(k, v, rec["step"])
 
     def _trim_metrics(self) -> None:
-        """On resume keep only the records up to the checkpoint's step."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
+        """On resume keep only the records up to the checkpoint's step (a killed run may have logged more)."""
         if self.ckpt is None:
             return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= self.step:
-                    keep.append(line)
-            except json.JSONDecodeError:
+        for name in ("metrics.jsonl", "fp8_stats.jsonl"):
+            path = self.run_dir / name
+            if not path.exists():
                 continue
-        atomic_write_text(path, "".join(x + "\n" for x in keep))
+            keep = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= self.step:
+                        keep.append(line)
+                except json.JSONDecodeError:  # a line cut short by the kill
+                    continue
+            atomic_write_text(path, "".join(x + "\n" for x in keep))
 
     def _tensorboard(self):
         if not (self.is_main and self.cfg.tensorboard):
@@ -673,6 +680,23 @@ class Trainer:
         except Exception:
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+
+def fp8_summary(stats: dict) -> dict:
+    """The aggregate FP8 statistics plus the module with the highest saturation (per-module detail goes to
+    ``fp8_stats.jsonl``)."""
+    if "modules" not in stats:
+        return stats
+    out = {"aggregate": stats.get("aggregate", {}), "nonfinite": stats.get("nonfinite", {})}
+    worst = None
+    for name, entry in stats["modules"].items():
+        for which, v in entry.items():
+            if isinstance(v, dict) and isinstance(v.get("saturation"), (int, float)):
+                if worst is None or v["saturation"] > worst["saturation"]:
+                    worst = {"module": name, "tensor": which, "saturation": v["saturation"],
+                             "underflow": v.get("underflow")}
+    out["max_saturation"] = worst
+    return out
 
 
 def _fmt(v) -> str:

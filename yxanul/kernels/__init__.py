@@ -60,6 +60,102 @@ def _mod(name: str):
     return mod
 
 
+_OPS_DEFINED = False
+
+
+def _custom_ops():
+    """The Triton kernels as ``torch.ops.yxanul.triton_*`` custom ops: opaque to torch.compile (which then
+    neither traces into the launch code nor breaks the graph), with shape-only fake implementations."""
+    global _OPS_DEFINED
+    if _OPS_DEFINED:
+        return torch.ops.yxanul
+    from ..fp8.formats import get_format
+    from torch import Tensor
+
+    def cd(a, b):
+        return -(-a // b)
+
+    def fq(x, shape, fmt):
+        return x.new_empty(shape, dtype=get_format(fmt).dtype)
+
+    def f32(x, shape):
+        return x.new_empty(shape, dtype=torch.float32)
+
+    @torch.library.custom_op("yxanul::triton_act_quant", mutates_args=())
+    def _aq(x: Tensor, block: int, fmt: str, pow2: bool) -> tuple[Tensor, Tensor]:
+        return _mod("quant").act_quant(x, block, fmt, pow2)
+
+    @_aq.register_fake
+    def _(x, block, fmt, pow2):
+        return fq(x, x.shape, fmt), f32(x, (x.shape[0], cd(x.shape[1], block)))
+
+    @torch.library.custom_op("yxanul::triton_act_quant_t", mutates_args=())
+    def _aqt(x: Tensor, block: int, fmt: str, pow2: bool) -> tuple[Tensor, Tensor]:
+        return _mod("quant").act_quant_t(x, block, fmt, pow2)
+
+    @_aqt.register_fake
+    def _(x, block, fmt, pow2):
+        return fq(x, (x.shape[1], x.shape[0]), fmt), f32(x, (x.shape[1], cd(x.shape[0], block)))
+
+    @torch.library.custom_op("yxanul::triton_act_quant_dual", mutates_args=())
+    def _aqd(x: Tensor, block: int, fmt: str, pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _mod("quant").act_quant_dual(x, block, fmt, pow2)
+
+    @_aqd.register_fake
+    def _(x, block, fmt, pow2):
+        M, K = x.shape
+        return (fq(x, (M, K), fmt), f32(x, (M, cd(K, block))), fq(x, (K, M), fmt), f32(x, (K, cd(M, block))))
+
+    @torch.library.custom_op("yxanul::triton_weight_quant", mutates_args=())
+    def _wq(w: Tensor, block: int, fmt: str, pow2: bool) -> tuple[Tensor, Tensor]:
+        return _mod("quant").weight_quant(w, block, fmt, pow2)
+
+    @_wq.register_fake
+    def _(w, block, fmt, pow2):
+        return fq(w, w.shape, fmt), f32(w, (cd(w.shape[0], block), cd(w.shape[1], block)))
+
+    @torch.library.custom_op("yxanul::triton_tensor_quant", mutates_args=())
+    def _tq(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
+        if not x.is_floating_point():
+            raise YxanulError(f"x must be a floating-point tensor, got {x.dtype}", key="x")
+        return _custom_ops().triton_tensor_quant(x, _fmt(fmt))
+
+    @_tq.register_fake
+    def _(x, fmt):
+        return fq(x, x.shape, fmt), f32(x, ())
+
+    @torch.library.custom_op("yxanul::triton_rmsnorm_quant", mutates_args=())
+    def _rq(x: Tensor, weight: Tensor, eps: float, block: int, fmt: str, pow2: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return _mod("norm_quant").rmsnorm_quant(x, weight, eps, block, fmt, pow2)
+
+    @_rq.register_fake
+    def _(x, weight, eps, block, fmt, pow2):
+        return torch.empty_like(x), fq(x, x.shape, fmt), f32(x, (x.shape[0], cd(x.shape[1], block)))
+
+    @torch.library.custom_op("yxanul::triton_swiglu_quant", mutates_args=())
+    def _sq(gate: Tensor, up: Tensor, block: int, fmt: str, pow2: bool, return_h: bool) -> tuple[Tensor, Tensor, Tensor]:
+        h, q, s = _mod("swiglu_quant").swiglu_quant(gate, up, block, fmt, pow2, return_h)
+        return (h if h is not None else gate.new_empty((0,))), q, s
+
+    @_sq.register_fake
+    def _(gate, up, block, fmt, pow2, return_h):
+        h = torch.empty_like(gate) if return_h else gate.new_empty((0,))
+        return h, fq(gate, gate.shape, fmt), f32(gate, (gate.shape[0], cd(gate.shape[1], block)))
+
+    _OPS_DEFINED = True
+    return torch.ops.yxanul
+
+
+def _check(x, block, name="x"):
+    reference._check_2d(x, name)
+    reference._check_block(block)
+
+
+def _fmt(fmt) -> str:
+    from ..fp8.formats import get_format
+    return get_format(fmt).name
+
+
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -81,46 +177,60 @@ def uses_triton(*tensors: torch.Tensor, impl: str | None = None) -> bool:
 
 def act_quant(x, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *, impl: str | None = None):
     if uses_triton(x, impl=impl):
-        return _mod("quant").act_quant(x, block, fmt, pow2_scales)
+        _check(x, block)
+        return _custom_ops().triton_act_quant(x, block, _fmt(fmt), pow2_scales)
     return reference.act_quant(x, block, fmt, pow2_scales)
 
 
 def act_quant_t(x, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *, impl: str | None = None):
     if uses_triton(x, impl=impl):
-        return _mod("quant").act_quant_t(x, block, fmt, pow2_scales)
+        _check(x, block)
+        return _custom_ops().triton_act_quant_t(x, block, _fmt(fmt), pow2_scales)
     return reference.act_quant_t(x, block, fmt, pow2_scales)
 
 
 def act_quant_dual(x, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *,
                    impl: str | None = None):
     if uses_triton(x, impl=impl):
-        return _mod("quant").act_quant_dual(x, block, fmt, pow2_scales)
+        _check(x, block)
+        return _custom_ops().triton_act_quant_dual(x, block, _fmt(fmt), pow2_scales)
     return reference.act_quant_dual(x, block, fmt, pow2_scales)
 
 
 def weight_quant(w, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *, impl: str | None = None):
     if uses_triton(w, impl=impl):
-        return _mod("quant").weight_quant(w, block, fmt, pow2_scales)
+        _check(w, block, "w")
+        return _custom_ops().triton_weight_quant(w, block, _fmt(fmt), pow2_scales)
     return reference.weight_quant(w, block, fmt, pow2_scales)
 
 
 def tensor_quant(x, fmt: str = "e4m3", *, impl: str | None = None):
     if uses_triton(x, impl=impl):
-        return _mod("quant").tensor_quant(x, fmt)
+        if not x.is_floating_point():
+            raise YxanulError(f"x must be a floating-point tensor, got {x.dtype}", key="x")
+        return _custom_ops().triton_tensor_quant(x, _fmt(fmt))
     return reference.tensor_quant(x, fmt)
 
 
 def rmsnorm_quant(x, weight, eps: float = 1e-6, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False,
                   *, impl: str | None = None):
     if uses_triton(x, weight, impl=impl):
-        return _mod("norm_quant").rmsnorm_quant(x, weight, eps, block, fmt, pow2_scales)
+        _check(x, block)
+        if weight.shape != (x.shape[1],):
+            raise YxanulError(f"norm weight shape {tuple(weight.shape)} does not match x {tuple(x.shape)}",
+                              key="weight")
+        return _custom_ops().triton_rmsnorm_quant(x, weight, float(eps), block, _fmt(fmt), pow2_scales)
     return reference.rmsnorm_quant(x, weight, eps, block, fmt, pow2_scales)
 
 
 def swiglu_quant(gate, up, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, return_h: bool = True,
                  *, impl: str | None = None):
     if uses_triton(gate, up, impl=impl):
-        return _mod("swiglu_quant").swiglu_quant(gate, up, block, fmt, pow2_scales, return_h)
+        _check(gate, block, "gate")
+        if up.shape != gate.shape:
+            raise YxanulError(f"up shape {tuple(up.shape)} does not match gate {tuple(gate.shape)}", key="up")
+        h, q, s = _custom_ops().triton_swiglu_quant(gate, up, block, _fmt(fmt), pow2_scales, return_h)
+        return (h if return_h else None), q, s
     return reference.swiglu_quant(gate, up, block, fmt, pow2_scales, return_h)
 
 

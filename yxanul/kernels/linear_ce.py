@@ -26,6 +26,61 @@ from ..errors import YxanulError
 
 CHUNK_BYTES = 1 << 30   # budget for one chunk's FP32 logits when chunk is not given
 
+_TRITON_KERNEL = None
+
+
+def _softmax_grad_kernel():
+    """The Triton kernel, built on first use (so importing this module never needs triton)."""
+    global _TRITON_KERNEL
+    if _TRITON_KERNEL is not None:
+        return _TRITON_KERNEL
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def softmax_grad(logits_ptr, stride, tgt_ptr, inv_ptr, loss_ptr, V, ignore_index,
+                     BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
+        """One row: loss = lse - logit[t]; logits overwritten in place by (softmax - onehot(t)) / n_valid."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride
+        t = tl.load(tgt_ptr + row)
+        valid = t != ignore_index
+        cols = tl.arange(0, BLOCK_V)
+        m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        acc = tl.zeros((BLOCK_V,), tl.float32)
+        for off in range(0, V, BLOCK_V):
+            c = off + cols
+            x = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
+            acc = acc * alpha + tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))
+            m = m_new
+        mx = tl.max(m, axis=0)
+        lse = mx + tl.log(tl.sum(acc * tl.exp(m - mx), axis=0))
+        ts = tl.where(valid, t, 0)
+        xt = tl.load(base + ts).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - xt, 0.0))
+        if WRITE_GRAD:
+            scale = tl.where(valid, tl.load(inv_ptr), 0.0)
+            for off in range(0, V, BLOCK_V):
+                c = off + cols
+                x = tl.load(base + c, mask=c < V, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) - tl.where(c == ts, 1.0, 0.0)
+                tl.store(base + c, (g * scale).to(logits_ptr.dtype.element_ty), mask=c < V)
+
+    _TRITON_KERNEL = softmax_grad
+    return softmax_grad
+
+
+def _triton_softmax_grad(logits, t, inv, ignore_index, write_grad):
+    """Per-row losses of a chunk (FP32) and, with write_grad, its logits replaced by the loss gradient."""
+    C, V = logits.shape
+    loss = torch.empty(C, dtype=torch.float32, device=logits.device)
+    _softmax_grad_kernel()[(C,)](logits, logits.stride(0), t, inv, loss, V, ignore_index,
+                                 BLOCK_V=4096 if V >= 4096 else max(16, 1 << (V - 1).bit_length()),
+                                 WRITE_GRAD=write_grad, num_warps=8)
+    return loss
+
 
 def default_chunk(n_tokens: int, vocab: int, budget_bytes: int = CHUNK_BYTES) -> int:
     """Largest power of two of rows whose FP32 logits fit the budget (at least 16, at most n_tokens)."""
@@ -73,7 +128,7 @@ class _Fp8Head:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, W, targets, ignore_index, chunk, cdtype, head_fp8):
+    def forward(ctx, h, W, targets, ignore_index, chunk, cdtype, head_fp8, use_triton):
         with torch.autocast(h.device.type, enabled=False):
             hc = h.to(cdtype)
             Wc = W.to(cdtype)
@@ -91,6 +146,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 hch, v = hc[s:e], valid[s:e]
                 t = torch.where(v, targets[s:e], torch.zeros_like(targets[s:e]))
                 logits = head(hch) if head is not None else hch @ Wc.t()
+                if use_triton:
+                    logits = logits.contiguous()
+                    loss_sum += _triton_softmax_grad(logits, targets[s:e], inv.reshape(1), ignore_index,
+                                                     need_grad).sum()
+                    if not need_grad:
+                        continue
+                    g = logits
+                    if grad_h is not None:
+                        torch.matmul(g, Wc, out=grad_h[s:e])
+                    if grad_W is not None:
+                        grad_W.add_((g.t() @ hch).float())
+                    continue
                 lf = logits.float()
                 del logits
                 lse = torch.logsumexp(lf, dim=-1)
@@ -122,15 +189,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gh = (grad_h.float() * go).to(ctx.dtypes[0])
         if ctx.has[1]:
             gw = (grad_W * go).to(ctx.dtypes[1])
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, P: torch.Tensor | None = None,
-                         ignore_index: int = -1, chunk: int | None = None, head_fp8: bool = False) -> torch.Tensor:
+                         ignore_index: int = -1, chunk: int | None = None, head_fp8: bool = False,
+                         impl: str | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``((h @ P) if P else h) @ W.T`` against `targets`, never materializing all logits.
 
     h ``[N, d]`` (or ``[..., d]``), W ``[V, r]``, targets ``[N]`` (or h's leading shape), P ``[d, r]`` or None.
     Returns a 0-d FP32 tensor (NaN when every target is ignored, as ``F.cross_entropy`` does).
+    ``impl``: ``auto`` (Triton softmax-gradient kernel on CUDA, torch elsewhere), ``triton`` or ``torch``.
     """
     if h.dim() < 2 or W.dim() != 2:
         raise YxanulError(f"linear_cross_entropy needs h [N, d] and W [V, r], got {tuple(h.shape)} and "
@@ -152,7 +221,10 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
     if h.shape[0] == 0:
         raise YxanulError("linear_cross_entropy got no tokens", key="h")
     cdtype = _compute_dtype(h)
-    return _LinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), int(chunk), cdtype, bool(head_fp8))
+    from . import uses_triton
+    use_triton = uses_triton(h, W, impl=impl)
+    return _LinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), int(chunk), cdtype, bool(head_fp8),
+                                     use_triton)
 
 
 class FusedCrossEntropy:

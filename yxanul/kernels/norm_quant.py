@@ -13,14 +13,14 @@ import triton.language as tl
 
 from ..errors import YxanulError
 from ..fp8.formats import get_format
-from .quant import _cdiv, cast_fp8, scale_from_amax
+from .quant import _cdiv, cast_fp8, scale_from_amax, scale_inv_constant
 from .reference import _check_2d, _check_block
 
 
 @triton.jit
 def _rmsnorm_quant_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, M, K, stride_xm, NKB, eps,
                           R: tl.constexpr, NG: tl.constexpr, BLOCK: tl.constexpr,
-                          FMAX: tl.constexpr, POW2: tl.constexpr):
+                          FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = pid * R + tl.arange(0, R)
     g = tl.arange(0, NG)
@@ -37,7 +37,7 @@ def _rmsnorm_quant_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, M, K, stride_xm, NK
     off = offs_m[:, None, None] * K + k
     tl.store(y_ptr + off, y_out, mask=mask)
     yq = y_out.to(tl.float32)
-    s = scale_from_amax(tl.max(tl.abs(yq), axis=2), FMAX, POW2)   # [R, NG]
+    s = scale_from_amax(tl.max(tl.abs(yq), axis=2), FMAX, POW2, INV)   # [R, NG]
     q = cast_fp8(yq, s[:, :, None], FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + off, q, mask=mask)
     tl.store(s_ptr + offs_m[:, None] * NKB + g[None, :], s, mask=mm[:, None] & (g[None, :] < NKB))
@@ -64,5 +64,6 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, bloc
     if x.numel():
         r = max(1, min(16, 4096 // (ng * block)))
         _rmsnorm_quant_kernel[(_cdiv(M, r),)](x, weight, y, q, s, M, K, x.stride(0), nkb, float(eps), R=r, NG=ng,
-                                              BLOCK=block, FMAX=f.max, POW2=pow2_scales, num_warps=4)
+                                              BLOCK=block, FMAX=f.max, POW2=pow2_scales,
+                                              INV=scale_inv_constant(f.max, x.device), num_warps=4)
     return y, q, s

@@ -19,9 +19,16 @@ AMAX_EPS = 1e-12
 
 
 @triton.jit
-def scale_from_amax(amax, FMAX: tl.constexpr, POW2: tl.constexpr):
-    """scale_inv = max(amax, eps) / FMAX, optionally rounded up to a power of two (exact, via the bits)."""
-    s = tl.div_rn(tl.maximum(amax, 1e-12), FMAX)
+def scale_from_amax(amax, FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
+    """scale_inv = max(amax, eps) / FMAX, optionally rounded up to a power of two (exact, via the bits).
+
+    INV = 0.0: IEEE division (what torch computes on the CPU). INV = fp32(1 / FMAX): multiplication by the
+    reciprocal, which is what torch computes on CUDA for a tensor divided by a Python scalar.
+    """
+    if INV == 0.0:
+        s = tl.div_rn(tl.maximum(amax, 1e-12), FMAX)
+    else:
+        s = tl.maximum(amax, 1e-12) * INV
     if POW2:
         bits = s.to(tl.int32, bitcast=True)
         up = (bits & 0x7F800000) + 0x00800000
@@ -61,7 +68,8 @@ def cast_fp8(x, s, FMAX: tl.constexpr, out_ty: tl.constexpr):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, NKB,
-                      BM: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr):
+                      BM: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+                      INV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -69,7 +77,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, NKB,
     mm = offs_m < M
     mask = mm[:, None] & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = scale_from_amax(tl.max(tl.abs(x), axis=1), FMAX, POW2)
+    s = scale_from_amax(tl.max(tl.abs(x), axis=1), FMAX, POW2, INV)
     q = cast_fp8(x, s[:, None], FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + offs_m * NKB + pid_k, s, mask=mm)
@@ -77,7 +85,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, NKB,
 
 @triton.jit
 def _act_quant_t_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, NMB,
-                        BK: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr):
+                        BK: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+                      INV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
@@ -85,7 +94,7 @@ def _act_quant_t_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, NMB,
     mk = offs_k < K
     mask = (offs_m[:, None] < M) & mk[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = scale_from_amax(tl.max(tl.abs(x), axis=0), FMAX, POW2)
+    s = scale_from_amax(tl.max(tl.abs(x), axis=0), FMAX, POW2, INV)
     q = cast_fp8(x, s[None, :], FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(q), mask=tl.trans(mask))
     tl.store(s_ptr + offs_k * NMB + pid_m, s, mask=mk)
@@ -93,7 +102,8 @@ def _act_quant_t_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, NMB,
 
 @triton.jit
 def _act_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, NKB, NMB,
-                           BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr):
+                           BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+                      INV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
@@ -103,11 +113,11 @@ def _act_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm,
     mask = mm[:, None] & mk[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     ax = tl.abs(x)
-    s = scale_from_amax(tl.max(ax, axis=1), FMAX, POW2)
+    s = scale_from_amax(tl.max(ax, axis=1), FMAX, POW2, INV)
     q = cast_fp8(x, s[:, None], FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + offs_m * NKB + pid_k, s, mask=mm)
-    st = scale_from_amax(tl.max(ax, axis=0), FMAX, POW2)
+    st = scale_from_amax(tl.max(ax, axis=0), FMAX, POW2, INV)
     qt = cast_fp8(x, st[None, :], FMAX, qt_ptr.dtype.element_ty)
     tl.store(qt_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(qt), mask=tl.trans(mask))
     tl.store(st_ptr + offs_k * NMB + pid_m, st, mask=mk)
@@ -115,14 +125,15 @@ def _act_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm,
 
 @triton.jit
 def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, NKB,
-                         BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr):
+                         BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+                      INV: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FMAX, POW2)
+    s = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FMAX, POW2, INV)
     q = cast_fp8(w, s, FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + pid_n * NKB + pid_k, s)
@@ -150,6 +161,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def scale_inv_constant(fmax: float, device: torch.device) -> float:
+    """The INV argument of scale_from_amax that reproduces torch's ``amax / fmax`` on `device`."""
+    if device.type == "cuda":
+        return float(torch.tensor(1.0, dtype=torch.float32) / fmax)  # fp32(1/fmax), correctly rounded
+    return 0.0
+
+
 def act_quant(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False):
     _check_2d(x)
     _check_block(block)
@@ -162,7 +180,8 @@ def act_quant(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scales:
     if x.numel():
         bm = 16 if block >= 256 else 32
         _act_quant_kernel[(_cdiv(M, bm), nkb)](x, q, s, M, K, x.stride(0), nkb, BM=bm, BLOCK=block,
-                                               FMAX=f.max, POW2=pow2_scales, num_warps=4)
+                                               FMAX=f.max, POW2=pow2_scales,
+                                               INV=scale_inv_constant(f.max, x.device), num_warps=4)
     return q, s
 
 
@@ -178,7 +197,8 @@ def act_quant_t(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scale
     if x.numel():
         bk = 32
         _act_quant_t_kernel[(nmb, _cdiv(K, bk))](x, qt, st, M, K, x.stride(0), nmb, BK=bk, BLOCK=block,
-                                                 FMAX=f.max, POW2=pow2_scales, num_warps=4)
+                                                 FMAX=f.max, POW2=pow2_scales,
+                                                 INV=scale_inv_constant(f.max, x.device), num_warps=4)
     return qt, st
 
 
@@ -195,7 +215,8 @@ def act_quant_dual(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_sc
     st = torch.empty((K, nmb), dtype=torch.float32, device=x.device)
     if x.numel():
         _act_quant_dual_kernel[(nmb, nkb)](x, q, s, qt, st, M, K, x.stride(0), nkb, nmb, BLOCK=block,
-                                           FMAX=f.max, POW2=pow2_scales, num_warps=8)
+                                           FMAX=f.max, POW2=pow2_scales,
+                                           INV=scale_inv_constant(f.max, x.device), num_warps=8)
     return q, s, qt, st
 
 
@@ -210,7 +231,8 @@ def weight_quant(w: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scal
     s = torch.empty((nnb, nkb), dtype=torch.float32, device=w.device)
     if w.numel():
         _weight_quant_kernel[(nnb, nkb)](w, q, s, N, K, w.stride(0), nkb, BLOCK=block, FMAX=f.max,
-                                         POW2=pow2_scales, num_warps=8)
+                                         POW2=pow2_scales,
+                                         INV=scale_inv_constant(f.max, w.device), num_warps=8)
     return q, s
 
 

@@ -10,14 +10,14 @@ import triton.language as tl
 
 from ..errors import YxanulError
 from ..fp8.formats import get_format
-from .quant import _cdiv, cast_fp8, scale_from_amax
+from .quant import _cdiv, cast_fp8, scale_from_amax, scale_inv_constant
 from .reference import _check_2d, _check_block
 
 
 @triton.jit
 def _swiglu_quant_kernel(g_ptr, u_ptr, h_ptr, q_ptr, s_ptr, M, F, stride_gm, stride_um, NKB,
                          BM: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
-                         STORE_H: tl.constexpr):
+                         INV: tl.constexpr, STORE_H: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -31,7 +31,7 @@ def _swiglu_quant_kernel(g_ptr, u_ptr, h_ptr, q_ptr, s_ptr, M, F, stride_gm, str
     off = offs_m[:, None] * F + offs_k[None, :]
     if STORE_H:
         tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=mask)
-    s = scale_from_amax(tl.max(tl.abs(h), axis=1), FMAX, POW2)
+    s = scale_from_amax(tl.max(tl.abs(h), axis=1), FMAX, POW2, INV)
     tl.store(q_ptr + off, cast_fp8(h, s[:, None], FMAX, q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + offs_m * NKB + pid_k, s, mask=mm)
 
@@ -53,5 +53,6 @@ def swiglu_quant(gate: torch.Tensor, up: torch.Tensor, block: int = 128, fmt: st
         bm = 16 if block >= 256 else 32
         _swiglu_quant_kernel[(_cdiv(M, bm), nkb)](gate, up, h, q, s, M, F, gate.stride(0), up.stride(0), nkb,
                                                   BM=bm, BLOCK=block, FMAX=f.max, POW2=pow2_scales,
+                                                  INV=scale_inv_constant(f.max, gate.device),
                                                   STORE_H=return_h, num_warps=4)
     return (h if return_h else None), q, s

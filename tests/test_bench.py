@@ -1,0 +1,75 @@
+"""`yxanul bench throughput` on the CPU: JSON schema, per-mode error rows, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from yxanul.bench.throughput import ROW_KEYS, flops_per_token, parse_modes
+from yxanul.cli import main
+from yxanul.errors import YxanulError
+
+ARGS = ["bench", "throughput", "--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "1", "--warmup", "1",
+        "--no-compile", "--layers", "1", "--device", "cpu"]
+
+
+def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
+    out = tmp_path / "bt.json"
+    png = tmp_path / "bt.png"
+    rc = main(ARGS + ["--modes", "bf16-plain,bf16,fp8-blockwise,torchao-tensorwise", "--json-out", str(out),
+                      "--plot", str(png)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "rows"}
+    assert res["batch"] == 2 and res["seq"] == 16 and res["device"] == "cpu"
+    assert [r["mode"] for r in res["rows"]] == ["bf16-plain", "bf16", "fp8-blockwise", "torchao-tensorwise"]
+    for r in res["rows"]:
+        assert set(ROW_KEYS) <= set(r)
+    ok = {r["mode"]: r for r in res["rows"] if r["error"] is None}
+    assert {"bf16-plain", "bf16", "fp8-blockwise"} <= set(ok)
+    for r in ok.values():
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["step_ms"] / 1000), rel=1e-3, abs=0.06)
+    assert ok["bf16-plain"]["ratio_vs_bf16_plain"] == 1.0 and ok["bf16"]["ratio_vs_bf16"] == 1.0
+    assert ok["bf16"]["ratio_vs_bf16_plain"] == pytest.approx(
+        ok["bf16"]["tokens_per_s"] / ok["bf16-plain"]["tokens_per_s"], rel=1e-3, abs=1e-4)
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        ao = res["rows"][-1]
+        assert "torchao" in ao["error"] and ao["tokens_per_s"] is None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "bf16-plain" in printed
+
+
+@pytest.mark.parametrize("extra", [
+    ["--modes", "bf16,fp9"],
+    ["--modes", "bf16,bf16"],
+    ["--modes", "bf16", "--seq", "5000"],
+    ["--modes", "bf16", "--batch", "0"],
+    ["--modes", "bf16", "--plot", "x.svg"],
+    ["--modes", "bf16", "--model", "no-such-model"],
+])
+def test_bad_input_exits_2_without_output(tmp_path, extra, capsys):
+    out = tmp_path / "bt.json"
+    argv = ARGS + extra + ["--json-out", str(out)]  # a later --seq/--batch overrides the one in ARGS
+    assert main(argv) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error" in err
+
+
+def test_parse_modes_and_flops(tiny_cfg):
+    assert parse_modes("bf16, fp8") == ["bf16", "fp8"]
+    with pytest.raises(YxanulError):
+        parse_modes("")
+    f = flops_per_token(tiny_cfg, 128)
+    d, L = tiny_cfg.d_model, tiny_cfg.n_layers
+    per_layer = d * 256 * 2 + d * 128 * 2 + 3 * d * 768  # q,o: 4 heads x 64; k,v: 2 x 64; SwiGLU
+    assert f == 6.0 * (L * per_layer + 257 * d) + 6.0 * L * 4 * 64 * 128
+
+
+def test_bench_without_subcommand_shows_help(capsys):
+    assert main(["bench"]) == 2
+    assert "throughput" in capsys.readouterr().out

@@ -1,0 +1,139 @@
+"""Delayed scaling: amax histories, scale updates, calibration switch-over, state save/load."""
+import io
+
+import pytest
+import torch
+
+from yxanul.fp8 import scaling
+from yxanul.fp8.linear import Fp8Linear, fp8_step
+from yxanul.fp8.recipe import Fp8Recipe
+
+E4M3, E5M2 = 448.0, 57344.0
+
+
+def _layer(**kw):
+    torch.manual_seed(0)
+    rec = Fp8Recipe(name="delayed", **{"amax_history_len": 3, "calibration_steps": 0, **kw})
+    return Fp8Linear(32, 16, recipe=rec)
+
+
+def _pass(m, xmax, gmax):
+    """One micro-batch whose x has amax `xmax` and whose output grad has amax `gmax`."""
+    x = torch.zeros(4, 32)
+    x[0, 0] = xmax
+    x[1, 1] = -xmax / 2
+    x.requires_grad_(True)
+    y = m(x)
+    g = torch.zeros_like(y)
+    g[2, 3] = -gmax
+    y.backward(g)
+
+
+def test_history_and_scales_step_by_step():
+    m = _layer(margin=1)
+    wmax = float(m.weight.detach().abs().max())
+    # step 0: no history yet -> current scaling; the step's amax lands in row 0
+    _pass(m, 2.0, 0.5)
+    _pass(m, 3.0, 0.25)  # a second micro-batch: row 0 keeps the max
+    assert m.amax_history[0].tolist() == pytest.approx([3.0, wmax, 0.5])
+    assert m.scale_ready.tolist() == [0, 0, 0]
+    fp8_step(m)
+    # scale_inv = amax / (FMT_MAX / 2**margin); the history rolled, row 0 is empty
+    assert m.scale_inv.tolist() == pytest.approx([3.0 * 2 / E4M3, wmax * 2 / E4M3, 0.5 * 2 / E4M3])
+    assert m.amax_history[0].tolist() == [0, 0, 0]
+    assert m.amax_history[1].tolist() == pytest.approx([3.0, wmax, 0.5])
+    assert m.scale_ready.tolist() == [1, 1, 1]
+    assert int(m.fp8_steps) == 1
+    # step 1: a smaller amax; algo=max keeps the larger one from step 0
+    _pass(m, 1.0, 0.1)
+    fp8_step(m)
+    assert m.scale_inv[0].item() == pytest.approx(3.0 * 2 / E4M3)
+    # after the history length (3 rows) has passed, step 0's amax drops out
+    _pass(m, 1.0, 0.1)
+    fp8_step(m)
+    _pass(m, 1.0, 0.1)
+    fp8_step(m)
+    assert m.scale_inv[0].item() == pytest.approx(1.0 * 2 / E4M3)
+    assert m.scale_inv[2].item() == pytest.approx(0.1 * 2 / E4M3)
+
+
+def test_most_recent_and_hybrid():
+    m = _layer(amax_compute_algo="most_recent", fp8_format="hybrid")
+    _pass(m, 4.0, 2.0)
+    fp8_step(m)
+    _pass(m, 1.0, 1.0)
+    fp8_step(m)
+    # most_recent: only the last step counts; dy uses E5M2 under hybrid
+    assert m.scale_inv[0].item() == pytest.approx(1.0 / E4M3)
+    assert m.scale_inv[2].item() == pytest.approx(1.0 / E5M2)
+
+
+def test_delayed_scale_is_used_and_clips():
+    """The scale comes from previous steps: a sudden 4x larger activation saturates at FMT_MAX."""
+    m = _layer()
+    _pass(m, 1.0, 1.0)
+    fp8_step(m)
+    x = torch.zeros(1, 32)
+    x[0, 0] = 4.0
+    w = m.weight.detach()
+    y = m(x)
+    # x was clipped to 1.0 (= FMT_MAX * scale_inv), so y = 1.0 * w[:, 0] quantized
+    wq = (w[:, 0] / m.scale_inv[1]).clamp(-E4M3, E4M3).to(torch.float8_e4m3fn).float() * m.scale_inv[1]
+    assert torch.allclose(y[0], wq, rtol=1e-5, atol=1e-7)
+
+
+def test_zero_amax_keeps_previous_scale():
+    hist = torch.zeros(2, 3)
+    s = torch.tensor([0.5, 0.5, 0.5])
+    ready = torch.zeros(3)
+    hist[0] = torch.tensor([448.0, 0.0, 0.0])
+    scaling.advance(hist, s, ready, "max", torch.full((3,), 448.0), 0)
+    assert s.tolist() == [1.0, 0.5, 0.5] and ready.tolist() == [1, 0, 0]
+
+
+def test_calibration_switch_over():
+    m = _layer(calibration_steps=2)
+    x = torch.randn(8, 32)
+    assert m.calibrating
+    y0 = m(x)
+    # calibration runs plain BF16 GEMMs
+    ref = torch.nn.functional.linear(x.bfloat16(), m.weight.bfloat16()).float()
+    assert torch.equal(y0, ref)
+    y0.sum().backward()
+    assert m.amax_history[0, 2].item() == 1.0  # dy amax recorded through the hook
+    fp8_step(m)
+    assert m.calibrating and m.scale_ready.tolist() == [1, 1, 1]
+    m(x).sum().backward()
+    fp8_step(m)
+    assert not m.calibrating
+    y2 = m(x)
+    assert not torch.equal(y2, ref)  # now FP8
+    xs = m.scale_inv[0]
+    assert xs.item() == pytest.approx(float(x.abs().max()) / E4M3)
+    assert (y2 - x @ m.weight.detach().t()).norm() / y2.norm() < 0.1
+
+
+def test_state_dict_round_trip(tmp_path):
+    m = _layer(calibration_steps=1)
+    for a in (2.0, 3.0):
+        _pass(m, a, a / 10)
+        fp8_step(m)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf)
+    assert {"amax_history", "scale_inv", "scale_ready", "fp8_steps", "weight"} <= set(sd)
+    m2 = _layer(calibration_steps=1)
+    assert m2.calibrating
+    m2.load_state_dict(sd)
+    assert not m2.calibrating  # the host-side step counter follows the checkpoint
+    for k in ("amax_history", "scale_inv", "scale_ready", "fp8_steps"):
+        assert torch.equal(getattr(m2, k), getattr(m, k))
+    x = torch.randn(3, 32)
+    assert torch.equal(m2(x), m(x))
+    # a plain nn.Linear checkpoint loads (fresh delayed state) and vice versa
+    lin = torch.nn.Linear(32, 16, bias=False)
+    m3 = _layer()
+    m3.load_state_dict(lin.state_dict())
+    assert torch.equal(m3.weight, lin.weight)
+    lin.load_state_dict({"weight": m.state_dict()["weight"]})

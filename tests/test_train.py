@@ -1,0 +1,241 @@
+"""Training loop, checkpoints, exact resume, faults, loss scaling, plots (CPU, small shapes)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from yxanul.cli import main
+from yxanul.train import DynamicLossScaler, TrainConfig, lr_at
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> str:
+    p = tmp_path_factory.mktemp("model") / "micro.yaml"
+    p.write_text("preset: tiny\nd_model: 64\nn_layers: 2\nn_heads: 2\nn_kv_heads: 1\nhead_dim: 32\n"
+                 "ffn_hidden: 128\nmax_seq_len: 128\n")
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    from yxanul.data import bundled_dataset
+    return str(bundled_dataset("bytes", cache=tmp_path_factory.mktemp("cache")))
+
+
+def _args(out, model, data, steps=8, **extra):
+    a = ["train", "--out", str(out), "--model", model, "--data", data, "--steps", str(steps), "--batch-size", "4",
+         "--seq-len", "32", "--log-every", "1", "--eval-every", "0", "--checkpoint-every", "0", "--no-progress",
+         "--warmup", "2", "--lr", "3e-3"]
+    for k, v in extra.items():
+        a += [f"--{k.replace('_', '-')}", str(v)]
+    return a
+
+
+def _metrics(run) -> list[dict]:
+    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _metrics(run) if "loss" in r}
+
+
+def test_default_tiny_run_loss_falls_and_writes_outputs(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--out", str(out), "--data", data_dir, "--steps", "24", "--batch-size", "8", "--seq-len",
+               "64", "--log-every", "4", "--eval-every", "12", "--eval-batches", "2", "--checkpoint-every", "12",
+               "--no-progress"])
+    assert rc == 0
+    assert f"run directory: {out}" in capsys.readouterr().out
+    recs = [r for r in _metrics(out) if "loss" in r]
+    assert recs[0]["loss"] > 4.0 and recs[-1]["loss"] < recs[0]["loss"] - 1.0
+    for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps", "memory_bytes"):
+        assert k in recs[-1]
+    assert recs[-1]["mfu"] is None  # no peak-FLOPs entry on CPU
+    assert any(r.get("val_loss") for r in _metrics(out))
+    import yaml
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["train"]["steps"] == 24 and cfg["model"]["vocab_size"] == 257 and cfg["train"]["precision"] == "bf16"
+    ck = out / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000024"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step_00000012", "step_00000024"]
+    from yxanul.checkpoint.training import load_checkpoint, load_training_state
+    mcfg, sd, meta = load_checkpoint(out)
+    assert meta["step"] == 24 and meta["tokenizer"]["kind"] == "bytes" and mcfg.vocab_size == 257
+    assert meta["tokens_seen"] == 24 * 8 * 64
+    assert all(t.dtype == torch.float32 for t in sd.values())
+    st = load_training_state(out)
+    assert st["step"] == 24 and "optimizer" in st
+    # the plot command draws both curves
+    png = tmp_path / "loss.png"
+    assert main(["plot", str(out), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path, small_model, data_dir):
+    steps = 14
+    ref = tmp_path / "ref"
+    assert main(_args(ref, small_model, data_dir, steps=steps, checkpoint_every=4)) == 0
+    ref_losses = _losses(ref)
+    assert len(ref_losses) == steps
+
+    run = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([PY, "-m", "yxanul", *_args(run, small_model, data_dir, steps=steps,
+                                                        checkpoint_every=4)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        m = run / "metrics.jsonl"
+        if m.exists():
+            lines = [x for x in m.read_text().splitlines() if x.strip()]
+            if len(lines) >= 10:  # past the step-8 checkpoint, mid-way to the next one
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = len(lines)
+                break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, "the run finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 0
+    got = _losses(run)
+    assert sorted(got) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert got[s] == ref_losses[s], f"step {s}: {got[s]!r} != {ref_losses[s]!r}"
+
+
+def test_nan_injection_skips_counts_and_stops(tmp_path, small_model, data_dir, capsys):
+    run = tmp_path / "nan1"
+    assert main(_args(run, small_model, data_dir, steps=6, inject_nan_at="3")) == 0
+    recs = _metrics(run)
+    assert recs[2]["loss"] is None and recs[2]["skipped_steps"] == 1
+    assert recs[-1]["skipped_steps"] == 1 and recs[-1]["consecutive_bad"] == 0
+    assert recs[-1]["loss"] is not None
+    assert "non-finite" in capsys.readouterr().out
+
+    run2 = tmp_path / "nan2"
+    rc = main(_args(run2, small_model, data_dir, steps=20, inject_nan_at="5-20", max_bad_steps=3,
+                    checkpoint_every=2))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "3 consecutive steps with non-finite" in err and err.count("\n") == 1
+    ck = run2 / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000004"  # the last good one, intact
+    from yxanul.checkpoint.training import load_checkpoint
+    _, sd, meta = load_checkpoint(run2)
+    assert meta["step"] == 4 and all(torch.isfinite(t).all() for t in sd.values())
+
+
+def test_loss_scaler_growth_and_backoff():
+    s = DynamicLossScaler(init_scale=8.0, growth_interval=3, backoff_factor=0.5)
+    ok, bad = torch.tensor(True), torch.tensor(False)
+    s.update(ok); s.update(ok)
+    assert float(s.scale) == 8.0 and int(s.tracker) == 2
+    s.update(ok)
+    assert float(s.scale) == 16.0 and int(s.tracker) == 0
+    s.update(bad)
+    assert float(s.scale) == 8.0 and int(s.tracker) == 0
+    s.update(ok); s.update(bad)
+    assert float(s.scale) == 4.0 and int(s.tracker) == 0
+    sd = s.state_dict()
+    t = DynamicLossScaler()
+    t.load_state_dict(sd)
+    assert float(t.scale) == 4.0
+
+
+def test_fp16_run_scales_and_backs_off(tmp_path, small_model, data_dir):
+    run = tmp_path / "fp16"
+    args = _args(run, small_model, data_dir, steps=6, precision="fp16", inject_nan_at="5")
+    args += ["--train-config", str(_yaml(tmp_path, "loss_scale_init: 1024.0\nloss_scale_growth_interval: 2\n"))]
+    assert main(args) == 0
+    recs = _metrics(run)
+    scales = [r["loss_scale"] for r in recs]
+    assert scales[:4] == [1024.0, 2048.0, 2048.0, 4096.0]  # grows every 2 clean steps
+    assert scales[4] == 2048.0 and recs[4]["skipped_steps"] == 1  # backoff on the bad step
+    assert recs[-1]["loss"] is not None and recs[-1]["loss"] < 6
+
+
+def _yaml(tmp_path, text) -> Path:
+    p = tmp_path / f"cfg{abs(hash(text))}.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 100) == pytest.approx(0.1)
+    assert lr_at(cfg, 55) == pytest.approx(0.55)
+
+
+def test_bf16_optimizer_states_and_no_decay_groups(tmp_path, small_model, data_dir):
+    from yxanul.train import Trainer, param_groups
+    cfg = TrainConfig(model=small_model, data=data_dir, out=str(tmp_path / "b"), steps=3, batch_size=2, seq_len=16,
+                      optimizer_states="bf16", eval_every=0, checkpoint_every=3, progress=False, log_every=1)
+    tr = Trainer(cfg, log=lambda *a: None)
+    groups = param_groups(tr.model, 0.1)
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert "embeddings.tok.weight" in no_decay and "norm.weight" in no_decay
+    assert not any("proj" in n for n in no_decay)
+    s = tr.fit()
+    assert s["steps"] == 3
+    st = next(iter(tr.opt.state.values()))
+    assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg_sq"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--steps", "0"], "steps"),
+    (["train", "--train-config", "nope-such-preset"], "train preset"),
+    (["train", "--model", "nosuch"], "unknown model preset"),
+    (["train", "--data", "/nonexistent/dir"], "meta.json"),
+    (["train", "--resume"], "needs --out"),
+])
+def test_bad_config_exits_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_bad_train_yaml_key(tmp_path, capsys):
+    p = _yaml(tmp_path, "steps: 10\nlearning_rate: 0.1\n")
+    assert main(["train", "--train-config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert str(p) in err and "learning_rate" in err
+
+
+def test_vocab_range_rejected(tmp_path, data_dir, capsys):
+    m = _yaml(tmp_path, "preset: tiny\nvocab_size: 200\n")
+    assert main(["train", "--model", str(m), "--data", data_dir, "--out", str(tmp_path / "v")]) == 2
+    assert "vocab" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
+
+
+def test_fp8_tiny_run_trains(tmp_path, small_model, data_dir):
+    pytest.importorskip("yxanul.fp8.linear")
+    run = tmp_path / "fp8"
+    assert main(_args(run, small_model, data_dir, steps=8, precision="fp8", checkpoint_every=8)) == 0
+    recs = _metrics(run)
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
+    assert "fp8" in recs[-1] and "aggregate" in recs[-1]["fp8"]
+    assert (run / "fp8_stats.jsonl").exists()
+    from yxanul.checkpoint.training import load_checkpoint
+    _, sd, meta = load_checkpoint(run)
+    assert meta["train_config"]["precision"] == "fp8"
+    from yxanul.config import load_model_config
+    from yxanul.fp8.linear import convert_model
+    from yxanul.model import Yxanul
+    from yxanul.precision import load_policy
+    m = Yxanul(load_model_config(small_model))
+    convert_model(m, load_policy(), backend="emulated")
+    assert set(sd) == set(m.state_dict())  # FP32 master weights + FP8 scaling buffers, state_dict names

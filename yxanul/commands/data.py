@@ -1,0 +1,60 @@
+"""`yxanul data prepare`: text / jsonl / parquet (optionally .xz/.gz) -> uint32 token shards + meta.json."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="prepare training data", description="Prepare training data.")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(p))
+    q = dsub.add_parser("prepare", help="tokenize inputs into uint32 shards",
+                        description="Tokenize text (.txt/.md, optionally .xz/.gz), JSON lines (`text` field), "
+                                    "parquet (`text` column) or hf:DATASET[:SPLIT] into train_NNN.bin / "
+                                    "val_NNN.bin shards and meta.json. In text files a line `<|endoftext|>` "
+                                    "separates documents; each document gets the tokenizer's end-of-text id.")
+    q.add_argument("inputs", nargs="+", metavar="INPUT")
+    q.add_argument("--tokenizer", default="bytes", help="bytes | o200k | PATH (tiktoken ranks or tokenizer.json)")
+    q.add_argument("--out", required=True, metavar="DIR")
+    q.add_argument("--val", nargs="+", metavar="INPUT", help="explicit validation inputs (no random split)")
+    q.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    q.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    q.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 2^27)")
+    q.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    q.add_argument("--no-progress", dest="progress", action="store_false")
+    q.set_defaults(func=run_prepare)
+    i = dsub.add_parser("info", help="summarize a prepared data folder")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=run_info)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from ..data.prepare import DEFAULT_SHARD_TOKENS, prepare
+    from ..errors import YxanulError
+
+    if args.shard_tokens is not None and args.shard_tokens <= 0:
+        raise YxanulError("must be positive", source="data prepare", key="--shard-tokens")
+    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
+                   overwrite=args.overwrite, val_inputs=args.val, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+                   progress=args.progress)
+    s = meta["splits"]
+    print(f"{args.out}: tokenizer {meta['tokenizer']['name']} (vocab {meta['vocab_size']}, eot {meta['eot_id']}) | "
+          f"train {s['train']['tokens']:,} tokens / {s['train']['documents']:,} docs | "
+          f"val {s['val']['tokens']:,} tokens / {s['val']['documents']:,} docs")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from ..data.loader import read_meta
+    from ._common import print_json, table
+
+    meta = read_meta(args.dir)
+    if args.json:
+        print_json(meta)
+        return 0
+    rows = [[k, f"{v['tokens']:,}", f"{v['documents']:,}", len(v["shards"])] for k, v in meta["splits"].items()]
+    print(f"tokenizer: {meta['tokenizer']['name']} ({meta['tokenizer']['kind']}), vocab {meta['vocab_size']}, "
+          f"eot {meta['eot_id']}")
+    print(table(rows, ["split", "tokens", "documents", "shards"], "lrrr"))
+    return 0

@@ -1,0 +1,85 @@
+"""`yxanul plot RUN_DIR... --out FILE.png`: train and validation loss curves of one or several runs."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plot", help="plot loss curves of runs", description="Draw train (solid) and validation "
+                       "(dashed, markers) loss against tokens seen for one or several run folders on one chart.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--x", choices=["step", "tokens"], default="step", help="x axis (default step)")
+    p.add_argument("--smooth", type=int, default=1, help="moving average over N logged points")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=run)
+
+
+def read_metrics(run_dir):
+    import json
+    from pathlib import Path
+
+    from ..errors import YxanulError
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise YxanulError("no metrics.jsonl (not a run folder?)", source=str(run_dir))
+    recs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise YxanulError(f"line {n}: invalid JSON", source=str(path)) from None
+    return recs
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import YxanulError
+    from ..io import atomic_path
+
+    if args.smooth < 1:
+        raise YxanulError("must be >= 1", source="plot", key="--smooth")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise YxanulError("plotting needs matplotlib (pip install 'yxanul[plot]')", source="plot") from None
+    data = [(Path(r), read_metrics(r)) for r in args.runs]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    xkey = "tokens_seen" if args.x == "tokens" else "step"
+    drew = 0
+    for i, (run_dir, recs) in enumerate(data):
+        color = f"C{i % 10}"
+        label = run_dir.name or str(run_dir)
+        tr = [(r[xkey], r.get("loss_avg", r.get("loss"))) for r in recs
+              if r.get("loss") is not None and r.get(xkey) is not None]
+        if tr:
+            xs, ys = zip(*tr)
+            k = args.smooth
+            ys = [sum(ys[max(0, j - k + 1):j + 1]) / len(ys[max(0, j - k + 1):j + 1]) for j in range(len(ys))]
+            ax.plot(xs, ys, color=color, label=f"{label} train")
+            drew += 1
+        va = [(r[xkey], r["val_loss"]) for r in recs if r.get("val_loss") is not None and r.get(xkey) is not None]
+        if va:
+            xs, ys = zip(*va)
+            ax.plot(xs, ys, color=color, linestyle="--", marker="o", markersize=3, label=f"{label} val")
+            drew += 1
+    if not drew:
+        raise YxanulError("no loss records to plot", source=", ".join(args.runs))
+    ax.set_xlabel("tokens seen" if args.x == "tokens" else "step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(args.title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(args.out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return 0
