@@ -1,18 +1,20 @@
 import torch
-from yxanul import kernels
-from yxanul.kernels import reference
-torch.manual_seed(0)
-x = (torch.randn(16384, 768, device="cuda") * torch.rand(16384,1,device="cuda")*8).to(torch.bfloat16)
-q, s = kernels.tensor_quant(x, impl="triton"); qr, sr = reference.tensor_quant(x)
-d = (q.view(torch.uint8) != qr.view(torch.uint8))
-print("tensor mism", int(d.sum()), "scale", float(s), float(sr))
-xf = x.float()[d][:10]; print("x", xf.tolist()); print("x/s", (xf.double()/sr.double()).tolist())
-print("y torch", (xf/ sr).tolist()); print("k", q[d][:10].float().tolist()); print("r", qr[d][:10].float().tolist())
-y = x.float()/sr
-print("direct cast mism", int((y.clamp(-448,448).to(torch.float8_e4m3fn).view(torch.uint8) != qr.view(torch.uint8)).sum()))
-# scales
-amax = x.float().abs().view(16384, 6, 128).amax(-1)
-_, s2 = reference.act_quant(x)
-inv = torch.tensor(1.0, device="cuda") / 448.0
-print("ref==amax/448(tensor div)", bool((s2 == amax.clamp_min(1e-12) / torch.full_like(amax, 448.0)).all()),
-      "ref==amax*inv", bool((s2 == amax.clamp_min(1e-12) * inv).all()))
+from torch.profiler import profile, ProfilerActivity
+from yxanul.kernels.linear_ce import linear_cross_entropy
+bf = torch.bfloat16
+M = 16384
+h0 = torch.randn(M, 768, device="cuda") * 0.5
+P = (torch.randn(768, 128, device="cuda") / 768 ** 0.5).requires_grad_()
+W = (torch.randn(200005, 128, device="cuda") * 0.02).requires_grad_()
+t = torch.randint(0, 200005, (M,), device="cuda")
+def f(chunk):
+    h = h0.detach().to(bf).requires_grad_()
+    with torch.autocast("cuda", dtype=bf):
+        loss = linear_cross_entropy(h, W, t, P=P, chunk=chunk)
+    loss.backward()
+for chunk in (1024, 4096):
+    f(chunk); f(chunk); torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        f(chunk); torch.cuda.synchronize()
+    print("chunk", chunk)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))

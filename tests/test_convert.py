@@ -111,6 +111,7 @@ def test_quantize_dequantize_round_trip(hf_ckpt, tmp_path, capsys):
     assert rows[w]["sqnr_db"] == pytest.approx(-20 * math.log10(ref), rel=1e-6)
     assert 0 < t["rel_l2"] < 2 ** -4       # E4M3: at most 2**-4 relative per normal element
     assert rows["lm_head.weight"]["action"] == "kept"
+    assert any("not divisible by 128" in w for w in rep["warnings"])     # 192 and 320 leave partial blocks
 
     # dequantize: back to BF16, scales dropped, config without quantization_config
     back = tmp_path / "bf16"

@@ -28,9 +28,13 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 150, cwd=None) -> s
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(free_port()), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
+    for attempt in range(3):  # a free port can be taken by someone else before torchrun binds it: retry
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+               "127.0.0.1", "--master-port", str(free_port()), *args]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
+        if r.returncode == 0 or "address already in use" not in (r.stdout + r.stderr).lower():
+            return r
+    return r
 
 
 def run_worker(scenario: str, out: Path, *extra: str, nproc: int = 2) -> list[dict]:
@@ -324,5 +328,5 @@ def test_resume_world_size_rule():
         check_resume_world_size(meta, 1, 4, 1)
     with pytest.raises(YxanulError, match="cannot be kept"):
         check_resume_world_size(meta, 3, 4, 1)
-    with pytest.raises(YxanulError, match="global batch"):
-        check_resume_world_size(meta, 2, 8, 1)
+    check_resume_world_size(meta, 2, 8, 1)  # same ranks: a changed batch is the user's explicit choice
+

@@ -7,6 +7,7 @@ grad operand's error: about 5.5% combined; we allow 8%. A lower bound of 0.5% ch
 actually happened.
 """
 import json
+import math
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ RECIPES = ("blockwise", "tensorwise", "rowwise", "delayed")
 
 
 def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
 def _ref_grads(m, x, g):
@@ -295,16 +296,19 @@ def test_compile_cpu():
         assert ey < 1e-2 and eg < 1e-2, (name, ey, eg)
 
 
-def _stream(n_tokens=6000, seed=0):
-    """Bytes with structure: repeated words from a small vocabulary, so a tiny model learns quickly."""
+def _stream(n_tokens=20000, seed=0, alphabet=8):
+    """A fixed byte stream with structure: a Markov chain where each of 8 letters is followed by one of two
+    letters (80% / 20%). Its entropy is 0.50 nats/token; the unigram plateau is ln 8 = 2.08."""
     g = torch.Generator().manual_seed(seed)
-    words = [b"fp8 ", b"scale ", b"tile ", b"block ", b"amax ", b"history ", b"delayed ", b"gemm. "]
-    idx = torch.randint(0, len(words), (n_tokens // 4,), generator=g).tolist()
-    data = b"".join(words[i] for i in idx)[:n_tokens]
-    return torch.tensor(list(data), dtype=torch.long)
+    succ = torch.stack([torch.randperm(alphabet, generator=g)[:2] for _ in range(alphabet)])
+    choice = (torch.rand(n_tokens, generator=g) < 0.2).long()
+    out = [0]
+    for c in choice[1:].tolist():
+        out.append(int(succ[out[-1], c]))
+    return 97 + torch.tensor(out)
 
 
-def _train(tiny_cfg, recipe, steps=40, B=4, T=64):
+def _train(tiny_cfg, recipe, steps=40, B=8, T=64):
     from yxanul.model import Yxanul
     from yxanul.precision import load_policy
     torch.manual_seed(0)
@@ -312,7 +316,8 @@ def _train(tiny_cfg, recipe, steps=40, B=4, T=64):
     if recipe:
         pol = load_policy().with_recipe(name=recipe, calibration_steps=5 if recipe == "delayed" else 0)
         convert_model(model, pol, backend="emulated")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     data = _stream()
     g = torch.Generator().manual_seed(1)
     losses = []
@@ -324,6 +329,7 @@ def _train(tiny_cfg, recipe, steps=40, B=4, T=64):
             loss = model(x, y)
         loss.backward()
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         fp8_step(model)
         losses.append(loss.item())
@@ -331,8 +337,10 @@ def _train(tiny_cfg, recipe, steps=40, B=4, T=64):
 
 
 def test_tiny_training_parity(tiny_cfg):
+    """40 steps with a cosine schedule to zero: every run ends converged, so the comparison is not a race
+    along a steep part of the curve."""
     base, base_losses = _train(tiny_cfg, None)
-    assert base < 0.6 * base_losses[0]  # the BF16 run really learns
+    assert base < 1.0 < 4 < base_losses[0]  # the BF16 run learns the transitions, well below the unigram plateau
     for recipe in RECIPES:
         final, _ = _train(tiny_cfg, recipe)
         assert abs(final - base) / base < 0.03, (recipe, final, base)

@@ -87,6 +87,7 @@ def run_case(c, device: str = "cpu") -> dict:
     dtype = getattr(torch, dt)
     x = (torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 10).to(dtype).to(device)
     x[0, : min(K, 5)] = 0  # partial zero runs; an all-zero tile below
+    x[1, : min(K, 4)] = torch.tensor([-1e-7, 1e-7, -3e-38, -0.0])[: min(K, 4)].to(dtype)  # round to -0 / +0
     if M > 2 and K >= 128:
         x[2, :128] = 0
     if op == "rmsnorm_quant":
@@ -100,7 +101,8 @@ def run_case(c, device: str = "cpu") -> dict:
         up = (torch.randn(M, K, generator=g) * 3).to(dtype).to(device)
         out = kernels.swiglu_quant(x, up, impl="triton", **kw)
         ref = reference.swiglu_quant(x, up, **kw)
-        h = out[0] if out[0] is not None else reference.swiglu(x, up)
+        # without h, requantize the kernel's own h (from a return_h=True call: same kernel, same rounding)
+        h = out[0] if out[0] is not None else kernels.swiglu_quant(x, up, impl="triton", **{**kw, "return_h": True})[0]
         requant = reference.act_quant(h, **{k: v for k, v in kw.items() if k != "return_h"})
         return {"main": compare(out, ref), "requant": compare(out[1:], requant)}
     out = getattr(kernels, op)(x, impl="triton", **kw)
@@ -108,8 +110,20 @@ def run_case(c, device: str = "cpu") -> dict:
     return {"main": compare(out, ref)}
 
 
+def _compile_check() -> bool:
+    """The dispatchers trace under torch.compile (fullgraph: the kernels are opaque custom ops)."""
+    from yxanul import kernels
+    x = torch.randn(64, 256)
+
+    def f(x):
+        a = kernels.act_quant(x)[1].sum() + kernels.act_quant_dual(x)[3].sum() + kernels.tensor_quant(x)[1]
+        return a + kernels.swiglu_quant(x, x, return_h=False)[2].sum() + kernels.rmsnorm_quant(x, x[0])[2].sum()
+    return bool(torch.compile(f, backend="eager", fullgraph=True)(x) == f(x))
+
+
 def _worker():
     results = {case_id(c): run_case(c) for c in CASES}
+    results["compile_ok"] = _compile_check()
     sys.stdout.write("RESULTS " + json.dumps(results) + "\n")
 
 
@@ -154,6 +168,10 @@ def test_triton_kernel_matches_reference_interpreted(interp_results, case):
         _check(r["main"][1:], fp8_steps=1, scale_rel=2e-2)
     else:
         _check(r["main"])
+
+
+def test_kernels_trace_under_torch_compile(interp_results):
+    assert interp_results["compile_ok"]
 
 
 @pytest.mark.gpu

@@ -188,8 +188,8 @@ def wrap_model(model: nn.Module, parallel: str = "ddp", device: torch.device | s
     """Wrap `model` (already on its device) for data-parallel training; returns the module to call.
 
     ``ddp``: ``DistributedDataParallel`` (rank 0's parameters are broadcast at construction; gradients are
-    all-reduced in FP32, the parameters' dtype). Buffers are not re-broadcast at every forward
-    (``broadcast_buffers=False``): the FP8 delayed-scaling histories are per rank between syncs
+    all-reduced in FP32, the parameters' dtype). Buffers are synced at construction but not re-broadcast at
+    every forward: the FP8 delayed-scaling histories are per rank between syncs
     (:func:`sync_fp8_amax`), and the model has no other mutable buffers.
 
     ``fsdp2``: ``fully_shard`` on every transformer block, then on the root (embeddings, final norm, head).
@@ -208,8 +208,13 @@ def wrap_model(model: nn.Module, parallel: str = "ddp", device: torch.device | s
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
-                   gradient_as_bucket_view=True)
+        import inspect
+
+        # no buffer broadcast at every forward (newer torch names the switch forward_sync_buffers)
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False})
+        return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True,
+                   **sync)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if fsdp_param_dtype == "auto":

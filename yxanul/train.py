@@ -44,9 +44,9 @@ class TrainConfig:
     tokenizer: str = "bytes"  # only for the bundled corpus
     out: str | None = None  # run folder; None: runs/<timestamp>
     # schedule
-    steps: int = 150
+    steps: int = 250
     batch_size: int = 16
-    seq_len: int = 128
+    seq_len: int = 256
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -235,7 +235,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.startswith("embeddings.") or "norm" in name.split(".")[-2:][0] or name.endswith("bias"):
+        if p.ndim < 2 or name.startswith("embeddings.") or name.endswith(".bias"):  # norms and biases are 1-D
             no_decay.append(p)
         else:
             decay.append(p)
@@ -383,7 +383,8 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = DynamicLossScaler(cfg.loss_scale_init, 2.0, cfg.loss_scale_backoff,
                                         cfg.loss_scale_growth_interval, self.device) if cfg.precision == "fp16" else None
-        # optimizer
+        # data-parallel wrapping first (FSDP2 replaces parameters in place), then the optimizer over them
+        self.train_model = self.wrap_model(model)
         groups = param_groups(model, cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         self.param_names = {id(p): n for n, p in model.named_parameters()}
@@ -396,7 +397,6 @@ class Trainer:
                                          fused=fused, foreach=None if fused else False)
             # The fused CUDA kernel skips the update itself when `found_inf` is set: no host sync per step.
             self.device_skip = fused
-        self.train_model = self.wrap_model(model)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.loader = DataLoader(self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=self.rank,
@@ -548,7 +548,7 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        window_n = 0
+        window_ok = torch.zeros((), dtype=torch.float64, device=self.device)
         t_last, tokens_last = time.perf_counter(), self.step
         last: dict = {}
         first_loss = None
@@ -557,7 +557,7 @@ class Trainer:
                 loss, gnorm, ok = self.train_step(self.step)
                 self.step += 1
                 window_loss += torch.where(ok, loss.double(), torch.zeros((), dtype=torch.float64, device=self.device))
-                window_n += 1
+                window_ok += ok.double()
                 if bar is not None:
                     bar.update(1)
                 do_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
@@ -576,9 +576,10 @@ class Trainer:
                                          + (f", first bad module {self.last_bad_module}" if self.last_bad_module else "")
                                          + "); stopping. The last good checkpoint is intact; lower --lr, try "
                                          "--precision bf16 or resume from it", source=str(self.run_dir))
+                t_book = time.perf_counter()
                 if do_log:
-                    now = time.perf_counter()
-                    rec = self._record(loss, gnorm, window_loss, window_n, now - t_last,
+                    now = t_book
+                    rec = self._record(loss, gnorm, window_loss, window_ok, now - t_last,
                                        (self.step - tokens_last) * self.tokens_per_step)
                     if do_eval:
                         rec["val_loss"] = self.evaluate()
@@ -590,7 +591,7 @@ class Trainer:
                                         **({"val": f"{rec['val_loss']:.3f}"} if rec.get("val_loss") else {}))
                     last = rec
                     window_loss.zero_()
-                    window_n = 0
+                    window_ok.zero_()
                     t_last, tokens_last = time.perf_counter(), self.step
                 elif do_eval:
                     v = self.evaluate()
@@ -600,6 +601,10 @@ class Trainer:
                     self.save()
                 elif do_ckpt:
                     self.log(f"step {self.step}: checkpoint postponed ({consecutive} bad steps in a row)")
+                if not do_log:  # evaluation and checkpoint time do not count against tokens/s
+                    t_last += time.perf_counter() - t_book
+                else:
+                    t_last = time.perf_counter()
         finally:
             if bar is not None:
                 bar.close()
@@ -612,8 +617,8 @@ class Trainer:
                  f"{_fmt(summary['final_val_loss'])}, skipped {summary['skipped_steps']} | {self.run_dir}")
         return summary
 
-    def _record(self, loss, gnorm, window_loss, window_n, dt, tokens) -> dict:
-        loss_v, gnorm_v, wl = float(loss), float(gnorm), float(window_loss)
+    def _record(self, loss, gnorm, window_loss, window_ok, dt, tokens) -> dict:
+        loss_v, gnorm_v, wl, n_ok = float(loss), float(gnorm), float(window_loss), float(window_ok)
         if self.world_size > 1 and torch.distributed.is_initialized():
             t = torch.tensor([loss_v, wl], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(t)
@@ -621,7 +626,7 @@ class Trainer:
         skipped = int(self.skipped)
         tps = tokens / dt if dt > 0 else None
         rec = {"step": self.step, "loss": loss_v if math.isfinite(loss_v) else None,
-               "loss_avg": wl / max(1, window_n - 0) if window_n else None,
+               "loss_avg": wl / n_ok if n_ok else None,  # mean over the good steps since the last record
                "lr": lr_at(self.cfg, self.step - 1), "grad_norm": gnorm_v if math.isfinite(gnorm_v) else None,
                "tokens_per_s": tps, "tokens_seen": self.step * self.tokens_per_step,
                "skipped_steps": skipped, "consecutive_bad": int(self.consecutive_bad),

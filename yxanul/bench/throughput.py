@@ -32,11 +32,8 @@ import torch
 import torch.nn.functional as F  # noqa: F401  (the plain mode's loss lives in Yxanul.forward)
 
 from ..errors import YxanulError
+from . import DEFAULT_MODES, MODES
 
-MODES = ("bf16-plain", "bf16", "fp8", "fp8-blockwise", "fp8-tensorwise", "fp8-rowwise", "fp8-delayed", "fp8-head",
-         "torchao-tensorwise", "torchao-rowwise")
-DEFAULT_MODES = ("bf16-plain", "bf16", "fp8", "fp8-blockwise", "fp8-tensorwise", "fp8-delayed", "fp8-head",
-                 "torchao-tensorwise")
 ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
 
 # Dense BF16 tensor-core peak (FLOP/s) by device-name substring; MFU is always relative to the BF16 peak.

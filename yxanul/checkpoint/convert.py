@@ -334,6 +334,12 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
                          "action": "fp8", "reason": rule, "bytes_before": t.nbytes,
                          "bytes_after": outs[-2].nbytes + outs[-1].nbytes, "scale_shape": list(outs[-1].shape)})
     row_of = {r["name"]: r for r in rows}
+    partial = [r for r in rows if r["action"] == "fp8" and (r["shape"][0] % block or r["shape"][1] % block)]
+    if partial:
+        ex = partial[0]
+        warns.append(f"{len(partial)} quantized weight(s) have a dim not divisible by {block} (e.g. "
+                     f"{safe_name(ex['name'])} {ex['shape']}): their partial edge blocks load in DeepSeek/vLLM-style "
+                     f"block kernels, but transformers' CPU dequantize path rejects them or infers a wrong block")
 
     qcfg = {"quant_method": "fp8", "fmt": f8.name, "activation_scheme": "dynamic",
             "weight_block_size": [block, block], "modules_to_not_convert": sorted(set(not_converted))}

@@ -53,6 +53,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
     for k in ("model_config", "train_config"):
         if dataclasses.is_dataclass(meta.get(k)):
             meta[k] = dataclasses.asdict(meta[k])
+    if ckpt_root.is_dir():  # temporary folders of a save that was killed half-way
+        for stale in ckpt_root.glob(".step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(out, overwrite=True) as tmp:
         save_file(_plain_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         torch.save(state, tmp / "state.pt")

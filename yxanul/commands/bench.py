@@ -13,7 +13,7 @@ def add_subcommand(fn):
 
 @add_subcommand
 def _throughput(bsub):
-    from ..bench.throughput import DEFAULT_MODES, MODES
+    from ..bench import DEFAULT_MODES, MODES
     p = bsub.add_parser("throughput", help="training tokens/s of several precision modes, side by side",
                         description="Train the same model with each mode on the same random tokens and report "
                                     "tokens/s, step time, peak memory, MFU and ratios. Modes: " + ", ".join(MODES))

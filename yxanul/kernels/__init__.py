@@ -21,6 +21,7 @@ import importlib
 import os
 
 import torch
+from torch import Tensor
 
 from ..errors import YxanulError
 from . import reference
@@ -41,15 +42,9 @@ def set_impl(name: str) -> None:
     _default_impl = name
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        for name in ("quant", "norm_quant", "swiglu_quant"):
-            _mod(name)
-    except Exception:
-        return False
-    return True
+    """Whether triton imports and the kernels are registered (decided once, when this package is imported)."""
+    return _TRITON_OK
 
 
 def _mod(name: str):
@@ -60,17 +55,10 @@ def _mod(name: str):
     return mod
 
 
-_OPS_DEFINED = False
-
-
-def _custom_ops():
+def _define_custom_ops():
     """The Triton kernels as ``torch.ops.yxanul.triton_*`` custom ops: opaque to torch.compile (which then
     neither traces into the launch code nor breaks the graph), with shape-only fake implementations."""
-    global _OPS_DEFINED
-    if _OPS_DEFINED:
-        return torch.ops.yxanul
     from ..fp8.formats import get_format
-    from torch import Tensor
 
     def cd(a, b):
         return -(-a // b)
@@ -116,9 +104,7 @@ def _custom_ops():
 
     @torch.library.custom_op("yxanul::triton_tensor_quant", mutates_args=())
     def _tq(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
-        if not x.is_floating_point():
-            raise YxanulError(f"x must be a floating-point tensor, got {x.dtype}", key="x")
-        return _custom_ops().triton_tensor_quant(x, _fmt(fmt))
+        return _mod("quant").tensor_quant(x, fmt)
 
     @_tq.register_fake
     def _(x, fmt):
@@ -142,8 +128,17 @@ def _custom_ops():
         h = torch.empty_like(gate) if return_h else gate.new_empty((0,))
         return h, fq(gate, gate.shape, fmt), f32(gate, (gate.shape[0], cd(gate.shape[1], block)))
 
-    _OPS_DEFINED = True
-    return torch.ops.yxanul
+
+
+_MODS: dict = {}
+
+
+def _launch(op: str, mod: str, *args):
+    """Run a Triton kernel: directly in eager mode (no custom-op dispatch overhead, which is larger than the
+    kernels themselves at small sizes), through its custom op while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.yxanul, "triton_" + op)(*args)
+    return getattr(_MODS[mod], op)(*args)
 
 
 def _check(x, block, name="x"):
@@ -156,8 +151,11 @@ def _fmt(fmt) -> str:
     return get_format(fmt).name
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read by triton at its import, so once here too
+
+
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def uses_triton(*tensors: torch.Tensor, impl: str | None = None) -> bool:
@@ -178,14 +176,14 @@ def uses_triton(*tensors: torch.Tensor, impl: str | None = None) -> bool:
 def act_quant(x, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *, impl: str | None = None):
     if uses_triton(x, impl=impl):
         _check(x, block)
-        return _custom_ops().triton_act_quant(x, block, _fmt(fmt), pow2_scales)
+        return _launch("act_quant", "quant", x, block, _fmt(fmt), pow2_scales)
     return reference.act_quant(x, block, fmt, pow2_scales)
 
 
 def act_quant_t(x, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *, impl: str | None = None):
     if uses_triton(x, impl=impl):
         _check(x, block)
-        return _custom_ops().triton_act_quant_t(x, block, _fmt(fmt), pow2_scales)
+        return _launch("act_quant_t", "quant", x, block, _fmt(fmt), pow2_scales)
     return reference.act_quant_t(x, block, fmt, pow2_scales)
 
 
@@ -193,14 +191,14 @@ def act_quant_dual(x, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = F
                    impl: str | None = None):
     if uses_triton(x, impl=impl):
         _check(x, block)
-        return _custom_ops().triton_act_quant_dual(x, block, _fmt(fmt), pow2_scales)
+        return _launch("act_quant_dual", "quant", x, block, _fmt(fmt), pow2_scales)
     return reference.act_quant_dual(x, block, fmt, pow2_scales)
 
 
 def weight_quant(w, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *, impl: str | None = None):
     if uses_triton(w, impl=impl):
         _check(w, block, "w")
-        return _custom_ops().triton_weight_quant(w, block, _fmt(fmt), pow2_scales)
+        return _launch("weight_quant", "quant", w, block, _fmt(fmt), pow2_scales)
     return reference.weight_quant(w, block, fmt, pow2_scales)
 
 
@@ -208,7 +206,7 @@ def tensor_quant(x, fmt: str = "e4m3", *, impl: str | None = None):
     if uses_triton(x, impl=impl):
         if not x.is_floating_point():
             raise YxanulError(f"x must be a floating-point tensor, got {x.dtype}", key="x")
-        return _custom_ops().triton_tensor_quant(x, _fmt(fmt))
+        return _launch("tensor_quant", "quant", x, _fmt(fmt))
     return reference.tensor_quant(x, fmt)
 
 
@@ -219,7 +217,8 @@ def rmsnorm_quant(x, weight, eps: float = 1e-6, block: int = 128, fmt: str = "e4
         if weight.shape != (x.shape[1],):
             raise YxanulError(f"norm weight shape {tuple(weight.shape)} does not match x {tuple(x.shape)}",
                               key="weight")
-        return _custom_ops().triton_rmsnorm_quant(x, weight, float(eps), block, _fmt(fmt), pow2_scales)
+        return _launch("rmsnorm_quant", "norm_quant", x, weight, float(eps), block, _fmt(fmt),
+                       pow2_scales)
     return reference.rmsnorm_quant(x, weight, eps, block, fmt, pow2_scales)
 
 
@@ -229,8 +228,10 @@ def swiglu_quant(gate, up, block: int = 128, fmt: str = "e4m3", pow2_scales: boo
         _check(gate, block, "gate")
         if up.shape != gate.shape:
             raise YxanulError(f"up shape {tuple(up.shape)} does not match gate {tuple(gate.shape)}", key="up")
-        h, q, s = _custom_ops().triton_swiglu_quant(gate, up, block, _fmt(fmt), pow2_scales, return_h)
-        return (h if return_h else None), q, s
+        if torch.compiler.is_compiling():
+            h, q, s = torch.ops.yxanul.triton_swiglu_quant(gate, up, block, _fmt(fmt), pow2_scales, return_h)
+            return (h if return_h else None), q, s
+        return _MODS["swiglu_quant"].swiglu_quant(gate, up, block, _fmt(fmt), pow2_scales, return_h)
     return reference.swiglu_quant(gate, up, block, fmt, pow2_scales, return_h)
 
 
@@ -271,3 +272,17 @@ def install_fp8_ops(recipe, backend: str = "native") -> list[str]:
         return []
     register_ops(recipe.name, backend, **ops)
     return sorted(ops)
+
+
+def _probe() -> bool:
+    try:
+        import triton  # noqa: F401
+        for name in ("quant", "norm_quant", "swiglu_quant"):
+            _MODS[name] = _mod(name)
+    except Exception:  # noqa: BLE001  (no triton, or one too old: the references serve)
+        return False
+    _define_custom_ops()
+    return True
+
+
+_TRITON_OK = _probe()

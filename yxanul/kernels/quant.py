@@ -50,7 +50,8 @@ def round_to_fp8_grid(y, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_MAGI
     rb = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & (-(1 << DROP))
     a = tl.abs(y)
     sub = (a + SUB_MAGIC) - SUB_MAGIC
-    sub = tl.where(bits < 0, -sub, sub)
+    # copy the sign bit (so -tiny rounds to -0.0 as torch's cast does; `-sub` would give +0.0 for sub == 0)
+    sub = (sub.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
     return tl.where(a < MIN_NORMAL, sub, rb.to(tl.float32, bitcast=True))
 
 
@@ -148,12 +149,20 @@ def _amax_partial_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tensor_quant_kernel(x_ptr, q_ptr, s_ptr, numel, BLOCK: tl.constexpr, FMAX: tl.constexpr):
+def _tensor_quant_kernel(x_ptr, q_ptr, part_ptr, s_ptr, numel, NPART, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
+                         FMAX: tl.constexpr, INV: tl.constexpr):
+    """Pass 2: every program reduces the partial maxima itself (a few KB), derives the scale, casts its block."""
     pid = tl.program_id(0)
+    amax = tl.zeros((PBLOCK,), tl.float32)
+    for off in range(0, NPART, PBLOCK):
+        p = off + tl.arange(0, PBLOCK)
+        amax = tl.maximum(amax, tl.load(part_ptr + p, mask=p < NPART, other=0.0))
+    s = scale_from_amax(tl.max(amax, axis=0), FMAX, False, INV)
+    if pid == 0:
+        tl.store(s_ptr, s)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < numel
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr)
     tl.store(q_ptr + offs, cast_fp8(x, s, FMAX, q_ptr.dtype.element_ty), mask=m)
 
 
@@ -239,26 +248,33 @@ def weight_quant(w: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scal
 TENSOR_BLOCK = 8192
 
 
-def tensor_amax(x: torch.Tensor) -> torch.Tensor:
-    """Global max |x| as a 0-d FP32 tensor, without a host synchronization (partial maxima, then a tiny max)."""
-    x = x.contiguous()
+def _partial_amax(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
-    if n == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device)
     nb = _cdiv(n, TENSOR_BLOCK)
     part = torch.empty(nb, dtype=torch.float32, device=x.device)
     _amax_partial_kernel[(nb,)](x, part, n, BLOCK=TENSOR_BLOCK, num_warps=8)
-    return part.amax()
+    return part
+
+
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """Global max |x| as a 0-d FP32 tensor, without a host synchronization (partial maxima, then a tiny max)."""
+    x = x.contiguous()
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return _partial_amax(x).amax()
 
 
 def tensor_quant(x: torch.Tensor, fmt: str = "e4m3"):
-    """One scale for the whole tensor: pass 1 reduces amax, pass 2 casts (scale read on the device)."""
-    from ..fp8.quant import compute_scale_inv
+    """One scale for the whole tensor in two launches: partial maxima, then scale + cast (no host sync)."""
     f = get_format(fmt)
     x = x.contiguous()
-    s = compute_scale_inv(tensor_amax(x), f)
     q = torch.empty(x.shape, dtype=f.dtype, device=x.device)
+    s = torch.empty((), dtype=torch.float32, device=x.device)
     n = x.numel()
-    if n:
-        _tensor_quant_kernel[(_cdiv(n, TENSOR_BLOCK),)](x, q, s, n, BLOCK=TENSOR_BLOCK, FMAX=f.max, num_warps=8)
+    if n == 0:
+        s.fill_(AMAX_EPS / f.max)
+        return q, s
+    part = _partial_amax(x)
+    _tensor_quant_kernel[(part.numel(),)](x, q, part, s, n, part.numel(), BLOCK=TENSOR_BLOCK, PBLOCK=1024,
+                                          FMAX=f.max, INV=scale_inv_constant(f.max, x.device), num_warps=8)
     return q, s
