@@ -1,3 +1,4 @@
+import sys; sys.path.insert(0, ".")
 import torch
 from torch.profiler import profile, ProfilerActivity
 from yxanul.kernels.linear_ce import linear_cross_entropy

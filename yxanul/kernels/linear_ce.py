@@ -72,9 +72,9 @@ def _softmax_grad_kernel():
     return softmax_grad
 
 
-def _triton_softmax_grad(logits, t, inv, ignore_index, write_grad):
-    """Per-row losses of a chunk (FP32) and, with write_grad, its logits replaced by the loss gradient."""
-    C, V = logits.shape
+def _triton_softmax_grad(logits, V, t, inv, ignore_index, write_grad):
+    """Per-row losses of a chunk (FP32) and, with write_grad, its first V columns replaced by the gradient."""
+    C = logits.shape[0]
     loss = torch.empty(C, dtype=torch.float32, device=logits.device)
     _softmax_grad_kernel()[(C,)](logits, logits.stride(0), t, inv, loss, V, ignore_index,
                                  BLOCK_V=4096 if V >= 4096 else max(16, 1 << (V - 1).bit_length()),
@@ -140,24 +140,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = torch.empty_like(hc) if ctx.needs_input_grad[0] else None
             grad_W = torch.zeros(Wc.shape, dtype=torch.float32, device=W.device) if ctx.needs_input_grad[1] else None
             head = _Fp8Head(Wc, cdtype) if head_fp8 else None
+            V = Wc.shape[0]
+            if use_triton and head is None and V % 64:
+                # pad the vocabulary with zero rows so the logits' row stride is aligned: cuBLAS falls back to
+                # much slower kernels for an odd leading dimension (200005). The kernel only reads the first V
+                # columns; the padded logits are exactly 0 and so contribute nothing to either gradient GEMM.
+                Wk = F.pad(Wc, (0, 0, 0, (-V) % 64))
+            else:
+                Wk = Wc
             loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
             for s in range(0, N, chunk):
                 e = min(N, s + chunk)
                 hch, v = hc[s:e], valid[s:e]
                 t = torch.where(v, targets[s:e], torch.zeros_like(targets[s:e]))
-                logits = head(hch) if head is not None else hch @ Wc.t()
                 if use_triton:
-                    logits = logits.contiguous()
-                    loss_sum += _triton_softmax_grad(logits, targets[s:e], inv.reshape(1), ignore_index,
+                    logits = head(hch).contiguous() if head is not None else hch @ Wk.t()
+                    loss_sum += _triton_softmax_grad(logits, V, targets[s:e], inv.reshape(1), ignore_index,
                                                      need_grad).sum()
                     if not need_grad:
                         continue
                     g = logits
                     if grad_h is not None:
-                        torch.matmul(g, Wc, out=grad_h[s:e])
+                        torch.matmul(g, Wk, out=grad_h[s:e])
                     if grad_W is not None:
-                        grad_W.add_((g.t() @ hch).float())
+                        grad_W.add_((g.t() @ hch)[:V])
                     continue
+                logits = head(hch) if head is not None else hch @ Wc.t()
                 lf = logits.float()
                 del logits
                 lse = torch.logsumexp(lf, dim=-1)
