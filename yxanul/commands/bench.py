@@ -59,3 +59,57 @@ def register(sub):
     for fn in SUBCOMMANDS:
         fn(bsub)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+@add_subcommand
+def _quality(bsub):
+    p = bsub.add_parser("quality", help="loss parity on real text: BF16 vs FP8 policies, same init and batches",
+                        description="Train each mode from the same initialization on the same batch order, "
+                                    "evaluate on fixed validation windows, and compare final validation loss with "
+                                    "BF16 and with the BF16 seed-to-seed noise band.")
+    p.add_argument("--model", default="yxanul-197m", help="preset name or model YAML")
+    p.add_argument("--data", default=None, help="prepared data folder (default: the bundled corpus, bytes)")
+    p.add_argument("--tokens", type=int, required=True, help="training tokens per mode")
+    p.add_argument("--modes", default="bf16,fp8-blockwise,fp8-delayed,fp8-all",
+                   help="comma-separated: bf16, fp8, fp8-blockwise, fp8-tensorwise, fp8-rowwise, fp8-delayed, "
+                        "fp8-head, fp8-all")
+    p.add_argument("--seeds", type=int, default=2, help="2 adds a second BF16 run with another data order")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of the steps)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default steps/20)")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--last-evals", type=int, default=3, help="final loss = mean of the last N evaluations")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--config", default=None, help="precision policy YAML")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile", dest="compile", action="store_true", default=False)
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--fp8-backend", default="auto")
+    p.add_argument("--out", default="runs/quality", help="folder for the runs, quality.json and the plot")
+    p.add_argument("--fresh", action="store_true", help="retrain modes that already have a result in --out")
+    p.add_argument("--plot", default=None, help="PNG of train and validation curves (default OUT/quality.png)")
+    p.set_defaults(func=_run_quality)
+
+
+def _run_quality(args):
+    from pathlib import Path
+
+    from ..bench.quality import format_table, parse_modes, plot, run_quality
+    from ..errors import YxanulError
+    if args.tokens <= 0 or args.batch <= 0 or args.seq <= 0:
+        raise YxanulError("--tokens, --batch and --seq must be positive", key="--tokens")
+    modes = parse_modes(args.modes)
+    res = run_quality(args.model, args.data, args.tokens, modes, seeds=args.seeds, batch=args.batch, seq=args.seq,
+                      lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, eval_every=args.eval_every,
+                      eval_batches=args.eval_batches, last_evals=args.last_evals, seed=args.seed,
+                      policy=args.config, out=args.out, device=args.device, compile=args.compile,
+                      fp8_backend=args.fp8_backend, reuse=not args.fresh)
+    print(format_table(res), flush=True)
+    try:
+        plot(res, args.plot or str(Path(args.out) / "quality.png"))
+    except ImportError:
+        print("matplotlib is not installed: no plot", flush=True)
+    return 0 if all(r.get("error") is None for r in res["rows"]) else 1

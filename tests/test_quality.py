@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from yxanul.bench.quality import (NOISE_MODE, apply_all_fp8, format_table, parse_modes, run_quality, summarize)
+from yxanul.config import load_model_config
+from yxanul.errors import YxanulError
+from yxanul.model import Yxanul
+
+
+def test_parse_modes_rejects_unknown_and_duplicates():
+    assert parse_modes("bf16,fp8-blockwise") == ["bf16", "fp8-blockwise"]
+    with pytest.raises(YxanulError, match="unknown mode"):
+        parse_modes("bf16,fp9")
+    with pytest.raises(YxanulError, match="twice"):
+        parse_modes("bf16,bf16")
+
+
+def test_summarize_relative_difference_and_noise_band():
+    r = {"rows": [{"mode": "bf16", "final_val_loss": 4.0}, {"mode": NOISE_MODE, "final_val_loss": 4.02},
+                  {"mode": "fp8-blockwise", "final_val_loss": 4.01}, {"mode": "fp8-all", "final_val_loss": 4.2}]}
+    summarize(r)
+    by = {x["mode"]: x for x in r["rows"]}
+    assert r["bf16_noise_pct"] == pytest.approx(0.5)
+    assert by["fp8-blockwise"]["rel_diff_vs_bf16_pct"] == pytest.approx(0.25)
+    assert by["fp8-blockwise"]["within_noise"] is True
+    assert by["fp8-all"]["rel_diff_vs_bf16_pct"] == pytest.approx(5.0)
+    assert by["fp8-all"]["within_noise"] is False
+
+
+def test_all_fp8_hooks_quantize_norm_outputs():
+    torch.manual_seed(0)
+    m = Yxanul(load_model_config("tiny"))
+    names = apply_all_fp8(m)
+    assert "embeddings" in names and "norm" in names and len(names) == 2 + 2 * m.cfg.n_layers
+    seen = {}
+    m.norm.register_forward_hook(lambda mod, i, o: seen.setdefault("out", o.detach()))
+    x = torch.randint(0, 257, (1, 16))
+    m(x).sum().backward()
+    out = seen["out"].reshape(-1, 128)
+    # every 1x128 tile holds at most 256 distinct E4M3 codes times one scale: the values are FP8 on a grid
+    scale = out.abs().amax(dim=1, keepdim=True) / 448
+    codes = out / scale
+    snapped = codes.to(torch.float8_e4m3fn).float()
+    assert (codes - snapped).abs().max() < 1e-3 * codes.abs().amax()
+    raw = torch.randn(1, 16, 256).reshape(-1, 128)
+    raw_codes = raw / (raw.abs().amax(dim=1, keepdim=True) / 448)
+    assert (raw_codes - raw_codes.to(torch.float8_e4m3fn).float()).abs().max() > 0.1  # the check can fail
+    assert m.embeddings.tok.weight.grad is not None  # straight-through gradients reach the embedding
+
+
+def test_quality_bench_end_to_end_cpu(tmp_path):
+    res = run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16", "fp8-all"], batch=2, seq=32, lr=3e-3,
+                      device="cpu", out=str(tmp_path / "q"), eval_batches=1, eval_every=3)
+    doc = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert doc["model"] == "tiny" and doc["tokens"] == 2 * 32 * 6
+    modes = [r["mode"] for r in doc["rows"]]
+    assert modes == ["bf16", NOISE_MODE, "fp8-all"]
+    for r in doc["rows"]:
+        assert r["error"] is None and r["final_val_loss"] > 0
+        assert isinstance(r["rel_diff_vs_bf16_pct"], float)
+    assert isinstance(doc["bf16_noise_pct"], float)
+    assert doc["rows"][0]["rel_diff_vs_bf16_pct"] == 0.0
+    assert "fp8-all" in format_table(res)
+    # finished modes are reused, not retrained
+    before = (tmp_path / "q" / "bf16" / "result.json").stat().st_mtime_ns
+    run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
+                out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1)
+    assert (tmp_path / "q" / "bf16" / "result.json").stat().st_mtime_ns == before
