@@ -330,3 +330,96 @@ def test_resume_world_size_rule():
         check_resume_world_size(meta, 3, 4, 1)
     check_resume_world_size(meta, 2, 8, 1)  # same ranks: a changed batch is the user's explicit choice
 
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end: torchrun -m yxanul train --parallel ...
+# ---------------------------------------------------------------------------------------------------------
+TRAIN = ["--model", "tiny", "--seq-len", "64", "--log-every", "1", "--eval-every", "0", "--warmup", "2",
+         "--lr", "3e-3", "--no-progress", "--device", "cpu"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def train_ddp_vs_single(tmp_path, precision: str):
+    common = TRAIN + ["--steps", "20", "--precision", precision, "--checkpoint-every", "0"]
+    single = yxanul("train", *common, "--batch-size", "4", "--grad-accum", "2", "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = torchrun(["-m", "yxanul", "train", *common, "--parallel", "ddp", "--batch-size", "2", "--grad-accum", "2",
+                    "--out", str(tmp_path / "ddp")])
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
+    return losses(tmp_path / "one"), losses(tmp_path / "ddp"), ddp
+
+
+def test_ddp_matches_single_process(tmp_path):
+    """2 ranks x batch 2 x accum 2 (no_sync on the first micro-batch) == 1 process x batch 4 x accum 2."""
+    one, two, ddp = train_ddp_vs_single(tmp_path, "fp32")
+    assert sorted(one) == sorted(two) == list(range(1, 21))
+    for s in one:
+        assert two[s] == pytest.approx(one[s], rel=2e-4, abs=2e-4), (s, one[s], two[s])
+    assert one[20] < one[1] - 0.3  # it trained
+    # rank 0 alone logs; tokens/s and the token count are global
+    recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 20 and recs[-1]["tokens_seen"] == 20 * 4 * 64 * 2
+    cfg = (tmp_path / "ddp" / "config.yaml").read_text()
+    assert "world_size: 2" in cfg and "parallel: ddp" in cfg
+    assert ddp.stdout.count("run directory") == 1
+
+
+def test_fsdp2_fp8_delayed_train_checkpoint_resume(tmp_path):
+    run = tmp_path / "run"
+    args = TRAIN + ["--steps", "6", "--batch-size", "2", "--grad-accum", "2", "--precision", "fp8",
+                    "--fp8-recipe", "delayed", "--fp8-backend", "emulated", "--checkpoint-every", "3",
+                    "--keep-last", "3"]
+    r = torchrun(["-m", "yxanul", "train", *args, "--parallel", "fsdp2", "--out", str(run)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    full = losses(run)
+    assert sorted(full) == list(range(1, 7)) and all(v is not None for v in full.values())
+    ck3, ck6 = run / "checkpoints" / "step_00000003", run / "checkpoints" / "step_00000006"
+    for ck in (ck3, ck6):
+        assert (ck / "dcp" / ".metadata").is_file() and (ck / "state.pt").is_file()
+        meta = json.loads((ck / "meta.json").read_text())
+        assert meta["format"] == "dcp" and meta["world_size"] == 2 and meta["parallel"] == "fsdp2"
+    # the amax histories were saved and are the synchronized ones
+    from yxanul.distributed import read_dcp_model_state
+    st = read_dcp_model_state(ck6 / "dcp")
+    hist = [k for k in st if k.endswith("amax_history")]
+    assert hist and any(float(st[k].abs().max()) > 0 for k in hist)
+
+    # resume from step 3 on 2 ranks: steps 4-6 repeat exactly
+    r = torchrun(["-m", "yxanul", "train", "--parallel", "fsdp2", "--no-progress", "--resume", str(ck3)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    resumed = losses(run)
+    for s in (4, 5, 6):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-5, abs=1e-5), (s, full[s], resumed[s])
+
+    # the sharded checkpoint resumes in one process too (DCP re-shards), same global batch: batch 4
+    r = yxanul("train", "--resume", str(ck3), "--batch-size", "4", "--no-progress", "--out", str(tmp_path / "x"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = losses(run)
+    for s in (4, 5, 6):
+        assert one[s] == pytest.approx(full[s], rel=2e-2, abs=2e-2), (s, full[s], one[s])
+    # ... but not with a different global batch
+    r = yxanul("train", "--resume", str(ck3), "--no-progress")
+    assert r.returncode == 2 and "--batch-size 4" in r.stderr and "Traceback" not in r.stderr
+
+    # consolidate -> export reads it
+    out = tmp_path / "w.safetensors"
+    r = yxanul("checkpoint", "consolidate", str(run), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "left out" in r.stdout  # the FP8 buffers
+    r = yxanul("export", str(out), "--model", "tiny", "--out", str(tmp_path / "hf"), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_parallel_cli_errors(tmp_path):
+    r = yxanul("train", *TRAIN, "--steps", "2", "--parallel", "ddp", "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "torchrun" in r.stderr and "Traceback" not in r.stderr
+    r = torchrun(["-m", "yxanul", "train", *TRAIN, "--steps", "2", "--out", str(tmp_path / "b")])
+    # each worker prints one error line and exits 2 (torchrun then reports the failed workers)
+    assert r.returncode != 0 and "yxanul: error: parallel: launched with 2 processes" in r.stderr
+    assert "exitcode  : 2" in r.stderr or "exit code 2" in r.stderr.lower() or "exitcode: 2" in r.stderr
+    assert not (tmp_path / "a").exists()

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .config import CONFIG_DIR, dataclass_from_dict, load_model_config, load_yaml
+from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
 from .io import atomic_write_text
 
@@ -74,6 +75,7 @@ class TrainConfig:
     # runtime
     compile: bool = False
     device: str = "cpu"  # cpu | cuda | auto
+    parallel: str = "none"  # none | ddp | fsdp2 (ddp/fsdp2: launched by torchrun, see docs/distributed.md)
     max_bad_steps: int = 10
     inject_nan_at: str = ""  # debugging aid: "5" or "5,7-9" makes those steps' loss NaN
     progress: bool = True
@@ -109,6 +111,8 @@ class TrainConfig:
                               key="optimizer_states")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise YxanulError(f"expected cpu, cuda or auto, got {self.device!r}", source=source, key="device")
+        if self.parallel not in ("none", "ddp", "fsdp2"):
+            raise YxanulError(f"expected none, ddp or fsdp2, got {self.parallel!r}", source=source, key="parallel")
         parse_steps(self.inject_nan_at, source)
         return self
 
@@ -305,6 +309,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int | None = None, world_size: int | None = None,
                  resume: str | None = None, log=print):
         self.cfg = cfg.validate()
+        self.dist = None  # DistInfo when data-parallel (--parallel ddp|fsdp2)
+        if cfg.parallel != "none":
+            from .distributed import init_distributed
+            self.dist = init_distributed(cfg.device)
+        elif rank is None and world_size is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise YxanulError(f"launched with {os.environ['WORLD_SIZE']} processes (torchrun) but --parallel is none: "
+                              "each would train alone; pass --parallel ddp or --parallel fsdp2", key="parallel")
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
         self.world_size = world_size if world_size is not None else (
@@ -316,6 +327,8 @@ class Trainer:
 
     # -- setup --------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
+        if self.dist is not None:
+            return self.dist.device
         d = self.cfg.device
         if d == "auto":
             d = "cuda" if torch.cuda.is_available() else "cpu"
@@ -327,6 +340,8 @@ class Trainer:
 
     def _setup(self) -> None:
         from .checkpoint.training import load_checkpoint, load_training_state, resolve_checkpoint
+        from .distributed import (check_resume_world_size, is_dcp_checkpoint, load_dcp_checkpoint,
+                                  load_plain_optimizer_state, read_checkpoint_meta)
         from .data import bundled_dataset
         from .data.loader import DataLoader, read_meta
         from .data.tokenizers import check_ids, get_tokenizer
@@ -335,6 +350,8 @@ class Trainer:
 
         cfg = self.cfg
         self.device = self._device()
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # subnormals make CPU kernels 10-25x slower; they carry no signal here
         # run folder and resume point
         self.ckpt = None
         if self.resume_from is not None:
@@ -350,7 +367,11 @@ class Trainer:
             self.data_dir = Path(cfg.data)
             read_meta(self.data_dir)
         else:
+            if self.dist is not None and not self.is_main:
+                torch.distributed.barrier()  # rank 0 prepares the shared cache first
             self.data_dir = bundled_dataset(cfg.tokenizer, progress=False)
+            if self.dist is not None and self.is_main:
+                torch.distributed.barrier()
         meta = read_meta(self.data_dir)
         self.tokenizer_meta = meta["tokenizer"]
         # model
@@ -373,7 +394,10 @@ class Trainer:
             convert_model(model, self.policy, backend=cfg.fp8_backend)
         model.to(self.device)
         self.model = model
-        if self.ckpt is not None:
+        self.ckpt_dcp = self.ckpt is not None and is_dcp_checkpoint(self.ckpt)
+        if self.ckpt is not None and self.ckpt_dcp:
+            ck_meta = read_checkpoint_meta(self.ckpt)  # weights come through DCP once the model is wrapped
+        elif self.ckpt is not None:
             _, sd, ck_meta = load_checkpoint(self.ckpt)
             missing, unexpected = model.load_state_dict(sd, strict=False)
             if missing or unexpected:
@@ -383,6 +407,8 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = DynamicLossScaler(cfg.loss_scale_init, 2.0, cfg.loss_scale_backoff,
                                         cfg.loss_scale_growth_interval, self.device) if cfg.precision == "fp16" else None
+        if self.ckpt is not None:
+            check_resume_world_size(ck_meta, self.world_size, cfg.batch_size, cfg.grad_accum, source=str(self.ckpt))
         # data-parallel wrapping first (FSDP2 replaces parameters in place), then the optimizer over them
         self.train_model = self.wrap_model(model)
         groups = param_groups(model, cfg.weight_decay)
@@ -411,8 +437,11 @@ class Trainer:
         self.consecutive_bad = torch.zeros((), dtype=torch.int64, device=self.device)
         self.last_bad_module: str | None = None
         if self.ckpt is not None:
-            st = load_training_state(self.ckpt)
-            self.opt.load_state_dict(st["optimizer"])
+            if self.ckpt_dcp:
+                st = load_dcp_checkpoint(self.ckpt, self.model, self.opt)
+            else:
+                st = load_training_state(self.ckpt)
+                load_plain_optimizer_state(self.model, self.opt, st["optimizer"])
             if self.scaler is not None and st.get("scaler"):
                 self.scaler.load_state_dict(st["scaler"])
             torch.set_rng_state(st["rng"]["torch"])
@@ -425,8 +454,11 @@ class Trainer:
                 raise YxanulError("state.pt and meta.json disagree on the step", source=str(self.ckpt))
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Hook for data-parallel wrappers (DDP / FSDP2); the identity for one process."""
-        return model
+        """The module the training step calls: DDP or FSDP2 (``--parallel``), else the model itself."""
+        if self.cfg.parallel == "none":
+            return model
+        from .distributed import wrap_model
+        return wrap_model(model, self.cfg.parallel, self.device, precision=self.cfg.precision)
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def resolved_config(self) -> dict:
@@ -445,11 +477,11 @@ class Trainer:
                 "train_config": asdict(self.cfg), "tokens_seen": self.step * self.tokens_per_step,
                 "precision": self.cfg.precision, "data": str(self.data_dir)}
 
-    def training_state(self) -> dict:
+    def training_state(self, optimizer: bool = True) -> dict:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"step": self.step, "optimizer": self.opt.state_dict(),
+        return {"step": self.step, **({"optimizer": self.opt.state_dict()} if optimizer else {}),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
                 "rng": rng, "skipped": int(self.skipped), "consecutive_bad": int(self.consecutive_bad),
                 "data": {"seed": self.cfg.seed, "next_step": self.step, "micro_step": 0,
@@ -457,6 +489,12 @@ class Trainer:
 
     def save(self) -> Path | None:
         from .checkpoint.training import save_checkpoint
+        if self.dist is not None:  # sharded: every rank writes its part through torch.distributed.checkpoint
+            from .distributed import save_dcp_checkpoint
+            return save_dcp_checkpoint(self.run_dir, self.step, self.model, self.opt,
+                                       self.training_state(optimizer=False),
+                                       self.checkpoint_meta() | {"parallel": self.cfg.parallel},
+                                       keep_last=self.cfg.keep_last, device=self.device)
         if not self.is_main:
             return None
         return save_checkpoint(self.run_dir, self.step, self.model, self.training_state(), self.checkpoint_meta(),
@@ -473,20 +511,24 @@ class Trainer:
         scale = self.scaler.scale if self.scaler is not None else None
         for micro in range(cfg.grad_accum):
             x, y = self.loader.batch(step, micro)
-            with self.autocast():
-                loss = self.train_model(x, y)
-            if (step + 1) in self.nan_steps:
-                loss = loss * float("nan")
-            loss_sum += loss.detach().float()
-            scaled = loss / cfg.grad_accum
-            if scale is not None:
-                scaled = scaled * scale
-            scaled.backward()
+            # DDP: all-reduce the FP32 gradients once, after the last micro-batch
+            with micro_batch_context(self.train_model, micro == cfg.grad_accum - 1):
+                with self.autocast():
+                    loss = self.train_model(x, y)
+                if (step + 1) in self.nan_steps:
+                    loss = loss * float("nan")
+                loss_sum += loss.detach().float()
+                scaled = loss / cfg.grad_accum
+                if scale is not None:
+                    scaled = scaled * scale
+                scaled.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         if scale is not None:
             torch._foreach_mul_(grads, (1.0 / scale).to(grads[0].dtype))
         max_norm = cfg.clip if cfg.clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=self.device.type == "cuda")
+        if hasattr(gnorm, "to_local"):  # FSDP2: the global norm as a replicated DTensor
+            gnorm = gnorm.to_local()
         loss_mean = loss_sum / cfg.grad_accum
         ok = torch.isfinite(gnorm) & torch.isfinite(loss_mean)
         if self.device_skip:
@@ -503,13 +545,16 @@ class Trainer:
         bad = (~ok).long()
         self.skipped += bad
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
+        if self.fp8 and self.dist is not None:  # delayed scaling: every rank must derive the same scales
+            sync_fp8_amax(self.model)
         if self.fp8:  # arm statistics for the pass of the next logged step
             self._fp8_step(self.model, collect_stats=(step + 2) % cfg.log_every == 0)
         return loss_mean, gnorm, ok
 
     def _offending_module(self) -> str | None:
         for p in self.params:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's shard
+            if g is not None and not torch.isfinite(g).all():
                 return self.param_names.get(id(p), "?").rsplit(".", 1)[0]
         return None
 
@@ -541,7 +586,9 @@ class Trainer:
         self.log(f"run directory: {self.run_dir}")
         self.log(f"model {self.model_cfg.name}: {self.model.num_params() / 1e6:.2f}M params | precision "
                  f"{cfg.precision}{' (' + self.policy.recipe.name + ')' if self.fp8 else ''} | device {self.device} | "
-                 f"{self.tokens_per_step} tokens/step | data {self.data_dir}"
+                 + (f"{cfg.parallel} x {self.world_size} ranks (global batch "
+                    f"{cfg.batch_size * self.world_size * cfg.grad_accum}) | " if self.dist is not None else "")
+                 + f"{self.tokens_per_step} tokens/step | data {self.data_dir}"
                  + (f" | resumed from step {self.step}" if self.ckpt is not None else ""))
         bar = None
         if self.is_main and cfg.progress:

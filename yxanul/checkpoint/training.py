@@ -75,13 +75,18 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
                    and (p / "meta.json").exists()), key=lambda p: p.name)
 
 
+def _has_weights(p: Path) -> bool:
+    """model.safetensors (one process) or dcp/.metadata (sharded, see yxanul.distributed)."""
+    return (p / "model.safetensors").exists() or (p / "dcp" / ".metadata").exists()
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder of a run (``latest`` file first, else the highest step)."""
     root = Path(run_dir) / "checkpoints"
     latest = root / "latest"
     if latest.exists():
         p = root / latest.read_text(encoding="utf-8").strip()
-        if p.is_dir() and (p / "meta.json").exists() and (p / "model.safetensors").exists():
+        if p.is_dir() and (p / "meta.json").exists() and _has_weights(p):
             return p
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
@@ -90,7 +95,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder (its latest checkpoint)."""
     p = Path(path)
-    if (p / "meta.json").exists() and (p / "model.safetensors").exists():
+    if (p / "meta.json").exists() and _has_weights(p):
         return p
     if p.is_dir():
         found = latest_checkpoint(p)
@@ -107,6 +112,9 @@ def load_checkpoint(path: str | Path):
     from ..config import ModelConfig, dataclass_from_dict
 
     p = resolve_checkpoint(path)
+    if not (p / "model.safetensors").exists() and (p / "dcp" / ".metadata").exists():
+        raise YxanulError("sharded (torch.distributed.checkpoint) checkpoint; make one file with `yxanul checkpoint "
+                          "consolidate RUN_OR_CKPT --out FILE.safetensors`", source=str(p))
     try:
         meta = json.loads((p / "meta.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:

@@ -9,7 +9,7 @@ _FLAGS = {
     "lr": float, "min_lr": float, "warmup": int, "weight_decay": float, "clip": float, "seed": int,
     "fp8_recipe": str, "fp8_backend": str, "eval_every": int, "eval_batches": int, "log_every": int,
     "checkpoint_every": int, "keep_last": int, "device": str, "optimizer_states": str, "max_bad_steps": int,
-    "tokenizer": str, "inject_nan_at": str,
+    "tokenizer": str, "inject_nan_at": str, "parallel": str,
 }
 
 
@@ -47,6 +47,8 @@ def register(sub) -> None:
     p.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--device", help="cpu | cuda | auto")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp2"],
+                   help="data parallelism across the processes started by torchrun (see docs/distributed.md)")
     p.add_argument("--optimizer-states", choices=["fp32", "bf16"])
     p.add_argument("--max-bad-steps", type=int, help="stop after K consecutive non-finite steps")
     p.add_argument("--inject-nan-at", metavar="STEPS", help="debugging aid: make these steps' loss NaN ('5,7-9')")
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     resume = None
     base = None
     if args.resume is not None:
-        from ..checkpoint.training import load_checkpoint, resolve_checkpoint
+        from ..checkpoint.training import resolve_checkpoint
+        from ..distributed import read_checkpoint_meta
         if args.resume:
             resume = args.resume
         elif args.out:
@@ -73,11 +76,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise YxanulError("bare --resume needs --out RUN_DIR (or pass --resume PATH)", source="--resume")
         ckpt = resolve_checkpoint(resume)
-        _, _, meta = load_checkpoint(ckpt)
+        meta = read_checkpoint_meta(ckpt)
+        # how the run is launched (--parallel) is not inherited: a checkpoint resumes in any mode
         base = TrainConfig(**{k: v for k, v in meta.get("train_config", {}).items()
-                              if k in TrainConfig.__dataclass_fields__})
+                              if k in TrainConfig.__dataclass_fields__ and k != "parallel"})
         overrides.pop("out", None)
         resume = str(ckpt)
     cfg = load_train_config(args.train_config, overrides, base=base)
-    Trainer(cfg, resume=resume).fit()
+    try:
+        Trainer(cfg, resume=resume).fit()
+    finally:
+        if cfg.parallel != "none":
+            from ..distributed import destroy_distributed
+            destroy_distributed()
     return 0

@@ -3,3 +3,10 @@ from .formats import FORMATS, Fp8Format, get_format
 from .quant import dequantize, quantize, scale_shape
 
 __all__ = ["FORMATS", "Fp8Format", "get_format", "quantize", "dequantize", "scale_shape"]
+
+# FP8 linear layers and backends
+from .backends import Fp8Ops, get_ops, register_ops, selfcheck  # noqa: E402
+from .linear import Fp8Linear, convert_model, fp8_check, fp8_stats, fp8_step, unconvert_model  # noqa: E402
+
+__all__ += ["Fp8Linear", "convert_model", "unconvert_model", "fp8_step", "fp8_stats", "fp8_check",
+            "Fp8Ops", "get_ops", "register_ops", "selfcheck"]
