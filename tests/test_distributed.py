@@ -423,3 +423,23 @@ def test_parallel_cli_errors(tmp_path):
     assert r.returncode != 0 and "yxanul: error: parallel: launched with 2 processes" in r.stderr
     assert "exitcode  : 2" in r.stderr or "exit code 2" in r.stderr.lower() or "exitcode: 2" in r.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_single_process_checkpoint_resumes_under_fsdp2(tmp_path):
+    """A one-process checkpoint (model.safetensors + state.pt) continues on 2 FSDP2 ranks with the same global
+    batch: weights and AdamW states are loaded in full and sharded; losses follow the uninterrupted run."""
+    run = tmp_path / "run"
+    r = yxanul("train", *TRAIN, "--steps", "5", "--batch-size", "4", "--precision", "fp32", "--checkpoint-every", "3",
+               "--keep-last", "3", "--out", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = losses(run)
+    ck3 = run / "checkpoints" / "step_00000003"
+    assert (ck3 / "model.safetensors").is_file()
+    r = torchrun(["-m", "yxanul", "train", "--parallel", "fsdp2", "--batch-size", "2", "--no-progress",
+                  "--resume", str(ck3)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    resumed = losses(run)
+    assert sorted(resumed) == [1, 2, 3, 4, 5]
+    for s in (4, 5):
+        assert resumed[s] == pytest.approx(full[s], rel=1e-4, abs=1e-4), (s, full[s], resumed[s])
+    assert json.loads((run / "checkpoints" / "step_00000005" / "meta.json").read_text())["format"] == "dcp"

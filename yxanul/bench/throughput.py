@@ -113,7 +113,6 @@ class _Run:
             if compile_:
                 model.hidden = torch.compile(model.hidden)
         elif mode.startswith("fp8"):
-            from .. import kernels
             from ..fp8.linear import convert_model
             from ..precision import load_policy
 
@@ -121,7 +120,8 @@ class _Run:
             recipe = {"fp8": pol.recipe.name, "fp8-head": pol.recipe.name}.get(mode, mode[len("fp8-"):])
             pol = pol.with_recipe(name=recipe, calibration_steps=0)
             backend = "native" if device.type == "cuda" else "emulated"
-            installed = kernels.install_fp8_ops(pol.recipe, backend)
+            from ..fp8.backends import _triton_overrides
+            installed = sorted(_triton_overrides(pol.recipe)) if backend == "native" else []
             if installed:
                 self.notes.append("triton quantizers: " + ",".join(installed))
             convert_model(model, pol, backend=backend, quiet=True)

@@ -285,6 +285,22 @@ def native_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
     return out[:M, :N]
 
 
+@torch.library.custom_op("yxanul::native_gemm", mutates_args=())
+def _native_gemm_op(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
+                    out_dtype: torch.dtype, block: int) -> torch.Tensor:
+    return native_gemm(a_q, a_s, b_q, b_s, out_dtype, block)
+
+
+@_native_gemm_op.register_fake
+def _(a_q, a_s, b_q, b_s, out_dtype, block):
+    return a_q.new_empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype)
+
+
+def native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
+    """:func:`native_gemm` as one opaque custom op, so torch.compile keeps its graph whole around it."""
+    return _native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, int(block))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The op table
 # ---------------------------------------------------------------------------------------------------------
@@ -329,7 +345,7 @@ def default_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str =
     f = get_format(fmt)
     g = get_format(recipe.grad_format) if recipe.fp8_format == "hybrid" else f
     b, p2 = recipe.block_size, recipe.pow2_scales
-    gemm = functools.partial(native_gemm if backend == "native" else emulated_gemm, block=b)
+    gemm = functools.partial(native_gemm_op if backend == "native" else emulated_gemm, block=b)
     if recipe.name == "blockwise":
         aq = functools.partial(quant_tiles, fmt=f, block=b, pow2=p2)
         gq = functools.partial(quant_tiles, fmt=g, block=b, pow2=p2)
@@ -365,9 +381,24 @@ def register_ops(recipe: str, backend: str, **ops: Callable) -> None:
             cur[k] = v
 
 
+def _triton_overrides(recipe: Fp8Recipe) -> dict[str, Callable]:
+    """The fused Triton quantizers (bit-identical to the reference ones) when Triton runs on this GPU."""
+    try:
+        from .. import kernels
+        if not (torch.cuda.is_available() and kernels.triton_available()):
+            return {}
+        return kernels.fp8_op_overrides(recipe)
+    except Exception:  # noqa: BLE001 - a broken Triton install falls back to the reference quantizers
+        return {}
+
+
 def get_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str = "emulated") -> Fp8Ops:
+    """The op table of (recipe, backend): the reference ops, on ``native`` the Triton quantizers where they
+    exist, then anything registered with :func:`register_ops`."""
     ops = default_ops(recipe, fmt, backend)
-    over = _REGISTRY.get((recipe.name, backend))
+    native_e4m3 = backend == "native" and get_format(fmt).name == "e4m3"
+    over = dict(_triton_overrides(recipe)) if native_e4m3 else {}
+    over.update(_REGISTRY.get((recipe.name, backend), {}))
     return replace(ops, **over) if over else ops
 
 

@@ -244,7 +244,7 @@ OPS = {"act_quant": act_quant, "act_quant_t": act_quant_t, "act_quant_dual": act
        "swiglu_quant": swiglu_quant}
 
 
-def install_fp8_ops(recipe, backend: str = "native") -> list[str]:
+def fp8_op_overrides(recipe) -> dict:
     """Plug the Triton quantizers into the FP8 layers' op table for `recipe` (an ``Fp8Recipe``) on `backend`.
 
     Blockwise: activations, their transpose, output grads (both layouts) and weights. Tensorwise: activations,
@@ -252,7 +252,6 @@ def install_fp8_ops(recipe, backend: str = "native") -> list[str]:
     keep the reference ops. The kernels produce the same bytes as the reference quantizers; off CUDA the
     dispatchers fall back to them. Returns the names of the ops installed.
     """
-    from ..fp8.backends import register_ops
     from ..fp8.formats import get_format
 
     f = get_format(recipe.fp8_format if recipe.fp8_format != "hybrid" else "e4m3").name
@@ -269,8 +268,17 @@ def install_fp8_ops(recipe, backend: str = "native") -> list[str]:
                    grad_quant=functools.partial(tensor_quant, fmt=g),
                    weight_quant=functools.partial(tensor_quant, fmt=f))
     else:
-        return []
-    register_ops(recipe.name, backend, **ops)
+        return {}
+    return ops
+
+
+def install_fp8_ops(recipe, backend: str = "native") -> list[str]:
+    """Register :func:`fp8_op_overrides` for (recipe name, backend) globally. The native backend already uses
+    them by default when Triton runs on the GPU; this is for explicit control. Returns the op names."""
+    from ..fp8.backends import register_ops
+    ops = fp8_op_overrides(recipe)
+    if ops:
+        register_ops(recipe.name, backend, **ops)
     return sorted(ops)
 
 
