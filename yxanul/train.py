@@ -389,10 +389,10 @@ class Trainer:
             self.policy = self.policy.with_recipe(name=cfg.fp8_recipe)
         self.fp8 = cfg.precision == "fp8"
         self._fp8_step = self._fp8_stats = None
+        model.to(self.device)  # before conversion: `auto` picks the FP8 backend from where the weights live
         if self.fp8:
             convert_model, self._fp8_step, self._fp8_stats = _fp8_api()
             convert_model(model, self.policy, backend=cfg.fp8_backend)
-        model.to(self.device)
         self.model = model
         self.ckpt_dcp = self.ckpt is not None and is_dcp_checkpoint(self.ckpt)
         if self.ckpt is not None and self.ckpt_dcp:
