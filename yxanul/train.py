@@ -350,8 +350,6 @@ class Trainer:
 
         cfg = self.cfg
         self.device = self._device()
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # subnormals make CPU kernels 10-25x slower; they carry no signal here
         # run folder and resume point
         self.ckpt = None
         if self.resume_from is not None:
@@ -590,6 +588,8 @@ class Trainer:
                     f"{cfg.batch_size * self.world_size * cfg.grad_accum}) | " if self.dist is not None else "")
                  + f"{self.tokens_per_step} tokens/step | data {self.data_dir}"
                  + (f" | resumed from step {self.step}" if self.ckpt is not None else ""))
+        # subnormals make CPU kernels 10-25x slower and carry no signal here; restored when training ends
+        flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
         bar = None
         if self.is_main and cfg.progress:
             from tqdm.auto import tqdm
@@ -653,6 +653,8 @@ class Trainer:
                 else:
                     t_last = time.perf_counter()
         finally:
+            if flush:
+                torch.set_flush_denormal(False)
             if bar is not None:
                 bar.close()
             if tb is not None:

@@ -295,6 +295,15 @@ def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float =
                 w.close()
 
         train, val = writers["train"], writers["val"]
+        if train.tokens == 0 and val.tokens > 0 and not val_items:
+            # every document hashed into val (only a few documents): they become train, and the tail of the
+            # tokens moves to val below
+            for sh in val.shards:
+                renamed = "train_" + sh["file"][len("val_"):]
+                os.replace(tmp / sh["file"], tmp / renamed)
+                sh["file"] = renamed
+            val.split = "train"
+            train, val = val, _ShardWriter(tmp, "val", shard_tokens)
         if train.tokens == 0:
             raise YxanulError("inputs hold no text", source=", ".join(map(str, inputs)))
         if val.tokens == 0 and val_fraction > 0 and not val_items:
