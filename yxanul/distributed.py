@@ -422,16 +422,8 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimi
 
 
 def read_checkpoint_meta(ckpt: str | Path) -> dict:
-    path = Path(ckpt) / "meta.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise YxanulError("missing meta.json (is this a training checkpoint?)", source=str(path)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise YxanulError(f"unreadable meta.json: {e}", source=str(path)) from None
-    if not isinstance(meta, dict):
-        raise YxanulError("must be a JSON object", source=str(path))
-    return meta
+    from .io import read_checkpoint_meta_file
+    return read_checkpoint_meta_file(Path(ckpt) / "meta.json")
 
 
 def check_resume_world_size(meta: dict, world_size: int, batch_size: int, grad_accum: int,

@@ -11,6 +11,20 @@ from pathlib import Path
 from .errors import YxanulError
 
 
+def read_checkpoint_meta_file(path: str | os.PathLike) -> dict:
+    """A training checkpoint's meta.json as a dict; a missing or malformed file is a one-line YxanulError."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise YxanulError("missing meta.json (is this a training checkpoint?)", source=str(path)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise YxanulError(f"unreadable meta.json: {e}", source=str(path)) from None
+    if not isinstance(meta, dict):
+        raise YxanulError("must be a JSON object", source=str(path))
+    return meta
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..config import ModelConfig, dataclass_from_dict, load_model_config
 from ..errors import YxanulError
+from ..io import read_checkpoint_meta_file
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
           "fp16": "float16", "float16": "float16"}
@@ -53,18 +54,6 @@ text = enc.decode(ids)
 """
 
 
-def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise YxanulError("missing meta.json (is this a training checkpoint?)", source=str(path)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise YxanulError(f"unreadable meta.json: {e}", source=str(path)) from None
-    if not isinstance(meta, dict):
-        raise YxanulError("must be a JSON object", source=str(path))
-    return meta
-
-
 def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
     """(ModelConfig, {parameter name: tensor}, meta) of a run folder, a step folder, or a bare ``.safetensors``.
 
@@ -90,7 +79,7 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
         from .training import resolve_checkpoint
 
         folder = resolve_checkpoint(p)
-        meta = _read_meta(folder / "meta.json")
+        meta = read_checkpoint_meta_file(folder / "meta.json")
         mc = meta.get("model_config")
         src = str(folder / "meta.json")
         if not isinstance(mc, dict):
