@@ -5,6 +5,8 @@ Every loader raises :class:`YxanulError` naming the file and key on bad input.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -44,7 +46,7 @@ def load_yaml(path: str | Path) -> dict:
 
 def _coerce(value: Any, typ: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None:
             return None
@@ -112,7 +114,7 @@ class ModelConfig:
             raise YxanulError("must be even for RoPE", source=source, key="head_dim")
         if self.embed_rank < 0:
             raise YxanulError("must be >= 0", source=source, key="embed_rank")
-        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
+        if not all(math.isfinite(v) and v > 0 for v in (self.norm_eps, self.init_std, self.rope_theta)):
             raise YxanulError("norm_eps, init_std and rope_theta must be positive", source=source)
         return self
 
@@ -121,7 +123,7 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def load_model_config(spec: str | Path, overrides: dict | None = None) -> ModelConfig:
+def load_model_config(spec: str | Path, overrides: dict | None = None, _seen: tuple = ()) -> ModelConfig:
     """`spec` is a preset name (see configs/models) or a YAML path.
 
     A YAML file may name a preset to start from with `preset: NAME` and override fields one by one.
@@ -144,7 +146,10 @@ def load_model_config(spec: str | Path, overrides: dict | None = None) -> ModelC
         preset = data.pop("preset")
         if not isinstance(preset, str):
             raise YxanulError("expected a preset name", source=source, key="preset")
-        base = load_model_config(preset)
+        if preset in _seen or str(Path(preset).resolve()) in _seen:
+            raise YxanulError(f"presets refer to each other in a loop ({' -> '.join(map(str, _seen))})",
+                              source=source, key="preset")
+        base = load_model_config(preset, _seen=_seen + (spec, str(Path(spec).resolve())))
     data.setdefault("name", name)
     cfg = dataclass_from_dict(ModelConfig, data, source, base=base)
     if overrides:

@@ -61,7 +61,8 @@ def sample_next(logits: torch.Tensor, opts: SamplingOptions, gen: torch.Generato
     logits = logits.float()
     if opts.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / opts.temperature
+    # subtract the row max first: a tiny temperature then sends the others to -inf instead of overflowing to NaN
+    logits = (logits - logits.amax(-1, keepdim=True)) / opts.temperature
     if opts.top_k and opts.top_k < logits.shape[-1]:
         kth = torch.topk(logits, opts.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -76,6 +76,9 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
         raise YxanulError("exists; pass --overwrite to replace it", source=str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         yield tmp
         if out.exists():

@@ -28,6 +28,8 @@ import sys
 import time
 import traceback
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F  # noqa: F401  (the plain mode's loss lives in Yxanul.forward)
 
@@ -216,7 +218,12 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         cfg = dataclasses.replace(cfg, n_layers=int(layers))
     if seq > cfg.max_seq_len:
         raise YxanulError(f"sequence length {seq} exceeds the model's max_seq_len {cfg.max_seq_len}", key="--seq")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise YxanulError(f"unknown device {device!r} (expected cpu or cuda)", key="--device") from None
+    if json_out and Path(json_out).is_dir():
+        raise YxanulError("is a folder; give a file path for the JSON", source=str(json_out), key="--json-out")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise YxanulError("CUDA is not available", key="--device")
     if policy is not None:

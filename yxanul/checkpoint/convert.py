@@ -192,7 +192,7 @@ def _read_config(ck: Checkpoint) -> tuple[dict | None, Path | None]:
         return None, None
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise _yerr("is not valid JSON", source=str(p)) from None
     if not isinstance(cfg, dict):
         raise _yerr("must be a JSON object", source=str(p))
@@ -286,8 +286,7 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
     skip = tuple(skip or ())
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
     ck = open_checkpoint(src)
-    if Path(dst).resolve() == ck.root.resolve() or Path(dst).resolve() in [Path(h.path).resolve() for h in ck.headers]:
-        raise _yerr("output must differ from the input", source=str(dst))
+    _check_out_apart(ck, dst)
     all_t = [t for _, t in ck.tensors()]
     for t in all_t:
         if t.dtype in _FP8 or t.name.endswith("_scale_inv"):
@@ -414,6 +413,15 @@ def _report(rows, tot, ck, dst, qcfg, warns, copied, had_config, what) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # dequantize
 # ---------------------------------------------------------------------------------------------------------------
+def _check_out_apart(ck, dst) -> None:
+    """OUT must be neither an input file/folder nor a folder that contains one (--overwrite would delete it)."""
+    out = Path(dst).resolve()
+    inputs = [ck.root.resolve()] + [Path(h.path).resolve() for h in ck.headers]
+    for p in inputs:
+        if p == out or p.is_relative_to(out):
+            raise _yerr("output must differ from the input and must not contain it", source=str(dst))
+
+
 def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False) -> dict:
     """Turn every FP8 weight with a ``<name>_scale_inv`` back into ``dtype`` (bf16 or fp32); drop the scales.
 
@@ -429,8 +437,7 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
     if dt is None:
         raise _yerr(f"unknown dtype {dtype!r} (expected bf16 or fp32)", key="--dtype")
     ck = open_checkpoint(src)
-    if Path(dst).resolve() == ck.root.resolve():
-        raise _yerr("output must differ from the input", source=str(dst))
+    _check_out_apart(ck, dst)
     cfg, cfg_path = _read_config(ck)
     qcfg = (cfg or {}).get("quantization_config")
     cfg_block = None
@@ -457,6 +464,10 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
                 base = t.name[: -len("_scale_inv")]
                 if base not in where:
                     raise _yerr(f"scale tensor has no weight {base!r}", source=h.path, key=safe_name(t.name))
+                if where[base][1].dtype not in _FP8:
+                    raise _yerr(f"scale of a {where[base][1].dtype} weight: only FP8 block weights can be "
+                                f"dequantized (dropping the scale would corrupt it)", source=h.path,
+                                key=safe_name(t.name))
                 continue
             if t.dtype not in _FP8:
                 outs.append(_Out(t.name, t.dtype, t.shape, "copy", t, h.path))

@@ -93,8 +93,9 @@ def parse_header_bytes(raw: bytes, path: str = "<bytes>", file_size: int | None 
         obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
         raise _err(path, f"duplicate key {e.args[0]!r} in header") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nesting too deep"
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, over-long integer literals, deep nesting
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else (
+            "nesting too deep" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120])
         raise _err(path, f"header is not valid JSON ({msg})") from None
     if not isinstance(obj, dict):
         raise _err(path, f"header must be a JSON object, got {type(obj).__name__}")
@@ -238,7 +239,7 @@ def read_index(path: str | os.PathLike, check_files: bool = True) -> Safetensors
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise _err(p, "index is not valid UTF-8") from None
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         raise _err(p, "index is not valid JSON") from None
     if not isinstance(obj, dict):
         raise _err(p, "index must be a JSON object")

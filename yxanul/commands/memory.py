@@ -39,7 +39,7 @@ def run(args):
     est = estimate(cfg, pol, opts)
     opts = MemoryOptions(**{**opts.__dict__, "seq": est["seq"]})
     other = None
-    if args.precision is None or not args.json:
+    if args.precision is None or not args.json or cfg.name == "yxanul-197m-seed":
         other_mode = "bf16" if est["precision"] == "fp8" else "fp8"
         other = estimate(cfg, pol, MemoryOptions(**{**opts.__dict__, "precision": other_mode}))
     bf16, fp8 = (est, other) if est["precision"] == "bf16" else (other, est)

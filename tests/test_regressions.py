@@ -1,0 +1,72 @@
+"""Bad inputs found in review: each must end in a one-line error (exit 2) or a correct result, never a traceback
+or lost data."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from yxanul.cli import main
+from yxanul.errors import YxanulError
+
+
+def test_dequantize_refuses_scale_of_non_fp8_weight(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    save_file({"l.weight": torch.zeros(256, 256, dtype=torch.int8), "l.weight_scale_inv": torch.ones(2, 2)},
+              str(src / "model.safetensors"))
+    assert main(["dequantize", str(src), str(tmp_path / "out")]) == 2
+    assert "only FP8" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cmd", ["quantize", "dequantize"])
+def test_output_containing_the_input_is_refused(tmp_path, cmd, capsys):
+    ck = tmp_path / "h" / "ck"
+    ck.mkdir(parents=True)
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.randn(128, 128)}, str(ck / "model.safetensors"))
+    rc = main([cmd, str(ck / "model.safetensors"), str(tmp_path / "h"), "--overwrite"])
+    assert rc == 2 and "must not contain it" in capsys.readouterr().err
+    assert (ck / "model.safetensors").is_file()
+    rc = main([cmd, str(ck / "model.safetensors"), str(ck / "model.safetensors"), "--overwrite"])
+    assert rc == 2 and (ck / "model.safetensors").is_file()
+
+
+def test_optional_fields_are_type_checked(tmp_path):
+    from yxanul.train import load_train_config
+    p = tmp_path / "t.yaml"
+    p.write_text("data: 5\n")
+    with pytest.raises(YxanulError, match="data"):
+        load_train_config(str(p))
+
+
+def test_nan_norm_eps_and_preset_loop_rejected(tmp_path):
+    from yxanul.config import load_model_config
+    p = tmp_path / "m.yaml"
+    p.write_text("preset: tiny\nnorm_eps: .nan\n")
+    with pytest.raises(YxanulError, match="norm_eps"):
+        load_model_config(str(p))
+    q = tmp_path / "loop.yaml"
+    q.write_text(f"preset: {q}\n")
+    with pytest.raises(YxanulError, match="loop"):
+        load_model_config(str(q))
+
+
+def test_tiny_temperature_samples_the_argmax():
+    from yxanul.generate import SamplingOptions, sample_next
+    out = sample_next(torch.tensor([[1.0, 2.0, -3.0]]), SamplingOptions(temperature=1e-40), torch.Generator())
+    assert out.tolist() == [1]
+
+
+def test_memory_json_with_precision_for_seed_preset(capsys):
+    assert main(["memory", "--model", "yxanul-197m-seed", "--precision", "bf16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] > 0
+
+
+def test_huge_integer_in_header_is_a_clean_error(tmp_path, capsys):
+    raw = ('{"t": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 4]}}').encode()
+    p = tmp_path / "bad.safetensors"
+    p.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 4)
+    assert main(["analyze", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
