@@ -178,9 +178,10 @@ def test_default_preset_matches_builtin_defaults():
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    cfg = TrainConfig(steps=101, warmup=10, lr=1.0, min_lr=0.1)
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
-    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 100) == pytest.approx(0.1)
+    # steps run are 0..100: the last one gets min_lr exactly
+    assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, cfg.steps - 1) == pytest.approx(0.1)
     assert lr_at(cfg, 55) == pytest.approx(0.55)
 
 
@@ -258,3 +259,24 @@ def test_fp8_resume_is_bit_identical(tmp_path, small_model, data_dir, recipe):
     assert main(["train", "--resume", str(run / "checkpoints" / "step_00000003"), "--no-progress"]) == 0
     got = _losses(run)
     assert sorted(got) == list(range(1, 7)) and got == ref
+
+
+def test_bf16_optimizer_states_resume_is_bit_identical(tmp_path, small_model, data_dir):
+    """torch's Optimizer.load_state_dict casts state to the parameter dtype; BF16 moments must stay BF16."""
+    run = tmp_path / "bf16states"
+    assert main(_args(run, small_model, data_dir, steps=6, optimizer_states="bf16", checkpoint_every=3)) == 0
+    ref = _losses(run)
+    assert main(["train", "--resume", str(run / "checkpoints" / "step_00000003"), "--no-progress"]) == 0
+    assert _losses(run) == ref
+
+
+def test_resume_from_older_checkpoint_drops_the_abandoned_branch(tmp_path, small_model, data_dir):
+    from yxanul.checkpoint.training import latest_checkpoint, list_checkpoints
+    run = tmp_path / "branch"
+    assert main(_args(run, small_model, data_dir, steps=6, checkpoint_every=2, keep_last=3)) == 0
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000004", "step_00000006"]
+    assert main(["train", "--resume", str(run / "checkpoints" / "step_00000002"), "--steps", "3",
+                 "--checkpoint-every", "1", "--no-progress"]) == 0
+    names = [p.name for p in list_checkpoints(run)]
+    assert "step_00000006" not in names and "step_00000004" not in names
+    assert latest_checkpoint(run).name == "step_00000003"

@@ -358,7 +358,7 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimi
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from .checkpoint.training import checkpoint_name, list_checkpoints
+    from .checkpoint.training import checkpoint_name, prune_checkpoints
     from .io import atomic_write_text
 
     info = dist_info()
@@ -410,9 +410,7 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimi
                 else:
                     os.replace(tmp, out)
                 atomic_write_text(ckpt_root / "latest", out.name + "\n")
-                if keep_last and keep_last > 0:
-                    for old in list_checkpoints(run_dir)[:-keep_last]:
-                        shutil.rmtree(old, ignore_errors=True)
+                prune_checkpoints(run_dir, out, keep_last)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
         _barrier()

@@ -9,7 +9,7 @@ Resolution (deterministic; every module that owns parameters gets exactly one pr
 2. Explicit lists (``fp32_components``, ``bf16_components``, ``fp8_components``) override step 1. A pattern is
    an fnmatch glob (``*`` crosses dots) matched against the module name, the name with a ``model.`` prefix,
    and the name with its last part replaced by the module's type (so ``model.*.rmsnorm`` matches every
-   RMSNorm). When patterns of several lists match one module, the higher precision wins:
+   RMSNorm inside a layer; the top-level final ``norm`` is matched by its name). When patterns of several lists match one module, the higher precision wins:
    fp32 > bf16 > fp8.
 3. ``use_fp8: false`` turns every FP8 result into ``default_dtype`` (BF16 if that is FP8 too).
 4. Patterns that name runtime state rather than modules (``optimizer.*``, ``loss_scale``,
@@ -229,6 +229,8 @@ def load_policy(path: str | Path | None = None, strict: bool | None = None) -> P
     strategy = dataclass_from_dict(PrecisionStrategy, ps, src, prefix="precision_strategy.")
     pol = Policy(strategy=strategy, source=src)
     fmt = strategy.fp8_format.lower()
+    strategy = PrecisionStrategy(**{**asdict(strategy), "fp8_format": fmt})
+    pol.strategy = strategy
     if fmt not in ("e4m3", "e5m2"):
         raise YxanulError(f"unknown FP8 format {strategy.fp8_format!r} (expected e4m3 or e5m2)", source=src,
                           key="precision_strategy.fp8_format")

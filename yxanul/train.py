@@ -159,7 +159,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup over `warmup` steps, then cosine decay from lr to min_lr at the last step."""
     if cfg.warmup and step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
+    span = max(1, cfg.steps - 1 - cfg.warmup)  # the last step run is steps - 1: it gets min_lr
     t = min(1.0, (step - cfg.warmup) / span)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
@@ -206,6 +206,13 @@ class AdamWBF16States(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)  # casts the moments to the parameters' dtype (FP32): undo that
+        for st in self.state.values():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    st[k] = st[k].to(torch.bfloat16)  # exact: the saved values were BF16
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -305,6 +312,14 @@ def _jsonable(v):
     return v
 
 
+def _env_int(name: str, default: int = 1) -> int:
+    v = os.environ.get(name, "") or str(default)
+    try:
+        return int(v)
+    except ValueError:
+        raise YxanulError(f"expected an integer, got {v!r}", source="environment", key=name) from None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int | None = None, world_size: int | None = None,
                  resume: str | None = None, log=print):
@@ -313,7 +328,7 @@ class Trainer:
         if cfg.parallel != "none":
             from .distributed import init_distributed
             self.dist = init_distributed(cfg.device)
-        elif rank is None and world_size is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        elif rank is None and world_size is None and _env_int("WORLD_SIZE") > 1:
             raise YxanulError(f"launched with {os.environ['WORLD_SIZE']} processes (torchrun) but --parallel is none: "
                               "each would train alone; pass --parallel ddp or --parallel fsdp2", key="parallel")
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -357,6 +372,8 @@ class Trainer:
             self.run_dir = self.ckpt.parent.parent
         else:
             self.run_dir = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+            if self.run_dir.exists() and not self.run_dir.is_dir():
+                raise YxanulError("exists and is not a folder", source=str(self.run_dir), key="--out")
             if self.is_main and (self.run_dir / "metrics.jsonl").exists():
                 raise YxanulError("run folder already holds a run; pass --resume to continue it or another --out",
                                   source=str(self.run_dir))
@@ -397,6 +414,10 @@ class Trainer:
             ck_meta = read_checkpoint_meta(self.ckpt)  # weights come through DCP once the model is wrapped
         elif self.ckpt is not None:
             _, sd, ck_meta = load_checkpoint(self.ckpt)
+            own = model.state_dict()
+            fp8_state = ("amax_history", "scale_inv", "scale_ready", "fp8_steps")
+            # delayed-scaling state of an FP8 run is dropped when resuming it in another precision
+            sd = {k: v for k, v in sd.items() if k in own or not k.endswith(fp8_state)}
             missing, unexpected = model.load_state_dict(sd, strict=False)
             if missing or unexpected:
                 raise YxanulError(f"checkpoint does not match the model (missing {missing[:3]}, unexpected "
@@ -535,6 +556,7 @@ class Trainer:
             del self.opt.found_inf
         elif bool(ok):
             self.opt.step()
+            self.last_bad_module = None
         else:
             self.last_bad_module = self._offending_module()
         self.opt.zero_grad(set_to_none=True)

@@ -115,6 +115,10 @@ def _make_trainer(cfg, extra: dict, data_seed: int):
     return t
 
 
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
 def _read_curves(run_dir: Path) -> dict:
     train, val = [], []
     path = run_dir / "metrics.jsonl"
@@ -166,11 +170,14 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     for mode in run_modes:
         mode_dir = out_dir / mode
         done = mode_dir / "result.json"
-        if reuse and done.exists():
-            rec = json.loads(done.read_text(encoding="utf-8"))
+        over, extra = _mode_setup(mode, policy, out_dir)
+        settings = _jsonable({**base, **over, "data_seed": seed + 1 if mode == NOISE_MODE else seed,
+                              "extra": extra, "last_evals": last_evals})
+        prev = json.loads(done.read_text(encoding="utf-8")) if (reuse and done.exists()) else None
+        if prev is not None and prev.get("settings") == settings and prev.get("error") is None:
+            rec = prev
             print(f"[quality] {mode}: reusing {done}", flush=True)
         else:
-            over, extra = _mode_setup(mode, policy, out_dir)
             cfg = load_train_config(None, {**base, **over, "out": str(mode_dir),
                                            "policy": over.get("policy", policy)})
             if mode_dir.exists() and (mode_dir / "metrics.jsonl").exists():
@@ -189,7 +196,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             except YxanulError as e:
                 error, summary, device_name = str(e), {}, None
             curves = _read_curves(mode_dir)
-            rec = {"mode": mode, "curves": curves, "final_val_loss": final_val(curves, last_evals),
+            rec = {"mode": mode, "settings": settings, "curves": curves, "final_val_loss": final_val(curves, last_evals),
                    "final_train_loss": summary.get("final_loss"), "skipped_steps": summary.get("skipped_steps"),
                    "seconds": round(time.perf_counter() - t0, 1), "device": device_name, "error": error}
             atomic_write_json(done, rec)

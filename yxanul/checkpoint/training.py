@@ -61,10 +61,20 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
         torch.save(state, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     atomic_write_text(ckpt_root / "latest", out.name + "\n")
-    if keep_last and keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, out, keep_last)
     return out
+
+
+def prune_checkpoints(run_dir: str | Path, current: Path, keep_last: int | None) -> None:
+    """Delete checkpoints newer than `current` (left by a run that was resumed from an earlier step: they belong
+    to the abandoned branch), then all but the last `keep_last`."""
+    ckpts = list_checkpoints(run_dir)
+    for p in ckpts:
+        if p.name > current.name:
+            shutil.rmtree(p, ignore_errors=True)
+    if keep_last and keep_last > 0:
+        for p in [p for p in ckpts if p.name <= current.name][:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

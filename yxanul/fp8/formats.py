@@ -38,4 +38,5 @@ def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
     """Round positive values up to the next power of two (DeepSeek V3.1's ue8m0 scales)."""
     # on the float bits (frexp), not log2: log2 of a value just above a power of two can round to an integer
     m, e = torch.frexp(x)
-    return torch.ldexp(torch.ones_like(x), torch.where(m == 0.5, e - 1, e))
+    out = torch.ldexp(torch.ones_like(x), torch.where(m == 0.5, e - 1, e))
+    return torch.where(torch.isfinite(x), out, x)  # NaN/Inf stay visible to the non-finite checks

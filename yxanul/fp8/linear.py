@@ -185,6 +185,12 @@ class Fp8Linear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         before = len(missing_keys)
+        hist = state_dict.get(prefix + "amax_history")
+        own_hist = getattr(self, "amax_history", None)
+        if hist is not None and own_hist is not None and hist.shape != own_hist.shape:
+            raise YxanulError(f"checkpoint has an amax history of {hist.shape[0]} steps, the recipe asks for "
+                              f"{own_hist.shape[0]}; resume with the same recipe.amax_history_len",
+                              key="recipe.amax_history_len")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # a plain nn.Linear checkpoint has no delayed-scaling state: keep the fresh buffers
@@ -327,8 +333,14 @@ def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Re
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         fmt = "e5m2" if prec == "fp8_e5m2" else "e4m3"
+        layer_backend = concrete
+        if fmt == "e5m2" and concrete == "native":  # cuBLAS has no E5M2 x E5M2 GEMM
+            layer_backend = "emulated"
+            if not quiet:
+                print(f"yxanul: {name}: E5M2 weights and activations have no native GEMM; emulated",
+                      file=sys.stderr)
         new = Fp8Linear(old.in_features, old.out_features, bias=old.bias is not None, recipe=recipe, fmt=fmt,
-                        backend=concrete, name=name, device="meta")
+                        backend=layer_backend, name=name, device="meta")
         new.weight = old.weight
         new.bias = old.bias
         new._init_buffers(old.weight.device)

@@ -91,6 +91,10 @@ def quantize(x: torch.Tensor, tile: Tile = (1, 128), fmt: str | Fp8Format = "e4m
         raise YxanulError(f"cannot quantize a {x.dtype} tensor", key=name)
     if x.dim() == 0:
         x = x.reshape(1)
+    if x.numel() == 0:
+        f0 = get_format(fmt)
+        return torch.empty(x.shape, dtype=f0.dtype, device=x.device), \
+            torch.ones(scale_shape(tuple(x.shape), tile), dtype=torch.float32, device=x.device)
     shape = tuple(x.shape)
     br, bc = _block(tile, shape)
     x2 = _as_2d(x)

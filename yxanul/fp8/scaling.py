@@ -57,7 +57,8 @@ def advance(history: torch.Tensor, scale_inv: torch.Tensor, ready: torch.Tensor,
     amax = history.amax(dim=0) if algo == "max" else history[0]
     new = scale_from_history(history, algo, fmt_max, margin)
     if pow2:
-        new = torch.exp2(torch.ceil(torch.log2(new.clamp_min(1e-30))))
+        from .formats import pow2_ceil
+        new = pow2_ceil(new.clamp_min(1e-30))
     has = amax > 0
     scale_inv.copy_(torch.where(has, new, scale_inv))
     ready.copy_(torch.where(has, torch.ones_like(ready), ready))

@@ -123,7 +123,7 @@ class _Fp8Head:
             out = torch._scaled_mm(hq, self.wq.t(), scale_a=sh, scale_b=self.sw, out_dtype=self.out_dtype)
             return out[:, :self.V]
         wf = self.wf if not self.native else self.wq[:self.V].float() * self.sw
-        return (hq.float() * sh) @ wf.t()
+        return ((hq.float() * sh) @ wf.t()).to(self.out_dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
