@@ -70,3 +70,34 @@ def test_huge_integer_in_header_is_a_clean_error(tmp_path, capsys):
     assert main(["analyze", str(p)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "tensorwise", "rowwise", "delayed"])
+def test_fp8_model_traces_as_one_graph(recipe):
+    """A graph break at every FP8 linear (once caused by passing one scale tensor twice to the autograd
+    function) leaves torch.compile nothing to fuse."""
+    import torch._dynamo as dynamo
+    from yxanul.config import load_model_config
+    from yxanul.fp8.linear import convert_model
+    from yxanul.model import Yxanul
+    from yxanul.precision import load_policy
+    torch.manual_seed(0)
+    m = Yxanul(load_model_config("tiny", {"n_layers": 1}))
+    convert_model(m, load_policy().with_recipe(name=recipe, calibration_steps=0), backend="emulated", quiet=True)
+    dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ex = dynamo.explain(m.hidden)(torch.randint(0, 257, (1, 32)))
+    assert ex.graph_break_count == 0, [str(b.reason)[:200] for b in ex.break_reasons]
+
+
+def test_fused_cross_entropy_in_the_training_loop_matches_the_plain_loss(tmp_path):
+    from yxanul.train import TrainConfig, Trainer
+    losses = {}
+    for mode in ("on", "off"):
+        cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, out=str(tmp_path / mode), fused_ce=mode, eval_every=0,
+                          checkpoint_every=0, log_every=1, progress=False, tensorboard=False, precision="fp32")
+        t = Trainer(cfg, log=lambda *a, **k: None)
+        assert (getattr(t.model, "loss_fn", None) is not None) == (mode == "on")
+        t.fit()
+        losses[mode] = [json.loads(x)["loss"] for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)

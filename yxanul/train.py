@@ -80,6 +80,7 @@ class TrainConfig:
     inject_nan_at: str = ""  # debugging aid: "5" or "5,7-9" makes those steps' loss NaN
     progress: bool = True
     tensorboard: bool = True
+    fused_ce: str = "auto"  # auto (on for CUDA) | on | off: chunked linear cross-entropy, no full FP32 logits
 
     def validate(self, source: str = "train config") -> "TrainConfig":
         pos = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_bad_steps", "eval_batches",
@@ -114,6 +115,8 @@ class TrainConfig:
         if self.parallel not in ("none", "ddp", "fsdp2"):
             raise YxanulError(f"expected none, ddp or fsdp2, got {self.parallel!r}", source=source, key="parallel")
         parse_steps(self.inject_nan_at, source)
+        if self.fused_ce not in ("auto", "on", "off"):
+            raise YxanulError(f"expected auto, on or off, got {self.fused_ce!r}", source=source, key="fused_ce")
         return self
 
 
@@ -409,6 +412,9 @@ class Trainer:
             convert_model, self._fp8_step, self._fp8_stats = _fp8_api()
             convert_model(model, self.policy, backend=cfg.fp8_backend)
         self.model = model
+        if cfg.fused_ce == "on" or (cfg.fused_ce == "auto" and self.device.type == "cuda"):
+            from .kernels.linear_ce import use_fused_ce
+            use_fused_ce(model)  # halves peak memory with a 200k vocabulary (docs/benchmarks.md)
         self.ckpt_dcp = self.ckpt is not None and is_dcp_checkpoint(self.ckpt)
         if self.ckpt is not None and self.ckpt_dcp:
             ck_meta = read_checkpoint_meta(self.ckpt)  # weights come through DCP once the model is wrapped

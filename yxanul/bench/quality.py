@@ -101,9 +101,9 @@ def _make_trainer(cfg, extra: dict, data_seed: int):
 
     class QualityTrainer(Trainer):
         def wrap_model(self, model):
-            if self.device.type == "cuda" or extra.get("head_fp8"):
+            if extra.get("head_fp8"):  # the loop itself uses the fused loss on CUDA; this adds the FP8 head
                 from ..kernels.linear_ce import use_fused_ce
-                use_fused_ce(model, head_fp8=bool(extra.get("head_fp8")))
+                use_fused_ce(model, head_fp8=True)
             if extra.get("all_fp8"):
                 self.all_fp8_modules = apply_all_fp8(model)
             return super().wrap_model(model)

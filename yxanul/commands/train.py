@@ -9,7 +9,7 @@ _FLAGS = {
     "lr": float, "min_lr": float, "warmup": int, "weight_decay": float, "clip": float, "seed": int,
     "fp8_recipe": str, "fp8_backend": str, "eval_every": int, "eval_batches": int, "log_every": int,
     "checkpoint_every": int, "keep_last": int, "device": str, "optimizer_states": str, "max_bad_steps": int,
-    "tokenizer": str, "inject_nan_at": str, "parallel": str,
+    "tokenizer": str, "inject_nan_at": str, "parallel": str, "fused_ce": str,
 }
 
 
@@ -50,6 +50,8 @@ def register(sub) -> None:
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp2"],
                    help="data parallelism across the processes started by torchrun (see docs/distributed.md)")
     p.add_argument("--optimizer-states", choices=["fp32", "bf16"])
+    p.add_argument("--fused-ce", choices=["auto", "on", "off"],
+                   help="chunked linear cross-entropy without full FP32 logits (auto: on CUDA)")
     p.add_argument("--max-bad-steps", type=int, help="stop after K consecutive non-finite steps")
     p.add_argument("--inject-nan-at", metavar="STEPS", help="debugging aid: make these steps' loss NaN ('5,7-9')")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")

@@ -235,6 +235,8 @@ class Fp8Linear(nn.Module):
             q, s = self.ops.weight_quant(w)
             self._flag(1, s)
         qt, st = self.ops.weight_t(w, q, s)
+        if st is s:  # a per-tensor scale is its own transpose; autograd.Function inputs must be distinct tensors
+            st = s.clone()  # (dynamo breaks the graph at every layer otherwise)
         if self._collect:
             self._record_stats("w", w, q, s)
         return q, s, qt, st
