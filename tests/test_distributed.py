@@ -187,6 +187,11 @@ def _worker_main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _worker_main(sys.argv[1:])
+    # gloo's background threads can abort the interpreter's own teardown ("terminate called without an active
+    # exception") after all work is done and written; leave without it, as the CLI does
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------------------

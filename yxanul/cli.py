@@ -48,13 +48,20 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except YxanulError as e:
         print(f"yxanul: error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
     except KeyboardInterrupt:
         print("yxanul: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    if getattr(args, "exit_without_teardown", False):
+        # After a distributed run everything is written and the process group is gone, but gloo's background
+        # threads can still abort the interpreter's teardown ("terminate called without an active exception"),
+        # turning a finished run into a crash: leave directly.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(rc or 0))
     return int(rc or 0)
 
 

@@ -91,4 +91,5 @@ def run(args: argparse.Namespace) -> int:
         if cfg.parallel != "none":
             from ..distributed import destroy_distributed
             destroy_distributed()
+            args.exit_without_teardown = True  # see yxanul.cli.main
     return 0
