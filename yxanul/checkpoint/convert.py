@@ -372,14 +372,8 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
         tot["err"] += err
         _tensor_bytes(q, fh)
 
-    total_after = 0
     with torch.no_grad(), atomic_dir(dst, overwrite) as tmp:
-        for fname, outs in shards.items():
-            meta = dict(next(h for h in ck.headers if Path(h.path).name == fname).metadata)
-            meta.setdefault("format", "pt")
-            _write_shard(tmp / fname, outs, meta, produce)
-            total_after += sum(o.nbytes for o in outs)
-        _write_index(tmp, ck, shards, total_after, {})
+        _write_shards(tmp, ck, shards, produce)
         if cfg is not None:
             atomic_write_json(tmp / "config.json", {**cfg, "quantization_config": qcfg})
         copied = _copy_side_files(ck, tmp)
@@ -413,6 +407,18 @@ def _report(rows, tot, ck, dst, qcfg, warns, copied, had_config, what) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # dequantize
 # ---------------------------------------------------------------------------------------------------------------
+def _write_shards(tmp: Path, ck, shards: dict, produce) -> int:
+    """Write every output shard (keeping each input shard's metadata) and the index; returns the bytes written."""
+    total_after = 0
+    for fname, outs in shards.items():
+        meta = dict(next(h for h in ck.headers if Path(h.path).name == fname).metadata)
+        meta.setdefault("format", "pt")
+        _write_shard(tmp / fname, outs, meta, produce)
+        total_after += sum(o.nbytes for o in outs)
+    _write_index(tmp, ck, shards, total_after, {})
+    return total_after
+
+
 def _check_out_apart(ck, dst) -> None:
     """OUT must be neither an input file/folder nor a folder that contains one (--overwrite would delete it)."""
     out = Path(dst).resolve()
@@ -524,13 +530,7 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
         _tensor_bytes(y, fh)
 
     with torch.no_grad(), atomic_dir(dst, overwrite) as tmp:
-        total_after = 0
-        for fname, outs in shards.items():
-            meta = dict(next(h for h in ck.headers if Path(h.path).name == fname).metadata)
-            meta.setdefault("format", "pt")
-            _write_shard(tmp / fname, outs, meta, produce)
-            total_after += sum(o.nbytes for o in outs)
-        _write_index(tmp, ck, shards, total_after, {})
+        _write_shards(tmp, ck, shards, produce)
         if cfg is not None:
             out_cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
             if dt == "BF16" and "torch_dtype" in out_cfg:
