@@ -101,3 +101,15 @@ def test_fused_cross_entropy_in_the_training_loop_matches_the_plain_loss(tmp_pat
         t.fit()
         losses[mode] = [json.loads(x)["loss"] for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+@pytest.mark.parametrize("calib,expect", [(None, True), (0, False)])
+def test_calibration_steps_override(tmp_path, calib, expect):
+    from yxanul.fp8.linear import fp8_modules
+    from yxanul.train import TrainConfig, Trainer
+    cfg = TrainConfig(steps=1, batch_size=1, seq_len=16, out=str(tmp_path / "r"), precision="fp8",
+                      fp8_recipe="delayed", fp8_backend="emulated", fp8_calibration_steps=calib, progress=False,
+                      tensorboard=False)
+    t = Trainer(cfg, log=lambda *a, **k: None)
+    mods = fp8_modules(t.model)
+    assert mods and all(m.calibrating == expect for m in mods.values())  # the shipped policy says 100

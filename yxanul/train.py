@@ -62,6 +62,7 @@ class TrainConfig:
     precision: str = "bf16"
     fp8_recipe: str | None = None  # override the policy's recipe name
     fp8_backend: str = "auto"
+    fp8_calibration_steps: int | None = None  # override the policy's calibration_steps (delayed recipe only)
     optimizer_states: str = "fp32"  # fp32 | bf16
     loss_scale_init: float = 65536.0
     loss_scale_growth_interval: int = 2000
@@ -115,6 +116,8 @@ class TrainConfig:
         if self.parallel not in ("none", "ddp", "fsdp2"):
             raise YxanulError(f"expected none, ddp or fsdp2, got {self.parallel!r}", source=source, key="parallel")
         parse_steps(self.inject_nan_at, source)
+        if self.fp8_calibration_steps is not None and self.fp8_calibration_steps < 0:
+            raise YxanulError("must be >= 0", source=source, key="fp8_calibration_steps")
         if self.fused_ce not in ("auto", "on", "off"):
             raise YxanulError(f"expected auto, on or off, got {self.fused_ce!r}", source=source, key="fused_ce")
         return self
@@ -403,8 +406,9 @@ class Trainer:
         model = Yxanul(self.model_cfg)
         # precision
         self.policy = load_policy(cfg.policy)
-        if cfg.fp8_recipe:
-            self.policy = self.policy.with_recipe(name=cfg.fp8_recipe)
+        if cfg.fp8_recipe or cfg.fp8_calibration_steps is not None:
+            self.policy = self.policy.with_recipe(name=cfg.fp8_recipe,
+                                                  calibration_steps=cfg.fp8_calibration_steps)
         self.fp8 = cfg.precision == "fp8"
         self._fp8_step = self._fp8_stats = None
         model.to(self.device)  # before conversion: `auto` picks the FP8 backend from where the weights live

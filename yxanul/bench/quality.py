@@ -147,6 +147,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
                 seq: int = 2048, lr: float = 3e-3, min_lr: float | None = None, warmup: int | None = None,
                 eval_every: int | None = None, eval_batches: int = 8, last_evals: int = 3, seed: int = 1337,
                 policy: str | None = None, out: str = "runs/quality", device: str = "auto",
+                calibration_steps: int | None = None,
                 compile: bool = False, fp8_backend: str = "auto", reuse: bool = True) -> dict:
     """Train every mode; returns (and writes to OUT/quality.json) the comparison."""
     from ..train import load_train_config
@@ -163,7 +164,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             "min_lr": lr / 10 if min_lr is None else min_lr, "warmup": warmup, "eval_every": eval_every,
             "eval_batches": eval_batches, "log_every": eval_every, "checkpoint_every": 0, "seed": seed,
             "device": device, "compile": compile, "fp8_backend": fp8_backend, "progress": False,
-            "tensorboard": False, "policy": policy}
+            "tensorboard": False, "policy": policy, "fp8_calibration_steps": calibration_steps}
     result = {"model": model, "tokens": steps * tokens_per_step, "steps": steps, "batch": batch, "seq": seq,
               "lr": lr, "seed": seed, "device": None, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "rows": [], "bf16_noise_pct": None, "curves": {}}

@@ -10,6 +10,7 @@ _FLAGS = {
     "fp8_recipe": str, "fp8_backend": str, "eval_every": int, "eval_batches": int, "log_every": int,
     "checkpoint_every": int, "keep_last": int, "device": str, "optimizer_states": str, "max_bad_steps": int,
     "tokenizer": str, "inject_nan_at": str, "parallel": str, "fused_ce": str,
+    "fp8_calibration_steps": int,
 }
 
 
@@ -37,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=["bf16", "fp16", "fp8", "fp32"])
     p.add_argument("--fp8-recipe", help="override the policy's recipe: blockwise|tensorwise|rowwise|delayed")
     p.add_argument("--fp8-backend", help="FP8 GEMM backend (default auto)")
+    p.add_argument("--fp8-calibration-steps", type=int,
+                   help="BF16 steps recording amax before FP8 starts (delayed recipe; default: the policy's)")
     p.add_argument("--eval-every", type=int, help="validation every N steps and at the end (0: never)")
     p.add_argument("--eval-batches", type=int)
     p.add_argument("--log-every", type=int)
