@@ -16,7 +16,6 @@ the same global batch; only rank 0 logs and writes.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -30,6 +29,7 @@ import torch.nn as nn
 from .config import CONFIG_DIR, dataclass_from_dict, load_model_config, load_yaml
 from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
+from .flops import flops_per_token, peak_flops
 from .io import atomic_write_text
 
 TRAIN_PRESET_DIR = CONFIG_DIR / "train"
@@ -259,35 +259,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# -- FLOPs and peak throughput ---------------------------------------------------------------------------
-
-PEAK_BF16_FLOPS = {  # dense BF16 tensor-core peak per device
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-    "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12,
-}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, v in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return v
-    return None
-
-
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """6 x (parameters used in matmuls) + 12 x layers x heads x head_dim x seq_len (attention scores/values)."""
-    cfg = model.cfg
-    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embeddings.tok")
-            and p.ndim >= 2)
-    W, P = model.head_weight()
-    n += W.numel() if model.lm_head is None else 0  # the tied head is a matmul too
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-
-
 def _resident_memory() -> int | None:
     try:
         import resource
@@ -365,7 +336,7 @@ class Trainer:
                                   load_plain_optimizer_state, read_checkpoint_meta)
         from .data import bundled_dataset
         from .data.loader import DataLoader, read_meta
-        from .data.tokenizers import check_ids, get_tokenizer
+        from .data.tokenizers import check_ids
         from .model import Yxanul
         from .precision import load_policy
 
@@ -457,7 +428,7 @@ class Trainer:
         self.loader = DataLoader(self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=self.rank,
                                  world_size=self.world_size, device=self.device)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
-        self.flops_per_token = flops_per_token(model, cfg.seq_len)
+        self.flops_per_token = flops_per_token(self.model_cfg, cfg.seq_len)
         self.peak = peak_flops(self.device)
         self.nan_steps = parse_steps(cfg.inject_nan_at)
         # counters

@@ -34,13 +34,10 @@ import torch
 import torch.nn.functional as F  # noqa: F401  (the plain mode's loss lives in Yxanul.forward)
 
 from ..errors import YxanulError
+from ..flops import flops_per_token, peak_flops
 from . import DEFAULT_MODES, MODES
 
 ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
-
-# Dense BF16 tensor-core peak (FLOP/s) by device-name substring; MFU is always relative to the BF16 peak.
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "GH200": 989.4e12, "B200": 2250e12,
-             "A100": 312e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12}
 
 
 def parse_modes(text: str) -> list[str]:
@@ -53,26 +50,6 @@ def parse_modes(text: str) -> list[str]:
     if len(set(modes)) != len(modes):
         raise YxanulError("a mode is listed twice", key="--modes")
     return modes
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for k, v in PEAK_BF16.items():
-        if k in name:
-            return v
-    return None
-
-
-def flops_per_token(cfg, seq: int) -> float:
-    """Training FLOPs per token: 6 x (parameters used in matmuls) + causal attention (6 x L x H x Dh x T)."""
-    d, L, H, Hkv, Dh, Fh = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden
-    per_layer = d * H * Dh * 2 + d * Hkv * Dh * 2 + 3 * d * Fh
-    r = cfg.embed_rank or 0
-    head = cfg.vocab_size * (r or d) + (d * r if r and cfg.tie_embeddings else 0)
-    embed_proj = d * r if r else 0
-    return 6.0 * (L * per_layer + head + embed_proj) + 6.0 * L * H * Dh * seq
 
 
 def _empty_row(mode: str) -> dict:

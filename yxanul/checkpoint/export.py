@@ -115,7 +115,6 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
 
 def load_model(ckpt: str | Path, model: str | None = None, dtype=None):
     """(Yxanul model in eval mode with the checkpoint's weights, meta)."""
-    import torch
 
     from ..model import Yxanul
 

@@ -1,7 +1,7 @@
 """`yxanul export`: a training checkpoint as a Hugging Face LlamaForCausalLM folder (BF16, or FP8 blocks)."""
 from __future__ import annotations
 
-from ._common import human_bytes, print_json
+from ._common import print_json
 
 
 def register(sub):
