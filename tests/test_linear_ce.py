@@ -139,38 +139,40 @@ def test_cuda_bf16_triton_and_fp8_head():
     t[::7] = -1
     ref = float(reference_cross_entropy(h, W, t).detach())
     grads = {}
-    for impl, fp8 in (("torch", False), ("triton", False), ("triton", True)):
+    for impl, fp8 in (("torch", False), ("triton", False), ("triton", True), ("cut", False)):
         h.grad = W.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16):
             a = linear_cross_entropy(h, W, t, chunk=128, head_fp8=fp8, impl=impl)
         a.backward()
         grads[(impl, fp8)] = (h.grad.clone(), W.grad.clone())
         assert abs(float(a.detach()) - ref) / ref < (0.05 if fp8 else 0.01)
-    for a, b in zip(grads[("torch", False)], grads[("triton", False)]):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
+    for other in (("triton", False), ("cut", False)):
+        for a, b in zip(grads[("torch", False)], grads[other]):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
 
 
 _INTERP_SNIPPET = r"""
 import json, torch
 from yxanul.kernels.linear_ce import linear_cross_entropy, reference_cross_entropy
 out = []
-for V, chunk in ((97, 8), (5000, 16)):
+for V, chunk, impl in ((97, 8, "triton"), (5000, 16, "triton"), (97, None, "cut"), (1000, None, "cut")):
     g = torch.Generator().manual_seed(V)
     h = torch.randn(37, 24, generator=g).requires_grad_()
     W = torch.randn(V, 24, generator=g).requires_grad_()
     t = torch.randint(0, V, (37,), generator=g); t[::4] = -1
-    l1 = linear_cross_entropy(h, W, t, chunk=chunk, impl="triton"); (l1 * 2).backward()
+    l1 = linear_cross_entropy(h, W, t, chunk=chunk, impl=impl); (l1 * 2).backward()
     g1 = (h.grad.clone(), W.grad.clone()); h.grad = W.grad = None
     l2 = reference_cross_entropy(h, W, t); (l2 * 2).backward()
-    out.append({"loss": abs(float(l1.detach()) - float(l2.detach())),
+    out.append({"impl": impl, "loss": abs(float(l1.detach()) - float(l2.detach())),
                 "gh": float((g1[0] - h.grad).abs().max()), "gw": float((g1[1] - W.grad).abs().max()),
                 "ignored_zero": bool((g1[0][t == -1] == 0).all())})
 print("RESULTS " + json.dumps(out))
 """
 
 
-def test_triton_softmax_grad_kernel_interpreted():
-    """The Triton softmax-gradient kernel (online log-sum-exp over vocabulary blocks) under TRITON_INTERPRET=1."""
+def test_triton_kernels_interpreted():
+    """Under TRITON_INTERPRET=1 (FP32: the CPU interpreter's tl.dot mis-handles BF16 operands): the chunked
+    softmax-gradient kernel and the register-only cut kernels (partial token and vocabulary tiles, K < BK)."""
     import json
     import os
     import subprocess
@@ -181,5 +183,16 @@ def test_triton_softmax_grad_kernel_interpreted():
     p = subprocess.run([sys.executable, "-c", _INTERP_SNIPPET], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULTS ")][-1][8:])
+    assert [r["impl"] for r in res].count("cut") == 2
     for r in res:
         assert r["loss"] < 1e-4 and r["gh"] < 1e-5 and r["gw"] < 1e-5 and r["ignored_zero"], r
+
+
+def test_cut_impl_refuses_wide_or_fp8_heads():
+    h, P, W, t = _data(factorized=False)
+    with pytest.raises(YxanulError, match="rank"):
+        linear_cross_entropy(h, torch.randn(W.shape[0], 300), t, P=torch.randn(h.shape[1], 300), impl="cut")
+    with pytest.raises(YxanulError, match="FP8"):
+        linear_cross_entropy(h, W, t, head_fp8=True, impl="cut")
+    with pytest.raises(YxanulError, match="implementation"):
+        linear_cross_entropy(h, W, t, impl="fast")

@@ -136,7 +136,7 @@ class _Run:
         return loss
 
 
-def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log):
+def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0):
     run = _Run(mode, cfg, device, compile_, policy_path)
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -162,8 +162,13 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
         peak = None
     final = float(loss.detach())
     notes = run.notes
+    prof = None
+    if profile and device.type == "cuda":
+        from .profile import format_profile, profile_steps
+        prof = profile_steps(lambda: run.step(x, y), profile, ms)
+        log(format_profile(mode, prof))
     del run
-    return ms, peak, warm_s, final, notes
+    return ms, peak, warm_s, final, notes, prof
 
 
 def _ratios(rows):
@@ -176,8 +181,10 @@ def _ratios(rows):
 
 def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048, steps: int = 20, warmup: int = 5,
                    modes=DEFAULT_MODES, layers: int | None = None, compile: bool = True, device: str | None = None,
-                   policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None) -> dict:
-    """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode)."""
+                   policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None,
+                   profile: int = 0) -> dict:
+    """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
+    ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`)."""
     from ..config import load_model_config
     from ..io import atomic_write_json
 
@@ -186,8 +193,9 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     for k, v in (("--batch", batch), ("--seq", seq), ("--steps", steps)):
         if not isinstance(v, int) or v < 1:
             raise YxanulError(f"must be a positive integer, got {v!r}", key=k)
-    if not isinstance(warmup, int) or warmup < 0:
-        raise YxanulError(f"must be a non-negative integer, got {warmup!r}", key="--warmup")
+    for k, v in (("--warmup", warmup), ("--profile", profile)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise YxanulError(f"must be a non-negative integer, got {v!r}", key=k)
     cfg = load_model_config(model)
     if layers is not None:
         if layers < 1:
@@ -216,6 +224,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "model": cfg.name if layers is None else f"{cfg.name} ({cfg.n_layers} layers)",
               "batch": batch, "seq": seq, "rows": []}
+    if profile and dev.type != "cuda":
+        log("bench throughput: --profile needs CUDA kernels to time; no profile on this device")
     log(f"bench throughput: {result['model']} on {result['device']}, batch {batch} x seq {seq}, "
         f"{steps} timed steps after {warmup} warm-up, compile={'on' if compile else 'off'}")
     for mode in modes:
@@ -224,14 +234,16 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         _free(dev)
         try:
             try:
-                ms, pk, warm_s, final, notes = _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup, log)
+                ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup,
+                                                                log, profile)
             except Exception as e:  # noqa: BLE001
                 if not compile or mode == "bf16-plain" or isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
                 log(f"[{mode}] compiled run failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                     "retrying without torch.compile")
                 _free(dev)
-                ms, pk, warm_s, final, notes = _time_mode(mode, cfg, dev, False, policy, x, y, steps, warmup, log)
+                ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, False, policy, x, y, steps, warmup,
+                                                                log, profile)
                 notes = notes + ["not compiled (compile failed)"]
             tps = batch * seq / (ms / 1000)
             row.update(tokens_per_s=round(tps, 1), step_ms=round(ms, 3),
@@ -239,6 +251,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                        mfu=round(tps * fpt / peak, 4) if peak else None)
             if notes:
                 row["notes"] = "; ".join(notes)
+            if prof is not None:
+                row["profile"] = prof
             log(f"[{mode}] {tps:,.0f} tok/s, {ms:.2f} ms/step, peak "
                 f"{'%.2f GiB' % pk if pk is not None else 'n/a'}, warm-up {warm_s:.1f}s, final loss {final:.4f}")
         except Exception as e:  # noqa: BLE001  (one mode's failure must not end the run)

@@ -31,6 +31,9 @@ def _throughput(bsub):
     p.add_argument("--peak-tflops", type=float, default=None, help="BF16 peak for MFU (default: from device name)")
     p.add_argument("--json-out", default=None, help="write the results JSON here (rewritten after every mode)")
     p.add_argument("--plot", default=None, help="bar chart of tokens/s (PNG; needs matplotlib)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="CUDA: profile N more steps per mode and record where the GPU time goes (kernel "
+                        "categories: GEMMs, FP8 GEMMs, attention, quantization, cross-entropy, optimizer, idle)")
     p.set_defaults(func=_run_throughput)
 
 
@@ -46,7 +49,8 @@ def _run_throughput(args):
     from ..bench.throughput import format_table, plot, run_throughput
     result = run_throughput(model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                             modes=args.modes, layers=args.layers, compile=args.compile, device=args.device,
-                            policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops)
+                            policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops,
+                            profile=args.profile)
     print(format_table(result), flush=True)
     if args.plot:
         plot(result, args.plot)

@@ -11,6 +11,10 @@ logits in BF16 and FP32 and their gradient.
 Factorized tied heads (``logits = (h @ P) @ W.T``): pass ``P``; ``h @ P`` is computed first, under autograd, so
 P's gradient flows normally and the fused part only sees the rank-r projection.
 
+On CUDA, heads of rank ``K <= 256`` (Yxanul's factorized head has K = 128) go further by default: the
+Triton kernels of :mod:`yxanul.kernels.cut_ce` compute logit tiles in registers and never write any logits
+(forward: log-sum-exp per row; backward: two recomputing kernels for ``grad_h`` and ``grad_W``).
+
 Optional FP8 head (``head_fp8=True``): the logits GEMM runs in FP8 E4M3 with one scale per tensor for the
 chunk and for W (``torch._scaled_mm`` on CUDA, quantize-dequantize emulation elsewhere); the gradients use the
 compute-dtype operands (a straight-through estimator for the head's quantization).
@@ -126,6 +130,33 @@ class _Fp8Head:
         return ((hq.float() * sh) @ wf.t()).to(self.out_dtype)
 
 
+class _CutLinearCrossEntropy(torch.autograd.Function):
+    """Logits only in registers (see :mod:`yxanul.kernels.cut_ce`); gradients computed in backward."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, ignore_index, cdtype):
+        from .cut_ce import lce_forward
+        with torch.autocast(h.device.type, enabled=False):
+            hc, Wc = h.to(cdtype).contiguous(), W.to(cdtype).contiguous()
+            valid = targets != ignore_index
+            t = torch.where(valid, targets, torch.full_like(targets, -1))
+            lse, xt = lce_forward(hc, Wc, t)
+            n_valid = valid.sum().float()
+            loss = torch.where(valid, lse - xt, torch.zeros_like(lse)).sum() / n_valid
+        ctx.save_for_backward(hc, Wc, t, lse, valid, n_valid)
+        ctx.dtypes = (h.dtype, W.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, go):
+        from .cut_ce import lce_backward
+        hc, Wc, t, lse, valid, n_valid = ctx.saved_tensors
+        sc = valid.float() * (go.float() / n_valid)
+        dh, dw = lce_backward(hc, Wc, t, lse, sc, need_h=ctx.needs_input_grad[0], need_w=ctx.needs_input_grad[1])
+        return (None if dh is None else dh.to(ctx.dtypes[0]), None if dw is None else dw.to(ctx.dtypes[1]),
+                None, None, None)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, W, targets, ignore_index, chunk, cdtype, head_fp8, use_triton):
@@ -207,7 +238,9 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
 
     h ``[N, d]`` (or ``[..., d]``), W ``[V, r]``, targets ``[N]`` (or h's leading shape), P ``[d, r]`` or None.
     Returns a 0-d FP32 tensor (NaN when every target is ignored, as ``F.cross_entropy`` does).
-    ``impl``: ``auto`` (Triton softmax-gradient kernel on CUDA, torch elsewhere), ``triton`` or ``torch``.
+    ``impl``: ``auto`` (on CUDA the register-only ``cut`` kernels when ``K <= 256`` and the head is not FP8,
+    else chunks with the Triton softmax-gradient kernel; chunks in torch elsewhere), ``cut``, ``triton``
+    (chunked) or ``torch`` (chunked).
     """
     if h.dim() < 2 or W.dim() != 2:
         raise YxanulError(f"linear_cross_entropy needs h [N, d] and W [V, r], got {tuple(h.shape)} and "
@@ -229,8 +262,21 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
     if h.shape[0] == 0:
         raise YxanulError("linear_cross_entropy got no tokens", key="h")
     cdtype = _compute_dtype(h)
-    from . import uses_triton
-    use_triton = uses_triton(h, W, impl=impl)
+    from . import _default_impl, uses_triton
+    from .cut_ce import MAX_K
+    impl = impl or _default_impl
+    if impl not in ("auto", "cut", "triton", "torch"):
+        raise YxanulError(f"unknown implementation {impl!r} (expected auto, cut, triton or torch)", key="impl")
+    cut_ok = W.shape[1] <= MAX_K and not head_fp8
+    if impl == "cut":
+        if not cut_ok:
+            raise YxanulError(f"the cut kernels need a head of rank <= {MAX_K} and no FP8 head "
+                              f"(got rank {W.shape[1]}, head_fp8={head_fp8})", key="impl")
+        uses_triton(h, W, impl="triton")  # raises when Triton cannot run here
+        return _CutLinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), cdtype)
+    if impl == "auto" and cut_ok and h.is_cuda and W.is_cuda and uses_triton(h, W, impl="auto"):
+        return _CutLinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), cdtype)
+    use_triton = uses_triton(h, W, impl="torch" if impl == "torch" else ("triton" if impl == "triton" else "auto"))
     return _LinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), int(chunk), cdtype, bool(head_fp8),
                                      use_triton)
 

@@ -1,0 +1,96 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps, kernels grouped by what they do.
+
+Categories (by kernel name; the first matching rule wins):
+
+  fp8_gemm     cuBLAS/CUTLASS GEMMs on FP8 operands (names carrying e4m3/e5m2/f8)
+  gemm         the other GEMMs (BF16/FP32 matmuls, the head)
+  attention    flash / memory-efficient attention kernels
+  fp8_quant    this project's Triton quantizers (act/weight/tensor quant, rmsnorm->fp8, swiglu->fp8)
+  cross_entropy  the fused linear cross-entropy's softmax-gradient kernel and torch's (log_)softmax / nll kernels
+  optimizer    fused AdamW (multi-tensor apply) kernels
+  copy         memcpy / memset / transposes / dtype casts that are copies
+  fused_elementwise  inductor-generated Triton kernels (norms, RoPE, SwiGLU, residual adds, casts)
+  other        everything else (reductions from eager torch, fills, ...)
+
+``gpu_busy_ms`` is the sum of kernel times per step; ``step_ms - gpu_busy_ms`` is time the GPU sat idle
+(launch gaps, host syncs) when kernels do not overlap, which on one stream they do not.
+"""
+from __future__ import annotations
+
+import re
+
+_RULES = (
+    ("fp8_quant", re.compile(r"_(act_quant|act_quant_t|act_quant_dual|weight_quant|tensor_quant|amax_partial|"
+                             r"rmsnorm_quant|swiglu_quant)\w*kernel", re.I)),
+    ("cross_entropy", re.compile(r"softmax_grad|log_softmax|nll_loss|cross_entropy|_softmax", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn.*attn", re.I)),
+    ("fp8_gemm", re.compile(r"(gemm|xmma|cutlass|nvjet|sm90|sm89|cublas|matmul).*(e4m3|e5m2|f8|fp8)|"
+                            r"(e4m3|e5m2|f8|fp8).*(gemm|xmma|cutlass|nvjet)", re.I)),
+    ("gemm", re.compile(r"gemm|xmma|cutlass|nvjet|cublas|matmul|sm90_|ampere_|hopper", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam|fused_adam", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy_|transpose|CatArrayBatched", re.I)),
+    ("fused_elementwise", re.compile(r"^triton_", re.I)),
+)
+CATEGORIES = tuple(name for name, _ in _RULES) + ("other",)
+
+
+def classify(name: str) -> str:
+    for cat, rx in _RULES:
+        if rx.search(name):
+            return cat
+    return "other"
+
+
+def summarize(kernels, steps: int, step_ms: float | None = None, top: int = 15) -> dict:
+    """``kernels``: iterable of (name, total_device_us, calls) over ``steps`` steps -> per-step breakdown."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    cats = {c: 0.0 for c in CATEGORIES}
+    per = []
+    for name, us, calls in kernels:
+        if us <= 0:
+            continue
+        c = classify(name)
+        cats[c] += us
+        per.append((us, name, calls, c))
+    per.sort(reverse=True)
+    busy = sum(cats.values()) / steps / 1000
+    out = {"steps": steps, "gpu_busy_ms": round(busy, 3),
+           "categories_ms": {c: round(v / steps / 1000, 3) for c, v in cats.items() if v > 0},
+           "top_kernels": [{"name": n[:160], "ms": round(us / steps / 1000, 3), "calls_per_step": calls / steps,
+                            "category": c} for us, n, calls, c in per[:top]]}
+    if step_ms is not None:
+        out["step_ms"] = round(step_ms, 3)
+        out["idle_ms"] = round(max(step_ms - busy, 0.0), 3)
+    return out
+
+
+def profile_steps(step_fn, steps: int = 3, step_ms: float | None = None, top: int = 15) -> dict:
+    """Run ``step_fn()`` ``steps`` times under torch.profiler (CUDA activity) and summarize the kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(ProfilerActivity.CUDA)
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step_fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    from torch.autograd import DeviceType
+    rows = []
+    for ev in prof.key_averages():
+        if ev.device_type != DeviceType.CUDA:  # kernels (and memcpy/memset) only
+            continue
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:  # older torch
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        rows.append((ev.key, float(us), int(ev.count)))
+    return summarize(rows, steps, step_ms, top)
+
+
+def format_profile(mode: str, prof: dict) -> str:
+    parts = [f"{c} {v:.2f}" for c, v in sorted(prof["categories_ms"].items(), key=lambda kv: -kv[1])]
+    tail = f", idle {prof['idle_ms']:.2f}" if "idle_ms" in prof else ""
+    return f"[{mode}] profile ms/step: busy {prof['gpu_busy_ms']:.2f}{tail} | " + ", ".join(parts)
