@@ -249,3 +249,34 @@ def test_op_table_names():
 
 if __name__ == "__main__" and "--interpret-worker" in sys.argv:
     _worker()
+
+
+def test_tensorwise_ops_trace_as_plain_torch_under_compile():
+    """While torch.compile traces, per-tensor quantization and the per-tensor scaled GEMM are plain torch ops
+    (fusable by inductor, no Python custom-op call per launch), and give the eager numbers."""
+    from yxanul import kernels
+    from yxanul.fp8.backends import native_gemm_op
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def f(x, w):
+        xq, xs = kernels.tensor_quant(x)
+        wq, ws = kernels.tensor_quant(w)
+        return native_gemm_op(xq, xs, wq, ws, torch.float32)
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g)
+    torch._dynamo.reset()
+    got = torch.compile(f, backend=backend, fullgraph=True)(x, w)
+    assert not any("yxanul" in t for t in seen), seen
+    assert any("_scaled_mm" in t for t in seen), seen
+    xq, xs = kernels.tensor_quant(x, impl="torch")
+    wq, ws = kernels.tensor_quant(w, impl="torch")
+    want = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.float32)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ref = x @ w.t()
+    assert float((got - ref).norm() / ref.norm()) < 0.08

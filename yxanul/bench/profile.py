@@ -6,7 +6,7 @@ Categories (by kernel name; the first matching rule wins):
   gemm         the other GEMMs (BF16/FP32 matmuls, the head)
   attention    flash / memory-efficient attention kernels
   fp8_quant    this project's Triton quantizers (act/weight/tensor quant, rmsnorm->fp8, swiglu->fp8)
-  cross_entropy  the fused linear cross-entropy's softmax-gradient kernel and torch's (log_)softmax / nll kernels
+  cross_entropy  the fused linear cross-entropy's kernels (cut_ce, softmax-gradient) and torch's (log_)softmax / nll kernels
   optimizer    fused AdamW (multi-tensor apply) kernels
   copy         memcpy / memset / transposes / dtype casts that are copies
   fused_elementwise  inductor-generated Triton kernels (norms, RoPE, SwiGLU, residual adds, casts)
@@ -22,7 +22,7 @@ import re
 _RULES = (
     ("fp8_quant", re.compile(r"_(act_quant|act_quant_t|act_quant_dual|weight_quant|tensor_quant|amax_partial|"
                              r"rmsnorm_quant|swiglu_quant)\w*kernel", re.I)),
-    ("cross_entropy", re.compile(r"softmax_grad|log_softmax|nll_loss|cross_entropy|_softmax", re.I)),
+    ("cross_entropy", re.compile(r"_lce_|softmax_grad|log_softmax|nll_loss|cross_entropy|_softmax", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn.*attn", re.I)),
     ("fp8_gemm", re.compile(r"(gemm|xmma|cutlass|nvjet|sm90|sm89|cublas|matmul).*(e4m3|e5m2|f8|fp8)|"
                             r"(e4m3|e5m2|f8|fp8).*(gemm|xmma|cutlass|nvjet)", re.I)),

@@ -297,7 +297,10 @@ def _(a_q, a_s, b_q, b_s, out_dtype, block):
 
 
 def native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
-    """:func:`native_gemm` as one opaque custom op, so torch.compile keeps its graph whole around it."""
+    """:func:`native_gemm` as one opaque custom op, so torch.compile keeps its graph whole around it; per-tensor
+    scaled GEMMs are traced as they are (``torch._scaled_mm``, which inductor calls directly)."""
+    if torch.compiler.is_compiling() and a_s.numel() == 1 and b_s.numel() == 1 and a_s.dim() < 2 and b_s.dim() < 2:
+        return native_gemm(a_q, a_s, b_q, b_s, out_dtype, block)
     return _native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, int(block))
 
 

@@ -203,6 +203,13 @@ def weight_quant(w, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = Fal
 
 
 def tensor_quant(x, fmt: str = "e4m3", *, impl: str | None = None):
+    if impl is None and torch.compiler.is_compiling():
+        # while torch.compile traces: plain torch ops, which inductor fuses into the neighbouring kernels
+        # (amax into the producer's epilogue, the cast into the consumer's prologue) and launches without
+        # a Python custom-op call; the Triton kernel serves eager mode
+        from ..fp8.backends import quant_tensor
+        from ..fp8.formats import get_format
+        return quant_tensor(x, get_format(fmt))
     if uses_triton(x, impl=impl):
         if not x.is_floating_point():
             raise YxanulError(f"x must be a floating-point tensor, got {x.dtype}", key="x")
