@@ -424,7 +424,9 @@ class Trainer:
             # The fused CUDA kernel skips the update itself when `found_inf` is set: no host sync per step.
             self.device_skip = fused
         if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            # every block compiled (one shared graph); embedding, final norm and the fused loss stay eager
+            from .model import compile_blocks
+            compile_blocks(model)
         self.loader = DataLoader(self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=self.rank,
                                  world_size=self.world_size, device=self.device)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size

@@ -6,7 +6,8 @@ with CUDA events (wall clock on a CPU). Modes:
 
   bf16-plain          the model as a user would write it: autocast BF16, F.cross_entropy over the full FP32
                       logits, fused AdamW, torch.compile of the whole model; nothing of this project's kernels
-  bf16                the project's best BF16 path: fused linear cross-entropy (no full logits), compiled body
+  bf16                the project's best BF16 path: fused linear cross-entropy (no logits in memory), every
+                      transformer block compiled (one shared graph)
   fp8                 the policy's recipe (default policy: blockwise), native FP8 GEMMs, Triton quantizers,
                       fused cross-entropy
   fp8-blockwise, fp8-tensorwise, fp8-rowwise, fp8-delayed
@@ -76,7 +77,7 @@ class _Run:
 
     def __init__(self, mode, cfg, device, compile_, policy_path):
         from ..kernels.linear_ce import use_fused_ce
-        from ..model import Yxanul
+        from ..model import Yxanul, compile_blocks
 
         self.mode, self.device, self.fp8 = mode, device, False
         torch.manual_seed(0)
@@ -90,7 +91,7 @@ class _Run:
         elif mode == "bf16":
             use_fused_ce(model)
             if compile_:
-                model.hidden = torch.compile(model.hidden)
+                compile_blocks(model)
         elif mode.startswith("fp8"):
             from ..fp8.linear import convert_model
             from ..precision import load_policy
@@ -107,7 +108,7 @@ class _Run:
             self.fp8 = True
             use_fused_ce(model, head_fp8=(mode == "fp8-head"))
             if compile_:
-                model.hidden = torch.compile(model.hidden)
+                compile_blocks(model)
         elif mode.startswith("torchao"):
             try:
                 from torchao.float8 import Float8LinearConfig, convert_to_float8_training
