@@ -73,3 +73,21 @@ def test_parse_modes_and_flops(tiny_cfg):
 def test_bench_without_subcommand_shows_help(capsys):
     assert main(["bench"]) == 2
     assert "throughput" in capsys.readouterr().out
+
+
+def test_profile_summary_categories_and_idle():
+    from yxanul.bench.profile import CATEGORIES, classify, summarize
+    assert classify("nvjet_sm90_qqtst_128x160_128x5_2x1_v_bz_coopA_algo2_TNT") == "fp8_gemm"
+    assert classify("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert classify("_lce_bwd_dw_kernel") == "cross_entropy"
+    assert classify("_act_quant_t_kernel") == "fp8_quant"
+    assert classify("triton_red_fused__to_copy_abs_amax_mul_silu_view_22") == "fp8_quant_fused"
+    assert classify("triton_poi_fused__unsafe_view_mul_silu_8") == "fused_elementwise"
+    assert classify("Memcpy DtoD (Device -> Device)") == "copy"
+    assert classify("something_else") == "other"
+    kern = [("nvjet_sm90_tst_x", 3000.0, 4), ("_lce_fwd_kernel", 1000.0, 2), ("weird", 0.0, 1)]
+    s = summarize(kern, steps=2, step_ms=2.5)
+    assert s["gpu_busy_ms"] == 2.0 and s["idle_ms"] == 0.5
+    assert s["categories_ms"] == {"gemm": 1.5, "cross_entropy": 0.5}
+    assert set(s["categories_ms"]) <= set(CATEGORIES)
+    assert s["top_kernels"][0]["calls_per_step"] == 2.0 and len(s["kernels"]) == 2

@@ -2,15 +2,18 @@
 
 Categories (by kernel name; the first matching rule wins):
 
-  fp8_gemm     cuBLAS/CUTLASS GEMMs on FP8 operands (names carrying e4m3/e5m2/f8)
-  gemm         the other GEMMs (BF16/FP32 matmuls, the head)
-  attention    flash / memory-efficient attention kernels
-  fp8_quant    this project's Triton quantizers (act/weight/tensor quant, rmsnorm->fp8, swiglu->fp8)
-  cross_entropy  the fused linear cross-entropy's kernels (cut_ce, softmax-gradient) and torch's (log_)softmax / nll kernels
-  optimizer    fused AdamW (multi-tensor apply) kernels
-  copy         memcpy / memset / transposes / dtype casts that are copies
-  fused_elementwise  inductor-generated Triton kernels (norms, RoPE, SwiGLU, residual adds, casts)
-  other        everything else (reductions from eager torch, fills, ...)
+  fp8_quant          this project's Triton quantizers (act/weight/tensor quant, rmsnorm->fp8, swiglu->fp8)
+  cross_entropy      the fused linear cross-entropy's kernels (cut_ce, softmax-gradient) and the (log_)softmax /
+                     nll kernels of the unfused loss
+  attention          flash / cuDNN attention kernels
+  fp8_quant_fused    inductor-generated kernels that compute an amax or clamp-and-cast: FP8 quantization fused
+                     with its neighbours (and whatever else inductor put in the same kernel)
+  fused_elementwise  the other inductor-generated kernels (norms, RoPE, SwiGLU, residual adds, casts)
+  fp8_gemm           cuBLAS/CUTLASS GEMMs on FP8 operands
+  gemm               the other GEMMs (BF16/FP32 matmuls)
+  optimizer          fused AdamW (multi-tensor apply) kernels
+  copy               memcpy / memset / transposes / eager casts
+  other              everything else (eager elementwise and reductions, fills, ...)
 
 ``gpu_busy_ms`` is the sum of kernel times per step; ``step_ms - gpu_busy_ms`` is time the GPU sat idle
 (launch gaps, host syncs) when kernels do not overlap, which on one stream they do not.
@@ -22,14 +25,17 @@ import re
 _RULES = (
     ("fp8_quant", re.compile(r"_(act_quant|act_quant_t|act_quant_dual|weight_quant|tensor_quant|amax_partial|"
                              r"rmsnorm_quant|swiglu_quant)\w*kernel", re.I)),
-    ("cross_entropy", re.compile(r"_lce_|softmax_grad|log_softmax|nll_loss|cross_entropy|_softmax", re.I)),
-    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn.*attn", re.I)),
-    ("fp8_gemm", re.compile(r"(gemm|xmma|cutlass|nvjet|sm90|sm89|cublas|matmul).*(e4m3|e5m2|f8|fp8)|"
-                            r"(e4m3|e5m2|f8|fp8).*(gemm|xmma|cutlass|nvjet)", re.I)),
-    ("gemm", re.compile(r"gemm|xmma|cutlass|nvjet|cublas|matmul|sm90_|ampere_|hopper", re.I)),
-    ("optimizer", re.compile(r"multi_tensor|adam|fused_adam", re.I)),
-    ("copy", re.compile(r"memcpy|memset|copy_|transpose|CatArrayBatched", re.I)),
+    ("cross_entropy", re.compile(r"_lce_|softmax_grad|log_softmax|nll_loss|cross_entropy", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
+    # inductor's generated kernels: the ones that compute an amax or clamp-and-cast are FP8 quantization
+    # fused into their neighbours; the rest are norms, RoPE, SwiGLU, residual adds and casts
+    ("fp8_quant_fused", re.compile(r"^triton_\w*(amax|clamp)", re.I)),
     ("fused_elementwise", re.compile(r"^triton_", re.I)),
+    # cuBLAS names FP8 kernels with a "qq" operand code (nvjet_sm90_qqtst_...), CUTLASS with e4m3/e5m2
+    ("fp8_gemm", re.compile(r"nvjet_\w*_qq|(gemm|xmma|cutlass|sm90|sm89|cublas).*(e4m3|e5m2|f8)", re.I)),
+    ("gemm", re.compile(r"gemm|xmma|cutlass|nvjet|cublas|matmul|sm90_|ampere_|hopper", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy|transpose|CatArrayBatched", re.I)),
 )
 CATEGORIES = tuple(name for name, _ in _RULES) + ("other",)
 
@@ -58,7 +64,8 @@ def summarize(kernels, steps: int, step_ms: float | None = None, top: int = 15) 
     out = {"steps": steps, "gpu_busy_ms": round(busy, 3),
            "categories_ms": {c: round(v / steps / 1000, 3) for c, v in cats.items() if v > 0},
            "top_kernels": [{"name": n[:160], "ms": round(us / steps / 1000, 3), "calls_per_step": calls / steps,
-                            "category": c} for us, n, calls, c in per[:top]]}
+                            "category": c} for us, n, calls, c in per[:top]],
+           "kernels": [[n[:160], round(us / steps / 1000, 4), calls / steps] for us, n, calls, c in per]}
     if step_ms is not None:
         out["step_ms"] = round(step_ms, 3)
         out["idle_ms"] = round(max(step_ms - busy, 0.0), 3)

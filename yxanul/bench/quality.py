@@ -75,7 +75,7 @@ def _all_fp8_policy(base_path: str | None, out_dir: Path) -> str:
     return str(path)
 
 
-def _mode_setup(mode: str, policy: str | None, out_dir: Path) -> tuple[dict, dict]:
+def _mode_setup(mode: str, policy: str | None, out_dir: Path, all_recipe: str = "blockwise") -> tuple[dict, dict]:
     """(TrainConfig overrides, extra options) for one mode."""
     if mode in ("bf16", NOISE_MODE):
         return {"precision": "bf16"}, {}
@@ -85,7 +85,7 @@ def _mode_setup(mode: str, policy: str | None, out_dir: Path) -> tuple[dict, dic
         extra["head_fp8"] = True
     elif mode == "fp8-all":
         over["policy"] = _all_fp8_policy(policy, out_dir)
-        over["fp8_recipe"] = "blockwise"
+        over["fp8_recipe"] = all_recipe
         extra["head_fp8"] = True
         extra["all_fp8"] = True
     elif mode != "fp8":
@@ -147,9 +147,14 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
                 seq: int = 2048, lr: float = 3e-3, min_lr: float | None = None, warmup: int | None = None,
                 eval_every: int | None = None, eval_batches: int = 8, last_evals: int = 3, seed: int = 1337,
                 policy: str | None = None, out: str = "runs/quality", device: str = "auto",
-                calibration_steps: int | None = None,
+                calibration_steps: int | None = None, fp8_all_recipe: str = "blockwise",
                 compile: bool = False, fp8_backend: str = "auto", reuse: bool = True) -> dict:
-    """Train every mode; returns (and writes to OUT/quality.json) the comparison."""
+    """Train every mode; returns (and writes to OUT/quality.json) the comparison. ``fp8_all_recipe`` is the
+    recipe of the fp8-all mode's linears (its extra activations are always 1 x 128 tiles)."""
+    from ..fp8.recipe import RECIPES
+    if fp8_all_recipe not in RECIPES:
+        raise YxanulError(f"unknown recipe {fp8_all_recipe!r} (expected one of {', '.join(RECIPES)})",
+                          key="--fp8-all-recipe")
     from ..train import load_train_config
 
     out_dir = Path(out)
@@ -171,7 +176,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     for mode in run_modes:
         mode_dir = out_dir / mode
         done = mode_dir / "result.json"
-        over, extra = _mode_setup(mode, policy, out_dir)
+        over, extra = _mode_setup(mode, policy, out_dir, fp8_all_recipe)
         settings = _jsonable({**base, **over, "data_seed": seed + 1 if mode == NOISE_MODE else seed,
                               "extra": extra, "last_evals": last_evals})
         prev = json.loads(done.read_text(encoding="utf-8")) if (reuse and done.exists()) else None
