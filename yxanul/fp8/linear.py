@@ -32,6 +32,7 @@ from .formats import get_format
 from .recipe import Fp8Recipe
 
 _SLOT = {"x": 0, "w": 1, "dy": 2}
+_STAT_KEYS = ("amax", "scale_inv_min", "scale_inv_max", "saturation", "underflow")
 
 
 def _compiling() -> bool:
@@ -140,7 +141,6 @@ class Fp8Linear(nn.Module):
         self._wcache = None
         self._wcache_version = None
         self._collect = False
-        self._stats: dict[str, torch.Tensor] = {}
         if self.recipe.name == "delayed":
             self._fmt_max = [get_format(f).max for f in scaling.operand_formats(self.recipe, self.fmt)]
         self.reset_parameters()
@@ -149,6 +149,10 @@ class Fp8Linear(nn.Module):
         """(Re)create the state buffers on `device`: the non-finite flags and, for delayed, the histories."""
         self._steps = 0
         self.register_buffer("nonfinite", torch.zeros(3, dtype=torch.int32, device=device), persistent=False)
+        # statistics of the last armed pass, one row per operand (x, w, dy), NaN until recorded: a buffer
+        # written in place, so collecting them inside a compiled graph neither breaks nor specializes it
+        self.register_buffer("stats_buf", torch.full((3, len(_STAT_KEYS)), float("nan"), device=device),
+                             persistent=False)
         if self.recipe.name == "delayed":
             L = self.recipe.amax_history_len
             self.register_buffer("amax_history", torch.zeros(L, 3, device=device))
@@ -220,9 +224,9 @@ class Fp8Linear(nn.Module):
         qa = q.float().abs()
         nz = t != 0
         n = max(t.numel(), 1)
-        self._stats[which] = torch.stack([
+        self.stats_buf[_SLOT[which]].copy_(torch.stack([
             t.detach().float().abs().amax(), s.float().min(), s.float().max(),
-            (qa >= fmax).float().sum() / n, (nz & (qa == 0)).float().sum() / n])
+            (qa >= fmax).float().sum() / n, (nz & (qa == 0)).float().sum() / n]))
 
     # -- weight cache ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -371,7 +375,7 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
         m.step()
         m._collect = bool(collect_stats)
         if collect_stats:
-            m._stats = {}
+            m.stats_buf.fill_(float("nan"))
 
 
 def fp8_check(model: nn.Module) -> None:
@@ -394,9 +398,6 @@ def reset_nonfinite(model: nn.Module) -> None:
         m.nonfinite.zero_()
 
 
-_STAT_KEYS = ("amax", "scale_inv_min", "scale_inv_max", "saturation", "underflow")
-
-
 def fp8_stats(model: nn.Module) -> dict:
     """Per-module and aggregate FP8 statistics (one host sync). Weight statistics are computed now;
     activation (x) and output-grad (dy) statistics come from the last pass armed with
@@ -405,7 +406,8 @@ def fp8_stats(model: nn.Module) -> dict:
     mods = fp8_modules(model)
     out: dict = {"modules": {}, "aggregate": {}, "nonfinite": _nonfinite(model)}
     for name, m in mods.items():
-        if m._collect is False or "w" not in m._stats:
+        rows = m.stats_buf.tolist()
+        if m._collect is False or math.isnan(rows[_SLOT["w"]][0]):
             prev = m._collect
             m._collect = True
             with torch.no_grad():
@@ -418,8 +420,10 @@ def fp8_stats(model: nn.Module) -> dict:
                 m._record_stats("w", w, q, s)
             m._collect = prev
         entry = {}
-        for which, t in m._stats.items():
-            entry[which] = dict(zip(_STAT_KEYS, (float(v) for v in t.tolist())))
+        rows = m.stats_buf.tolist()
+        for which, i in _SLOT.items():
+            if not math.isnan(rows[i][0]):
+                entry[which] = dict(zip(_STAT_KEYS, (float(v) for v in rows[i])))
         if m.recipe.name == "delayed":
             entry["delayed"] = {"scale_inv": m.scale_inv.tolist(), "ready": m.scale_ready.tolist(),
                                 "steps": int(m.fp8_steps), "calibrating": m.calibrating}
