@@ -352,3 +352,34 @@ def test_tiny_training_parity(tiny_cfg, flush_denormals):
     for recipe in RECIPES:
         final, _ = _train(tiny_cfg, recipe)
         assert abs(final - base) / base < 0.03, (recipe, final, base)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_delayed_calibration_records_x_w_dy_and_matches_bf16_linear(compiled):
+    """During calibration the delayed recipe is a BF16 linear (same output and grads as nn.Linear under
+    autocast) that records amax of x, w and dy; compiled, it traces as one graph."""
+    from yxanul.fp8 import scaling  # noqa: F401
+    torch.manual_seed(0)
+    m = Fp8Linear(64, 32, recipe=Fp8Recipe(name="delayed", calibration_steps=2, amax_history_len=4))
+    ref = nn.Linear(64, 32, bias=False)
+    ref.weight.data.copy_(m.weight.data)
+    x = torch.randn(4, 8, 64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fn = m
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(m, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(x1)
+        y_ref = ref(x2)
+    dy = torch.randn_like(y.float()) * 1e-3
+    (y.float() * dy).sum().backward()
+    (y_ref.float() * dy).sum().backward()
+    assert m.calibrating
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0, atol=0)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=1e-2, atol=1e-5)
+    row = m.amax_history[0]
+    assert float(row[0]) == pytest.approx(float(x.abs().amax()), rel=1e-2)
+    assert float(row[1]) == pytest.approx(float(m.weight.detach().abs().amax()))
+    assert float(row[2]) == pytest.approx(float(dy.abs().amax()), rel=1e-2)

@@ -111,6 +111,36 @@ class _Fp8LinearFn(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
+class _CalibrationFn(torch.autograd.Function):
+    """A BF16 linear that records the amax of x (forward) and of dy (backward) into the delayed-scaling
+    history. An autograd.Function rather than a tensor hook: torch.compile traces it like the FP8 path."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mod):
+        out = _out_dtype(x)
+        dt = torch.bfloat16 if out == torch.float32 else out
+        scaling.record_amax(mod.amax_history, 0, x.detach().abs().amax())
+        xc, wc = x.to(dt), weight.to(dt)
+        y = F.linear(xc, wc, None if bias is None else bias.to(dt))
+        ctx.save_for_backward(xc, wc)
+        ctx.mod, ctx.x_dtype, ctx.has_bias = mod, x.dtype, bias is not None
+        return y.to(out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, wc = ctx.saved_tensors
+        scaling.record_amax(ctx.mod.amax_history, 2, dy.detach().abs().amax())
+        dyc = dy.to(wc.dtype)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (dyc @ wc).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (dyc.reshape(-1, dyc.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])).float()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).float().sum(0)
+        return dx, dw, db, None
+
+
 class Fp8Linear(nn.Module):
     """``nn.Linear`` computing its forward and both backward GEMMs in FP8 (see the module docstring).
 
@@ -267,21 +297,11 @@ class Fp8Linear(nn.Module):
 
     def _calibration_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Delayed recipe, first calibration_steps steps: BF16 GEMMs while amax histories are recorded."""
-        dt = _out_dtype(x)
-        if dt == torch.float32:
-            dt = torch.bfloat16
         with torch.no_grad():
             if self._wcache is None:  # weight amax once per step
                 scaling.record_amax(self.amax_history, 1, self.weight.detach().abs().amax())
                 self._wcache = ()
-            scaling.record_amax(self.amax_history, 0, x.detach().abs().amax())
-        y = F.linear(x.to(dt), self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
-        if y.requires_grad:
-            y.register_hook(self._dy_hook)
-        return y.to(_out_dtype(x))
-
-    def _dy_hook(self, g):
-        scaling.record_amax(self.amax_history, 2, g.detach().abs().amax())
+        return _CalibrationFn.apply(x, self.weight, self.bias, self)
 
     # -- per optimizer step ------------------------------------------------------------------------------
     @torch.no_grad()
