@@ -68,3 +68,7 @@ def test_quality_bench_end_to_end_cpu(tmp_path):
     run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
                 out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1)
     assert (tmp_path / "q" / "bf16" / "result.json").stat().st_mtime_ns == before
+    # a delayed-scaling calibration override concerns FP8 modes only: BF16 results stay reusable
+    run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
+                out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1, calibration_steps=2)
+    assert (tmp_path / "q" / "bf16" / "result.json").stat().st_mtime_ns == before

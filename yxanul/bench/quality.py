@@ -169,7 +169,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             "min_lr": lr / 10 if min_lr is None else min_lr, "warmup": warmup, "eval_every": eval_every,
             "eval_batches": eval_batches, "log_every": eval_every, "checkpoint_every": 0, "seed": seed,
             "device": device, "compile": compile, "fp8_backend": fp8_backend, "progress": False,
-            "tensorboard": False, "policy": policy, "fp8_calibration_steps": calibration_steps}
+            "tensorboard": False, "policy": policy}
     result = {"model": model, "tokens": steps * tokens_per_step, "steps": steps, "batch": batch, "seq": seq,
               "lr": lr, "seed": seed, "device": None, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "rows": [], "bf16_noise_pct": None, "curves": {}}
@@ -177,6 +177,9 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
         mode_dir = out_dir / mode
         done = mode_dir / "result.json"
         over, extra = _mode_setup(mode, policy, out_dir, fp8_all_recipe)
+        if over.get("precision") == "fp8" and calibration_steps is not None:
+            # only FP8 modes' settings carry it, so BF16 results stay reusable when it changes
+            over["fp8_calibration_steps"] = calibration_steps
         settings = _jsonable({**base, **over, "data_seed": seed + 1 if mode == NOISE_MODE else seed,
                               "extra": extra, "last_evals": last_evals})
         prev = json.loads(done.read_text(encoding="utf-8")) if (reuse and done.exists()) else None
