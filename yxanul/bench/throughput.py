@@ -166,7 +166,9 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
     prof = None
     if profile and device.type == "cuda":
         from .profile import format_profile, profile_steps
-        prof = profile_steps(lambda: run.step(x, y), profile, ms)
+        step_fn = run.step
+        prof = profile_steps(lambda: step_fn(x, y), profile, ms)
+        del step_fn
         log(format_profile(mode, prof))
     del run
     return ms, peak, warm_s, final, notes, prof
