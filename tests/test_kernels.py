@@ -121,9 +121,50 @@ def _compile_check() -> bool:
     return bool(torch.compile(f, backend="eager", fullgraph=True)(x) == f(x))
 
 
+NAN_OPS = ("act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "rmsnorm_quant",
+           "swiglu_quant")
+
+
+def _nan_check() -> dict:
+    """One NaN in x: the kernels' scales must be NaN exactly where the reference's are (tl.max alone skips NaN,
+    which once left such a tile with a finite scale) and equal elsewhere."""
+    from yxanul import kernels
+    from yxanul.kernels import reference
+
+    out = {}
+    for op in NAN_OPS:
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(160, 300, generator=g)
+        x[130, 200] = float("nan")
+        if op == "rmsnorm_quant":
+            w = torch.rand(300, generator=g) + 0.5
+            a, b = kernels.rmsnorm_quant(x, w, impl="triton"), reference.rmsnorm_quant(x, w)
+        elif op == "swiglu_quant":
+            up = torch.randn(160, 300, generator=g)
+            a, b = kernels.swiglu_quant(x, up, impl="triton"), reference.swiglu_quant(x, up)
+        else:
+            a, b = getattr(kernels, op)(x, impl="triton"), getattr(reference, op)(x)
+        res = []
+        exact = op not in ("rmsnorm_quant", "swiglu_quant")  # their finite scales agree within rounding only
+        for ta, tb in zip(a, b):
+            if ta is None or ta.dtype != torch.float32 or ta.numel() >= x.numel():  # scales only
+                continue
+            if ta.shape != tb.shape:
+                res.append(False)
+                continue
+            na, nb = torch.isnan(ta), torch.isnan(tb)
+            ok = bool(nb.any()) and bool((na == nb).all())
+            if exact:
+                ok = ok and bool((ta[~na] == tb[~nb]).all())
+            res.append(ok)
+        out[op] = res
+    return out
+
+
 def _worker():
     results = {case_id(c): run_case(c) for c in CASES}
     results["compile_ok"] = _compile_check()
+    results["nan"] = _nan_check()
     sys.stdout.write("RESULTS " + json.dumps(results) + "\n")
 
 
@@ -172,6 +213,12 @@ def test_triton_kernel_matches_reference_interpreted(interp_results, case):
 
 def test_kernels_trace_under_torch_compile(interp_results):
     assert interp_results["compile_ok"]
+
+
+@pytest.mark.parametrize("op", NAN_OPS)
+def test_triton_scales_propagate_nan_interpreted(interp_results, op):
+    res = interp_results["nan"][op]
+    assert res and all(res), res
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from ..errors import YxanulError
 from ..fp8.formats import get_format
-from .quant import _cdiv, cast_fp8, scale_from_amax, scale_inv_constant
+from .quant import _cdiv, abs_max, cast_fp8, scale_from_amax, scale_inv_constant
 from .reference import _check_2d, _check_block
 
 
@@ -37,7 +37,7 @@ def _rmsnorm_quant_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, M, K, stride_xm, NK
     off = offs_m[:, None, None] * K + k
     tl.store(y_ptr + off, y_out, mask=mask)
     yq = y_out.to(tl.float32)
-    s = scale_from_amax(tl.max(tl.abs(yq), axis=2), FMAX, POW2, INV)   # [R, NG]
+    s = scale_from_amax(abs_max(yq, 2), FMAX, POW2, INV)   # [R, NG]
     q = cast_fp8(yq, s[:, :, None], FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + off, q, mask=mask)
     tl.store(s_ptr + offs_m[:, None] * NKB + g[None, :], s, mask=mm[:, None] & (g[None, :] < NKB))

@@ -34,7 +34,7 @@ def scale_from_amax(amax, FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.conste
         up = (bits & 0x7F800000) + 0x00800000
         bits = tl.where((bits & 0x007FFFFF) != 0, up, bits)
         s = bits.to(tl.float32, bitcast=True)
-    return s
+    return tl.where(amax != amax, amax, s)  # a NaN amax gives a NaN scale (tl.maximum would drop it)
 
 
 @triton.jit
@@ -53,6 +53,19 @@ def round_to_fp8_grid(y, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_MAGI
     # copy the sign bit (so -tiny rounds to -0.0 as torch's cast does; `-sub` would give +0.0 for sub == 0)
     sub = (sub.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
     return tl.where(a < MIN_NORMAL, sub, rb.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def nan_max(a, AXIS: tl.constexpr):
+    """max along AXIS that is NaN when any element is (tl.max skips NaN), like torch.amax."""
+    m = tl.max(a, axis=AXIS)
+    n = tl.max((a != a).to(tl.int32), axis=AXIS)
+    return tl.where(n > 0, float("nan"), m)
+
+
+@triton.jit
+def abs_max(x, AXIS: tl.constexpr):
+    return nan_max(tl.abs(x), AXIS)
 
 
 @triton.jit
@@ -78,7 +91,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, NKB,
     mm = offs_m < M
     mask = mm[:, None] & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = scale_from_amax(tl.max(tl.abs(x), axis=1), FMAX, POW2, INV)
+    s = scale_from_amax(abs_max(x, 1), FMAX, POW2, INV)
     q = cast_fp8(x, s[:, None], FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + offs_m * NKB + pid_k, s, mask=mm)
@@ -95,7 +108,7 @@ def _act_quant_t_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, NMB,
     mk = offs_k < K
     mask = (offs_m[:, None] < M) & mk[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = scale_from_amax(tl.max(tl.abs(x), axis=0), FMAX, POW2, INV)
+    s = scale_from_amax(abs_max(x, 0), FMAX, POW2, INV)
     q = cast_fp8(x, s[None, :], FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(q), mask=tl.trans(mask))
     tl.store(s_ptr + offs_k * NMB + pid_m, s, mask=mk)
@@ -114,11 +127,11 @@ def _act_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm,
     mask = mm[:, None] & mk[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     ax = tl.abs(x)
-    s = scale_from_amax(tl.max(ax, axis=1), FMAX, POW2, INV)
+    s = scale_from_amax(nan_max(ax, 1), FMAX, POW2, INV)
     q = cast_fp8(x, s[:, None], FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + offs_m * NKB + pid_k, s, mask=mm)
-    st = scale_from_amax(tl.max(ax, axis=0), FMAX, POW2, INV)
+    st = scale_from_amax(nan_max(ax, 0), FMAX, POW2, INV)
     qt = cast_fp8(x, st[None, :], FMAX, qt_ptr.dtype.element_ty)
     tl.store(qt_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(qt), mask=tl.trans(mask))
     tl.store(st_ptr + offs_k * NMB + pid_m, st, mask=mk)
@@ -134,7 +147,7 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, NKB,
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FMAX, POW2, INV)
+    s = scale_from_amax(nan_max(abs_max(w, 1), 0), FMAX, POW2, INV)
     q = cast_fp8(w, s, FMAX, q_ptr.dtype.element_ty)
     tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q, mask=mask)
     tl.store(s_ptr + pid_n * NKB + pid_k, s)
@@ -145,7 +158,7 @@ def _amax_partial_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid, tl.max(tl.abs(x), axis=0))
+    tl.store(out_ptr + pid, abs_max(x, 0))
 
 
 @triton.jit
@@ -156,8 +169,9 @@ def _tensor_quant_kernel(x_ptr, q_ptr, part_ptr, s_ptr, numel, NPART, BLOCK: tl.
     amax = tl.zeros((PBLOCK,), tl.float32)
     for off in range(0, NPART, PBLOCK):
         p = off + tl.arange(0, PBLOCK)
-        amax = tl.maximum(amax, tl.load(part_ptr + p, mask=p < NPART, other=0.0))
-    s = scale_from_amax(tl.max(amax, axis=0), FMAX, False, INV)
+        v = tl.load(part_ptr + p, mask=p < NPART, other=0.0)
+        amax = tl.where((v != v) | (amax != amax), float("nan"), tl.maximum(amax, v))
+    s = scale_from_amax(nan_max(amax, 0), FMAX, False, INV)
     if pid == 0:
         tl.store(s_ptr, s)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ..errors import YxanulError
 from ..fp8.formats import get_format
-from .quant import _cdiv, cast_fp8, scale_from_amax, scale_inv_constant
+from .quant import _cdiv, abs_max, cast_fp8, scale_from_amax, scale_inv_constant
 from .reference import _check_2d, _check_block
 
 
@@ -31,7 +31,7 @@ def _swiglu_quant_kernel(g_ptr, u_ptr, h_ptr, q_ptr, s_ptr, M, F, stride_gm, str
     off = offs_m[:, None] * F + offs_k[None, :]
     if STORE_H:
         tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=mask)
-    s = scale_from_amax(tl.max(tl.abs(h), axis=1), FMAX, POW2, INV)
+    s = scale_from_amax(abs_max(h, 1), FMAX, POW2, INV)
     tl.store(q_ptr + off, cast_fp8(h, s[:, None], FMAX, q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + offs_m * NKB + pid_k, s, mask=mm)
 
