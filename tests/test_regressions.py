@@ -113,3 +113,32 @@ def test_calibration_steps_override(tmp_path, calib, expect):
     t = Trainer(cfg, log=lambda *a, **k: None)
     mods = fp8_modules(t.model)
     assert mods and all(m.calibrating == expect for m in mods.values())  # the shipped policy says 100
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+def test_compiled_blocks_do_not_recompile_every_step(tiny_cfg, recipe):
+    """compile_blocks: the FP8 block graph is compiled once per variant (calibrating or not, statistics on or
+    off), not once per step; the delayed recipe used to guard on its step counter and fell back to eager
+    after 8 recompiles."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from yxanul.fp8.linear import convert_model, fp8_step
+    from yxanul.model import Yxanul, compile_blocks
+    from yxanul.precision import load_policy
+
+    cfg = dataclasses.replace(tiny_cfg, n_layers=2)
+    torch.manual_seed(0)
+    m = Yxanul(cfg)
+    convert_model(m, load_policy().with_recipe(name=recipe, calibration_steps=2), backend="emulated", quiet=True)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(m, backend="aot_eager")  # dynamo's guards are what is tested; inductor's codegen is not
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    for step in range(8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x, x).backward()
+        fp8_step(m, collect_stats=(step == 4))
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= (3 if recipe == "delayed" else 2), graphs

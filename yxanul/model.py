@@ -189,6 +189,11 @@ def compile_blocks(model: nn.Module, **kwargs) -> nn.Module:
     loss eager. Identical blocks share one compiled graph (parameters are graph inputs), so compiling the
     28-layer model costs about what one layer costs, and a loss that launches its own kernels (the fused
     cross-entropy) stays outside the graph. Returns the model."""
+    import torch._dynamo.config as dcfg
+    # variants of the block graph: train / eval, FP8 statistics on / off, delayed calibration on / off
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(dcfg, name, 16) < 16:
+            setattr(dcfg, name, 16)
     n = 0
     for m in model.modules():
         if isinstance(m, Block):

@@ -178,6 +178,7 @@ class Fp8Linear(nn.Module):
     def _init_buffers(self, device) -> None:
         """(Re)create the state buffers on `device`: the non-finite flags and, for delayed, the histories."""
         self._steps = 0
+        self._sync_calibrating()
         self.register_buffer("nonfinite", torch.zeros(3, dtype=torch.int32, device=device), persistent=False)
         # statistics of the last armed pass, one row per operand (x, w, dy), NaN until recorded: a buffer
         # written in place, so collecting them inside a compiled graph neither breaks nor specializes it
@@ -205,7 +206,12 @@ class Fp8Linear(nn.Module):
     # -- state -----------------------------------------------------------------------------------------
     @property
     def calibrating(self) -> bool:
-        return self.recipe.name == "delayed" and self._steps < self.recipe.calibration_steps
+        return self._calibrating
+
+    def _sync_calibrating(self) -> None:
+        # a bool that flips once, read by forward: torch.compile guards on it (one recompile when calibration
+        # ends), where guarding on the step counter itself recompiled the block at every step
+        self._calibrating = self.recipe.name == "delayed" and self._steps < self.recipe.calibration_steps
 
     def set_backend(self, backend: str) -> None:
         self.backend = backend
@@ -232,6 +238,7 @@ class Fp8Linear(nn.Module):
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in own]
         if self.recipe.name == "delayed" and prefix + "fp8_steps" in state_dict:
             self._steps = int(state_dict[prefix + "fp8_steps"])
+            self._sync_calibrating()
         self.invalidate()
 
     def _flag(self, slot: int, t: torch.Tensor) -> None:
@@ -314,6 +321,7 @@ class Fp8Linear(nn.Module):
                             fmax, self.recipe.margin, self.recipe.pow2_scales)
             self.fp8_steps += 1
             self._steps += 1
+            self._sync_calibrating()
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this module's parameters."""
