@@ -72,3 +72,29 @@ def test_quality_bench_end_to_end_cpu(tmp_path):
     run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
                 out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1, calibration_steps=2)
     assert (tmp_path / "q" / "bf16" / "result.json").stat().st_mtime_ns == before
+
+
+def test_quality_repeats_are_paired_and_summarized(tmp_path):
+    out = tmp_path / "q"
+    res = run_quality("tiny", None, tokens=2 * 32 * 4, modes=["bf16", "fp8-tensorwise"], batch=2, seq=32,
+                      device="cpu", out=str(out), eval_batches=1, eval_every=2, repeats=2)
+    assert res["repeats"] == 2
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["bf16", "bf16-r1", NOISE_MODE,
+                                                                   "fp8-tensorwise", "fp8-tensorwise-r1"]
+    by = {r["mode"]: r for r in res["rows"]}
+    assert list(by) == ["bf16", NOISE_MODE, "fp8-tensorwise"]
+    b, f = by["bf16"]["repeat_val_losses"], by["fp8-tensorwise"]["repeat_val_losses"]
+    assert len(b) == len(f) == 2 and all(isinstance(v, float) for v in b + f)
+    assert by["bf16"]["final_val_loss"] == pytest.approx(sum(b) / 2)
+    pairs = [100 * (x - y) / y for x, y in zip(f, b)]
+    assert by["fp8-tensorwise"]["paired_rel_diff_pct"] == pytest.approx(sum(pairs) / 2, abs=1e-3)
+    assert by["fp8-tensorwise"]["paired_sem_pct"] == pytest.approx(abs(pairs[0] - pairs[1]) / 2, abs=1e-3)
+    assert isinstance(res["bf16_repeat_std_pct"], float)
+    # the two repeats saw different batches
+    r0 = json.loads((out / "bf16" / "result.json").read_text())["settings"]["data_seed"]
+    r1 = json.loads((out / "bf16-r1" / "result.json").read_text())["settings"]["data_seed"]
+    assert r0 != r1
+    assert "±" in format_table(res)
+    with pytest.raises(YxanulError):
+        run_quality("tiny", None, tokens=128, modes=["bf16"], batch=2, seq=32, device="cpu", out=str(out),
+                    repeats=0)

@@ -148,9 +148,16 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
                 eval_every: int | None = None, eval_batches: int = 8, last_evals: int = 3, seed: int = 1337,
                 policy: str | None = None, out: str = "runs/quality", device: str = "auto",
                 calibration_steps: int | None = None, fp8_all_recipe: str = "blockwise",
-                compile: bool = False, fp8_backend: str = "auto", reuse: bool = True) -> dict:
+                compile: bool = False, fp8_backend: str = "auto", reuse: bool = True, repeats: int = 1) -> dict:
     """Train every mode; returns (and writes to OUT/quality.json) the comparison. ``fp8_all_recipe`` is the
-    recipe of the fp8-all mode's linears (its extra activations are always 1 x 128 tiles)."""
+    recipe of the fp8-all mode's linears (its extra activations are always 1 x 128 tiles).
+
+    ``repeats=R`` trains every mode R times; repeat r uses data-order seed ``seed + REPEAT_SEED_STRIDE * r`` for
+    all modes (so modes stay paired within a repeat) and lives in ``OUT/<mode>-r<r>`` (r >= 1). Rows then give
+    the mean final loss, the per-repeat values, the paired difference from BF16 (mean over repeats) and its
+    standard error; a difference is "within noise" when it is below twice that error."""
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise YxanulError(f"must be a positive integer, got {repeats!r}", key="--repeats")
     from ..fp8.recipe import RECIPES
     if fp8_all_recipe not in RECIPES:
         raise YxanulError(f"unknown recipe {fp8_all_recipe!r} (expected one of {', '.join(RECIPES)})",
@@ -172,28 +179,31 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             "tensorboard": False, "policy": policy}
     result = {"model": model, "tokens": steps * tokens_per_step, "steps": steps, "batch": batch, "seq": seq,
               "lr": lr, "seed": seed, "device": None, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "rows": [], "bf16_noise_pct": None, "curves": {}}
-    for mode in run_modes:
-        mode_dir = out_dir / mode
+              "date": time.strftime("%Y-%m-%d"), "repeats": repeats, "rows": [], "bf16_noise_pct": None,
+              "curves": {}}
+    recs: dict[tuple[str, int], dict] = {}
+    jobs = [(mode, r) for r in range(repeats) for mode in run_modes if not (r and mode == NOISE_MODE)]
+    for mode, r in jobs:
+        name = mode if r == 0 else f"{mode}-r{r}"
+        mode_dir = out_dir / name
         done = mode_dir / "result.json"
+        data_seed = (seed + 1 if mode == NOISE_MODE else seed) + REPEAT_SEED_STRIDE * r
         over, extra = _mode_setup(mode, policy, out_dir, fp8_all_recipe)
         if over.get("precision") == "fp8" and calibration_steps is not None:
             # only FP8 modes' settings carry it, so BF16 results stay reusable when it changes
             over["fp8_calibration_steps"] = calibration_steps
-        settings = _jsonable({**base, **over, "data_seed": seed + 1 if mode == NOISE_MODE else seed,
-                              "extra": extra, "last_evals": last_evals})
+        settings = _jsonable({**base, **over, "data_seed": data_seed, "extra": extra, "last_evals": last_evals})
         prev = json.loads(done.read_text(encoding="utf-8")) if (reuse and done.exists()) else None
         if prev is not None and prev.get("settings") == settings and prev.get("error") is None:
             rec = prev
-            print(f"[quality] {mode}: reusing {done}", flush=True)
+            print(f"[quality] {name}: reusing {done}", flush=True)
         else:
             cfg = load_train_config(None, {**base, **over, "out": str(mode_dir),
                                            "policy": over.get("policy", policy)})
             if mode_dir.exists() and (mode_dir / "metrics.jsonl").exists():
                 import shutil
                 shutil.rmtree(mode_dir)
-            data_seed = seed + 1 if mode == NOISE_MODE else seed
-            print(f"[quality] {mode}: {steps} steps x {tokens_per_step} tokens", flush=True)
+            print(f"[quality] {name}: {steps} steps x {tokens_per_step} tokens", flush=True)
             t0 = time.perf_counter()
             error = None
             try:
@@ -212,12 +222,48 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         result["device"] = result["device"] or rec.get("device")
-        result["curves"][mode] = rec["curves"]
-        result["rows"].append({k: rec.get(k) for k in ("mode", "final_val_loss", "final_train_loss",
-                                                        "skipped_steps", "seconds", "error")})
+        result["curves"][name] = rec["curves"]
+        recs[(mode, r)] = rec
+        result["rows"] = _rows(recs, repeats)
         summarize(result)
         atomic_write_json(out_dir / "quality.json", result)
     return result
+
+
+REPEAT_SEED_STRIDE = 1000
+
+
+def _rows(recs: dict, repeats: int) -> list[dict]:
+    """One row per mode (in the order first run); with repeats, the mean over the finished repeats."""
+    rows, order = {}, []
+    for (mode, r), rec in recs.items():
+        if mode not in rows:
+            order.append(mode)
+            rows[mode] = {"mode": mode, "final_val_loss": None, "final_train_loss": None, "skipped_steps": 0,
+                          "seconds": 0.0, "error": None}
+            if repeats > 1:
+                rows[mode]["repeat_val_losses"] = [None] * repeats
+        row = rows[mode]
+        row["skipped_steps"] = (row["skipped_steps"] or 0) + (rec.get("skipped_steps") or 0)
+        row["seconds"] = round(row["seconds"] + (rec.get("seconds") or 0.0), 1)
+        row["error"] = row["error"] or rec.get("error")
+        if repeats > 1:
+            row["repeat_val_losses"][r] = rec.get("final_val_loss")
+        if r == 0:
+            row["final_val_loss"], row["final_train_loss"] = rec.get("final_val_loss"), rec.get("final_train_loss")
+    if repeats > 1:
+        for row in rows.values():
+            vals = [v for v in row["repeat_val_losses"] if v is not None]
+            row["final_val_loss"] = sum(vals) / len(vals) if vals else None
+    return [rows[m] for m in order]
+
+
+def _mean_sem(xs: list[float]) -> tuple[float, float | None]:
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, math.sqrt(var / len(xs))
 
 
 def summarize(result: dict) -> dict:
@@ -231,6 +277,22 @@ def summarize(result: dict) -> dict:
     for r in result["rows"]:
         d, n = r.get("rel_diff_vs_bf16_pct"), result["bf16_noise_pct"]
         r["within_noise"] = (abs(d) <= n) if (d is not None and n is not None) else None
+    base = (by.get("bf16") or {}).get("repeat_val_losses")
+    if base:
+        bv = [v for v in base if v is not None]
+        if len(bv) >= 2:
+            m, sem = _mean_sem(bv)
+            result["bf16_repeat_std_pct"] = round(100.0 * sem * math.sqrt(len(bv)) / m, 4)
+        for r in result["rows"]:
+            vals = r.get("repeat_val_losses") or []
+            pairs = [100.0 * (v - b) / b for v, b in zip(vals, base) if v is not None and b]
+            if r["mode"] == "bf16" or not pairs:
+                continue
+            m, sem = _mean_sem(pairs)
+            r["paired_rel_diff_pct"] = round(m, 4)
+            r["paired_sem_pct"] = round(sem, 4) if sem is not None else None
+            if sem is not None:
+                r["within_noise"] = abs(m) <= 2 * sem
     return result
 
 
@@ -239,13 +301,21 @@ def format_table(result: dict) -> str:
     rows = []
     for r in result["rows"]:
         v, d = r.get("final_val_loss"), r.get("rel_diff_vs_bf16_pct")
-        rows.append([r["mode"], f"{v:.4f}" if v is not None else "-", f"{d:+.3f}%" if d is not None else "-",
+        if r.get("paired_rel_diff_pct") is not None and r.get("paired_sem_pct") is not None:
+            d_text = f"{r['paired_rel_diff_pct']:+.3f}% ± {r['paired_sem_pct']:.3f}"
+        else:
+            d_text = f"{d:+.3f}%" if d is not None else "-"
+        rows.append([r["mode"], f"{v:.4f}" if v is not None else "-", d_text,
                      {True: "yes", False: "no", None: "-"}[r.get("within_noise")], r.get("skipped_steps", "-"),
                      r.get("error") or ""])
     head = (f"{result['model']}: {result['tokens']:,} tokens per mode ({result['steps']} steps x "
             f"{result['batch']}x{result['seq']}), device {result['device']}, torch {result['torch']}")
     noise = result.get("bf16_noise_pct")
     tail = f"BF16 seed-to-seed noise band: {noise:.3f}%" if noise is not None else "BF16 noise band: not measured"
+    if result.get("repeats", 1) > 1:
+        std = result.get("bf16_repeat_std_pct")
+        tail += (f"\n{result['repeats']} repeats per mode (paired by data order): 'vs bf16' is the mean paired "
+                 f"difference ± its standard error" + (f"; BF16 repeat-to-repeat std {std:.3f}%" if std else ""))
     return head + "\n" + table(rows, ["mode", "final val loss", "vs bf16", "in noise", "skipped", "error"],
                                "lrrrrl") + "\n" + tail
 

@@ -94,6 +94,9 @@ def _quality(bsub):
     p.add_argument("--fp8-backend", default="auto")
     p.add_argument("--calibration-steps", type=int, default=None,
                    help="delayed recipe: BF16 calibration steps (default: the policy's; the note says 100)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="train every mode this many times with different data orders (paired across modes) and "
+                        "report mean differences with standard errors")
     p.add_argument("--fp8-all-recipe", default="blockwise",
                    help="recipe of the fp8-all mode's linears (default blockwise, the note's)")
     p.add_argument("--out", default="runs/quality", help="folder for the runs, quality.json and the plot")
@@ -115,7 +118,7 @@ def _run_quality(args):
                       eval_batches=args.eval_batches, last_evals=args.last_evals, seed=args.seed,
                       policy=args.config, out=args.out, device=args.device, compile=args.compile,
                       fp8_backend=args.fp8_backend, reuse=not args.fresh, calibration_steps=args.calibration_steps,
-                      fp8_all_recipe=args.fp8_all_recipe)
+                      fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats)
     print(format_table(res), flush=True)
     try:
         plot(res, args.plot or str(Path(args.out) / "quality.png"))
