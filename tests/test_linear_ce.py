@@ -196,3 +196,14 @@ def test_cut_impl_refuses_wide_or_fp8_heads():
         linear_cross_entropy(h, W, t, head_fp8=True, impl="cut")
     with pytest.raises(YxanulError, match="implementation"):
         linear_cross_entropy(h, W, t, impl="fast")
+
+
+@pytest.mark.parametrize("bad_id", [-5, 97, 1000])
+def test_out_of_vocabulary_target_is_refused(bad_id):
+    h, P, W, t = _data(factorized=False)  # V = 97
+    t = t.clone()
+    t[3] = bad_id
+    with pytest.raises(YxanulError, match="outside the vocabulary"):
+        linear_cross_entropy(h, W, t)
+    t[3] = -1  # the ignore index is fine
+    assert torch.isfinite(linear_cross_entropy(h, W, t))

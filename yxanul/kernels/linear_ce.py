@@ -140,6 +140,8 @@ class _CutLinearCrossEntropy(torch.autograd.Function):
             hc, Wc = h.to(cdtype).contiguous(), W.to(cdtype).contiguous()
             valid = targets != ignore_index
             t = torch.where(valid, targets, torch.full_like(targets, -1))
+            if t.is_cuda:  # an id outside [0, V) would silently give loss = log-sum-exp; fail on the device
+                torch._assert_async(((t >= -1) & (t < Wc.shape[0])).all())
             lse, xt = lce_forward(hc, Wc, t)
             n_valid = valid.sum().float()
             loss = torch.where(valid, lse - xt, torch.zeros_like(lse)).sum() / n_valid
@@ -261,6 +263,11 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
         raise YxanulError(f"chunk must be a positive integer, got {chunk!r}", key="chunk")
     if h.shape[0] == 0:
         raise YxanulError("linear_cross_entropy got no tokens", key="h")
+    V = W.shape[0]
+    if not targets.is_cuda:  # on CUDA a host check would cost a sync per step; the kernels' path asserts below
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+        if bool(bad.any()):
+            raise YxanulError(f"target id {int(targets[bad][0])} is outside the vocabulary [0, {V})", key="targets")
     cdtype = _compute_dtype(h)
     from . import _default_impl, uses_triton
     from .cut_ce import MAX_K
