@@ -207,3 +207,18 @@ def test_out_of_vocabulary_target_is_refused(bad_id):
         linear_cross_entropy(h, W, t)
     t[3] = -1  # the ignore index is fine
     assert torch.isfinite(linear_cross_entropy(h, W, t))
+
+
+def test_fused_loss_inside_a_compiled_model_matches_eager(tiny_cfg):
+    """torch.compile(model) with the fused loss: the loss runs eagerly (a graph break), same numbers."""
+    import dataclasses
+    from yxanul.kernels.linear_ce import use_fused_ce
+    from yxanul.model import Yxanul
+    cfg = dataclasses.replace(tiny_cfg, n_layers=1)
+    torch.manual_seed(0)
+    m = use_fused_ce(Yxanul(cfg))
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    want = m(x, x)
+    torch._dynamo.reset()
+    got = torch.compile(m, backend="aot_eager")(x, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -233,6 +233,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None
 
 
+@torch.compiler.disable  # runs eagerly even inside a compiled model: it launches its own kernels, per chunk or not
 def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, P: torch.Tensor | None = None,
                          ignore_index: int = -1, chunk: int | None = None, head_fp8: bool = False,
                          impl: str | None = None) -> torch.Tensor:
