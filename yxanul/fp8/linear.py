@@ -436,8 +436,6 @@ def fp8_stats(model: nn.Module) -> dict:
     for name, m in mods.items():
         rows = m.stats_buf.tolist()
         if m._collect is False or math.isnan(rows[_SLOT["w"]][0]):
-            prev = m._collect
-            m._collect = True
             with torch.no_grad():
                 w = m.weight.detach()
                 if m.recipe.name == "delayed":
@@ -446,9 +444,8 @@ def fp8_stats(model: nn.Module) -> dict:
                 else:
                     q, s = m.ops.weight_quant(w)
                 m._record_stats("w", w, q, s)
-            m._collect = prev
+            rows[_SLOT["w"]] = m.stats_buf[_SLOT["w"]].tolist()
         entry = {}
-        rows = m.stats_buf.tolist()
         for which, i in _SLOT.items():
             if not math.isnan(rows[i][0]):
                 entry[which] = dict(zip(_STAT_KEYS, (float(v) for v in rows[i])))

@@ -36,14 +36,32 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, idx, imask, stride, ks, K):
+    """Rows `idx` (masked by `imask`) of a row-major [*, K] matrix, K padded to the tile with zeros."""
+    return tl.load(ptr + idx[:, None].to(tl.int64) * stride + ks[None, :], mask=imask[:, None] & (ks[None, :] < K),
+                   other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, idx, imask, stride, ks, K, val):
+    tl.store(ptr + idx[:, None].to(tl.int64) * stride + ks[None, :], val.to(ptr.dtype.element_ty),
+             mask=imask[:, None] & (ks[None, :] < K))
+
+
+@triton.jit
+def _row_state(t_ptr, lse_ptr, sc_ptr, rows, rmask):
+    """Per-row target, log-sum-exp and gradient scale (padded rows: no target, scale 0)."""
+    return (tl.load(t_ptr + rows, mask=rmask, other=-1), tl.load(lse_ptr + rows, mask=rmask, other=0.0),
+            tl.load(sc_ptr + rows, mask=rmask, other=0.0))
+
+
+@triton.jit
 def _lce_fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, xt_ptr, N, V, K, stride_h, stride_w,
                     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < N
     ks = tl.arange(0, BK)
-    kmask = ks < K
-    a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
-                mask=rmask[:, None] & kmask[None, :], other=0.0)
+    a = _load_tile(h_ptr, rows, rmask, stride_h, ks, K)
     t = tl.load(t_ptr + rows, mask=rmask, other=-1)
     m = tl.full((BM,), float("-inf"), tl.float32)
     s = tl.zeros((BM,), tl.float32)
@@ -52,8 +70,7 @@ def _lce_fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, xt_ptr, N, V, K, stride_h, str
     for v0 in range(0, V, BV):
         cols = v0 + cv
         cmask = cols < V
-        b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
-                    mask=cmask[:, None] & kmask[None, :], other=0.0)
+        b = _load_tile(w_ptr, cols, cmask, stride_w, ks, K)
         x = _dot(a, tl.trans(b), IEEE)
         x = tl.where(cmask[None, :], x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
@@ -77,23 +94,17 @@ def _lce_bwd_dh_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dh_ptr, N, V, K, st
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < N
     ks = tl.arange(0, BK)
-    kmask = ks < K
-    a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
-                mask=rmask[:, None] & kmask[None, :], other=0.0)
-    t = tl.load(t_ptr + rows, mask=rmask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    sc = tl.load(sc_ptr + rows, mask=rmask, other=0.0)
+    a = _load_tile(h_ptr, rows, rmask, stride_h, ks, K)
+    t, lse, sc = _row_state(t_ptr, lse_ptr, sc_ptr, rows, rmask)
     acc = tl.zeros((BM, BK), tl.float32)
     cv = tl.arange(0, BV)
     for v0 in range(0, V, BV):
         cols = v0 + cv
         cmask = cols < V
-        b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
-                    mask=cmask[:, None] & kmask[None, :], other=0.0)
+        b = _load_tile(w_ptr, cols, cmask, stride_w, ks, K)
         g = _grad_tile(_dot(a, tl.trans(b), IEEE), cols, cmask, t, lse, sc)
         acc += _dot(g.to(b.dtype), b, IEEE)
-    tl.store(dh_ptr + rows[:, None].to(tl.int64) * stride_dh + ks[None, :], acc.to(dh_ptr.dtype.element_ty),
-             mask=rmask[:, None] & kmask[None, :])
+    _store_tile(dh_ptr, rows, rmask, stride_dh, ks, K, acc)
 
 
 @triton.jit
@@ -102,23 +113,17 @@ def _lce_bwd_dw_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dw_ptr, N, V, K, st
     cols = tl.program_id(0) * BV + tl.arange(0, BV)
     cmask = cols < V
     ks = tl.arange(0, BK)
-    kmask = ks < K
-    b = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :],
-                mask=cmask[:, None] & kmask[None, :], other=0.0)
+    b = _load_tile(w_ptr, cols, cmask, stride_w, ks, K)
     acc = tl.zeros((BV, BK), tl.float32)
     rm = tl.arange(0, BM)
     for m0 in range(0, N, BM):
         rows = m0 + rm
         rmask = rows < N
-        a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_h + ks[None, :],
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        t = tl.load(t_ptr + rows, mask=rmask, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-        sc = tl.load(sc_ptr + rows, mask=rmask, other=0.0)
+        a = _load_tile(h_ptr, rows, rmask, stride_h, ks, K)
+        t, lse, sc = _row_state(t_ptr, lse_ptr, sc_ptr, rows, rmask)
         g = _grad_tile(_dot(a, tl.trans(b), IEEE), cols, cmask, t, lse, sc)
         acc += _dot(tl.trans(g.to(a.dtype)), a, IEEE)
-    tl.store(dw_ptr + cols[:, None].to(tl.int64) * stride_dw + ks[None, :], acc.to(dw_ptr.dtype.element_ty),
-             mask=cmask[:, None] & kmask[None, :])
+    _store_tile(dw_ptr, cols, cmask, stride_dw, ks, K, acc)
 
 
 # (BM, BV, num_warps, num_stages) per kernel; chosen on an H100 at N=32768, V=200005, K=128

@@ -281,10 +281,9 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
             raise YxanulError(f"the cut kernels need a head of rank <= {MAX_K} and no FP8 head "
                               f"(got rank {W.shape[1]}, head_fp8={head_fp8})", key="impl")
         uses_triton(h, W, impl="triton")  # raises when Triton cannot run here
+    if impl == "cut" or (impl == "auto" and cut_ok and h.is_cuda and W.is_cuda and uses_triton(h, W, impl="auto")):
         return _CutLinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), cdtype)
-    if impl == "auto" and cut_ok and h.is_cuda and W.is_cuda and uses_triton(h, W, impl="auto"):
-        return _CutLinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), cdtype)
-    use_triton = uses_triton(h, W, impl="torch" if impl == "torch" else ("triton" if impl == "triton" else "auto"))
+    use_triton = uses_triton(h, W, impl=impl)  # auto, triton or torch here
     return _LinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), int(chunk), cdtype, bool(head_fp8),
                                      use_triton)
 
