@@ -137,3 +137,42 @@ def test_state_dict_round_trip(tmp_path):
     m3.load_state_dict(lin.state_dict())
     assert torch.equal(m3.weight, lin.weight)
     lin.load_state_dict({"weight": m.state_dict()["weight"]})
+
+
+def test_scales_fixed_after_first_step():
+    """Once every operand has a delayed scale, the cast uses it alone (not waiting for the current amax);
+    an operand whose history is still all zero keeps the module on current scaling for it."""
+    m = _layer()
+    _pass(m, 2.0, 0.0)  # dy all zero: no dy scale yet
+    fp8_step(m)
+    assert m.scale_ready.tolist() == [1, 1, 0] and not m._scales_fixed
+    # the dy slot still follows its current amax (scale_inv[2] is the initial 1.0, which would flush 1e-4)
+    x = torch.randn(4, 32, requires_grad=True)
+    y = m(x)
+    g = torch.full_like(y, 1e-4)
+    y.backward(g)
+    assert x.grad.abs().max() > 0
+    fp8_step(m)
+    assert m._scales_fixed  # dy recorded a nonzero amax in the last step
+    s_before = m.scale_inv.clone()
+    x = torch.zeros(2, 32)
+    x[0, 0] = 100.0  # far above the delayed x scale: clipped at FMT_MAX * scale_inv[0]
+    y = m(x)
+    w = m.weight.detach()
+    wq = (w[:, 0] / s_before[1]).clamp(-E4M3, E4M3).to(torch.float8_e4m3fn).float() * s_before[1]
+    xq = float(E4M3 * s_before[0])
+    assert torch.allclose(y[0], xq * wq, rtol=1e-5, atol=1e-7)
+    assert m.amax_history[0, 0].item() == 100.0  # the current amax is still recorded
+
+
+def test_scales_fixed_restored_from_state_dict():
+    m = _layer()
+    _pass(m, 2.0, 0.5)
+    fp8_step(m)
+    assert m._scales_fixed
+    m2 = _layer()
+    assert not m2._scales_fixed
+    m2.load_state_dict(m.state_dict())
+    assert m2._scales_fixed
+    x = torch.randn(3, 32)
+    assert torch.equal(m2(x), m(x))

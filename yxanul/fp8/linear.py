@@ -178,6 +178,10 @@ class Fp8Linear(nn.Module):
     def _init_buffers(self, device) -> None:
         """(Re)create the state buffers on `device`: the non-finite flags and, for delayed, the histories."""
         self._steps = 0
+        # delayed: True once every operand has a scale from its history; from then on the cast uses that
+        # scale alone, so it no longer waits for the current amax (which is still recorded) and torch.compile
+        # can fuse it into the kernel producing the operand. Set by fp8_step (one host sync for the model).
+        self._scales_fixed = False
         self._sync_calibrating()
         self.register_buffer("nonfinite", torch.zeros(3, dtype=torch.int32, device=device), persistent=False)
         # statistics of the last armed pass, one row per operand (x, w, dy), NaN until recorded: a buffer
@@ -238,6 +242,7 @@ class Fp8Linear(nn.Module):
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in own]
         if self.recipe.name == "delayed" and prefix + "fp8_steps" in state_dict:
             self._steps = int(state_dict[prefix + "fp8_steps"])
+            self._scales_fixed = bool(self.scale_ready.all())
             self._sync_calibrating()
         self.invalidate()
 
@@ -251,6 +256,8 @@ class Fp8Linear(nn.Module):
         amax = t.detach().abs().amax().float()
         self._flag(i, amax)
         scaling.record_amax(self.amax_history, i, amax)
+        if self._scales_fixed:
+            return self.scale_inv[i]
         return scaling.current_or_delayed(amax, self.scale_inv[i], self.scale_ready[i], self._fmt_max[i],
                                           self.recipe.margin)
 
@@ -399,11 +406,16 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
     """Call after every optimizer step: invalidates weight caches, advances delayed-scaling histories and
     calibration counters. ``collect_stats=True`` makes the next forward/backward record statistics
     (device-side) for :func:`fp8_stats`."""
-    for m in fp8_modules(model).values():
+    mods = list(fp8_modules(model).values())
+    for m in mods:
         m.step()
         m._collect = bool(collect_stats)
         if collect_stats:
             m.stats_buf.fill_(float("nan"))
+    pending = [m for m in mods if m.recipe.name == "delayed" and not m._scales_fixed]
+    if pending:  # one host sync, and only until every delayed scale exists (normally after the first step)
+        for m, ready in zip(pending, torch.stack([m.scale_ready.all() for m in pending]).tolist()):
+            m._scales_fixed = bool(ready)
 
 
 def fp8_check(model: nn.Module) -> None:
