@@ -243,6 +243,17 @@ def _block_scales_for_b(s: torch.Tensor, k_blocks: int) -> torch.Tensor:
     return buf.t()
 
 
+def _scalar_scale(s: torch.Tensor) -> torch.Tensor:
+    """A per-tensor scale as cuBLAS takes it: FP32, 0-d, at the start of its own allocation. cuBLAS refuses
+    (CUBLAS_STATUS_NOT_SUPPORTED) a scale pointer that is not 16-byte aligned, e.g. one slot of the delayed
+    recipe's ``scale_inv[3]`` buffer, so such a view is copied. (Under torch.compile the check is skipped: it
+    would break the graph, and inductor would drop the copy as a no-op; traced callers pass fresh scales.)"""
+    s = s.float().reshape(())
+    if not torch.compiler.is_compiling() and s.storage_offset():
+        s = s.clone()
+    return s
+
+
 def native_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
     """a @ b.T with cuBLAS FP8. Pads M, N, K as the kernels need (zeros contribute nothing)."""
     M, K = a_q.shape
@@ -255,7 +266,7 @@ def native_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
         a = _pad2(a_q, Mp, Kp)
         b = _pad2(b_q, Np, Kp)
         if tensorwise:
-            sa, sb = a_s.float().reshape(()), b_s.float().reshape(())
+            sa, sb = _scalar_scale(a_s), _scalar_scale(b_s)
         else:
             sa = _pad2(a_s.float(), Mp, 1, 1.0).contiguous()
             sb = _pad2(b_s.float(), Np, 1, 1.0).reshape(1, Np).contiguous()

@@ -257,7 +257,9 @@ class Fp8Linear(nn.Module):
         self._flag(i, amax)
         scaling.record_amax(self.amax_history, i, amax)
         if self._scales_fixed:
-            return self.scale_inv[i]
+            # a computed scalar, not the view scale_inv[i]: cuBLAS needs a scale at the start of its own
+            # (aligned) allocation, and inductor would pass a view (or a copy of one it deems a no-op) as is
+            return torch.where(self.scale_ready[i] > 0, self.scale_inv[i], 1.0)
         return scaling.current_or_delayed(amax, self.scale_inv[i], self.scale_ready[i], self._fmt_max[i],
                                           self.recipe.margin)
 
