@@ -215,7 +215,9 @@ class Fp8Linear(nn.Module):
     def _sync_calibrating(self) -> None:
         # a bool that flips once, read by forward: torch.compile guards on it (one recompile when calibration
         # ends), where guarding on the step counter itself recompiled the block at every step
-        self._calibrating = self.recipe.name == "delayed" and self._steps < self.recipe.calibration_steps
+        cal = self.recipe.name == "delayed" and self._steps < self.recipe.calibration_steps
+        if getattr(self, "_calibrating", None) is not cal:  # nn.Module.__setattr__ is slow: fp8_step runs per step
+            self._calibrating = cal
 
     def set_backend(self, backend: str) -> None:
         self.backend = backend
@@ -223,8 +225,9 @@ class Fp8Linear(nn.Module):
         self.invalidate()
 
     def invalidate(self) -> None:
-        self._wcache = None
-        self._wcache_version = None
+        if self._wcache is not None or self._wcache_version is not None:
+            self._wcache = None
+            self._wcache_version = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -322,15 +325,9 @@ class Fp8Linear(nn.Module):
     # -- per optimizer step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
-        """After an optimizer step: drop the weight cache; advance delayed scaling (and calibration)."""
-        self.invalidate()
-        if self.recipe.name == "delayed":
-            fmax = torch.tensor(self._fmt_max, device=self.scale_inv.device)
-            scaling.advance(self.amax_history, self.scale_inv, self.scale_ready, self.recipe.amax_compute_algo,
-                            fmax, self.recipe.margin, self.recipe.pow2_scales)
-            self.fp8_steps += 1
-            self._steps += 1
-            self._sync_calibrating()
+        """After an optimizer step: drop the weight cache; advance delayed scaling (and calibration).
+        :func:`fp8_step` does this for a whole model with a fixed number of kernel launches."""
+        _step_modules([self])
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this module's parameters."""
@@ -409,15 +406,43 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
     calibration counters. ``collect_stats=True`` makes the next forward/backward record statistics
     (device-side) for :func:`fp8_stats`."""
     mods = list(fp8_modules(model).values())
+    _step_modules(mods)
     for m in mods:
-        m.step()
-        m._collect = bool(collect_stats)
+        if m._collect is not bool(collect_stats):
+            m._collect = bool(collect_stats)
         if collect_stats:
             m.stats_buf.fill_(float("nan"))
     pending = [m for m in mods if m.recipe.name == "delayed" and not m._scales_fixed]
     if pending:  # one host sync, and only until every delayed scale exists (normally after the first step)
         for m, ready in zip(pending, torch.stack([m.scale_ready.all() for m in pending]).tolist()):
             m._scales_fixed = bool(ready)
+
+
+_FMT_MAX_CACHE: dict = {}
+
+
+def _step_modules(mods: list[Fp8Linear]) -> None:
+    """Invalidate the weight caches; advance the delayed-scaling state of all delayed layers, grouped by the
+    settings that enter the update, in a few batched launches."""
+    groups: dict[tuple, list[Fp8Linear]] = {}
+    for m in mods:
+        m.invalidate()
+        if m.recipe.name == "delayed":
+            r = m.recipe
+            key = (r.amax_compute_algo, r.margin, r.pow2_scales, r.amax_history_len, tuple(m._fmt_max),
+                   m.scale_inv.device)
+            groups.setdefault(key, []).append(m)
+    for (algo, margin, pow2, _, fmax, dev), ms in groups.items():
+        fkey = (fmax, dev)
+        if fkey not in _FMT_MAX_CACHE:
+            _FMT_MAX_CACHE[fkey] = torch.tensor(fmax, dtype=torch.float32, device=dev)
+        scaling.advance_many([m.amax_history for m in ms], [m.scale_inv for m in ms], [m.scale_ready for m in ms],
+                             algo, _FMT_MAX_CACHE[fkey], margin, pow2)
+        with torch.no_grad():
+            torch._foreach_add_([m.fp8_steps for m in ms], 1)
+        for m in ms:
+            m._steps += 1
+            m._sync_calibrating()
 
 
 def fp8_check(model: nn.Module) -> None:
