@@ -176,3 +176,48 @@ def test_scales_fixed_restored_from_state_dict():
     assert m2._scales_fixed
     x = torch.randn(3, 32)
     assert torch.equal(m2(x), m(x))
+
+
+def test_fp8_step_batched_matches_per_layer_advance():
+    """fp8_step advances all delayed layers in batched launches; the result is what advancing each layer's
+    history on its own gives, also for layers with different recipe settings in one model."""
+    import copy
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(
+        [Fp8Linear(16, 8, recipe=Fp8Recipe(name="delayed", calibration_steps=0, amax_history_len=4, margin=i % 2,
+                                           amax_compute_algo="max" if i % 3 else "most_recent"))
+         for i in range(6)])
+    ref = copy.deepcopy(layers)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(7):
+        for a, b in zip(layers, ref):
+            for slot in (0, 2):
+                v = torch.rand((), generator=gen) * (step % 3)  # some steps record zeros
+                scaling.record_amax(a.amax_history, slot, v)
+                scaling.record_amax(b.amax_history, slot, v)
+        fp8_step(layers)
+        for b in ref:
+            scaling.advance(b.amax_history, b.scale_inv, b.scale_ready, b.recipe.amax_compute_algo,
+                            torch.tensor(b._fmt_max), b.recipe.margin, b.recipe.pow2_scales)
+        for a, b in zip(layers, ref):
+            for k in ("amax_history", "scale_inv", "scale_ready"):
+                assert torch.equal(getattr(a, k), getattr(b, k)), (step, k)
+            assert int(a.fp8_steps) == step + 1
+
+
+def test_fixed_scales_give_the_same_numbers():
+    """Casting with the history's scale alone equals the current-or-delayed selection once every scale exists."""
+    m = _layer()
+    _pass(m, 2.0, 0.5)
+    fp8_step(m)
+    assert m._scales_fixed
+    x = torch.randn(5, 32, requires_grad=True)
+    y1 = m(x)
+    y1.backward(torch.ones_like(y1))
+    g1 = x.grad.clone()
+    m._scales_fixed = False
+    x.grad = None
+    y2 = m(x)
+    y2.backward(torch.ones_like(y2))
+    assert torch.equal(y1, y2) and torch.equal(g1, x.grad)
