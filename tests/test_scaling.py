@@ -221,3 +221,20 @@ def test_fixed_scales_give_the_same_numbers():
     y2 = m(x)
     y2.backward(torch.ones_like(y2))
     assert torch.equal(y1, y2) and torch.equal(g1, x.grad)
+
+
+def test_module_step_also_fixes_scales():
+    m = _layer()
+    _pass(m, 2.0, 0.5)
+    m.step()
+    assert m._scales_fixed and m.scale_ready.tolist() == [1, 1, 1]
+
+
+def test_load_into_meta_module():
+    m = _layer()
+    _pass(m, 2.0, 0.5)
+    fp8_step(m)
+    with torch.device("meta"):
+        m2 = _layer()
+    m2.load_state_dict(m.state_dict(), assign=True)
+    assert m2._scales_fixed and torch.equal(m2.scale_inv, m.scale_inv)

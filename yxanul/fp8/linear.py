@@ -245,7 +245,8 @@ class Fp8Linear(nn.Module):
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in own]
         if self.recipe.name == "delayed" and prefix + "fp8_steps" in state_dict:
             self._steps = int(state_dict[prefix + "fp8_steps"])
-            self._scales_fixed = bool(self.scale_ready.all())
+            ready = state_dict.get(prefix + "scale_ready")
+            self._scales_fixed = bool(ready is not None and ready.device.type != "meta" and (ready > 0).all())
             self._sync_calibrating()
         self.invalidate()
 
@@ -261,7 +262,9 @@ class Fp8Linear(nn.Module):
         scaling.record_amax(self.amax_history, i, amax)
         if self._scales_fixed:
             # a computed scalar, not the view scale_inv[i]: cuBLAS needs a scale at the start of its own
-            # (aligned) allocation, and inductor would pass a view (or a copy of one it deems a no-op) as is
+            # (aligned) allocation, and inductor would pass a view (or a copy of one it deems a no-op) as is.
+            # _scales_fixed implies scale_ready is all 1 (only fp8_step and state loading set it), so the 1.0
+            # is never selected
             return torch.where(self.scale_ready[i] > 0, self.scale_inv[i], 1.0)
         return scaling.current_or_delayed(amax, self.scale_inv[i], self.scale_ready[i], self._fmt_max[i],
                                           self.recipe.margin)
@@ -412,10 +415,6 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
             m._collect = bool(collect_stats)
         if collect_stats:
             m.stats_buf.fill_(float("nan"))
-    pending = [m for m in mods if m.recipe.name == "delayed" and not m._scales_fixed]
-    if pending:  # one host sync, and only until every delayed scale exists (normally after the first step)
-        for m, ready in zip(pending, torch.stack([m.scale_ready.all() for m in pending]).tolist()):
-            m._scales_fixed = bool(ready)
 
 
 _FMT_MAX_CACHE: dict = {}
@@ -443,6 +442,16 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
         for m in ms:
             m._steps += 1
             m._sync_calibrating()
+    # which delayed layers now have every scale: one host sync per device, and only while some layer lacks one
+    # (normally after the first step; a layer whose operand never sees a nonzero value keeps asking)
+    pending: dict = {}
+    for ms in groups.values():
+        for m in ms:
+            if not m._scales_fixed:
+                pending.setdefault(m.scale_ready.device, []).append(m)
+    for ms in pending.values():
+        for m, ready in zip(ms, torch.stack([m.scale_ready.all() for m in ms]).tolist()):
+            m._scales_fixed = bool(ready)
 
 
 def fp8_check(model: nn.Module) -> None:
