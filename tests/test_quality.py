@@ -72,6 +72,23 @@ def test_quality_bench_end_to_end_cpu(tmp_path):
     run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
                 out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1, calibration_steps=2)
     assert (tmp_path / "q" / "bf16" / "result.json").stat().st_mtime_ns == before
+    # a result from before a setting became mode-specific (an extra key set to null) is still reused
+    done = tmp_path / "q" / "bf16" / "result.json"
+    rec = json.loads(done.read_text())
+    rec["settings"]["fp8_calibration_steps"] = None
+    done.write_text(json.dumps(rec))
+    before = done.stat().st_mtime_ns
+    run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
+                out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1)
+    assert done.stat().st_mtime_ns == before
+
+
+def test_same_settings():
+    from yxanul.bench.quality import same_settings
+    assert same_settings({"lr": 1e-3, "policy": None}, {"lr": 1e-3})
+    assert not same_settings({"lr": 1e-3}, {"lr": 2e-3})
+    assert not same_settings({"lr": 1e-3, "fp8_recipe": "delayed"}, {"lr": 1e-3})
+    assert not same_settings(None, {"lr": 1e-3})
 
 
 def test_quality_repeats_are_paired_and_summarized(tmp_path):

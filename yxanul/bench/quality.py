@@ -119,6 +119,15 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
+def same_settings(a: dict | None, b: dict) -> bool:
+    """Whether a stored result was trained with these settings. Keys set to None mean "not applicable" and
+    are ignored, so results written before a setting became mode-specific (BF16 runs used to carry
+    ``fp8_calibration_steps: null``) stay reusable."""
+    if not isinstance(a, dict):
+        return False
+    return ({k: v for k, v in a.items() if v is not None} == {k: v for k, v in b.items() if v is not None})
+
+
 def _read_curves(run_dir: Path) -> dict:
     train, val = [], []
     path = run_dir / "metrics.jsonl"
@@ -194,7 +203,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             over["fp8_calibration_steps"] = calibration_steps
         settings = _jsonable({**base, **over, "data_seed": data_seed, "extra": extra, "last_evals": last_evals})
         prev = json.loads(done.read_text(encoding="utf-8")) if (reuse and done.exists()) else None
-        if prev is not None and prev.get("settings") == settings and prev.get("error") is None:
+        if prev is not None and same_settings(prev.get("settings"), settings) and prev.get("error") is None:
             rec = prev
             print(f"[quality] {name}: reusing {done}", flush=True)
         else:
