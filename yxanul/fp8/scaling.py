@@ -48,25 +48,37 @@ def record_amax(history: torch.Tensor, slot: int, amax: torch.Tensor) -> None:
     cur.copy_(torch.maximum(cur, amax.detach().float().reshape(())))
 
 
+def _history_amax(history: torch.Tensor, algo: str) -> torch.Tensor:
+    """The amax each operand's scale is computed from; ``history`` is ``[..., L, 3]``."""
+    return history.amax(dim=-2) if algo == "max" else history[..., 0, :]
+
+
 def scale_from_history(history: torch.Tensor, algo: str, fmt_max: torch.Tensor, margin: int) -> torch.Tensor:
-    amax = history.amax(dim=0) if algo == "max" else history[0]
-    return amax / (fmt_max / (2.0 ** margin))
+    return _history_amax(history, algo) / (fmt_max / (2.0 ** margin))
+
+
+def _advanced(history, scale_inv, ready, algo, fmt_max, margin, pow2):
+    """(history, scale_inv, ready) after one optimizer step, for ``[..., L, 3]`` histories (one layer or a
+    stack of layers): new scales where the history's amax is positive, then the history rolled by one row."""
+    amax = _history_amax(history, algo)
+    new = amax / (fmt_max / (2.0 ** margin))
+    if pow2:
+        from .formats import pow2_ceil
+        new = pow2_ceil(new.clamp_min(1e-30))
+    has = amax > 0
+    rolled = torch.roll(history, 1, dims=-2)
+    rolled[..., 0, :] = 0
+    return rolled, torch.where(has, new, scale_inv), torch.where(has, torch.ones_like(ready), ready)
 
 
 @torch.no_grad()
 def advance(history: torch.Tensor, scale_inv: torch.Tensor, ready: torch.Tensor, algo: str,
             fmt_max: torch.Tensor, margin: int, pow2: bool = False) -> None:
     """End of an optimizer step: new scales from the history, then roll the history (in place)."""
-    amax = history.amax(dim=0) if algo == "max" else history[0]
-    new = scale_from_history(history, algo, fmt_max, margin)
-    if pow2:
-        from .formats import pow2_ceil
-        new = pow2_ceil(new.clamp_min(1e-30))
-    has = amax > 0
-    scale_inv.copy_(torch.where(has, new, scale_inv))
-    ready.copy_(torch.where(has, torch.ones_like(ready), ready))
-    history.copy_(torch.roll(history, 1, dims=0))
-    history[0].zero_()
+    h, s, r = _advanced(history, scale_inv, ready, algo, fmt_max, margin, pow2)
+    scale_inv.copy_(s)
+    ready.copy_(r)
+    history.copy_(h)
 
 
 def current_or_delayed(amax_now: torch.Tensor, scale_inv: torch.Tensor, ready: torch.Tensor, fmt_max: float,
@@ -84,20 +96,8 @@ def advance_many(histories: list[torch.Tensor], scale_invs: list[torch.Tensor], 
     GPU waiting on the host for tens of milliseconds per step."""
     if not histories:
         return
-    if len(histories) == 1:
-        advance(histories[0], scale_invs[0], readies[0], algo, fmt_max, margin, pow2)
-        return
-    h, s, r = torch.stack(histories), torch.stack(scale_invs), torch.stack(readies)  # [n, L, 3], [n, 3]
-    amax = h.amax(dim=1) if algo == "max" else h[:, 0]
-    new = amax / (fmt_max / (2.0 ** margin))
-    if pow2:
-        from .formats import pow2_ceil
-        new = pow2_ceil(new.clamp_min(1e-30))
-    has = amax > 0
-    s = torch.where(has, new, s)
-    r = torch.where(has, torch.ones_like(r), r)
-    h = torch.roll(h, 1, dims=1)
-    h[:, 0] = 0
+    h, s, r = _advanced(torch.stack(histories), torch.stack(scale_invs), torch.stack(readies), algo, fmt_max,
+                        margin, pow2)
     torch._foreach_copy_(scale_invs, list(s.unbind(0)))
     torch._foreach_copy_(readies, list(r.unbind(0)))
     torch._foreach_copy_(histories, list(h.unbind(0)))
