@@ -20,7 +20,8 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
                       "--plot", str(png)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "rows"}
+    assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "compile_mode", "tensor_quant", "rows"}
+    assert res["compile_mode"] is None and res["tensor_quant"] in ("kernel", "traced")
     assert res["batch"] == 2 and res["seq"] == 16 and res["device"] == "cpu"
     assert [r["mode"] for r in res["rows"]] == ["bf16-plain", "bf16", "fp8-blockwise", "torchao-tensorwise"]
     for r in res["rows"]:
@@ -50,6 +51,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     ["--modes", "bf16", "--batch", "0"],
     ["--modes", "bf16", "--plot", "x.svg"],
     ["--modes", "bf16", "--model", "no-such-model"],
+    ["--modes", "bf16", "--compile-mode", "fastest"],
 ])
 def test_bad_input_exits_2_without_output(tmp_path, extra, capsys):
     out = tmp_path / "bt.json"

@@ -383,3 +383,48 @@ def test_delayed_calibration_records_x_w_dy_and_matches_bf16_linear(compiled):
     assert float(row[0]) == pytest.approx(float(x.abs().amax()), rel=1e-2)
     assert float(row[1]) == pytest.approx(float(m.weight.detach().abs().amax()))
     assert float(row[2]) == pytest.approx(float(dy.abs().amax()), rel=1e-2)
+
+
+@pytest.mark.parametrize("name", ["tensorwise", "delayed"])
+def test_one_pass_dual_quantizers_give_the_same_layer(name):
+    """With the one-pass quantizers (both GEMM layouts at once, the amax as its own op) installed, a per-tensor
+    layer computes bit for bit what it computes with quantize-then-transpose, through several optimizer steps
+    (delayed: calibration, then history scales) and with statistics armed."""
+    import functools
+    from yxanul import kernels
+
+    calls = []
+
+    def dual(x, **kw):
+        calls.append("dual")
+        return kernels.tensor_quant_dual(x, impl="torch", **kw)
+
+    def amax(t):
+        calls.append("amax")
+        return kernels.tensor_amax(t, impl="torch")
+
+    def run(install):
+        torch.manual_seed(3)
+        m = Fp8Linear(256, 192, recipe=Fp8Recipe(name=name, calibration_steps=1, amax_history_len=4))
+        if install:
+            m.ops = backends.replace(m.ops, act_quant_dual=functools.partial(dual, fmt="e4m3"),
+                                     grad_quant_dual=functools.partial(dual, fmt="e4m3"),
+                                     amax=amax if name == "delayed" else None)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        outs = []
+        for step in range(4):
+            x = (torch.randn(64, 256) * (1 + step)).requires_grad_(True)
+            y = m(x)
+            y.backward(torch.randn_like(y))
+            outs += [y.detach(), x.grad, m.weight.grad.clone()]
+            opt.step()
+            opt.zero_grad()
+            fp8_step(m, collect_stats=step == 1)
+        return outs, fp8_stats(m)["modules"][""]
+
+    base, base_stats = run(False)
+    got, got_stats = run(True)
+    assert "dual" in calls and (name == "tensorwise" or "amax" in calls)
+    for a, b in zip(got, base):
+        assert torch.equal(a, b)
+    assert got_stats == base_stats

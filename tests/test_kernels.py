@@ -65,6 +65,12 @@ CASES = [  # (op, M, K, dtype, kwargs)
     ("weight_quant", 256, 128, "float32", {"pow2_scales": True}),
     ("tensor_quant", 70, 300, "bfloat16", {}),
     ("tensor_quant", 9000, 2, "float32", {"fmt": "e5m2"}),
+    ("tensor_quant_dual", 300, 200, "bfloat16", {}),
+    ("tensor_quant_dual", 130, 257, "float32", {"fmt": "e5m2"}),
+    ("tensor_quant_dual", 9000, 70, "bfloat16", {"want_q": False}),
+    ("tensor_cast_given", 260, 129, "bfloat16", {}),
+    ("tensor_cast_given", 64, 300, "float32", {"fmt": "e5m2", "want_qt": False}),
+    ("tensor_amax", 70001, 3, "bfloat16", {}),
     ("rmsnorm_quant", 37, 300, "bfloat16", {}),
     ("rmsnorm_quant", 16, 256, "float32", {"pow2_scales": True}),
     ("swiglu_quant", 45, 200, "bfloat16", {}),
@@ -105,6 +111,16 @@ def run_case(c, device: str = "cpu") -> dict:
         h = out[0] if out[0] is not None else kernels.swiglu_quant(x, up, impl="triton", **{**kw, "return_h": True})[0]
         requant = reference.act_quant(h, **{k: v for k, v in kw.items() if k != "return_h"})
         return {"main": compare(out, ref), "requant": compare(out[1:], requant)}
+    if op in ("tensor_quant_dual", "tensor_cast_given"):
+        if op == "tensor_cast_given":  # delayed scaling: a scale from elsewhere, some values saturate
+            kw = {**kw, "scale_inv": (x.float().abs().amax() / 600).to(device)}
+        out = kernels.tensor_quant_dual(x, impl="triton", **kw)
+        ref = reference.tensor_quant_dual(x, kw.get("fmt", "e4m3"), kw.get("scale_inv"))
+        # a layout not asked for may come back empty; the one asked for must be exact
+        keep = [i for i, want in ((0, kw.get("want_q", True)), (1, True), (2, kw.get("want_qt", True))) if want]
+        return {"main": compare([out[i] for i in keep], [ref[i] for i in keep])}
+    if op == "tensor_amax":
+        return {"main": compare([kernels.tensor_amax(x, impl="triton")], [x.float().abs().amax()])}
     out = getattr(kernels, op)(x, impl="triton", **kw)
     ref = getattr(reference, op)(x, **kw)
     return {"main": compare(out, ref)}
@@ -121,8 +137,8 @@ def _compile_check() -> bool:
     return bool(torch.compile(f, backend="eager", fullgraph=True)(x) == f(x))
 
 
-NAN_OPS = ("act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "rmsnorm_quant",
-           "swiglu_quant")
+NAN_OPS = ("act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "tensor_quant_dual",
+           "rmsnorm_quant", "swiglu_quant")
 
 
 def _nan_check() -> dict:
@@ -234,6 +250,30 @@ def test_triton_kernel_bit_exact_on_gpu(case):
         _check(r["main"])
 
 
+@pytest.mark.gpu
+def test_tensor_quant_kernels_compile_into_the_graph_on_gpu():
+    """The per-tensor triton_ops trace without a graph break and, compiled by inductor, give the eager bytes."""
+    pytest.importorskip("triton")
+    from yxanul import kernels
+
+    def f(x, s):
+        q, sc, qt = kernels.tensor_quant_dual(x * 2)
+        q2, _, qt2 = kernels.tensor_quant_dual(x + 1, scale_inv=s)
+        return q, sc, qt, q2, qt2, kernels.tensor_amax(x - 3)
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1000, 384, device="cuda", generator=g).bfloat16()
+    s = torch.tensor(0.003, device="cuda")
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(x, s)
+    want = f(x, s)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype in FP8 else a,
+                                                  b.view(torch.uint8) if b.dtype in FP8 else b)
+    ref = kernels.reference.tensor_quant_dual(x * 2)
+    assert torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(got[1], ref[1])
+
+
 # ---- dispatch and references (no Triton needed) -----------------------------------------------------------
 
 def test_dispatch_uses_reference_on_cpu(monkeypatch):
@@ -290,7 +330,7 @@ def test_bad_input_is_a_yxanul_error(bad):
 def test_op_table_names():
     from yxanul import kernels
     assert set(kernels.OPS) >= {"act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "rmsnorm_quant",
-                                "swiglu_quant"}
+                                "swiglu_quant", "tensor_quant_dual", "tensor_amax"}
     assert callable(kernels.swiglu_quant) and kernels.OPS["swiglu_quant"] is kernels.swiglu_quant
 
 

@@ -38,6 +38,7 @@ from ..errors import YxanulError
 from ..flops import flops_per_token, peak_flops
 from . import DEFAULT_MODES, MODES
 
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
 
 
@@ -51,6 +52,17 @@ def parse_modes(text: str) -> list[str]:
     if len(set(modes)) != len(modes):
         raise YxanulError("a mode is listed twice", key="--modes")
     return modes
+
+
+def _tensor_path() -> str | None:
+    """How per-tensor FP8 quantization runs under compile on CUDA (see yxanul.kernels.tensor_path)."""
+    try:
+        from ..kernels import tensor_path
+        return tensor_path()
+    except YxanulError:
+        raise
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _empty_row(mode: str) -> dict:
@@ -75,11 +87,14 @@ def _free(device):
 class _Run:
     """One mode's model, optimizer and step function."""
 
-    def __init__(self, mode, cfg, device, compile_, policy_path):
+    def __init__(self, mode, cfg, device, compile_, policy_path, compile_mode=None):
         from ..kernels.linear_ce import use_fused_ce
         from ..model import Yxanul, compile_blocks
 
         self.mode, self.device, self.fp8 = mode, device, False
+        ck = {"mode": compile_mode} if compile_mode else {}
+        # CUDA graphs (reduce-overhead) replay a step's kernels without launching them one by one
+        self.graphs = bool(compile_ and compile_mode == "reduce-overhead")
         torch.manual_seed(0)
         with torch.device(device):
             model = Yxanul(cfg)
@@ -87,11 +102,11 @@ class _Run:
         self.notes = []
         fwd = model
         if mode == "bf16-plain":
-            fwd = torch.compile(model) if compile_ else model
+            fwd = torch.compile(model, **ck) if compile_ else model
         elif mode == "bf16":
             use_fused_ce(model)
             if compile_:
-                compile_blocks(model)
+                compile_blocks(model, **ck)
         elif mode.startswith("fp8"):
             from ..fp8.linear import convert_model
             from ..precision import load_policy
@@ -108,7 +123,7 @@ class _Run:
             self.fp8 = True
             use_fused_ce(model, head_fp8=(mode == "fp8-head"))
             if compile_:
-                compile_blocks(model)
+                compile_blocks(model, **ck)
         elif mode.startswith("torchao"):
             try:
                 from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -120,12 +135,14 @@ class _Run:
                 model, config=config,
                 module_filter_fn=lambda m, fqn: (isinstance(m, torch.nn.Linear) and m.in_features % 16 == 0
                                                  and m.out_features % 16 == 0))
-            fwd = torch.compile(model) if compile_ else model
+            fwd = torch.compile(model, **ck) if compile_ else model
         self.fwd = fwd
         fused = device.type == "cuda"
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
 
     def step(self, x, y):
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             loss = self.fwd(x, y)
         loss.backward()
@@ -137,8 +154,10 @@ class _Run:
         return loss
 
 
-def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0):
-    run = _Run(mode, cfg, device, compile_, policy_path)
+def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0, compile_mode=None):
+    if compile_:
+        torch._dynamo.reset()  # every mode compiles from scratch: no graph or guard carried over from the last
+    run = _Run(mode, cfg, device, compile_, policy_path, compile_mode)
     t0 = time.perf_counter()
     for _ in range(warmup):
         loss = run.step(x, y)
@@ -185,9 +204,10 @@ def _ratios(rows):
 def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048, steps: int = 20, warmup: int = 5,
                    modes=DEFAULT_MODES, layers: int | None = None, compile: bool = True, device: str | None = None,
                    policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None,
-                   profile: int = 0) -> dict:
+                   profile: int = 0, compile_mode: str | None = None) -> dict:
     """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
-    ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`)."""
+    ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`).
+    ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph)."""
     from ..config import load_model_config
     from ..io import atomic_write_json
 
@@ -199,6 +219,10 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     for k, v in (("--warmup", warmup), ("--profile", profile)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise YxanulError(f"must be a non-negative integer, got {v!r}", key=k)
+    if compile_mode not in COMPILE_MODES:
+        raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of "
+                          f"{', '.join(m for m in COMPILE_MODES if m)})", key="--compile-mode")
+    compile_mode = None if compile_mode == "default" else compile_mode
     cfg = load_model_config(model)
     if layers is not None:
         if layers < 1:
@@ -226,11 +250,13 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
               "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "model": cfg.name if layers is None else f"{cfg.name} ({cfg.n_layers} layers)",
-              "batch": batch, "seq": seq, "rows": []}
+              "batch": batch, "seq": seq, "compile_mode": (compile_mode or "default") if compile else None,
+              "tensor_quant": _tensor_path(), "rows": []}
     if profile and dev.type != "cuda":
         log("bench throughput: --profile needs CUDA kernels to time; no profile on this device")
     log(f"bench throughput: {result['model']} on {result['device']}, batch {batch} x seq {seq}, "
-        f"{steps} timed steps after {warmup} warm-up, compile={'on' if compile else 'off'}")
+        f"{steps} timed steps after {warmup} warm-up, compile="
+        f"{(compile_mode or 'on') if compile else 'off'}")
     for mode in modes:
         row = _empty_row(mode)
         log(f"[{mode}] building and warming up ...")
@@ -238,9 +264,9 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         try:
             try:
                 ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup,
-                                                                log, profile)
+                                                                log, profile, compile_mode)
             except Exception as e:  # noqa: BLE001
-                if not compile or mode == "bf16-plain" or isinstance(e, torch.cuda.OutOfMemoryError):
+                if not compile or compile_mode or mode == "bf16-plain" or isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
                 log(f"[{mode}] compiled run failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                     "retrying without torch.compile")

@@ -27,6 +27,9 @@ def _throughput(bsub):
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (quick iteration)")
     p.add_argument("--compile", dest="compile", action="store_true", default=True, help="torch.compile (default)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, "
+                        "max-autotune-no-cudagraphs")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--peak-tflops", type=float, default=None, help="BF16 peak for MFU (default: from device name)")
     p.add_argument("--json-out", default=None, help="write the results JSON here (rewritten after every mode)")
@@ -50,7 +53,7 @@ def _run_throughput(args):
     result = run_throughput(model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                             modes=args.modes, layers=args.layers, compile=args.compile, device=args.device,
                             policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops,
-                            profile=args.profile)
+                            profile=args.profile, compile_mode=args.compile_mode)
     print(format_table(result), flush=True)
     if args.plot:
         plot(result, args.plot)

@@ -324,6 +324,10 @@ class Fp8Ops:
 
     Quantizers take the tensor only (the format is bound when the table is built); delayed-scaling
     quantizers also take ``scale_inv=`` (the per-tensor scale from the amax history).
+
+    Optional, per-tensor recipes only (None: the layer quantizes, then transposes): ``act_quant_dual`` and
+    ``grad_quant_dual`` return ``(q, s, qT)`` from one pass (``want_q=`` / ``want_qt=`` may skip a layout),
+    ``amax`` the 0-d max |x| that delayed scaling records.
     """
     act_quant: Callable
     act_quant_t: Callable
@@ -333,6 +337,9 @@ class Fp8Ops:
     grad_quant: Callable
     grad_quant_t: Callable
     backend: str = "emulated"
+    act_quant_dual: Callable | None = None
+    grad_quant_dual: Callable | None = None
+    amax: Callable | None = None
 
 
 def _t_from(q_fn):

@@ -56,14 +56,21 @@ class _Fp8LinearFn(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
         delayed = sx is not None
-        xq, xs = ops.act_quant(x2, scale_inv=sx) if delayed else ops.act_quant(x2)
+        cache = mod.recipe.cache_fp8_activations
+        dual = ops.act_quant_dual is not None and cache and (delayed or mod.recipe.name == "tensorwise")
+        if dual:  # both layouts in one pass
+            xq, xs, xtq = ops.act_quant_dual(x2, scale_inv=sx) if delayed else ops.act_quant_dual(x2)
+        else:
+            xq, xs = ops.act_quant(x2, scale_inv=sx) if delayed else ops.act_quant(x2)
         if not delayed:  # delayed flags the amax it records
             mod._flag(0, xs)
         y = ops.gemm(xq, xs, wq, ws, _out_dtype(x))
         if bias is not None:
             y = y + bias.to(y.dtype)
-        if mod.recipe.cache_fp8_activations:
-            if delayed or mod.recipe.name == "tensorwise":
+        if cache:
+            if dual:
+                xts = xs
+            elif delayed or mod.recipe.name == "tensorwise":
                 xtq, xts = xq.t().contiguous(), xs  # one scale: the transposed copy is free
             else:
                 xtq, xts = ops.act_quant_t(x2)
@@ -83,19 +90,25 @@ class _Fp8LinearFn(torch.autograd.Function):
         N = dy.shape[-1]
         dy2 = dy.reshape(-1, N)
         delayed = sx is not None
-        if delayed:
-            sdy = mod._delayed_scale("dy", dy2)
-            dyq, dys = ops.grad_quant(dy2, scale_inv=sdy)
+        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # both layouts in one pass (the plain layout is needed for dgrad, and for the statistics)
+        dual = ops.grad_quant_dual is not None and want_dw and (delayed or mod.recipe.name == "tensorwise")
+        kw = {"scale_inv": mod._delayed_scale("dy", dy2)} if delayed else {}
+        if dual:
+            dyq, dys, dytq = ops.grad_quant_dual(dy2, want_q=want_dx or mod._collect, **kw)
         else:
-            dyq, dys = ops.grad_quant(dy2)
+            dyq, dys = ops.grad_quant(dy2, **kw)
+        if not delayed:
             mod._flag(2, dys)
         if mod._collect:
             mod._record_stats("dy", dy2, dyq, dys)
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        if want_dx:
             dx = ops.gemm(dyq, dys, wtq, wts, ctx.x_dtype).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            if delayed:
+        if want_dw:
+            if dual:
+                dyts = dys
+            elif delayed:
                 dytq, dyts = dyq.t().contiguous(), dys
             else:
                 dytq, dyts = ops.grad_quant_t(dy2)
@@ -257,7 +270,7 @@ class Fp8Linear(nn.Module):
 
     def _delayed_scale(self, which: str, t: torch.Tensor) -> torch.Tensor:
         i = _SLOT[which]
-        amax = t.detach().abs().amax().float()
+        amax = self.ops.amax(t.detach()) if self.ops.amax is not None else t.detach().abs().amax().float()
         self._flag(i, amax)
         scaling.record_amax(self.amax_history, i, amax)
         if self._scales_fixed:

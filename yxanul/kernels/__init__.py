@@ -11,6 +11,10 @@ Operations (x is 2-D ``[M, K]``; FP32 scales, ``scale_inv = amax / FMT_MAX``):
   act_quant_dual(x, block=128)              -> q, s, qT, sT from one read of x
   weight_quant(w, block=128)                -> q [N, K], s [ceil(N/block), ceil(K/block)]
   tensor_quant(x, fmt="e4m3")               -> q like x, 0-d scale
+  tensor_quant_dual(x, fmt="e4m3", scale_inv=None)
+                                            -> q [M, K], 0-d scale, qT [K, M] from one read of x (the scale
+                                               from x's amax, or the given one)
+  tensor_amax(x)                            -> 0-d max |x| (NaN if x has one)
   rmsnorm_quant(x, weight, eps, block=128)  -> y (x's dtype), q, s
   swiglu_quant(gate, up, block=128)         -> h (gate's dtype) or None, q, s
 """
@@ -29,8 +33,9 @@ from . import reference
 IMPLS = ("auto", "triton", "torch")
 _default_impl = os.environ.get("YXANUL_KERNELS", "auto")
 
-__all__ = ["act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "rmsnorm_quant",
-           "swiglu_quant", "set_impl", "triton_available", "uses_triton", "OPS"]
+__all__ = ["act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "tensor_quant_dual",
+           "tensor_amax", "rmsnorm_quant", "swiglu_quant", "set_impl", "triton_available", "uses_triton", "OPS",
+           "TENSOR_PATHS", "tensor_path"]
 
 
 def set_impl(name: str) -> None:
@@ -129,8 +134,39 @@ def _define_custom_ops():
         return h, fq(gate, gate.shape, fmt), f32(gate, (gate.shape[0], cd(gate.shape[1], block)))
 
 
+    # per-tensor quantization as triton_ops: torch.compile sees and launches the kernels itself (no Python
+    # call per launch, no graph break), and must materialize their input, which is the point (tensor_cast.py)
+    tc = _mod("tensor_cast")
+
+    @torch.library.triton_op("yxanul::tensor_amax", mutates_args=())
+    def _tamax(x: Tensor) -> Tensor:
+        return tc.tensor_amax_parts(x).amax()
+
+    @torch.library.triton_op("yxanul::tensor_quant_dual", mutates_args=())
+    def _tqd(x: Tensor, fmt: str, write_q: bool, write_qt: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return tc.tensor_cast(x, fmt, parts=tc.tensor_amax_parts(x), write_q=write_q, write_qt=write_qt)
+
+    @torch.library.triton_op("yxanul::tensor_cast_dual", mutates_args=())
+    def _tcd(x: Tensor, scale_inv: Tensor, fmt: str, write_q: bool, write_qt: bool) -> tuple[Tensor, Tensor]:
+        q, _, qt = tc.tensor_cast(x, fmt, scale_inv=scale_inv, write_q=write_q, write_qt=write_qt)
+        return q, qt
+
 
 _MODS: dict = {}
+
+# How per-tensor (tensorwise, delayed) quantization runs on CUDA while torch.compile traces:
+#   kernel   amax and cast as this package's Triton kernels (triton_op), both layouts in one pass
+#   traced   plain torch ops that inductor fuses into the neighbouring kernels as it sees fit
+TENSOR_PATHS = ("kernel", "traced")
+
+
+def tensor_path() -> str:
+    """The per-tensor quantization path (``YXANUL_TENSOR_QUANT``, default ``kernel``)."""
+    p = os.environ.get("YXANUL_TENSOR_QUANT", "kernel")
+    if p not in TENSOR_PATHS:
+        raise YxanulError(f"YXANUL_TENSOR_QUANT must be one of {', '.join(TENSOR_PATHS)}, got {p!r}",
+                          key="YXANUL_TENSOR_QUANT")
+    return p
 
 
 def _launch(op: str, mod: str, *args):
@@ -217,6 +253,28 @@ def tensor_quant(x, fmt: str = "e4m3", *, impl: str | None = None):
     return reference.tensor_quant(x, fmt)
 
 
+def tensor_quant_dual(x, fmt: str = "e4m3", scale_inv=None, want_q: bool = True, want_qt: bool = True, *,
+                      impl: str | None = None):
+    """Per-tensor quantization of a 2-D x into both GEMM layouts: ``(q [M, K], s, qT [K, M])``, s the 0-d
+    scale (computed from x's amax, or ``scale_inv`` when given, as delayed scaling does). A layout not wanted
+    may come back empty."""
+    if uses_triton(x, impl=impl):
+        reference._check_2d(x)
+        f = _fmt(fmt)
+        if scale_inv is None:
+            return torch.ops.yxanul.tensor_quant_dual(x, f, bool(want_q), bool(want_qt))
+        q, qt = torch.ops.yxanul.tensor_cast_dual(x, scale_inv, f, bool(want_q), bool(want_qt))
+        return q, scale_inv, qt
+    return reference.tensor_quant_dual(x, fmt, scale_inv)
+
+
+def tensor_amax(x, *, impl: str | None = None):
+    """max |x| as a 0-d FP32 tensor (NaN if x holds one), without a host synchronization."""
+    if uses_triton(x, impl=impl):
+        return torch.ops.yxanul.tensor_amax(x)
+    return x.detach().float().abs().amax()
+
+
 def rmsnorm_quant(x, weight, eps: float = 1e-6, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False,
                   *, impl: str | None = None):
     if uses_triton(x, weight, impl=impl):
@@ -247,7 +305,8 @@ _swiglu_quant_dispatch = swiglu_quant
 
 # The op table an FP8 backend can take its quantization ops from (same names and signatures).
 OPS = {"act_quant": act_quant, "act_quant_t": act_quant_t, "act_quant_dual": act_quant_dual,
-       "weight_quant": weight_quant, "tensor_quant": tensor_quant, "rmsnorm_quant": rmsnorm_quant,
+       "weight_quant": weight_quant, "tensor_quant": tensor_quant, "tensor_quant_dual": tensor_quant_dual,
+       "tensor_amax": tensor_amax, "rmsnorm_quant": rmsnorm_quant,
        "swiglu_quant": swiglu_quant}
 
 
@@ -255,8 +314,9 @@ def fp8_op_overrides(recipe) -> dict:
     """Plug the Triton quantizers into the FP8 layers' op table for `recipe` (an ``Fp8Recipe``) on `backend`.
 
     Blockwise: activations, their transpose, output grads (both layouts) and weights. Tensorwise: activations,
-    grads and weights (the transposed copies are plain transposes of a per-tensor quantization). Other recipes
-    keep the reference ops. The kernels produce the same bytes as the reference quantizers; off CUDA the
+    grads and weights, and (path ``kernel``, see :func:`tensor_path`) activations and grads in both layouts
+    from one pass. Delayed (path ``kernel``): both layouts with the history's scale, and the amax it records.
+    Other recipes keep the reference ops. The kernels produce the same bytes as the reference quantizers; off CUDA the
     dispatchers fall back to them. Returns the names of the ops installed.
     """
     from ..fp8.formats import get_format
@@ -274,6 +334,12 @@ def fp8_op_overrides(recipe) -> dict:
         ops = dict(act_quant=functools.partial(tensor_quant, fmt=f),
                    grad_quant=functools.partial(tensor_quant, fmt=g),
                    weight_quant=functools.partial(tensor_quant, fmt=f))
+        if tensor_path() == "kernel":
+            ops.update(act_quant_dual=functools.partial(tensor_quant_dual, fmt=f),
+                       grad_quant_dual=functools.partial(tensor_quant_dual, fmt=g))
+    elif recipe.name == "delayed" and not p2 and tensor_path() == "kernel":
+        ops = dict(act_quant_dual=functools.partial(tensor_quant_dual, fmt=f),
+                   grad_quant_dual=functools.partial(tensor_quant_dual, fmt=g), amax=tensor_amax)
     else:
         return {}
     return ops

@@ -11,6 +11,7 @@ Shapes (x is 2-D ``[M, K]``, block ``b``):
   act_quant_dual  both of the above
   weight_quant    q ``[N, K]``, s ``[ceil(N/b), ceil(K/b)]``    b x b blocks
   tensor_quant    q like x, s a 0-d tensor                     one scale for the tensor
+  tensor_quant_dual  q, s, qT                                  the same and its transpose (or a given scale)
 """
 from __future__ import annotations
 
@@ -62,6 +63,16 @@ def tensor_quant(x: torch.Tensor, fmt: str = "e4m3"):
     if not x.is_floating_point():
         raise YxanulError(f"x must be a floating-point tensor, got {x.dtype}", key="x")
     return quantize(x, "tensor", fmt, False, nonfinite="propagate")
+
+
+def tensor_quant_dual(x: torch.Tensor, fmt: str = "e4m3", scale_inv: torch.Tensor | None = None):
+    """``(q, s, qT)``: per-tensor quantization of a 2-D x (with x's amax, or the given ``scale_inv``) and
+    the transposed copy of q, which with one scale is the quantization of x^T."""
+    from ..fp8.backends import quant_tensor
+    from ..fp8.formats import get_format
+    _check_2d(x)
+    q, s = quant_tensor(x, get_format(fmt), scale_inv=scale_inv)
+    return q, s, q.t().contiguous()
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
