@@ -207,6 +207,7 @@ def test_bf16_optimizer_states_and_no_decay_groups(tmp_path, small_model, data_d
     (["train", "--model", "nosuch"], "unknown model preset"),
     (["train", "--data", "/nonexistent/dir"], "meta.json"),
     (["train", "--resume"], "needs --out"),
+    (["train", "--compile-mode", "turbo"], "compile_mode"),
 ])
 def test_bad_config_exits_2(argv, needle, capsys):
     assert main(argv) == 2

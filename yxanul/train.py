@@ -34,6 +34,7 @@ from .io import atomic_write_text
 
 TRAIN_PRESET_DIR = CONFIG_DIR / "train"
 PRECISIONS = ("bf16", "fp16", "fp8", "fp32")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -75,6 +76,7 @@ class TrainConfig:
     keep_last: int = 2
     # runtime
     compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     device: str = "cpu"  # cpu | cuda | auto
     parallel: str = "none"  # none | ddp | fsdp2 (ddp/fsdp2: launched by torchrun, see docs/distributed.md)
     max_bad_steps: int = 10
@@ -105,6 +107,9 @@ class TrainConfig:
                 raise YxanulError("must be in [0, 1)", source=source, key=k)
         if not 0 < self.loss_scale_backoff < 1 or self.loss_scale_init <= 0:
             raise YxanulError("loss_scale_init must be > 0 and loss_scale_backoff in (0, 1)", source=source)
+        if self.compile_mode not in COMPILE_MODES:
+            raise YxanulError(f"unknown compile mode {self.compile_mode!r} (expected one of: "
+                              f"{', '.join(COMPILE_MODES)})", source=source, key="compile_mode")
         if self.precision not in PRECISIONS:
             raise YxanulError(f"unknown precision {self.precision!r} (expected one of: {', '.join(PRECISIONS)})",
                               source=source, key="precision")
@@ -426,7 +431,10 @@ class Trainer:
         if cfg.compile:
             # every block compiled (one shared graph); embedding, final norm and the fused loss stay eager
             from .model import compile_blocks
-            compile_blocks(model)
+            compile_blocks(model, **({} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}))
+        # reduce-overhead replays each compiled block as a CUDA graph; every forward pass starts a new "step" of
+        # torch's graph trees, so outputs of the previous one may be overwritten only once they are consumed
+        self.graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and self.device.type == "cuda"
         self.loader = DataLoader(self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=self.rank,
                                  world_size=self.world_size, device=self.device)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
@@ -515,6 +523,8 @@ class Trainer:
             x, y = self.loader.batch(step, micro)
             # DDP: all-reduce the FP32 gradients once, after the last micro-batch
             with micro_batch_context(self.train_model, micro == cfg.grad_accum - 1):
+                if self.graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with self.autocast():
                     loss = self.train_model(x, y)
                 if (step + 1) in self.nan_steps:
@@ -566,6 +576,8 @@ class Trainer:
         self.model.eval()
         total, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for x, y in self.loader.val_batches(self.cfg.eval_batches):
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with self.autocast():
                 total += self.model(x, y).double()
             n += 1

@@ -10,7 +10,7 @@ _FLAGS = {
     "fp8_recipe": str, "fp8_backend": str, "eval_every": int, "eval_batches": int, "log_every": int,
     "checkpoint_every": int, "keep_last": int, "device": str, "optimizer_states": str, "max_bad_steps": int,
     "tokenizer": str, "inject_nan_at": str, "parallel": str, "fused_ce": str,
-    "fp8_calibration_steps": int,
+    "fp8_calibration_steps": int, "compile_mode": str,
 }
 
 
@@ -49,6 +49,9 @@ def register(sub) -> None:
                    help="continue a run: a checkpoint folder, a run folder, or (bare) --out's latest checkpoint")
     p.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-mode", help="torch.compile mode: default | reduce-overhead (CUDA graphs: no launch "
+                                          "overhead; the FP8 blockwise recipe needs it) | max-autotune | "
+                                          "max-autotune-no-cudagraphs")
     p.add_argument("--device", help="cpu | cuda | auto")
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp2"],
                    help="data parallelism across the processes started by torchrun (see docs/distributed.md)")

@@ -155,14 +155,15 @@ def _define_custom_ops():
 _MODS: dict = {}
 
 # How per-tensor (tensorwise, delayed) quantization runs on CUDA while torch.compile traces:
+#   traced   plain torch ops that inductor fuses into the neighbouring kernels as it sees fit (the default:
+#            faster on Yxanul-197M, see docs/perf-notes.md)
 #   kernel   amax and cast as this package's Triton kernels (triton_op), both layouts in one pass
-#   traced   plain torch ops that inductor fuses into the neighbouring kernels as it sees fit
-TENSOR_PATHS = ("kernel", "traced")
+TENSOR_PATHS = ("traced", "kernel")
 
 
 def tensor_path() -> str:
-    """The per-tensor quantization path (``YXANUL_TENSOR_QUANT``, default ``kernel``)."""
-    p = os.environ.get("YXANUL_TENSOR_QUANT", "kernel")
+    """The per-tensor quantization path (``YXANUL_TENSOR_QUANT``, default ``traced``)."""
+    p = os.environ.get("YXANUL_TENSOR_QUANT", "traced")
     if p not in TENSOR_PATHS:
         raise YxanulError(f"YXANUL_TENSOR_QUANT must be one of {', '.join(TENSOR_PATHS)}, got {p!r}",
                           key="YXANUL_TENSOR_QUANT")
