@@ -325,9 +325,10 @@ class Fp8Ops:
     Quantizers take the tensor only (the format is bound when the table is built); delayed-scaling
     quantizers also take ``scale_inv=`` (the per-tensor scale from the amax history).
 
-    Optional, per-tensor recipes only (None: the layer quantizes, then transposes): ``act_quant_dual`` and
-    ``grad_quant_dual`` return ``(q, s, qT)`` from one pass (``want_q=`` / ``want_qt=`` may skip a layout),
-    ``amax`` the 0-d max |x| that delayed scaling records.
+    Optional (None: separate quantizers, or quantize-then-transpose for one scale): ``act_quant_dual`` and
+    ``grad_quant_dual`` return both GEMM layouts from one read of x, ``(q, s, qT)`` (one scale) or
+    ``(q, s, qT, sT)``; ``want_q=`` / ``want_qt=`` may skip a layout. ``amax``: the 0-d max |x| that
+    delayed scaling records.
     """
     act_quant: Callable
     act_quant_t: Callable

@@ -57,9 +57,11 @@ class _Fp8LinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         delayed = sx is not None
         cache = mod.recipe.cache_fp8_activations
-        dual = ops.act_quant_dual is not None and cache and (delayed or mod.recipe.name == "tensorwise")
+        dual = ops.act_quant_dual is not None and cache
         if dual:  # both layouts in one pass
-            xq, xs, xtq = ops.act_quant_dual(x2, scale_inv=sx) if delayed else ops.act_quant_dual(x2)
+            out = ops.act_quant_dual(x2, scale_inv=sx) if delayed else ops.act_quant_dual(x2)
+            xq, xs, xtq = out[:3]
+            xts = out[3] if len(out) > 3 else xs
         else:
             xq, xs = ops.act_quant(x2, scale_inv=sx) if delayed else ops.act_quant(x2)
         if not delayed:  # delayed flags the amax it records
@@ -69,7 +71,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             y = y + bias.to(y.dtype)
         if cache:
             if dual:
-                xts = xs
+                pass
             elif delayed or mod.recipe.name == "tensorwise":
                 xtq, xts = xq.t().contiguous(), xs  # one scale: the transposed copy is free
             else:
@@ -92,10 +94,12 @@ class _Fp8LinearFn(torch.autograd.Function):
         delayed = sx is not None
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # both layouts in one pass (the plain layout is needed for dgrad, and for the statistics)
-        dual = ops.grad_quant_dual is not None and want_dw and (delayed or mod.recipe.name == "tensorwise")
+        dual = ops.grad_quant_dual is not None and want_dw
         kw = {"scale_inv": mod._delayed_scale("dy", dy2)} if delayed else {}
         if dual:
-            dyq, dys, dytq = ops.grad_quant_dual(dy2, want_q=want_dx or mod._collect, **kw)
+            out = ops.grad_quant_dual(dy2, want_q=want_dx or mod._collect, **kw)
+            dyq, dys, dytq = out[:3]
+            dyts = out[3] if len(out) > 3 else dys
         else:
             dyq, dys = ops.grad_quant(dy2, **kw)
         if not delayed:
@@ -107,7 +111,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             dx = ops.gemm(dyq, dys, wtq, wts, ctx.x_dtype).view(ctx.x_shape)
         if want_dw:
             if dual:
-                dyts = dys
+                pass
             elif delayed:
                 dytq, dyts = dyq.t().contiguous(), dys
             else:
