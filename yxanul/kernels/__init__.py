@@ -311,17 +311,10 @@ OPS = {"act_quant": act_quant, "act_quant_t": act_quant_t, "act_quant_dual": act
        "swiglu_quant": swiglu_quant}
 
 
-def _tiles_dual(x, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, want_q: bool = True,
-                want_qt: bool = True):
-    """The FP8 layers' dual-quantizer interface over :func:`act_quant_dual` (which writes both layouts)."""
-    return act_quant_dual(x, block, fmt, pow2_scales)
-
-
 def fp8_op_overrides(recipe) -> dict:
     """Plug the Triton quantizers into the FP8 layers' op table for `recipe` (an ``Fp8Recipe``) on `backend`.
 
-    Blockwise: activations, their transpose, output grads (both layouts; the layers take both from one pass)
-    and weights. Tensorwise: activations,
+    Blockwise: activations, their transpose, output grads (both layouts) and weights. Tensorwise: activations,
     grads and weights, and (path ``kernel``, see :func:`tensor_path`) activations and grads in both layouts
     from one pass. Delayed (path ``kernel``): both layouts with the history's scale, and the amax it records.
     Other recipes keep the reference ops. The kernels produce the same bytes as the reference quantizers; off CUDA the
@@ -337,9 +330,9 @@ def fp8_op_overrides(recipe) -> dict:
                    act_quant_t=functools.partial(act_quant_t, block=b, fmt=f, pow2_scales=p2),
                    grad_quant=functools.partial(act_quant, block=b, fmt=g, pow2_scales=p2),
                    grad_quant_t=functools.partial(act_quant_t, block=b, fmt=g, pow2_scales=p2),
-                   weight_quant=functools.partial(weight_quant, block=b, fmt=f, pow2_scales=p2),
-                   act_quant_dual=functools.partial(_tiles_dual, block=b, fmt=f, pow2_scales=p2),
-                   grad_quant_dual=functools.partial(_tiles_dual, block=b, fmt=g, pow2_scales=p2))
+                   weight_quant=functools.partial(weight_quant, block=b, fmt=f, pow2_scales=p2))
+        # not the one-pass act_quant_dual: on the H100 it is slower than the two kernels (175 against 61 + 70 us
+        # at 16384 x 2048, docs/benchmarks.md); register_ops(..., act_quant_dual=...) installs it
     elif recipe.name == "tensorwise" and not p2:
         ops = dict(act_quant=functools.partial(tensor_quant, fmt=f),
                    grad_quant=functools.partial(tensor_quant, fmt=g),
