@@ -519,6 +519,10 @@ class Trainer:
             g["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         scale = self.scaler.scale if self.scaler is not None else None
+        if self.graphs:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         for micro in range(cfg.grad_accum):
             x, y = self.loader.batch(step, micro)
             # DDP: all-reduce the FP32 gradients once, after the last micro-batch
@@ -552,7 +556,9 @@ class Trainer:
             self.last_bad_module = None
         else:
             self.last_bad_module = self._offending_module()
-        self.opt.zero_grad(set_to_none=True)
+        # under CUDA graphs a gradient left to autograd's first accumulation would alias the graph's output
+        # memory, which the next micro-batch's replay overwrites; zeroed buffers are accumulated into instead
+        self.opt.zero_grad(set_to_none=not self.graphs)
         if self.scaler is not None:
             self.scaler.update(ok)
         bad = (~ok).long()
