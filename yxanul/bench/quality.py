@@ -157,21 +157,28 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
                 eval_every: int | None = None, eval_batches: int = 8, last_evals: int = 3, seed: int = 1337,
                 policy: str | None = None, out: str = "runs/quality", device: str = "auto",
                 calibration_steps: int | None = None, fp8_all_recipe: str = "blockwise",
-                compile: bool = False, fp8_backend: str = "auto", reuse: bool = True, repeats: int = 1) -> dict:
+                compile: bool = False, fp8_backend: str = "auto", reuse: bool = True, repeats: int = 1,
+                compile_mode: str = "default") -> dict:
     """Train every mode; returns (and writes to OUT/quality.json) the comparison. ``fp8_all_recipe`` is the
     recipe of the fp8-all mode's linears (its extra activations are always 1 x 128 tiles).
 
     ``repeats=R`` trains every mode R times; repeat r uses data-order seed ``seed + REPEAT_SEED_STRIDE * r`` for
     all modes (so modes stay paired within a repeat) and lives in ``OUT/<mode>-r<r>`` (r >= 1). Rows then give
     the mean final loss, the per-repeat values, the paired difference from BF16 (mean over repeats) and its
-    standard error; a difference is "within noise" when it is below twice that error."""
+    standard error; a difference is "within noise" when it is below twice that error.
+
+    ``compile_mode`` (e.g. ``reduce-overhead``, CUDA graphs) changes how the kernels are launched, not what they
+    compute, so it is not part of the settings that decide whether a stored result is reused."""
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise YxanulError(f"must be a positive integer, got {repeats!r}", key="--repeats")
     from ..fp8.recipe import RECIPES
     if fp8_all_recipe not in RECIPES:
         raise YxanulError(f"unknown recipe {fp8_all_recipe!r} (expected one of {', '.join(RECIPES)})",
                           key="--fp8-all-recipe")
-    from ..train import load_train_config
+    from ..train import COMPILE_MODES, load_train_config
+    if compile_mode not in COMPILE_MODES:
+        raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of {', '.join(COMPILE_MODES)})",
+                          key="--compile-mode")
 
     out_dir = Path(out)
     tokens_per_step = batch * seq
@@ -207,7 +214,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             rec = prev
             print(f"[quality] {name}: reusing {done}", flush=True)
         else:
-            cfg = load_train_config(None, {**base, **over, "out": str(mode_dir),
+            cfg = load_train_config(None, {**base, **over, "out": str(mode_dir), "compile_mode": compile_mode,
                                            "policy": over.get("policy", policy)})
             if mode_dir.exists() and (mode_dir / "metrics.jsonl").exists():
                 import shutil
@@ -224,7 +231,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             except YxanulError as e:
                 error, summary, device_name = str(e), {}, None
             curves = _read_curves(mode_dir)
-            rec = {"mode": mode, "settings": settings, "curves": curves, "final_val_loss": final_val(curves, last_evals),
+            rec = {"mode": mode, "settings": settings, "compile_mode": compile_mode, "curves": curves, "final_val_loss": final_val(curves, last_evals),
                    "final_train_loss": summary.get("final_loss"), "skipped_steps": summary.get("skipped_steps"),
                    "seconds": round(time.perf_counter() - t0, 1), "device": device_name, "error": error}
             atomic_write_json(done, rec)

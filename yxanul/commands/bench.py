@@ -94,6 +94,9 @@ def _quality(bsub):
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", dest="compile", action="store_true", default=False)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode of the runs (reduce-overhead: CUDA graphs); not part of the settings "
+                        "compared when reusing results")
     p.add_argument("--fp8-backend", default="auto")
     p.add_argument("--calibration-steps", type=int, default=None,
                    help="delayed recipe: BF16 calibration steps (default: the policy's; the note says 100)")
@@ -121,7 +124,7 @@ def _run_quality(args):
                       eval_batches=args.eval_batches, last_evals=args.last_evals, seed=args.seed,
                       policy=args.config, out=args.out, device=args.device, compile=args.compile,
                       fp8_backend=args.fp8_backend, reuse=not args.fresh, calibration_steps=args.calibration_steps,
-                      fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats)
+                      fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats, compile_mode=args.compile_mode)
     print(format_table(res), flush=True)
     try:
         plot(res, args.plot or str(Path(args.out) / "quality.png"))
