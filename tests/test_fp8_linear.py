@@ -430,3 +430,33 @@ def test_one_pass_dual_quantizers_give_the_same_layer(name):
     for a, b in zip(got, base):
         assert torch.equal(a, b)
     assert got_stats == base_stats
+
+
+def test_dual_grad_quantizer_may_skip_the_plain_layout():
+    """Without an input gradient the layer asks the one-pass grad quantizer for the transposed layout only
+    (want_q=False) and must not touch the plain one, which a kernel may then leave empty."""
+    import functools
+    from yxanul import kernels
+
+    asked = []
+
+    def dual(x, want_q=True, want_qt=True, **kw):
+        asked.append(want_q)
+        q, s, qt = kernels.tensor_quant_dual(x, impl="torch", **kw)
+        return (q if want_q else q.new_empty((0,))), s, qt
+
+    def run(install):
+        torch.manual_seed(5)
+        m = Fp8Linear(256, 128, recipe=Fp8Recipe(name="tensorwise"))
+        if install:
+            m.ops = backends.replace(m.ops, act_quant_dual=functools.partial(dual, fmt="e4m3"),
+                                     grad_quant_dual=functools.partial(dual, fmt="e4m3"))
+        x = torch.randn(32, 256)  # no gradient wanted for x: no dgrad GEMM
+        y = m(x)
+        y.backward(torch.randn_like(y))
+        return y.detach(), m.weight.grad
+
+    base, got = run(False), run(True)
+    assert asked == [False]
+    assert torch.equal(base[0], got[0]) and torch.equal(base[1], got[1])
+

@@ -81,10 +81,12 @@ def test_quality_bench_end_to_end_cpu(tmp_path):
     run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
                 out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1)
     assert done.stat().st_mtime_ns == before
-    # how kernels are launched (CUDA graphs) is not a training setting: still reused
-    run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
-                out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1, compile_mode="reduce-overhead")
-    assert done.stat().st_mtime_ns == before
+    # how kernels are launched (CUDA graphs) is recorded but is not a setting that decides reuse
+    rec = json.loads(done.read_text())
+    assert rec["compile_mode"] == "default" and "compile_mode" not in rec["settings"]
+    with pytest.raises(YxanulError, match="needs --compile"):
+        run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
+                    out=str(tmp_path / "q"), seeds=1, compile_mode="reduce-overhead")
     with pytest.raises(YxanulError):
         run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
                     out=str(tmp_path / "q"), seeds=1, compile_mode="fastest")

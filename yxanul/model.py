@@ -204,5 +204,18 @@ def compile_blocks(model: nn.Module, **kwargs) -> nn.Module:
     return model
 
 
+def compile_mode_uses_cuda_graphs(mode: str | None) -> bool:
+    """Whether torch.compile's `mode` replays graphs as CUDA graphs (reduce-overhead, max-autotune). A loop
+    driving such a model calls ``torch.compiler.cudagraph_mark_step_begin()`` before each forward pass and must
+    not keep tensors of one replay past the next."""
+    if not mode or mode == "default":
+        return False
+    try:
+        from torch._inductor import list_mode_options
+        return bool(list_mode_options(mode).get("triton.cudagraphs", False))
+    except Exception:  # noqa: BLE001 - an unknown mode or an older torch
+        return mode in ("reduce-overhead", "max-autotune")
+
+
 def build_model(cfg: ModelConfig) -> Yxanul:
     return Yxanul(cfg)

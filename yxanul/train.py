@@ -432,9 +432,12 @@ class Trainer:
             # every block compiled (one shared graph); embedding, final norm and the fused loss stay eager
             from .model import compile_blocks
             compile_blocks(model, **({} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}))
-        # reduce-overhead replays each compiled block as a CUDA graph; every forward pass starts a new "step" of
-        # torch's graph trees, so outputs of the previous one may be overwritten only once they are consumed
-        self.graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and self.device.type == "cuda"
+        # reduce-overhead (and max-autotune) replay each compiled block as a CUDA graph; every forward pass starts
+        # a new "step" of torch's graph trees, so outputs of the previous one may be overwritten once consumed
+        from .model import compile_mode_uses_cuda_graphs
+        self.graphs = cfg.compile and compile_mode_uses_cuda_graphs(cfg.compile_mode) and self.device.type == "cuda"
+        if cfg.compile_mode != "default" and not cfg.compile:
+            self.log(f"compile_mode {cfg.compile_mode} has no effect without compile: true")
         self.loader = DataLoader(self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=self.rank,
                                  world_size=self.world_size, device=self.device)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
@@ -519,10 +522,10 @@ class Trainer:
             g["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         scale = self.scaler.scale if self.scaler is not None else None
-        if self.graphs:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+        # Under CUDA graphs a gradient that autograd adopts as .grad (the first accumulation into a None grad)
+        # lives in the graph's output memory, which the next replay overwrites: such gradients are copied out
+        # after the first micro-batch, and from then on the buffers are zeroed (not freed) between steps.
+        fresh = [p for p in self.params if p.grad is None] if self.graphs else []
         for micro in range(cfg.grad_accum):
             x, y = self.loader.batch(step, micro)
             # DDP: all-reduce the FP32 gradients once, after the last micro-batch
@@ -538,6 +541,10 @@ class Trainer:
                 if scale is not None:
                     scaled = scaled * scale
                 scaled.backward()
+            if fresh and micro == 0:
+                for p in fresh:
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
         grads = [p.grad for p in self.params if p.grad is not None]
         if scale is not None:
             torch._foreach_mul_(grads, (1.0 / scale).to(grads[0].dtype))
@@ -556,9 +563,7 @@ class Trainer:
             self.last_bad_module = None
         else:
             self.last_bad_module = self._offending_module()
-        # under CUDA graphs a gradient left to autograd's first accumulation would alias the graph's output
-        # memory, which the next micro-batch's replay overwrites; zeroed buffers are accumulated into instead
-        self.opt.zero_grad(set_to_none=not self.graphs)
+        self.opt.zero_grad(set_to_none=not self.graphs)  # CUDA graphs: keep the owned buffers (see above)
         if self.scaler is not None:
             self.scaler.update(ok)
         bad = (~ok).long()

@@ -179,6 +179,8 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     if compile_mode not in COMPILE_MODES:
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of {', '.join(COMPILE_MODES)})",
                           key="--compile-mode")
+    if compile_mode != "default" and not compile:
+        raise YxanulError(f"compile mode {compile_mode} needs --compile", key="--compile-mode")
 
     out_dir = Path(out)
     tokens_per_step = batch * seq

@@ -89,12 +89,12 @@ class _Run:
 
     def __init__(self, mode, cfg, device, compile_, policy_path, compile_mode=None):
         from ..kernels.linear_ce import use_fused_ce
-        from ..model import Yxanul, compile_blocks
+        from ..model import Yxanul, compile_blocks, compile_mode_uses_cuda_graphs
 
         self.mode, self.device, self.fp8 = mode, device, False
         ck = {"mode": compile_mode} if compile_mode else {}
         # CUDA graphs (reduce-overhead) replay a step's kernels without launching them one by one
-        self.graphs = bool(compile_ and compile_mode == "reduce-overhead")
+        self.graphs = bool(compile_ and compile_mode_uses_cuda_graphs(compile_mode))
         torch.manual_seed(0)
         with torch.device(device):
             model = Yxanul(cfg)

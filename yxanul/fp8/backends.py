@@ -410,6 +410,8 @@ def _triton_overrides(recipe: Fp8Recipe) -> dict[str, Callable]:
         if not (torch.cuda.is_available() and kernels.triton_available()):
             return {}
         return kernels.fp8_op_overrides(recipe)
+    except YxanulError:  # a bad setting (YXANUL_TENSOR_QUANT) is the user's to fix, not a reason to fall back
+        raise
     except Exception:  # noqa: BLE001 - a broken Triton install falls back to the reference quantizers
         return {}
 
