@@ -8,11 +8,11 @@ with CUDA events (wall clock on a CPU). Modes:
                       logits, fused AdamW, torch.compile of the whole model; nothing of this project's kernels
   bf16                the project's best BF16 path: fused linear cross-entropy (no logits in memory), every
                       transformer block compiled (one shared graph)
-  fp8                 the policy's recipe (default policy: blockwise), native FP8 GEMMs, Triton quantizers,
-                      fused cross-entropy
+  fp8                 the policy's FP8 linears with the fastest measured recipe (tensorwise; the default policy's
+                      own recipe is blockwise), native FP8 GEMMs, Triton quantizers, fused cross-entropy
   fp8-blockwise, fp8-tensorwise, fp8-rowwise, fp8-delayed
                       the same with that recipe
-  fp8-head            fp8 plus the output head's GEMM in FP8 (tensorwise)
+  fp8-head            fp8 plus the output head's GEMM in FP8 (tensorwise); the head then takes the chunked loss
   torchao-tensorwise, torchao-rowwise
                       torchao.float8.convert_to_float8_training with that recipe, whole model compiled
 
@@ -38,6 +38,9 @@ from ..errors import YxanulError
 from ..flops import flops_per_token, peak_flops
 from . import DEFAULT_MODES, MODES
 
+# the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md); the
+# policy decides which linears are FP8, the fp8-<recipe> modes measure each recipe
+BEST_RECIPE = "tensorwise"
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
 
@@ -112,8 +115,9 @@ class _Run:
             from ..precision import load_policy
 
             pol = load_policy(policy_path)
-            recipe = {"fp8": pol.recipe.name, "fp8-head": pol.recipe.name}.get(mode, mode[len("fp8-"):])
+            recipe = BEST_RECIPE if mode in ("fp8", "fp8-head") else mode[len("fp8-"):]
             pol = pol.with_recipe(name=recipe, calibration_steps=0)
+            self.notes.append(f"recipe {recipe}")
             backend = "native" if device.type == "cuda" else "emulated"
             from ..fp8.backends import _triton_overrides
             installed = sorted(_triton_overrides(pol.recipe)) if backend == "native" else []
