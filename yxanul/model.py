@@ -204,6 +204,9 @@ def compile_blocks(model: nn.Module, **kwargs) -> nn.Module:
     return model
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def compile_mode_uses_cuda_graphs(mode: str | None) -> bool:
     """Whether torch.compile's `mode` replays graphs as CUDA graphs (reduce-overhead, max-autotune). A loop
     driving such a model calls ``torch.compiler.cudagraph_mark_step_begin()`` before each forward pass and must

@@ -31,10 +31,10 @@ from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
 from .flops import flops_per_token, peak_flops
 from .io import atomic_write_text
+from .model import COMPILE_MODES
 
 TRAIN_PRESET_DIR = CONFIG_DIR / "train"
 PRECISIONS = ("bf16", "fp16", "fp8", "fp32")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass

@@ -175,7 +175,8 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     if fp8_all_recipe not in RECIPES:
         raise YxanulError(f"unknown recipe {fp8_all_recipe!r} (expected one of {', '.join(RECIPES)})",
                           key="--fp8-all-recipe")
-    from ..train import COMPILE_MODES, load_train_config
+    from ..model import COMPILE_MODES
+    from ..train import load_train_config
     if compile_mode not in COMPILE_MODES:
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of {', '.join(COMPILE_MODES)})",
                           key="--compile-mode")

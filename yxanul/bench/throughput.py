@@ -41,7 +41,6 @@ from . import DEFAULT_MODES, MODES
 # the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md); the
 # policy decides which linears are FP8, the fp8-<recipe> modes measure each recipe
 BEST_RECIPE = "tensorwise"
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
 
 
@@ -55,17 +54,6 @@ def parse_modes(text: str) -> list[str]:
     if len(set(modes)) != len(modes):
         raise YxanulError("a mode is listed twice", key="--modes")
     return modes
-
-
-def _tensor_path() -> str | None:
-    """How per-tensor FP8 quantization runs under compile on CUDA (see yxanul.kernels.tensor_path)."""
-    try:
-        from ..kernels import tensor_path
-        return tensor_path()
-    except YxanulError:
-        raise
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _empty_row(mode: str) -> dict:
@@ -223,9 +211,11 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     for k, v in (("--warmup", warmup), ("--profile", profile)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise YxanulError(f"must be a non-negative integer, got {v!r}", key=k)
-    if compile_mode not in COMPILE_MODES:
+    from ..kernels import tensor_path
+    from ..model import COMPILE_MODES
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of "
-                          f"{', '.join(m for m in COMPILE_MODES if m)})", key="--compile-mode")
+                          f"{', '.join(COMPILE_MODES)})", key="--compile-mode")
     compile_mode = None if compile_mode == "default" else compile_mode
     cfg = load_model_config(model)
     if layers is not None:
@@ -255,7 +245,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "model": cfg.name if layers is None else f"{cfg.name} ({cfg.n_layers} layers)",
               "batch": batch, "seq": seq, "compile_mode": (compile_mode or "default") if compile else None,
-              "tensor_quant": _tensor_path(), "rows": []}
+              "tensor_quant": tensor_path(), "rows": []}
     if profile and dev.type != "cuda":
         log("bench throughput: --profile needs CUDA kernels to time; no profile on this device")
     log(f"bench throughput: {result['model']} on {result['device']}, batch {batch} x seq {seq}, "

@@ -71,7 +71,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             y = y + bias.to(y.dtype)
         if cache:
             if dual:
-                pass
+                pass  # xtq, xts from the one-pass quantizer above
             elif delayed or mod.recipe.name == "tensorwise":
                 xtq, xts = xq.t().contiguous(), xs  # one scale: the transposed copy is free
             else:
@@ -111,7 +111,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             dx = ops.gemm(dyq, dys, wtq, wts, ctx.x_dtype).view(ctx.x_shape)
         if want_dw:
             if dual:
-                pass
+                pass  # dytq, dyts from the one-pass quantizer above
             elif delayed:
                 dytq, dyts = dyq.t().contiguous(), dys
             else:

@@ -75,6 +75,23 @@ def abs_max(x, AXIS: tl.constexpr):
 
 
 @triton.jit
+def nan_maximum(a, b):
+    """Elementwise max that is NaN where either operand is (tl.maximum drops NaN)."""
+    return tl.where((a != a) | (b != b), float("nan"), tl.maximum(a, b))
+
+
+@triton.jit
+def max_of_partials(part_ptr, NPART, PB: tl.constexpr):
+    """The NaN-propagating max of NPART partial maxima, read PB at a time (a few KB, from L2): lets every
+    program of a cast kernel derive the tensor's scale itself, with no launch between amax and cast."""
+    m = tl.zeros((PB,), tl.float32)
+    for off in range(0, NPART, PB):
+        p = off + tl.arange(0, PB)
+        m = nan_maximum(m, tl.load(part_ptr + p, mask=p < NPART, other=0.0))
+    return nan_max(m, 0)
+
+
+@triton.jit
 def cast_fp8(x, s, FMAX: tl.constexpr, out_ty: tl.constexpr):
     y = tl.div_rn(x, s)
     yc = tl.minimum(tl.maximum(y, -FMAX), FMAX)
@@ -161,11 +178,15 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, NKB,
 
 
 @triton.jit
-def _amax_partial_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+def _amax_partial_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Partial max |x| over ITERS consecutive blocks of BLOCK elements per program (NaN-propagating)."""
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid, abs_max(x, 0))
+    base = pid.to(tl.int64) * (BLOCK * ITERS)
+    m = tl.zeros((BLOCK,), tl.float32)
+    for i in range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        m = nan_maximum(m, tl.abs(tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)))
+    tl.store(out_ptr + pid, nan_max(m, 0))
 
 
 @triton.jit
@@ -173,12 +194,7 @@ def _tensor_quant_kernel(x_ptr, q_ptr, part_ptr, s_ptr, numel, NPART, BLOCK: tl.
                          FMAX: tl.constexpr, INV: tl.constexpr):
     """Pass 2: every program reduces the partial maxima itself (a few KB), derives the scale, casts its block."""
     pid = tl.program_id(0)
-    amax = tl.zeros((PBLOCK,), tl.float32)
-    for off in range(0, NPART, PBLOCK):
-        p = off + tl.arange(0, PBLOCK)
-        v = tl.load(part_ptr + p, mask=p < NPART, other=0.0)
-        amax = tl.where((v != v) | (amax != amax), float("nan"), tl.maximum(amax, v))
-    s = scale_from_amax(nan_max(amax, 0), FMAX, False, INV)
+    s = scale_from_amax(max_of_partials(part_ptr, NPART, PBLOCK), FMAX, False, INV)
     if pid == 0:
         tl.store(s_ptr, s)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -273,7 +289,7 @@ def _partial_amax(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     nb = _cdiv(n, TENSOR_BLOCK)
     part = torch.empty(nb, dtype=torch.float32, device=x.device)
-    _amax_partial_kernel[(nb,)](x, part, n, BLOCK=TENSOR_BLOCK, num_warps=8)
+    _amax_partial_kernel[(nb,)](x, part, n, BLOCK=TENSOR_BLOCK, ITERS=1, num_warps=8)
     return part
 
 

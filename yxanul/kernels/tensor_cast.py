@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..fp8.formats import get_format
-from .quant import cast_fp8, nan_max, scale_from_amax, scale_inv_constant
+from .quant import _amax_partial_kernel, cast_fp8, max_of_partials, scale_from_amax, scale_inv_constant
 
 AMAX_BLOCK = 4096
 AMAX_ITERS = 8
@@ -32,31 +32,13 @@ PBLOCK = 512
 
 
 @triton.jit
-def _amax_parts_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    pid = tl.program_id(0)
-    base = pid.to(tl.int64) * (BLOCK * ITERS)
-    m = tl.zeros((BLOCK,), tl.float32)
-    for i in range(ITERS):
-        offs = base + i * BLOCK + tl.arange(0, BLOCK)
-        v = tl.abs(tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32))
-        m = tl.where((v != v) | (m != m), float("nan"), tl.maximum(m, v))
-    tl.store(out_ptr + pid, nan_max(m, 0))
-
-
-@triton.jit
 def _cast_kernel(x_ptr, q_ptr, qt_ptr, part_ptr, s_in_ptr, s_out_ptr, M, K, NPART,
                  BM: tl.constexpr, BK: tl.constexpr, PB: tl.constexpr, FMAX: tl.constexpr, INV: tl.constexpr,
                  FROM_PARTS: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_QT: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     if FROM_PARTS:
-        # every program reduces the partial maxima itself (a few KB from L2): no launch between amax and cast
-        amax = tl.zeros((PB,), tl.float32)
-        for off in range(0, NPART, PB):
-            p = off + tl.arange(0, PB)
-            v = tl.load(part_ptr + p, mask=p < NPART, other=0.0)
-            amax = tl.where((v != v) | (amax != amax), float("nan"), tl.maximum(amax, v))
-        s = scale_from_amax(nan_max(amax, 0), FMAX, False, INV)
+        s = scale_from_amax(max_of_partials(part_ptr, NPART, PB), FMAX, False, INV)
         if (pid_m == 0) & (pid_k == 0):
             tl.store(s_out_ptr, s)
     else:
@@ -88,7 +70,7 @@ def tensor_amax_parts(x: torch.Tensor) -> torch.Tensor:
     nb = max(_cdiv(n, CHUNK), 1)
     part = torch.zeros(nb, dtype=torch.float32, device=x.device)
     if n:
-        _launch(_amax_parts_kernel, (nb,), x, part, n, BLOCK=AMAX_BLOCK, ITERS=AMAX_ITERS, num_warps=8)
+        _launch(_amax_partial_kernel, (nb,), x, part, n, BLOCK=AMAX_BLOCK, ITERS=AMAX_ITERS, num_warps=8)
     return part
 
 
