@@ -158,9 +158,22 @@ def quant_rows(x: torch.Tensor, fmt: Fp8Format, pow2: bool = False):
     return _cast(x.float() / s, fmt), s
 
 
+def tensor_abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the whole tensor as a 0-d FP32 tensor, computed row by row and then over the rows.
+
+    The same value as ``x.abs().amax()`` (a maximum is exact in any order), written so that torch.compile sees a
+    reduction over each row, the same iteration space as the kernel producing x (a norm, SwiGLU, their
+    backwards): inductor can then compute the amax inside that kernel instead of in a split reduction of its
+    own that re-reads or recomputes x."""
+    import os
+    if x.dim() < 2 or os.environ.get("YXANUL_AMAX", "rows") == "flat":
+        return x.float().abs().amax()
+    return x.abs().amax(dim=-1).float().amax()
+
+
 def quant_tensor(x: torch.Tensor, fmt: Fp8Format, pow2: bool = False, scale_inv: torch.Tensor | None = None):
     """Per-tensor quantization with the current amax, or with a given ``scale_inv`` (delayed scaling)."""
-    s = _scale_from_amax(x.float().abs().amax(), fmt, pow2) if scale_inv is None else scale_inv.float().reshape(())
+    s = _scale_from_amax(tensor_abs_max(x), fmt, pow2) if scale_inv is None else scale_inv.float().reshape(())
     return _cast(x.float() / s, fmt), s
 
 

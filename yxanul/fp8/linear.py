@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import NonFiniteError, YxanulError
 from . import scaling
-from .backends import get_ops, native_shape_ok, resolve_backend
+from .backends import get_ops, native_shape_ok, resolve_backend, tensor_abs_max
 from .formats import get_format
 from .recipe import Fp8Recipe
 
@@ -136,7 +136,7 @@ class _CalibrationFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mod):
         out = _out_dtype(x)
         dt = torch.bfloat16 if out == torch.float32 else out
-        scaling.record_amax(mod.amax_history, 0, x.detach().abs().amax())
+        scaling.record_amax(mod.amax_history, 0, tensor_abs_max(x.detach()))
         xc, wc = x.to(dt), weight.to(dt)
         y = F.linear(xc, wc, None if bias is None else bias.to(dt))
         ctx.save_for_backward(xc, wc)
@@ -146,7 +146,7 @@ class _CalibrationFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xc, wc = ctx.saved_tensors
-        scaling.record_amax(ctx.mod.amax_history, 2, dy.detach().abs().amax())
+        scaling.record_amax(ctx.mod.amax_history, 2, tensor_abs_max(dy.detach()))
         dyc = dy.to(wc.dtype)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
@@ -274,7 +274,7 @@ class Fp8Linear(nn.Module):
 
     def _delayed_scale(self, which: str, t: torch.Tensor) -> torch.Tensor:
         i = _SLOT[which]
-        amax = self.ops.amax(t.detach()) if self.ops.amax is not None else t.detach().abs().amax().float()
+        amax = self.ops.amax(t.detach()) if self.ops.amax is not None else tensor_abs_max(t.detach())
         self._flag(i, amax)
         scaling.record_amax(self.amax_history, i, amax)
         if self._scales_fixed:
