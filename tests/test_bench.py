@@ -20,8 +20,9 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
                       "--plot", str(png)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "compile_mode", "tensor_quant", "rows"}
-    assert res["compile_mode"] is None and res["tensor_quant"] in ("kernel", "traced")
+    assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "compile_mode", "tune_kernels",
+                        "tensor_quant", "rows"}
+    assert res["compile_mode"] is None and res["tune_kernels"] is None and res["tensor_quant"] in ("kernel", "traced")
     assert res["batch"] == 2 and res["seq"] == 16 and res["device"] == "cpu"
     assert [r["mode"] for r in res["rows"]] == ["bf16-plain", "bf16", "fp8", "fp8-blockwise", "torchao-tensorwise"]
     for r in res["rows"]:
@@ -29,7 +30,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     ok = {r["mode"]: r for r in res["rows"] if r["error"] is None}
     assert {"bf16-plain", "bf16", "fp8", "fp8-blockwise"} <= set(ok)
     # `fp8` is the policy's linears with the fastest measured recipe, not the policy's own (blockwise)
-    assert "recipe tensorwise" in ok["fp8"]["notes"] and "recipe blockwise" in ok["fp8-blockwise"]["notes"]
+    assert "recipe delayed" in ok["fp8"]["notes"] and "recipe blockwise" in ok["fp8-blockwise"]["notes"]
     for r in ok.values():
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0
         assert r["tokens_per_s"] == pytest.approx(2 * 16 / (r["step_ms"] / 1000), rel=1e-3, abs=0.06)

@@ -84,6 +84,10 @@ def test_quality_bench_end_to_end_cpu(tmp_path):
     # how kernels are launched (CUDA graphs) is recorded but is not a setting that decides reuse
     rec = json.loads(done.read_text())
     assert rec["compile_mode"] == "default" and "compile_mode" not in rec["settings"]
+    assert rec["tune_kernels"] is False and "tune_kernels" not in rec["settings"]
+    with pytest.raises(YxanulError, match="needs --compile"):
+        run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
+                    out=str(tmp_path / "q"), seeds=1, tune_kernels=True)
     with pytest.raises(YxanulError, match="needs --compile"):
         run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
                     out=str(tmp_path / "q"), seeds=1, compile_mode="reduce-overhead")

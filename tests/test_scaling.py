@@ -238,3 +238,86 @@ def test_load_into_meta_module():
         m2 = _layer()
     m2.load_state_dict(m.state_dict(), assign=True)
     assert m2._scales_fixed and torch.equal(m2.scale_inv, m.scale_inv)
+
+
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_tensor_abs_max_layouts_agree_and_propagate_nonfinite(monkeypatch, layout):
+    """The row-by-row amax (the default, which torch.compile fuses into the producing kernel) is the same value as
+    one flat reduction, for 1-3-D tensors, and a NaN or Inf anywhere still reaches the recorded amax."""
+    from yxanul.fp8.backends import tensor_abs_max
+    monkeypatch.setenv("YXANUL_AMAX", layout)
+    g = torch.Generator().manual_seed(3)
+    for shape in [(7,), (5, 33), (2, 3, 130)]:
+        x = (torch.randn(*shape, generator=g) * 3).bfloat16()
+        got = tensor_abs_max(x)
+        assert got.dtype == torch.float32 and got.dim() == 0
+        assert got.item() == x.float().abs().max().item()
+    x = torch.randn(6, 40)
+    x[4, 17] = float("nan")
+    assert torch.isnan(tensor_abs_max(x))
+    x[4, 17] = float("-inf")
+    assert tensor_abs_max(x).item() == float("inf")
+
+
+def test_tensor_abs_max_rejects_an_unknown_layout(monkeypatch):
+    from yxanul.errors import YxanulError
+    from yxanul.fp8.backends import tensor_abs_max
+    monkeypatch.setenv("YXANUL_AMAX", "columns")
+    with pytest.raises(YxanulError, match="YXANUL_AMAX"):
+        tensor_abs_max(torch.ones(2, 2))
+
+
+def _slot_scales(m):
+    return [float(getattr(m, f"scale_inv_{w}")) for w in ("x", "w", "dy")]
+
+
+def test_slot_scales_follow_scale_inv_through_steps_and_loading():
+    """The 0-d per-operand scales the fixed-scale casts read are scale_inv's entries after every fp8_step and
+    after loading a state dict, and they are separate allocations (what cuBLAS needs)."""
+    m = _layer()
+    for xmax, gmax in ((3.0, 0.5), (1.0, 0.25), (6.0, 2.0)):
+        _pass(m, xmax, gmax)
+        fp8_step(m)
+        assert _slot_scales(m) == m.scale_inv.tolist()
+    assert m._scales_fixed
+    ptrs = {getattr(m, f"scale_inv_{w}").data_ptr() for w in ("x", "w", "dy")}
+    assert len(ptrs) == 3 and m.scale_inv.data_ptr() not in ptrs
+    # the cast of a fixed-scale step uses them
+    x = torch.randn(4, 32)
+    y = m(x)
+    xs = m.scale_inv[0]
+    xq = (x / xs).clamp(-E4M3, E4M3).to(torch.float8_e4m3fn).float() * xs
+    wq = (m.weight.detach() / m.scale_inv[1]).clamp(-E4M3, E4M3).to(torch.float8_e4m3fn).float() * m.scale_inv[1]
+    torch.testing.assert_close(y, xq @ wq.t(), rtol=1e-5, atol=1e-5)
+    fresh = _layer()
+    fresh.load_state_dict(m.state_dict())
+    assert _slot_scales(fresh) == m.scale_inv.tolist() and fresh._scales_fixed
+    assert "scale_inv_x" not in m.state_dict()  # derived, not saved
+
+
+@pytest.mark.parametrize("where", ["x", "dy"])
+def test_delayed_nonfinite_flag_comes_from_the_amax_history(where):
+    """With fixed scales a NaN operand is flagged through the history's current row: fp8_check names it before
+    fp8_step, and the flag stays after fp8_step has rolled the row away."""
+    from yxanul.errors import NonFiniteError
+    from yxanul.fp8.linear import fp8_check
+    m = _layer()
+    for _ in range(2):
+        _pass(m, 1.0, 1.0)
+        fp8_step(m)
+    assert m._scales_fixed
+    net = torch.nn.Sequential(m)
+    fp8_check(net)  # clean
+    x = torch.randn(4, 32)
+    if where == "x":
+        x[1, 2] = float("nan")
+    y = m(x.requires_grad_(True))
+    g = torch.ones_like(y)
+    if where == "dy":
+        g[0, 0] = float("inf")
+    y.backward(g)
+    with pytest.raises(NonFiniteError, match=rf"0 \({where}\)$"):
+        fp8_check(net)
+    fp8_step(m)
+    with pytest.raises(NonFiniteError, match=rf"0 \({where}\)$"):
+        fp8_check(net)

@@ -215,6 +215,29 @@ def test_bad_config_exits_2(argv, needle, capsys):
     assert needle in err and err.count("\n") == 1
 
 
+def test_bad_tune_kernels_value_exits_2(tmp_path, capsys):
+    p = _yaml(tmp_path, "steps: 10\ntune_kernels: maybe\n")
+    assert main(["train", "--train-config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "tune_kernels" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("mode,tune,expect", [
+    ("default", False, {}),
+    ("reduce-overhead", False, {"mode": "reduce-overhead"}),
+    ("default", True, {"options": {"coordinate_descent_tuning": True}}),
+    ("reduce-overhead", True, {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}),
+])
+def test_compile_blocks_passes_mode_or_tuning_options(monkeypatch, tiny_cfg, mode, tune, expect):
+    """tune_kernels turns torch.compile's mode into its inductor options plus coordinate-descent tuning (torch
+    takes a mode or options, not both), so CUDA graphs stay on under reduce-overhead; every block gets them."""
+    from yxanul.model import Block, Yxanul, compile_blocks
+    seen = []
+    monkeypatch.setattr(Block, "compile", lambda self, **kw: seen.append(kw))
+    compile_blocks(Yxanul(tiny_cfg), mode=mode, tune_kernels=tune)
+    assert seen == [expect] * tiny_cfg.n_layers
+
+
 def test_bad_train_yaml_key(tmp_path, capsys):
     p = _yaml(tmp_path, "steps: 10\nlearning_rate: 0.1\n")
     assert main(["train", "--train-config", str(p)]) == 2

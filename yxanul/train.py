@@ -77,6 +77,7 @@ class TrainConfig:
     # runtime
     compile: bool = False
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    tune_kernels: bool = False  # inductor's coordinate-descent tuning of the compiled blocks' kernels (slower compile)
     device: str = "cpu"  # cpu | cuda | auto
     parallel: str = "none"  # none | ddp | fsdp2 (ddp/fsdp2: launched by torchrun, see docs/distributed.md)
     max_bad_steps: int = 10
@@ -431,13 +432,14 @@ class Trainer:
         if cfg.compile:
             # every block compiled (one shared graph); embedding, final norm and the fused loss stay eager
             from .model import compile_blocks
-            compile_blocks(model, **({} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}))
+            compile_blocks(model, mode=cfg.compile_mode, tune_kernels=cfg.tune_kernels)
         # reduce-overhead (and max-autotune) replay each compiled block as a CUDA graph; every forward pass starts
         # a new "step" of torch's graph trees, so outputs of the previous one may be overwritten once consumed
         from .model import compile_mode_uses_cuda_graphs
         self.graphs = cfg.compile and compile_mode_uses_cuda_graphs(cfg.compile_mode) and self.device.type == "cuda"
-        if cfg.compile_mode != "default" and not cfg.compile:
-            self.log(f"compile_mode {cfg.compile_mode} has no effect without compile: true")
+        for key, on in (("compile_mode", cfg.compile_mode != "default"), ("tune_kernels", cfg.tune_kernels)):
+            if on and not cfg.compile:
+                self.log(f"{key} has no effect without compile: true")
         self.loader = DataLoader(self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=self.rank,
                                  world_size=self.world_size, device=self.device)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size

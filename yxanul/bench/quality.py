@@ -158,7 +158,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
                 policy: str | None = None, out: str = "runs/quality", device: str = "auto",
                 calibration_steps: int | None = None, fp8_all_recipe: str = "blockwise",
                 compile: bool = False, fp8_backend: str = "auto", reuse: bool = True, repeats: int = 1,
-                compile_mode: str = "default") -> dict:
+                compile_mode: str = "default", tune_kernels: bool = False) -> dict:
     """Train every mode; returns (and writes to OUT/quality.json) the comparison. ``fp8_all_recipe`` is the
     recipe of the fp8-all mode's linears (its extra activations are always 1 x 128 tiles).
 
@@ -168,7 +168,8 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     standard error; a difference is "within noise" when it is below twice that error.
 
     ``compile_mode`` (e.g. ``reduce-overhead``, CUDA graphs) changes how the kernels are launched, not what they
-    compute, so it is not part of the settings that decide whether a stored result is reused."""
+    compute, so it is not part of the settings that decide whether a stored result is reused; nor is
+    ``tune_kernels`` (launch settings of the same kernels)."""
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise YxanulError(f"must be a positive integer, got {repeats!r}", key="--repeats")
     from ..fp8.recipe import RECIPES
@@ -182,6 +183,8 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
                           key="--compile-mode")
     if compile_mode != "default" and not compile:
         raise YxanulError(f"compile mode {compile_mode} needs --compile", key="--compile-mode")
+    if tune_kernels and not compile:
+        raise YxanulError("--tune-kernels needs --compile", key="--tune-kernels")
 
     out_dir = Path(out)
     tokens_per_step = batch * seq
@@ -218,7 +221,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             print(f"[quality] {name}: reusing {done}", flush=True)
         else:
             cfg = load_train_config(None, {**base, **over, "out": str(mode_dir), "compile_mode": compile_mode,
-                                           "policy": over.get("policy", policy)})
+                                           "tune_kernels": bool(tune_kernels), "policy": over.get("policy", policy)})
             if mode_dir.exists() and (mode_dir / "metrics.jsonl").exists():
                 import shutil
                 shutil.rmtree(mode_dir)
@@ -234,7 +237,8 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             except YxanulError as e:
                 error, summary, device_name = str(e), {}, None
             curves = _read_curves(mode_dir)
-            rec = {"mode": mode, "settings": settings, "compile_mode": compile_mode, "curves": curves, "final_val_loss": final_val(curves, last_evals),
+            rec = {"mode": mode, "settings": settings, "compile_mode": compile_mode,
+                   "tune_kernels": bool(tune_kernels), "curves": curves, "final_val_loss": final_val(curves, last_evals),
                    "final_train_loss": summary.get("final_loss"), "skipped_steps": summary.get("skipped_steps"),
                    "seconds": round(time.perf_counter() - t0, 1), "device": device_name, "error": error}
             atomic_write_json(done, rec)

@@ -38,9 +38,10 @@ from ..errors import YxanulError
 from ..flops import flops_per_token, peak_flops
 from . import DEFAULT_MODES, MODES
 
-# the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md); the
-# policy decides which linears are FP8, the fp8-<recipe> modes measure each recipe
-BEST_RECIPE = "tensorwise"
+# the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md: delayed
+# 1.00x bf16 against tensorwise's 0.97x, both under CUDA graphs); the policy decides which linears are FP8, the
+# fp8-<recipe> modes measure each recipe
+BEST_RECIPE = "delayed"
 ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
 
 
@@ -78,12 +79,15 @@ def _free(device):
 class _Run:
     """One mode's model, optimizer and step function."""
 
-    def __init__(self, mode, cfg, device, compile_, policy_path, compile_mode=None):
+    def __init__(self, mode, cfg, device, compile_, policy_path, compile_mode=None, tune_kernels=False):
         from ..kernels.linear_ce import use_fused_ce
-        from ..model import Yxanul, compile_blocks, compile_mode_uses_cuda_graphs
+        from ..model import Yxanul, compile_blocks, compile_mode_uses_cuda_graphs, mode_options
 
         self.mode, self.device, self.fp8 = mode, device, False
-        ck = {"mode": compile_mode} if compile_mode else {}
+        if tune_kernels:  # the same options for the whole-model compile of bf16-plain and torchao as for the blocks
+            ck = {"options": {**mode_options(compile_mode), "coordinate_descent_tuning": True}}
+        else:
+            ck = {"mode": compile_mode} if compile_mode else {}
         # CUDA graphs (reduce-overhead) replay a step's kernels without launching them one by one
         self.graphs = bool(compile_ and compile_mode_uses_cuda_graphs(compile_mode))
         torch.manual_seed(0)
@@ -146,10 +150,11 @@ class _Run:
         return loss
 
 
-def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0, compile_mode=None):
+def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0, compile_mode=None,
+               tune_kernels=False):
     if compile_:
         torch._dynamo.reset()  # every mode compiles from scratch: no graph or guard carried over from the last
-    run = _Run(mode, cfg, device, compile_, policy_path, compile_mode)
+    run = _Run(mode, cfg, device, compile_, policy_path, compile_mode, tune_kernels)
     t0 = time.perf_counter()
     for _ in range(warmup):
         loss = run.step(x, y)
@@ -196,10 +201,11 @@ def _ratios(rows):
 def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048, steps: int = 20, warmup: int = 5,
                    modes=DEFAULT_MODES, layers: int | None = None, compile: bool = True, device: str | None = None,
                    policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None,
-                   profile: int = 0, compile_mode: str | None = None) -> dict:
+                   profile: int = 0, compile_mode: str | None = None, tune_kernels: bool = False) -> dict:
     """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
     ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`).
-    ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph)."""
+    ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph);
+    ``tune_kernels``: inductor's coordinate-descent tuning of the generated kernels, for every compiled mode."""
     from ..config import load_model_config
     from ..io import atomic_write_json
 
@@ -245,6 +251,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "model": cfg.name if layers is None else f"{cfg.name} ({cfg.n_layers} layers)",
               "batch": batch, "seq": seq, "compile_mode": (compile_mode or "default") if compile else None,
+              "tune_kernels": bool(tune_kernels) if compile else None,
               "tensor_quant": tensor_path(), "rows": []}
     if profile and dev.type != "cuda":
         log("bench throughput: --profile needs CUDA kernels to time; no profile on this device")
@@ -258,9 +265,10 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         try:
             try:
                 ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup,
-                                                                log, profile, compile_mode)
+                                                                log, profile, compile_mode, tune_kernels)
             except Exception as e:  # noqa: BLE001
-                if not compile or compile_mode or mode == "bf16-plain" or isinstance(e, torch.cuda.OutOfMemoryError):
+                if (not compile or compile_mode or tune_kernels or mode == "bf16-plain"
+                        or isinstance(e, torch.cuda.OutOfMemoryError)):
                     raise
                 log(f"[{mode}] compiled run failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                     "retrying without torch.compile")

@@ -30,6 +30,9 @@ def _throughput(bsub):
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, "
                         "max-autotune-no-cudagraphs")
+    p.add_argument("--tune-kernels", action="store_true",
+                   help="inductor's coordinate-descent tuning of the generated kernels, for every compiled mode "
+                        "(minutes more compile time)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--peak-tflops", type=float, default=None, help="BF16 peak for MFU (default: from device name)")
     p.add_argument("--json-out", default=None, help="write the results JSON here (rewritten after every mode)")
@@ -53,7 +56,7 @@ def _run_throughput(args):
     result = run_throughput(model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                             modes=args.modes, layers=args.layers, compile=args.compile, device=args.device,
                             policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops,
-                            profile=args.profile, compile_mode=args.compile_mode)
+                            profile=args.profile, compile_mode=args.compile_mode, tune_kernels=args.tune_kernels)
     print(format_table(result), flush=True)
     if args.plot:
         plot(result, args.plot)
@@ -97,6 +100,9 @@ def _quality(bsub):
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode of the runs (reduce-overhead: CUDA graphs); not part of the settings "
                         "compared when reusing results")
+    p.add_argument("--tune-kernels", action="store_true",
+                   help="inductor's coordinate-descent tuning of the compiled kernels (like --compile-mode, not "
+                        "part of the compared settings)")
     p.add_argument("--fp8-backend", default="auto")
     p.add_argument("--calibration-steps", type=int, default=None,
                    help="delayed recipe: BF16 calibration steps (default: the policy's; the note says 100)")
@@ -124,7 +130,8 @@ def _run_quality(args):
                       eval_batches=args.eval_batches, last_evals=args.last_evals, seed=args.seed,
                       policy=args.config, out=args.out, device=args.device, compile=args.compile,
                       fp8_backend=args.fp8_backend, reuse=not args.fresh, calibration_steps=args.calibration_steps,
-                      fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats, compile_mode=args.compile_mode)
+                      fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats, compile_mode=args.compile_mode,
+                      tune_kernels=args.tune_kernels)
     print(format_table(res), flush=True)
     try:
         plot(res, args.plot or str(Path(args.out) / "quality.png"))

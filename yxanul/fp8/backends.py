@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -165,10 +166,21 @@ def tensor_abs_max(x: torch.Tensor) -> torch.Tensor:
     reduction over each row, the same iteration space as the kernel producing x (a norm, SwiGLU, their
     backwards): inductor can then compute the amax inside that kernel instead of in a split reduction of its
     own that re-reads or recomputes x."""
-    import os
-    if x.dim() < 2 or os.environ.get("YXANUL_AMAX", "rows") == "flat":
+    if x.dim() < 2 or amax_layout() == "flat":
         return x.float().abs().amax()
     return x.abs().amax(dim=-1).float().amax()
+
+
+AMAX_LAYOUTS = ("rows", "flat")
+
+
+def amax_layout() -> str:
+    """How :func:`tensor_abs_max` reduces (``YXANUL_AMAX``): ``rows`` (default, faster under torch.compile) or
+    ``flat`` (one reduction over the flattened tensor, kept to reproduce the comparison in docs/perf-notes.md)."""
+    v = os.environ.get("YXANUL_AMAX", "rows")
+    if v not in AMAX_LAYOUTS:
+        raise YxanulError(f"YXANUL_AMAX must be one of {', '.join(AMAX_LAYOUTS)}, got {v!r}", key="YXANUL_AMAX")
+    return v
 
 
 def quant_tensor(x: torch.Tensor, fmt: Fp8Format, pow2: bool = False, scale_inv: torch.Tensor | None = None):

@@ -211,6 +211,12 @@ class Fp8Linear(nn.Module):
             self.register_buffer("scale_inv", torch.ones(3, device=device))
             self.register_buffer("scale_ready", torch.zeros(3, device=device))
             self.register_buffer("fp8_steps", torch.zeros((), dtype=torch.int64, device=device))
+            # scale_inv's entries, each as its own 0-d tensor (kept equal by fp8_step and state loading): what the
+            # casts and cuBLAS read once the scales are fixed. cuBLAS needs a scale at the start of its own
+            # allocation, which a view scale_inv[i] is not; computing a fresh scalar instead cost a kernel per
+            # operand per pass.
+            for which in _SLOT:
+                self.register_buffer(f"scale_inv_{which}", torch.ones((), device=device), persistent=False)
 
     def reset_parameters(self) -> None:
         if self.weight.device.type == "meta":
@@ -260,6 +266,8 @@ class Fp8Linear(nn.Module):
         # a plain nn.Linear checkpoint has no delayed-scaling state: keep the fresh buffers
         own = {prefix + n for n in ("amax_history", "scale_inv", "scale_ready", "fp8_steps")}
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in own]
+        if self.recipe.name == "delayed":
+            _sync_slot_scales([self])
         if self.recipe.name == "delayed" and prefix + "fp8_steps" in state_dict:
             self._steps = int(state_dict[prefix + "fp8_steps"])
             ready = state_dict.get(prefix + "scale_ready")
@@ -275,14 +283,12 @@ class Fp8Linear(nn.Module):
     def _delayed_scale(self, which: str, t: torch.Tensor) -> torch.Tensor:
         i = _SLOT[which]
         amax = self.ops.amax(t.detach()) if self.ops.amax is not None else tensor_abs_max(t.detach())
-        self._flag(i, amax)
+        # a NaN/Inf propagates into the history's current row, which fp8_step (or _nonfinite before it) turns
+        # into the non-finite flag: no flag kernel per operand here
         scaling.record_amax(self.amax_history, i, amax)
         if self._scales_fixed:
-            # a computed scalar, not the view scale_inv[i]: cuBLAS needs a scale at the start of its own
-            # (aligned) allocation, and inductor would pass a view (or a copy of one it deems a no-op) as is.
-            # _scales_fixed implies scale_ready is all 1 (only fp8_step and state loading set it), so the 1.0
-            # is never selected
-            return torch.where(self.scale_ready[i] > 0, self.scale_inv[i], 1.0)
+            # _scales_fixed implies scale_ready is all 1 (only fp8_step and state loading set it)
+            return getattr(self, f"scale_inv_{which}")
         return scaling.current_or_delayed(amax, self.scale_inv[i], self.scale_ready[i], self._fmt_max[i],
                                           self.recipe.margin)
 
@@ -452,8 +458,11 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
         fkey = (fmax, dev)
         if fkey not in _FMT_MAX_CACHE:
             _FMT_MAX_CACHE[fkey] = torch.tensor(fmax, dtype=torch.float32, device=dev)
+        with torch.no_grad():  # the step's non-finite amaxes become flags before the history rolls them away
+            torch._foreach_add_([m.nonfinite for m in ms], list(_pending_nonfinite(ms).unbind(0)))
         scaling.advance_many([m.amax_history for m in ms], [m.scale_inv for m in ms], [m.scale_ready for m in ms],
                              algo, _FMT_MAX_CACHE[fkey], margin, pow2)
+        _sync_slot_scales(ms)
         with torch.no_grad():
             torch._foreach_add_([m.fp8_steps for m in ms], 1)
         for m in ms:
@@ -471,6 +480,20 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
             m._scales_fixed = bool(ready)
 
 
+def _pending_nonfinite(ms: list[Fp8Linear]) -> torch.Tensor:
+    """[len(ms), 3] int32: 1 where a delayed layer's current amax row holds a NaN/Inf (a non-finite operand
+    this step, not yet folded into ``nonfinite`` by fp8_step)."""
+    return (~torch.isfinite(torch.stack([m.amax_history[0] for m in ms]))).to(torch.int32)
+
+
+@torch.no_grad()
+def _sync_slot_scales(ms: list[Fp8Linear]) -> None:
+    """Copy each delayed layer's scale_inv[i] into its 0-d scale_inv_{x,w,dy} buffers (one multi-tensor copy)."""
+    dst = [getattr(m, f"scale_inv_{w}") for m in ms for w in _SLOT]
+    if dst:
+        torch._foreach_copy_(dst, [m.scale_inv[i] for m in ms for i in _SLOT.values()])
+
+
 def fp8_check(model: nn.Module) -> None:
     """Raise NonFiniteError naming every module that quantized a NaN/Inf since the last reset."""
     bad = _nonfinite(model)
@@ -482,7 +505,8 @@ def _nonfinite(model: nn.Module) -> dict[str, list[str]]:
     mods = fp8_modules(model)
     if not mods:
         return {}
-    flags = torch.stack([m.nonfinite.to("cpu", non_blocking=False) for m in mods.values()]).tolist()
+    flags = torch.stack([(m.nonfinite + _pending_nonfinite([m])[0] if m.recipe.name == "delayed" else m.nonfinite)
+                         .to("cpu", non_blocking=False) for m in mods.values()]).tolist()
     return {n: [s for s, f in zip(("x", "w", "dy"), fl) if f] for n, fl in zip(mods, flags) if any(fl)}
 
 
