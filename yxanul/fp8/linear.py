@@ -466,7 +466,7 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
         with torch.no_grad():
             torch._foreach_add_([m.fp8_steps for m in ms], 1)
         for m in ms:
-            m._steps += 1
+            m.__dict__["_steps"] += 1  # a plain int: nn.Module.__setattr__'s checks cost more than the step
             m._sync_calibrating()
     # which delayed layers now have every scale: one host sync per device, and only while some layer lacks one
     # (normally after the first step; a layer whose operand never sees a nonzero value keeps asking)
@@ -483,15 +483,15 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
 def _pending_nonfinite(ms: list[Fp8Linear]) -> torch.Tensor:
     """[len(ms), 3] int32: 1 where a delayed layer's current amax row holds a NaN/Inf (a non-finite operand
     this step, not yet folded into ``nonfinite`` by fp8_step)."""
-    return (~torch.isfinite(torch.stack([m.amax_history[0] for m in ms]))).to(torch.int32)
+    return (~torch.isfinite(torch.stack([m.amax_history for m in ms])[:, 0])).to(torch.int32)
 
 
 @torch.no_grad()
 def _sync_slot_scales(ms: list[Fp8Linear]) -> None:
     """Copy each delayed layer's scale_inv[i] into its 0-d scale_inv_{x,w,dy} buffers (one multi-tensor copy)."""
     dst = [getattr(m, f"scale_inv_{w}") for m in ms for w in _SLOT]
-    if dst:
-        torch._foreach_copy_(dst, [m.scale_inv[i] for m in ms for i in _SLOT.values()])
+    if dst:  # one stack and one unbind (C++) rather than a Python-level select per scale
+        torch._foreach_copy_(dst, list(torch.stack([m.scale_inv for m in ms]).reshape(-1).unbind(0)))
 
 
 def fp8_check(model: nn.Module) -> None:
