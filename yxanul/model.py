@@ -80,6 +80,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fused_gate_up = None  # set per instance by yxanul.fp8.linear.convert_model
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
@@ -87,7 +89,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # FP8 delayed scaling installs a fused gate/up/SwiGLU function here (yxanul.fp8.fused_mlp); it returns
+        # None while the layers cannot use it (calibration, statistics)
+        h = self.fused_gate_up(self, x) if self.fused_gate_up is not None else None
+        if h is None:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h)
 
 
 class Block(nn.Module):

@@ -415,7 +415,21 @@ def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Re
         for name, m in fp8_modules(model).items():
             if not native_shape_ok(m.recipe, NATIVE_CHECK_TOKENS, m.in_features, m.out_features):
                 m.set_backend("emulated")
+    _install_fused_mlps(model)
     return model
+
+
+def _install_fused_mlps(model: nn.Module) -> None:
+    """SwiGLU MLPs (``gate_proj``, ``up_proj``, a ``fused_gate_up`` slot) whose gate and up are delayed-scaling
+    FP8 layers of one backend get the fused gate/up/SwiGLU function (yxanul.fp8.fused_mlp)."""
+    from .fused_mlp import can_fuse, swiglu_gate_up
+    for m in model.modules():
+        if not hasattr(type(m), "fused_gate_up"):
+            continue
+        gate, up = getattr(m, "gate_proj", None), getattr(m, "up_proj", None)
+        ok = (isinstance(gate, Fp8Linear) and isinstance(up, Fp8Linear) and gate.backend == up.backend
+              and can_fuse(gate, up))
+        m.fused_gate_up = swiglu_gate_up if ok else None
 
 
 def unconvert_model(model: nn.Module) -> nn.Module:
@@ -424,6 +438,7 @@ def unconvert_model(model: nn.Module) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, m.to_linear())
+    _install_fused_mlps(model)
     return model
 
 

@@ -17,6 +17,9 @@ Operations (x is 2-D ``[M, K]``; FP32 scales, ``scale_inv = amax / FMT_MAX``):
   tensor_amax(x)                            -> 0-d max |x| (NaN if x has one)
   rmsnorm_quant(x, weight, eps, block=128)  -> y (x's dtype), q, s
   swiglu_quant(gate, up, block=128)         -> h (gate's dtype) or None, q, s
+  swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt="e4m3")
+                                            -> dgate_q, dgate_qT, dup_q, dup_qT, amax [2]: the SwiGLU backward
+                                               cast with given per-tensor scales (delayed scaling), both layouts
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ IMPLS = ("auto", "triton", "torch")
 _default_impl = os.environ.get("YXANUL_KERNELS", "auto")
 
 __all__ = ["act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "tensor_quant_dual",
-           "tensor_amax", "rmsnorm_quant", "swiglu_quant", "set_impl", "triton_available", "uses_triton", "OPS",
+           "tensor_amax", "rmsnorm_quant", "swiglu_quant", "swiglu_bwd_quant", "set_impl", "triton_available", "uses_triton", "OPS",
            "TENSOR_PATHS", "tensor_path"]
 
 
@@ -145,6 +148,13 @@ def _define_custom_ops():
     @torch.library.triton_op("yxanul::tensor_quant_dual", mutates_args=())
     def _tqd(x: Tensor, fmt: str, write_q: bool, write_qt: bool) -> tuple[Tensor, Tensor, Tensor]:
         return tc.tensor_cast(x, fmt, parts=tc.tensor_amax_parts(x), write_q=write_q, write_qt=write_qt)
+
+    sb = _mod("swiglu_bwd")
+
+    @torch.library.triton_op("yxanul::swiglu_bwd_cast", mutates_args=())
+    def _sbc(gate: Tensor, up: Tensor, dh: Tensor, scale_gate: Tensor, scale_up: Tensor,
+             fmt: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return sb.swiglu_bwd_cast(gate, up, dh, scale_gate, scale_up, fmt)
 
     @torch.library.triton_op("yxanul::tensor_cast_dual", mutates_args=())
     def _tcd(x: Tensor, scale_inv: Tensor, fmt: str, write_q: bool, write_qt: bool) -> tuple[Tensor, Tensor]:
@@ -304,11 +314,24 @@ def swiglu_quant(gate, up, block: int = 128, fmt: str = "e4m3", pow2_scales: boo
 _swiglu_quant_dispatch = swiglu_quant
 
 
+def swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt: str = "e4m3", *, impl: str | None = None):
+    """The SwiGLU backward with its outputs quantized for the gate/up backward GEMMs (delayed scaling):
+    ``(dgate_q, dgate_qT, dup_q, dup_qT, amax [2])``, see :func:`reference.swiglu_bwd_quant`."""
+    if uses_triton(gate, up, dh, impl=impl):
+        reference._check_2d(gate, "gate")
+        for name, t in (("up", up), ("dh", dh)):
+            if t.shape != gate.shape:
+                raise YxanulError(f"{name} shape {tuple(t.shape)} does not match gate {tuple(gate.shape)}",
+                                  key=name)
+        return torch.ops.yxanul.swiglu_bwd_cast(gate, up, dh, scale_gate, scale_up, _fmt(fmt))
+    return reference.swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt)
+
+
 # The op table an FP8 backend can take its quantization ops from (same names and signatures).
 OPS = {"act_quant": act_quant, "act_quant_t": act_quant_t, "act_quant_dual": act_quant_dual,
        "weight_quant": weight_quant, "tensor_quant": tensor_quant, "tensor_quant_dual": tensor_quant_dual,
        "tensor_amax": tensor_amax, "rmsnorm_quant": rmsnorm_quant,
-       "swiglu_quant": swiglu_quant}
+       "swiglu_quant": swiglu_quant, "swiglu_bwd_quant": swiglu_bwd_quant}
 
 
 def fp8_op_overrides(recipe) -> dict:

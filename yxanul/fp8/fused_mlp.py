@@ -1,0 +1,106 @@
+"""The SwiGLU MLP's gate and up projections in FP8 with delayed scaling, as one autograd function whose backward
+quantizes ``dgate`` and ``dup`` inside the SwiGLU backward kernel (:func:`yxanul.kernels.swiglu_bwd_quant`).
+
+Unfused, autograd computes ``dgate`` and ``dup`` (the SwiGLU backward) and each projection's backward then
+quantizes its output gradient in both GEMM layouts; torch.compile fuses that into one kernel, but one that writes
+the transposed FP8 copies slowly (about 1.7x the SwiGLU backward's BF16 time on the H100). Here the known
+delayed scales let one Triton kernel read gate, up and dh once and write both layouts of both gradients.
+
+Used by :class:`yxanul.model.MLP` when :func:`convert_model` made both projections delayed-scaling
+:class:`~yxanul.fp8.linear.Fp8Linear` layers (no bias, same format), once their scales are fixed (after the
+calibration steps and the first optimizer step) and while no statistics are collected; otherwise the MLP runs
+unfused. ``YXANUL_FUSED_SWIGLU=off`` turns it off. Gradients differ from the unfused path only in that
+``dgate`` and ``dup`` are quantized from FP32 rather than from their BF16 rounding.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import YxanulError
+from . import scaling
+
+MODES = ("on", "off")
+
+
+def fused_swiglu_enabled() -> bool:
+    v = os.environ.get("YXANUL_FUSED_SWIGLU", "on")
+    if v not in MODES:
+        raise YxanulError(f"YXANUL_FUSED_SWIGLU must be on or off, got {v!r}", key="YXANUL_FUSED_SWIGLU")
+    return v == "on"
+
+
+def can_fuse(gate, up) -> bool:
+    """Whether two Fp8Linear layers (read at trace time; torch.compile guards on these attributes) qualify."""
+    return (gate.recipe.name == "delayed" and up.recipe.name == "delayed" and gate.bias is None and up.bias is None
+            and gate.fmt == up.fmt and gate.recipe == up.recipe and gate.in_features == up.in_features
+            and gate.out_features == up.out_features)
+
+
+def swiglu_gate_up(mlp, x: torch.Tensor) -> torch.Tensor | None:
+    """``silu(gate_proj(x)) * up_proj(x)`` through the fused function, or None when the MLP must run unfused now."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    if not (gate._scales_fixed and up._scales_fixed) or gate.calibrating or up.calibrating:
+        return None
+    if gate._collect or up._collect or gate.backend != up.backend or not fused_swiglu_enabled():
+        return None
+    if x.shape[-1] != gate.in_features:
+        raise YxanulError(f"input has {x.shape[-1]} features, expected {gate.in_features}", key=gate.name or None)
+    gq, gs, gtq, gts = gate.weight_fp8()
+    uq, us, utq, uts = up.weight_fp8()
+    sxg = gate._delayed_scale("x", x)
+    sxu = up._delayed_scale("x", x)
+    return _GateUpSwiGLUFn.apply(x, gate.weight, up.weight, gq, gs, gtq, gts, uq, us, utq, uts, sxg, sxu, gate, up)
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _GateUpSwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, wg, wu, gq, gs, gtq, gts, uq, us, utq, uts, sxg, sxu, gate, up):
+        ops = gate.ops
+        x2 = x.reshape(-1, x.shape[-1])
+        od = _out_dtype(x)
+        xgq, xgs = ops.act_quant(x2, scale_inv=sxg)
+        xuq, xus = ops.act_quant(x2, scale_inv=sxu)
+        g = ops.gemm(xgq, xgs, gq, gs, od)
+        u = ops.gemm(xuq, xus, uq, us, od)
+        h = F.silu(g) * u
+        if gate.recipe.cache_fp8_activations:
+            ctx.save_for_backward(None, xgq.t().contiguous(), xuq.t().contiguous(), g, u, gtq, gts, utq, uts, sxg,
+                                  sxu)
+        else:
+            ctx.save_for_backward(x2, None, None, g, u, gtq, gts, utq, uts, sxg, sxu)
+        ctx.gate, ctx.up, ctx.x_shape, ctx.x_dtype = gate, up, x.shape, x.dtype
+        return h.view(*x.shape[:-1], h.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dh):
+        from .. import kernels
+        x2, xgt, xut, g, u, gtq, gts, utq, uts, sxg, sxu = ctx.saved_tensors
+        gate, up = ctx.gate, ctx.up
+        ops = gate.ops
+        dh2 = dh.reshape(-1, dh.shape[-1])
+        sdg, sdu = gate.scale_inv_dy, up.scale_inv_dy
+        fmt = scaling.operand_formats(gate.recipe, gate.fmt)[2]
+        dgq, dgqt, duq, duqt, amax = kernels.swiglu_bwd_quant(g, u, dh2, sdg, sdu, fmt)
+        scaling.record_amax(gate.amax_history, 2, amax[0])
+        scaling.record_amax(up.amax_history, 2, amax[1])
+        dx = dwg = dwu = None
+        if ctx.needs_input_grad[0]:
+            dx = (ops.gemm(dgq, sdg, gtq, gts, ctx.x_dtype) + ops.gemm(duq, sdu, utq, uts, ctx.x_dtype))
+            dx = dx.view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            if xgt is None:
+                xgt = ops.act_quant(x2, scale_inv=sxg)[0].t().contiguous()
+            dwg = ops.gemm(dgqt, sdg, xgt, sxg, torch.float32)
+        if ctx.needs_input_grad[2]:
+            if xut is None:
+                xut = ops.act_quant(x2, scale_inv=sxu)[0].t().contiguous()
+            dwu = ops.gemm(duqt, sdu, xut, sxu, torch.float32)
+        return (dx, dwg, dwu) + (None,) * 12

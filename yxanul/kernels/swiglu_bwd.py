@@ -1,0 +1,79 @@
+"""The SwiGLU backward fused with the FP8 quantization of its two outputs, for delayed scaling.
+
+``h = silu(gate) * up`` feeds down_proj; its backward produces ``dgate`` and ``dup``, the output gradients of the
+gate and up projections, each needed in FP8 twice: ``[M, F]`` for the dgrad GEMM and transposed ``[F, M]`` for
+the wgrad GEMM (Hopper's FP8 GEMMs take K-major operands only). With the scales known in advance (delayed
+scaling), one pass reads gate, up and dh once and writes the four FP8 tensors plus one partial amax per tile:
+``dgate`` and ``dup`` never exist in BF16. Numerics: :func:`yxanul.kernels.reference.swiglu_bwd_quant`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..fp8.formats import get_format
+from .quant import abs_max, cast_fp8
+
+BM = 128   # tokens per tile: the transposed stores write 128 contiguous bytes per row
+BN = 64    # features per tile
+
+
+@triton.jit
+def _tile_amax(x):
+    return abs_max(abs_max(x, 1), 0)
+
+
+@triton.jit
+def _swiglu_bwd_cast_kernel(g_ptr, u_ptr, d_ptr, sg_ptr, su_ptr, gq_ptr, gqt_ptr, uq_ptr, uqt_ptr, part_ptr,
+                            M, F, NP, BM: tl.constexpr, BN: tl.constexpr, FMAX: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < F)
+    off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
+    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.div_rn(1.0, 1.0 + tl.exp(-g))
+    dg = d * u * sig * (1.0 + g * (1.0 - sig))
+    du = d * (g * sig)
+    off_t = offs_n[:, None].to(tl.int64) * M + offs_m[None, :]
+    mask_t = (offs_n[:, None] < F) & (offs_m[None, :] < M)
+    qg = cast_fp8(dg, tl.load(sg_ptr), FMAX, gq_ptr.dtype.element_ty)
+    tl.store(gq_ptr + off, qg, mask=mask)
+    tl.store(gqt_ptr + off_t, tl.trans(qg), mask=mask_t)
+    qu = cast_fp8(du, tl.load(su_ptr), FMAX, uq_ptr.dtype.element_ty)
+    tl.store(uq_ptr + off, qu, mask=mask)
+    tl.store(uqt_ptr + off_t, tl.trans(qu), mask=mask_t)
+    pid = pid_m * tl.num_programs(1) + pid_n
+    tl.store(part_ptr + pid, _tile_amax(dg))
+    tl.store(part_ptr + NP + pid, _tile_amax(du))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def swiglu_bwd_cast(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, scale_gate: torch.Tensor,
+                    scale_up: torch.Tensor, fmt: str = "e4m3"):
+    """``(dgate_q, dgate_qT, dup_q, dup_qT, amax [2])``; see the module docstring."""
+    f = get_format(fmt)
+    gate, up, dh = gate.contiguous(), up.contiguous(), dh.contiguous()
+    M, F = gate.shape
+    dev = gate.device
+    gq = torch.empty((M, F), dtype=f.dtype, device=dev)
+    gqt = torch.empty((F, M), dtype=f.dtype, device=dev)
+    uq = torch.empty((M, F), dtype=f.dtype, device=dev)
+    uqt = torch.empty((F, M), dtype=f.dtype, device=dev)
+    grid = (_cdiv(M, BM), _cdiv(F, BN))
+    np_ = grid[0] * grid[1]
+    part = torch.zeros((2, max(np_, 1)), dtype=torch.float32, device=dev)
+    if gate.numel():
+        sg = scale_gate.float().reshape(()).contiguous()
+        su = scale_up.float().reshape(()).contiguous()
+        torch.library.wrap_triton(_swiglu_bwd_cast_kernel)[grid](
+            gate, up, dh, sg, su, gq, gqt, uq, uqt, part, M, F, np_, BM=BM, BN=BN, FMAX=f.max, num_warps=8)
+    return gq, gqt, uq, uqt, part.amax(dim=1)
+
