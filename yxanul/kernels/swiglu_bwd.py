@@ -17,6 +17,7 @@ from .quant import abs_max, cast_fp8
 
 BM = 128   # tokens per tile: the transposed stores write 128 contiguous bytes per row
 BN = 64    # features per tile
+WARPS = 8
 
 
 @triton.jit
@@ -57,8 +58,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def swiglu_bwd_cast(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, scale_gate: torch.Tensor,
-                    scale_up: torch.Tensor, fmt: str = "e4m3"):
-    """``(dgate_q, dgate_qT, dup_q, dup_qT, amax [2])``; see the module docstring."""
+                    scale_up: torch.Tensor, fmt: str = "e4m3", bm: int = BM, bn: int = BN, num_warps: int = WARPS):
+    """``(dgate_q, dgate_qT, dup_q, dup_qT, amax [2])``; see the module docstring. ``bm``/``bn``/``num_warps``:
+    the tile and launch shape (a benchmark's knob; the defaults are the measured best)."""
     f = get_format(fmt)
     gate, up, dh = gate.contiguous(), up.contiguous(), dh.contiguous()
     M, F = gate.shape
@@ -67,13 +69,14 @@ def swiglu_bwd_cast(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, scal
     gqt = torch.empty((F, M), dtype=f.dtype, device=dev)
     uq = torch.empty((M, F), dtype=f.dtype, device=dev)
     uqt = torch.empty((F, M), dtype=f.dtype, device=dev)
-    grid = (_cdiv(M, BM), _cdiv(F, BN))
+    grid = (_cdiv(M, bm), _cdiv(F, bn))
     np_ = grid[0] * grid[1]
     part = torch.zeros((2, max(np_, 1)), dtype=torch.float32, device=dev)
     if gate.numel():
         sg = scale_gate.float().reshape(()).contiguous()
         su = scale_up.float().reshape(()).contiguous()
         torch.library.wrap_triton(_swiglu_bwd_cast_kernel)[grid](
-            gate, up, dh, sg, su, gq, gqt, uq, uqt, part, M, F, np_, BM=BM, BN=BN, FMAX=f.max, num_warps=8)
+            gate, up, dh, sg, su, gq, gqt, uq, uqt, part, M, F, np_, BM=bm, BN=bn, FMAX=f.max,
+            num_warps=num_warps)
     return gq, gqt, uq, uqt, part.amax(dim=1)
 
