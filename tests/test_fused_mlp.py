@@ -39,6 +39,7 @@ def test_fused_swiglu_matches_the_unfused_layers(tiny_cfg, monkeypatch):
     mlps = [x for x in m.modules() if isinstance(x, MLP)]
     assert mlps and all(x.fused_gate_up is not None for x in mlps)
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("YXANUL_FUSED_SWIGLU", "on")
     _step(m, idx)  # the first step scales by the current amax; fp8_step then fixes the scales
     m.zero_grad(set_to_none=True)
     assert not calls  # unfused until every scale is fixed
@@ -103,3 +104,17 @@ def test_fused_swiglu_reference_quantizer_numerics():
     torch.testing.assert_close(qu.float() * su, uf.grad, rtol=0.07, atol=su.item() * 2)
     g[3, 5] = float("nan")
     assert torch.isnan(reference.swiglu_bwd_quant(g, u, d, sg, su)[4][0])
+
+
+def test_fused_swiglu_is_off_by_default(tiny_cfg, monkeypatch):
+    """Measured slower on the H100, so the MLP stays unfused unless YXANUL_FUSED_SWIGLU=on."""
+    from yxanul import kernels
+    monkeypatch.delenv("YXANUL_FUSED_SWIGLU", raising=False)
+    calls = []
+    monkeypatch.setattr(kernels, "swiglu_bwd_quant", lambda *a, **k: calls.append(1))
+    m = _model(tiny_cfg)
+    idx = torch.randint(0, tiny_cfg.vocab_size, (1, 16))
+    for _ in range(2):
+        _step(m, idx)
+        fp8_step(m)
+    assert not calls

@@ -89,8 +89,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
     def forward(self, x):
-        # FP8 delayed scaling installs a fused gate/up/SwiGLU function here (yxanul.fp8.fused_mlp); it returns
-        # None while the layers cannot use it (calibration, statistics)
+        # FP8 delayed scaling installs a fused gate/up/SwiGLU function here (yxanul.fp8.fused_mlp, opt-in); it
+        # returns None while the layers cannot or should not use it
         h = self.fused_gate_up(self, x) if self.fused_gate_up is not None else None
         if h is None:
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)

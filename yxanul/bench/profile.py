@@ -2,7 +2,8 @@
 
 Categories (by kernel name; the first matching rule wins):
 
-  fp8_quant          this project's Triton quantizers (act/weight/tensor quant, rmsnorm->fp8, swiglu->fp8)
+  fp8_quant          this project's Triton quantizers (act/weight/tensor quant, rmsnorm->fp8, swiglu->fp8,
+                     the SwiGLU backward->fp8)
   cross_entropy      the fused linear cross-entropy's kernels (cut_ce, softmax-gradient) and the (log_)softmax /
                      nll kernels of the unfused loss
   attention          flash / cuDNN attention kernels
@@ -24,7 +25,7 @@ import re
 
 _RULES = (
     ("fp8_quant", re.compile(r"_(act_quant|act_quant_t|act_quant_dual|weight_quant|tensor_quant|amax_partial|"
-                             r"rmsnorm_quant|swiglu_quant)\w*kernel", re.I)),
+                             r"rmsnorm_quant|swiglu_quant|swiglu_bwd_cast)\w*kernel", re.I)),
     ("cross_entropy", re.compile(r"_lce_|softmax_grad|log_softmax|nll_loss|cross_entropy", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
     # inductor's generated kernels: the ones that compute an amax or clamp-and-cast are FP8 quantization

@@ -15,9 +15,11 @@ import triton.language as tl
 from ..fp8.formats import get_format
 from .quant import abs_max, cast_fp8
 
-BM = 128   # tokens per tile: the transposed stores write 128 contiguous bytes per row
-BN = 64    # features per tile
-WARPS = 8
+# tile: tokens x features, and warps; the fastest of ten shapes at 32768 x 2048 on the H100
+# (scripts/device_swiglu_bwd_bench.py: 320 us, against 577 us for 128 x 64 with 8 warps)
+BM = 32
+BN = 128
+WARPS = 4
 
 
 @triton.jit
