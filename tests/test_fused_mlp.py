@@ -65,7 +65,12 @@ def test_fused_swiglu_matches_the_unfused_layers(tiny_cfg, monkeypatch):
     for a, b in zip(m.modules(), ref.modules()):
         if hasattr(a, "amax_history"):
             assert torch.equal(a.amax_history[0, :2], b.amax_history[0, :2])  # x, w: the same forward
-            torch.testing.assert_close(a.amax_history[0, 2], b.amax_history[0, 2], rtol=0.05, atol=0)
+    # the last block's gate/up see the same dh both ways: their dy amax differs only by BF16 rounding (earlier
+    # blocks' inputs already differ by FP8 rounding flips)
+    last, last_ref = m.layers[-1].mlp, ref.layers[-1].mlp
+    for name in ("gate_proj", "up_proj"):
+        torch.testing.assert_close(getattr(last, name).amax_history[0, 2], getattr(last_ref, name).amax_history[0, 2],
+                                   rtol=1e-2, atol=0)
 
 
 def test_fused_swiglu_installs_only_for_delayed_and_goes_with_unconvert(tiny_cfg):

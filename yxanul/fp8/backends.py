@@ -211,8 +211,11 @@ def dequant_operand(q: torch.Tensor, s: torch.Tensor, block: int = 128) -> torch
 
 
 def emulated_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
-    """a @ b.T from FP8 operands: dequantize and multiply in FP32 (the numerics reference)."""
-    out = dequant_operand(a_q, a_s, block) @ dequant_operand(b_q, b_s, block).t()
+    """a @ b.T from FP8 operands: dequantize and multiply in FP32 (the numerics reference). Autocast is off
+    inside: the layer's forward runs under the caller's autocast, and a backward traced by torch.compile does
+    too, where the eager backward does not; either would turn this into a BF16 matmul."""
+    with torch.autocast(a_q.device.type, enabled=False):
+        out = dequant_operand(a_q, a_s, block) @ dequant_operand(b_q, b_s, block).t()
     return out.to(out_dtype)
 
 

@@ -48,7 +48,9 @@ def can_fuse(gate, up) -> bool:
 def swiglu_gate_up(mlp, x: torch.Tensor) -> torch.Tensor | None:
     """``silu(gate_proj(x)) * up_proj(x)`` through the fused function, or None when the MLP must run unfused now."""
     gate, up = mlp.gate_proj, mlp.up_proj
-    if not (gate._scales_fixed and up._scales_fixed) or gate.calibrating or up.calibrating:
+    # calibrating first: torch.compile guards only on what is read, and _scales_fixed flips during calibration
+    # (one more compiled variant of the block if it were read there)
+    if gate.calibrating or up.calibrating or not (gate._scales_fixed and up._scales_fixed):
         return None
     if gate._collect or up._collect or gate.backend != up.backend or not fused_swiglu_enabled():
         return None
