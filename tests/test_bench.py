@@ -55,6 +55,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     ["--modes", "bf16", "--plot", "x.svg"],
     ["--modes", "bf16", "--model", "no-such-model"],
     ["--modes", "bf16", "--compile-mode", "fastest"],
+    ["--modes", "bf16", "--tune-kernels"],  # with ARGS' --no-compile
 ])
 def test_bad_input_exits_2_without_output(tmp_path, extra, capsys):
     out = tmp_path / "bt.json"

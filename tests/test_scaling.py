@@ -321,3 +321,28 @@ def test_delayed_nonfinite_flag_comes_from_the_amax_history(where):
     fp8_step(m)
     with pytest.raises(NonFiniteError, match=rf"0 \({where}\)$"):
         fp8_check(net)
+
+
+def test_sync_keeps_a_nan_flag_that_the_all_reduce_drops(monkeypatch):
+    """With data parallelism the amax histories are MAX-all-reduced before fp8_step; NCCL's max drops a NaN
+    unless every rank has one, so sync_fp8_amax folds this rank's non-finite flags in first."""
+    import torch.distributed as dist
+
+    from yxanul.distributed import sync_fp8_amax
+    from yxanul.errors import NonFiniteError
+    from yxanul.fp8.linear import fp8_check
+    m = _layer()
+    _pass(m, 1.0, 1.0)
+    fp8_step(m)
+    x = torch.randn(4, 32)
+    x[0, 0] = float("nan")
+    m(x).sum().backward()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: t.copy_(torch.nan_to_num(t, nan=1.0)))
+    net = torch.nn.Sequential(m)
+    assert sync_fp8_amax(net) == 1
+    assert torch.isfinite(m.amax_history).all()  # the other rank's finite maximum won
+    fp8_step(m)
+    with pytest.raises(NonFiniteError, match=r"0 \(x\)"):
+        fp8_check(net)

@@ -293,6 +293,11 @@ def sync_fp8_amax(model: nn.Module, group=None) -> int:
     mods = _delayed_fp8_modules(model)
     if not mods:
         return 0
+    # a NaN amax is how a non-finite operand reaches the layer's flag (at fp8_step), but a MAX all-reduce may
+    # drop it (NCCL's fmaxf does unless every rank has one): fold this rank's flags in first
+    from .fp8.linear import _pending_nonfinite
+    with torch.no_grad():
+        torch._foreach_add_([m.nonfinite for m in mods], list(_pending_nonfinite(mods).unbind(0)))
     hist = [m.amax_history for m in mods]
     flat = torch.cat([h.reshape(-1).float() for h in hist])
     dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)

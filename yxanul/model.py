@@ -203,7 +203,7 @@ def compile_blocks(model: nn.Module, mode: str | None = None, tune_kernels: bool
     if mode == "default":
         mode = None
     if tune_kernels:
-        kwargs["options"] = {**mode_options(mode), "coordinate_descent_tuning": True}
+        kwargs["options"] = {**mode_options(mode), **kwargs.get("options", {}), "coordinate_descent_tuning": True}
     elif mode is not None:
         kwargs["mode"] = mode
     # variants of the block graph: train / eval, FP8 statistics on / off, delayed calibration on / off

@@ -223,6 +223,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of "
                           f"{', '.join(COMPILE_MODES)})", key="--compile-mode")
     compile_mode = None if compile_mode == "default" else compile_mode
+    if tune_kernels and not compile:
+        raise YxanulError("--tune-kernels needs torch.compile (drop --no-compile)", key="--tune-kernels")
     cfg = load_model_config(model)
     if layers is not None:
         if layers < 1:

@@ -445,7 +445,8 @@ def unconvert_model(model: nn.Module) -> nn.Module:
 def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
     """Call after every optimizer step: invalidates weight caches, advances delayed-scaling histories and
     calibration counters. ``collect_stats=True`` makes the next forward/backward record statistics
-    (device-side) for :func:`fp8_stats`."""
+    (device-side) for :func:`fp8_stats`. Not between a forward pass and its backward: delayed layers save their
+    scale buffers for the backward, and this updates them in place (autograd then refuses the backward)."""
     mods = list(fp8_modules(model).values())
     _step_modules(mods)
     for m in mods:
