@@ -35,7 +35,8 @@ def data_dir(tmp_path_factory) -> str:
 def _args(out, model, data, steps=8, **extra):
     a = ["train", "--out", str(out), "--model", model, "--data", data, "--steps", str(steps), "--batch-size", "4",
          "--seq-len", "32", "--log-every", "1", "--eval-every", "0", "--checkpoint-every", "0", "--no-progress",
-         "--warmup", "2", "--lr", "3e-3"]
+         "--warmup", "2", "--lr", "3e-3", "--precision", "bf16"]  # explicit: `auto` may pick fp32 on this CPU,
+    # whose MKL FP32 GEMMs are not bit-reproducible across processes (the resume tests compare bit for bit)
     for k, v in extra.items():
         a += [f"--{k.replace('_', '-')}", str(v)]
     return a
@@ -64,7 +65,9 @@ def test_default_tiny_run_loss_falls_and_writes_outputs(tmp_path, data_dir, caps
     assert any(r.get("val_loss") for r in _metrics(out))
     import yaml
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["train"]["steps"] == 16 and cfg["model"]["vocab_size"] == 257 and cfg["train"]["precision"] == "bf16"
+    from yxanul.train import resolve_precision
+    assert cfg["train"]["steps"] == 16 and cfg["model"]["vocab_size"] == 257
+    assert cfg["train"]["precision"] == resolve_precision(torch.device("cpu"))[0]  # auto, resolved and recorded
     ck = out / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step_00000016"
     assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step_00000008", "step_00000016"]
@@ -213,6 +216,27 @@ def test_bad_config_exits_2(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("speeds,expect", [((120.0, 130.0), "bf16"), ((40.0, 130.0), "bf16"), ((2.9, 39.0), "fp32"),
+                                          ((0.3, 126.0), "fp32")])
+def test_precision_auto_avoids_slow_cpu_bf16(monkeypatch, speeds, expect):
+    """The default precision is bf16 unless the CPU multiplies BF16 more than 4x slower than FP32 (no native
+    BF16, where a step took 60x longer in BF16): fp32 there, said in one line. CUDA is always bf16."""
+    from yxanul import train as tr
+    monkeypatch.setattr(tr, "cpu_bf16_speed", lambda: speeds)
+    got, why = tr.resolve_precision(torch.device("cpu"))
+    assert got == expect and (("fp32" in why and "--precision bf16" in why) if expect == "fp32" else why == "")
+    assert tr.resolve_precision(torch.device("cuda"))[0] == "bf16"
+    assert tr.TrainConfig().precision == "auto"
+    bf16, fp32 = tr.__dict__["cpu_bf16_speed"]()
+    assert (bf16, fp32) == speeds
+
+
+def test_cpu_bf16_speed_measures_both():
+    from yxanul.train import cpu_bf16_speed
+    bf16, fp32 = cpu_bf16_speed()
+    assert bf16 > 0 and fp32 > 0 and cpu_bf16_speed() == (bf16, fp32)  # measured once
 
 
 def test_bad_tune_kernels_value_exits_2(tmp_path, capsys):

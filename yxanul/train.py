@@ -20,7 +20,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from .io import atomic_write_text
 from .model import COMPILE_MODES
 
 TRAIN_PRESET_DIR = CONFIG_DIR / "train"
-PRECISIONS = ("bf16", "fp16", "fp8", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp8", "fp32")
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TrainConfig:
     clip: float = 1.0  # 0 disables clipping (the norm is still computed and logged)
     seed: int = 1337
     # precision
-    precision: str = "bf16"
+    precision: str = "auto"  # auto: bf16, or fp32 on a CPU without fast BF16 matmuls (see resolve_precision)
     fp8_recipe: str | None = None  # override the policy's recipe name
     fp8_backend: str = "auto"
     fp8_calibration_steps: int | None = None  # override the policy's calibration_steps (delayed recipe only)
@@ -163,6 +163,40 @@ def load_train_config(spec: str | Path | None = None, overrides: dict | None = N
     if overrides:
         cfg = dataclass_from_dict(TrainConfig, overrides, source="command line", base=cfg)
     return cfg.validate("command line" if overrides else "train config")
+
+
+def cpu_bf16_speed() -> tuple[float, float]:
+    """(BF16, FP32) matmul throughput of this CPU in GFLOP/s, from a few 128 x 128 products (milliseconds; cached).
+    CPUs without native BF16 instructions multiply BF16 hundreds of times slower than FP32 in torch."""
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        a = torch.randn(128, 128)
+        rates = []
+        for dt in (torch.bfloat16, torch.float32):
+            x = a.to(dt)
+            x @ x
+            t0 = time.perf_counter()
+            for _ in range(3):
+                x @ x
+            rates.append(3 * 2 * 128 ** 3 / max(time.perf_counter() - t0, 1e-9) / 1e9)
+        _CPU_BF16 = (rates[0], rates[1])
+    return _CPU_BF16
+
+
+_CPU_BF16: tuple[float, float] | None = None
+
+
+def resolve_precision(device: torch.device) -> tuple[str, str]:
+    """``precision: auto``: bf16, except on a CPU whose BF16 matmuls are more than 4x slower than its FP32 ones
+    (without native BF16 instructions they measured 13-400x slower; with them BF16 is as fast or faster), where
+    BF16 autocast would make training much slower, not faster: fp32 there. Returns (precision, message)."""
+    if device.type != "cpu":
+        return "bf16", ""
+    bf16, fp32 = cpu_bf16_speed()
+    if bf16 * 4 >= fp32:
+        return "bf16", ""
+    return "fp32", (f"precision auto: fp32, since this CPU multiplies BF16 at {bf16:.1f} GFLOP/s against "
+                    f"{fp32:.0f} in FP32 (no native BF16); --precision bf16 forces BF16")
 
 
 # -- learning rate, loss scaling, optimizer -------------------------------------------------------------
@@ -346,8 +380,13 @@ class Trainer:
         from .model import Yxanul
         from .precision import load_policy
 
-        cfg = self.cfg
         self.device = self._device()
+        if self.cfg.precision == "auto":
+            resolved, why = resolve_precision(self.device)
+            self.cfg = replace(self.cfg, precision=resolved)
+            if why:
+                self.log(why)
+        cfg = self.cfg
         # run folder and resume point
         self.ckpt = None
         if self.resume_from is not None:

@@ -35,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--clip", type=float, help="global grad-norm clip (0: off)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp8", "fp32"])
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp8", "fp32"],
+                   help="auto (default): bf16, or fp32 on a CPU without fast BF16 matmuls")
     p.add_argument("--fp8-recipe", help="override the policy's recipe: blockwise|tensorwise|rowwise|delayed")
     p.add_argument("--fp8-backend", help="FP8 GEMM backend (default auto)")
     p.add_argument("--fp8-calibration-steps", type=int,
