@@ -200,12 +200,7 @@ def compile_blocks(model: nn.Module, mode: str | None = None, tune_kernels: bool
     the FP8 quantization fused into the blocks ran 8% faster with it, BF16 unchanged: docs/perf-notes.md).
     Returns the model."""
     import torch._dynamo.config as dcfg
-    if mode == "default":
-        mode = None
-    if tune_kernels:
-        kwargs["options"] = {**mode_options(mode), **kwargs.get("options", {}), "coordinate_descent_tuning": True}
-    elif mode is not None:
-        kwargs["mode"] = mode
+    kwargs.update(compile_kwargs(mode, tune_kernels, kwargs.pop("options", None)))
     # variants of the block graph: train / eval, FP8 statistics on / off, delayed calibration on / off
     for name in ("recompile_limit", "cache_size_limit"):
         if getattr(dcfg, name, 16) < 16:
@@ -221,6 +216,20 @@ def compile_blocks(model: nn.Module, mode: str | None = None, tune_kernels: bool
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_kwargs(mode: str | None = None, tune_kernels: bool = False, options: dict | None = None) -> dict:
+    """torch.compile's ``mode=`` / ``options=`` arguments for a compile mode, with inductor's coordinate-descent
+    tuning added when ``tune_kernels`` (torch.compile takes a mode or options, not both, so the mode becomes its
+    options then)."""
+    if mode == "default":
+        mode = None
+    if tune_kernels:
+        return {"options": {**mode_options(mode), **(options or {}), "coordinate_descent_tuning": True}}
+    out = {"mode": mode} if mode is not None else {}
+    if options:
+        out["options"] = options
+    return out
 
 
 def mode_options(mode: str | None) -> dict:

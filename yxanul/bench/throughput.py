@@ -81,13 +81,11 @@ class _Run:
 
     def __init__(self, mode, cfg, device, compile_, policy_path, compile_mode=None, tune_kernels=False):
         from ..kernels.linear_ce import use_fused_ce
-        from ..model import Yxanul, compile_blocks, compile_mode_uses_cuda_graphs, mode_options
+        from ..model import Yxanul, compile_blocks, compile_kwargs, compile_mode_uses_cuda_graphs
 
         self.mode, self.device, self.fp8 = mode, device, False
-        if tune_kernels:  # the same options for the whole-model compile of bf16-plain and torchao as for the blocks
-            ck = {"options": {**mode_options(compile_mode), "coordinate_descent_tuning": True}}
-        else:
-            ck = {"mode": compile_mode} if compile_mode else {}
+        # the same arguments for the whole-model compile of bf16-plain and torchao as for the blocks
+        ck = compile_kwargs(compile_mode, tune_kernels)
         # CUDA graphs (reduce-overhead) replay a step's kernels without launching them one by one
         self.graphs = bool(compile_ and compile_mode_uses_cuda_graphs(compile_mode))
         torch.manual_seed(0)

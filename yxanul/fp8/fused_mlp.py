@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import YxanulError
 from . import scaling
+from .linear import _out_dtype
 
 MODES = ("on", "off")
 
@@ -61,11 +62,6 @@ def swiglu_gate_up(mlp, x: torch.Tensor) -> torch.Tensor | None:
     sxg = gate._delayed_scale("x", x)
     sxu = up._delayed_scale("x", x)
     return _GateUpSwiGLUFn.apply(x, gate.weight, up.weight, gq, gs, gtq, gts, uq, us, utq, uts, sxg, sxu, gate, up)
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 class _GateUpSwiGLUFn(torch.autograd.Function):

@@ -318,11 +318,7 @@ def swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt: str = "e4m3", *, i
     """The SwiGLU backward with its outputs quantized for the gate/up backward GEMMs (delayed scaling):
     ``(dgate_q, dgate_qT, dup_q, dup_qT, amax [2])``, see :func:`reference.swiglu_bwd_quant`."""
     if uses_triton(gate, up, dh, impl=impl):
-        reference._check_2d(gate, "gate")
-        for name, t in (("up", up), ("dh", dh)):
-            if t.shape != gate.shape:
-                raise YxanulError(f"{name} shape {tuple(t.shape)} does not match gate {tuple(gate.shape)}",
-                                  key=name)
+        reference.check_swiglu_bwd_shapes(gate, up, dh)
         return torch.ops.yxanul.swiglu_bwd_cast(gate, up, dh, scale_gate, scale_up, _fmt(fmt))
     return reference.swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt)
 

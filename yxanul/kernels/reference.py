@@ -111,6 +111,13 @@ def swiglu_quant(gate: torch.Tensor, up: torch.Tensor, block: int = 128, fmt: st
     return (h if return_h else None), q, s
 
 
+def check_swiglu_bwd_shapes(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> None:
+    _check_2d(gate, "gate")
+    for name, t in (("up", up), ("dh", dh)):
+        if t.shape != gate.shape:
+            raise YxanulError(f"{name} shape {tuple(t.shape)} does not match gate {tuple(gate.shape)}", key=name)
+
+
 def swiglu_bwd_quant(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, scale_gate: torch.Tensor,
                      scale_up: torch.Tensor, fmt: str = "e4m3"):
     """The backward of ``h = silu(gate) * up`` quantized for the gate and up projections' backward GEMMs.
@@ -121,10 +128,7 @@ def swiglu_bwd_quant(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, sca
     |dgate| and |dup| (NaN if the tensor holds one) for the amax histories."""
     from ..fp8.backends import quant_tensor
     from ..fp8.formats import get_format
-    _check_2d(gate, "gate")
-    for name, t in (("up", up), ("dh", dh)):
-        if t.shape != gate.shape:
-            raise YxanulError(f"{name} shape {tuple(t.shape)} does not match gate {tuple(gate.shape)}", key=name)
+    check_swiglu_bwd_shapes(gate, up, dh)
     f = get_format(fmt)
     g, u, d = gate.float(), up.float(), dh.float()
     sig = 1.0 / (1.0 + torch.exp(-g))
