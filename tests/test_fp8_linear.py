@@ -460,3 +460,107 @@ def test_dual_grad_quantizer_may_skip_the_plain_layout():
     assert asked == [False]
     assert torch.equal(base[0], got[0]) and torch.equal(base[1], got[1])
 
+
+
+def _graph_targets(fn, *args):
+    """Run fn compiled through AOTAutograd, forward and backward; return the op names of both graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.debugging import aot_eager
+    seen = []
+
+    def record(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, example_inputs):
+        return aot_eager(gm, example_inputs, fw_compiler=record, bw_compiler=record)
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    out.float().pow(2).sum().backward()
+    return seen, out
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "hybrid"])
+def test_blockwise_traced_quantization_path(monkeypatch, fmt):
+    """YXANUL_BLOCK_QUANT=traced: while torch.compile traces, the blockwise layer's 1 x 128 quantizers of x, x^T,
+    dy and dy^T are plain torch ops (inductor may fuse them into the producing kernels) instead of opaque
+    custom ops; the numbers are the eager ones, bit for bit, forward and backward. (The path is for CUDA
+    tensors; here it is opened to CPU ones, and AOTAutograd without inductor runs the traced graph.)"""
+    monkeypatch.setattr(backends, "TRACED_DEVICE_TYPES", ("cuda", "cpu"))
+    torch.manual_seed(4)
+    x0 = torch.randn(96, 256)
+    results = {}
+    for path in ("kernel", "traced"):
+        monkeypatch.setenv("YXANUL_BLOCK_QUANT", path)
+        torch.manual_seed(5)
+        m = Fp8Linear(256, 384, recipe=Fp8Recipe(name="blockwise", fp8_format=fmt))
+        x = x0.clone().requires_grad_(True)
+        ops, y = _graph_targets(m, x)
+        results[path] = (ops, y.detach(), x.grad.clone(), m.weight.grad.clone())
+        ye = m(x0.clone().requires_grad_(True))
+        torch.testing.assert_close(y, ye, rtol=0, atol=0)
+    kernel_ops, traced_ops = results["kernel"][0], results["traced"][0]
+    # kernel: x (fwd), x^T (fwd, cached), dy and dy^T (bwd) as custom ops; the weight copies come from the cache
+    assert sum("quant_tiles" in t for t in kernel_ops) == 4, kernel_ops
+    assert not any("quant_tiles" in t for t in traced_ops), traced_ops
+    assert any("amax" in t for t in traced_ops), traced_ops
+    for a, b in zip(results["kernel"][1:], results["traced"][1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_blockwise_traced_setting_keeps_opaque_quantizers_on_cpu(monkeypatch):
+    """On CPU tensors YXANUL_BLOCK_QUANT=traced keeps the opaque quantizers (inductor's CPU code generation
+    fails on the traced ones): a two-layer blockwise model compiles with inductor, fullgraph, to the eager FP8
+    numbers (inductor may reorder FP32 arithmetic: rare one-step rounding flips)."""
+    monkeypatch.setenv("YXANUL_BLOCK_QUANT", "traced")
+    torch.manual_seed(9)
+    model = nn.Sequential(Fp8Linear(256, 384, recipe=Fp8Recipe(name="blockwise")), nn.SiLU(),
+                          Fp8Linear(384, 256, recipe=Fp8Recipe(name="blockwise")))
+    x = torch.randn(128, 256, requires_grad=True)
+    ref = model(x)
+    ref.sum().backward()
+    gx, gw = x.grad.clone(), model[0].weight.grad.clone()
+    model.zero_grad()
+    x.grad = None
+    torch._dynamo.reset()
+    y = torch.compile(model, backend="inductor", fullgraph=True)(x)
+    y.sum().backward()
+    assert backends.TRACED_DEVICE_TYPES == ("cuda",)
+    assert _rel(y, ref) < 1e-2 and _rel(x.grad, gx) < 1e-2 and _rel(model[0].weight.grad, gw) < 1e-2
+
+
+def test_block_quant_path_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("YXANUL_BLOCK_QUANT", "fused")
+    with pytest.raises(YxanulError, match="YXANUL_BLOCK_QUANT"):
+        Fp8Linear(128, 128, recipe=Fp8Recipe(name="blockwise"))
+    # other recipes do not read it
+    Fp8Linear(128, 128, recipe=Fp8Recipe(name="tensorwise"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [768, 2048])
+def test_blockwise_traced_quantizers_match_the_kernels_on_gpu(K):
+    """Inductor's code for the traced 1 x 128 quantizers (fused into a producer, as in the model) against the
+    Triton kernels on the same input: scales equal to within one FP32 ulp, FP8 values within one FP8 step."""
+    from yxanul import kernels
+    from yxanul.fp8.backends import quant_tiles_impl, quant_tiles_t_impl
+    from yxanul.fp8.formats import get_format
+    f = get_format("e4m3")
+    g = torch.Generator(device="cuda").manual_seed(K)
+    a = torch.randn(4096, K, device="cuda", generator=g, dtype=torch.bfloat16)
+    b = torch.randn(4096, K, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def produce(a, b):
+        return (torch.nn.functional.silu(a.float()) * b.float()).to(torch.bfloat16)
+
+    torch._dynamo.reset()
+    fused = torch.compile(lambda a, b: (quant_tiles_impl(produce(a, b), f), quant_tiles_t_impl(produce(a, b), f)))
+    (q, s), (qt, st) = fused(a, b)
+    x = produce(a, b)
+    for (got_q, got_s), (want_q, want_s) in (((q, s), kernels.act_quant(x, impl="triton")),
+                                             ((qt, st), kernels.act_quant_t(x, impl="triton"))):
+        torch.testing.assert_close(got_s, want_s, rtol=2 ** -22, atol=0)
+        gq, wq = got_q.float(), want_q.float()
+        step = wq.abs().clamp_min(2 ** -6) * 2 ** -3  # one E4M3 step at each value's binade
+        assert bool(((gq - wq).abs() <= step).all())

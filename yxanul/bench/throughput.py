@@ -215,6 +215,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     for k, v in (("--warmup", warmup), ("--profile", profile)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise YxanulError(f"must be a non-negative integer, got {v!r}", key=k)
+    from ..fp8.backends import block_path
     from ..kernels import tensor_path
     from ..model import COMPILE_MODES
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
@@ -252,7 +253,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
               "model": cfg.name if layers is None else f"{cfg.name} ({cfg.n_layers} layers)",
               "batch": batch, "seq": seq, "compile_mode": (compile_mode or "default") if compile else None,
               "tune_kernels": bool(tune_kernels) if compile else None,
-              "tensor_quant": tensor_path(), "rows": []}
+              "tensor_quant": tensor_path(), "block_quant": block_path(), "rows": []}
     if profile and dev.type != "cuda":
         log("bench throughput: --profile needs CUDA kernels to time; no profile on this device")
     log(f"bench throughput: {result['model']} on {result['device']}, batch {batch} x seq {seq}, "

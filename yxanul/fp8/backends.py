@@ -444,12 +444,55 @@ def _triton_overrides(recipe: Fp8Recipe) -> dict[str, Callable]:
         return {}
 
 
+# How blockwise 1 x 128 quantization of activations and output gradients runs while torch.compile traces:
+#   kernel   this package's Triton quantizers (CUDA) or the reference custom ops, as opaque calls: one extra
+#            pass over each operand, which inductor cannot merge with the kernel producing it
+#   traced   the reference quantizer as plain torch ops, so inductor can compute the tile maxima and the cast
+#            inside the producing kernel (a 1 x 128 tile needs no tensor-wide reduction before its cast)
+# Eager calls use the kernels either way; weights are quantized once per step by the kernels. Only tensors on
+# TRACED_DEVICE_TYPES take the traced path: inductor's CPU code generation fails an internal assertion (loop
+# split) when one backward kernel holds both tilings of the same gradient, so CPU keeps the opaque ops.
+BLOCK_PATHS = ("kernel", "traced")
+TRACED_DEVICE_TYPES = ("cuda",)
+
+
+def block_path() -> str:
+    """The blockwise activation/gradient quantization path under torch.compile (``YXANUL_BLOCK_QUANT``)."""
+    p = os.environ.get("YXANUL_BLOCK_QUANT", "kernel")
+    if p not in BLOCK_PATHS:
+        raise YxanulError(f"YXANUL_BLOCK_QUANT must be one of {', '.join(BLOCK_PATHS)}, got {p!r}",
+                          key="YXANUL_BLOCK_QUANT")
+    return p
+
+
+def _traced_when_compiling(eager: Callable, traced: Callable, fmt: Fp8Format, block: int, pow2: bool) -> Callable:
+    def quant(x, **kw):
+        if torch.compiler.is_compiling() and x.device.type in TRACED_DEVICE_TYPES:
+            return traced(x, fmt, block, pow2)
+        return eager(x, **kw)
+    quant.__name__ = f"traced_{getattr(traced, '__name__', 'quant')}"
+    return quant
+
+
+def _traced_block_ops(recipe: Fp8Recipe, fmt: str | Fp8Format, ops: Fp8Ops) -> dict[str, Callable]:
+    f = get_format(fmt)
+    g = get_format(recipe.grad_format) if recipe.fp8_format == "hybrid" else f
+    b, p2 = recipe.block_size, recipe.pow2_scales
+    return dict(act_quant=_traced_when_compiling(ops.act_quant, quant_tiles_impl, f, b, p2),
+                act_quant_t=_traced_when_compiling(ops.act_quant_t, quant_tiles_t_impl, f, b, p2),
+                grad_quant=_traced_when_compiling(ops.grad_quant, quant_tiles_impl, g, b, p2),
+                grad_quant_t=_traced_when_compiling(ops.grad_quant_t, quant_tiles_t_impl, g, b, p2))
+
+
 def get_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str = "emulated") -> Fp8Ops:
     """The op table of (recipe, backend): the reference ops, on ``native`` the Triton quantizers where they
-    exist, then anything registered with :func:`register_ops`."""
+    exist, for blockwise under ``YXANUL_BLOCK_QUANT=traced`` the reference quantizers traced into compiled
+    graphs, then anything registered with :func:`register_ops`."""
     ops = default_ops(recipe, fmt, backend)
     native_e4m3 = backend == "native" and get_format(fmt).name == "e4m3"
     over = dict(_triton_overrides(recipe)) if native_e4m3 else {}
+    if recipe.name == "blockwise" and block_path() == "traced":
+        over.update(_traced_block_ops(recipe, fmt, replace(ops, **over) if over else ops))
     over.update(_REGISTRY.get((recipe.name, backend), {}))
     return replace(ops, **over) if over else ops
 
