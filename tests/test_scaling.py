@@ -192,7 +192,7 @@ def test_fp8_step_batched_matches_per_layer_advance():
     gen = torch.Generator().manual_seed(1)
     for step in range(7):
         for a, b in zip(layers, ref):
-            for slot in (0, 2):
+            for slot in (0, 1, 2):
                 v = torch.rand((), generator=gen) * (step % 3)  # some steps record zeros
                 scaling.record_amax(a.amax_history, slot, v)
                 scaling.record_amax(b.amax_history, slot, v)
@@ -346,3 +346,31 @@ def test_sync_keeps_a_nan_flag_that_the_all_reduce_drops(monkeypatch):
     fp8_step(m)
     with pytest.raises(NonFiniteError, match=r"0 \(x\)"):
         fp8_check(net)
+
+
+def test_operand_that_stays_zero_stops_holding_the_layer_back():
+    """A layer whose output gradient is always zero has no history-based scale for dy. After a whole history
+    window of zeros its dy keeps scale 1 (Transformer Engine's initial scale) and the layer counts as fixed
+    (no more per-step readiness check); a later nonzero dy still sets the scale at the next step."""
+    m = _layer(amax_history_len=3)
+    for step in range(3):
+        _pass(m, 1.0, 0.0)
+        fp8_step(m)
+        assert m.scale_ready.tolist() == ([1, 1, 0] if step < 2 else [1, 1, 1])
+        assert m._scales_fixed is (step == 2), step
+    assert m.scale_ready.tolist() == [1, 1, 1] and m.scale_inv[2].item() == 1.0
+    assert m.scale_inv_dy.item() == 1.0
+    _pass(m, 1.0, 448.0 * 0.25)
+    fp8_step(m)
+    assert m.scale_inv[2].item() == pytest.approx(0.25) and m.scale_inv_dy.item() == pytest.approx(0.25)
+    assert m.scale_inv[0].item() == pytest.approx(1.0 / E4M3)
+
+
+def test_operand_with_values_gets_its_scale_before_the_window_ends():
+    m = _layer(amax_history_len=4)
+    _pass(m, 1.0, 0.0)
+    fp8_step(m)
+    assert not m._scales_fixed
+    _pass(m, 1.0, 2.0)
+    fp8_step(m)
+    assert m._scales_fixed and m.scale_inv[2].item() == pytest.approx(2.0 / E4M3)

@@ -485,7 +485,10 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
             m.__dict__["_steps"] += 1  # a plain int: nn.Module.__setattr__'s checks cost more than the step
             m._sync_calibrating()
     # which delayed layers now have every scale: one host sync per device, and only while some layer lacks one
-    # (normally after the first step; a layer whose operand never sees a nonzero value keeps asking)
+    # (normally after the first step). An operand whose history stayed zero for a whole history window (a layer
+    # not run, an output whose gradient is always zero) keeps its scale, 1 unless set, as Transformer Engine
+    # does; its layer then stops waiting (and costing this sync every step). A later nonzero amax still
+    # updates that scale at the next step.
     pending: dict = {}
     for ms in groups.values():
         for m in ms:
@@ -493,6 +496,10 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
                 pending.setdefault(m.scale_ready.device, []).append(m)
     for ms in pending.values():
         for m, ready in zip(ms, torch.stack([m.scale_ready.all() for m in ms]).tolist()):
+            if not ready and m._steps >= m.recipe.calibration_steps + m.recipe.amax_history_len:
+                with torch.no_grad():
+                    m.scale_ready.fill_(1)
+                ready = True
             m._scales_fixed = bool(ready)
 
 
