@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -43,7 +42,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import YxanulError
+from ..errors import YxanulError, env_choice
 from .formats import Fp8Format, get_format
 from .quant import AMAX_EPS, pow2_ceil
 from .recipe import Fp8Recipe
@@ -177,10 +176,7 @@ AMAX_LAYOUTS = ("rows", "flat")
 def amax_layout() -> str:
     """How :func:`tensor_abs_max` reduces (``YXANUL_AMAX``): ``rows`` (default, faster under torch.compile) or
     ``flat`` (one reduction over the flattened tensor, kept to reproduce the comparison in docs/perf-notes.md)."""
-    v = os.environ.get("YXANUL_AMAX", "rows")
-    if v not in AMAX_LAYOUTS:
-        raise YxanulError(f"YXANUL_AMAX must be one of {', '.join(AMAX_LAYOUTS)}, got {v!r}", key="YXANUL_AMAX")
-    return v
+    return env_choice("YXANUL_AMAX", AMAX_LAYOUTS, "rows")
 
 
 def quant_tensor(x: torch.Tensor, fmt: Fp8Format, pow2: bool = False, scale_inv: torch.Tensor | None = None):
@@ -458,11 +454,7 @@ TRACED_DEVICE_TYPES = ("cuda",)
 
 def block_path() -> str:
     """The blockwise activation/gradient quantization path under torch.compile (``YXANUL_BLOCK_QUANT``)."""
-    p = os.environ.get("YXANUL_BLOCK_QUANT", "kernel")
-    if p not in BLOCK_PATHS:
-        raise YxanulError(f"YXANUL_BLOCK_QUANT must be one of {', '.join(BLOCK_PATHS)}, got {p!r}",
-                          key="YXANUL_BLOCK_QUANT")
-    return p
+    return env_choice("YXANUL_BLOCK_QUANT", BLOCK_PATHS, "kernel")
 
 
 def _traced_when_compiling(eager: Callable, traced: Callable, fmt: Fp8Format, block: int, pow2: bool) -> Callable:

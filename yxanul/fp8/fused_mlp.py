@@ -20,12 +20,11 @@ Folding down_proj into the function (its transposed FP8 input written by the for
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import YxanulError
+from ..errors import YxanulError, env_choice
 from . import scaling
 from .linear import _out_dtype
 
@@ -33,10 +32,7 @@ MODES = ("on", "off")
 
 
 def fused_swiglu_enabled() -> bool:
-    v = os.environ.get("YXANUL_FUSED_SWIGLU", "off")
-    if v not in MODES:
-        raise YxanulError(f"YXANUL_FUSED_SWIGLU must be on or off, got {v!r}", key="YXANUL_FUSED_SWIGLU")
-    return v == "on"
+    return env_choice("YXANUL_FUSED_SWIGLU", MODES, "off") == "on"
 
 
 def can_fuse(gate, up) -> bool:

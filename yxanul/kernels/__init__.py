@@ -30,7 +30,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..errors import YxanulError
+from ..errors import YxanulError, env_choice
 from . import reference
 
 IMPLS = ("auto", "triton", "torch")
@@ -173,11 +173,7 @@ TENSOR_PATHS = ("traced", "kernel")
 
 def tensor_path() -> str:
     """The per-tensor quantization path (``YXANUL_TENSOR_QUANT``, default ``traced``)."""
-    p = os.environ.get("YXANUL_TENSOR_QUANT", "traced")
-    if p not in TENSOR_PATHS:
-        raise YxanulError(f"YXANUL_TENSOR_QUANT must be one of {', '.join(TENSOR_PATHS)}, got {p!r}",
-                          key="YXANUL_TENSOR_QUANT")
-    return p
+    return env_choice("YXANUL_TENSOR_QUANT", TENSOR_PATHS, "traced")
 
 
 def _launch(op: str, mod: str, *args):
