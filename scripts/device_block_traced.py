@@ -1,8 +1,8 @@
 """Blockwise FP8 with the 1 x 128 quantizers of activations and output gradients traced into the compiled blocks
 (YXANUL_BLOCK_QUANT=traced: inductor may fuse them into the producing kernels) against the Triton kernels
 (kernel, opaque calls). First the GPU tests of the traced quantizers and the kernels, then training throughput of
-Yxanul-197M (16 x 2048, CUDA graphs, profiles) for bf16, fp8-blockwise with each path and fp8-delayed, all in
-one process so the ratios compare. Writes block-traced.json (bench throughput's format; the traced row is
+Yxanul-197M (16 x 2048, CUDA graphs, profiles) for bf16, fp8-blockwise with each path, fp8-delayed and fp8-head
+(not blockwise, so YXANUL_BLOCK_QUANT does not touch them), all in one process so the ratios compare. Writes block-traced.json (bench throughput's format; the traced row is
 named "fp8-blockwise/traced") into OUT_DIR.
 Usage: python scripts/device_block_traced.py OUT_DIR [MODEL BATCH]"""
 import os
@@ -21,7 +21,7 @@ tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p",
 print("\n".join(tests.stdout.strip().splitlines()[-6:]), flush=True)
 common = dict(model=model, batch=batch, seq=2048, steps=20, warmup=5, profile=3, compile_mode="reduce-overhead")
 runs = []
-for path, modes in (("kernel", "bf16,fp8-blockwise"), ("traced", "fp8-blockwise,fp8-delayed")):
+for path, modes in (("kernel", "bf16,fp8-blockwise"), ("traced", "fp8-blockwise,fp8-delayed,fp8-head")):
     os.environ["YXANUL_BLOCK_QUANT"] = path
     print(f"== YXANUL_BLOCK_QUANT={path}", file=sys.stderr, flush=True)
     runs.append(run_throughput(modes=modes, json_out=os.path.join(out, f"block-{path}.json"), **common))
