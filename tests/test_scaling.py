@@ -374,3 +374,36 @@ def test_operand_with_values_gets_its_scale_before_the_window_ends():
     _pass(m, 1.0, 2.0)
     fp8_step(m)
     assert m._scales_fixed and m.scale_inv[2].item() == pytest.approx(2.0 / E4M3)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_operand_flags_the_layer_but_does_not_poison_the_scales(bad):
+    """One Inf (or NaN) operand is flagged, but the history treats it as no value: the scales stay finite and
+    the next clean step computes finite outputs (an Inf amax once became an Inf scale, and every later cast NaN
+    for a whole history window)."""
+    from yxanul.errors import NonFiniteError
+    from yxanul.fp8.linear import fp8_check
+    m = _layer(amax_history_len=4)
+    net = torch.nn.Sequential(m)
+    _pass(m, 1.0, 1.0)
+    fp8_step(m)
+    before = m.scale_inv.clone()
+    x = torch.randn(4, 32)
+    x[0, 0] = bad
+    m(x.requires_grad_(True)).backward(torch.ones(4, 16))
+    fp8_step(m)
+    with pytest.raises(NonFiniteError):
+        fp8_check(net)
+    assert bool(torch.isfinite(m.scale_inv).all()) and bool(torch.isfinite(m.amax_history).all())
+    assert m.scale_inv[0].item() == before[0].item()  # from the clean step still in the window
+    y = m(torch.randn(4, 32))
+    assert bool(torch.isfinite(y).all())
+
+
+def test_layers_with_different_history_lengths_step_and_check_together():
+    from yxanul.fp8.linear import fp8_check
+    net = torch.nn.Sequential(_layer(amax_history_len=2), torch.nn.Linear(16, 32), _layer(amax_history_len=5))
+    net(torch.randn(4, 32)).sum().backward()
+    fp8_step(net)
+    fp8_check(net)
+    assert all(int(m.fp8_steps) == 1 for m in (net[0], net[2]))

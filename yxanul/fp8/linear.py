@@ -506,7 +506,7 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
 def _pending_nonfinite(ms: list[Fp8Linear]) -> torch.Tensor:
     """[len(ms), 3] int32: 1 where a delayed layer's current amax row holds a NaN/Inf (a non-finite operand
     this step, not yet folded into ``nonfinite`` by fp8_step)."""
-    return (~torch.isfinite(torch.stack([m.amax_history for m in ms])[:, 0])).to(torch.int32)
+    return (~torch.isfinite(torch.stack([m.amax_history[0] for m in ms]))).to(torch.int32)
 
 
 @torch.no_grad()
