@@ -169,7 +169,18 @@ def _model_cfg_dict() -> dict:
     return dataclasses.asdict(load_model_config("tiny", {"n_layers": 2}))
 
 
-SCENARIOS = {"amax": scenario_amax, "nosync": scenario_nosync, "fsdp_dcp": scenario_fsdp_dcp}
+def scenario_precision(info, out: Path) -> dict:
+    """precision auto with ranks whose CPU probes disagree (rank 0 fast BF16, rank 1 slow): both take rank 0's."""
+    from yxanul import train as tr
+
+    tr.cpu_bf16_speed = lambda: (200.0, 100.0) if info.rank == 0 else (1.0, 100.0)
+    cfg = tr.load_train_config(None, {"out": str(out / "run"), "steps": 1, "model": "tiny", "device": "cpu"})
+    t = tr.Trainer(cfg, rank=info.rank, world_size=info.world_size, log=lambda *a, **k: None)
+    return {"precision": t.cfg.precision, "own": tr.resolve_precision(torch.device("cpu"))[0]}
+
+
+SCENARIOS = {"amax": scenario_amax, "nosync": scenario_nosync, "fsdp_dcp": scenario_fsdp_dcp,
+             "precision": scenario_precision}
 
 
 def _worker_main(argv: list[str]) -> None:
@@ -212,6 +223,12 @@ def test_delayed_amax_sync_makes_ranks_agree(tmp_path):
     # the ranks really observed different activations (else the test proves nothing)
     differs = any(r0["step0"]["local_row0"][n] != r1["step0"]["local_row0"][n] for n in r0["step0"]["local_row0"])
     assert differs
+
+
+def test_precision_auto_is_rank_zeros_choice(tmp_path):
+    r0, r1 = run_worker("precision", tmp_path)
+    assert (r0["own"], r1["own"]) == ("bf16", "fp32")  # the probes really disagreed
+    assert r0["precision"] == r1["precision"] == "bf16"
 
 
 def test_without_sync_delayed_scales_diverge(tmp_path):

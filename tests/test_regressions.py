@@ -227,3 +227,33 @@ def test_emulated_fp8_blocks_compile_to_the_eager_numbers_under_autocast(tiny_cf
     grads = dict(m.named_parameters())
     for n, p in ref.named_parameters():
         assert torch.equal(grads[n].grad, p.grad), n
+
+
+@pytest.mark.parametrize("var", ["YXANUL_AMAX", "YXANUL_FUSED_SWIGLU", "YXANUL_BLOCK_QUANT", "YXANUL_TENSOR_QUANT"])
+def test_a_bad_environment_switch_is_an_error_before_any_work(monkeypatch, capsys, tmp_path, var):
+    """Some switches are only read inside a forward pass (YXANUL_AMAX, YXANUL_FUSED_SWIGLU): a bad value ended as
+    an error row of bench throughput (exit 1), or was silently ignored by a BF16 run. Now exit 2, one line,
+    naming the variable once, before anything is written."""
+    from yxanul.cli import main
+    monkeypatch.setenv(var, "bogus")
+    out = tmp_path / "b.json"
+    assert main(["bench", "throughput", "--model", "tiny", "--no-compile", "--batch", "1", "--seq", "8",
+                 "--steps", "1", "--warmup", "0", "--modes", "bf16", "--json-out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.count(var) == 1 and "bogus" in err and not out.exists()
+    assert main(["train", "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and var in err and not (tmp_path / "run").exists()
+
+
+def test_compile_kwargs_never_passes_mode_and_options_together():
+    """torch.compile refuses a mode together with options; caller options with a mode fold the mode's own
+    options in (CUDA graphs for reduce-overhead), as --tune-kernels already did."""
+    from yxanul.model import compile_kwargs, mode_options
+    assert compile_kwargs("reduce-overhead") == {"mode": "reduce-overhead"}
+    assert compile_kwargs(None) == {} and compile_kwargs("default") == {}
+    got = compile_kwargs("max-autotune-no-cudagraphs", options={"epilogue_fusion": False})
+    assert got == {"options": {**mode_options("max-autotune-no-cudagraphs"), "epilogue_fusion": False}}
+    tuned = compile_kwargs("reduce-overhead", tune_kernels=True, options={"x": 1})
+    assert set(tuned) == {"options"} and tuned["options"]["coordinate_descent_tuning"] is True
+    assert tuned["options"]["x"] == 1 and tuned["options"].get("triton.cudagraphs") is True

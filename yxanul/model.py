@@ -220,16 +220,14 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 def compile_kwargs(mode: str | None = None, tune_kernels: bool = False, options: dict | None = None) -> dict:
     """torch.compile's ``mode=`` / ``options=`` arguments for a compile mode, with inductor's coordinate-descent
-    tuning added when ``tune_kernels`` (torch.compile takes a mode or options, not both, so the mode becomes its
-    options then)."""
+    tuning added when ``tune_kernels`` and the caller's ``options`` kept (torch.compile takes a mode or options,
+    not both, so with options the mode becomes its options)."""
     if mode == "default":
         mode = None
-    if tune_kernels:
-        return {"options": {**mode_options(mode), **(options or {}), "coordinate_descent_tuning": True}}
-    out = {"mode": mode} if mode is not None else {}
-    if options:
-        out["options"] = options
-    return out
+    extra = {**(options or {}), **({"coordinate_descent_tuning": True} if tune_kernels else {})}
+    if extra:
+        return {"options": {**mode_options(mode), **extra}}
+    return {"mode": mode} if mode is not None else {}
 
 
 def mode_options(mode: str | None) -> dict:

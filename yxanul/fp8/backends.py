@@ -445,7 +445,7 @@ def _triton_overrides(recipe: Fp8Recipe) -> dict[str, Callable]:
 #            pass over each operand, which inductor cannot merge with the kernel producing it
 #   traced   the reference quantizer as plain torch ops, so inductor can compute the tile maxima and the cast
 #            inside the producing kernel (a 1 x 128 tile needs no tensor-wide reduction before its cast)
-# Eager calls use the kernels either way; weights are quantized once per step by the kernels. Only tensors on
+# Eager calls use the kernels either way, and weights always take the weight kernel. Only tensors on
 # TRACED_DEVICE_TYPES take the traced path: inductor's CPU code generation fails an internal assertion (loop
 # split) when one backward kernel holds both tilings of the same gradient, so CPU keeps the opaque ops.
 BLOCK_PATHS = ("kernel", "traced")

@@ -10,7 +10,8 @@ Used by :class:`yxanul.model.MLP` when :func:`convert_model` made both projectio
 :class:`~yxanul.fp8.linear.Fp8Linear` layers (no bias, same format), once their scales are fixed (after the
 calibration steps and the first optimizer step), while no statistics are collected, and when
 ``YXANUL_FUSED_SWIGLU=on``; otherwise the MLP runs unfused. Gradients differ from the unfused path only in that
-``dgate`` and ``dup`` are quantized from FP32 rather than from their BF16 rounding.
+``dgate`` and ``dup`` are quantized from FP32 rather than from their BF16 rounding. The fused path calls
+neither projection module, so forward hooks registered on ``gate_proj`` / ``up_proj`` do not run on it.
 
 Off by default because it measured slower on the H100 (Yxanul-197M, CUDA graphs: 220k against 228k tokens/s,
 docs/benchmarks.md): the kernel itself is not the problem (320 us at the best tile shape against inductor's

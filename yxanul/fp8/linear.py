@@ -7,9 +7,9 @@ whose three GEMMs run on FP8 operands quantized by the recipe:
 * dgrad ``dx = dy W``    dy scaled along N, W's transposed copy;
 * wgrad ``dW = dy^T x``  dy^T and x^T scaled along the token dim M (the reduction dim of this GEMM).
 
-The FP32 master weight is never modified: the quantized copies live in a cache that is rebuilt once per
+The FP32 master weight is never modified: eagerly, the quantized copies live in a cache that is rebuilt once per
 optimizer step (:func:`fp8_step` invalidates it; an in-place change of the weight is also detected), so
-gradient-accumulation micro-batches reuse it. Outputs are in the autocast dtype when autocast is on,
+gradient-accumulation micro-batches reuse it; inside a compiled graph the weight is quantized at every forward. Outputs are in the autocast dtype when autocast is on,
 else in the input's dtype; ``dx`` in the input's dtype; ``dW`` in FP32 (accumulated into ``weight.grad``).
 
 Non-finite values are never silently cast: every quantization folds "any NaN/Inf" into a per-module device
@@ -321,7 +321,8 @@ class Fp8Linear(nn.Module):
         return q, s, qt, st
 
     def weight_fp8(self):
-        """(q, s, qT, sT): the cached FP8 forward and transposed copies, rebuilt once per optimizer step."""
+        """(q, s, qT, sT): the FP8 forward and transposed copies; eagerly cached and rebuilt once per optimizer
+        step, while torch.compile traces quantized in the graph (at every forward)."""
         if _compiling():
             return self._quantize_weight()  # traced into the graph; caching would break it
         ver = (self.weight._version, self.weight.data_ptr())
