@@ -257,3 +257,84 @@ def test_compile_kwargs_never_passes_mode_and_options_together():
     tuned = compile_kwargs("reduce-overhead", tune_kernels=True, options={"x": 1})
     assert set(tuned) == {"options"} and tuned["options"]["coordinate_descent_tuning"] is True
     assert tuned["options"]["x"] == 1 and tuned["options"].get("triton.cudagraphs") is True
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "blockwise"])
+def test_static_weight_cache_quantizes_once_per_step_under_compile(tiny_cfg, monkeypatch, recipe):
+    """YXANUL_WEIGHT_CACHE=step: compiled blocks read FP8 weight copies that fp8_step quantizes once per optimizer
+    step (in place, stable addresses), instead of quantizing in the graph at every micro-batch. Same losses and
+    gradients as the eager model, bit for bit, over steps with two micro-batches; no weight quantizer in the
+    compiled graphs once the copies exist; a graph per variant, not per step."""
+    import copy
+    import dataclasses
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.debugging import aot_eager
+    from torch._dynamo.utils import counters
+
+    from yxanul.fp8.linear import convert_model, fp8_modules, fp8_step
+    from yxanul.model import Yxanul, compile_blocks
+    from yxanul.precision import load_policy
+
+    monkeypatch.setenv("YXANUL_WEIGHT_CACHE", "step")
+    cfg = dataclasses.replace(tiny_cfg, n_layers=2)
+    torch.manual_seed(0)
+    eager = convert_model(Yxanul(cfg), load_policy(None).with_recipe(name=recipe, calibration_steps=0),
+                          backend="emulated", quiet=True)
+    comp = copy.deepcopy(eager)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(comp, backend=lambda gm, ex: aot_eager(gm, ex, fw_compiler=record, bw_compiler=record))
+    calls = {"n": 0}
+    for m in fp8_modules(comp).values():
+        wq = m.ops.weight_quant
+
+        def counted(*a, _wq=wq, **k):
+            if not torch.compiler.is_compiling():  # eager calls only (a traced counter would be guarded on)
+                calls["n"] += 1
+            return _wq(*a, **k)
+        m.ops = dataclasses.replace(m.ops, weight_quant=counted)
+    n_fp8 = len(fp8_modules(comp))
+    addr = None
+    for step in range(4):
+        for model in (eager, comp):
+            for mb in range(2):
+                x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(10 * step + mb))
+                model(x, x).backward()
+        for (n, p), q in zip(eager.named_parameters(), comp.parameters()):
+            assert torch.equal(p.grad, q.grad), (step, n)
+            for model_p in (p, q):
+                model_p.data.add_(model_p.grad, alpha=-1e-2)
+                model_p.grad = None
+        before = calls["n"]
+        fp8_step(eager)
+        fp8_step(comp)
+        assert calls["n"] - before == n_fp8  # one quantization per layer per step, in fp8_step
+        m0 = next(iter(fp8_modules(comp).values()))
+        if addr is None:
+            addr = m0._wq.data_ptr()
+        assert m0._static_w and m0._wq.data_ptr() == addr  # refreshed in place
+    # the first forwards quantized in the graph (no copies yet); later graphs read the copies
+    assert counters["stats"]["unique_graphs"] == 2
+    if recipe == "blockwise":  # the weight's 128 x 128 quantizer is its own op: in the first variant only
+        assert any("quant_blocks" in t for t in graphs[0])
+        assert not any("quant_blocks" in t for gr in graphs[-2:] for t in gr)  # forward and backward, static
+
+
+def test_static_weight_cache_is_dropped_when_weights_are_loaded(monkeypatch):
+    monkeypatch.setenv("YXANUL_WEIGHT_CACHE", "step")
+    from yxanul.fp8.linear import Fp8Linear, fp8_step
+    from yxanul.fp8.recipe import Fp8Recipe
+    m = torch.nn.Sequential(Fp8Linear(32, 16, recipe=Fp8Recipe(name="tensorwise")))
+    fp8_step(m)
+    assert m[0]._static_w
+    m.load_state_dict({"0.weight": torch.randn(16, 32)})
+    assert not m[0]._static_w  # compiled forwards quantize in the graph until the next fp8_step
+    fp8_step(m)
+    assert m[0]._static_w and torch.equal(m[0]._wq, m[0]._quantize_weight()[0])

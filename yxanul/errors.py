@@ -26,8 +26,9 @@ def check_env_switches() -> None:
     otherwise only read inside a forward pass)."""
     from .fp8.backends import amax_layout, block_path
     from .fp8.fused_mlp import fused_swiglu_enabled
+    from .fp8.linear import weight_cache_mode
     from .kernels import tensor_path
-    amax_layout(), block_path(), fused_swiglu_enabled(), tensor_path()
+    amax_layout(), block_path(), fused_swiglu_enabled(), tensor_path(), weight_cache_mode()
 
 
 def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:

@@ -25,13 +25,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import NonFiniteError, YxanulError
+from ..errors import NonFiniteError, YxanulError, env_choice
 from . import scaling
 from .backends import get_ops, native_shape_ok, resolve_backend, tensor_abs_max
 from .formats import get_format
 from .recipe import Fp8Recipe
 
 _SLOT = {"x": 0, "w": 1, "dy": 2}
+_STATIC_W = ("_wq", "_ws", "_wtq", "_wts")
+WEIGHT_CACHE_MODES = ("graph", "step")
+
+
+def weight_cache_mode() -> str:
+    """Where compiled forwards get the FP8 weight copies (``YXANUL_WEIGHT_CACHE``): ``graph`` (default) quantizes
+    the weight inside the compiled graph at every forward, fused by inductor; ``step`` reads static copies that
+    :func:`fp8_step` quantizes once per optimizer step (fewer quantizations with gradient accumulation, eager
+    launches in their place; not yet measured on a GPU)."""
+    return env_choice("YXANUL_WEIGHT_CACHE", WEIGHT_CACHE_MODES, "graph")
 _STAT_KEYS = ("amax", "scale_inv_min", "scale_inv_max", "saturation", "underflow")
 
 
@@ -40,6 +50,14 @@ def _compiling() -> bool:
         return torch.compiler.is_compiling()
     except Exception:  # pragma: no cover - very old torch
         return False
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # noqa: BLE001 - torch without distributed
+        return False
+    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -187,6 +205,9 @@ class Fp8Linear(nn.Module):
         self._init_buffers(device)
         self._wcache = None
         self._wcache_version = None
+        # compiled forwards read the weight copies from static buffers (refreshed in place by fp8_step) instead
+        # of quantizing in the graph; see weight_cache_mode()
+        self._static_w = False
         self._collect = False
         if self.recipe.name == "delayed":
             self._fmt_max = [get_format(f).max for f in scaling.operand_formats(self.recipe, self.fmt)]
@@ -251,6 +272,8 @@ class Fp8Linear(nn.Module):
         if self._wcache is not None or self._wcache_version is not None:
             self._wcache = None
             self._wcache_version = None
+        if self._static_w:  # compiled forwards quantize in the graph again until the next refresh
+            self._static_w = False
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -322,9 +345,12 @@ class Fp8Linear(nn.Module):
 
     def weight_fp8(self):
         """(q, s, qT, sT): the FP8 forward and transposed copies; eagerly cached and rebuilt once per optimizer
-        step, while torch.compile traces quantized in the graph (at every forward)."""
+        step. While torch.compile traces: the static copies when :meth:`refresh_static_weight` has filled them
+        (``YXANUL_WEIGHT_CACHE=step``), else quantized in the graph (at every forward)."""
         if _compiling():
-            return self._quantize_weight()  # traced into the graph; caching would break it
+            if self._static_w:
+                return self._wq, self._ws, self._wtq, self._wts
+            return self._quantize_weight()  # traced into the graph; a Python-side cache would break it
         ver = (self.weight._version, self.weight.data_ptr())
         if self._wcache is None or self._wcache_version != ver:
             self._wcache = self._quantize_weight()
@@ -349,12 +375,38 @@ class Fp8Linear(nn.Module):
                 self._wcache = ()
         return _CalibrationFn.apply(x, self.weight, self.bias, self)
 
+    @torch.no_grad()
+    def refresh_static_weight(self) -> bool:
+        """Quantize the weight now, eagerly, into the static buffers ``_wq, _ws, _wtq, _wts`` (written in place,
+        so compiled graphs and CUDA graphs keep their addresses) that compiled forwards then read: the weight is
+        quantized once per optimizer step, not once per micro-batch. :func:`fp8_step` calls it under
+        ``YXANUL_WEIGHT_CACHE=step``. Not for calibrating layers or FSDP-sharded weights (a shard is not the
+        weight). Returns whether the static copies are in use. A weight changed without a following fp8_step
+        is not seen by compiled forwards (eager ones check the weight's version)."""
+        if self.calibrating or self.weight.device.type == "meta" or _is_dtensor(self.weight):
+            self.invalidate()
+            return False
+        new = self._quantize_weight()
+        old = [getattr(self, n, None) for n in _STATIC_W]
+        if any(o is None or o.shape != t.shape or o.dtype != t.dtype or o.device != t.device
+               for o, t in zip(old, new)):
+            for n, t in zip(_STATIC_W, new):
+                self.register_buffer(n, t.clone(), persistent=False)
+        else:
+            torch._foreach_copy_(old, list(new))
+        self._wcache, self._wcache_version = new, (self.weight._version, self.weight.data_ptr())
+        if not self._static_w:
+            self._static_w = True
+        return True
+
     # -- per optimizer step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
         """After an optimizer step: drop the weight cache; advance delayed scaling (and calibration).
         :func:`fp8_step` does this for a whole model with a fixed number of kernel launches."""
         _step_modules([self])
+        if weight_cache_mode() == "step":
+            self.refresh_static_weight()
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this module's parameters."""
@@ -455,6 +507,9 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
             m._collect = bool(collect_stats)
         if collect_stats:
             m.stats_buf.fill_(float("nan"))
+    if weight_cache_mode() == "step":  # after the statistics reset: a refresh records the weight's statistics
+        for m in mods:
+            m.refresh_static_weight()
 
 
 _FMT_MAX_CACHE: dict = {}
