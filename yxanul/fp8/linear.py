@@ -394,7 +394,9 @@ class Fp8Linear(nn.Module):
                 self.register_buffer(n, t.clone(), persistent=False)
         else:
             torch._foreach_copy_(old, list(new))
-        self._wcache, self._wcache_version = new, (self.weight._version, self.weight.data_ptr())
+        # eager forwards use the same copies (no second set in memory)
+        self._wcache = tuple(getattr(self, n) for n in _STATIC_W)
+        self._wcache_version = (self.weight._version, self.weight.data_ptr())
         if not self._static_w:
             self._static_w = True
         return True
