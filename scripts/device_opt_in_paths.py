@@ -9,7 +9,7 @@ First the GPU tests of the layers and kernels, then training throughput of Yxanu
 profiles) for bf16, fp8-blockwise with each quantizer path, fp8-delayed with each weight path and fp8-head, all in
 one process so the ratios compare. Writes opt-in-paths.json (bench throughput's format; the opt-in rows are
 named "MODE/traced" and "MODE/static-weights") and the per-variant JSON into OUT_DIR.
-Usage: python scripts/device_block_traced.py OUT_DIR [MODEL BATCH]"""
+Usage: python scripts/device_opt_in_paths.py OUT_DIR [MODEL BATCH]"""
 import os
 import subprocess
 import sys

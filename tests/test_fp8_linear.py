@@ -501,7 +501,7 @@ def test_blockwise_traced_quantization_path(monkeypatch, fmt):
         ye = m(x0.clone().requires_grad_(True))
         torch.testing.assert_close(y, ye, rtol=0, atol=0)
     kernel_ops, traced_ops = results["kernel"][0], results["traced"][0]
-    # kernel: x (fwd), x^T (fwd, cached), dy and dy^T (bwd) as custom ops; the weight copies come from the cache
+    # kernel: x (fwd), x^T (fwd, cached), dy and dy^T (bwd) as custom ops (the weight's is quant_blocks)
     assert sum("quant_tiles" in t for t in kernel_ops) == 4, kernel_ops
     assert not any("quant_tiles" in t for t in traced_ops), traced_ops
     assert any("amax" in t for t in traced_ops), traced_ops

@@ -229,7 +229,8 @@ def test_emulated_fp8_blocks_compile_to_the_eager_numbers_under_autocast(tiny_cf
         assert torch.equal(grads[n].grad, p.grad), n
 
 
-@pytest.mark.parametrize("var", ["YXANUL_AMAX", "YXANUL_FUSED_SWIGLU", "YXANUL_BLOCK_QUANT", "YXANUL_TENSOR_QUANT"])
+@pytest.mark.parametrize("var", ["YXANUL_AMAX", "YXANUL_FUSED_SWIGLU", "YXANUL_BLOCK_QUANT", "YXANUL_TENSOR_QUANT",
+                                 "YXANUL_WEIGHT_CACHE"])
 def test_a_bad_environment_switch_is_an_error_before_any_work(monkeypatch, capsys, tmp_path, var):
     """Some switches are only read inside a forward pass (YXANUL_AMAX, YXANUL_FUSED_SWIGLU): a bad value ended as
     an error row of bench throughput (exit 1), or was silently ignored by a BF16 run. Now exit 2, one line,
@@ -262,9 +263,10 @@ def test_compile_kwargs_never_passes_mode_and_options_together():
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "blockwise"])
 def test_static_weight_cache_quantizes_once_per_step_under_compile(tiny_cfg, monkeypatch, recipe):
     """YXANUL_WEIGHT_CACHE=step: compiled blocks read FP8 weight copies that fp8_step quantizes once per optimizer
-    step (in place, stable addresses), instead of quantizing in the graph at every micro-batch. Same losses and
-    gradients as the eager model, bit for bit, over steps with two micro-batches; no weight quantizer in the
-    compiled graphs once the copies exist; a graph per variant, not per step."""
+    step (in place, stable addresses), instead of quantizing in the graph at every micro-batch. Same gradients, bit
+    for bit, as an eager model on the default path (which quantizes the weights it sees) over steps with two
+    micro-batches and real weight updates; the copies are the current weights' after every step; one quantization
+    per layer per step; no weight quantizer in the graphs that read the copies; a graph per variant."""
     import copy
     import dataclasses
 
@@ -276,7 +278,6 @@ def test_static_weight_cache_quantizes_once_per_step_under_compile(tiny_cfg, mon
     from yxanul.model import Yxanul, compile_blocks
     from yxanul.precision import load_policy
 
-    monkeypatch.setenv("YXANUL_WEIGHT_CACHE", "step")
     cfg = dataclasses.replace(tiny_cfg, n_layers=2)
     torch.manual_seed(0)
     eager = convert_model(Yxanul(cfg), load_policy(None).with_recipe(name=recipe, calibration_steps=0),
@@ -300,7 +301,7 @@ def test_static_weight_cache_quantizes_once_per_step_under_compile(tiny_cfg, mon
                 calls["n"] += 1
             return _wq(*a, **k)
         m.ops = dataclasses.replace(m.ops, weight_quant=counted)
-    n_fp8 = len(fp8_modules(comp))
+    mods = list(fp8_modules(comp).values())
     addr = None
     for step in range(4):
         for model in (eager, comp):
@@ -309,22 +310,32 @@ def test_static_weight_cache_quantizes_once_per_step_under_compile(tiny_cfg, mon
                 model(x, x).backward()
         for (n, p), q in zip(eager.named_parameters(), comp.parameters()):
             assert torch.equal(p.grad, q.grad), (step, n)
-            for model_p in (p, q):
-                model_p.data.add_(model_p.grad, alpha=-1e-2)
-                model_p.grad = None
-        before = calls["n"]
+            with torch.no_grad():  # an optimizer's in-place update (bumps the weight's version)
+                for model_p in (p, q):
+                    model_p.add_(model_p.grad, alpha=-1e-2)
+                    model_p.grad = None
+        monkeypatch.setenv("YXANUL_WEIGHT_CACHE", "graph")
         fp8_step(eager)
+        monkeypatch.setenv("YXANUL_WEIGHT_CACHE", "step")
+        before = calls["n"]
         fp8_step(comp)
-        assert calls["n"] - before == n_fp8  # one quantization per layer per step, in fp8_step
-        m0 = next(iter(fp8_modules(comp).values()))
+        assert calls["n"] - before == len(mods)  # one quantization per layer per step, in fp8_step
+        for m in mods:
+            assert m._static_w
+            for got, want in zip((m._wq, m._ws, m._wtq, m._wts), m._quantize_weight()):
+                assert torch.equal(got.float(), want.float())  # the copies are the updated weights'
         if addr is None:
-            addr = m0._wq.data_ptr()
-        assert m0._static_w and m0._wq.data_ptr() == addr  # refreshed in place
-    # the first forwards quantized in the graph (no copies yet); later graphs read the copies
-    assert counters["stats"]["unique_graphs"] == 2
-    if recipe == "blockwise":  # the weight's 128 x 128 quantizer is its own op: in the first variant only
+            addr = mods[0]._wq.data_ptr()
+        assert mods[0]._wq.data_ptr() == addr  # refreshed in place
+    assert counters["stats"]["unique_graphs"] == 2  # before the first fp8_step the graph quantizes; then copies
+    # the weight quantizer inside the graphs: blockwise's 128 x 128 op, or a per-tensor amax of a weight-shaped
+    # tensor (the first variant's forward has one per layer more than the static one)
+    if recipe == "blockwise":
         assert any("quant_blocks" in t for t in graphs[0])
-        assert not any("quant_blocks" in t for gr in graphs[-2:] for t in gr)  # forward and backward, static
+        assert not any("quant_blocks" in t for gr in graphs[-2:] for t in gr)
+    else:
+        n_amax = [sum("amax" in t for t in gr) for gr in graphs]
+        assert n_amax[-2] < n_amax[0], n_amax
 
 
 def test_static_weight_cache_is_dropped_when_weights_are_loaded(monkeypatch):
@@ -338,3 +349,18 @@ def test_static_weight_cache_is_dropped_when_weights_are_loaded(monkeypatch):
     assert not m[0]._static_w  # compiled forwards quantize in the graph until the next fp8_step
     fp8_step(m)
     assert m[0]._static_w and torch.equal(m[0]._wq, m[0]._quantize_weight()[0])
+
+
+def test_static_weight_cache_is_dropped_when_the_module_is_moved_or_cast(monkeypatch):
+    """nn.Module.to(dtype) converts every floating-point buffer, FP8 ones included: the static copies would turn
+    into BF16 "FP8" copies. Moving or casting a layer drops them (compiled forwards quantize in the graph again)."""
+    monkeypatch.setenv("YXANUL_WEIGHT_CACHE", "step")
+    from yxanul.fp8.linear import Fp8Linear, fp8_step
+    from yxanul.fp8.recipe import Fp8Recipe
+    m = torch.nn.Sequential(Fp8Linear(32, 16, recipe=Fp8Recipe(name="tensorwise")))
+    fp8_step(m)
+    assert m[0]._static_w and m[0]._wq.dtype == torch.float8_e4m3fn
+    m.to(torch.bfloat16)
+    assert not m[0]._static_w and m[0]._wcache is None
+    fp8_step(m)
+    assert m[0]._static_w and m[0]._wq.dtype == torch.float8_e4m3fn

@@ -401,9 +401,28 @@ def test_a_non_finite_operand_flags_the_layer_but_does_not_poison_the_scales(bad
 
 
 def test_layers_with_different_history_lengths_step_and_check_together():
-    from yxanul.fp8.linear import fp8_check
+    """sync_fp8_amax folds the pending flags of every delayed layer at once; with different history lengths the
+    histories could not be stacked (a crash before any all-reduce)."""
+    from yxanul.fp8.linear import _pending_nonfinite, fp8_check
     net = torch.nn.Sequential(_layer(amax_history_len=2), torch.nn.Linear(16, 32), _layer(amax_history_len=5))
-    net(torch.randn(4, 32)).sum().backward()
+    x = torch.randn(4, 32)
+    x[0, 0] = float("nan")
+    net(x).sum().backward()
+    assert _pending_nonfinite([net[0], net[2]]).tolist() == [[1, 0, 0], [1, 0, 0]]  # x of both (NaN propagates)
     fp8_step(net)
-    fp8_check(net)
+    with pytest.raises(Exception, match="non-finite|NaN"):
+        fp8_check(net)
     assert all(int(m.fp8_steps) == 1 for m in (net[0], net[2]))
+
+
+def test_a_layer_that_never_ran_is_not_forced_to_scale_one():
+    """The zero-operand rule applies to layers that have run: one that never did keeps waiting, so its first
+    step scales every operand by its current amax (tiny gradients are not flushed by a forced scale of 1)."""
+    m = _layer(amax_history_len=2)
+    for _ in range(4):
+        fp8_step(m)
+    assert not m._scales_fixed and m.scale_ready.tolist() == [0, 0, 0]
+    x = torch.randn(4, 32, requires_grad=True)
+    y = m(x)
+    y.backward(torch.full_like(y, 1e-6))
+    assert bool((x.grad != 0).any()) and bool((m.weight.grad != 0).any())

@@ -9,7 +9,8 @@ whose three GEMMs run on FP8 operands quantized by the recipe:
 
 The FP32 master weight is never modified: eagerly, the quantized copies live in a cache that is rebuilt once per
 optimizer step (:func:`fp8_step` invalidates it; an in-place change of the weight is also detected), so
-gradient-accumulation micro-batches reuse it; inside a compiled graph the weight is quantized at every forward. Outputs are in the autocast dtype when autocast is on,
+gradient-accumulation micro-batches reuse it; inside a compiled graph the weight is quantized at every forward,
+or, under ``YXANUL_WEIGHT_CACHE=step``, read from static copies that :func:`fp8_step` refreshes. Outputs are in the autocast dtype when autocast is on,
 else in the input's dtype; ``dx`` in the input's dtype; ``dW`` in FP32 (accumulated into ``weight.grad``).
 
 Non-finite values are never silently cast: every quantization folds "any NaN/Inf" into a per-module device
@@ -268,6 +269,13 @@ class Fp8Linear(nn.Module):
         self.ops = get_ops(self.recipe, self.fmt, backend)
         self.invalidate()
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype / device), .half(), .cuda(): the FP8 weight copies (FP8 counts as floating point, so a dtype
+        # change would convert them) are rebuilt from the moved weight
+        out = super()._apply(fn, *args, **kwargs)
+        self.invalidate()
+        return out
+
     def invalidate(self) -> None:
         if self._wcache is not None or self._wcache_version is not None:
             self._wcache = None
@@ -404,8 +412,9 @@ class Fp8Linear(nn.Module):
     # -- per optimizer step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
-        """After an optimizer step: drop the weight cache; advance delayed scaling (and calibration).
-        :func:`fp8_step` does this for a whole model with a fixed number of kernel launches."""
+        """After an optimizer step: drop the weight cache (under ``YXANUL_WEIGHT_CACHE=step``, rebuild the static
+        copies); advance delayed scaling (and calibration). :func:`fp8_step` does this for a whole model with a
+        fixed number of kernel launches."""
         _step_modules([self])
         if weight_cache_mode() == "step":
             self.refresh_static_weight()
@@ -501,7 +510,8 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
     """Call after every optimizer step: invalidates weight caches, advances delayed-scaling histories and
     calibration counters. ``collect_stats=True`` makes the next forward/backward record statistics
     (device-side) for :func:`fp8_stats`. Not between a forward pass and its backward: delayed layers save their
-    scale buffers for the backward, and this updates them in place (autograd then refuses the backward)."""
+    scale buffers for the backward, and under ``YXANUL_WEIGHT_CACHE=step`` every layer its weight copies, and this
+    updates them in place (autograd then refuses the backward)."""
     mods = list(fp8_modules(model).values())
     _step_modules(mods)
     for m in mods:
@@ -543,18 +553,20 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
             m.__dict__["_steps"] += 1  # a plain int: nn.Module.__setattr__'s checks cost more than the step
             m._sync_calibrating()
     # which delayed layers now have every scale: one host sync per device, and only while some layer lacks one
-    # (normally after the first step). An operand whose history stayed zero for a whole history window (a layer
-    # not run, an output whose gradient is always zero) keeps its scale, 1 unless set, as Transformer Engine
-    # does; its layer then stops waiting (and costing this sync every step). A later nonzero amax still
-    # updates that scale at the next step.
+    # (normally after the first step). In a layer that has run (some operand has a scale), an operand whose
+    # history stayed zero for a whole history window (an output whose gradient is always zero) keeps its scale,
+    # 1 unless set, as Transformer Engine does; the layer then stops waiting (and costing this sync every step).
+    # A later nonzero amax updates that scale at the next step. A layer that never ran keeps waiting: its first
+    # step then scales every operand by its current amax.
     pending: dict = {}
     for ms in groups.values():
         for m in ms:
             if not m._scales_fixed:
                 pending.setdefault(m.scale_ready.device, []).append(m)
     for ms in pending.values():
-        for m, ready in zip(ms, torch.stack([m.scale_ready.all() for m in ms]).tolist()):
-            if not ready and m._steps >= m.recipe.calibration_steps + m.recipe.amax_history_len:
+        flags = torch.stack([torch.stack([m.scale_ready.all(), m.scale_ready.any()]) for m in ms]).tolist()
+        for m, (ready, ran) in zip(ms, flags):
+            if not ready and ran and m._steps >= m.recipe.calibration_steps + m.recipe.amax_history_len:
                 with torch.no_grad():
                     m.scale_ready.fill_(1)
                 ready = True
