@@ -21,16 +21,6 @@ class NonFiniteError(YxanulError):
     """NaN or Inf found where a finite value is required (quantization input, loss, grads)."""
 
 
-def check_env_switches() -> None:
-    """Read every environment switch once, so that a bad value is an error before any work starts (some are
-    otherwise only read inside a forward pass)."""
-    from .fp8.backends import amax_layout, block_path
-    from .fp8.fused_mlp import fused_swiglu_enabled
-    from .fp8.linear import weight_cache_mode
-    from .kernels import tensor_path
-    amax_layout(), block_path(), fused_swiglu_enabled(), tensor_path(), weight_cache_mode()
-
-
 def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     """The value of environment switch `name`, one of `choices` (`default` when unset); anything else is a
     YxanulError naming the variable."""

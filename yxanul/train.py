@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .config import CONFIG_DIR, dataclass_from_dict, load_model_config, load_yaml
 from .distributed import micro_batch_context, sync_fp8_amax
-from .errors import NonFiniteError, YxanulError, check_env_switches
+from .errors import NonFiniteError, YxanulError
 from .flops import flops_per_token, peak_flops
 from .io import atomic_write_text
 from .model import COMPILE_MODES
@@ -168,8 +168,8 @@ def load_train_config(spec: str | Path | None = None, overrides: dict | None = N
 def cpu_bf16_speed() -> tuple[float, float]:
     """(BF16, FP32) matmul throughput of this CPU in GFLOP/s (cached): the best of five [1024, 256] x [256, 256]
     products each, after one warm-up, the size of the tiny model's GEMMs. (Three 128 x 128 products measured
-    thread wake-up more than throughput: under load they put BF16 at 0.8 against 128 GFLOP/s on a CPU where at
-    this size it runs at 420 against 185.) CPUs without native BF16 instructions multiply BF16 tens to hundreds
+    thread wake-up more than throughput: under load they put BF16 at under 1% of FP32 on a CPU where at this
+    size BF16 is the faster one.) CPUs without native BF16 instructions multiply BF16 tens to hundreds
     of times slower than FP32 in torch; the worst case costs about a second here."""
     global _CPU_BF16
     if _CPU_BF16 is None:
@@ -385,6 +385,7 @@ class Trainer:
         from .model import Yxanul
         from .precision import load_policy
 
+        from .fp8 import check_env_switches
         check_env_switches()
         self.device = self._device()
         if self.cfg.precision == "auto":

@@ -215,11 +215,11 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     for k, v in (("--warmup", warmup), ("--profile", profile)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise YxanulError(f"must be a non-negative integer, got {v!r}", key=k)
-    from ..errors import check_env_switches
+    from ..fp8 import check_env_switches
     from ..fp8.backends import block_path
     from ..kernels import tensor_path
-    check_env_switches()
     from ..model import COMPILE_MODES
+    check_env_switches()
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of "
                           f"{', '.join(COMPILE_MODES)})", key="--compile-mode")

@@ -386,11 +386,16 @@ def _weight_t_transpose(w, q, s):
     return q.t().contiguous(), (s.t().contiguous() if s.dim() == 2 else s)
 
 
-def default_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str = "emulated") -> Fp8Ops:
-    """The reference op table for a recipe: pure-torch quantizers + the backend's gemm."""
+def _quant_settings(recipe: Fp8Recipe, fmt: str | Fp8Format):
+    """(activation format, grad format, block size, pow2 scales) of a recipe's quantizers."""
     f = get_format(fmt)
     g = get_format(recipe.grad_format) if recipe.fp8_format == "hybrid" else f
-    b, p2 = recipe.block_size, recipe.pow2_scales
+    return f, g, recipe.block_size, recipe.pow2_scales
+
+
+def default_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str = "emulated") -> Fp8Ops:
+    """The reference op table for a recipe: pure-torch quantizers + the backend's gemm."""
+    f, g, b, p2 = _quant_settings(recipe, fmt)
     gemm = functools.partial(native_gemm_op if backend == "native" else emulated_gemm, block=b)
     if recipe.name == "blockwise":
         aq = functools.partial(quant_tiles, fmt=f, block=b, pow2=p2)
@@ -467,9 +472,7 @@ def _traced_when_compiling(eager: Callable, traced: Callable, fmt: Fp8Format, bl
 
 
 def _traced_block_ops(recipe: Fp8Recipe, fmt: str | Fp8Format, ops: Fp8Ops) -> dict[str, Callable]:
-    f = get_format(fmt)
-    g = get_format(recipe.grad_format) if recipe.fp8_format == "hybrid" else f
-    b, p2 = recipe.block_size, recipe.pow2_scales
+    f, g, b, p2 = _quant_settings(recipe, fmt)
     return dict(act_quant=_traced_when_compiling(ops.act_quant, quant_tiles_impl, f, b, p2),
                 act_quant_t=_traced_when_compiling(ops.act_quant_t, quant_tiles_t_impl, f, b, p2),
                 grad_quant=_traced_when_compiling(ops.grad_quant, quant_tiles_impl, g, b, p2),

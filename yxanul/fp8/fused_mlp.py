@@ -21,7 +21,6 @@ Folding down_proj into the function (its transposed FP8 input written by the for
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

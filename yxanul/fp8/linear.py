@@ -10,8 +10,8 @@ whose three GEMMs run on FP8 operands quantized by the recipe:
 The FP32 master weight is never modified: eagerly, the quantized copies live in a cache that is rebuilt once per
 optimizer step (:func:`fp8_step` invalidates it; an in-place change of the weight is also detected), so
 gradient-accumulation micro-batches reuse it; inside a compiled graph the weight is quantized at every forward,
-or, under ``YXANUL_WEIGHT_CACHE=step``, read from static copies that :func:`fp8_step` refreshes. Outputs are in the autocast dtype when autocast is on,
-else in the input's dtype; ``dx`` in the input's dtype; ``dW`` in FP32 (accumulated into ``weight.grad``).
+or, under ``YXANUL_WEIGHT_CACHE=step``, read from static copies that :func:`fp8_step` refreshes. Outputs are in
+the autocast dtype when autocast is on, else in the input's dtype; ``dx`` in the input's dtype; ``dW`` in FP32 (accumulated into ``weight.grad``).
 
 Non-finite values are never silently cast: every quantization folds "any NaN/Inf" into a per-module device
 flag (no host sync); :func:`fp8_check` raises :class:`NonFiniteError` naming the modules, and
@@ -33,6 +33,7 @@ from .formats import get_format
 from .recipe import Fp8Recipe
 
 _SLOT = {"x": 0, "w": 1, "dy": 2}
+_STAT_KEYS = ("amax", "scale_inv_min", "scale_inv_max", "saturation", "underflow")
 _STATIC_W = ("_wq", "_ws", "_wtq", "_wts")
 WEIGHT_CACHE_MODES = ("graph", "step")
 
@@ -43,7 +44,6 @@ def weight_cache_mode() -> str:
     :func:`fp8_step` quantizes once per optimizer step (fewer quantizations with gradient accumulation, eager
     launches in their place; not yet measured on a GPU)."""
     return env_choice("YXANUL_WEIGHT_CACHE", WEIGHT_CACHE_MODES, "graph")
-_STAT_KEYS = ("amax", "scale_inv_min", "scale_inv_max", "saturation", "underflow")
 
 
 def _compiling() -> bool:
@@ -58,7 +58,7 @@ def _is_dtensor(t) -> bool:
         from torch.distributed.tensor import DTensor
     except Exception:  # noqa: BLE001 - torch without distributed
         return False
-    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
+    return isinstance(t, DTensor)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -416,8 +416,7 @@ class Fp8Linear(nn.Module):
         copies); advance delayed scaling (and calibration). :func:`fp8_step` does this for a whole model with a
         fixed number of kernel launches."""
         _step_modules([self])
-        if weight_cache_mode() == "step":
-            self.refresh_static_weight()
+        _refresh_static_weights([self])
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this module's parameters."""
@@ -519,7 +518,11 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
             m._collect = bool(collect_stats)
         if collect_stats:
             m.stats_buf.fill_(float("nan"))
-    if weight_cache_mode() == "step":  # after the statistics reset: a refresh records the weight's statistics
+    _refresh_static_weights(mods)  # after the statistics reset: a refresh records the weight's statistics
+
+
+def _refresh_static_weights(mods: list[Fp8Linear]) -> None:
+    if weight_cache_mode() == "step":
         for m in mods:
             m.refresh_static_weight()
 

@@ -62,7 +62,7 @@ def _advanced(history, scale_inv, ready, algo, fmt_max, margin, pow2):
     stack of layers): new scales where the history's amax is positive, then the history rolled by one row.
     A non-finite entry (a NaN/Inf operand: the layer's flag records it, see ``fp8_step``) counts as no value:
     it would otherwise turn the scale into Inf or NaN, and every cast after it into NaN, for a whole window."""
-    history = torch.where(torch.isfinite(history), history, torch.zeros_like(history))
+    history = torch.nan_to_num(history, nan=0.0, posinf=0.0, neginf=0.0)
     amax = _history_amax(history, algo)
     new = amax / (fmt_max / (2.0 ** margin))
     if pow2:
