@@ -9,7 +9,10 @@ First the GPU tests of the layers and kernels, then training throughput of Yxanu
 profiles) for bf16, fp8-blockwise with each quantizer path, fp8-delayed with each weight path and fp8-head, all in
 one process so the ratios compare. Writes opt-in-paths.json (bench throughput's format; the opt-in rows are
 named "MODE/traced" and "MODE/static-weights") and the per-variant JSON into OUT_DIR.
-Usage: python scripts/device_opt_in_paths.py OUT_DIR [MODEL BATCH]"""
+Usage: python scripts/device_opt_in_paths.py OUT_DIR [MODEL BATCH [GROUP]]
+GROUP (default all) is one of: all; blockwise (bf16 and fp8-blockwise with each quantizer path); delayed (bf16 and
+fp8-delayed with each weight path); each group fits one 10-minute device call. The GPU tests run with all and
+blockwise."""
 import os
 import subprocess
 import sys
@@ -20,16 +23,27 @@ from yxanul.io import atomic_write_json
 out = sys.argv[1]
 model = sys.argv[2] if len(sys.argv) > 2 else "yxanul-197m"
 batch = int(sys.argv[3]) if len(sys.argv) > 3 else 16
+group = sys.argv[4] if len(sys.argv) > 4 else "all"
+groups = {  # group -> (name, environment, modes, suffix of the opt-in rows)
+    "all": (("default", {}, "bf16,fp8-blockwise,fp8-delayed,fp8-head", ""),
+            ("traced", {"YXANUL_BLOCK_QUANT": "traced"}, "fp8-blockwise", "/traced"),
+            ("static-weights", {"YXANUL_WEIGHT_CACHE": "step"}, "fp8-delayed", "/static-weights")),
+    "blockwise": (("default", {}, "bf16,fp8-blockwise", ""),
+                  ("traced", {"YXANUL_BLOCK_QUANT": "traced"}, "fp8-blockwise", "/traced")),
+    "delayed": (("default", {}, "bf16,fp8-delayed", ""),
+                ("static-weights", {"YXANUL_WEIGHT_CACHE": "step"}, "fp8-delayed", "/static-weights")),
+}
+if group not in groups:
+    sys.exit(f"error: GROUP must be one of {', '.join(groups)}, got {group!r}")
+variants = groups[group]
 os.makedirs(out, exist_ok=True)
-tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                        "tests/test_fp8_linear.py", "tests/test_kernels.py"], capture_output=True, text=True)
-print("\n".join(tests.stdout.strip().splitlines()[-6:]), flush=True)
+if group in ("all", "blockwise"):
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                            "tests/test_fp8_linear.py", "tests/test_kernels.py"], capture_output=True, text=True)
+    with open(os.path.join(out, "gpu-tests.log"), "w") as f:
+        f.write(tests.stdout + tests.stderr)
+    print("\n".join(tests.stdout.strip().splitlines()[-6:]), flush=True)
 common = dict(model=model, batch=batch, seq=2048, steps=20, warmup=5, profile=3, compile_mode="reduce-overhead")
-variants = (  # (name, environment, modes, suffix of the opt-in rows)
-    ("default", {}, "bf16,fp8-blockwise,fp8-delayed,fp8-head", ""),
-    ("traced", {"YXANUL_BLOCK_QUANT": "traced"}, "fp8-blockwise", "/traced"),
-    ("static-weights", {"YXANUL_WEIGHT_CACHE": "step"}, "fp8-delayed", "/static-weights"),
-)
 rows, first = [], None
 for name, env, modes, suffix in variants:
     for k in ("YXANUL_BLOCK_QUANT", "YXANUL_WEIGHT_CACHE"):
@@ -42,5 +56,5 @@ for name, env, modes, suffix in variants:
         rows.append(dict(r, mode=r["mode"] + suffix))
 _ratios(rows)
 result = dict(first, rows=rows, block_quant="per row", weight_cache="per row")
-atomic_write_json(os.path.join(out, "opt-in-paths.json"), result)
+atomic_write_json(os.path.join(out, f"opt-in-paths-{group}.json"), result)
 print(format_table(result), flush=True)
