@@ -155,11 +155,13 @@ _INTERP_SNIPPET = r"""
 import json, torch
 from yxanul.kernels.linear_ce import linear_cross_entropy, reference_cross_entropy
 out = []
-for V, chunk, impl in ((97, 8, "triton"), (5000, 16, "triton"), (97, None, "cut"), (1000, None, "cut")):
+for V, K, chunk, impl in ((97, 24, 8, "triton"), (5000, 24, 16, "triton"), (97, 24, None, "cut"),
+                          (1000, 24, None, "cut"), (96, 32, None, "cut")):
     g = torch.Generator().manual_seed(V)
-    h = torch.randn(37, 24, generator=g).requires_grad_()
-    W = torch.randn(V, 24, generator=g).requires_grad_()
+    h = torch.randn(37, K, generator=g).requires_grad_()
+    W = torch.randn(V, K, generator=g).requires_grad_()
     t = torch.randint(0, V, (37,), generator=g); t[::4] = -1
+    t[1], t[2] = V - 1, 0  # the last column (in the partial tile unless V fills the tiles) and the first
     l1 = linear_cross_entropy(h, W, t, chunk=chunk, impl=impl); (l1 * 2).backward()
     g1 = (h.grad.clone(), W.grad.clone()); h.grad = W.grad = None
     l2 = reference_cross_entropy(h, W, t); (l2 * 2).backward()
@@ -172,7 +174,8 @@ print("RESULTS " + json.dumps(out))
 
 def test_triton_kernels_interpreted():
     """Under TRITON_INTERPRET=1 (FP32: the CPU interpreter's tl.dot mis-handles BF16 operands): the chunked
-    softmax-gradient kernel and the register-only cut kernels (partial token and vocabulary tiles, K < BK)."""
+    softmax-gradient kernel and the register-only cut kernels (partial token tiles; partial and whole last
+    vocabulary tiles; K < BK and K = BK; targets in the first and last columns)."""
     import json
     import os
     import subprocess
@@ -183,7 +186,7 @@ def test_triton_kernels_interpreted():
     p = subprocess.run([sys.executable, "-c", _INTERP_SNIPPET], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULTS ")][-1][8:])
-    assert [r["impl"] for r in res].count("cut") == 2
+    assert [r["impl"] for r in res].count("cut") == 3
     for r in res:
         assert r["loss"] < 1e-4 and r["gh"] < 1e-5 and r["gw"] < 1e-5 and r["ignored_zero"], r
 

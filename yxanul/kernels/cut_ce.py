@@ -5,16 +5,18 @@ head of Yxanul has K = r = 128). Logit tiles ``[BM, BV]`` are computed on the te
 consumed there:
 
 * forward (one program per block of BM tokens, looping over the vocabulary): online max / sum-exp -> the
-  log-sum-exp of every row, and the target logit; nothing of size N x V is stored.
-* backward, ``dh`` (per token block, looping over the vocabulary): recompute the tile, turn it into
-  ``g = (softmax - onehot) * scale_row`` and accumulate ``g @ W_tile``.
+  log-sum-exp of every row; the target logit from the target's row of W, once; nothing of size N x V is stored.
+* backward, ``dh`` (per token block, looping over the vocabulary): recompute the tile, accumulate
+  ``(softmax * scale_row) @ W_tile``, and subtract ``scale_row * W[target]`` once at the end.
 * backward, ``dW`` (per vocabulary block, looping over the tokens): recompute the tile and accumulate
   ``g^T @ h_tile``. Two kernels instead of one with atomics: the result is deterministic and the same on
   every run, which exact resume relies on.
 
 At Yxanul-197M's shape (N = 32768 tokens, V = 200005, K = 128) this is about 8.4 TFLOP of tensor-core work
 and a few MB of memory traffic, instead of a GEMM that writes 13 GB of BF16 logits and three passes over them.
-``g`` is rounded to the operands' dtype before its GEMMs, as a BF16 head's backward does.
+The per-logit work inside the loops is kept to the exponential and what the online sum or the gradient needs:
+no column mask except on the forward's last partial tile, no one-hot outside the ``dW`` kernel. The gradient
+tile is rounded to the operands' dtype before its GEMM, as a BF16 head's backward does.
 
 The functions here launch Triton unconditionally; :func:`yxanul.kernels.linear_ce.linear_cross_entropy` decides
 when to use them.
@@ -55,6 +57,23 @@ def _row_state(t_ptr, lse_ptr, sc_ptr, rows, rmask):
             tl.load(sc_ptr + rows, mask=rmask, other=0.0))
 
 
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x - c) = exp2(x * LOG2E - c * LOG2E): one FMA and the hardware exp2 per logit
+
+
+@triton.jit
+def _target_rows(w_ptr, t, rmask, V, stride_w, ks, K):
+    """W's row of each token's target ([BM, BK], zero where the target is ignored or out of range)."""
+    return _load_tile(w_ptr, t, rmask & (t >= 0) & (t < V), stride_w, ks, K)
+
+
+@triton.jit
+def _online_lse(x, m, s):
+    """One [BM, BV] tile folded into the running row maximum m and sum s of exp(x - m)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2(x * LOG2E - (m_new * LOG2E)[:, None]), axis=1)
+    return m_new, s
+
+
 @triton.jit
 def _lce_fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, xt_ptr, N, V, K, stride_h, stride_w,
                     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
@@ -63,53 +82,51 @@ def _lce_fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, xt_ptr, N, V, K, stride_h, str
     ks = tl.arange(0, BK)
     a = _load_tile(h_ptr, rows, rmask, stride_h, ks, K)
     t = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    # the target logit from the target's row of W, outside the vocabulary loop
+    xt = tl.sum(a.to(tl.float32) * _target_rows(w_ptr, t, rmask, V, stride_w, ks, K).to(tl.float32), axis=1)
     m = tl.full((BM,), float("-inf"), tl.float32)
     s = tl.zeros((BM,), tl.float32)
-    xt = tl.zeros((BM,), tl.float32)
     cv = tl.arange(0, BV)
-    for v0 in range(0, V, BV):
-        cols = v0 + cv
+    v_full = (V // BV) * BV
+    for v0 in range(0, v_full, BV):  # whole tiles: no column mask on the logits
+        b = _load_tile(w_ptr, v0 + cv, v0 + cv < V, stride_w, ks, K)
+        m, s = _online_lse(_dot(a, tl.trans(b), IEEE), m, s)
+    if v_full < V:  # the last, partial tile
+        cols = v_full + cv
         cmask = cols < V
         b = _load_tile(w_ptr, cols, cmask, stride_w, ks, K)
-        x = _dot(a, tl.trans(b), IEEE)
-        x = tl.where(cmask[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m = m_new
-        xt += tl.sum(tl.where(cols[None, :] == t[:, None], x, 0.0), axis=1)
+        m, s = _online_lse(tl.where(cmask[None, :], _dot(a, tl.trans(b), IEEE), float("-inf")), m, s)
     tl.store(lse_ptr + rows, m + tl.log(s), mask=rmask)
     tl.store(xt_ptr + rows, xt, mask=rmask)
 
 
 @triton.jit
-def _grad_tile(x, cols, cmask, t, lse, sc):
-    """(softmax - onehot(t)) * sc for a [BM, BV] FP32 logit tile; padded columns give 0."""
-    p = tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)
-    return tl.where(cmask[None, :], p, 0.0) * sc[:, None]
-
-
-@triton.jit
 def _lce_bwd_dh_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dh_ptr, N, V, K, stride_h, stride_w, stride_dh,
                        BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """dh = sc * (softmax @ W - W[t]): the softmax part over the vocabulary tiles, the one-hot part once at the
+    end. Columns past V need no mask: their rows of W load as zeros, so they add nothing."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < N
     ks = tl.arange(0, BK)
     a = _load_tile(h_ptr, rows, rmask, stride_h, ks, K)
     t, lse, sc = _row_state(t_ptr, lse_ptr, sc_ptr, rows, rmask)
+    lse2 = (lse * LOG2E)[:, None]
     acc = tl.zeros((BM, BK), tl.float32)
     cv = tl.arange(0, BV)
     for v0 in range(0, V, BV):
         cols = v0 + cv
-        cmask = cols < V
-        b = _load_tile(w_ptr, cols, cmask, stride_w, ks, K)
-        g = _grad_tile(_dot(a, tl.trans(b), IEEE), cols, cmask, t, lse, sc)
-        acc += _dot(g.to(b.dtype), b, IEEE)
+        b = _load_tile(w_ptr, cols, cols < V, stride_w, ks, K)
+        p = tl.exp2(_dot(a, tl.trans(b), IEEE) * LOG2E - lse2) * sc[:, None]
+        acc += _dot(p.to(b.dtype), b, IEEE)
+    acc -= sc[:, None] * _target_rows(w_ptr, t, rmask, V, stride_w, ks, K).to(tl.float32)
     _store_tile(dh_ptr, rows, rmask, stride_dh, ks, K, acc)
 
 
 @triton.jit
 def _lce_bwd_dw_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dw_ptr, N, V, K, stride_h, stride_w, stride_dw,
                        BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """dW = g^T @ h with g = (softmax - onehot(t)) * sc. A row of the accumulator depends only on its own column
+    of g, so the columns past V (garbage there) are simply not stored; padded tokens have sc = 0."""
     cols = tl.program_id(0) * BV + tl.arange(0, BV)
     cmask = cols < V
     ks = tl.arange(0, BK)
@@ -121,7 +138,8 @@ def _lce_bwd_dw_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dw_ptr, N, V, K, st
         rmask = rows < N
         a = _load_tile(h_ptr, rows, rmask, stride_h, ks, K)
         t, lse, sc = _row_state(t_ptr, lse_ptr, sc_ptr, rows, rmask)
-        g = _grad_tile(_dot(a, tl.trans(b), IEEE), cols, cmask, t, lse, sc)
+        p = tl.exp2(_dot(a, tl.trans(b), IEEE) * LOG2E - (lse * LOG2E)[:, None])
+        g = (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)) * sc[:, None]
         acc += _dot(tl.trans(g.to(a.dtype)), a, IEEE)
     _store_tile(dw_ptr, cols, cmask, stride_dw, ks, K, acc)
 
