@@ -543,8 +543,10 @@ def test_block_quant_path_setting_is_checked(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("K", [768, 2048])
 def test_blockwise_traced_quantizers_match_the_kernels_on_gpu(K):
-    """Inductor's code for the traced 1 x 128 quantizers (fused into a producer, as in the model) against the
-    Triton kernels on the same input: scales equal to within one FP32 ulp, FP8 values within one FP8 step."""
+    """Inductor's code for the traced 1 x 128 quantizers against the Triton kernels. On a BF16 tensor: the same
+    scales and values. Fused into a producer, as in the model, inductor quantizes the producer's FP32 result
+    without its BF16 rounding (measured on an H200 with and without emulate_precision_casts), so the tile scales
+    differ by up to one BF16 step (2^-8 relative) and values by up to one FP8 step."""
     from yxanul import kernels
     from yxanul.fp8.backends import quant_tiles_impl, quant_tiles_t_impl
     from yxanul.fp8.formats import get_format
@@ -556,16 +558,16 @@ def test_blockwise_traced_quantizers_match_the_kernels_on_gpu(K):
     def produce(a, b):
         return (torch.nn.functional.silu(a.float()) * b.float()).to(torch.bfloat16)
 
+    x = produce(a, b)
+    want = (kernels.act_quant(x, impl="triton"), kernels.act_quant_t(x, impl="triton"))
+    torch._dynamo.reset()
+    plain = torch.compile(lambda x: (quant_tiles_impl(x, f), quant_tiles_t_impl(x, f)))(x)
+    for (got_q, got_s), (want_q, want_s) in zip(plain, want):
+        assert torch.equal(got_s, want_s) and torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
     torch._dynamo.reset()
     fused = torch.compile(lambda a, b: (quant_tiles_impl(produce(a, b), f), quant_tiles_t_impl(produce(a, b), f)))
-    # inductor drops the producer's BF16 rounding when it fuses (the quantizers then see the FP32 value, tile
-    # scales differ by up to 2^-8); emulate_precision_casts keeps it, so both paths quantize the same tensor
-    with torch._inductor.config.patch(emulate_precision_casts=True):
-        (q, s), (qt, st) = fused(a, b)
-    x = produce(a, b)
-    for (got_q, got_s), (want_q, want_s) in (((q, s), kernels.act_quant(x, impl="triton")),
-                                             ((qt, st), kernels.act_quant_t(x, impl="triton"))):
-        torch.testing.assert_close(got_s, want_s, rtol=2 ** -22, atol=0)
+    for (got_q, got_s), (want_q, want_s) in zip(fused(a, b), want):
+        torch.testing.assert_close(got_s, want_s, rtol=2 ** -8, atol=0)
         gq, wq = got_q.float(), want_q.float()
         step = wq.abs().clamp_min(2 ** -6) * 2 ** -3  # one E4M3 step at each value's binade
         assert bool(((gq - wq).abs() <= step).all())

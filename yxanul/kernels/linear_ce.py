@@ -86,6 +86,22 @@ def _triton_softmax_grad(logits, V, t, inv, ignore_index, write_grad):
     return loss
 
 
+_FP32_ADDMM = [hasattr(torch.ops.aten.addmm, "dtype_out")]  # cleared if the first CUDA call refuses it
+
+
+def _add_wgrad(grad_W: torch.Tensor, gt: torch.Tensor, hc: torch.Tensor) -> None:
+    """``grad_W += gt @ hc`` with grad_W FP32 and the operands BF16/FP16: on CUDA the GEMM accumulates into the
+    FP32 buffer itself (cuBLAS with beta = 1 and an FP32 output), so no BF16 product of the head's size is
+    written and then added in a second pass (about 0.5 ms per chunk of a 200k-vocabulary head on an H200)."""
+    if grad_W.is_cuda and gt.dtype != grad_W.dtype and _FP32_ADDMM[0]:
+        try:
+            torch.addmm(grad_W, gt, hc, out_dtype=grad_W.dtype, out=grad_W)
+            return
+        except (RuntimeError, TypeError):  # an older torch or cuBLAS without the FP32-output overload
+            _FP32_ADDMM[0] = False
+    grad_W.add_(gt @ hc)
+
+
 def default_chunk(n_tokens: int, vocab: int, budget_bytes: int = CHUNK_BYTES) -> int:
     """Largest power of two of rows whose FP32 logits fit the budget (at least 16, at most n_tokens)."""
     rows = max(16, 2 ** int(math.floor(math.log2(max(1, budget_bytes // (4 * max(vocab, 1)))))))
@@ -196,7 +212,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if grad_h is not None:
                         torch.matmul(g, Wk, out=grad_h[s:e])
                     if grad_W is not None:
-                        grad_W.add_((g.t() @ hch)[:V])
+                        _add_wgrad(grad_W, g.t()[:V], hch)
                     continue
                 logits = head(hch) if head is not None else hch @ Wc.t()
                 lf = logits.float()
@@ -214,7 +230,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_h is not None:
                     torch.matmul(g, Wc, out=grad_h[s:e])
                 if grad_W is not None:
-                    grad_W.add_((g.t() @ hch).float())
+                    _add_wgrad(grad_W, g.t(), hch)
             loss = loss_sum / n_valid.float()
         ctx.save_for_backward(grad_h if grad_h is not None else h.new_empty(0),
                               grad_W if grad_W is not None else W.new_empty(0))
