@@ -1,11 +1,12 @@
-"""Side-by-side check and timing of two versions of the cut cross-entropy kernels on a CUDA machine.
+"""Side-by-side check and timing of versions of the cut cross-entropy kernels on a CUDA machine.
 
 Usage: python scripts/device_cut_ce_versions.py OUT.json [N V K]   (default Yxanul-197M's head: 32768 200005 128)
 
-Compares the current kernels (yxanul/kernels/cut_ce.py) with the baseline copy in scripts/baselines/cut_ce_v1.py
-on the same BF16 operands: lse and target logit of the forward, dh and dW of the backward against each other and
-against a chunked FP32 reference (torch). Times each kernel (forward, dh, dW) with CUDA events, versions
-interleaved, median of 15, over three input sets in rotation. Writes OUT.json and prints a table.
+Compares the current kernels (yxanul/kernels/cut_ce.py) with the baseline copies in scripts/baselines/ (v1, v2)
+on the same BF16 operands: lse and target logit of the forward, dh and dW of the backward against a chunked FP32
+reference (torch). Times each kernel with CUDA events, versions interleaved, median of 10, over three input sets
+in rotation: v1 and v2 run forward, dh and dW; the current version runs the forward with dh (what training
+uses), the forward alone and dW, the fused kernel at several tile shapes. Writes OUT.json and prints a table.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from yxanul.io import atomic_write_json
 from yxanul.kernels import cut_ce
 
 
-def _baseline():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baselines", "cut_ce_v1.py")
-    spec = importlib.util.spec_from_file_location("cut_ce_v1", path)
+def _baseline(name):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baselines", f"cut_ce_{name}.py")
+    spec = importlib.util.spec_from_file_location(f"cut_ce_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -57,7 +58,7 @@ def rel(a, b):
 def main():
     out = sys.argv[1]
     N, V, K = (int(x) for x in sys.argv[2:5]) if len(sys.argv) > 4 else (32768, 200005, 128)
-    versions = {"v1": _baseline(), "current": cut_ce}
+    versions = {"v1": _baseline("v1"), "v2": _baseline("v2"), "current": cut_ce}
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the checks (TRITON_INTERPRET=1, FP32)
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     sets = []
@@ -68,64 +69,80 @@ def main():
         t = torch.randint(0, V, (N,), device=dev, generator=g)
         t[::97] = -1
         t[1], t[2] = V - 1, 0
-        sets.append((h, W, t, torch.full((N,), 1.0 / N, device=dev)))
+        sets.append((h, W, t, torch.full((N,), 1.0 / N, device=dev) * (t >= 0)))
     h, W, t, sc = sets[0]
     ref = reference(h, W, t, sc)
-    res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__, "N": N, "V": V, "K": K, "checks": {},
-           "ms": {}}
-    outs = {}
+    res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+           "N": N, "V": V, "K": K, "configs": dict(cut_ce.CONFIGS), "checks": {}, "ms": {}}
     for name, mod in versions.items():
-        lse, xt = mod.lce_forward(h, W, t)
-        dh, dW = mod.lce_backward(h, W, t, lse, sc)
-        outs[name] = (lse, xt, dh, dW)
+        if name == "current":
+            lse, xt, dh1 = mod.lce_forward_dh(h, W, t)
+            dh = dh1 * sc[:, None]
+            _, dW = mod.lce_backward(h, W, t, lse, sc, need_h=False)
+            lse0, xt0 = mod.lce_forward(h, W, t)
+            extra = {"forward_alone_lse_max_abs_vs_fused": float((lse0 - lse).abs().max())}
+        else:
+            lse, xt = mod.lce_forward(h, W, t)
+            dh, dW = mod.lce_backward(h, W, t, lse, sc)
+            extra = {}
         res["checks"][name] = {"lse_max_abs_vs_fp32": float((lse - ref[0]).abs().max()),
                                "target_logit_max_abs_vs_fp32": float((xt - ref[1]).abs().max()),
                                "dh_rel_vs_fp32": rel(dh, ref[2]), "dw_rel_vs_fp32": rel(dW, ref[3]),
                                "finite": bool(torch.isfinite(lse).all() and torch.isfinite(dh).all()
-                                              and torch.isfinite(dW).all())}
-    a, b = outs["current"], outs["v1"]
-    res["checks"]["current_vs_v1"] = {"lse_max_abs": float((a[0] - b[0]).abs().max()),
-                                      "target_logit_max_abs": float((a[1] - b[1]).abs().max()),
-                                      "dh_rel": rel(a[2], b[2]), "dw_rel": rel(a[3], b[3])}
+                                              and torch.isfinite(dW).all()), **extra}
+    print(json.dumps(res["checks"], indent=1), flush=True)
+    if dev == "cpu":
+        return
+    lse_of = {id(s): cut_ce.lce_forward(s[0], s[1], s[2])[0] for s in sets}
 
-    def kernels(mod, s):
+    def fns(name, mod, s):
         hh, WW, tt, ss = s
+        if name == "current":
+            return {"fwd+dh": lambda: mod.lce_forward_dh(hh, WW, tt), "fwd": lambda: mod.lce_forward(hh, WW, tt),
+                    "dw": lambda: mod.lce_backward(hh, WW, tt, lse_of[id(s)], ss, need_h=False)}
         return {"fwd": lambda: mod.lce_forward(hh, WW, tt),
                 "dh": lambda: mod.lce_backward(hh, WW, tt, lse_of[id(s)], ss, need_w=False),
                 "dw": lambda: mod.lce_backward(hh, WW, tt, lse_of[id(s)], ss, need_h=False)}
 
-    if dev == "cpu":
-        print(json.dumps(res["checks"], indent=1))
-        return
-    lse_of = {id(s): cut_ce.lce_forward(s[0], s[1], s[2])[0] for s in sets}
-    times = {(n, k): [] for n in versions for k in ("fwd", "dh", "dw")}
-    fns = {(n, i): kernels(mod, s) for n, mod in versions.items() for i, s in enumerate(sets)}
-    for f in fns.values():  # warm-up and compilation
-        for fn in f.values():
-            fn()
-    torch.cuda.synchronize()
-    for rep in range(15):
-        for n in versions:
-            for k in ("fwd", "dh", "dw"):
-                fn = fns[(n, rep % len(sets))][k]
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
+    def time_all(table):
+        for f in table.values():  # warm-up and compilation
+            for fn in f.values():
                 fn()
-                e1.record()
-                torch.cuda.synchronize()
-                times[(n, k)].append(e0.elapsed_time(e1))
-    for (n, k), ts in times.items():
-        ts.sort()
-        res["ms"].setdefault(n, {})[k] = {"median": ts[len(ts) // 2], "min": ts[0], "max": ts[-1]}
-    for n in versions:
-        res["ms"][n]["total_median"] = sum(res["ms"][n][k]["median"] for k in ("fwd", "dh", "dw"))
+        torch.cuda.synchronize()
+        times = {}
+        for rep in range(10):
+            for (name, i), f in table.items():
+                if i != rep % len(sets):
+                    continue
+                for k, fn in f.items():
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    fn()
+                    e1.record()
+                    torch.cuda.synchronize()
+                    times.setdefault((name, k), []).append(e0.elapsed_time(e1))
+        return {key: sorted(ts)[len(ts) // 2] for key, ts in times.items()}
+
+    med = time_all({(n, i): fns(n, mod, s) for n, mod in versions.items() for i, s in enumerate(sets)})
+    for (n, k), ms in med.items():
+        res["ms"].setdefault(n, {})[k] = ms
+    for n, row in res["ms"].items():
+        row["training_step"] = (row["fwd+dh"] if n == "current" else row["fwd"] + row["dh"]) + row["dw"]
+    base = cut_ce.CONFIGS["fwd_dh"]
+    res["fwd_dh_tiles"] = {}
+    for cfg in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 64, 4, 4)):
+        cut_ce.CONFIGS["fwd_dh"] = cfg
+        try:
+            m = time_all({("tile", i): {"fwd+dh": (lambda s=s: cut_ce.lce_forward_dh(s[0], s[1], s[2]))}
+                          for i, s in enumerate(sets)})
+            res["fwd_dh_tiles"][str(cfg)] = m[("tile", "fwd+dh")]
+        except Exception as e:  # noqa: BLE001 - a tile shape that does not compile is recorded, not fatal
+            res["fwd_dh_tiles"][str(cfg)] = f"{type(e).__name__}: {str(e)[:200]}"
+    cut_ce.CONFIGS["fwd_dh"] = base
     atomic_write_json(out, res)
-    print(json.dumps(res["checks"], indent=1))
-    print(f"{'kernel':8} {'v1 ms':>8} {'current ms':>11} {'ratio':>6}")
-    for k in ("fwd", "dh", "dw", "total_median"):
-        v1 = res["ms"]["v1"][k]["median"] if k != "total_median" else res["ms"]["v1"][k]
-        cu = res["ms"]["current"][k]["median"] if k != "total_median" else res["ms"]["current"][k]
-        print(f"{k:8} {v1:8.3f} {cu:11.3f} {v1 / cu:6.3f}")
+    for n, row in res["ms"].items():
+        print(n, {k: round(v, 3) for k, v in row.items()})
+    print("fwd+dh tiles (BM, BV, warps, stages):", res["fwd_dh_tiles"])
 
 
 if __name__ == "__main__":

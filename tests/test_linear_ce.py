@@ -170,8 +170,16 @@ for V, K, chunk, impl in ((97, 24, 8, "triton"), (5000, 24, 16, "triton"), (97, 
     l1 = linear_cross_entropy(h, W, t, chunk=chunk, impl=impl); (l1 * 2).backward()
     g1 = (h.grad.clone(), W.grad.clone()); h.grad = W.grad = None
     l2 = reference_cross_entropy(h, W, t); (l2 * 2).backward()
+    gref = (h.grad.clone(), W.grad.clone()); h.grad = W.grad = None
+    with torch.no_grad():  # the forward alone
+        l3 = linear_cross_entropy(h, W, t, chunk=chunk, impl=impl)
+    h.requires_grad_(False)  # only the weight's gradient
+    (linear_cross_entropy(h, W, t, chunk=chunk, impl=impl) * 2).backward()
+    gw_only = W.grad.clone(); h.requires_grad_(True); h.grad = W.grad = None
     out.append({"impl": impl, "loss": abs(float(l1.detach()) - float(l2.detach())),
-                "gh": float((g1[0] - h.grad).abs().max()), "gw": float((g1[1] - W.grad).abs().max()),
+                "loss_nograd": abs(float(l3) - float(l2.detach())),
+                "gh": float((g1[0] - gref[0]).abs().max()), "gw": float((g1[1] - gref[1]).abs().max()),
+                "gw_only": float((gw_only - gref[1]).abs().max()),
                 "ignored_zero": bool((g1[0][t == -1] == 0).all())})
 print("RESULTS " + json.dumps(out))
 """
@@ -193,7 +201,8 @@ def test_triton_kernels_interpreted():
     res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULTS ")][-1][8:])
     assert [r["impl"] for r in res].count("cut") == 3
     for r in res:
-        assert r["loss"] < 1e-4 and r["gh"] < 1e-5 and r["gw"] < 1e-5 and r["ignored_zero"], r
+        assert r["loss"] < 1e-4 and r["loss_nograd"] < 1e-4 and r["gh"] < 1e-5 and r["gw"] < 1e-5, r
+        assert r["gw_only"] < 1e-5 and r["ignored_zero"], r
 
 
 def test_cut_impl_refuses_wide_or_fp8_heads():

@@ -7,7 +7,9 @@ consumed there:
 * forward (one program per block of BM tokens, looping over the vocabulary): online max / sum-exp -> the
   log-sum-exp of every row; the target logit from the target's row of W, once; nothing of size N x V is stored.
 * backward, ``dh`` (per token block, looping over the vocabulary): recompute the tile, accumulate
-  ``(softmax * scale_row) @ W_tile``, and subtract ``scale_row * W[target]`` once at the end.
+  ``(softmax * scale_row) @ W_tile``, and subtract ``scale_row * W[target]`` once at the end. When the input
+  needs a gradient, :func:`lce_forward_dh` does this inside the forward's pass instead (online, against the
+  running maximum, as flash attention accumulates its output) and the backward only scales it.
 * backward, ``dW`` (per vocabulary block, looping over the tokens): recompute the tile and accumulate
   ``g^T @ h_tile``. Two kernels instead of one with atomics: the result is deterministic and the same on
   every run, which exact resume relies on.
@@ -101,6 +103,47 @@ def _lce_fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, xt_ptr, N, V, K, stride_h, str
 
 
 @triton.jit
+def _online_lse_dot(x, b, m, s, acc, IEEE: tl.constexpr):
+    """_online_lse, and acc (the exp(x - m)-weighted sum of b's rows) rescaled to the new maximum."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    alpha = tl.exp2((m - m_new) * LOG2E)
+    p = tl.exp2(x * LOG2E - (m_new * LOG2E)[:, None])
+    return m_new, s * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + _dot(p.to(b.dtype), b, IEEE)
+
+
+@triton.jit
+def _lce_fwd_dh_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, xt_ptr, dh_ptr, N, V, K, stride_h, stride_w, stride_dh,
+                       BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """The forward and the unscaled ``softmax @ W - W[t]`` in one pass over the vocabulary: the softmax-weighted
+    sum of W's rows is accumulated online against the running maximum (rescaled when it grows, as the running
+    sum is) and divided by the sum at the end, so each logit tile is computed once for both."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < N
+    ks = tl.arange(0, BK)
+    a = _load_tile(h_ptr, rows, rmask, stride_h, ks, K)
+    t = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    wt = _target_rows(w_ptr, t, rmask, V, stride_w, ks, K).to(tl.float32)
+    xt = tl.sum(a.to(tl.float32) * wt, axis=1)
+    m = tl.full((BM,), float("-inf"), tl.float32)
+    s = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, BK), tl.float32)
+    cv = tl.arange(0, BV)
+    v_full = (V // BV) * BV
+    for v0 in range(0, v_full, BV):  # whole tiles: no column mask on the logits
+        b = _load_tile(w_ptr, v0 + cv, v0 + cv < V, stride_w, ks, K)
+        m, s, acc = _online_lse_dot(_dot(a, tl.trans(b), IEEE), b, m, s, acc, IEEE)
+    if v_full < V:  # the last, partial tile: columns past V at -inf add nothing (their rows of W are zeros)
+        cols = v_full + cv
+        cmask = cols < V
+        b = _load_tile(w_ptr, cols, cmask, stride_w, ks, K)
+        x = tl.where(cmask[None, :], _dot(a, tl.trans(b), IEEE), float("-inf"))
+        m, s, acc = _online_lse_dot(x, b, m, s, acc, IEEE)
+    tl.store(lse_ptr + rows, m + tl.log(s), mask=rmask)
+    tl.store(xt_ptr + rows, xt, mask=rmask)
+    _store_tile(dh_ptr, rows, rmask, stride_dh, ks, K, acc / s[:, None] - wt)
+
+
+@triton.jit
 def _lce_bwd_dh_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dh_ptr, N, V, K, stride_h, stride_w, stride_dh,
                        BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
     """dh = sc * (softmax @ W - W[t]): the softmax part over the vocabulary tiles, the one-hot part once at the
@@ -146,7 +189,7 @@ def _lce_bwd_dw_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dw_ptr, N, V, K, st
 
 # (BM, BV, num_warps, num_stages) per kernel; chosen on an H100 at N=32768, V=200005, K=128
 # (scripts/device_cut_ce.py records the alternatives).
-CONFIGS = {"fwd": (128, 128, 8, 3), "dh": (64, 128, 4, 3), "dw": (128, 128, 8, 3)}
+CONFIGS = {"fwd": (128, 128, 8, 3), "dh": (64, 128, 4, 3), "dw": (128, 128, 8, 3), "fwd_dh": (128, 64, 8, 3)}
 
 
 def _bk(K: int) -> int:
@@ -187,6 +230,23 @@ def lce_forward(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor):
     _lce_fwd_kernel[(triton.cdiv(N, BM),)](h, W, targets.contiguous(), lse, xt, N, V, K, h.stride(0), W.stride(0),
                                            BM=BM, BV=BV, BK=_bk(K), IEEE=h.dtype == torch.float32, **kw)
     return lse, xt
+
+
+def lce_forward_dh(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor):
+    """The forward together with the input gradient up to its per-row scale: -> (lse [N], target_logit [N],
+    dh1 [N, K]) in FP32 with ``dh1_i = softmax(h_i W^T) @ W - W[t_i]`` (``- W[t_i]`` only for targets in
+    [0, V)); ``row_scale[:, None] * dh1`` is lce_backward's dh. One pass over the vocabulary instead of two."""
+    h, W = _prep(h, W)
+    N, K = h.shape
+    V = W.shape[0]
+    lse = torch.empty(N, dtype=torch.float32, device=h.device)
+    xt = torch.empty(N, dtype=torch.float32, device=h.device)
+    dh1 = torch.empty(N, K, dtype=torch.float32, device=h.device)
+    BM, BV, kw = _launch_args("fwd_dh", _interpreting())
+    _lce_fwd_dh_kernel[(triton.cdiv(N, BM),)](h, W, targets.contiguous(), lse, xt, dh1, N, V, K, h.stride(0),
+                                              W.stride(0), dh1.stride(0), BM=BM, BV=BV, BK=_bk(K),
+                                              IEEE=h.dtype == torch.float32, **kw)
+    return lse, xt, dh1
 
 
 def lce_backward(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, row_scale: torch.Tensor,
