@@ -348,6 +348,27 @@ def test_sync_keeps_a_nan_flag_that_the_all_reduce_drops(monkeypatch):
         fp8_check(net)
 
 
+def test_sync_counts_a_nan_once_when_the_all_reduce_keeps_it(monkeypatch):
+    """When every rank saw the NaN, the MAX all-reduce keeps it in the history; sync_fp8_amax has already
+    counted it into the flag, so fp8_step must not count it a second time."""
+    import torch.distributed as dist
+
+    from yxanul.distributed import sync_fp8_amax
+    m = _layer()
+    _pass(m, 1.0, 1.0)
+    fp8_step(m)
+    x = torch.randn(4, 32)
+    x[0, 0] = float("nan")
+    m(x).sum().backward()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: t)  # the other rank had NaN too
+    assert sync_fp8_amax(torch.nn.Sequential(m)) == 1
+    fp8_step(m)
+    assert m.nonfinite.tolist() == [1, 0, 0]
+    assert bool(torch.isfinite(m.scale_inv).all())
+
+
 def test_operand_that_stays_zero_stops_holding_the_layer_back():
     """A layer whose output gradient is always zero has no history-based scale for dy. After a whole history
     window of zeros its dy keeps scale 1 (Transformer Engine's initial scale) and the layer counts as fixed

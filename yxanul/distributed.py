@@ -298,6 +298,10 @@ def sync_fp8_amax(model: nn.Module, group=None) -> int:
     from .fp8.linear import _pending_nonfinite
     with torch.no_grad():
         torch._foreach_add_([m.nonfinite for m in mods], list(_pending_nonfinite(mods).unbind(0)))
+        # counted now: a NaN/Inf left in the row would be counted again by fp8_step when every rank had one
+        # (the MAX keeps it then). Zero is what the scale update makes of a non-finite entry anyway.
+        for m in mods:
+            torch.nan_to_num_(m.amax_history[0], nan=0.0, posinf=0.0, neginf=0.0)
     hist = [m.amax_history for m in mods]
     flat = torch.cat([h.reshape(-1).float() for h in hist])
     dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
