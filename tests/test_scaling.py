@@ -323,14 +323,12 @@ def test_delayed_nonfinite_flag_comes_from_the_amax_history(where):
         fp8_check(net)
 
 
-def test_sync_keeps_a_nan_flag_that_the_all_reduce_drops(monkeypatch):
-    """With data parallelism the amax histories are MAX-all-reduced before fp8_step; NCCL's max drops a NaN
-    unless every rank has one, so sync_fp8_amax folds this rank's non-finite flags in first."""
+def _nan_step_synced(monkeypatch, all_reduce):
+    """A delayed layer after one clean step and one with a NaN input, its histories through sync_fp8_amax
+    in a faked two-rank group whose MAX all-reduce is `all_reduce`."""
     import torch.distributed as dist
 
     from yxanul.distributed import sync_fp8_amax
-    from yxanul.errors import NonFiniteError
-    from yxanul.fp8.linear import fp8_check
     m = _layer()
     _pass(m, 1.0, 1.0)
     fp8_step(m)
@@ -339,9 +337,18 @@ def test_sync_keeps_a_nan_flag_that_the_all_reduce_drops(monkeypatch):
     m(x).sum().backward()
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: t.copy_(torch.nan_to_num(t, nan=1.0)))
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    assert sync_fp8_amax(torch.nn.Sequential(m)) == 1
+    return m
+
+
+def test_sync_keeps_a_nan_flag_that_the_all_reduce_drops(monkeypatch):
+    """With data parallelism the amax histories are MAX-all-reduced before fp8_step; NCCL's max drops a NaN
+    unless every rank has one, so sync_fp8_amax folds this rank's non-finite flags in first."""
+    from yxanul.errors import NonFiniteError
+    from yxanul.fp8.linear import fp8_check
+    m = _nan_step_synced(monkeypatch, lambda t, op=None, group=None: t.copy_(torch.nan_to_num(t, nan=1.0)))
     net = torch.nn.Sequential(m)
-    assert sync_fp8_amax(net) == 1
     assert torch.isfinite(m.amax_history).all()  # the other rank's finite maximum won
     fp8_step(m)
     with pytest.raises(NonFiniteError, match=r"0 \(x\)"):
@@ -351,19 +358,7 @@ def test_sync_keeps_a_nan_flag_that_the_all_reduce_drops(monkeypatch):
 def test_sync_counts_a_nan_once_when_the_all_reduce_keeps_it(monkeypatch):
     """When every rank saw the NaN, the MAX all-reduce keeps it in the history; sync_fp8_amax has already
     counted it into the flag, so fp8_step must not count it a second time."""
-    import torch.distributed as dist
-
-    from yxanul.distributed import sync_fp8_amax
-    m = _layer()
-    _pass(m, 1.0, 1.0)
-    fp8_step(m)
-    x = torch.randn(4, 32)
-    x[0, 0] = float("nan")
-    m(x).sum().backward()
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: t)  # the other rank had NaN too
-    assert sync_fp8_amax(torch.nn.Sequential(m)) == 1
+    m = _nan_step_synced(monkeypatch, lambda t, op=None, group=None: t)  # the other rank had a NaN too
     fp8_step(m)
     assert m.nonfinite.tolist() == [1, 0, 0]
     assert bool(torch.isfinite(m.scale_inv).all())
