@@ -6,9 +6,10 @@
   against quantizing the weights in the graph at every forward (graph).
 
 First the GPU tests of the layers and kernels, then training throughput of Yxanul-197M (16 x 2048, CUDA graphs,
-profiles) for bf16, fp8-blockwise with each quantizer path, fp8-delayed with each weight path and fp8-head, all in
-one process so the ratios compare. Writes opt-in-paths.json (bench throughput's format; the opt-in rows are
-named "MODE/traced" and "MODE/static-weights") and the per-variant JSON into OUT_DIR.
+profiles) for bf16, fp8-blockwise with each quantizer path, fp8-delayed with each weight path and fp8-head; one
+GROUP per process, so the ratios within a group compare. Writes opt-in-paths-GROUP.json (bench throughput's
+format; the opt-in rows are named "MODE/traced" and "MODE/static-weights") and the per-variant JSON
+(variant-GROUP-NAME.json) into OUT_DIR.
 Usage: python scripts/device_opt_in_paths.py OUT_DIR [MODEL BATCH [GROUP]]
 GROUP (default all) is one of: all; blockwise (bf16 and fp8-blockwise with each quantizer path); delayed (bf16 and
 fp8-delayed with each weight path); each group fits one 10-minute device call. The GPU tests run with all and
@@ -50,7 +51,7 @@ for name, env, modes, suffix in variants:
         os.environ.pop(k, None)
     os.environ.update(env)
     print(f"== {name} {env}", file=sys.stderr, flush=True)
-    res = run_throughput(modes=modes, json_out=os.path.join(out, f"variant-{name}.json"), **common)
+    res = run_throughput(modes=modes, json_out=os.path.join(out, f"variant-{group}-{name}.json"), **common)
     first = first or res
     for r in res["rows"]:
         rows.append(dict(r, mode=r["mode"] + suffix))

@@ -172,7 +172,7 @@ for V, K, chunk, impl in ((97, 24, 8, "triton"), (5000, 24, 16, "triton"), (97, 
     l2 = reference_cross_entropy(h, W, t); (l2 * 2).backward()
     gref = (h.grad.clone(), W.grad.clone()); h.grad = W.grad = None
     with torch.no_grad():  # the forward alone
-        l3 = linear_cross_entropy(h, W, t, chunk=chunk, impl=impl)
+        l3 = linear_cross_entropy(h.detach(), W.detach(), t, chunk=chunk, impl=impl)
     h.requires_grad_(False)  # only the weight's gradient
     (linear_cross_entropy(h, W, t, chunk=chunk, impl=impl) * 2).backward()
     gw_only = W.grad.clone(); h.requires_grad_(True); h.grad = W.grad = None
@@ -181,6 +181,37 @@ for V, K, chunk, impl in ((97, 24, 8, "triton"), (5000, 24, 16, "triton"), (97, 
                 "gh": float((g1[0] - gref[0]).abs().max()), "gw": float((g1[1] - gref[1]).abs().max()),
                 "gw_only": float((gw_only - gref[1]).abs().max()),
                 "ignored_zero": bool((g1[0][t == -1] == 0).all())})
+# the cut kernels one by one against float64, including the public grad-h kernel, and a head whose logits are
+# all about -100 (a zero logit past V would overflow exp there), V = 33 against tiles of 32
+from yxanul.kernels import cut_ce
+from yxanul.kernels.linear_ce import _CutLinearCrossEntropy
+for V, K, shift in ((97, 24, 0.0), (96, 32, 0.0), (33, 16, -100.0)):
+    g = torch.Generator().manual_seed(V + K)
+    h = torch.randn(37, K, generator=g) * 0.3
+    W = torch.randn(V, K, generator=g) * 0.3
+    h[:, 0] = 1.0; W[:, 0] = shift
+    t = torch.randint(0, V, (37,), generator=g); t[::5] = -1; t[3] = V - 1
+    sc = (t >= 0).double() / 7
+    x = h.double() @ W.double().t()
+    lse_r = torch.logsumexp(x, 1)
+    xt_r = torch.where(t >= 0, x.gather(1, t.clamp_min(0)[:, None])[:, 0], torch.zeros_like(lse_r))
+    gr = torch.softmax(x, 1)
+    gr[(t >= 0).nonzero()[:, 0], t[t >= 0]] -= 1
+    gr *= sc[:, None]
+    dh_r, dw_r = gr @ W.double(), gr.t() @ h.double()
+    lse, xt = cut_ce.lce_forward(h, W, t)
+    lse2, xt2, dh1 = cut_ce.lce_forward_dh(h, W, t)
+    dh, dw = cut_ce.lce_backward(h, W, t, lse, sc.float())
+    hq = h.clone().requires_grad_()
+    l4 = _CutLinearCrossEntropy.apply(hq, W, t, -1, torch.float32, False)  # h's gradient left to the backward
+    l4.backward()
+    out.append({"impl": f"kernels V={V} K={K} shift={shift}", "scale": 1.0 + abs(shift),
+                "fwd": max(float((lse - lse_r).abs().max()), float((xt - xt_r).abs().max())),
+                "fwd_dh": max(float((lse2 - lse_r).abs().max()), float((xt2 - xt_r).abs().max()),
+                              float((dh1 * sc[:, None] - dh_r).abs().max())),
+                "bwd": max(float((dh - dh_r).abs().max()), float((dw - dw_r).abs().max())),
+                "late_dh": float((hq.grad - dh_r * 7 / float((t >= 0).sum())).abs().max()),
+                "finite": bool(torch.isfinite(dh).all() and torch.isfinite(dh1).all() and torch.isfinite(dw).all())})
 print("RESULTS " + json.dumps(out))
 """
 
@@ -200,7 +231,16 @@ def test_triton_kernels_interpreted():
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULTS ")][-1][8:])
     assert [r["impl"] for r in res].count("cut") == 3
+    kern = [r for r in res if r["impl"].startswith("kernels")]
+    assert len(kern) == 3
+    for r in kern:
+        # FP32 exponentials of logits near -100 carry about 1e-5 relative error; gradients of that size of head
+        # are differences of such terms, so the bound grows with the logits' magnitude
+        tol = 2e-5 * r["scale"]
+        assert r["finite"] and r["fwd"] < tol and r["fwd_dh"] < tol and r["bwd"] < tol and r["late_dh"] < tol, r
     for r in res:
+        if r in kern:
+            continue
         assert r["loss"] < 1e-4 and r["loss_nograd"] < 1e-4 and r["gh"] < 1e-5 and r["gw"] < 1e-5, r
         assert r["gw_only"] < 1e-5 and r["ignored_zero"], r
 
@@ -239,3 +279,34 @@ def test_fused_loss_inside_a_compiled_model_matches_eager(tiny_cfg):
     torch._dynamo.reset()
     got = torch.compile(m, backend="aot_eager")(x, x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cut_launch_halves_the_tile_when_a_gpu_runs_out_of_resources(monkeypatch):
+    """The tile configurations were chosen at K = 128; a wider head that does not fit retries with half the
+    program's tile (and two pipeline stages) instead of failing, and gives up below 16."""
+    pytest.importorskip("triton")
+    from yxanul.kernels import cut_ce
+    monkeypatch.setattr(cut_ce, "_interpreting", lambda: False)
+    err = cut_ce._out_of_resources()
+    calls = []
+
+    class Kernel:
+        def __init__(self, fits):
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            def run(*args, BM, BV, num_warps, num_stages, **meta):
+                calls.append((grid, BM, BV, num_stages))
+                if not self.fits(BM, BV):
+                    raise err(232448, 232448, "shared memory") if err is not RuntimeError else err("out")
+            return run
+
+    cut_ce._launch("fwd_dh", Kernel(lambda bm, bv: bm <= 32), 1000, ())
+    bm, bv, _, ns = cut_ce.CONFIGS["fwd_dh"]
+    assert calls[0] == ((-(-1000 // bm),), bm, bv, ns)
+    assert calls[-1] == ((-(-1000 // 32),), 32, bv, 2) and len(calls) == 3
+    calls.clear()
+    cut_ce._launch("dw", Kernel(lambda bm, bv: bv <= 64), 500, ())
+    assert [c[2] for c in calls] == [cut_ce.CONFIGS["dw"][1], 64] and calls[-1][0] == (-(-500 // 64),)
+    with pytest.raises(err):
+        cut_ce._launch("fwd", Kernel(lambda bm, bv: False), 10, ())

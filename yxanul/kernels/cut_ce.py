@@ -147,7 +147,8 @@ def _lce_fwd_dh_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, xt_ptr, dh_ptr, N, V, K, st
 def _lce_bwd_dh_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dh_ptr, N, V, K, stride_h, stride_w, stride_dh,
                        BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
     """dh = sc * (softmax @ W - W[t]): the softmax part over the vocabulary tiles, the one-hot part once at the
-    end. Columns past V need no mask: their rows of W load as zeros, so they add nothing."""
+    end. Only the last, partial tile masks its columns: past V the logit is 0, whose exponential overflows
+    when a row's log-sum-exp is below about -88 (Inf times W's zero rows would be NaN)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < N
     ks = tl.arange(0, BK)
@@ -156,10 +157,16 @@ def _lce_bwd_dh_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dh_ptr, N, V, K, st
     lse2 = (lse * LOG2E)[:, None]
     acc = tl.zeros((BM, BK), tl.float32)
     cv = tl.arange(0, BV)
-    for v0 in range(0, V, BV):
-        cols = v0 + cv
-        b = _load_tile(w_ptr, cols, cols < V, stride_w, ks, K)
+    v_full = (V // BV) * BV
+    for v0 in range(0, v_full, BV):
+        b = _load_tile(w_ptr, v0 + cv, v0 + cv < V, stride_w, ks, K)
         p = tl.exp2(_dot(a, tl.trans(b), IEEE) * LOG2E - lse2) * sc[:, None]
+        acc += _dot(p.to(b.dtype), b, IEEE)
+    if v_full < V:
+        cols = v_full + cv
+        cmask = cols < V
+        b = _load_tile(w_ptr, cols, cmask, stride_w, ks, K)
+        p = tl.where(cmask[None, :], tl.exp2(_dot(a, tl.trans(b), IEEE) * LOG2E - lse2) * sc[:, None], 0.0)
         acc += _dot(p.to(b.dtype), b, IEEE)
     acc -= sc[:, None] * _target_rows(w_ptr, t, rmask, V, stride_w, ks, K).to(tl.float32)
     _store_tile(dh_ptr, rows, rmask, stride_dh, ks, K, acc)
@@ -203,6 +210,29 @@ def _launch_args(name: str, interpret: bool):
     return BM, BV, ({} if interpret else {"num_warps": nw, "num_stages": ns})
 
 
+def _out_of_resources():
+    errors = getattr(triton.runtime, "errors", None)
+    return getattr(errors, "OutOfResources", None) or getattr(triton, "OutOfResources", RuntimeError)
+
+
+def _launch(name: str, kernel, n: int, args: tuple, **meta) -> None:
+    """Run `kernel` with CONFIGS[name] over the programs that cover n rows (tokens; vocabulary rows for "dw").
+    The configurations were chosen at K = 128; where a wider head does not fit a GPU's shared memory or
+    registers, the program's tile is halved (and the pipeline made two-stage) until it does."""
+    BM, BV, kw = _launch_args(name, _interpreting())
+    while True:
+        tile = BV if name == "dw" else BM
+        try:
+            kernel[(triton.cdiv(n, tile),)](*args, BM=BM, BV=BV, **meta, **kw)
+            return
+        except _out_of_resources():
+            if tile <= 16:
+                raise
+            BM, BV = (BM, BV // 2) if name == "dw" else (BM // 2, BV)
+            if kw:
+                kw = dict(kw, num_stages=2)
+
+
 def _interpreting() -> bool:
     import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -225,10 +255,8 @@ def lce_forward(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor):
     V = W.shape[0]
     lse = torch.empty(N, dtype=torch.float32, device=h.device)
     xt = torch.empty(N, dtype=torch.float32, device=h.device)
-    interp = _interpreting()
-    BM, BV, kw = _launch_args("fwd", interp)
-    _lce_fwd_kernel[(triton.cdiv(N, BM),)](h, W, targets.contiguous(), lse, xt, N, V, K, h.stride(0), W.stride(0),
-                                           BM=BM, BV=BV, BK=_bk(K), IEEE=h.dtype == torch.float32, **kw)
+    _launch("fwd", _lce_fwd_kernel, N, (h, W, targets.contiguous(), lse, xt, N, V, K, h.stride(0), W.stride(0)),
+            BK=_bk(K), IEEE=h.dtype == torch.float32)
     return lse, xt
 
 
@@ -242,10 +270,8 @@ def lce_forward_dh(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor):
     lse = torch.empty(N, dtype=torch.float32, device=h.device)
     xt = torch.empty(N, dtype=torch.float32, device=h.device)
     dh1 = torch.empty(N, K, dtype=torch.float32, device=h.device)
-    BM, BV, kw = _launch_args("fwd_dh", _interpreting())
-    _lce_fwd_dh_kernel[(triton.cdiv(N, BM),)](h, W, targets.contiguous(), lse, xt, dh1, N, V, K, h.stride(0),
-                                              W.stride(0), dh1.stride(0), BM=BM, BV=BV, BK=_bk(K),
-                                              IEEE=h.dtype == torch.float32, **kw)
+    _launch("fwd_dh", _lce_fwd_dh_kernel, N, (h, W, targets.contiguous(), lse, xt, dh1, N, V, K, h.stride(0),
+                                              W.stride(0), dh1.stride(0)), BK=_bk(K), IEEE=h.dtype == torch.float32)
     return lse, xt, dh1
 
 
@@ -259,16 +285,13 @@ def lce_backward(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, lse: t
     t = targets.contiguous()
     sc = row_scale.float().contiguous()
     ieee = h.dtype == torch.float32
-    interp = _interpreting()
     dh = dw = None
     if need_h:
         dh = torch.empty_like(h)
-        BM, BV, kw = _launch_args("dh", interp)
-        _lce_bwd_dh_kernel[(triton.cdiv(N, BM),)](h, W, t, lse, sc, dh, N, V, K, h.stride(0), W.stride(0),
-                                                  dh.stride(0), BM=BM, BV=BV, BK=_bk(K), IEEE=ieee, **kw)
+        _launch("dh", _lce_bwd_dh_kernel, N, (h, W, t, lse, sc, dh, N, V, K, h.stride(0), W.stride(0),
+                                              dh.stride(0)), BK=_bk(K), IEEE=ieee)
     if need_w:
         dw = torch.empty(V, K, dtype=torch.float32, device=h.device)
-        BM, BV, kw = _launch_args("dw", interp)
-        _lce_bwd_dw_kernel[(triton.cdiv(V, BV),)](h, W, t, lse, sc, dw, N, V, K, h.stride(0), W.stride(0),
-                                                  dw.stride(0), BM=BM, BV=BV, BK=_bk(K), IEEE=ieee, **kw)
+        _launch("dw", _lce_bwd_dw_kernel, V, (h, W, t, lse, sc, dw, N, V, K, h.stride(0), W.stride(0),
+                                              dw.stride(0)), BK=_bk(K), IEEE=ieee)
     return dh, dw

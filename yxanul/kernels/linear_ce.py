@@ -22,6 +22,7 @@ compute-dtype operands (a straight-through estimator for the head's quantization
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +98,13 @@ def _add_wgrad(grad_W: torch.Tensor, gt: torch.Tensor, hc: torch.Tensor) -> None
         try:
             torch.addmm(grad_W, gt, hc, out_dtype=grad_W.dtype, out=grad_W)
             return
-        except (RuntimeError, TypeError):  # an older torch or cuBLAS without the FP32-output overload
+        except (RuntimeError, TypeError, NotImplementedError) as e:
+            # refused before any work (argument checks); running out of memory or a device fault is not a refusal
+            if isinstance(e, torch.cuda.OutOfMemoryError) or type(e).__name__ == "AcceleratorError":
+                raise
             _FP32_ADDMM[0] = False
+            warnings.warn(f"linear cross-entropy: torch.addmm with an FP32 output is not available here ({e}); "
+                          "adding each chunk's weight gradient in a separate pass", RuntimeWarning, stacklevel=2)
     grad_W.add_(gt @ hc)
 
 
@@ -152,7 +158,7 @@ class _CutLinearCrossEntropy(torch.autograd.Function):
     backward; the weight's gradient in the backward."""
 
     @staticmethod
-    def forward(ctx, h, W, targets, ignore_index, cdtype):
+    def forward(ctx, h, W, targets, ignore_index, cdtype, grad_h_now):
         from .cut_ce import lce_forward, lce_forward_dh
         with torch.autocast(h.device.type, enabled=False):
             hc, Wc = h.to(cdtype).contiguous(), W.to(cdtype).contiguous()
@@ -160,7 +166,7 @@ class _CutLinearCrossEntropy(torch.autograd.Function):
             t = torch.where(valid, targets, torch.full_like(targets, -1))
             if t.is_cuda:  # an id outside [0, V) would silently give loss = log-sum-exp; fail on the device
                 torch._assert_async(((t >= -1) & (t < Wc.shape[0])).all())
-            if ctx.needs_input_grad[0]:  # h's gradient up to its scale, in the forward's pass over the vocabulary
+            if grad_h_now:  # h's gradient up to its scale, in the forward's pass over the vocabulary
                 lse, xt, dh1 = lce_forward_dh(hc, Wc, t)
             else:
                 (lse, xt), dh1 = lce_forward(hc, Wc, t), hc.new_empty(0)
@@ -176,8 +182,12 @@ class _CutLinearCrossEntropy(torch.autograd.Function):
         hc, Wc, t, lse, valid, n_valid, dh1 = ctx.saved_tensors
         sc = valid.float() * (go.float() / n_valid)
         _, dw = lce_backward(hc, Wc, t, lse, sc, need_h=False, need_w=ctx.needs_input_grad[1])
-        dh = (dh1 * sc[:, None]).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        return dh, None if dw is None else dw.to(ctx.dtypes[1]), None, None, None
+        dh = None
+        if ctx.needs_input_grad[0]:
+            if dh1.numel() == 0:  # not computed in the forward (h did not need a gradient then)
+                dh1 = lce_backward(hc, Wc, t, lse, torch.ones_like(sc), need_w=False)[0].float()
+            dh = (dh1 * sc[:, None]).to(ctx.dtypes[0])
+        return dh, None if dw is None else dw.to(ctx.dtypes[1]), None, None, None, None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -303,7 +313,9 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
                               f"(got rank {W.shape[1]}, head_fp8={head_fp8})", key="impl")
         uses_triton(h, W, impl="triton")  # raises when Triton cannot run here
     if impl == "cut" or (impl == "auto" and cut_ok and h.is_cuda and W.is_cuda and uses_triton(h, W, impl="auto")):
-        return _CutLinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), cdtype)
+        # inside forward, needs_input_grad ignores no_grad: decide here whether h's gradient is wanted
+        grad_h_now = torch.is_grad_enabled() and h.requires_grad
+        return _CutLinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), cdtype, grad_h_now)
     use_triton = uses_triton(h, W, impl=impl)  # auto, triton or torch here
     return _LinearCrossEntropy.apply(h, W, targets.long(), int(ignore_index), int(chunk), cdtype, bool(head_fp8),
                                      use_triton)
