@@ -310,3 +310,31 @@ def test_cut_launch_halves_the_tile_when_a_gpu_runs_out_of_resources(monkeypatch
     assert [c[2] for c in calls] == [cut_ce.CONFIGS["dw"][1], 64] and calls[-1][0] == (-(-500 // 64),)
     with pytest.raises(err):
         cut_ce._launch("fwd", Kernel(lambda bm, bv: False), 10, ())
+
+
+def test_weight_gradient_accumulation_falls_back_once_and_keeps_real_errors(monkeypatch):
+    """_add_wgrad (chunked loss): where torch refuses addmm with an FP32 output, it warns once and adds a separate
+    product from then on; running out of memory is raised, not taken for a refusal."""
+    from yxanul.kernels import linear_ce
+    monkeypatch.setattr(linear_ce, "_FP32_ADDMM", [True])
+    monkeypatch.setattr(linear_ce, "_fp32_addmm_applies", lambda g, t: True)
+    real_addmm, calls = torch.addmm, []
+
+    def refusing(*a, **k):
+        calls.append(k.get("out_dtype"))
+        raise RuntimeError("expected mat1 and mat2 to have the same dtype")
+
+    monkeypatch.setattr(torch, "addmm", refusing)
+    g = torch.zeros(5, 3)
+    gt, hc = torch.randn(5, 4).bfloat16(), torch.randn(4, 3).bfloat16()
+    with pytest.warns(RuntimeWarning, match="FP32 output"):
+        linear_ce._add_wgrad(g, gt, hc)
+    linear_ce._add_wgrad(g, gt, hc)  # no second attempt, no second warning
+    assert calls == [torch.float32] and linear_ce._FP32_ADDMM == [False]
+    torch.testing.assert_close(g, 2 * (gt @ hc).float())
+    monkeypatch.setattr(linear_ce, "_FP32_ADDMM", [True])
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        linear_ce._add_wgrad(g, gt, hc)
+    assert linear_ce._FP32_ADDMM == [True]
+    monkeypatch.setattr(torch, "addmm", real_addmm)
