@@ -59,7 +59,8 @@ def _row_state(t_ptr, lse_ptr, sc_ptr, rows, rmask):
             tl.load(sc_ptr + rows, mask=rmask, other=0.0))
 
 
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x - c) = exp2(x * LOG2E - c * LOG2E): one FMA and the hardware exp2 per logit
+# exp(x - c) = exp2(x * LOG2E - c * LOG2E): one FMA and the hardware exp2 per logit
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -69,11 +70,24 @@ def _target_rows(w_ptr, t, rmask, V, stride_w, ks, K):
 
 
 @triton.jit
-def _online_lse(x, m, s):
-    """One [BM, BV] tile folded into the running row maximum m and sum s of exp(x - m)."""
+def _exp_minus(x, c):
+    """exp(x - c[:, None]) for a [BM, BV] tile and per-row c, as one FMA and exp2 per element."""
+    return tl.exp2(x * LOG2E - (c * LOG2E)[:, None])
+
+
+@triton.jit
+def _online_step(x, m):
+    """A [BM, BV] tile against the running row maximum m: (new maximum, factor rescaling what was summed
+    against m, exp(x - new maximum))."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
-    s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2(x * LOG2E - (m_new * LOG2E)[:, None]), axis=1)
-    return m_new, s
+    return m_new, tl.exp2((m - m_new) * LOG2E), _exp_minus(x, m_new)
+
+
+@triton.jit
+def _online_lse(x, m, s):
+    """One tile folded into the running row maximum m and sum s of exp(x - m)."""
+    m_new, alpha, p = _online_step(x, m)
+    return m_new, s * alpha + tl.sum(p, axis=1)
 
 
 @triton.jit
@@ -105,9 +119,7 @@ def _lce_fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, xt_ptr, N, V, K, stride_h, str
 @triton.jit
 def _online_lse_dot(x, b, m, s, acc, IEEE: tl.constexpr):
     """_online_lse, and acc (the exp(x - m)-weighted sum of b's rows) rescaled to the new maximum."""
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    alpha = tl.exp2((m - m_new) * LOG2E)
-    p = tl.exp2(x * LOG2E - (m_new * LOG2E)[:, None])
+    m_new, alpha, p = _online_step(x, m)
     return m_new, s * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + _dot(p.to(b.dtype), b, IEEE)
 
 
@@ -154,19 +166,18 @@ def _lce_bwd_dh_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dh_ptr, N, V, K, st
     ks = tl.arange(0, BK)
     a = _load_tile(h_ptr, rows, rmask, stride_h, ks, K)
     t, lse, sc = _row_state(t_ptr, lse_ptr, sc_ptr, rows, rmask)
-    lse2 = (lse * LOG2E)[:, None]
     acc = tl.zeros((BM, BK), tl.float32)
     cv = tl.arange(0, BV)
     v_full = (V // BV) * BV
     for v0 in range(0, v_full, BV):
         b = _load_tile(w_ptr, v0 + cv, v0 + cv < V, stride_w, ks, K)
-        p = tl.exp2(_dot(a, tl.trans(b), IEEE) * LOG2E - lse2) * sc[:, None]
+        p = _exp_minus(_dot(a, tl.trans(b), IEEE), lse) * sc[:, None]
         acc += _dot(p.to(b.dtype), b, IEEE)
     if v_full < V:
         cols = v_full + cv
         cmask = cols < V
         b = _load_tile(w_ptr, cols, cmask, stride_w, ks, K)
-        p = tl.where(cmask[None, :], tl.exp2(_dot(a, tl.trans(b), IEEE) * LOG2E - lse2) * sc[:, None], 0.0)
+        p = tl.where(cmask[None, :], _exp_minus(_dot(a, tl.trans(b), IEEE), lse) * sc[:, None], 0.0)
         acc += _dot(p.to(b.dtype), b, IEEE)
     acc -= sc[:, None] * _target_rows(w_ptr, t, rmask, V, stride_w, ks, K).to(tl.float32)
     _store_tile(dh_ptr, rows, rmask, stride_dh, ks, K, acc)
@@ -188,8 +199,8 @@ def _lce_bwd_dw_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, sc_ptr, dw_ptr, N, V, K, st
         rmask = rows < N
         a = _load_tile(h_ptr, rows, rmask, stride_h, ks, K)
         t, lse, sc = _row_state(t_ptr, lse_ptr, sc_ptr, rows, rmask)
-        p = tl.exp2(_dot(a, tl.trans(b), IEEE) * LOG2E - (lse * LOG2E)[:, None])
-        g = (p - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)) * sc[:, None]
+        onehot = tl.where(cols[None, :] == t[:, None], 1.0, 0.0)
+        g = (_exp_minus(_dot(a, tl.trans(b), IEEE), lse) - onehot) * sc[:, None]
         acc += _dot(tl.trans(g.to(a.dtype)), a, IEEE)
     _store_tile(dw_ptr, cols, cmask, stride_dw, ks, K, acc)
 
