@@ -25,18 +25,16 @@ out = sys.argv[1]
 model = sys.argv[2] if len(sys.argv) > 2 else "yxanul-197m"
 batch = int(sys.argv[3]) if len(sys.argv) > 3 else 16
 group = sys.argv[4] if len(sys.argv) > 4 else "all"
-groups = {  # group -> (name, environment, modes, suffix of the opt-in rows)
-    "all": (("default", {}, "bf16,fp8-blockwise,fp8-delayed,fp8-head", ""),
-            ("traced", {"YXANUL_BLOCK_QUANT": "traced"}, "fp8-blockwise", "/traced"),
-            ("static-weights", {"YXANUL_WEIGHT_CACHE": "step"}, "fp8-delayed", "/static-weights")),
-    "blockwise": (("default", {}, "bf16,fp8-blockwise", ""),
-                  ("traced", {"YXANUL_BLOCK_QUANT": "traced"}, "fp8-blockwise", "/traced")),
-    "delayed": (("default", {}, "bf16,fp8-delayed", ""),
-                ("static-weights", {"YXANUL_WEIGHT_CACHE": "step"}, "fp8-delayed", "/static-weights")),
+TRACED = ("traced", {"YXANUL_BLOCK_QUANT": "traced"}, "fp8-blockwise", "/traced")
+STATIC = ("static-weights", {"YXANUL_WEIGHT_CACHE": "step"}, "fp8-delayed", "/static-weights")
+groups = {  # group -> the default paths' modes, then the opt-in variants (name, environment, modes, row suffix)
+    "all": ("bf16,fp8-blockwise,fp8-delayed,fp8-head", TRACED, STATIC),
+    "blockwise": ("bf16,fp8-blockwise", TRACED),
+    "delayed": ("bf16,fp8-delayed", STATIC),
 }
 if group not in groups:
     sys.exit(f"error: GROUP must be one of {', '.join(groups)}, got {group!r}")
-variants = groups[group]
+variants = (("default", {}, groups[group][0], ""),) + groups[group][1:]
 os.makedirs(out, exist_ok=True)
 if group in ("all", "blockwise"):
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
