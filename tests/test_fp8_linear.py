@@ -544,9 +544,10 @@ def test_block_quant_path_setting_is_checked(monkeypatch):
 @pytest.mark.parametrize("K", [768, 2048])
 def test_blockwise_traced_quantizers_match_the_kernels_on_gpu(K):
     """Inductor's code for the traced 1 x 128 quantizers against the Triton kernels. On a BF16 tensor: the same
-    scales, values within one FP8 step (inductor's division rounds some differently). Fused into a producer, as in the model, the tile scales differ by up to one BF16 step (2^-8
-    relative; on an H200, with and without emulate_precision_casts), as from quantizing the producer's FP32
-    result without its BF16 rounding, and values by up to one FP8 step."""
+    scales, values within one FP8 step (some round differently). Fused into a producer, as in the model, the
+    tile scales differ by up to one BF16 step (2^-8 relative; on an H200, with and without
+    emulate_precision_casts), as from quantizing the producer's FP32 result without its BF16 rounding, and
+    values by up to one FP8 step."""
     from yxanul import kernels
     from yxanul.fp8.backends import quant_tiles_impl, quant_tiles_t_impl
     from yxanul.fp8.formats import get_format
