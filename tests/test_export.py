@@ -133,3 +133,61 @@ def test_fp8_export_loads_fp8_config(tmp_path):
         deq = (w.float().view(6, 128, 2, 128) * s[:, None, :, None]).reshape(768, 256)
         torch.testing.assert_close(deq, ref.layers[0].mlp.up_proj.weight.detach(), rtol=0.07, atol=1e-3)
     assert "model.norm.weight" in keys and (out / "generation_config.json").exists()
+
+
+def _build_like_transformers_fp8(folder):
+    """The model transformers' FineGrainedFP8 quantizer builds from a pre-quantized folder, weights loaded.
+
+    Uses transformers' own quantizer (its module replacement on the meta device; the FP8 kernel is never run),
+    then assigns the checkpoint tensors and ties the head as ``from_pretrained`` does.
+    """
+    from safetensors.torch import load_file
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    conf = transformers.AutoConfig.from_pretrained(folder)
+    quantizer = AutoHfQuantizer.from_config(conf.quantization_config, pre_quantized=True)
+    assert quantizer.quantization_config.dequantize is False
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(conf)
+    quantizer.preprocess_model(model)
+    sd = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return model, sd
+
+
+@pytest.mark.parametrize("overrides", [{}, {"embed_rank": 32}, {"tie_embeddings": False}])
+def test_fp8_export_builds_in_transformers_fp8_quantizer(tmp_path, overrides):
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    run, ref = make_run(tmp_path, overrides)
+    out = tmp_path / "hf8"
+    assert main(["export", str(run), "--out", str(out), "--fp8"]) == 0
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["modules_to_not_convert"] == ["lm_head"]   # tied or untied, the head stays a Linear
+    model, sd = _build_like_transformers_fp8(out)
+    fp8 = {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert len(fp8) == 7 * ref.cfg.n_layers and plain == ["lm_head"]
+    for n, m in fp8.items():   # every FP8 module finds its weight and weight_scale_inv, in the shapes it built
+        w, s = sd[n + ".weight"], sd[n + ".weight_scale_inv"]
+        assert w.dtype == m.weight.dtype == torch.float8_e4m3fn and w.shape == m.weight.shape, n
+        assert s.dtype == m.weight_scale_inv.dtype and s.shape == m.weight_scale_inv.shape, n
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    assert unexpected == []
+    model.tie_weights()
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]   # (rotary buffers are computed at init)
+    assert on_meta == [], on_meta
+    assert set(missing) <= ({"lm_head.weight"} if ref.cfg.tie_embeddings else set())
+
+
+def test_modules_to_not_convert_lists_every_unquantized_linear():
+    from yxanul.checkpoint.export import modules_to_not_convert
+
+    kept = ["model.embed_tokens.weight", "embeddings.tok.weight", "embeddings.proj.weight",
+            "model.layers.0.mlp.down_proj.weight", "lm_head.weight"]
+    assert modules_to_not_convert(kept, ["model.layers.0.mlp.up_proj.weight"]) == \
+        ["embeddings.proj", "lm_head", "model.layers.0.mlp.down_proj"]
+    # tied head: no weight of its own in the checkpoint, still listed; a quantized head is not
+    assert modules_to_not_convert(["model.embed_tokens.weight"], ["model.layers.0.mlp.up_proj.weight"]) == ["lm_head"]
+    assert modules_to_not_convert([], ["lm_head.weight"]) == []
