@@ -4,8 +4,11 @@ Every mode builds the same model from the same seed, trains on the same random t
 under BF16 autocast, excludes warm-up (and compilation) from the timing, and times ``steps`` optimizer steps
 with CUDA events (wall clock on a CPU). Modes:
 
-  bf16-plain          the model as a user would write it: autocast BF16, F.cross_entropy over the full FP32
-                      logits, fused AdamW, torch.compile of the whole model; nothing of this project's kernels
+  bf16-plain          the model as a user would write it (:mod:`yxanul.bench.plain`: separate linears,
+                      F.rms_norm, SDPA with enable_gqa, the factorized tied head, F.cross_entropy over FP32
+                      logits), autocast BF16, fused AdamW, torch.compile of the whole model, the faster of the
+                      compile modes in ``plain_compile_modes`` (default and reduce-overhead on CUDA); nothing of
+                      this project's kernels
   bf16                the project's best BF16 path: fused linear cross-entropy (no logits in memory), every
                       transformer block compiled (one shared graph)
   fp8                 the policy's FP8 linears with the fastest measured recipe (tensorwise; the default policy's
@@ -14,7 +17,8 @@ with CUDA events (wall clock on a CPU). Modes:
                       the same with that recipe
   fp8-head            fp8 plus the output head's GEMM in FP8 (tensorwise); the head then takes the chunked loss
   torchao-tensorwise, torchao-rowwise
-                      torchao.float8.convert_to_float8_training with that recipe, whole model compiled
+                      torchao.float8.convert_to_float8_training with that recipe on the plain model, whole
+                      model compiled; skipped with a note when torchao is not importable
 
 A mode that fails records its error in its row and the run goes on. The JSON file is rewritten after every
 mode, so an interrupted run keeps the finished rows.
@@ -94,6 +98,12 @@ class _Run:
         self.model = model
         self.notes = []
         fwd = model
+        if mode == "bf16-plain" or mode.startswith("torchao"):
+            from .plain import PlainLM
+
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = self.model = fwd = PlainLM(cfg)
         if mode == "bf16-plain":
             fwd = torch.compile(model, **ck) if compile_ else model
         elif mode == "bf16":
@@ -119,10 +129,7 @@ class _Run:
             if compile_:
                 compile_blocks(model, **ck)
         elif mode.startswith("torchao"):
-            try:
-                from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-            except Exception as e:  # noqa: BLE001
-                raise RuntimeError(f"torchao is not importable ({type(e).__name__}: {e})") from None
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
             rec = mode[len("torchao-"):]
             config = Float8LinearConfig.from_recipe_name(rec) if rec != "tensorwise" else Float8LinearConfig()
             convert_to_float8_training(
@@ -188,6 +195,40 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
     return ms, peak, warm_s, final, notes, prof
 
 
+def torchao_missing() -> str | None:
+    """Why torchao's float8 training cannot be imported here, or None when it can."""
+    try:
+        import torchao.float8  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a broken install raises more than ImportError
+        return f"torchao is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def plain_variants(compile_: bool, device, modes) -> list:
+    """The compile modes bf16-plain is timed with (the faster one is reported): eager without compile; on a
+    device without CUDA graphs only the first, since reduce-overhead adds nothing there."""
+    if not compile_:
+        return [None]
+    modes = [None if m == "default" else m for m in modes]
+    return modes if device.type == "cuda" else modes[:1]
+
+
+def _time_best(mode, variants, time_one, log):
+    """Time `mode` under each compile mode in `variants`; the fastest result, with every variant's tokens/s noted."""
+    results = []
+    for cm in variants:
+        if len(variants) > 1:
+            log(f"[{mode}] compile mode {cm or 'default'}")
+        res = time_one(cm)
+        results.append((cm, res))
+    best_cm, best = min(results, key=lambda r: r[1][0])
+    ms, pk, warm_s, final, notes, prof = best
+    if len(results) > 1:
+        notes = notes + [f"compile mode {best_cm or 'default'} (step ms: " +
+                         ", ".join(f"{cm or 'default'} {r[0]:.2f}" for cm, r in results) + ")"]
+    return ms, pk, warm_s, final, notes, prof
+
+
 def _ratios(rows):
     base = {r["mode"]: r["tokens_per_s"] for r in rows if r.get("tokens_per_s")}
     for r in rows:
@@ -199,8 +240,10 @@ def _ratios(rows):
 def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048, steps: int = 20, warmup: int = 5,
                    modes=DEFAULT_MODES, layers: int | None = None, compile: bool = True, device: str | None = None,
                    policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None,
-                   profile: int = 0, compile_mode: str | None = None, tune_kernels: bool = False) -> dict:
+                   profile: int = 0, compile_mode: str | None = None, tune_kernels: bool = False,
+                   plain_compile_modes=("default", "reduce-overhead")) -> dict:
     """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
+    ``plain_compile_modes``: the compile modes bf16-plain is timed with; the fastest is its row.
     ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`).
     ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph);
     ``tune_kernels``: inductor's coordinate-descent tuning of the generated kernels, for every compiled mode."""
@@ -224,6 +267,12 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of "
                           f"{', '.join(COMPILE_MODES)})", key="--compile-mode")
     compile_mode = None if compile_mode == "default" else compile_mode
+    plain_compile_modes = [m.strip() for m in (plain_compile_modes.split(",") if isinstance(plain_compile_modes, str)
+                                               else plain_compile_modes) if m.strip()]
+    bad = [m for m in plain_compile_modes if m not in COMPILE_MODES]
+    if bad or not plain_compile_modes:
+        raise YxanulError(f"unknown or no compile mode(s) {', '.join(bad)} (expected some of: "
+                          f"{', '.join(COMPILE_MODES)})", key="--plain-compile-modes")
     if tune_kernels and not compile:
         raise YxanulError("--tune-kernels needs torch.compile (drop --no-compile)", key="--tune-kernels")
     cfg = load_model_config(model)
@@ -263,12 +312,27 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         f"{(compile_mode or 'on') if compile else 'off'}")
     for mode in modes:
         row = _empty_row(mode)
+        if mode.startswith("torchao") and torchao_missing():
+            row["skipped"] = torchao_missing()
+            log(f"[{mode}] skipped: {row['skipped']}")
+            result["rows"].append(row)
+            if json_out:
+                atomic_write_json(json_out, result)
+            continue
         log(f"[{mode}] building and warming up ...")
         _free(dev)
         try:
             try:
-                ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup,
-                                                                log, profile, compile_mode, tune_kernels)
+                if mode == "bf16-plain":
+                    def one(cm):
+                        _free(dev)
+                        return _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, cm,
+                                          tune_kernels)
+                    ms, pk, warm_s, final, notes, prof = _time_best(
+                        mode, plain_variants(compile, dev, plain_compile_modes), one, log)
+                else:
+                    ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, compile, policy, x, y, steps,
+                                                                    warmup, log, profile, compile_mode, tune_kernels)
             except Exception as e:  # noqa: BLE001
                 if (not compile or compile_mode or tune_kernels or mode == "bf16-plain"
                         or isinstance(e, torch.cuda.OutOfMemoryError)):
@@ -311,8 +375,9 @@ def format_table(result: dict) -> str:
         return "-" if v is None else format(v, fmt)
     rows = []
     for r in result["rows"]:
-        if r.get("error"):
-            rows.append([r["mode"], "failed", "", "", "", "", "", r["error"][:80]])
+        if r.get("error") or r.get("skipped"):
+            rows.append([r["mode"], "failed" if r.get("error") else "skipped", "", "", "", "", "",
+                         (r.get("error") or r["skipped"])[:80]])
             continue
         rows.append([r["mode"], f(r["tokens_per_s"], ",.0f"), f(r["step_ms"], ".2f"), f(r["peak_mem_gib"], ".2f"),
                      f(r["mfu"] * 100 if r["mfu"] is not None else None, ".1f"),

@@ -33,6 +33,9 @@ def _throughput(bsub):
     p.add_argument("--tune-kernels", action="store_true",
                    help="inductor's coordinate-descent tuning of the generated kernels, for every compiled mode "
                         "(minutes more compile time)")
+    p.add_argument("--plain-compile-modes", default="default,reduce-overhead",
+                   help="compile modes bf16-plain is timed with, comma-separated; the fastest is its row "
+                        "(default: default,reduce-overhead; CPU: the first)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--peak-tflops", type=float, default=None, help="BF16 peak for MFU (default: from device name)")
     p.add_argument("--json-out", default=None, help="write the results JSON here (rewritten after every mode)")
@@ -56,7 +59,8 @@ def _run_throughput(args):
     result = run_throughput(model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                             modes=args.modes, layers=args.layers, compile=args.compile, device=args.device,
                             policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops,
-                            profile=args.profile, compile_mode=args.compile_mode, tune_kernels=args.tune_kernels)
+                            profile=args.profile, compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
+                            plain_compile_modes=args.plain_compile_modes)
     print(format_table(result), flush=True)
     if args.plot:
         plot(result, args.plot)
