@@ -159,3 +159,65 @@ def test_plain_takes_the_faster_compile_mode():
     fake = {None: (10.0, 30.0, 1.0, 2.0, [], None), "reduce-overhead": (8.0, 40.0, 1.0, 2.0, [], None)}
     ms, peak, _, _, notes, _ = _time_best("bf16-plain", [None, "reduce-overhead"], fake.__getitem__, lambda s: None)
     assert (ms, peak) == (8.0, 40.0) and "compile mode reduce-overhead" in notes[0] and "default 10.00" in notes[0]
+
+
+def test_width_sweep_json_and_png(tmp_path, capsys):
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    argv = ARGS + ["--modes", "bf16-plain,bf16,fp8-tensorwise,torchao-tensorwise", "--sweep", "d_model=128,256",
+                   "--json-out", str(out), "--plot", str(png)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["sweep"] == "d_model" and res["values"] == [128, 256]
+    pts = res["points"]
+    assert [(p["d_model"], p["n_heads"], p["n_kv_heads"]) for p in pts] == [(128, 2, 1), (256, 4, 2)]
+    assert pts[0]["params"] < pts[1]["params"] and all(p["batch"] == 2 for p in pts)   # CPU: the batch asked for
+    assert res["ratio_vs_bf16"]["bf16"] == [1.0, 1.0]
+    for i, p in enumerate(pts):
+        rows = {r["mode"]: r for r in p["result"]["rows"]}
+        assert p["result"]["model"] == f"tiny@d{p['d_model']}" and p["n_layers"] == 1   # --layers kept
+        tps = rows["fp8-tensorwise"]["tokens_per_s"] / rows["bf16"]["tokens_per_s"]
+        assert res["ratio_vs_bf16"]["fp8-tensorwise"][i] == pytest.approx(tps, rel=1e-3, abs=1e-4)
+        assert res["ratio_vs_bf16_plain"]["bf16-plain"][i] == 1.0
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        assert res["ratio_vs_bf16"]["torchao-tensorwise"] == [None, None]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "width sweep" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sweep", ["width=128", "d_model=", "d_model=100", "d_model=128,128", "d_model=x"])
+def test_sweep_bad_input(tmp_path, sweep, capsys):
+    out = tmp_path / "s.json"
+    assert main(ARGS + ["--modes", "bf16", "--sweep", sweep, "--json-out", str(out)]) == 2
+    assert not out.exists() and "--sweep" in capsys.readouterr().err
+
+
+def test_scaled_config_keeps_depth_and_scales_heads():
+    from yxanul.bench.throughput import scaled_config
+    from yxanul.config import load_model_config
+
+    base = load_model_config("yxanul-197m")
+    got = [(c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.embed_rank)
+           for c in (scaled_config(base, d) for d in (768, 1024, 1536, 2048))]
+    assert got == [(28, 12, 2, 2048, 128), (28, 16, 2, 2688, 128), (28, 24, 4, 4096, 128), (28, 32, 4, 5504, 128)]
+
+
+def test_sweep_batch_fits_the_memory_estimate():
+    from yxanul.bench.throughput import fitting_batch, scaled_config
+    from yxanul.config import load_model_config
+    from yxanul.memory import MemoryOptions, estimate
+    from yxanul.precision import load_policy
+
+    cfg = scaled_config(load_model_config("yxanul-197m"), 2048)
+    budget = 0.85 * 80e9
+
+    def need(b, fused):
+        return estimate(cfg, load_policy(), MemoryOptions(batch=b, seq=2048, precision="bf16", fused_ce=fused))[
+            "total_bytes"]
+
+    b = fitting_batch(cfg, None, 16, 2048, budget, ["bf16", "fp8"])
+    assert need(b, "on") <= budget < need(2 * b, "on") and b < 16
+    plain = fitting_batch(cfg, None, 16, 2048, budget, ["bf16-plain", "bf16"])   # full logits: a smaller batch
+    assert plain <= b and max(need(plain, "on"), need(plain, "off")) <= budget < need(2 * plain, "off")
+    assert fitting_batch(cfg, None, 16, 2048, None, ["bf16"]) == 16

@@ -275,7 +275,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                           f"{', '.join(COMPILE_MODES)})", key="--plain-compile-modes")
     if tune_kernels and not compile:
         raise YxanulError("--tune-kernels needs torch.compile (drop --no-compile)", key="--tune-kernels")
-    cfg = load_model_config(model)
+    from ..config import ModelConfig
+    cfg = model if isinstance(model, ModelConfig) else load_model_config(model)
     if layers is not None:
         if layers < 1:
             raise YxanulError(f"must be a positive integer, got {layers}", key="--layers")
@@ -403,6 +404,153 @@ def plot(result: dict, path) -> None:
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{result['model']}, {result['batch']}x{result['seq']}, {result['device']}", fontsize=9)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# width sweep: where FP8 starts to pay
+# ---------------------------------------------------------------------------------------------------------------
+SWEEP_KEYS = ("d_model",)
+SWEEP_MEMORY_FRACTION = 0.85   # the batch is the largest whose estimate fits this share of the GPU's memory
+
+
+def parse_sweep(text: str) -> tuple[str, list[int]]:
+    """``d_model=768,1024`` -> ("d_model", [768, 1024])."""
+    key, sep, vals = str(text).partition("=")
+    key = key.strip()
+    if not sep or key not in SWEEP_KEYS:
+        raise YxanulError(f"expected {'|'.join(SWEEP_KEYS)}=V1,V2,..., got {text!r}", key="--sweep")
+    try:
+        values = [int(v) for v in vals.split(",") if v.strip()]
+    except ValueError:
+        raise YxanulError(f"values must be integers, got {vals!r}", key="--sweep") from None
+    if not values or any(v <= 0 for v in values) or len(set(values)) != len(values):
+        raise YxanulError(f"needs distinct positive values, got {vals!r}", key="--sweep")
+    return key, values
+
+
+def scaled_config(cfg, d_model: int):
+    """`cfg` at width `d_model`: same depth, head size and embedding rank; query heads d_model / head_dim, KV heads
+    and the SwiGLU width scaled in proportion (KV heads rounded to a divisor of the query heads, the SwiGLU width
+    to a multiple of 128)."""
+    if d_model % cfg.head_dim:
+        raise YxanulError(f"{d_model} is not a multiple of the head size {cfg.head_dim}", key="--sweep")
+    heads = d_model // cfg.head_dim
+    kv = max(1, min(heads, round(cfg.n_kv_heads * heads / cfg.n_heads)))
+    while heads % kv:
+        kv -= 1
+    ffn = max(128, round(cfg.ffn_hidden * d_model / cfg.d_model / 128) * 128)
+    return dataclasses.replace(cfg, d_model=d_model, n_heads=heads, n_kv_heads=kv, ffn_hidden=ffn,
+                               name=f"{cfg.name}@d{d_model}").validate("--sweep")
+
+
+def fitting_batch(cfg, policy, batch: int, seq: int, budget_bytes: float | None, modes) -> int:
+    """The largest batch <= `batch` (halving) whose estimated training memory fits `budget_bytes` for every mode
+    in `modes` (the plain and torchao modes take full logits); `batch` itself without a budget."""
+    if budget_bytes is None:
+        return batch
+    from ..memory import MemoryOptions, estimate
+    from ..precision import load_policy
+
+    pol = load_policy(policy)
+    budget = budget_bytes
+    fused = ["on"] + (["off"] if any(m == "bf16-plain" or m.startswith("torchao") for m in modes) else [])
+    b = batch
+    while b > 1:
+        need = max(estimate(cfg, pol, MemoryOptions(batch=b, seq=seq, precision="bf16", device="cuda",
+                                                    fused_ce=f))["total_bytes"] for f in fused)
+        if need <= budget:
+            break
+        b //= 2
+    return b
+
+
+def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int = 2048, modes=DEFAULT_MODES,
+              device: str | None = None, policy: str | None = None, json_out=None, log=None, **kw) -> dict:
+    """Run :func:`run_throughput` at each width of `sweep` (``d_model=768,1024,...``) and collect each mode's
+    tokens/s ratio against the project's BF16 and plain BF16. The JSON is rewritten after every width."""
+    from ..config import load_model_config
+    from ..io import atomic_write_json
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    key, values = parse_sweep(sweep)
+    modes = parse_modes(",".join(modes) if not isinstance(modes, str) else modes)
+    if "bf16" not in modes:
+        raise YxanulError("a sweep compares against the project's bf16: include it in --modes", key="--modes")
+    base = load_model_config(model)
+    if kw.get("layers") is not None:
+        base = dataclasses.replace(base, n_layers=int(kw.pop("layers")))
+    kw.pop("layers", None)
+    cfgs = [scaled_config(base, v) for v in values]   # every width checked before any run
+    if json_out and Path(json_out).is_dir():
+        raise YxanulError("is a folder; give a file path for the JSON", source=str(json_out), key="--json-out")
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise YxanulError(f"unknown device {device!r} (expected cpu or cuda)", key="--device") from None
+    out = {"sweep": key, "values": values, "model": base.name, "seq": seq, "modes": modes, "points": [],
+           "ratio_vs_bf16": {m: [] for m in modes}, "ratio_vs_bf16_plain": {m: [] for m in modes}}
+    for v, cfg in zip(values, cfgs):
+        budget = (SWEEP_MEMORY_FRACTION * torch.cuda.get_device_properties(dev).total_memory
+                  if dev.type == "cuda" else None)
+        b = fitting_batch(cfg, policy, batch, seq, budget, modes)
+        log(f"== sweep {key}={v}: {cfg.n_heads} heads ({cfg.n_kv_heads} KV), SwiGLU {cfg.ffn_hidden}, batch {b}")
+        res = run_throughput(model=cfg, batch=b, seq=seq, modes=modes, device=device, policy=policy, log=log, **kw)
+        rows = {r["mode"]: r for r in res["rows"]}
+        for m in modes:
+            out["ratio_vs_bf16"][m].append(rows[m].get("ratio_vs_bf16"))
+            out["ratio_vs_bf16_plain"][m].append(rows[m].get("ratio_vs_bf16_plain"))
+        out["device"], out["torch"] = res["device"], res["torch"]
+        out["points"].append({key: v, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+                              "ffn_hidden": cfg.ffn_hidden, "params": _param_count(cfg), "batch": b, "result": res})
+        if json_out:
+            atomic_write_json(json_out, out)
+    return out
+
+
+def _param_count(cfg) -> int:
+    from ..model import Yxanul
+    with torch.device("meta"):
+        return sum(p.numel() for p in Yxanul(cfg).parameters())
+
+
+def format_sweep(res: dict) -> str:
+    from ..commands._common import table
+
+    key = res["sweep"]
+    head = [key, "params", "batch"] + [f"{m} / bf16" for m in res["modes"]]
+    rows = []
+    for i, p in enumerate(res["points"]):
+        rows.append([str(p[key]), f"{p['params']:,}", str(p["batch"])] +
+                    ["-" if res["ratio_vs_bf16"][m][i] is None else f"{res['ratio_vs_bf16'][m][i]:.3f}"
+                     for m in res["modes"]])
+    return (f"{res['model']} width sweep on {res.get('device', '?')}, seq {res['seq']}: tokens/s against the "
+            f"project's bf16\n" + table(rows, head, "l" + "r" * (len(head) - 1)))
+
+
+def plot_sweep(res: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+    key = res["sweep"]
+    xs = [p[key] for p in res["points"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m in res["modes"]:
+        pts = [(x, r) for x, r in zip(xs, res["ratio_vs_bf16"][m]) if r is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
+                    linestyle="--" if m == "bf16" else "-")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel(key)
+    ax.set_ylabel("tokens/s vs project bf16")
+    ax.set_xticks(xs)
+    ax.set_title(f"{res['model']} width sweep, seq {res['seq']}, {res.get('device', '')}", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
