@@ -191,3 +191,25 @@ def test_modules_to_not_convert_lists_every_unquantized_linear():
     # tied head: no weight of its own in the checkpoint, still listed; a quantized head is not
     assert modules_to_not_convert(["model.embed_tokens.weight"], ["model.layers.0.mlp.up_proj.weight"]) == ["lm_head"]
     assert modules_to_not_convert([], ["lm_head.weight"]) == []
+
+
+def test_quantize_of_tied_hf_folder_keeps_the_head_and_skipped_linears(tmp_path):
+    """`yxanul quantize` of a BF16 folder with config.json: the tied head and --skip'ped linears are listed, and
+    transformers' FP8 quantizer builds a model whose every FP8 module is in the checkpoint."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    run, ref = make_run(tmp_path, {"embed_rank": 32})
+    bf16, out = tmp_path / "hf", tmp_path / "q"
+    export_hf(run, bf16)
+    assert main(["quantize", str(bf16), str(out), "--skip", "model.layers.1.mlp.down_proj"]) == 0
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["modules_to_not_convert"] == ["lm_head", "model.layers.1.mlp.down_proj"]
+    model, sd = _build_like_transformers_fp8(out)
+    kept = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert sorted(kept) == ["lm_head", "model.layers.1.mlp.down_proj"]
+    for n, m in model.named_modules():
+        if isinstance(m, FP8Linear):
+            assert sd[n + ".weight"].dtype == torch.float8_e4m3fn and n + ".weight_scale_inv" in sd, n
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    assert not [n for n, p in model.named_parameters() if p.is_meta]
