@@ -41,7 +41,12 @@ def fresh_run(root: Path, model: str) -> Path:
 def load(folder: Path, device: str):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map=device).eval()
+    from packaging.version import Version
+
+    # BF16 for the unquantized tensors (4.x loads FP32 unless told; `dtype` replaced `torch_dtype` in 4.56)
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map=device,
+                                                              **{key: torch.bfloat16}).eval()
     kinds: dict[str, int] = {}
     for mod in model.modules():
         if isinstance(mod, torch.nn.Linear):

@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: F401  (the plain mode's loss lives in Y
 from ..errors import YxanulError
 from ..flops import flops_per_token, peak_flops
 from . import DEFAULT_MODES, MODES
+from .plain import PlainLM
 
 # the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md: delayed
 # 1.00x bf16 against tensorwise's 0.97x, both under CUDA graphs); the policy decides which linears are FP8, the
@@ -93,17 +94,11 @@ class _Run:
         # CUDA graphs (reduce-overhead) replay a step's kernels without launching them one by one
         self.graphs = bool(compile_ and compile_mode_uses_cuda_graphs(compile_mode))
         torch.manual_seed(0)
-        with torch.device(device):
-            model = Yxanul(cfg)
+        with torch.device(device):  # the plain and torchao modes train the plain model
+            model = PlainLM(cfg) if mode == "bf16-plain" or mode.startswith("torchao") else Yxanul(cfg)
         self.model = model
         self.notes = []
         fwd = model
-        if mode == "bf16-plain" or mode.startswith("torchao"):
-            from .plain import PlainLM
-
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = self.model = fwd = PlainLM(cfg)
         if mode == "bf16-plain":
             fwd = torch.compile(model, **ck) if compile_ else model
         elif mode == "bf16":
