@@ -213,3 +213,24 @@ def test_quantize_of_tied_hf_folder_keeps_the_head_and_skipped_linears(tmp_path)
     model.load_state_dict(sd, strict=False, assign=True)
     model.tie_weights()
     assert not [n for n, p in model.named_parameters() if p.is_meta]
+
+
+@pytest.mark.gpu
+def test_fp8_export_loads_and_generates_in_transformers_on_cuda(tmp_path):
+    """The --fp8 folder loads with no hand edit, runs transformers' FP8 linears and stays close to the BF16 export
+    (needs accelerate, and transformers 4.57 or the Hub kernel of 5.x in the cache)."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    run, _ = make_run(tmp_path)
+    export_hf(run, tmp_path / "hf")
+    export_hf(run, tmp_path / "hf8", fp8=True)
+    kw = {"device_map": "cuda", "dtype": torch.bfloat16}
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", **kw).eval()
+    fp8 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf8", **kw).eval()
+    assert sum(isinstance(m, FP8Linear) for m in fp8.modules()) == 7 * bf16.config.num_hidden_layers
+    idx = torch.randint(0, 257, (4, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        a, b = bf16(idx).logits.float(), fp8(idx).logits.float()
+        g = fp8.generate(idx[:1, :16], max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.isfinite(b).all() and float((b - a).norm() / a.norm()) < 0.05
+    assert g.shape == (1, 32)
