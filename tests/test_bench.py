@@ -28,7 +28,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     assert [r["mode"] for r in res["rows"]] == ["bf16-plain", "bf16", "fp8", "fp8-blockwise", "torchao-tensorwise"]
     for r in res["rows"]:
         assert set(ROW_KEYS) <= set(r)
-    ok = {r["mode"]: r for r in res["rows"] if r["error"] is None}
+    ok = {r["mode"]: r for r in res["rows"] if r["error"] is None and not r.get("skipped")}
     assert {"bf16-plain", "bf16", "fp8", "fp8-blockwise"} <= set(ok)
     # `fp8` is the policy's linears with the fastest measured recipe, not the policy's own (blockwise)
     assert "recipe delayed" in ok["fp8"]["notes"] and "recipe blockwise" in ok["fp8-blockwise"]["notes"]
@@ -39,10 +39,12 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     assert ok["bf16"]["ratio_vs_bf16_plain"] == pytest.approx(
         ok["bf16"]["tokens_per_s"] / ok["bf16-plain"]["tokens_per_s"], rel=1e-3, abs=1e-4)
     try:
-        import torchao  # noqa: F401
-    except ImportError:
+        import torchao.float8  # noqa: F401
+    except ImportError:   # skipped with a note, not a failure
         ao = res["rows"][-1]
-        assert "torchao" in ao["error"] and ao["tokens_per_s"] is None
+        assert "torchao" in ao["skipped"] and ao["error"] is None and ao["tokens_per_s"] is None
+    else:
+        assert res["rows"][-1]["tokens_per_s"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "bf16-plain" in printed
@@ -57,6 +59,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     ["--modes", "bf16", "--model", "no-such-model"],
     ["--modes", "bf16", "--compile-mode", "fastest"],
     ["--modes", "bf16", "--tune-kernels"],  # with ARGS' --no-compile
+    ["--modes", "bf16", "--plain-compile-modes", "default,fastest"],
 ])
 def test_bad_input_exits_2_without_output(tmp_path, extra, capsys):
     out = tmp_path / "bt.json"
@@ -98,3 +101,123 @@ def test_profile_summary_categories_and_idle():
     assert s["categories_ms"] == {"gemm": 1.5, "cross_entropy": 0.5}
     assert set(s["categories_ms"]) <= set(CATEGORIES)
     assert s["top_kernels"][0]["calls_per_step"] == 2.0 and len(s["kernels"]) == 2
+
+
+def _plain_state_from_yxanul(sd):
+    """Yxanul parameter names -> PlainLM's."""
+    ren = {"embeddings.tok.": "tok.", "embeddings.proj.": "proj.", "layers.": "blocks.", "attn.q_proj": "q",
+           "attn.k_proj": "k", "attn.v_proj": "v", "attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up",
+           "mlp.down_proj": "down", "attn_norm.weight": "attn_norm", "mlp_norm.weight": "mlp_norm",
+           "lm_head.": "head."}
+    out = {}
+    for k, v in sd.items():
+        k = "norm" if k == "norm.weight" else k
+        for a, b in ren.items():
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("model,overrides", [("yxanul-197m", {}), ("tiny", {}), ("tiny", {"embed_rank": 32}),
+                                             ("tiny", {"tie_embeddings": False})])
+def test_plain_model_is_the_same_architecture(model, overrides):
+    import torch
+
+    from yxanul.bench.plain import PlainLM
+    from yxanul.config import load_model_config
+    from yxanul.model import Yxanul
+
+    cfg = load_model_config(model, overrides)
+    with torch.device("meta"):
+        ours, plain = Yxanul(cfg), PlainLM(cfg)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in ours.parameters())
+    if model != "tiny":
+        return
+    torch.manual_seed(0)
+    ours = Yxanul(cfg)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    plain = PlainLM(cfg)
+    missing, unexpected = plain.load_state_dict(_plain_state_from_yxanul(ours.state_dict()), strict=False)
+    assert missing == [] and unexpected == []
+    idx = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    x, y = idx[:, :-1], idx[:, 1:]
+    torch.testing.assert_close(plain(x, y), ours(x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_takes_the_faster_compile_mode():
+    import torch
+
+    from yxanul.bench.throughput import _time_best, plain_variants
+
+    both = ["default", "reduce-overhead"]
+    assert plain_variants(True, torch.device("cuda"), both) == [None, "reduce-overhead"]
+    assert plain_variants(True, torch.device("cpu"), both) == [None]
+    assert plain_variants(False, torch.device("cuda"), both) == [None]
+    fake = {None: (10.0, 30.0, 1.0, 2.0, [], None), "reduce-overhead": (8.0, 40.0, 1.0, 2.0, [], None)}
+    ms, peak, _, _, notes, _ = _time_best("bf16-plain", [None, "reduce-overhead"], fake.__getitem__, lambda s: None)
+    assert (ms, peak) == (8.0, 40.0) and "compile mode reduce-overhead" in notes[0] and "default 10.00" in notes[0]
+
+
+def test_width_sweep_json_and_png(tmp_path, capsys):
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    argv = ARGS + ["--modes", "bf16-plain,bf16,fp8-tensorwise,torchao-tensorwise", "--sweep", "d_model=128,256",
+                   "--json-out", str(out), "--plot", str(png)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["sweep"] == "d_model" and res["values"] == [128, 256]
+    pts = res["points"]
+    assert [(p["d_model"], p["n_heads"], p["n_kv_heads"]) for p in pts] == [(128, 2, 1), (256, 4, 2)]
+    assert pts[0]["params"] < pts[1]["params"] and all(p["batch"] == 2 for p in pts)   # CPU: the batch asked for
+    assert res["ratio_vs_bf16"]["bf16"] == [1.0, 1.0]
+    for i, p in enumerate(pts):
+        rows = {r["mode"]: r for r in p["result"]["rows"]}
+        assert p["result"]["model"] == f"tiny@d{p['d_model']}" and p["n_layers"] == 1   # --layers kept
+        tps = rows["fp8-tensorwise"]["tokens_per_s"] / rows["bf16"]["tokens_per_s"]
+        assert res["ratio_vs_bf16"]["fp8-tensorwise"][i] == pytest.approx(tps, rel=1e-3, abs=1e-4)
+        assert res["ratio_vs_bf16_plain"]["bf16-plain"][i] == 1.0
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        assert res["ratio_vs_bf16"]["torchao-tensorwise"] == [None, None]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "width sweep" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sweep", ["width=128", "d_model=", "d_model=100", "d_model=128,128", "d_model=x"])
+def test_sweep_bad_input(tmp_path, sweep, capsys):
+    out = tmp_path / "s.json"
+    assert main(ARGS + ["--modes", "bf16", "--sweep", sweep, "--json-out", str(out)]) == 2
+    assert not out.exists() and "--sweep" in capsys.readouterr().err
+
+
+def test_scaled_config_keeps_depth_and_scales_heads():
+    from yxanul.bench.throughput import scaled_config
+    from yxanul.config import load_model_config
+
+    base = load_model_config("yxanul-197m")
+    got = [(c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_hidden, c.embed_rank)
+           for c in (scaled_config(base, d) for d in (768, 1024, 1536, 2048))]
+    assert got == [(28, 12, 2, 2048, 128), (28, 16, 2, 2688, 128), (28, 24, 4, 4096, 128), (28, 32, 4, 5504, 128)]
+
+
+def test_sweep_batch_fits_the_memory_estimate():
+    from yxanul.bench.throughput import fitting_batch, scaled_config
+    from yxanul.config import load_model_config
+    from yxanul.memory import MemoryOptions, estimate
+    from yxanul.precision import load_policy
+
+    cfg = scaled_config(load_model_config("yxanul-197m"), 2048)
+    budget = 0.85 * 80e9
+
+    def need(b, fused):
+        return estimate(cfg, load_policy(), MemoryOptions(batch=b, seq=2048, precision="bf16", fused_ce=fused))[
+            "total_bytes"]
+
+    b = fitting_batch(cfg, None, 16, 2048, budget, ["bf16", "fp8"])
+    assert need(b, "on") <= budget < need(2 * b, "on") and b < 16
+    plain = fitting_batch(cfg, None, 16, 2048, budget, ["bf16-plain", "bf16"])   # full logits: a smaller batch
+    assert plain <= b and max(need(plain, "on"), need(plain, "off")) <= budget < need(2 * plain, "off")
+    assert fitting_batch(cfg, None, 16, 2048, None, ["bf16"]) == 16

@@ -133,3 +133,104 @@ def test_fp8_export_loads_fp8_config(tmp_path):
         deq = (w.float().view(6, 128, 2, 128) * s[:, None, :, None]).reshape(768, 256)
         torch.testing.assert_close(deq, ref.layers[0].mlp.up_proj.weight.detach(), rtol=0.07, atol=1e-3)
     assert "model.norm.weight" in keys and (out / "generation_config.json").exists()
+
+
+def _build_like_transformers_fp8(folder):
+    """The model transformers' FineGrainedFP8 quantizer builds from a pre-quantized folder, weights loaded.
+
+    Uses transformers' own quantizer (its module replacement on the meta device; the FP8 kernel is never run),
+    then assigns the checkpoint tensors and ties the head as ``from_pretrained`` does.
+    """
+    from safetensors.torch import load_file
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    conf = transformers.AutoConfig.from_pretrained(folder)
+    quantizer = AutoHfQuantizer.from_config(conf.quantization_config, pre_quantized=True)
+    assert quantizer.quantization_config.dequantize is False
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(conf)
+    quantizer.preprocess_model(model)
+    sd = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return model, sd
+
+
+@pytest.mark.parametrize("overrides", [{}, {"embed_rank": 32}, {"tie_embeddings": False}])
+def test_fp8_export_builds_in_transformers_fp8_quantizer(tmp_path, overrides):
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    run, ref = make_run(tmp_path, overrides)
+    out = tmp_path / "hf8"
+    assert main(["export", str(run), "--out", str(out), "--fp8"]) == 0
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["modules_to_not_convert"] == ["lm_head"]   # tied or untied, the head stays a Linear
+    model, sd = _build_like_transformers_fp8(out)
+    fp8 = {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    plain = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert len(fp8) == 7 * ref.cfg.n_layers and plain == ["lm_head"]
+    for n, m in fp8.items():   # every FP8 module finds its weight and weight_scale_inv, in the shapes it built
+        w, s = sd[n + ".weight"], sd[n + ".weight_scale_inv"]
+        assert w.dtype == m.weight.dtype == torch.float8_e4m3fn and w.shape == m.weight.shape, n
+        assert s.dtype == m.weight_scale_inv.dtype and s.shape == m.weight_scale_inv.shape, n
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    assert unexpected == []
+    model.tie_weights()
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]   # (rotary buffers are computed at init)
+    assert on_meta == [], on_meta
+    assert set(missing) <= ({"lm_head.weight"} if ref.cfg.tie_embeddings else set())
+
+
+def test_modules_to_not_convert_lists_every_unquantized_linear():
+    from yxanul.checkpoint.export import modules_to_not_convert
+
+    kept = ["model.embed_tokens.weight", "embeddings.tok.weight", "embeddings.proj.weight",
+            "model.layers.0.mlp.down_proj.weight", "lm_head.weight"]
+    assert modules_to_not_convert(kept, ["model.layers.0.mlp.up_proj.weight"]) == \
+        ["embeddings.proj", "lm_head", "model.layers.0.mlp.down_proj"]
+    # tied head: no weight of its own in the checkpoint, still listed; a quantized head is not
+    assert modules_to_not_convert(["model.embed_tokens.weight"], ["model.layers.0.mlp.up_proj.weight"]) == ["lm_head"]
+    assert modules_to_not_convert([], ["lm_head.weight"]) == []
+
+
+def test_quantize_of_tied_hf_folder_keeps_the_head_and_skipped_linears(tmp_path):
+    """`yxanul quantize` of a BF16 folder with config.json: the tied head and --skip'ped linears are listed, and
+    transformers' FP8 quantizer builds a model whose every FP8 module is in the checkpoint."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    run, ref = make_run(tmp_path, {"embed_rank": 32})
+    bf16, out = tmp_path / "hf", tmp_path / "q"
+    export_hf(run, bf16)
+    assert main(["quantize", str(bf16), str(out), "--skip", "model.layers.1.mlp.down_proj"]) == 0
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["modules_to_not_convert"] == ["lm_head", "model.layers.1.mlp.down_proj"]
+    model, sd = _build_like_transformers_fp8(out)
+    kept = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert sorted(kept) == ["lm_head", "model.layers.1.mlp.down_proj"]
+    for n, m in model.named_modules():
+        if isinstance(m, FP8Linear):
+            assert sd[n + ".weight"].dtype == torch.float8_e4m3fn and n + ".weight_scale_inv" in sd, n
+    model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    assert not [n for n, p in model.named_parameters() if p.is_meta]
+
+
+@pytest.mark.gpu
+def test_fp8_export_loads_and_generates_in_transformers_on_cuda(tmp_path):
+    """The --fp8 folder loads with no hand edit, runs transformers' FP8 linears and stays close to the BF16 export
+    (needs accelerate, and transformers 4.57 or the Hub kernel of 5.x in the cache)."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    run, _ = make_run(tmp_path)
+    export_hf(run, tmp_path / "hf")
+    export_hf(run, tmp_path / "hf8", fp8=True)
+    kw = {"device_map": "cuda", "dtype": torch.bfloat16}
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", **kw).eval()
+    fp8 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf8", **kw).eval()
+    assert sum(isinstance(m, FP8Linear) for m in fp8.modules()) == 7 * bf16.config.num_hidden_layers
+    idx = torch.randint(0, 257, (4, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        a, b = bf16(idx).logits.float(), fp8(idx).logits.float()
+        g = fp8.generate(idx[:1, :16], max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.isfinite(b).all() and float((b - a).norm() / a.norm()) < 0.05
+    assert g.shape == (1, 32)

@@ -23,14 +23,16 @@ def est(model, **kw):
 def test_totals_add_up(model, precision):
     e = est(model, batch=2, seq=128, precision=precision)
     assert all(isinstance(e[k], int) for k in KEYS + ("total_bytes",))
-    assert e["total_bytes"] == sum(e[k] for k in KEYS)
+    lg = e["breakdown"]["logits"]
+    assert e["total_bytes"] == sum(e[k] for k in KEYS if k != "logits_bytes") + \
+        max(e["logits_bytes"], lg["forward_peak_bytes"])
     a = e["breakdown"]["activations"]
     assert a["per_layer_bytes"] == sum(a["per_layer"].values())
     assert e["activations_bytes"] == a["layers"] * a["per_layer_bytes"] + sum(a["global"].values())
 
 
 def test_hand_computation_197m():
-    e = est("yxanul-197m", batch=8, seq=2048, precision="bf16")
+    e = est("yxanul-197m", batch=8, seq=2048, precision="bf16", device="cpu")
     P = 196_398_464
     assert e["params"] == P
     assert e["master_weights_bytes"] == 4 * P and e["grads_bytes"] == 4 * P
@@ -41,7 +43,7 @@ def test_hand_computation_197m():
     layer = 768 * 768 * 2 + 2 * 768 * 128 + 3 * 768 * 2048
     assert e["weights_bytes"] == 2 * (28 * layer + 2 * 768 * 128 + 200005 * 128)
     assert e["scales_bytes"] == 0
-    f = est("yxanul-197m", batch=8, seq=2048, precision="fp8")
+    f = est("yxanul-197m", batch=8, seq=2048, precision="fp8", device="cpu")
     blocks = 36 + 6 + 6 + 36 + 3 * 96
     assert f["scales_bytes"] == 28 * blocks * 4 * 2
     # FP8 W + W^T (2 B) replaces the BF16 copy (2 B) for the FP8 linears
@@ -90,9 +92,73 @@ def test_activation_model_matches_autograd_saved_tensors(overrides):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = m(idx, idx)
     measured = sum(seen.values()) - loss.numel() * 4
-    e = estimate(cfg, load_policy(), MemoryOptions(batch=B, seq=T, precision="bf16"))
+    e = estimate(cfg, load_policy(), MemoryOptions(batch=B, seq=T, precision="bf16", device="cpu"))
+    assert e["loss"] == "full"
     predicted = e["weights_bytes"] + e["activations_bytes"] + e["breakdown"]["logits"]["log_softmax_fp32_saved"]
     assert predicted == pytest.approx(measured, rel=0.01)
+
+
+def _saved_bytes(m, idx):
+    skip = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+    seen = {}
+
+    def pack(t):
+        sp = t.untyped_storage().data_ptr()
+        if sp not in skip:
+            seen[sp] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(idx, idx)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("overrides", [{"embed_rank": 64}, {"tie_embeddings": False}])
+def test_chunked_loss_model_matches_autograd_saved_tensors(overrides):
+    """With the fused loss on (chunked on CPU) the estimate counts what the loss saves: both gradients, no logits."""
+    from yxanul.kernels.linear_ce import use_fused_ce
+
+    cfg = load_model_config("tiny", overrides)
+    torch.manual_seed(0)
+    m = use_fused_ce(Yxanul(cfg))
+    B, T = 2, 48
+    measured = _saved_bytes(m, torch.randint(0, cfg.vocab_size, (B, T)))
+    e = estimate(cfg, load_policy(), MemoryOptions(batch=B, seq=T, precision="bf16", device="cpu", fused_ce="on"))
+    assert e["loss"] == "chunked"
+    lg = e["breakdown"]["logits"]
+    assert set(lg) >= {"grad_h", "grad_W_fp32"} and "log_softmax_fp32_saved" not in lg
+    predicted = e["weights_bytes"] + e["activations_bytes"] + e["logits_bytes"]
+    assert predicted == pytest.approx(measured, rel=0.01)
+
+
+def test_cuda_training_loss_has_no_full_logits():
+    """On CUDA training takes the fused loss: yxanul-197m at 16 x 2048 fits an 80 GB GPU in the estimate."""
+    N, V, r = 16 * 2048, 200005, 128
+    cuda = est("yxanul-197m", batch=16, seq=2048, precision="bf16")
+    cpu = est("yxanul-197m", batch=16, seq=2048, precision="bf16", device="cpu")
+    off = est("yxanul-197m", batch=16, seq=2048, precision="bf16", fused_ce="off")
+    assert (cuda["device"], cuda["loss"], cpu["loss"], off["loss"]) == ("cuda", "cut", "full", "full")
+    assert cuda["logits_bytes"] == 4 * N * r + 13 * N + 4 * V * r
+    assert cpu["logits_bytes"] == off["logits_bytes"] == 12 * N * V
+    assert cpu["total_bytes"] - cuda["total_bytes"] == 12 * N * V - cuda["logits_bytes"]
+    assert cuda["total_bytes"] < 80e9 < cpu["total_bytes"]
+    # a head wider than the register-only kernels take: the chunked loss, one chunk of logits at a time
+    seed = est("yxanul-197m-seed", batch=16, seq=2048, precision="bf16")
+    assert seed["loss"] == "chunked" and seed["logits_bytes"] == 2 * N * 768 + 4 * V * 768
+    chunk = 1024    # largest power of two whose FP32 logits fit 1 GiB at V = 200,005
+    lg = seed["breakdown"]["logits"]
+    assert lg["forward_peak_bytes"] == seed["logits_bytes"] + chunk * (V + 59) * 2 + 2 * V * 768
+
+
+def test_fp8_saved_activations_show_as_savings(capsys):
+    """FP8 linears that save their input in FP8 (the activation cache) make the FP8 column smaller."""
+    assert main(["memory", "--model", "yxanul-197m", "--batch", "2", "--seq", "256", "--fp8-activation-cache",
+                 "--json"]) == 0
+    f = json.loads(capsys.readouterr().out)
+    b = est("yxanul-197m", batch=2, seq=256, precision="bf16")
+    assert f["precision"] == "fp8" and f["fp8_activation_cache"]
+    assert f["activations_bytes"] < b["activations_bytes"] and f["total_bytes"] < b["total_bytes"]
 
 
 def test_note_comparison_rows():
@@ -122,6 +188,7 @@ def test_cli_json_and_tables(capsys):
 @pytest.mark.parametrize("argv,msg", [
     (["--batch", "0"], "--batch"), (["--seq", "5000"], "max_seq_len"), (["--optimizer", "lion"], "--optimizer"),
     (["--grad-accum", "-1"], "--grad-accum"), (["--model", "nope"], "unknown model preset"),
+    (["--device", "cpu", "--measure"], "--measure"),
     (["--config", "/nonexistent.yaml"], "not found"),
 ])
 def test_cli_errors(argv, msg, capsys):
@@ -144,7 +211,20 @@ def test_measure_close_to_estimate():
     opts = MemoryOptions(batch=8, seq=512, precision="bf16")
     e = estimate(cfg, load_policy(), opts)
     m = measure_peak(cfg, load_policy(), opts, steps=2)
+    assert m["loss"] == e["loss"] == "cut"
     assert abs(e["total_bytes"] / m["peak_bytes"] - 1) < 0.25
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_measure_197m_preset_batch_fits_and_matches(precision):
+    """yxanul-197m at the H100 preset's 16 x 2048 runs with the loss training uses, within 10% of the estimate."""
+    from yxanul.memory import measure_peak
+    cfg = load_model_config("yxanul-197m")
+    opts = MemoryOptions(batch=16, seq=2048, precision=precision)
+    e = estimate(cfg, load_policy(), opts)
+    m = measure_peak(cfg, load_policy(), opts, steps=2)
+    assert abs(e["total_bytes"] / m["peak_bytes"] - 1) < 0.10, (e["total_bytes"], m["peak_bytes"])
 
 
 def test_options_validation():

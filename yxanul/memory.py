@@ -18,14 +18,20 @@ parameters, tensor by tensor, and counts what autograd saves for the backward pa
   under autocast) and BF16 when it is factorized (the ``r -> d`` projection runs in BF16); an FP32
   residual makes every linear cast its input separately. With activation checkpointing only each
   block's input is kept, plus one block's activations while it is recomputed.
-* **logits** - the cross-entropy working set at the start of the backward pass: the FP32 log-softmax
-  output (saved), its incoming gradient and the outgoing gradient, 12 bytes per token per vocabulary
-  entry (the forward pass peaks at 10: BF16 logits, their FP32 upcast and the log-softmax). With a 200k
-  vocabulary this term dominates.
+* **logits** - the loss training runs on the device (``device``, ``fused_ce`` as in the training config).
+  On CUDA the fused loss: for a head of rank <= 256 (the factorized tied head) the register-only kernels,
+  which save h's gradient up to a row scale (FP32, N x rank) and per-row statistics and compute W's gradient
+  in FP32 in the backward pass; for a wider head the chunked loss, which saves both gradients (h's in BF16,
+  W's in FP32) and holds one chunk of logits at a time. Without the fused loss (CPU by default) the full
+  logits: the FP32 log-softmax output (saved), its incoming gradient and the outgoing gradient, 12 bytes
+  per token per vocabulary entry (the forward pass peaks at 10: BF16 logits, their FP32 upcast and the
+  log-softmax); with a 200k vocabulary this term dominates.
 
 Everything is summed: the total is the peak at the start of the backward pass of a step where the
-gradients already exist (gradient accumulation, or ``zero_grad(set_to_none=False)``), an upper bound of
-the allocator's ``max_memory_allocated`` up to fragmentation and kernel workspaces.
+gradients already exist (gradient accumulation, or ``zero_grad(set_to_none=False)``), or during the loss's
+forward pass when its working set is larger, an upper bound of the allocator's ``max_memory_allocated`` of
+an eager step up to fragmentation and kernel workspaces. Compiled blocks recompute cheap elementwise results
+in the backward pass instead of saving them, so a compiled step saves less.
 """
 from __future__ import annotations
 
@@ -38,6 +44,10 @@ from .precision import BYTES, Policy
 
 OPTIMIZERS = {"adamw": 2, "sgd": 1}  # number of per-parameter states (SGD: momentum)
 PRECISION_MODES = ("bf16", "fp8")
+DEVICES = ("cuda", "cpu")
+FUSED_CE = ("auto", "on", "off")
+CUT_MAX_RANK = 256  # the register-only loss kernels' largest head rank (yxanul.kernels.cut_ce.MAX_K)
+CHUNK_BYTES = 1 << 30  # the chunked loss's budget for one chunk's FP32 logits (yxanul.kernels.linear_ce)
 COMPONENT_ORDER = ("embeddings", "layer_norms", "attention", "ffn", "output_head")
 _COMPONENT_OF = {"embeddings": "embeddings", "layer_norms": "layer_norms", "attention_compute": "attention",
                  "ffn_compute": "ffn", "output_head": "output_head", "other": "other"}
@@ -52,6 +62,8 @@ class MemoryOptions:
     precision: str | None = None              # None: fp8 if the policy enables it, else bf16
     activation_checkpointing: bool = False
     fp8_activation_cache: bool | None = None  # None: the policy recipe's cache_fp8_activations
+    device: str = "cuda"                      # where training runs: decides the loss training uses
+    fused_ce: str = "auto"                    # auto (on for CUDA) | on | off, as in the training config
 
     def validate(self, cfg: ModelConfig) -> "MemoryOptions":
         if self.seq is None:
@@ -66,6 +78,10 @@ class MemoryOptions:
         if self.optimizer not in OPTIMIZERS:
             raise YxanulError(f"unknown optimizer {self.optimizer!r} (expected one of: {', '.join(OPTIMIZERS)})",
                               source="--optimizer")
+        if self.device not in DEVICES:
+            raise YxanulError(f"unknown device {self.device!r} (expected cuda or cpu)", source="--device")
+        if self.fused_ce not in FUSED_CE:
+            raise YxanulError(f"expected auto, on or off, got {self.fused_ce!r}", source="--fused-ce")
         if self.precision is not None and self.precision not in PRECISION_MODES:
             raise YxanulError(f"unknown precision {self.precision!r} (expected bf16 or fp8)", source="--precision")
         return self
@@ -106,6 +122,42 @@ def _act_scale_bytes_per_elem(in_features: int, recipe) -> float:
     if recipe.name == "rowwise":
         return 4.0 / in_features
     return 0.0
+
+
+def loss_impl(opts: MemoryOptions, head_rank: int) -> str:
+    """The cross-entropy training runs: ``full`` (logits for every token, then ``F.cross_entropy``), ``cut``
+    (CUDA kernels that keep logit tiles in registers) or ``chunked`` (logits one chunk of tokens at a time)."""
+    fused = opts.fused_ce == "on" or (opts.fused_ce == "auto" and opts.device == "cuda")
+    if not fused:
+        return "full"
+    return "cut" if opts.device == "cuda" and head_rank <= CUT_MAX_RANK else "chunked"
+
+
+def _default_chunk(n_tokens: int, vocab: int) -> int:
+    rows = max(16, 2 ** int(math.floor(math.log2(max(1, CHUNK_BYTES // (4 * max(vocab, 1)))))))
+    return max(1, min(n_tokens, rows))
+
+
+def loss_parts(impl: str, tokens: int, vocab: int, rank: int, device: str) -> tuple[dict[str, int], int]:
+    """(bytes the loss holds at the start of the backward pass by part, the peak of its own forward pass)."""
+    n, v, k = tokens, vocab, rank
+    if impl == "full":
+        parts = {"log_softmax_fp32_saved": 4 * n * v, "grad_log_softmax_fp32": 4 * n * v,
+                 "grad_logits_fp32": 4 * n * v}
+        return parts, (2 + 4 + 4) * n * v   # BF16 logits, their FP32 upcast and the log-softmax
+    if impl == "cut":
+        # saved: h's gradient up to a per-row scale (FP32), the row log-sum-exp, targets and their mask;
+        # the backward's weight gradient is computed in FP32 (the BF16 h and W it reads are counted as the
+        # head's input and compute weight)
+        parts = {"grad_h_fp32": 4 * n * k, "row_stats": (4 + 8 + 1) * n, "grad_W_fp32": 4 * v * k}
+        return parts, parts["grad_h_fp32"] + parts["row_stats"]
+    # chunked: both gradients are computed in the forward pass and saved (h's in BF16, W's in FP32); one
+    # chunk's logits live at a time: BF16, turned in place into their gradient by the CUDA kernel; on CPU
+    # BF16, their FP32 upcast and the BF16 gradient
+    chunk = _default_chunk(n, v)
+    parts = {"grad_h": 2 * n * k, "grad_W_fp32": 4 * v * k}
+    chunk_bytes = chunk * (v + (-v) % 64) * 2 if device == "cuda" else chunk * v * (2 + 4 + 2)
+    return parts, sum(parts.values()) + chunk_bytes
 
 
 def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None) -> dict:
@@ -206,7 +258,12 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
         glob["embed_proj_input"] = int(round(tokens * linear_inputs(["embeddings.proj"], cfg.embed_rank, master_b,
                                                                     False)))
     glob["final_norm"] = int(norm * tokens)
-    if cfg.embed_rank and cfg.tie_embeddings:
+    head_rank = shapes["lm_head"][1]
+    impl = loss_impl(opts, head_rank)
+    factorized_head = bool(cfg.embed_rank and cfg.tie_embeddings)
+    if impl == "chunked":  # the chunked loss keeps its gradients, not its input; h @ P still saves h
+        glob["head_input"] = int(tokens * low_b * d) if factorized_head else 0
+    elif factorized_head:
         # h @ P saves h; the head GEMM saves h @ P (rank r)
         glob["head_input"] = int(tokens * (low_b * d + linear_inputs(["lm_head"], cfg.embed_rank, low_b, False)))
     else:
@@ -218,16 +275,20 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
         block_inputs = 0
         activations = cfg.n_layers * layer_total + sum(glob.values())
 
-    logits_parts = {"log_softmax_fp32_saved": 4 * tokens * cfg.vocab_size,
-                    "grad_log_softmax_fp32": 4 * tokens * cfg.vocab_size,
-                    "grad_logits_fp32": 4 * tokens * cfg.vocab_size}
+    logits_parts, logits_forward_peak = loss_parts(impl, tokens, cfg.vocab_size, head_rank, opts.device)
+    if impl == "chunked" and weights_by.get("output_head"):
+        # the chunked loss casts the head weight inside its forward pass and saves no copy of it
+        logits_forward_peak += weights_by["output_head"]
+        weights -= weights_by["output_head"]
+        weights_by["output_head"] = 0
     logits = sum(logits_parts.values())
-    logits_forward_peak = (2 + 4 + 4) * tokens * cfg.vocab_size
 
     master = master_b * n_params
     grads = grad_b * n_params
     optimizer = OPTIMIZERS[opts.optimizer] * opt_b * n_params
-    total = weights + master + grads + optimizer + scales + activations + logits
+    # the peak is the larger of the start of the backward pass (gradients, everything saved, the loss's saved
+    # part) and the loss's own forward pass (everything saved so far plus its working set, gradients included)
+    total = weights + master + grads + optimizer + scales + activations + max(logits, logits_forward_peak)
     return {
         "model": cfg.name,
         "params": n_params,
@@ -240,6 +301,8 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
         "optimizer": opts.optimizer,
         "activation_checkpointing": opts.activation_checkpointing,
         "fp8_activation_cache": bool(cache) and mode == "fp8",
+        "device": opts.device,
+        "loss": impl,
         "weights_bytes": weights,
         "master_weights_bytes": master,
         "grads_bytes": grads,
@@ -259,7 +322,7 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
             "activations": {"per_layer_bytes": layer_total, "per_layer": layer_bytes,
                             "per_layer_bytes_per_token": layer_token, "layers": cfg.n_layers,
                             "checkpointed_block_inputs_bytes": block_inputs, "global": glob},
-            "logits": {**logits_parts, "forward_peak_bytes": logits_forward_peak},
+            "logits": {**logits_parts, "forward_peak_bytes": logits_forward_peak, "loss": impl},
         },
     }
 
@@ -320,8 +383,9 @@ def note_comparison(bf16: dict, fp8: dict) -> list[dict]:
 
 
 def measure_peak(cfg: ModelConfig, policy: Policy, opts: MemoryOptions, steps: int = 3) -> dict:
-    """Run `steps` real training steps on CUDA (AdamW, BF16 autocast, FP8 linears when the precision is fp8)
-    and return ``torch.cuda.max_memory_allocated``."""
+    """Run `steps` real training steps on CUDA (AdamW, BF16 autocast, FP8 linears when the precision is fp8, the
+    cross-entropy training uses on CUDA: the fused loss unless ``opts.fused_ce`` is off) and return
+    ``torch.cuda.max_memory_allocated``."""
     import torch
 
     from .model import Yxanul
@@ -332,6 +396,8 @@ def measure_peak(cfg: ModelConfig, policy: Policy, opts: MemoryOptions, steps: i
     if steps < 1:
         raise YxanulError(f"must be >= 1, got {steps}", source="--steps")
     opts = opts.validate(cfg)
+    if opts.device != "cuda":
+        raise YxanulError("measures on CUDA; drop --device cpu", source="--measure")
     mode = opts.precision or ("fp8" if policy.strategy.use_fp8 else "bf16")
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -346,6 +412,11 @@ def measure_peak(cfg: ModelConfig, policy: Policy, opts: MemoryOptions, steps: i
         if opts.fp8_activation_cache is not None:
             pol = pol.with_recipe(cache_fp8_activations=opts.fp8_activation_cache)
         model = convert_model(model, pol) or model
+    impl = loss_impl(opts, _linear_shapes(cfg)["lm_head"][1])
+    if impl != "full":
+        from .kernels.linear_ce import use_fused_ce
+
+        use_fused_ce(model)
     if opts.activation_checkpointing:
         from torch.utils.checkpoint import checkpoint
 
@@ -367,5 +438,6 @@ def measure_peak(cfg: ModelConfig, policy: Policy, opts: MemoryOptions, steps: i
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    return {"device": torch.cuda.get_device_name(), "steps": steps, "precision": mode, "peak_bytes": int(peak),
+    return {"device": torch.cuda.get_device_name(), "steps": steps, "precision": mode, "loss": impl,
+            "peak_bytes": int(peak),
             "final_loss": float(loss.item())}

@@ -4,8 +4,11 @@ Every mode builds the same model from the same seed, trains on the same random t
 under BF16 autocast, excludes warm-up (and compilation) from the timing, and times ``steps`` optimizer steps
 with CUDA events (wall clock on a CPU). Modes:
 
-  bf16-plain          the model as a user would write it: autocast BF16, F.cross_entropy over the full FP32
-                      logits, fused AdamW, torch.compile of the whole model; nothing of this project's kernels
+  bf16-plain          the model as a user would write it (:mod:`yxanul.bench.plain`: separate linears,
+                      F.rms_norm, SDPA with enable_gqa, the factorized tied head, F.cross_entropy over FP32
+                      logits), autocast BF16, fused AdamW, torch.compile of the whole model, the faster of the
+                      compile modes in ``plain_compile_modes`` (default and reduce-overhead on CUDA); nothing of
+                      this project's kernels
   bf16                the project's best BF16 path: fused linear cross-entropy (no logits in memory), every
                       transformer block compiled (one shared graph)
   fp8                 the policy's FP8 linears with the fastest measured recipe (tensorwise; the default policy's
@@ -14,7 +17,8 @@ with CUDA events (wall clock on a CPU). Modes:
                       the same with that recipe
   fp8-head            fp8 plus the output head's GEMM in FP8 (tensorwise); the head then takes the chunked loss
   torchao-tensorwise, torchao-rowwise
-                      torchao.float8.convert_to_float8_training with that recipe, whole model compiled
+                      torchao.float8.convert_to_float8_training with that recipe on the plain model, whole
+                      model compiled; skipped with a note when torchao is not importable
 
 A mode that fails records its error in its row and the run goes on. The JSON file is rewritten after every
 mode, so an interrupted run keeps the finished rows.
@@ -37,6 +41,7 @@ import torch.nn.functional as F  # noqa: F401  (the plain mode's loss lives in Y
 from ..errors import YxanulError
 from ..flops import flops_per_token, peak_flops
 from . import DEFAULT_MODES, MODES
+from .plain import PlainLM
 
 # the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md: delayed
 # 1.00x bf16 against tensorwise's 0.97x, both under CUDA graphs); the policy decides which linears are FP8, the
@@ -89,8 +94,8 @@ class _Run:
         # CUDA graphs (reduce-overhead) replay a step's kernels without launching them one by one
         self.graphs = bool(compile_ and compile_mode_uses_cuda_graphs(compile_mode))
         torch.manual_seed(0)
-        with torch.device(device):
-            model = Yxanul(cfg)
+        with torch.device(device):  # the plain and torchao modes train the plain model
+            model = PlainLM(cfg) if mode == "bf16-plain" or mode.startswith("torchao") else Yxanul(cfg)
         self.model = model
         self.notes = []
         fwd = model
@@ -119,10 +124,7 @@ class _Run:
             if compile_:
                 compile_blocks(model, **ck)
         elif mode.startswith("torchao"):
-            try:
-                from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-            except Exception as e:  # noqa: BLE001
-                raise RuntimeError(f"torchao is not importable ({type(e).__name__}: {e})") from None
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
             rec = mode[len("torchao-"):]
             config = Float8LinearConfig.from_recipe_name(rec) if rec != "tensorwise" else Float8LinearConfig()
             convert_to_float8_training(
@@ -188,6 +190,40 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
     return ms, peak, warm_s, final, notes, prof
 
 
+def torchao_missing() -> str | None:
+    """Why torchao's float8 training cannot be imported here, or None when it can."""
+    try:
+        import torchao.float8  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a broken install raises more than ImportError
+        return f"torchao is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def plain_variants(compile_: bool, device, modes) -> list:
+    """The compile modes bf16-plain is timed with (the faster one is reported): eager without compile; on a
+    device without CUDA graphs only the first, since reduce-overhead adds nothing there."""
+    if not compile_:
+        return [None]
+    modes = [None if m == "default" else m for m in modes]
+    return modes if device.type == "cuda" else modes[:1]
+
+
+def _time_best(mode, variants, time_one, log):
+    """Time `mode` under each compile mode in `variants`; the fastest result, with every variant's tokens/s noted."""
+    results = []
+    for cm in variants:
+        if len(variants) > 1:
+            log(f"[{mode}] compile mode {cm or 'default'}")
+        res = time_one(cm)
+        results.append((cm, res))
+    best_cm, best = min(results, key=lambda r: r[1][0])
+    ms, pk, warm_s, final, notes, prof = best
+    if len(results) > 1:
+        notes = notes + [f"compile mode {best_cm or 'default'} (step ms: " +
+                         ", ".join(f"{cm or 'default'} {r[0]:.2f}" for cm, r in results) + ")"]
+    return ms, pk, warm_s, final, notes, prof
+
+
 def _ratios(rows):
     base = {r["mode"]: r["tokens_per_s"] for r in rows if r.get("tokens_per_s")}
     for r in rows:
@@ -199,8 +235,10 @@ def _ratios(rows):
 def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048, steps: int = 20, warmup: int = 5,
                    modes=DEFAULT_MODES, layers: int | None = None, compile: bool = True, device: str | None = None,
                    policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None,
-                   profile: int = 0, compile_mode: str | None = None, tune_kernels: bool = False) -> dict:
+                   profile: int = 0, compile_mode: str | None = None, tune_kernels: bool = False,
+                   plain_compile_modes=("default", "reduce-overhead")) -> dict:
     """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
+    ``plain_compile_modes``: the compile modes bf16-plain is timed with; the fastest is its row.
     ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`).
     ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph);
     ``tune_kernels``: inductor's coordinate-descent tuning of the generated kernels, for every compiled mode."""
@@ -224,9 +262,16 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of "
                           f"{', '.join(COMPILE_MODES)})", key="--compile-mode")
     compile_mode = None if compile_mode == "default" else compile_mode
+    plain_compile_modes = [m.strip() for m in (plain_compile_modes.split(",") if isinstance(plain_compile_modes, str)
+                                               else plain_compile_modes) if m.strip()]
+    bad = [m for m in plain_compile_modes if m not in COMPILE_MODES]
+    if bad or not plain_compile_modes:
+        raise YxanulError(f"unknown or no compile mode(s) {', '.join(bad)} (expected some of: "
+                          f"{', '.join(COMPILE_MODES)})", key="--plain-compile-modes")
     if tune_kernels and not compile:
         raise YxanulError("--tune-kernels needs torch.compile (drop --no-compile)", key="--tune-kernels")
-    cfg = load_model_config(model)
+    from ..config import ModelConfig
+    cfg = model if isinstance(model, ModelConfig) else load_model_config(model)
     if layers is not None:
         if layers < 1:
             raise YxanulError(f"must be a positive integer, got {layers}", key="--layers")
@@ -263,12 +308,27 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         f"{(compile_mode or 'on') if compile else 'off'}")
     for mode in modes:
         row = _empty_row(mode)
+        if mode.startswith("torchao") and torchao_missing():
+            row["skipped"] = torchao_missing()
+            log(f"[{mode}] skipped: {row['skipped']}")
+            result["rows"].append(row)
+            if json_out:
+                atomic_write_json(json_out, result)
+            continue
         log(f"[{mode}] building and warming up ...")
         _free(dev)
         try:
             try:
-                ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup,
-                                                                log, profile, compile_mode, tune_kernels)
+                if mode == "bf16-plain":
+                    def one(cm):
+                        _free(dev)
+                        return _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, cm,
+                                          tune_kernels)
+                    ms, pk, warm_s, final, notes, prof = _time_best(
+                        mode, plain_variants(compile, dev, plain_compile_modes), one, log)
+                else:
+                    ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, compile, policy, x, y, steps,
+                                                                    warmup, log, profile, compile_mode, tune_kernels)
             except Exception as e:  # noqa: BLE001
                 if (not compile or compile_mode or tune_kernels or mode == "bf16-plain"
                         or isinstance(e, torch.cuda.OutOfMemoryError)):
@@ -311,8 +371,9 @@ def format_table(result: dict) -> str:
         return "-" if v is None else format(v, fmt)
     rows = []
     for r in result["rows"]:
-        if r.get("error"):
-            rows.append([r["mode"], "failed", "", "", "", "", "", r["error"][:80]])
+        if r.get("error") or r.get("skipped"):
+            rows.append([r["mode"], "failed" if r.get("error") else "skipped", "", "", "", "", "",
+                         (r.get("error") or r["skipped"])[:80]])
             continue
         rows.append([r["mode"], f(r["tokens_per_s"], ",.0f"), f(r["step_ms"], ".2f"), f(r["peak_mem_gib"], ".2f"),
                      f(r["mfu"] * 100 if r["mfu"] is not None else None, ".1f"),
@@ -338,6 +399,153 @@ def plot(result: dict, path) -> None:
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{result['model']}, {result['batch']}x{result['seq']}, {result['device']}", fontsize=9)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# width sweep: where FP8 starts to pay
+# ---------------------------------------------------------------------------------------------------------------
+SWEEP_KEYS = ("d_model",)
+SWEEP_MEMORY_FRACTION = 0.85   # the batch is the largest whose estimate fits this share of the GPU's memory
+
+
+def parse_sweep(text: str) -> tuple[str, list[int]]:
+    """``d_model=768,1024`` -> ("d_model", [768, 1024])."""
+    key, sep, vals = str(text).partition("=")
+    key = key.strip()
+    if not sep or key not in SWEEP_KEYS:
+        raise YxanulError(f"expected {'|'.join(SWEEP_KEYS)}=V1,V2,..., got {text!r}", key="--sweep")
+    try:
+        values = [int(v) for v in vals.split(",") if v.strip()]
+    except ValueError:
+        raise YxanulError(f"values must be integers, got {vals!r}", key="--sweep") from None
+    if not values or any(v <= 0 for v in values) or len(set(values)) != len(values):
+        raise YxanulError(f"needs distinct positive values, got {vals!r}", key="--sweep")
+    return key, values
+
+
+def scaled_config(cfg, d_model: int):
+    """`cfg` at width `d_model`: same depth, head size and embedding rank; query heads d_model / head_dim, KV heads
+    and the SwiGLU width scaled in proportion (KV heads rounded to a divisor of the query heads, the SwiGLU width
+    to a multiple of 128)."""
+    if d_model % cfg.head_dim:
+        raise YxanulError(f"{d_model} is not a multiple of the head size {cfg.head_dim}", key="--sweep")
+    heads = d_model // cfg.head_dim
+    kv = max(1, min(heads, round(cfg.n_kv_heads * heads / cfg.n_heads)))
+    while heads % kv:
+        kv -= 1
+    ffn = max(128, round(cfg.ffn_hidden * d_model / cfg.d_model / 128) * 128)
+    return dataclasses.replace(cfg, d_model=d_model, n_heads=heads, n_kv_heads=kv, ffn_hidden=ffn,
+                               name=f"{cfg.name}@d{d_model}").validate("--sweep")
+
+
+def fitting_batch(cfg, policy, batch: int, seq: int, budget_bytes: float | None, modes) -> int:
+    """The largest batch <= `batch` (halving) whose estimated training memory fits `budget_bytes` for every mode
+    in `modes` (the plain and torchao modes take full logits); `batch` itself without a budget."""
+    if budget_bytes is None:
+        return batch
+    from ..memory import MemoryOptions, estimate
+    from ..precision import load_policy
+
+    pol = load_policy(policy)
+    budget = budget_bytes
+    fused = ["on"] + (["off"] if any(m == "bf16-plain" or m.startswith("torchao") for m in modes) else [])
+    b = batch
+    while b > 1:
+        need = max(estimate(cfg, pol, MemoryOptions(batch=b, seq=seq, precision="bf16", device="cuda",
+                                                    fused_ce=f))["total_bytes"] for f in fused)
+        if need <= budget:
+            break
+        b //= 2
+    return b
+
+
+def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int = 2048, modes=DEFAULT_MODES,
+              device: str | None = None, policy: str | None = None, json_out=None, log=None, **kw) -> dict:
+    """Run :func:`run_throughput` at each width of `sweep` (``d_model=768,1024,...``) and collect each mode's
+    tokens/s ratio against the project's BF16 and plain BF16. The JSON is rewritten after every width."""
+    from ..config import load_model_config
+    from ..io import atomic_write_json
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    key, values = parse_sweep(sweep)
+    modes = parse_modes(",".join(modes) if not isinstance(modes, str) else modes)
+    if "bf16" not in modes:
+        raise YxanulError("a sweep compares against the project's bf16: include it in --modes", key="--modes")
+    base = load_model_config(model)
+    if kw.get("layers") is not None:
+        base = dataclasses.replace(base, n_layers=int(kw.pop("layers")))
+    kw.pop("layers", None)
+    cfgs = [scaled_config(base, v) for v in values]   # every width checked before any run
+    if json_out and Path(json_out).is_dir():
+        raise YxanulError("is a folder; give a file path for the JSON", source=str(json_out), key="--json-out")
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise YxanulError(f"unknown device {device!r} (expected cpu or cuda)", key="--device") from None
+    out = {"sweep": key, "values": values, "model": base.name, "seq": seq, "modes": modes, "points": [],
+           "ratio_vs_bf16": {m: [] for m in modes}, "ratio_vs_bf16_plain": {m: [] for m in modes}}
+    for v, cfg in zip(values, cfgs):
+        budget = (SWEEP_MEMORY_FRACTION * torch.cuda.get_device_properties(dev).total_memory
+                  if dev.type == "cuda" else None)
+        b = fitting_batch(cfg, policy, batch, seq, budget, modes)
+        log(f"== sweep {key}={v}: {cfg.n_heads} heads ({cfg.n_kv_heads} KV), SwiGLU {cfg.ffn_hidden}, batch {b}")
+        res = run_throughput(model=cfg, batch=b, seq=seq, modes=modes, device=device, policy=policy, log=log, **kw)
+        rows = {r["mode"]: r for r in res["rows"]}
+        for m in modes:
+            out["ratio_vs_bf16"][m].append(rows[m].get("ratio_vs_bf16"))
+            out["ratio_vs_bf16_plain"][m].append(rows[m].get("ratio_vs_bf16_plain"))
+        out["device"], out["torch"] = res["device"], res["torch"]
+        out["points"].append({key: v, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+                              "ffn_hidden": cfg.ffn_hidden, "params": _param_count(cfg), "batch": b, "result": res})
+        if json_out:
+            atomic_write_json(json_out, out)
+    return out
+
+
+def _param_count(cfg) -> int:
+    from ..model import Yxanul
+    with torch.device("meta"):
+        return sum(p.numel() for p in Yxanul(cfg).parameters())
+
+
+def format_sweep(res: dict) -> str:
+    from ..commands._common import table
+
+    key = res["sweep"]
+    head = [key, "params", "batch"] + [f"{m} / bf16" for m in res["modes"]]
+    rows = []
+    for i, p in enumerate(res["points"]):
+        rows.append([str(p[key]), f"{p['params']:,}", str(p["batch"])] +
+                    ["-" if res["ratio_vs_bf16"][m][i] is None else f"{res['ratio_vs_bf16'][m][i]:.3f}"
+                     for m in res["modes"]])
+    return (f"{res['model']} width sweep on {res.get('device', '?')}, seq {res['seq']}: tokens/s against the "
+            f"project's bf16\n" + table(rows, head, "l" + "r" * (len(head) - 1)))
+
+
+def plot_sweep(res: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+    key = res["sweep"]
+    xs = [p[key] for p in res["points"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m in res["modes"]:
+        pts = [(x, r) for x, r in zip(xs, res["ratio_vs_bf16"][m]) if r is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
+                    linestyle="--" if m == "bf16" else "-")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel(key)
+    ax.set_ylabel("tokens/s vs project bf16")
+    ax.set_xticks(xs)
+    ax.set_title(f"{res['model']} width sweep, seq {res['seq']}, {res.get('device', '')}", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

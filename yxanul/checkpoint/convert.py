@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import YxanulError
 from .analyze import classify, infer_block
+from .export import modules_to_not_convert as unquantized_linear_modules
 from .safetensors_header import DTYPE_BITS, INDEX_NAME, Checkpoint, TensorInfo, open_checkpoint, safe_name
 
 def _yerr(msg: str, source=None, key=None) -> YxanulError:
@@ -319,8 +320,8 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
                 reason = "empty"
             if reason is not None:
                 outs.append(_Out(t.name, t.dtype, t.shape, "copy", t, h.path))
-                if t.name.endswith(".weight") and len(t.shape) == 2 and classify(t.name) != "embeddings":
-                    not_converted.append(_module_of(t.name))
+                if t.name.endswith(".weight") and len(t.shape) == 2:
+                    not_converted.append(t.name)
                 rows.append({"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "out_dtype": t.dtype,
                              "action": "kept", "reason": reason, "bytes_before": t.nbytes, "bytes_after": t.nbytes})
                 continue
@@ -341,7 +342,8 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
                      f"block kernels, but transformers' CPU dequantize path rejects them or infers a wrong block")
 
     qcfg = {"quant_method": "fp8", "fmt": f8.name, "activation_scheme": "dynamic",
-            "weight_block_size": [block, block], "modules_to_not_convert": sorted(set(not_converted))}
+            "weight_block_size": [block, block], "modules_to_not_convert": unquantized_linear_modules(
+                not_converted, [r["name"] for r in rows if r["action"] == "fp8"])}
     if pow2_scales:
         qcfg["scale_fmt"] = "ue8m0"
 

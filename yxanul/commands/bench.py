@@ -33,6 +33,12 @@ def _throughput(bsub):
     p.add_argument("--tune-kernels", action="store_true",
                    help="inductor's coordinate-descent tuning of the generated kernels, for every compiled mode "
                         "(minutes more compile time)")
+    p.add_argument("--sweep", default=None, metavar="d_model=V1,V2,...",
+                   help="run every mode at each width (same depth, heads scaled with width, batch halved until "
+                        "the memory estimate fits the GPU); --json-out and --plot get the ratios against width")
+    p.add_argument("--plain-compile-modes", default="default,reduce-overhead",
+                   help="compile modes bf16-plain is timed with, comma-separated; the fastest is its row "
+                        "(default: default,reduce-overhead; CPU: the first)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--peak-tflops", type=float, default=None, help="BF16 peak for MFU (default: from device name)")
     p.add_argument("--json-out", default=None, help="write the results JSON here (rewritten after every mode)")
@@ -52,15 +58,32 @@ def _run_throughput(args):
             raise YxanulError("--plot needs matplotlib (pip install matplotlib)", key="--plot") from None
         if not str(args.plot).lower().endswith(".png"):
             raise YxanulError("the plot is written as PNG; give a .png path", key="--plot")
+    if args.sweep:
+        return _run_sweep(args)
     from ..bench.throughput import format_table, plot, run_throughput
     result = run_throughput(model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                             modes=args.modes, layers=args.layers, compile=args.compile, device=args.device,
                             policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops,
-                            profile=args.profile, compile_mode=args.compile_mode, tune_kernels=args.tune_kernels)
+                            profile=args.profile, compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
+                            plain_compile_modes=args.plain_compile_modes)
     print(format_table(result), flush=True)
     if args.plot:
         plot(result, args.plot)
     return 0 if any(r.get("tokens_per_s") for r in result["rows"]) else 1
+
+
+def _run_sweep(args):
+    from ..bench.throughput import format_sweep, plot_sweep, run_sweep
+    res = run_sweep(args.sweep, model=args.model, batch=args.batch, seq=args.seq, modes=args.modes,
+                    device=args.device, policy=args.config, json_out=args.json_out, steps=args.steps,
+                    warmup=args.warmup, layers=args.layers, compile=args.compile, peak_tflops=args.peak_tflops,
+                    profile=args.profile, compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
+                    plain_compile_modes=args.plain_compile_modes)
+    print(format_sweep(res), flush=True)
+    if args.plot:
+        plot_sweep(res, args.plot)
+    ok = all(r is not None for r in res["ratio_vs_bf16"]["bf16"])
+    return 0 if ok else 1
 
 
 def register(sub):

@@ -16,6 +16,10 @@ def register(sub):
     p.add_argument("--activation-checkpointing", action="store_true", help="keep only block inputs")
     p.add_argument("--fp8-activation-cache", action="store_true", default=None,
                    help="FP8 linears save their quantized input (default: the policy recipe)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="where training runs; decides the loss it uses (default cuda)")
+    p.add_argument("--fused-ce", choices=["auto", "on", "off"], default="auto",
+                   help="the training config's fused_ce: auto (fused loss on CUDA), on or off (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--measure", action="store_true", help="run real training steps on CUDA and compare")
     p.add_argument("--steps", type=int, default=3, help="training steps for --measure (default 3)")
@@ -35,7 +39,8 @@ def run(args):
     pol = load_policy(args.config, strict=False if args.lax else None)
     opts = MemoryOptions(batch=args.batch, seq=args.seq, optimizer=args.optimizer, grad_accum=args.grad_accum,
                          precision=args.precision, activation_checkpointing=args.activation_checkpointing,
-                         fp8_activation_cache=args.fp8_activation_cache)
+                         fp8_activation_cache=args.fp8_activation_cache, device=args.device,
+                         fused_ce=args.fused_ce)
     est = estimate(cfg, pol, opts)
     opts = MemoryOptions(**{**opts.__dict__, "seq": est["seq"]})
     other = None
@@ -82,7 +87,7 @@ def run(args):
     row(f"Optimizer states ({args.optimizer}, {d['optimizer_states'].upper()})", "optimizer_bytes")
     ck = " ckpt" if opts.activation_checkpointing else ""
     row(f"Activations ({cfg.n_layers} layers{ck})", "activations_bytes")
-    row(f"Logits + cross-entropy (V={cfg.vocab_size:,})", "logits_bytes")
+    row(f"Loss: {est['loss']} cross-entropy on {opts.device} (V={cfg.vocab_size:,})", "logits_bytes")
     row("Total Memory", "total_bytes")
     print(f"Memory Layout for {cfg.name} ({bf16['params']:,} params; micro-batch {opts.batch} x seq {opts.seq}, "
           f"grad accum {opts.grad_accum}, {args.optimizer}, recipe {fp8['recipe']}"

@@ -1,0 +1,78 @@
+"""The Yxanul architecture as a user would write it in plain PyTorch: the `bf16-plain` baseline of the benchmarks.
+
+Separate ``nn.Linear`` projections, ``F.rms_norm``, RoPE in the rotate-half layout, SDPA with ``enable_gqa`` (no
+expanded K/V), SwiGLU, the factorized embedding with its tied head ``(h @ P) @ E.T``, ``F.cross_entropy`` on FP32
+logits. Nothing from this project's kernels; train it under BF16 autocast with fused AdamW and ``torch.compile``
+of the whole model. Same parameters, same count and same initialization scheme as :class:`yxanul.model.Yxanul`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, hd = c.d_model, c.head_dim
+        self.h, self.kv, self.hd, self.eps = c.n_heads, c.n_kv_heads, hd, c.norm_eps
+        self.attn_norm, self.mlp_norm = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
+        self.q = nn.Linear(d, c.n_heads * hd, bias=False)
+        self.k = nn.Linear(d, c.n_kv_heads * hd, bias=False)
+        self.v = nn.Linear(d, c.n_kv_heads * hd, bias=False)
+        self.o = nn.Linear(c.n_heads * hd, d, bias=False)
+        self.gate = nn.Linear(d, c.ffn_hidden, bias=False)
+        self.up = nn.Linear(d, c.ffn_hidden, bias=False)
+        self.down = nn.Linear(c.ffn_hidden, d, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        a = F.rms_norm(x, (x.shape[-1],), self.attn_norm, self.eps)
+        q = rope(self.q(a).view(B, T, self.h, self.hd).transpose(1, 2), cos, sin)
+        k = rope(self.k(a).view(B, T, self.kv, self.hd).transpose(1, 2), cos, sin)
+        v = self.v(a).view(B, T, self.kv, self.hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv != self.h)
+        x = x + self.o(y.transpose(1, 2).reshape(B, T, -1))
+        m = F.rms_norm(x, (x.shape[-1],), self.mlp_norm, self.eps)
+        return x + self.down(F.silu(self.gate(m)) * self.up(m))
+
+
+class PlainLM(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        r = c.embed_rank or c.d_model
+        self.eps = c.norm_eps
+        self.tok = nn.Embedding(c.vocab_size, r)
+        self.proj = nn.Linear(r, c.d_model, bias=False) if c.embed_rank else None
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = nn.Parameter(torch.ones(c.d_model))
+        self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        inv = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim)
+        f = torch.outer(torch.arange(c.max_seq_len, dtype=torch.float64), inv).repeat(1, 2)
+        self.register_buffer("cos", f.cos().float(), persistent=False)
+        self.register_buffer("sin", f.sin().float(), persistent=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                resid = name.endswith(("o.weight", "down.weight"))
+                nn.init.normal_(p, 0.0, c.init_std / (math.sqrt(2 * c.n_layers) if resid else 1.0))
+
+    def forward(self, idx, targets):
+        x = self.tok(idx)
+        x = self.proj(x) if self.proj is not None else x
+        cos, sin = self.cos[: idx.shape[1]], self.sin[: idx.shape[1]]
+        for blk in self.blocks:
+            x = blk(x, cos, sin)
+        h = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
+        if self.head is not None:
+            logits = self.head(h)
+        else:
+            logits = (h @ self.proj.weight if self.proj is not None else h) @ self.tok.weight.T
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
