@@ -273,7 +273,7 @@ def _delayed_fp8_modules(model: nn.Module) -> list[nn.Module]:
         from .fp8.linear import fp8_modules
     except ImportError:  # pragma: no cover - FP8 layers not installed
         return []
-    return [m for m in fp8_modules(unwrap_model(model)).values() if m.recipe.name == "delayed"]
+    return [m for m in fp8_modules(unwrap_model(model)).values() if m.spec.delayed]
 
 
 @torch.no_grad()
