@@ -26,6 +26,7 @@ import torch
 
 from ..errors import YxanulError
 from ..io import atomic_write_json
+from ..fmt import table
 
 BASE_MODES = ("bf16", "fp8", "fp8-blockwise", "fp8-tensorwise", "fp8-rowwise", "fp8-delayed", "fp8-head", "fp8-all")
 NOISE_MODE = "bf16-seed2"
@@ -320,7 +321,6 @@ def summarize(result: dict) -> dict:
 
 
 def format_table(result: dict) -> str:
-    from ..commands._common import table
     rows = []
     for r in result["rows"]:
         v, d = r.get("final_val_loss"), r.get("rel_diff_vs_bf16_pct")

@@ -37,6 +37,7 @@ import torch.nn.functional as F  # noqa: F401  (the plain mode's loss lives in Y
 from .. import kernels  # noqa: F401  (registers the Triton quantizers with the FP8 layers)
 from ..errors import YxanulError
 from ..flops import flops_per_token, peak_flops
+from ..fmt import table
 from ..fp8.backends import kernel_overrides
 from ..fp8.options import Fp8Options
 from ..fp8.recipe import resolve
@@ -309,7 +310,6 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
 
 
 def format_table(result: dict) -> str:
-    from ..commands._common import table
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
