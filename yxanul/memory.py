@@ -39,7 +39,6 @@ from .precision import BYTES, Policy
 
 OPTIMIZERS = {"adamw": 2, "sgd": 1}  # number of per-parameter states (SGD: momentum)
 PRECISION_MODES = ("bf16", "fp8")
-COMPONENT_ORDER = ("embeddings", "layer_norms", "attention", "ffn", "output_head")
 _COMPONENT_OF = {"embeddings": "embeddings", "layer_norms": "layer_norms", "attention_compute": "attention",
                  "ffn_compute": "ffn", "output_head": "output_head", "other": "other"}
 
