@@ -198,7 +198,7 @@ class Fp8Linear(nn.Module):
         self._wcache = None
         self._wcache_version = None
         # compiled forwards read the weight copies from static buffers (refreshed in place by fp8_step) instead
-        # of quantizing in the graph; see weight_cache_mode()
+        # of quantizing in the graph (option weight_cache="step")
         self._static_w = False
         self._collect = False
         if self.spec.delayed:

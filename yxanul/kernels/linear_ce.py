@@ -162,7 +162,7 @@ class _CutLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, W, targets, ignore_index, cdtype, grad_h_now):
-        from .cut_ce import lce_forward, lce_forward_dh
+        from .cut_ce import lce_forward, lce_forward_dh  # needs triton (this module imports without it)
         with torch.autocast(h.device.type, enabled=False):
             hc, Wc = h.to(cdtype).contiguous(), W.to(cdtype).contiguous()
             valid = targets != ignore_index
@@ -181,7 +181,7 @@ class _CutLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go):
-        from .cut_ce import lce_backward
+        from .cut_ce import lce_backward  # needs triton (this module imports without it)
         hc, Wc, t, lse, valid, n_valid, dh1 = ctx.saved_tensors
         sc = valid.float() * (go.float() / n_valid)
         _, dw = lce_backward(hc, Wc, t, lse, sc, need_h=False, need_w=ctx.needs_input_grad[1])
