@@ -3,8 +3,8 @@ quantizes ``dgate`` and ``dup`` inside the SwiGLU backward kernel (:func:`yxanul
 
 Unfused, autograd computes ``dgate`` and ``dup`` (the SwiGLU backward) and each projection's backward then
 quantizes its output gradient in both GEMM layouts; torch.compile fuses that into one kernel, but one that writes
-the transposed FP8 copies slowly (about 1.7x the SwiGLU backward's BF16 time on the H100). Here the known
-delayed scales let one Triton kernel read gate, up and dh once and write both layouts of both gradients.
+the transposed FP8 copies well under bandwidth (docs/perf-notes.md). Here the known delayed scales let one
+Triton kernel read gate, up and dh once and write both layouts of both gradients.
 
 Used by :class:`yxanul.model.MLP` when :func:`convert_model` made both projections delayed-scaling
 :class:`~yxanul.fp8.linear.Fp8Linear` layers (no bias, same format) with the ``fused_swiglu`` option
