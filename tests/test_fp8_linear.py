@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import yxanul.kernels  # noqa: F401  (registers the Triton quantizers, as the training code does)
 from yxanul.errors import NonFiniteError, YxanulError
 from yxanul.fp8 import backends
 from yxanul.fp8.linear import Fp8Linear, convert_model, fp8_check, fp8_stats, fp8_step, unconvert_model

@@ -380,3 +380,22 @@ def test_static_weight_cache_is_dropped_when_the_module_is_moved_or_cast(monkeyp
     assert not m[0]._static_w and m[0]._wcache is None
     fp8_step(m)
     assert m[0]._static_w and m[0]._wq.dtype == torch.float8_e4m3fn
+
+
+def test_bench_throughput_passes_the_fp8_options_to_the_layers(monkeypatch):
+    """bench throughput's FP8 options reach convert_model through the policy and are recorded in the result."""
+    from yxanul.bench.throughput import run_throughput
+    from yxanul.fp8 import linear
+    seen = []
+    real = linear.convert_model
+
+    def spy(model, policy, *a, **k):
+        seen.append(policy.fp8_options)
+        return real(model, policy, *a, **k)
+
+    monkeypatch.setattr(linear, "convert_model", spy)
+    opts = Fp8Options(kernels="torch", weight_cache="step")
+    res = run_throughput(model="tiny", batch=1, seq=8, steps=1, warmup=0, modes="fp8-delayed", compile=False,
+                         device="cpu", fp8_options=opts, log=lambda s: None)
+    assert res["fp8_options"] == opts.as_dict()
+    assert res["rows"][0]["error"] is None and seen == [opts]
