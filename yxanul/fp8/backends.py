@@ -1,9 +1,11 @@
 """FP8 GEMM backends as a small table of operations, plus the native-vs-emulated self-check.
 
-Every recipe is expressed with five operations (an :class:`Fp8Ops`):
+Every recipe is expressed with a few operations (an :class:`Fp8Ops`):
 
-``act_quant(x [M,K]) -> (q [M,K], s)``           activations / output grads, scaled along the last dim
-``act_quant_t(x [M,K]) -> (qT [K,M], sT)``       the same tensor transposed, scaled along M (for wgrad)
+``act_quant(x [M,K]) -> (q [M,K], s)``           activations (``grad_quant``: output grads), scaled along the
+                                                last dim
+``act_quant_t(x [M,K]) -> (qT [K,M], sT)``       the same tensor transposed, scaled along M (for wgrad;
+                                                ``grad_quant_t`` for output grads)
 ``weight_quant(w [N,K]) -> (q [N,K], s)``        the weight's forward copy
 ``weight_t(w, q, s) -> (qT [K,N], sT)``          the weight's transposed copy for dgrad
 ``fprop``, ``dgrad``, ``wgrad`` ``(a_q, a_s, b_q, b_s, out_dtype) -> a @ b.T``
