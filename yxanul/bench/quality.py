@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ..errors import YxanulError
-from ..io import atomic_write_json
 from ..fmt import table
+from ..io import atomic_write_json
 
 BASE_MODES = ("bf16", "fp8", "fp8-blockwise", "fp8-tensorwise", "fp8-rowwise", "fp8-delayed", "fp8-head", "fp8-all")
 NOISE_MODE = "bf16-seed2"

@@ -232,7 +232,6 @@ def _pct(p: float) -> str:
 
 def render(report: dict, by: str = "dtype") -> str:
     """Note-style text: precision distribution, then the breakdown chosen by ``by``."""
-
     lines = [f"{report['path']}: {report['files']} file(s), {report['tensors']:,} tensors, "
              f"{report['total_params']:,} params, {human_bytes(report['total_bytes'])}", ""]
     lines.append(f"Precision Distribution ({_count(report['total_params'])} params)")
