@@ -2,8 +2,8 @@
 
 Usage: python scripts/device_cut_ce_versions.py OUT.json [N V K]   (default Yxanul-197M's head: 32768 200005 128)
 
-Compares the current kernels (yxanul/kernels/cut_ce.py) with the baseline copies in scripts/baselines/ (v1, v2)
-on the same BF16 operands: lse and target logit of the forward, dh and dW of the backward against a chunked FP32
+Compares the current kernels (yxanul/kernels/cut_ce.py) with their earlier versions v1 and v2, taken from git
+history (BASELINES), on the same BF16 operands: lse and target logit of the forward, dh and dW of the backward against a chunked FP32
 reference (torch). Times each kernel with CUDA events, versions interleaved, median of 10, over three input sets
 in rotation: v1 and v2 run forward, dh and dW; the current version runs the forward with dh (what training
 uses), the forward alone and dW, the fused kernel at several tile shapes. Writes OUT.json and prints a table.
@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -21,8 +23,20 @@ from yxanul.io import atomic_write_json
 from yxanul.kernels import cut_ce
 
 
+# the earlier versions of yxanul/kernels/cut_ce.py, taken from git history
+BASELINES = {"v1": "d48141c29dc008ef7380539a49a386a9a3623868", "v2": "86229072b53f67e20874fd0c5b51cb2629486b2f"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _baseline(name):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baselines", f"cut_ce_{name}.py")
+    """The module of version `name`, from ``git show COMMIT:yxanul/kernels/cut_ce.py`` (written to a temporary
+    file), or from ``$BASELINE_DIR/cut_ce_<name>.py`` on a machine without the repository's history."""
+    path = os.path.join(os.environ.get("BASELINE_DIR") or tempfile.mkdtemp(), f"cut_ce_{name}.py")
+    if not os.path.exists(path):
+        src = subprocess.run(["git", "-C", REPO, "show", f"{BASELINES[name]}:yxanul/kernels/cut_ce.py"],
+                             capture_output=True, text=True, check=True).stdout
+        with open(path, "w") as f:
+            f.write(src)
     spec = importlib.util.spec_from_file_location(f"cut_ce_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

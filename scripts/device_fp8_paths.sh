@@ -4,7 +4,6 @@
 #   kernels   the GPU kernel tests (bit-exact against the references) and the quantizer bandwidth bench
 #   nocache   bf16 and the FP8 recipes with the default policy (the wgrad operand re-quantized in backward)
 #   cache     the same with FP8 activation caching (docs/benchmarks/policy-fp8-cache.yaml)
-#   kernel    caching, per-tensor quantization as Triton kernels (YXANUL_TENSOR_QUANT=kernel)
 #   eager     caching, torch.compile's default mode (kernels launched one by one)
 # Usage: scripts/device_fp8_paths.sh OUT_DIR PART...
 set -uo pipefail
@@ -24,8 +23,6 @@ for part in "$@"; do
       python scripts/device_quant_bench.py "$out/quant-bench.json" 2>&1 | grep -v "variant" | grep -v Warn ;;
     nocache) bench nocache "${graphs[@]}" --modes bf16,fp8-tensorwise,fp8-delayed,fp8-blockwise --profile 3 ;;
     cache) bench cache "${graphs[@]}" "${cache[@]}" --modes bf16,fp8-tensorwise,fp8-delayed,fp8-blockwise --profile 3 ;;
-    kernel) YXANUL_TENSOR_QUANT=kernel bench kernel "${graphs[@]}" "${cache[@]}" \
-              --modes bf16,fp8-tensorwise,fp8-delayed --profile 3 ;;
     eager) bench eager "${cache[@]}" --modes bf16,fp8-tensorwise,fp8-delayed,fp8-blockwise ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac

@@ -21,9 +21,9 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "compile_mode", "tune_kernels",
-                        "tensor_quant", "block_quant", "rows"}
-    assert res["compile_mode"] is None and res["tune_kernels"] is None and res["tensor_quant"] in ("kernel", "traced")
-    assert res["block_quant"] in ("kernel", "traced")
+                        "fp8_options", "rows"}
+    assert res["compile_mode"] is None and res["tune_kernels"] is None
+    assert res["fp8_options"] == {"kernels": "auto", "weight_cache": "graph", "fused_swiglu": False}
     assert res["batch"] == 2 and res["seq"] == 16 and res["device"] == "cpu"
     assert [r["mode"] for r in res["rows"]] == ["bf16-plain", "bf16", "fp8", "fp8-blockwise", "torchao-tensorwise"]
     for r in res["rows"]:

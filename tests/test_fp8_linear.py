@@ -13,11 +13,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+import yxanul.kernels  # noqa: F401  (registers the Triton quantizers, as the training code does)
 from yxanul.errors import NonFiniteError, YxanulError
 from yxanul.fp8 import backends
 from yxanul.fp8.linear import Fp8Linear, convert_model, fp8_check, fp8_stats, fp8_step, unconvert_model
 from yxanul.fp8.quant import dequantize, quantize
-from yxanul.fp8.recipe import Fp8Recipe
+from yxanul.fp8.options import Fp8Options
+from yxanul.fp8.recipe import Fp8Recipe, resolve
 
 RECIPES = ("blockwise", "tensorwise", "rowwise", "delayed")
 
@@ -254,8 +256,8 @@ def test_native_blockwise_scale_layout_on_meta():
     def meta(*s, dt=torch.float32):
         return torch.empty(*s, dtype=dt, device="meta")
     a, b = meta(M, K, dt=torch.float8_e4m3fn), meta(N, K, dt=torch.float8_e4m3fn)
-    for bs in (meta(N // 128, K // 128), meta(N, K // 128)):  # 128x128 (fprop/dgrad), 1x128 (wgrad)
-        assert backends.native_gemm(a, meta(M, K // 128), b, bs, torch.bfloat16).shape == (M, N)
+    for bs, gran in ((meta(N // 128, K // 128), "block"), (meta(N, K // 128), "tile")):  # fprop/dgrad, wgrad
+        assert backends.native_gemm(a, meta(M, K // 128), b, bs, torch.bfloat16, "tile", gran).shape == (M, N)
     ST = F.ScalingType
     with pytest.raises(Exception):
         F.scaled_mm(a, b.t(), backends._col_major(meta(M, K // 128)), ST.BlockWise1x128,
@@ -481,42 +483,14 @@ def _graph_targets(fn, *args):
     return seen, out
 
 
-@pytest.mark.parametrize("fmt", ["e4m3", "hybrid"])
-def test_blockwise_traced_quantization_path(monkeypatch, fmt):
-    """YXANUL_BLOCK_QUANT=traced: while torch.compile traces, the blockwise layer's 1 x 128 quantizers of x, x^T,
-    dy and dy^T are plain torch ops (inductor may fuse them into the producing kernels) instead of opaque
-    custom ops; the numbers are the eager ones, bit for bit, forward and backward. (The path is for CUDA
-    tensors; here it is opened to CPU ones, and AOTAutograd without inductor runs the traced graph.)"""
-    monkeypatch.setattr(backends, "TRACED_DEVICE_TYPES", ("cuda", "cpu"))
-    torch.manual_seed(4)
-    x0 = torch.randn(96, 256)
-    results = {}
-    for path in ("kernel", "traced"):
-        monkeypatch.setenv("YXANUL_BLOCK_QUANT", path)
-        torch.manual_seed(5)
-        m = Fp8Linear(256, 384, recipe=Fp8Recipe(name="blockwise", fp8_format=fmt))
-        x = x0.clone().requires_grad_(True)
-        ops, y = _graph_targets(m, x)
-        results[path] = (ops, y.detach(), x.grad.clone(), m.weight.grad.clone())
-        ye = m(x0.clone().requires_grad_(True))
-        torch.testing.assert_close(y, ye, rtol=0, atol=0)
-    kernel_ops, traced_ops = results["kernel"][0], results["traced"][0]
-    # kernel: x (fwd), x^T (fwd, cached), dy and dy^T (bwd) as custom ops (the weight's is quant_blocks)
-    assert sum("quant_tiles" in t for t in kernel_ops) == 4, kernel_ops
-    assert not any("quant_tiles" in t for t in traced_ops), traced_ops
-    assert any("amax" in t for t in traced_ops), traced_ops
-    for a, b in zip(results["kernel"][1:], results["traced"][1:]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_blockwise_traced_setting_keeps_opaque_quantizers_on_cpu(monkeypatch):
-    """On CPU tensors YXANUL_BLOCK_QUANT=traced keeps the opaque quantizers (inductor's CPU code generation
-    fails on the traced ones): a two-layer blockwise model compiles with inductor, fullgraph, to the eager FP8
-    numbers (inductor may reorder FP32 arithmetic: rare one-step rounding flips)."""
-    monkeypatch.setenv("YXANUL_BLOCK_QUANT", "traced")
+def test_blockwise_layers_compile_with_opaque_quantizers():
+    """The blockwise layer's 1 x 128 quantizers of x, x^T, dy and dy^T are opaque custom ops in the compiled
+    graph (inductor's CPU code generation fails on them traced): a two-layer blockwise model compiles with
+    inductor, fullgraph, to the eager FP8 numbers (inductor may reorder FP32 arithmetic: rare one-step rounding
+    flips)."""
     ops, _ = _graph_targets(Fp8Linear(256, 384, recipe=Fp8Recipe(name="blockwise")), torch.randn(96, 256,
                                                                                                requires_grad=True))
-    assert sum("quant_tiles" in t for t in ops) == 4, ops  # the opaque quantizers, as with kernel
+    assert sum("quant_tiles" in t for t in ops) == 4, ops
     torch.manual_seed(9)
     model = nn.Sequential(Fp8Linear(256, 384, recipe=Fp8Recipe(name="blockwise")), nn.SiLU(),
                           Fp8Linear(384, 256, recipe=Fp8Recipe(name="blockwise")))
@@ -532,72 +506,83 @@ def test_blockwise_traced_setting_keeps_opaque_quantizers_on_cpu(monkeypatch):
     assert _rel(y, ref) < 1e-2 and _rel(x.grad, gx) < 1e-2 and _rel(model[0].weight.grad, gw) < 1e-2
 
 
-def test_block_quant_path_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("YXANUL_BLOCK_QUANT", "fused")
-    with pytest.raises(YxanulError, match="YXANUL_BLOCK_QUANT"):
-        Fp8Linear(128, 128, recipe=Fp8Recipe(name="blockwise"))
-    # other recipes do not read it
-    Fp8Linear(128, 128, recipe=Fp8Recipe(name="tensorwise"))
+# -- the resolved recipe and the op table ---------------------------------------------------------------------
+@pytest.mark.parametrize("name,grans,delayed", [("blockwise", ("tile", "block", "tile"), False),
+                                                ("tensorwise", ("tensor",) * 3, False),
+                                                ("rowwise", ("row",) * 3, False),
+                                                ("delayed", ("tensor",) * 3, True)])
+@pytest.mark.parametrize("fp8_format,fmt,want_fmts", [("e4m3", "e4m3", ("e4m3",) * 3),
+                                                      ("hybrid", "e4m3", ("e4m3", "e4m3", "e5m2")),
+                                                      ("e4m3", "e5m2", ("e5m2",) * 3)])
+def test_recipe_resolves_to_per_operand_specs(name, grans, delayed, fp8_format, fmt, want_fmts):
+    rec = Fp8Recipe(name=name, fp8_format=fp8_format, block_size=64, pow2_scales=True, margin=2)
+    spec = resolve(rec, fmt)
+    assert (spec.x.granularity, spec.w.granularity, spec.dy.granularity) == grans
+    assert spec.operand_formats == want_fmts
+    assert spec.delayed is delayed and all(o.delayed is delayed for o in (spec.x, spec.w, spec.dy))
+    assert all(o.block == 64 and o.pow2 for o in (spec.x, spec.w, spec.dy))
+    assert spec.x.margin == (2 if delayed else 0)
+    assert spec.per_tensor is (grans[0] == "tensor")
+    assert spec.gemm_granularity("wgrad") == (grans[2], grans[0])
+    # the layer's GEMMs are bound to their operands' granularities
+    ops = backends.build_ops(spec, "emulated")
+    for op in ("fprop", "dgrad", "wgrad"):
+        a, b = spec.gemm_granularity(op)
+        assert (getattr(ops, op).keywords["a_gran"], getattr(ops, op).keywords["b_gran"]) == (a, b)
+    assert resolve(rec, fmt) == spec  # frozen and comparable
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("K", [768, 2048])
-def test_blockwise_traced_quantizers_match_the_kernels_on_gpu(K):
-    """Inductor's code for the traced 1 x 128 quantizers against the Triton kernels. On a BF16 tensor: the same
-    scales, values within one FP8 step (some round differently). Fused into a producer, as in the model, the
-    tile scales differ by up to one BF16 step (2^-8 relative; on an H200, with and without
-    emulate_precision_casts), as from quantizing the producer's FP32 result without its BF16 rounding, and
-    values by up to one FP8 step."""
+def test_recipe_description_comes_from_the_spec():
+    assert Fp8Recipe(name="blockwise").granularity() == "act 1x128, weight 128x128"
+    assert Fp8Recipe(name="tensorwise").granularity() == "per-tensor (current)"
+    assert Fp8Recipe(name="rowwise").granularity() == "per-row (current)"
+    assert Fp8Recipe(name="delayed", amax_history_len=4).granularity() == "per-tensor (delayed, history 4)"
+
+
+def test_emulated_gemm_reads_the_granularity_it_is_given():
+    """The same [1, 1] scale of a one-row operand read as a tile, a row or a block scale gives one product; the
+    caller names the granularity (nothing is inferred from scale shapes)."""
+    a = torch.randn(4, 64).to(torch.float8_e4m3fn)
+    b = torch.randn(1, 64).to(torch.float8_e4m3fn)
+    sa, sb = torch.full((4, 1), 0.5), torch.full((1, 1), 0.25)
+    outs = [backends.emulated_gemm(a, sa, b, sb, torch.float32, ga, gb) for ga, gb in
+            (("tile", "block"), ("row", "row"), ("tile", "tile"))]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    torch.testing.assert_close(outs[0], a.float() @ b.float().t() * 0.125)
+    with pytest.raises(Exception):
+        backends.emulated_gemm(a, sa, b, sb, torch.float32, "tensor", "tensor")  # [4, 1] is no tensor scale
+
+
+def test_fp8_options_are_validated():
+    with pytest.raises(YxanulError, match="fp8_kernels"):
+        Fp8Options(kernels="cuda").validate()
+    with pytest.raises(YxanulError, match="fp8_weight_cache"):
+        Fp8Options(weight_cache="never").validate()
+    with pytest.raises(YxanulError, match="fp8_fused_swiglu"):
+        Fp8Options(fused_swiglu="on").validate()
+    with pytest.raises(YxanulError, match="fp8_kernels"):
+        Fp8Linear(64, 64, options=Fp8Options(kernels="cuda"))
+
+
+def test_kernels_option_picks_the_quantizers(monkeypatch):
+    """``kernels``: torch keeps the reference quantizers; triton takes the registered ones (yxanul.kernels
+    registers them when imported) with impl="triton" on any device, and is an error when none are registered;
+    auto takes them only for native GEMMs on a CUDA machine."""
     from yxanul import kernels
-    from yxanul.fp8.backends import quant_tiles_impl, quant_tiles_t_impl
-    from yxanul.fp8.formats import get_format
-    f = get_format("e4m3")
-    g = torch.Generator(device="cuda").manual_seed(K)
-    a = torch.randn(4096, K, device="cuda", generator=g, dtype=torch.bfloat16)
-    b = torch.randn(4096, K, device="cuda", generator=g, dtype=torch.bfloat16)
-
-    def produce(a, b):
-        return (torch.nn.functional.silu(a.float()) * b.float()).to(torch.bfloat16)
-
-    x = produce(a, b)
-    want = (kernels.act_quant(x, impl="triton"), kernels.act_quant_t(x, impl="triton"))
-    torch._dynamo.reset()
-    plain = torch.compile(lambda x: (quant_tiles_impl(x, f), quant_tiles_t_impl(x, f)))(x)
-    def within_one_step(got_q, want_q):
-        gq, wq = got_q.float(), want_q.float()
-        step = wq.abs().clamp_min(2 ** -6) * 2 ** -3  # one E4M3 step at each value's binade
-        return bool(((gq - wq).abs() <= step).all())
-
-    for (got_q, got_s), (want_q, want_s) in zip(plain, want):
-        assert torch.equal(got_s, want_s) and within_one_step(got_q, want_q)
-    torch._dynamo.reset()
-    fused = torch.compile(lambda a, b: (quant_tiles_impl(produce(a, b), f), quant_tiles_t_impl(produce(a, b), f)))
-    for (got_q, got_s), (want_q, want_s) in zip(fused(a, b), want):
-        torch.testing.assert_close(got_s, want_s, rtol=2 ** -8, atol=0)
-        assert within_one_step(got_q, want_q)
-
-
-@pytest.mark.gpu
-def test_blockwise_traced_layers_compile_to_the_kernel_numbers_on_gpu(monkeypatch):
-    """End to end on CUDA: two blockwise Fp8Linear layers (native GEMMs) compiled with inductor under
-    YXANUL_BLOCK_QUANT=traced against the same layers compiled with the kernels: outputs and gradients agree to
-    FP8 rounding (inductor's quantizers may round a value one FP8 step differently)."""
-    torch.manual_seed(11)
-    x0 = torch.randn(1024, 768, device="cuda", dtype=torch.bfloat16)
-    g0 = torch.randn(1024, 768, device="cuda", dtype=torch.bfloat16)
-    got = {}
-    for path in ("kernel", "traced"):
-        monkeypatch.setenv("YXANUL_BLOCK_QUANT", path)
-        torch.manual_seed(12)
-        model = nn.Sequential(Fp8Linear(768, 2048, recipe=Fp8Recipe(name="blockwise"), backend="native"), nn.SiLU(),
-                              Fp8Linear(2048, 768, recipe=Fp8Recipe(name="blockwise"), backend="native")).cuda()
-        torch._dynamo.reset()
-        cm = torch.compile(model, fullgraph=True)
-        x = x0.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = cm(x)
-        y.backward(g0)
-        got[path] = (y.detach().float(), x.grad.float(), model[0].weight.grad.float(), model[2].weight.grad.float())
-    for a, b in zip(got["kernel"], got["traced"]):
-        assert bool(torch.isfinite(b).all())
-        assert _rel(b, a) < 2e-2
+    from yxanul.fp8 import registry
+    spec = resolve(Fp8Recipe(name="blockwise"))
+    ref = backends.build_ops(spec, "emulated", Fp8Options(kernels="torch"))
+    assert ref.act_quant.func is backends.quant_tiles
+    if not kernels.triton_available():
+        pytest.skip("triton is not importable")
+    forced = backends.build_ops(spec, "emulated", Fp8Options(kernels="triton"))
+    assert forced.act_quant.func is kernels.act_quant and forced.act_quant.keywords["impl"] == "triton"
+    assert forced.weight_quant.func is kernels.weight_quant
+    assert backends.build_ops(spec, "emulated", Fp8Options(kernels="auto")).act_quant.func is backends.quant_tiles
+    # delayed and rowwise have no fused quantizers: the reference ones, whatever the option
+    for name in ("delayed", "rowwise"):
+        assert backends.build_ops(resolve(Fp8Recipe(name=name)), "emulated", Fp8Options(kernels="triton")) \
+            .act_quant.func is backends.build_ops(resolve(Fp8Recipe(name=name)), "emulated").act_quant.func
+    monkeypatch.setattr(registry, "_QUANTIZERS", [])
+    with pytest.raises(YxanulError, match="fp8_kernels"):
+        backends.build_ops(spec, "emulated", Fp8Options(kernels="triton"))

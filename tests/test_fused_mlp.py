@@ -7,16 +7,27 @@ import copy
 import pytest
 import torch
 
+from yxanul.errors import YxanulError
+from yxanul.fp8 import fused_mlp, registry
 from yxanul.fp8.linear import convert_model, fp8_step, unconvert_model
+from yxanul.fp8.options import Fp8Options
 from yxanul.model import MLP, Yxanul
 from yxanul.precision import load_policy
 
 
-def _model(tiny_cfg, recipe="delayed"):
+def _model(tiny_cfg, recipe="delayed", fused=True):
     torch.manual_seed(0)
     m = Yxanul(tiny_cfg)
-    pol = load_policy(None).with_recipe(name=recipe, calibration_steps=0)
+    pol = load_policy(None).with_recipe(name=recipe, calibration_steps=0).with_fp8_options(fused_swiglu=fused)
     return convert_model(m, pol, backend="emulated", quiet=True)
+
+
+def _count_swiglu_bwd(monkeypatch) -> list:
+    """Count the calls of the SwiGLU-backward quantizer the fused function takes from the registry."""
+    calls = []
+    real = registry.kernel("swiglu_bwd_quant", fused_mlp.swiglu_bwd_quant)
+    monkeypatch.setitem(registry._KERNELS, "swiglu_bwd_quant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
 
 
 def _step(m, idx):
@@ -29,27 +40,24 @@ def _step(m, idx):
 def test_fused_swiglu_matches_the_unfused_layers(tiny_cfg, monkeypatch):
     """Same loss, and gradients as close to BF16's as the unfused FP8 layers' are (the two differ by FP8 rounding
     flips: dgate/dup are quantized from FP32 here, from their BF16 rounding unfused)."""
-    from yxanul import kernels
-    calls = []
-    real = kernels.swiglu_bwd_quant
-    monkeypatch.setattr(kernels, "swiglu_bwd_quant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_swiglu_bwd(monkeypatch)
     torch.manual_seed(0)
     bf16 = Yxanul(tiny_cfg)
     m = _model(tiny_cfg)
     mlps = [x for x in m.modules() if isinstance(x, MLP)]
     assert mlps and all(x.fused_gate_up is not None for x in mlps)
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setenv("YXANUL_FUSED_SWIGLU", "on")
     _step(m, idx)  # the first step scales by the current amax; fp8_step then fixes the scales
     m.zero_grad(set_to_none=True)
     assert not calls  # unfused until every scale is fixed
     fp8_step(m)
     assert all(x._scales_fixed for x in m.modules() if hasattr(x, "_scales_fixed"))
     ref = copy.deepcopy(m)
-    monkeypatch.setenv("YXANUL_FUSED_SWIGLU", "off")
+    for x in ref.modules():
+        if isinstance(x, MLP):
+            x.fused_gate_up = None  # the same layers, unfused
     loss_ref = _step(ref, idx)
     assert not calls
-    monkeypatch.setenv("YXANUL_FUSED_SWIGLU", "on")
     loss = _step(m, idx)
     assert len(calls) == len(mlps)
     assert loss.item() == loss_ref.item()  # the forward is the same computation
@@ -74,50 +82,51 @@ def test_fused_swiglu_matches_the_unfused_layers(tiny_cfg, monkeypatch):
 
 
 def test_fused_swiglu_installs_only_for_delayed_and_goes_with_unconvert(tiny_cfg):
+    """Only delayed-scaling gate/up pairs with the fused_swiglu option get the fused function."""
     m = _model(tiny_cfg, "tensorwise")
     assert all(x.fused_gate_up is None for x in m.modules() if isinstance(x, MLP))
+    m = _model(tiny_cfg, fused=False)
+    assert all(x.fused_gate_up is None for x in m.modules() if isinstance(x, MLP))
+    m = _model(tiny_cfg)
+    assert all(x.fused_gate_up is not None for x in m.modules() if isinstance(x, MLP))
     m = _model(tiny_cfg)
     unconvert_model(m)
     assert all(x.fused_gate_up is None for x in m.modules() if isinstance(x, MLP))
 
 
-def test_bad_fused_swiglu_setting_is_an_error(tiny_cfg, monkeypatch):
-    from yxanul.errors import YxanulError
-    m = _model(tiny_cfg)
-    idx = torch.randint(0, tiny_cfg.vocab_size, (1, 16))
-    for _ in range(2):
-        _step(m, idx)
-        fp8_step(m)
-    monkeypatch.setenv("YXANUL_FUSED_SWIGLU", "maybe")
-    with pytest.raises(YxanulError, match="YXANUL_FUSED_SWIGLU"):
-        _step(m, idx)
+def test_bad_fused_swiglu_option_is_an_error_before_conversion(tiny_cfg):
+    m = Yxanul(tiny_cfg)
+    with pytest.raises(YxanulError, match="fp8_fused_swiglu"):
+        load_policy(None).with_fp8_options(fused_swiglu="maybe")
+    with pytest.raises(YxanulError, match="fp8_fused_swiglu"):
+        convert_model(m, load_policy(None), backend="emulated", options=Fp8Options(fused_swiglu="maybe"))
+    assert not any(hasattr(x, "spec") for x in m.modules())  # nothing converted
 
 
 def test_fused_swiglu_reference_quantizer_numerics():
     """The reference SwiGLU-backward quantizer: FP32 gradients of silu(g) * u, cast with the given scales."""
-    from yxanul.kernels import reference
     g = torch.randn(33, 70, generator=torch.Generator().manual_seed(2)).bfloat16()
     u = torch.randn(33, 70).bfloat16()
     d = torch.randn(33, 70).bfloat16()
     gf, uf = g.float().requires_grad_(True), u.float().requires_grad_(True)
     (torch.nn.functional.silu(gf) * uf).backward(d.float())
     sg, su = gf.grad.abs().amax() / 448, uf.grad.abs().amax() / 448
-    qg, qgt, qu, qut, amax = reference.swiglu_bwd_quant(g, u, d, sg, su)
+    qg, qgt, qu, qut, amax = fused_mlp.swiglu_bwd_quant(g, u, d, sg, su)
     torch.testing.assert_close(amax, torch.stack([gf.grad.abs().amax(), uf.grad.abs().amax()]), rtol=1e-6, atol=0)
     assert torch.equal(qgt.float(), qg.float().t()) and torch.equal(qut.float(), qu.float().t())
     torch.testing.assert_close(qg.float() * sg, gf.grad, rtol=0.07, atol=sg.item() * 2)
     torch.testing.assert_close(qu.float() * su, uf.grad, rtol=0.07, atol=su.item() * 2)
     g[3, 5] = float("nan")
-    assert torch.isnan(reference.swiglu_bwd_quant(g, u, d, sg, su)[4][0])
+    assert torch.isnan(fused_mlp.swiglu_bwd_quant(g, u, d, sg, su)[4][0])
 
 
 def test_fused_swiglu_is_off_by_default(tiny_cfg, monkeypatch):
-    """Measured slower on the H100, so the MLP stays unfused unless YXANUL_FUSED_SWIGLU=on."""
-    from yxanul import kernels
-    monkeypatch.delenv("YXANUL_FUSED_SWIGLU", raising=False)
-    calls = []
-    monkeypatch.setattr(kernels, "swiglu_bwd_quant", lambda *a, **k: calls.append(1))
-    m = _model(tiny_cfg)
+    """Measured slower in the training step, so the MLP stays unfused unless the fused_swiglu option is on."""
+    calls = _count_swiglu_bwd(monkeypatch)
+    torch.manual_seed(0)
+    m = convert_model(Yxanul(tiny_cfg), load_policy(None).with_recipe(name="delayed", calibration_steps=0),
+                      backend="emulated", quiet=True)
+    assert all(x.fused_gate_up is None for x in m.modules() if isinstance(x, MLP))
     idx = torch.randint(0, tiny_cfg.vocab_size, (1, 16))
     for _ in range(2):
         _step(m, idx)

@@ -379,7 +379,7 @@ def test_tensorwise_ops_trace_as_plain_torch_under_compile():
     def f(x, w):
         xq, xs = kernels.tensor_quant(x)
         wq, ws = kernels.tensor_quant(w)
-        return native_gemm_op(xq, xs, wq, ws, torch.float32)
+        return native_gemm_op(xq, xs, wq, ws, torch.float32, "tensor", "tensor")
 
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g)

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from yxanul.cli import main
 from yxanul.errors import YxanulError
+from yxanul.fp8.options import Fp8Options
 
 
 def test_dequantize_refuses_scale_of_non_fp8_weight(tmp_path, capsys):
@@ -160,9 +161,9 @@ def test_native_tensorwise_scales_are_own_allocations(monkeypatch):
     buf = torch.tensor([0.5, 0.25, 0.125])
     a = torch.randn(32, 64).clamp(-4, 4).to(torch.float8_e4m3fn)
     b = torch.randn(16, 64).clamp(-4, 4).to(torch.float8_e4m3fn)
-    out = backends.native_gemm(a, buf[2], b, buf[1], torch.float32)
+    out = backends.native_gemm(a, buf[2], b, buf[1], torch.float32, "tensor", "tensor")
     assert seen == [(0, 0)]
-    ref = backends.emulated_gemm(a, buf[2], b, buf[1], torch.float32)
+    ref = backends.emulated_gemm(a, buf[2], b, buf[1], torch.float32, "tensor", "tensor")
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -172,14 +173,15 @@ def test_native_tensorwise_gemm_traces_without_graph_break():
     from yxanul.fp8 import backends
 
     def f(a, sa, b, sb):
-        return backends.native_gemm(a, sa, b, sb, torch.float32)
+        return backends.native_gemm(a, sa, b, sb, torch.float32, "tensor", "tensor")
 
     a = torch.randn(32, 64).clamp(-4, 4).to(torch.float8_e4m3fn)
     b = torch.randn(16, 64).clamp(-4, 4).to(torch.float8_e4m3fn)
     sa, sb = torch.tensor(0.5), torch.tensor(0.25)
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True, backend="eager")(a, sa, b, sb)
-    assert torch.allclose(got, backends.emulated_gemm(a, sa, b, sb, torch.float32), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got, backends.emulated_gemm(a, sa, b, sb, torch.float32, "tensor", "tensor"), rtol=1e-5,
+                          atol=1e-5)
 
 
 def test_delayed_fixed_scale_is_not_a_view():
@@ -229,22 +231,36 @@ def test_emulated_fp8_blocks_compile_to_the_eager_numbers_under_autocast(tiny_cf
         assert torch.equal(grads[n].grad, p.grad), n
 
 
-@pytest.mark.parametrize("var", ["YXANUL_AMAX", "YXANUL_FUSED_SWIGLU", "YXANUL_BLOCK_QUANT", "YXANUL_TENSOR_QUANT",
-                                 "YXANUL_WEIGHT_CACHE"])
-def test_a_bad_environment_switch_is_an_error_before_any_work(monkeypatch, capsys, tmp_path, var):
-    """Some switches are only read inside a forward pass (YXANUL_AMAX, YXANUL_FUSED_SWIGLU): a bad value ended as
-    an error row of bench throughput (exit 1), or was silently ignored by a BF16 run. Now exit 2, one line,
-    naming the variable once, before anything is written."""
+@pytest.mark.parametrize("flag,key", [("--fp8-kernels", "fp8_kernels"), ("--fp8-weight-cache", "fp8_weight_cache")])
+def test_a_bad_fp8_option_is_an_error_before_any_work(capsys, tmp_path, flag, key):
+    """A bad FP8 option (once an environment switch read inside a forward pass) is exit 2, one line naming the
+    option, before anything is written, even in a run whose modes have no FP8 layer."""
     from yxanul.cli import main
-    monkeypatch.setenv(var, "bogus")
     out = tmp_path / "b.json"
     assert main(["bench", "throughput", "--model", "tiny", "--no-compile", "--batch", "1", "--seq", "8",
-                 "--steps", "1", "--warmup", "0", "--modes", "bf16", "--json-out", str(out)]) == 2
+                 "--steps", "1", "--warmup", "0", "--modes", "bf16", "--json-out", str(out), flag, "bogus"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.count(var) == 1 and "bogus" in err and not out.exists()
-    assert main(["train", "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and var in err and not (tmp_path / "run").exists()
+    assert err.count("\n") == 1 and err.count(key) == 1 and "bogus" in err and not out.exists()
+
+
+@pytest.mark.parametrize("key", ["fp8_kernels", "fp8_weight_cache", "fp8_fused_swiglu"])
+def test_a_bad_fp8_option_in_the_train_config_is_an_error(tmp_path, key):
+    from yxanul.train import TrainConfig, Trainer
+    with pytest.raises(YxanulError, match=key):
+        Trainer(TrainConfig(out=str(tmp_path / "run"), **{key: "bogus"}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_fp8_options_reach_the_layers(tmp_path):
+    """The train config's FP8 options are carried by the policy into every FP8 layer."""
+    from yxanul.fp8.linear import fp8_modules
+    from yxanul.train import TrainConfig, Trainer
+    t = Trainer(TrainConfig(out=str(tmp_path / "run"), precision="fp8", fp8_backend="emulated", fp8_kernels="torch",
+                            fp8_weight_cache="step", fp8_recipe="delayed", fp8_fused_swiglu=True, steps=1))
+    mods = fp8_modules(t.model)
+    assert mods and all(m.options == Fp8Options("torch", "step", True) for m in mods.values())
+    assert t.policy.fp8_options == Fp8Options("torch", "step", True)
+    assert any(getattr(m, "fused_gate_up", None) is not None for m in t.model.modules())
 
 
 def test_compile_kwargs_never_passes_mode_and_options_together():
@@ -262,7 +278,7 @@ def test_compile_kwargs_never_passes_mode_and_options_together():
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "blockwise"])
 def test_static_weight_cache_quantizes_once_per_step_under_compile(tiny_cfg, monkeypatch, recipe):
-    """YXANUL_WEIGHT_CACHE=step: compiled blocks read FP8 weight copies that fp8_step quantizes once per optimizer
+    """weight_cache="step": compiled blocks read FP8 weight copies that fp8_step quantizes once per optimizer
     step (in place, stable addresses), instead of quantizing in the graph at every micro-batch. Same gradients, bit
     for bit, as an eager model on the default path (which quantizes the weights it sees) over steps with two
     micro-batches and real weight updates; the copies are the current weights' after every step; one quantization
@@ -283,6 +299,8 @@ def test_static_weight_cache_quantizes_once_per_step_under_compile(tiny_cfg, mon
     eager = convert_model(Yxanul(cfg), load_policy(None).with_recipe(name=recipe, calibration_steps=0),
                           backend="emulated", quiet=True)
     comp = copy.deepcopy(eager)
+    for m in fp8_modules(comp).values():
+        m.options = Fp8Options(weight_cache="step")
     graphs = []
 
     def record(gm, example_inputs):
@@ -314,9 +332,7 @@ def test_static_weight_cache_quantizes_once_per_step_under_compile(tiny_cfg, mon
                 for model_p in (p, q):
                     model_p.add_(model_p.grad, alpha=-1e-2)
                     model_p.grad = None
-        monkeypatch.setenv("YXANUL_WEIGHT_CACHE", "graph")
         fp8_step(eager)
-        monkeypatch.setenv("YXANUL_WEIGHT_CACHE", "step")
         before = calls["n"]
         fp8_step(comp)
         assert calls["n"] - before == len(mods)  # one quantization per layer per step, in fp8_step
@@ -338,11 +354,11 @@ def test_static_weight_cache_quantizes_once_per_step_under_compile(tiny_cfg, mon
         assert n_amax[-2] < n_amax[0], n_amax
 
 
-def test_static_weight_cache_is_dropped_when_weights_are_loaded(monkeypatch):
-    monkeypatch.setenv("YXANUL_WEIGHT_CACHE", "step")
+def test_static_weight_cache_is_dropped_when_weights_are_loaded():
     from yxanul.fp8.linear import Fp8Linear, fp8_step
     from yxanul.fp8.recipe import Fp8Recipe
-    m = torch.nn.Sequential(Fp8Linear(32, 16, recipe=Fp8Recipe(name="tensorwise")))
+    m = torch.nn.Sequential(Fp8Linear(32, 16, recipe=Fp8Recipe(name="tensorwise"),
+                                      options=Fp8Options(weight_cache="step")))
     fp8_step(m)
     assert m[0]._static_w
     m.load_state_dict({"0.weight": torch.randn(16, 32)})
@@ -354,13 +370,32 @@ def test_static_weight_cache_is_dropped_when_weights_are_loaded(monkeypatch):
 def test_static_weight_cache_is_dropped_when_the_module_is_moved_or_cast(monkeypatch):
     """nn.Module.to(dtype) converts every floating-point buffer, FP8 ones included: the static copies would turn
     into BF16 "FP8" copies. Moving or casting a layer drops them (compiled forwards quantize in the graph again)."""
-    monkeypatch.setenv("YXANUL_WEIGHT_CACHE", "step")
     from yxanul.fp8.linear import Fp8Linear, fp8_step
     from yxanul.fp8.recipe import Fp8Recipe
-    m = torch.nn.Sequential(Fp8Linear(32, 16, recipe=Fp8Recipe(name="tensorwise")))
+    m = torch.nn.Sequential(Fp8Linear(32, 16, recipe=Fp8Recipe(name="tensorwise"),
+                                      options=Fp8Options(weight_cache="step")))
     fp8_step(m)
     assert m[0]._static_w and m[0]._wq.dtype == torch.float8_e4m3fn
     m.to(torch.bfloat16)
     assert not m[0]._static_w and m[0]._wcache is None
     fp8_step(m)
     assert m[0]._static_w and m[0]._wq.dtype == torch.float8_e4m3fn
+
+
+def test_bench_throughput_passes_the_fp8_options_to_the_layers(monkeypatch):
+    """bench throughput's FP8 options reach convert_model through the policy and are recorded in the result."""
+    from yxanul.bench.throughput import run_throughput
+    from yxanul.fp8 import linear
+    seen = []
+    real = linear.convert_model
+
+    def spy(model, policy, *a, **k):
+        seen.append(policy.fp8_options)
+        return real(model, policy, *a, **k)
+
+    monkeypatch.setattr(linear, "convert_model", spy)
+    opts = Fp8Options(kernels="torch", weight_cache="step")
+    res = run_throughput(model="tiny", batch=1, seq=8, steps=1, warmup=0, modes="fp8-delayed", compile=False,
+                         device="cpu", fp8_options=opts, log=lambda s: None)
+    assert res["fp8_options"] == opts.as_dict()
+    assert res["rows"][0]["error"] is None and seen == [opts]

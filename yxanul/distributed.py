@@ -37,7 +37,6 @@ import torch.nn as nn
 
 from .errors import YxanulError
 
-PARALLEL_MODES = ("none", "ddp", "fsdp2")
 DCP_FOLDER = "dcp"
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -56,11 +55,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.backend is not None
-
-
-def launched_by_torchrun() -> bool:
-    """True when the torchrun/elastic environment variables are present."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _env_int(key: str) -> int:
@@ -273,7 +267,7 @@ def _delayed_fp8_modules(model: nn.Module) -> list[nn.Module]:
         from .fp8.linear import fp8_modules
     except ImportError:  # pragma: no cover - FP8 layers not installed
         return []
-    return [m for m in fp8_modules(unwrap_model(model)).values() if m.recipe.name == "delayed"]
+    return [m for m in fp8_modules(unwrap_model(model)).values() if m.spec.delayed]
 
 
 @torch.no_grad()

@@ -20,12 +20,3 @@ class YxanulError(Exception):
 class NonFiniteError(YxanulError):
     """NaN or Inf found where a finite value is required (quantization input, loss, grads)."""
 
-
-def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
-    """The value of environment switch `name`, one of `choices` (`default` when unset); anything else is a
-    YxanulError naming the variable."""
-    import os
-    v = os.environ.get(name, default)
-    if v not in choices:
-        raise YxanulError(f"must be one of {', '.join(choices)}, got {v!r}", key=name)
-    return v

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 from .errors import YxanulError
+from .fp8.recipe import Fp8Spec, resolve
 from .precision import BYTES, Policy
 
 OPTIMIZERS = {"adamw": 2, "sgd": 1}  # number of per-parameter states (SGD: momentum)
@@ -48,7 +49,6 @@ DEVICES = ("cuda", "cpu")
 FUSED_CE = ("auto", "on", "off")
 CUT_MAX_RANK = 256  # the register-only loss kernels' largest head rank (yxanul.kernels.cut_ce.MAX_K)
 CHUNK_BYTES = 1 << 30  # the chunked loss's budget for one chunk's FP32 logits (yxanul.kernels.linear_ce)
-COMPONENT_ORDER = ("embeddings", "layer_norms", "attention", "ffn", "output_head")
 _COMPONENT_OF = {"embeddings": "embeddings", "layer_norms": "layer_norms", "attention_compute": "attention",
                  "ffn_compute": "ffn", "output_head": "output_head", "other": "other"}
 
@@ -107,19 +107,22 @@ def _linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _weight_scale_count(o: int, i: int, recipe) -> int:
-    if recipe.name == "blockwise":
-        b = recipe.block_size
+def _weight_scale_count(o: int, i: int, spec: Fp8Spec) -> int:
+    g, b = spec.w.granularity, spec.w.block
+    if g == "block":
         return math.ceil(o / b) * math.ceil(i / b)
-    if recipe.name == "rowwise":
+    if g == "tile":
+        return o * math.ceil(i / b)
+    if g == "row":
         return o
     return 1
 
 
-def _act_scale_bytes_per_elem(in_features: int, recipe) -> float:
-    if recipe.name == "blockwise":
-        return 4.0 / recipe.block_size
-    if recipe.name == "rowwise":
+def _act_scale_bytes_per_elem(in_features: int, spec: Fp8Spec) -> float:
+    g = spec.x.granularity
+    if g in ("tile", "block"):
+        return 4.0 / spec.x.block
+    if g == "row":
         return 4.0 / in_features
     return 0.0
 
@@ -170,6 +173,7 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
     mode = opts.precision or ("fp8" if policy.strategy.use_fp8 else "bf16")
     pol = policy.with_fp8(mode == "fp8")
     recipe = pol.recipe
+    spec = resolve(recipe)
     cache = recipe.cache_fp8_activations if opts.fp8_activation_cache is None else opts.fp8_activation_cache
     with torch.device("meta"):
         model = Yxanul(cfg)
@@ -203,13 +207,13 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
             n_fp8 += 1
             fp8_by[c] = fp8_by.get(c, 0) + 2 * o * i        # W and its transpose for the dgrad GEMM
             weights_by[c] = weights_by.get(c, 0) + 2 * o * i
-            scales += 2 * 4 * _weight_scale_count(o, i, recipe)
+            scales += 2 * 4 * _weight_scale_count(o, i, spec)
         elif master_b != low_b:
             weights_by[c] = weights_by.get(c, 0) + low_b * o * i  # autocast's BF16 copy, saved for backward
     if cfg.embed_rank and cfg.tie_embeddings and master_b != low_b:
         # the tied head computes (h @ P.to(h.dtype)) @ E.T: an explicit BF16 copy of P next to autocast's
         weights_by["embeddings"] = weights_by.get("embeddings", 0) + low_b * cfg.d_model * cfg.embed_rank
-    if recipe.name == "delayed" and n_fp8:
+    if spec.delayed and n_fp8:
         scales += n_fp8 * 3 * recipe.amax_history_len * 4 + n_fp8 * 3 * 4  # amax histories + scales
     weights = sum(weights_by.values())
 
@@ -225,7 +229,7 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
         for n in names:
             p = prec.get(n, "bf16")
             if p.startswith("fp8") and cache:
-                total += in_features * (1 + _act_scale_bytes_per_elem(in_features, recipe))
+                total += in_features * (1 + _act_scale_bytes_per_elem(in_features, spec))
             elif in_b == low_b:
                 shared_low = True  # the BF16 input itself, one tensor for all consumers
             else:

@@ -248,7 +248,3 @@ def compile_mode_uses_cuda_graphs(mode: str | None) -> bool:
         return bool(mode_options(mode).get("triton.cudagraphs", False))
     except Exception:  # noqa: BLE001 - an unknown mode or an older torch
         return mode in ("reduce-overhead", "max-autotune")
-
-
-def build_model(cfg: ModelConfig) -> Yxanul:
-    return Yxanul(cfg)

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from .config import DEFAULT_POLICY, dataclass_from_dict, load_yaml
 from .errors import YxanulError
+from .fp8.options import Fp8Options
 from .fp8.recipe import Fp8Recipe
 
 PRECISIONS = ("fp8_e4m3", "fp8_e5m2", "bf16", "fp16", "fp32")
@@ -95,6 +96,7 @@ class Policy:
     bf16_components: tuple[str, ...] = ()
     fp8_components: tuple[str, ...] = ()
     recipe: Fp8Recipe = field(default_factory=Fp8Recipe)
+    fp8_options: Fp8Options = field(default_factory=Fp8Options)  # how (not what) the FP8 layers compute
     strict: bool = True
     source: str = "<default>"
 
@@ -112,6 +114,14 @@ class Policy:
         r.update({k: v for k, v in changes.items() if v is not None})
         out = Policy(**{**self.__dict__})
         out.recipe = Fp8Recipe(**r).validate(self.source)
+        return out
+
+    def with_fp8_options(self, **changes) -> "Policy":
+        """A copy whose FP8 options have `changes` (None values ignored), validated."""
+        o = self.fp8_options.as_dict()
+        o.update({k: v for k, v in changes.items() if v is not None})
+        out = Policy(**{**self.__dict__})
+        out.fp8_options = Fp8Options(**o).validate(self.source)
         return out
 
     def with_fp8(self, enabled: bool) -> "Policy":

@@ -20,16 +20,18 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from . import kernels  # noqa: F401  (registers the Triton quantizers with the FP8 layers)
 from .config import CONFIG_DIR, dataclass_from_dict, load_model_config, load_yaml
 from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
 from .flops import flops_per_token, peak_flops
+from .fp8.options import Fp8Options
 from .io import atomic_write_text
 from .model import COMPILE_MODES
 
@@ -64,6 +66,13 @@ class TrainConfig:
     fp8_recipe: str | None = None  # override the policy's recipe name
     fp8_backend: str = "auto"
     fp8_calibration_steps: int | None = None  # override the policy's calibration_steps (delayed recipe only)
+    fp8_kernels: str = field(default="auto", metadata={
+        "help": "FP8 quantizers: auto (Triton on CUDA), triton (always; an error where it cannot run) or torch"})
+    fp8_weight_cache: str = field(default="graph", metadata={
+        "help": "compiled FP8 layers' weight copies: graph (quantized in the graph at every forward) or step "
+                "(once per optimizer step into static copies)"})
+    fp8_fused_swiglu: bool = field(default=False, metadata={
+        "help": "delayed recipe: gate/up/SwiGLU as one function whose backward quantizes inside the kernel"})
     optimizer_states: str = "fp32"  # fp32 | bf16
     loss_scale_init: float = 65536.0
     loss_scale_growth_interval: int = 2000
@@ -126,7 +135,12 @@ class TrainConfig:
             raise YxanulError("must be >= 0", source=source, key="fp8_calibration_steps")
         if self.fused_ce not in ("auto", "on", "off"):
             raise YxanulError(f"expected auto, on or off, got {self.fused_ce!r}", source=source, key="fused_ce")
+        self.fp8_options().validate(source)
         return self
+
+    def fp8_options(self) -> Fp8Options:
+        return Fp8Options(kernels=self.fp8_kernels, weight_cache=self.fp8_weight_cache,
+                          fused_swiglu=self.fp8_fused_swiglu)
 
 
 def parse_steps(spec: str, source: str = "train config") -> set[int]:
@@ -385,8 +399,6 @@ class Trainer:
         from .model import Yxanul
         from .precision import load_policy
 
-        from .fp8 import check_env_switches
-        check_env_switches()
         self.device = self._device()
         if self.cfg.precision == "auto":
             resolved, why = resolve_precision(self.device)
@@ -437,6 +449,7 @@ class Trainer:
         if cfg.fp8_recipe or cfg.fp8_calibration_steps is not None:
             self.policy = self.policy.with_recipe(name=cfg.fp8_recipe,
                                                   calibration_steps=cfg.fp8_calibration_steps)
+        self.policy = self.policy.with_fp8_options(**cfg.fp8_options().as_dict())
         self.fp8 = cfg.precision == "fp8"
         self._fp8_step = self._fp8_stats = None
         model.to(self.device)  # before conversion: `auto` picks the FP8 backend from where the weights live

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import YxanulError
+from ..fmt import table
 from ..io import atomic_write_json
 
 BASE_MODES = ("bf16", "fp8", "fp8-blockwise", "fp8-tensorwise", "fp8-rowwise", "fp8-delayed", "fp8-head", "fp8-all")
@@ -320,7 +321,6 @@ def summarize(result: dict) -> dict:
 
 
 def format_table(result: dict) -> str:
-    from ..commands._common import table
     rows = []
     for r in result["rows"]:
         v, d = r.get("final_val_loss"), r.get("rel_diff_vs_bf16_pct")

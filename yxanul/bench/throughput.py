@@ -38,8 +38,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: F401  (the plain mode's loss lives in Yxanul.forward)
 
+from .. import kernels  # noqa: F401  (registers the Triton quantizers with the FP8 layers)
 from ..errors import YxanulError
 from ..flops import flops_per_token, peak_flops
+from ..fmt import table
+from ..fp8.backends import kernel_overrides
+from ..fp8.options import Fp8Options
+from ..fp8.recipe import resolve
 from . import DEFAULT_MODES, MODES
 from .plain import PlainLM
 
@@ -84,7 +89,8 @@ def _free(device):
 class _Run:
     """One mode's model, optimizer and step function."""
 
-    def __init__(self, mode, cfg, device, compile_, policy_path, compile_mode=None, tune_kernels=False):
+    def __init__(self, mode, cfg, device, compile_, policy_path, compile_mode=None, tune_kernels=False,
+                 fp8_options=None):
         from ..kernels.linear_ce import use_fused_ce
         from ..model import Yxanul, compile_blocks, compile_kwargs, compile_mode_uses_cuda_graphs
 
@@ -114,8 +120,8 @@ class _Run:
             pol = pol.with_recipe(name=recipe, calibration_steps=0)
             self.notes.append(f"recipe {recipe}")
             backend = "native" if device.type == "cuda" else "emulated"
-            from ..fp8.backends import _triton_overrides
-            installed = sorted(_triton_overrides(pol.recipe)) if backend == "native" else []
+            pol = pol.with_fp8_options(**(fp8_options or Fp8Options()).as_dict())
+            installed = sorted(kernel_overrides(resolve(pol.recipe), backend, pol.fp8_options))
             if installed:
                 self.notes.append("triton quantizers: " + ",".join(installed))
             convert_model(model, pol, backend=backend, quiet=True)
@@ -151,10 +157,10 @@ class _Run:
 
 
 def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0, compile_mode=None,
-               tune_kernels=False):
+               tune_kernels=False, fp8_options=None):
     if compile_:
         torch._dynamo.reset()  # every mode compiles from scratch: no graph or guard carried over from the last
-    run = _Run(mode, cfg, device, compile_, policy_path, compile_mode, tune_kernels)
+    run = _Run(mode, cfg, device, compile_, policy_path, compile_mode, tune_kernels, fp8_options)
     t0 = time.perf_counter()
     for _ in range(warmup):
         loss = run.step(x, y)
@@ -236,12 +242,13 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                    modes=DEFAULT_MODES, layers: int | None = None, compile: bool = True, device: str | None = None,
                    policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None,
                    profile: int = 0, compile_mode: str | None = None, tune_kernels: bool = False,
-                   plain_compile_modes=("default", "reduce-overhead")) -> dict:
+                   plain_compile_modes=("default", "reduce-overhead"), fp8_options: Fp8Options | None = None) -> dict:
     """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
     ``plain_compile_modes``: the compile modes bf16-plain is timed with; the fastest is its row.
     ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`).
     ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph);
-    ``tune_kernels``: inductor's coordinate-descent tuning of the generated kernels, for every compiled mode."""
+    ``tune_kernels``: inductor's coordinate-descent tuning of the generated kernels, for every compiled mode;
+    ``fp8_options``: how the fp8 modes' layers compute (:class:`~yxanul.fp8.options.Fp8Options`)."""
     from ..config import load_model_config
     from ..io import atomic_write_json
 
@@ -253,11 +260,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     for k, v in (("--warmup", warmup), ("--profile", profile)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise YxanulError(f"must be a non-negative integer, got {v!r}", key=k)
-    from ..fp8 import check_env_switches
-    from ..fp8.backends import block_path
-    from ..kernels import tensor_path
     from ..model import COMPILE_MODES
-    check_env_switches()
+    fp8_options = (fp8_options or Fp8Options()).validate("bench throughput")
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of "
                           f"{', '.join(COMPILE_MODES)})", key="--compile-mode")
@@ -300,7 +304,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
               "model": cfg.name if layers is None else f"{cfg.name} ({cfg.n_layers} layers)",
               "batch": batch, "seq": seq, "compile_mode": (compile_mode or "default") if compile else None,
               "tune_kernels": bool(tune_kernels) if compile else None,
-              "tensor_quant": tensor_path(), "block_quant": block_path(), "rows": []}
+              "fp8_options": fp8_options.as_dict(), "rows": []}
     if profile and dev.type != "cuda":
         log("bench throughput: --profile needs CUDA kernels to time; no profile on this device")
     log(f"bench throughput: {result['model']} on {result['device']}, batch {batch} x seq {seq}, "
@@ -328,7 +332,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                         mode, plain_variants(compile, dev, plain_compile_modes), one, log)
                 else:
                     ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, compile, policy, x, y, steps,
-                                                                    warmup, log, profile, compile_mode, tune_kernels)
+                                                                    warmup, log, profile, compile_mode, tune_kernels,
+                                                                    fp8_options)
             except Exception as e:  # noqa: BLE001
                 if (not compile or compile_mode or tune_kernels or mode == "bf16-plain"
                         or isinstance(e, torch.cuda.OutOfMemoryError)):
@@ -337,7 +342,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                     "retrying without torch.compile")
                 _free(dev)
                 ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, False, policy, x, y, steps, warmup,
-                                                                log, profile)
+                                                                log, profile, fp8_options=fp8_options)
                 notes = notes + ["not compiled (compile failed)"]
             tps = batch * seq / (ms / 1000)
             row.update(tokens_per_s=round(tps, 1), step_ms=round(ms, 3),
@@ -365,7 +370,6 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
 
 
 def format_table(result: dict) -> str:
-    from ..commands._common import table
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)

@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+from ..fmt import human_bytes, table
 from .safetensors_header import Checkpoint, TensorInfo, open_checkpoint, safe_name
 
 COMPONENTS = ("embeddings", "norms", "attention", "mlp", "moe_experts", "shared_experts", "router", "lm_head",
@@ -231,8 +232,6 @@ def _pct(p: float) -> str:
 
 def render(report: dict, by: str = "dtype") -> str:
     """Note-style text: precision distribution, then the breakdown chosen by ``by``."""
-    from ..commands._common import human_bytes, table
-
     lines = [f"{report['path']}: {report['files']} file(s), {report['tensors']:,} tensors, "
              f"{report['total_params']:,} params, {human_bytes(report['total_bytes'])}", ""]
     lines.append(f"Precision Distribution ({_count(report['total_params'])} params)")

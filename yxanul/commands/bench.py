@@ -43,6 +43,13 @@ def _throughput(bsub):
     p.add_argument("--peak-tflops", type=float, default=None, help="BF16 peak for MFU (default: from device name)")
     p.add_argument("--json-out", default=None, help="write the results JSON here (rewritten after every mode)")
     p.add_argument("--plot", default=None, help="bar chart of tokens/s (PNG; needs matplotlib)")
+    p.add_argument("--fp8-kernels", default="auto",
+                   help="quantizers of the fp8 modes: auto (Triton on CUDA), triton or torch (default auto)")
+    p.add_argument("--fp8-weight-cache", default="graph",
+                   help="graph: weights quantized in the compiled graph at every forward (default); step: once per "
+                        "optimizer step into static copies")
+    p.add_argument("--fp8-fused-swiglu", action="store_true",
+                   help="delayed recipe: gate/up/SwiGLU as one function whose backward quantizes in the kernel")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="CUDA: profile N more steps per mode and record where the GPU time goes (kernel "
                         "categories: GEMMs, FP8 GEMMs, attention, quantization, cross-entropy, optimizer, idle)")
@@ -61,11 +68,14 @@ def _run_throughput(args):
     if args.sweep:
         return _run_sweep(args)
     from ..bench.throughput import format_table, plot, run_throughput
+    from ..fp8.options import Fp8Options
     result = run_throughput(model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                             modes=args.modes, layers=args.layers, compile=args.compile, device=args.device,
                             policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops,
                             profile=args.profile, compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
-                            plain_compile_modes=args.plain_compile_modes)
+                            plain_compile_modes=args.plain_compile_modes,
+                            fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
+                                                   fused_swiglu=args.fp8_fused_swiglu))
     print(format_table(result), flush=True)
     if args.plot:
         plot(result, args.plot)

@@ -23,6 +23,7 @@ def run(args):
 
     import torch
 
+    from .. import kernels  # noqa: F401  (registers the Triton quantizers the native check runs)
     from ..config import load_model_config
     from ..errors import YxanulError
     from ..fp8.backends import model_shapes, native_available, selfcheck

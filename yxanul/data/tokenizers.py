@@ -29,8 +29,6 @@ import numpy as np
 
 from ..errors import YxanulError
 
-O200K_EOT = 199999
-
 
 class ByteTokenizer:
     kind = "bytes"

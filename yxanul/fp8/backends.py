@@ -1,35 +1,29 @@
 """FP8 GEMM backends as a small table of operations, plus the native-vs-emulated self-check.
 
-Every recipe is expressed with five operations (an :class:`Fp8Ops`):
+Every recipe is expressed with a few operations (an :class:`Fp8Ops`):
 
-``act_quant(x [M,K]) -> (q [M,K], s)``           activations / output grads, scaled along the last dim
-``act_quant_t(x [M,K]) -> (qT [K,M], sT)``       the same tensor transposed, scaled along M (for wgrad)
+``act_quant(x [M,K]) -> (q [M,K], s)``           activations (``grad_quant``: output grads), scaled along the
+                                                last dim
+``act_quant_t(x [M,K]) -> (qT [K,M], sT)``       the same tensor transposed, scaled along M (for wgrad;
+                                                ``grad_quant_t`` for output grads)
 ``weight_quant(w [N,K]) -> (q [N,K], s)``        the weight's forward copy
 ``weight_t(w, q, s) -> (qT [K,N], sT)``          the weight's transposed copy for dgrad
-``gemm(a_q, a_s, b_q, b_s, out_dtype) -> a @ b.T``  both operands row-major with the reduction on the last dim
+``fprop``, ``dgrad``, ``wgrad`` ``(a_q, a_s, b_q, b_s, out_dtype) -> a @ b.T``
+                                                the layer's three GEMMs, both operands row-major with the
+                                                reduction on the last dim, each bound to its operands'
+                                                granularities (:meth:`Fp8Spec.gemm_granularity`)
 
-Scale shapes say the granularity (``block`` is the recipe's block size, 128 by default):
+The table is built from a resolved recipe (:class:`~yxanul.fp8.recipe.Fp8Spec`) by :func:`build_ops`; scale
+shapes follow each operand's granularity (``block`` is the recipe's block size, 128 by default):
+``tensor`` ``[]``, ``row`` ``[rows, 1]``, ``tile`` ``[rows, ceil(cols/block)]``, ``block``
+``[ceil(rows/block), ceil(cols/block)]``.
 
-========== ======================= ======================================
-recipe     activation scales       weight scales
-========== ======================= ======================================
-blockwise  ``[M, ceil(K/block)]``  ``[ceil(N/block), ceil(K/block)]``
-tensorwise ``[]`` (one scalar)     ``[]``
-rowwise    ``[M, 1]``              ``[N, 1]``
-delayed    ``[]`` (from history)   ``[]``
-========== ======================= ======================================
-
-A gemm infers each operand's granularity from its scale's shape: rows == the operand's rows means one scale
-per row (per 1 x block tile), otherwise one per block x block block; one column means the whole row.
-Where two readings are possible (N == 1, K <= block) they give identical numbers.
-
-Grad operands use the recipe's grad format (E5M2 under ``hybrid``); ``grad_quant``/``grad_quant_t`` default
-to the activation ops with that format.
+Grad operands use the dy operand's format (E5M2 under ``hybrid``).
 
 Backends: ``emulated`` (quantize -> dequantize -> FP32 matmul: the numerics reference), ``native``
 (``torch.nn.functional.scaled_mm`` / ``torch._scaled_mm`` on CUDA sm_89+), ``te`` (Transformer Engine, optional)
-and ``auto``. Faster implementations plug in with :func:`register_ops`, e.g. fused Triton quantization
-kernels with the same signatures.
+and ``auto``. Faster quantizers plug in through :mod:`yxanul.fp8.registry` (``yxanul.kernels`` registers its
+Triton kernels there when imported) or, per (recipe, backend), with :func:`register_ops`.
 """
 from __future__ import annotations
 
@@ -42,10 +36,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import YxanulError, env_choice
+from ..errors import YxanulError
+from . import registry
 from .formats import Fp8Format, get_format
+from .options import Fp8Options
 from .quant import AMAX_EPS, pow2_ceil
-from .recipe import Fp8Recipe
+from .recipe import Fp8Recipe, Fp8Spec, OperandSpec, resolve
 
 BACKENDS = ("auto", "emulated", "native", "te")
 
@@ -165,18 +161,17 @@ def tensor_abs_max(x: torch.Tensor) -> torch.Tensor:
     reduction over each row, the same iteration space as the kernel producing x (a norm, SwiGLU, their
     backwards): inductor can then compute the amax inside that kernel instead of in a split reduction of its
     own that re-reads or recomputes x."""
-    if x.dim() < 2 or amax_layout() == "flat":
+    if x.dim() < 2:
         return x.float().abs().amax()
     return x.abs().amax(dim=-1).float().amax()
 
 
-AMAX_LAYOUTS = ("rows", "flat")
-
-
-def amax_layout() -> str:
-    """How :func:`tensor_abs_max` reduces (``YXANUL_AMAX``): ``rows`` (default, faster under torch.compile) or
-    ``flat`` (one reduction over the flattened tensor, kept to reproduce the comparison in docs/perf-notes.md)."""
-    return env_choice("YXANUL_AMAX", AMAX_LAYOUTS, "rows")
+def out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a GEMM's output for input x: the autocast dtype when autocast is on, else x's."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 def quant_tensor(x: torch.Tensor, fmt: Fp8Format, pow2: bool = False, scale_inv: torch.Tensor | None = None):
@@ -185,33 +180,27 @@ def quant_tensor(x: torch.Tensor, fmt: Fp8Format, pow2: bool = False, scale_inv:
     return _cast(x.float() / s, fmt), s
 
 
-def expand_operand_scales(s: torch.Tensor, rows: int, cols: int, block: int = 128) -> torch.Tensor:
+def expand_operand_scales(s: torch.Tensor, rows: int, cols: int, granularity: str, block: int = 128) -> torch.Tensor:
     """Broadcastable per-element scales for a [rows, cols] operand from its scale tensor (see module doc)."""
-    if s.dim() == 0 or s.numel() == 1 and s.dim() < 2:
+    if granularity == "tensor":
         return s.reshape(1, 1)
-    if s.shape[1] == 1:
-        bc = cols
-    else:
-        bc = block
-    br = 1 if s.shape[0] == rows else block
-    out = s
-    if br > 1:
-        out = out.repeat_interleave(br, 0)[:rows]
-    if bc > 1 and s.shape[1] > 1:
-        out = out.repeat_interleave(bc, 1)[:, :cols]
-    return out
+    if granularity == "row":
+        return s.reshape(rows, 1)
+    out = s.repeat_interleave(block, 1)[:, :cols] if s.shape[1] > 1 else s
+    return out.repeat_interleave(block, 0)[:rows] if granularity == "block" else out
 
 
-def dequant_operand(q: torch.Tensor, s: torch.Tensor, block: int = 128) -> torch.Tensor:
-    return q.float() * expand_operand_scales(s.float(), q.shape[0], q.shape[1], block)
+def dequant_operand(q: torch.Tensor, s: torch.Tensor, granularity: str, block: int = 128) -> torch.Tensor:
+    return q.float() * expand_operand_scales(s.float(), q.shape[0], q.shape[1], granularity, block)
 
 
-def emulated_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
-    """a @ b.T from FP8 operands: dequantize and multiply in FP32 (the numerics reference). Autocast is off
-    inside: the layer's forward runs under the caller's autocast, and a backward traced by torch.compile does
-    too, where the eager backward does not; either would turn this into a BF16 matmul."""
+def emulated_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran: str, b_gran: str, block: int = 128):
+    """a @ b.T from FP8 operands of the given granularities: dequantize and multiply in FP32 (the numerics
+    reference). Autocast is off inside: the layer's forward runs under the caller's autocast, and a backward
+    traced by torch.compile does too, where the eager backward does not; either would turn this into a BF16
+    matmul."""
     with torch.autocast(a_q.device.type, enabled=False):
-        out = dequant_operand(a_q, a_s, block) @ dequant_operand(b_q, b_s, block).t()
+        out = dequant_operand(a_q, a_s, a_gran, block) @ dequant_operand(b_q, b_s, b_gran, block).t()
     return out.to(out_dtype)
 
 
@@ -278,13 +267,15 @@ def _scalar_scale(s: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def native_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
-    """a @ b.T with cuBLAS FP8. Pads M, N, K as the kernels need (zeros contribute nothing)."""
+def native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran: str, b_gran: str, block: int = 128):
+    """a @ b.T with cuBLAS FP8, the operands scaled at the given granularities (tensor x tensor, row x row, or
+    tile x tile / tile x block). Pads M, N, K as the kernels need (zeros contribute nothing). A row-scaled
+    operand whose rows fit in one tile (K <= block) is the same as a 1 x block tile operand and takes that
+    kernel."""
     M, K = a_q.shape
     N = b_q.shape[0]
-    tensorwise = a_s.numel() == 1 and b_s.numel() == 1 and (a_s.dim() < 2 or M != 1)
-    rowwise = (not tensorwise and a_s.dim() == 2 and b_s.dim() == 2 and a_s.shape == (M, 1)
-               and b_s.shape == (N, 1) and K > block)
+    tensorwise = a_gran == "tensor"
+    rowwise = a_gran == "row" and K > block
     if tensorwise or rowwise:
         Mp, Np, Kp = _round_up(M, 16), _round_up(N, 16), _round_up(K, 16)
         a = _pad2(a_q, Mp, Kp)
@@ -304,7 +295,7 @@ def native_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
     ST, SW = F.ScalingType, F.SwizzleType
     Mp, Kp = _round_up(M, 128), _round_up(K, 128)
     kb = Kp // 128
-    b_is_blocks = b_s.shape[0] != N or N == 1
+    b_is_blocks = b_gran == "block"
     Np = _round_up(N, 128)
     a = _pad2(a_q, Mp, Kp)
     b = _pad2(b_q, Np, Kp)
@@ -322,21 +313,21 @@ def native_gemm(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
 
 @torch.library.custom_op("yxanul::native_gemm", mutates_args=())
 def _native_gemm_op(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
-                    out_dtype: torch.dtype, block: int) -> torch.Tensor:
-    return native_gemm(a_q, a_s, b_q, b_s, out_dtype, block)
+                    out_dtype: torch.dtype, a_gran: str, b_gran: str, block: int) -> torch.Tensor:
+    return native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, block)
 
 
 @_native_gemm_op.register_fake
-def _(a_q, a_s, b_q, b_s, out_dtype, block):
+def _(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, block):
     return a_q.new_empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype)
 
 
-def native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
+def native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, a_gran: str, b_gran: str, block: int = 128):
     """:func:`native_gemm` as one opaque custom op, so torch.compile keeps its graph whole around it; per-tensor
     scaled GEMMs are traced as they are (``torch._scaled_mm``, which inductor calls directly)."""
-    if torch.compiler.is_compiling() and a_s.numel() == 1 and b_s.numel() == 1 and a_s.dim() < 2 and b_s.dim() < 2:
-        return native_gemm(a_q, a_s, b_q, b_s, out_dtype, block)
-    return _native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, int(block))
+    if torch.compiler.is_compiling() and a_gran == "tensor":
+        return native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, block)
+    return _native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, int(block))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,10 +335,10 @@ def native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, block: int = 128):
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Fp8Ops:
-    """The operations one (recipe, backend) pair computes with; see the module docstring.
+    """The operations one (spec, backend) pair computes with; see the module docstring.
 
-    Quantizers take the tensor only (the format is bound when the table is built); delayed-scaling
-    quantizers also take ``scale_inv=`` (the per-tensor scale from the amax history).
+    Quantizers take the tensor only (format, block and scale rounding are bound when the table is built);
+    delayed-scaling quantizers also take ``scale_inv=`` (the per-tensor scale from the amax history).
 
     Optional (None: separate quantizers, or quantize-then-transpose for one scale): ``act_quant_dual`` and
     ``grad_quant_dual`` return both GEMM layouts from one read of x, ``(q, s, qT)`` (one scale) or
@@ -358,7 +349,9 @@ class Fp8Ops:
     act_quant_t: Callable
     weight_quant: Callable
     weight_t: Callable
-    gemm: Callable
+    fprop: Callable
+    dgrad: Callable
+    wgrad: Callable
     grad_quant: Callable
     grad_quant_t: Callable
     backend: str = "emulated"
@@ -386,40 +379,44 @@ def _weight_t_transpose(w, q, s):
     return q.t().contiguous(), (s.t().contiguous() if s.dim() == 2 else s)
 
 
-def _quant_settings(recipe: Fp8Recipe, fmt: str | Fp8Format):
-    """(activation format, grad format, block size, pow2 scales) of a recipe's quantizers."""
-    f = get_format(fmt)
-    g = get_format(recipe.grad_format) if recipe.fp8_format == "hybrid" else f
-    return f, g, recipe.block_size, recipe.pow2_scales
+def _quantizer(op: OperandSpec, transposed: bool = False) -> Callable:
+    """The reference quantizer of one operand: rows of the tensor, or (``transposed``) rows of its transpose."""
+    f = get_format(op.fmt)
+    if op.granularity == "tile":
+        fn = quant_tiles_t if transposed else quant_tiles
+        return functools.partial(fn, fmt=f, block=op.block, pow2=op.pow2)
+    if op.granularity == "block":
+        return functools.partial(quant_blocks, fmt=f, block=op.block, pow2=op.pow2)
+    if op.granularity == "row":
+        q = functools.partial(quant_rows, fmt=f, pow2=op.pow2)
+        return _t_from(q) if transposed else q
+    q = functools.partial(quant_tensor, fmt=f, pow2=op.pow2)  # delayed passes scale_inv=
+    return _tensor_t(q) if transposed else q
 
 
-def default_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str = "emulated") -> Fp8Ops:
-    """The reference op table for a recipe: pure-torch quantizers + the backend's gemm."""
-    f, g, b, p2 = _quant_settings(recipe, fmt)
-    gemm = functools.partial(native_gemm_op if backend == "native" else emulated_gemm, block=b)
-    if recipe.name == "blockwise":
-        aq = functools.partial(quant_tiles, fmt=f, block=b, pow2=p2)
-        gq = functools.partial(quant_tiles, fmt=g, block=b, pow2=p2)
-        return Fp8Ops(aq, functools.partial(quant_tiles_t, fmt=f, block=b, pow2=p2),
-                      functools.partial(quant_blocks, fmt=f, block=b, pow2=p2), _weight_t_transpose, gemm, gq,
-                      functools.partial(quant_tiles_t, fmt=g, block=b, pow2=p2), backend)
-    if recipe.name == "rowwise":
-        aq = functools.partial(quant_rows, fmt=f, pow2=p2)
-        gq = functools.partial(quant_rows, fmt=g, pow2=p2)
-        return Fp8Ops(aq, _t_from(aq), aq, lambda w, q, s: aq(w.t().contiguous()), gemm, gq, _t_from(gq), backend)
-    # tensorwise and delayed: one scale per tensor (delayed passes scale_inv=)
-    aq = functools.partial(quant_tensor, fmt=f, pow2=p2)
-    gq = functools.partial(quant_tensor, fmt=g, pow2=p2)
-    return Fp8Ops(aq, _tensor_t(aq), aq, _weight_t_transpose, gemm, gq, _tensor_t(gq), backend)
+def _weight_t(spec: Fp8Spec) -> Callable:
+    if spec.w.granularity == "row":  # the transposed weight has rows of its own
+        wq = _quantizer(spec.w)
+        return lambda w, q, s: wq(w.t().contiguous())
+    return _weight_t_transpose
+
+
+def default_ops(spec: Fp8Spec, backend: str = "emulated") -> Fp8Ops:
+    """The reference op table of a resolved recipe: pure-torch quantizers + the backend's GEMMs."""
+    gemm = native_gemm_op if backend == "native" else emulated_gemm
+    gemms = {op: functools.partial(gemm, a_gran=a, b_gran=b, block=spec.block)
+             for op in OPS for a, b in [spec.gemm_granularity(op)]}
+    return Fp8Ops(_quantizer(spec.x), _quantizer(spec.x, transposed=True), _quantizer(spec.w), _weight_t(spec),
+                  gemms["fprop"], gemms["dgrad"], gemms["wgrad"], _quantizer(spec.dy),
+                  _quantizer(spec.dy, transposed=True), backend)
 
 
 _REGISTRY: dict[tuple[str, str], dict[str, Callable]] = {}
 
 
 def register_ops(recipe: str, backend: str, **ops: Callable) -> None:
-    """Override some operations of (recipe, backend), e.g. ``register_ops("blockwise", "native",
-    act_quant=kernels.act_quant, act_quant_t=kernels.act_quant_t)``. Later calls replace earlier ones;
-    an op set to None restores the reference."""
+    """Override some operations of (recipe name, backend), e.g. ``register_ops("blockwise", "native",
+    act_quant=my_act_quant)``. Later calls replace earlier ones; an op set to None restores the default."""
     valid = {f for f in Fp8Ops.__dataclass_fields__ if f != "backend"}
     bad = set(ops) - valid
     if bad:
@@ -432,64 +429,36 @@ def register_ops(recipe: str, backend: str, **ops: Callable) -> None:
             cur[k] = v
 
 
-def _triton_overrides(recipe: Fp8Recipe) -> dict[str, Callable]:
-    """The fused Triton quantizers (bit-identical to the reference ones) when Triton runs on this GPU."""
-    try:
-        from .. import kernels
-        if not (torch.cuda.is_available() and kernels.triton_available()):
-            return {}
-        return kernels.fp8_op_overrides(recipe)
-    except YxanulError:  # a bad setting (YXANUL_TENSOR_QUANT) is the user's to fix, not a reason to fall back
-        raise
-    except Exception:  # noqa: BLE001 - a broken Triton install falls back to the reference quantizers
+def kernel_overrides(spec: Fp8Spec, backend: str, options: Fp8Options) -> dict[str, Callable]:
+    """The registered fused quantizers (bit-identical to the reference ones), as ``options.kernels`` asks:
+    ``auto`` on the native backend with E4M3 forward operands where Triton runs on the GPU, ``triton`` always
+    (an error if none are registered), ``torch`` never."""
+    if options.kernels == "torch":
         return {}
+    if options.kernels == "triton":
+        if not registry.quantizers_available():
+            raise YxanulError("Triton kernels are not available (no importable triton, or yxanul.kernels not "
+                              "imported)", key="fp8_kernels")
+        return registry.quantizer_overrides(spec, "triton")
+    if not (backend == "native" and spec.x.fmt == "e4m3" and torch.cuda.is_available()
+            and registry.quantizers_available()):
+        return {}
+    return registry.quantizer_overrides(spec, None)
 
 
-# How blockwise 1 x 128 quantization of activations and output gradients runs while torch.compile traces:
-#   kernel   this package's Triton quantizers (CUDA) or the reference custom ops, as opaque calls: one extra
-#            pass over each operand, which inductor cannot merge with the kernel producing it
-#   traced   the reference quantizer as plain torch ops, so inductor can compute the tile maxima and the cast
-#            inside the producing kernel (a 1 x 128 tile needs no tensor-wide reduction before its cast)
-# Eager calls use the kernels either way, and weights always take the weight kernel. Only tensors on
-# TRACED_DEVICE_TYPES take the traced path: inductor's CPU code generation fails an internal assertion (loop
-# split) when one backward kernel holds both tilings of the same gradient, so CPU keeps the opaque ops.
-BLOCK_PATHS = ("kernel", "traced")
-TRACED_DEVICE_TYPES = ("cuda",)
-
-
-def block_path() -> str:
-    """The blockwise activation/gradient quantization path under torch.compile (``YXANUL_BLOCK_QUANT``)."""
-    return env_choice("YXANUL_BLOCK_QUANT", BLOCK_PATHS, "kernel")
-
-
-def _traced_when_compiling(eager: Callable, traced: Callable, fmt: Fp8Format, block: int, pow2: bool) -> Callable:
-    def quant(x, **kw):
-        if torch.compiler.is_compiling() and x.device.type in TRACED_DEVICE_TYPES:
-            return traced(x, fmt, block, pow2)
-        return eager(x, **kw)
-    quant.__name__ = f"traced_{getattr(traced, '__name__', 'quant')}"
-    return quant
-
-
-def _traced_block_ops(recipe: Fp8Recipe, fmt: str | Fp8Format, ops: Fp8Ops) -> dict[str, Callable]:
-    f, g, b, p2 = _quant_settings(recipe, fmt)
-    return dict(act_quant=_traced_when_compiling(ops.act_quant, quant_tiles_impl, f, b, p2),
-                act_quant_t=_traced_when_compiling(ops.act_quant_t, quant_tiles_t_impl, f, b, p2),
-                grad_quant=_traced_when_compiling(ops.grad_quant, quant_tiles_impl, g, b, p2),
-                grad_quant_t=_traced_when_compiling(ops.grad_quant_t, quant_tiles_t_impl, g, b, p2))
-
-
-def get_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str = "emulated") -> Fp8Ops:
-    """The op table of (recipe, backend): the reference ops, on ``native`` the Triton quantizers where they
-    exist, for blockwise under ``YXANUL_BLOCK_QUANT=traced`` the reference quantizers traced into compiled
-    graphs, then anything registered with :func:`register_ops`."""
-    ops = default_ops(recipe, fmt, backend)
-    native_e4m3 = backend == "native" and get_format(fmt).name == "e4m3"
-    over = dict(_triton_overrides(recipe)) if native_e4m3 else {}
-    if recipe.name == "blockwise" and block_path() == "traced":
-        over.update(_traced_block_ops(recipe, fmt, replace(ops, **over) if over else ops))
-    over.update(_REGISTRY.get((recipe.name, backend), {}))
+def build_ops(spec: Fp8Spec, backend: str = "emulated", options: Fp8Options | None = None) -> Fp8Ops:
+    """A layer's op table: the reference ops of `spec` on `backend`, the registered fused quantizers as
+    ``options.kernels`` allows, then anything registered with :func:`register_ops` for the recipe."""
+    ops = default_ops(spec, backend)
+    over = kernel_overrides(spec, backend, (options or Fp8Options()).validate())
+    over.update(_REGISTRY.get((spec.recipe.name, backend), {}))
     return replace(ops, **over) if over else ops
+
+
+def get_ops(recipe: Fp8Recipe, fmt: str | Fp8Format = "e4m3", backend: str = "emulated",
+            options: Fp8Options | None = None) -> Fp8Ops:
+    """:func:`build_ops` for a recipe not yet resolved."""
+    return build_ops(resolve(recipe, get_format(fmt).name), backend, options)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -582,6 +551,7 @@ def selfcheck(shapes, recipes=("blockwise", "tensorwise", "rowwise", "delayed"),
     rows = []
     for rname in recipes:
         rec = replace(base or Fp8Recipe(), name=rname).validate()
+        spec = resolve(rec, "e4m3")
         emu = get_ops(rec, "e4m3", "emulated")
         nat = get_ops(rec, "e4m3", "native") if native else None
         for shape in shapes:
@@ -591,12 +561,12 @@ def selfcheck(shapes, recipes=("blockwise", "tensorwise", "rowwise", "delayed"),
                 row = {"recipe": rname, "op": op, "M": M, "K": K, "N": N}
                 try:
                     (aq, as_), (bq, bs), (ra, rb) = _operands(op, M, K, N, nat or emu, gen, device)
-                    want = emulated_gemm(aq, as_, bq, bs, torch.float32, rec.block_size)
+                    want = getattr(emu, op)(aq, as_, bq, bs, torch.float32)
                     if native:
-                        got = nat.gemm(aq, as_, bq, bs, torch.bfloat16)
+                        got = getattr(nat, op)(aq, as_, bq, bs, torch.bfloat16)
                         err, tol, what = _rel(got, want), NATIVE_TOL, "native_vs_emulated"
                     else:
-                        fmt = rec.grad_format if op != "fprop" else "e4m3"
+                        fmt = spec.dy.fmt if op != "fprop" else spec.x.fmt
                         err, tol, what = _rel(want, ra @ rb.t()), REFERENCE_TOL[fmt], "emulated_vs_fp32"
                     row.update(rel_err=err, tol=tol, ok=bool(err <= tol), compared=what, error=None)
                 except Exception as e:  # a kernel refusing a layout is a failed check, not a crash

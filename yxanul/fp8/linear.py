@@ -10,7 +10,7 @@ whose three GEMMs run on FP8 operands quantized by the recipe:
 The FP32 master weight is never modified: eagerly, the quantized copies live in a cache that is rebuilt once per
 optimizer step (:func:`fp8_step` invalidates it; an in-place change of the weight is also detected), so
 gradient-accumulation micro-batches reuse it; inside a compiled graph the weight is quantized at every forward,
-or, under ``YXANUL_WEIGHT_CACHE=step``, read from static copies that :func:`fp8_step` refreshes. Outputs are in
+or, with the ``weight_cache="step"`` option, read from static copies that :func:`fp8_step` refreshes. Outputs are in
 the autocast dtype when autocast is on, else in the input's dtype; ``dx`` in the input's dtype; ``dW`` in FP32 (accumulated into ``weight.grad``).
 
 Non-finite values are never silently cast: every quantization folds "any NaN/Inf" into a per-module device
@@ -26,24 +26,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import NonFiniteError, YxanulError, env_choice
+from ..errors import NonFiniteError, YxanulError
 from . import scaling
-from .backends import get_ops, native_shape_ok, resolve_backend, tensor_abs_max
+from .backends import build_ops, native_shape_ok, out_dtype, resolve_backend, tensor_abs_max
 from .formats import get_format
-from .recipe import Fp8Recipe
+from .fused_mlp import can_fuse, swiglu_gate_up
+from .options import Fp8Options
+from .recipe import Fp8Recipe, resolve
 
 _SLOT = {"x": 0, "w": 1, "dy": 2}
 _STAT_KEYS = ("amax", "scale_inv_min", "scale_inv_max", "saturation", "underflow")
 _STATIC_W = ("_wq", "_ws", "_wtq", "_wts")
-WEIGHT_CACHE_MODES = ("graph", "step")
-
-
-def weight_cache_mode() -> str:
-    """Where compiled forwards get the FP8 weight copies (``YXANUL_WEIGHT_CACHE``): ``graph`` (default) quantizes
-    the weight inside the compiled graph at every forward, fused by inductor; ``step`` reads static copies that
-    :func:`fp8_step` quantizes once per optimizer step (fewer quantizations with gradient accumulation, eager
-    launches in their place; not yet measured on a GPU)."""
-    return env_choice("YXANUL_WEIGHT_CACHE", WEIGHT_CACHE_MODES, "graph")
 
 
 def _compiling() -> bool:
@@ -61,13 +54,6 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
-
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, wq, ws, wtq, wts, sx, mod):
@@ -75,7 +61,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
         delayed = sx is not None
-        cache = mod.recipe.cache_fp8_activations
+        cache = mod.spec.recipe.cache_fp8_activations
         dual = ops.act_quant_dual is not None and cache
         if dual:  # both layouts in one pass
             out = ops.act_quant_dual(x2, scale_inv=sx) if delayed else ops.act_quant_dual(x2)
@@ -85,13 +71,13 @@ class _Fp8LinearFn(torch.autograd.Function):
             xq, xs = ops.act_quant(x2, scale_inv=sx) if delayed else ops.act_quant(x2)
         if not delayed:  # delayed flags the amax it records
             mod._flag(0, xs)
-        y = ops.gemm(xq, xs, wq, ws, _out_dtype(x))
+        y = ops.fprop(xq, xs, wq, ws, out_dtype(x))
         if bias is not None:
             y = y + bias.to(y.dtype)
         if cache:
             if dual:
                 pass  # xtq, xts from the one-pass quantizer above
-            elif delayed or mod.recipe.name == "tensorwise":
+            elif mod.spec.per_tensor:
                 xtq, xts = xq.t().contiguous(), xs  # one scale: the transposed copy is free
             else:
                 xtq, xts = ops.act_quant_t(x2)
@@ -127,7 +113,7 @@ class _Fp8LinearFn(torch.autograd.Function):
             mod._record_stats("dy", dy2, dyq, dys)
         dx = dw = db = None
         if want_dx:
-            dx = ops.gemm(dyq, dys, wtq, wts, ctx.x_dtype).view(ctx.x_shape)
+            dx = ops.dgrad(dyq, dys, wtq, wts, ctx.x_dtype).view(ctx.x_shape)
         if want_dw:
             if dual:
                 pass  # dytq, dyts from the one-pass quantizer above
@@ -141,7 +127,7 @@ class _Fp8LinearFn(torch.autograd.Function):
                     xtq = xq.t().contiguous()
                 else:
                     xtq, xts = ops.act_quant_t(x2)
-            dw = ops.gemm(dytq, dyts, xtq, xts, torch.float32)
+            dw = ops.wgrad(dytq, dyts, xtq, xts, torch.float32)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0)
         return dx, dw, db, None, None, None, None, None, None
@@ -153,7 +139,7 @@ class _CalibrationFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mod):
-        out = _out_dtype(x)
+        out = out_dtype(x)
         dt = torch.bfloat16 if out == torch.float32 else out
         scaling.record_amax(mod.amax_history, 0, tensor_abs_max(x.detach()))
         xc, wc = x.to(dt), weight.to(dt)
@@ -182,11 +168,14 @@ class Fp8Linear(nn.Module):
 
     ``recipe`` picks the scaling (blockwise, tensorwise, rowwise, delayed), ``fmt`` the forward format
     (e4m3 or e5m2; grads follow ``recipe.fp8_format``), ``backend`` the GEMM implementation
-    (emulated | native; resolve ``auto`` with :func:`convert_model`), ``name`` is used in messages.
+    (emulated | native; resolve ``auto`` with :func:`convert_model`), ``options`` how it computes
+    (:class:`~yxanul.fp8.options.Fp8Options`), ``name`` is used in messages. The recipe is resolved once, into
+    ``spec`` (:class:`~yxanul.fp8.recipe.Fp8Spec`), and the op table built from it (``ops``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, recipe: Fp8Recipe | None = None,
-                 fmt: str = "e4m3", backend: str = "emulated", name: str = "", device=None, dtype=None):
+                 fmt: str = "e4m3", backend: str = "emulated", name: str = "", device=None, dtype=None,
+                 options: Fp8Options | None = None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         fk = {"device": device, "dtype": dtype or torch.float32}
@@ -202,16 +191,18 @@ class Fp8Linear(nn.Module):
                               f"use convert_model(..., backend='auto') to choose automatically", key="fp8_backend")
         self.backend = backend
         self.name = name
-        self.ops = get_ops(self.recipe, self.fmt, backend)
+        self.options = (options or Fp8Options()).validate()
+        self.spec = resolve(self.recipe, self.fmt)
+        self.ops = build_ops(self.spec, backend, self.options)
         self._init_buffers(device)
         self._wcache = None
         self._wcache_version = None
         # compiled forwards read the weight copies from static buffers (refreshed in place by fp8_step) instead
-        # of quantizing in the graph; see weight_cache_mode()
+        # of quantizing in the graph (option weight_cache="step")
         self._static_w = False
         self._collect = False
-        if self.recipe.name == "delayed":
-            self._fmt_max = [get_format(f).max for f in scaling.operand_formats(self.recipe, self.fmt)]
+        if self.spec.delayed:
+            self._fmt_max = [get_format(f).max for f in self.spec.operand_formats]
         self.reset_parameters()
 
     def _init_buffers(self, device) -> None:
@@ -227,7 +218,7 @@ class Fp8Linear(nn.Module):
         # written in place, so collecting them inside a compiled graph neither breaks nor specializes it
         self.register_buffer("stats_buf", torch.full((3, len(_STAT_KEYS)), float("nan"), device=device),
                              persistent=False)
-        if self.recipe.name == "delayed":
+        if self.spec.delayed:
             L = self.recipe.amax_history_len
             self.register_buffer("amax_history", torch.zeros(L, 3, device=device))
             self.register_buffer("scale_inv", torch.ones(3, device=device))
@@ -260,13 +251,13 @@ class Fp8Linear(nn.Module):
     def _sync_calibrating(self) -> None:
         # a bool that flips once, read by forward: torch.compile guards on it (one recompile when calibration
         # ends), where guarding on the step counter itself recompiled the block at every step
-        cal = self.recipe.name == "delayed" and self._steps < self.recipe.calibration_steps
+        cal = self.spec.delayed and self._steps < self.recipe.calibration_steps
         if getattr(self, "_calibrating", None) is not cal:  # nn.Module.__setattr__ is slow: fp8_step runs per step
             self._calibrating = cal
 
     def set_backend(self, backend: str) -> None:
         self.backend = backend
-        self.ops = get_ops(self.recipe, self.fmt, backend)
+        self.ops = build_ops(self.spec, backend, self.options)
         self.invalidate()
 
     def _apply(self, fn, *args, **kwargs):
@@ -297,9 +288,9 @@ class Fp8Linear(nn.Module):
         # a plain nn.Linear checkpoint has no delayed-scaling state: keep the fresh buffers
         own = {prefix + n for n in ("amax_history", "scale_inv", "scale_ready", "fp8_steps")}
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in own]
-        if self.recipe.name == "delayed":
+        if self.spec.delayed:
             _sync_slot_scales([self])
-        if self.recipe.name == "delayed" and prefix + "fp8_steps" in state_dict:
+        if self.spec.delayed and prefix + "fp8_steps" in state_dict:
             self._steps = int(state_dict[prefix + "fp8_steps"])
             ready = state_dict.get(prefix + "scale_ready")
             self._scales_fixed = bool(ready is not None and ready.device.type != "meta" and (ready > 0).all())
@@ -325,8 +316,7 @@ class Fp8Linear(nn.Module):
 
     @torch.no_grad()
     def _record_stats(self, which: str, t: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
-        fmax = get_format(self.recipe.grad_format if which == "dy" and self.recipe.fp8_format == "hybrid"
-                          else self.fmt).max
+        fmax = get_format(getattr(self.spec, which).fmt).max
         qa = q.float().abs()
         nz = t != 0
         n = max(t.numel(), 1)
@@ -338,7 +328,7 @@ class Fp8Linear(nn.Module):
     @torch.no_grad()
     def _quantize_weight(self):
         w = self.weight.detach()
-        if self.recipe.name == "delayed":
+        if self.spec.delayed:
             s = self._delayed_scale("w", w)
             q, s = self.ops.weight_quant(w, scale_inv=s)
         else:
@@ -354,7 +344,7 @@ class Fp8Linear(nn.Module):
     def weight_fp8(self):
         """(q, s, qT, sT): the FP8 forward and transposed copies; eagerly cached and rebuilt once per optimizer
         step. While torch.compile traces: the static copies when :meth:`refresh_static_weight` has filled them
-        (``YXANUL_WEIGHT_CACHE=step``), else quantized in the graph (at every forward)."""
+        (option ``weight_cache="step"``), else quantized in the graph (at every forward)."""
         if _compiling():
             if self._static_w:
                 return self._wq, self._ws, self._wtq, self._wts
@@ -372,7 +362,7 @@ class Fp8Linear(nn.Module):
         if self.calibrating:
             return self._calibration_forward(x)
         wq, ws, wtq, wts = self.weight_fp8()
-        sx = self._delayed_scale("x", x) if self.recipe.name == "delayed" else None
+        sx = self._delayed_scale("x", x) if self.spec.delayed else None
         return _Fp8LinearFn.apply(x, self.weight, self.bias, wq, ws, wtq, wts, sx, self)
 
     def _calibration_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -387,8 +377,8 @@ class Fp8Linear(nn.Module):
     def refresh_static_weight(self) -> bool:
         """Quantize the weight now, eagerly, into the static buffers ``_wq, _ws, _wtq, _wts`` (written in place,
         so compiled graphs and CUDA graphs keep their addresses) that compiled forwards then read: the weight is
-        quantized once per optimizer step, not once per micro-batch. :func:`fp8_step` calls it under
-        ``YXANUL_WEIGHT_CACHE=step``. Not for calibrating layers or FSDP-sharded weights (a shard is not the
+        quantized once per optimizer step, not once per micro-batch. :func:`fp8_step` calls it under the
+        ``weight_cache="step"`` option. Not for calibrating layers or FSDP-sharded weights (a shard is not the
         weight). Returns whether the static copies are in use. A weight changed without a following fp8_step
         is not seen by compiled forwards (eager ones check the weight's version)."""
         if self.calibrating or self.weight.device.type == "meta" or _is_dtensor(self.weight):
@@ -412,7 +402,7 @@ class Fp8Linear(nn.Module):
     # -- per optimizer step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
-        """After an optimizer step: drop the weight cache (under ``YXANUL_WEIGHT_CACHE=step``, rebuild the static
+        """After an optimizer step: drop the weight cache (under ``weight_cache="step"``, rebuild the static
         copies); advance delayed scaling (and calibration). :func:`fp8_step` does this for a whole model with a
         fixed number of kernel launches."""
         _step_modules([self])
@@ -437,13 +427,15 @@ NATIVE_CHECK_TOKENS = 512
 
 
 def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Recipe | None = None,
-                  quiet: bool = False) -> nn.Module:
+                  quiet: bool = False, options: Fp8Options | None = None) -> nn.Module:
     """Swap, in place, exactly the Linear modules ``policy.fp8_modules(model)`` names for Fp8Linear
     (sharing their weight Parameters, so optimizers built earlier stay valid). Returns the model.
+    ``recipe`` and ``options`` default to the policy's (``policy.recipe``, ``policy.fp8_options``).
 
     ``backend``: auto | emulated | native. With native, every (recipe, shape) is self-checked against the
     emulated reference once per process; a failing shape falls back to emulated with a loud notice."""
     recipe = recipe or policy.recipe
+    options = (options or getattr(policy, "fp8_options", None) or Fp8Options()).validate()
     names = policy.fp8_modules(model)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     if dev.type == "meta":
@@ -469,7 +461,7 @@ def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Re
                 print(f"yxanul: {name}: E5M2 weights and activations have no native GEMM; emulated",
                       file=sys.stderr)
         new = Fp8Linear(old.in_features, old.out_features, bias=old.bias is not None, recipe=recipe, fmt=fmt,
-                        backend=layer_backend, name=name, device="meta")
+                        backend=layer_backend, name=name, device="meta", options=options)
         new.weight = old.weight
         new.bias = old.bias
         new._init_buffers(old.weight.device)
@@ -484,8 +476,8 @@ def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Re
 
 def _install_fused_mlps(model: nn.Module) -> None:
     """SwiGLU MLPs (``gate_proj``, ``up_proj``, a ``fused_gate_up`` slot) whose gate and up are delayed-scaling
-    FP8 layers of one backend get the fused gate/up/SwiGLU function (yxanul.fp8.fused_mlp)."""
-    from .fused_mlp import can_fuse, swiglu_gate_up
+    FP8 layers of one backend with the ``fused_swiglu`` option get the fused gate/up/SwiGLU function
+    (yxanul.fp8.fused_mlp)."""
     for m in model.modules():
         if not hasattr(type(m), "fused_gate_up"):
             continue
@@ -509,7 +501,7 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
     """Call after every optimizer step: invalidates weight caches, advances delayed-scaling histories and
     calibration counters. ``collect_stats=True`` makes the next forward/backward record statistics
     (device-side) for :func:`fp8_stats`. Not between a forward pass and its backward: delayed layers save their
-    scale buffers for the backward, and under ``YXANUL_WEIGHT_CACHE=step`` every layer its weight copies, and this
+    scale buffers for the backward, and under ``weight_cache="step"`` every layer its weight copies, and this
     updates them in place (autograd then refuses the backward)."""
     mods = list(fp8_modules(model).values())
     _step_modules(mods)
@@ -522,8 +514,8 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
 
 
 def _refresh_static_weights(mods: list[Fp8Linear]) -> None:
-    if weight_cache_mode() == "step":
-        for m in mods:
+    for m in mods:
+        if m.options.weight_cache == "step":
             m.refresh_static_weight()
 
 
@@ -536,7 +528,7 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
     groups: dict[tuple, list[Fp8Linear]] = {}
     for m in mods:
         m.invalidate()
-        if m.recipe.name == "delayed":
+        if m.spec.delayed:
             r = m.recipe
             key = (r.amax_compute_algo, r.margin, r.pow2_scales, r.amax_history_len, tuple(m._fmt_max),
                    m.scale_inv.device)
@@ -601,7 +593,7 @@ def _nonfinite(model: nn.Module) -> dict[str, list[str]]:
     mods = fp8_modules(model)
     if not mods:
         return {}
-    flags = torch.stack([(m.nonfinite + _pending_nonfinite([m])[0] if m.recipe.name == "delayed" else m.nonfinite)
+    flags = torch.stack([(m.nonfinite + _pending_nonfinite([m])[0] if m.spec.delayed else m.nonfinite)
                          .to("cpu", non_blocking=False) for m in mods.values()]).tolist()
     return {n: [s for s, f in zip(("x", "w", "dy"), fl) if f] for n, fl in zip(mods, flags) if any(fl)}
 
@@ -623,7 +615,7 @@ def fp8_stats(model: nn.Module) -> dict:
         if m._collect is False or math.isnan(rows[_SLOT["w"]][0]):
             with torch.no_grad():
                 w = m.weight.detach()
-                if m.recipe.name == "delayed":
+                if m.spec.delayed:
                     q, s = m.ops.weight_quant(w, scale_inv=scaling.current_or_delayed(
                         w.abs().amax(), m.scale_inv[1], m.scale_ready[1], m._fmt_max[1], m.recipe.margin))
                 else:
@@ -634,7 +626,7 @@ def fp8_stats(model: nn.Module) -> dict:
         for which, i in _SLOT.items():
             if not math.isnan(rows[i][0]):
                 entry[which] = dict(zip(_STAT_KEYS, (float(v) for v in rows[i])))
-        if m.recipe.name == "delayed":
+        if m.spec.delayed:
             entry["delayed"] = {"scale_inv": m.scale_inv.tolist(), "ready": m.scale_ready.tolist(),
                                 "steps": int(m.fp8_steps), "calibrating": m.calibrating}
         out["modules"][name] = entry

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import YxanulError
+from .formats import get_format
 
 RECIPES = ("blockwise", "tensorwise", "rowwise", "delayed")
 
@@ -56,7 +57,91 @@ class Fp8Recipe:
         return "e5m2" if self.fp8_format == "hybrid" else "e4m3"
 
     def granularity(self) -> str:
-        b = self.block_size
-        return {"blockwise": f"act 1x{b}, weight {b}x{b}", "tensorwise": "per-tensor (current)",
-                "rowwise": "per-row (current)",
-                "delayed": f"per-tensor (delayed, history {self.amax_history_len})"}[self.name]
+        """A one-line description of the scaling, for reports."""
+        spec = resolve(self)
+        if spec.delayed:
+            return f"per-tensor (delayed, history {self.amax_history_len})"
+        if spec.x.granularity == spec.w.granularity:
+            return f"per-{spec.x.granularity} (current)"
+        return f"act {spec.x.label}, weight {spec.w.label}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The resolved recipe: what each GEMM operand is scaled with
+# ---------------------------------------------------------------------------------------------------------
+# Granularity of one operand's scales, along its rows [R, C] (C the GEMM's reduction dim):
+#   tensor  one scale                      shape []
+#   row     one scale per row              shape [R, 1]
+#   tile    one per row per `block` cols   shape [R, ceil(C/block)]   (1 x 128 in DeepSeek-V3)
+#   block   one per block x block block    shape [ceil(R/block), ceil(C/block)]   (128 x 128)
+GRANULARITIES = ("tensor", "row", "tile", "block")
+
+
+@dataclass(frozen=True)
+class OperandSpec:
+    """How one GEMM operand (x, w or dy) is quantized."""
+    granularity: str
+    fmt: str            # e4m3 | e5m2
+    block: int = 128
+    pow2: bool = False  # scales rounded up to powers of two
+    delayed: bool = False  # scale from the amax history (else from this tensor's current amax)
+    margin: int = 0     # delayed only: scale = amax / (FMT_MAX / 2**margin)
+
+    @property
+    def label(self) -> str:
+        b = self.block
+        return {"tensor": "tensor", "row": "row", "tile": f"1x{b}", "block": f"{b}x{b}"}[self.granularity]
+
+
+@dataclass(frozen=True)
+class Fp8Spec:
+    """A recipe resolved for one layer format: the per-operand specs and the delayed-scaling settings. Built by
+    :func:`resolve` only; code after it reads these fields, never the recipe's name."""
+    x: OperandSpec
+    w: OperandSpec
+    dy: OperandSpec
+    recipe: Fp8Recipe
+
+    @property
+    def delayed(self) -> bool:
+        return self.x.delayed
+
+    @property
+    def per_tensor(self) -> bool:
+        """One scale per tensor for every operand (a transposed copy then keeps the scale)."""
+        return all(o.granularity == "tensor" for o in (self.x, self.w, self.dy))
+
+    @property
+    def block(self) -> int:
+        return self.recipe.block_size
+
+    @property
+    def operand_formats(self) -> tuple[str, str, str]:
+        return self.x.fmt, self.w.fmt, self.dy.fmt
+
+    def gemm_granularity(self, op: str) -> tuple[str, str]:
+        """(a, b) granularities of one of the layer's GEMMs: fprop x @ w.T, dgrad dy @ (w.T).T, wgrad dy.T @ x.T.
+        In wgrad both operands are the transposed activations, tiled along the token dim."""
+        return {"fprop": (self.x.granularity, self.w.granularity),
+                "dgrad": (self.dy.granularity, self.w.granularity),
+                "wgrad": (self.dy.granularity, self.x.granularity)}[op]
+
+
+# recipe name -> (x, w, dy) granularity, delayed
+_LAYOUTS = {"blockwise": (("tile", "block", "tile"), False),
+            "tensorwise": (("tensor", "tensor", "tensor"), False),
+            "rowwise": (("row", "row", "row"), False),
+            "delayed": (("tensor", "tensor", "tensor"), True)}
+
+
+def resolve(recipe: Fp8Recipe, fmt: str = "e4m3") -> Fp8Spec:
+    """The recipe as per-operand specs for a layer whose forward format is `fmt` (e4m3 or e5m2): output
+    gradients take E5M2 under ``fp8_format: hybrid``, the forward format otherwise."""
+    recipe = recipe.validate()
+    f = get_format(fmt).name
+    g = "e5m2" if recipe.fp8_format == "hybrid" else f
+    (gx, gw, gdy), delayed = _LAYOUTS[recipe.name]
+    common = dict(block=recipe.block_size, pow2=recipe.pow2_scales, delayed=delayed,
+                  margin=recipe.margin if delayed else 0)
+    return Fp8Spec(OperandSpec(gx, f, **common), OperandSpec(gw, f, **common), OperandSpec(gdy, g, **common),
+                   recipe)

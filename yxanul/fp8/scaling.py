@@ -25,20 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from .formats import get_format
-from .recipe import Fp8Recipe
+from .formats import pow2_ceil
 
 SLOTS = ("x", "w", "dy")
-
-
-def operand_formats(recipe: Fp8Recipe, fmt: str = "e4m3") -> tuple[str, str, str]:
-    f = get_format(fmt).name
-    return f, f, (recipe.grad_format if recipe.fp8_format == "hybrid" else f)
-
-
-def fmt_max_tensor(recipe: Fp8Recipe, fmt: str = "e4m3", device=None) -> torch.Tensor:
-    return torch.tensor([get_format(f).max for f in operand_formats(recipe, fmt)], dtype=torch.float32,
-                        device=device)
 
 
 @torch.no_grad()
@@ -53,10 +42,6 @@ def _history_amax(history: torch.Tensor, algo: str) -> torch.Tensor:
     return history.amax(dim=-2) if algo == "max" else history[..., 0, :]
 
 
-def scale_from_history(history: torch.Tensor, algo: str, fmt_max: torch.Tensor, margin: int) -> torch.Tensor:
-    return _history_amax(history, algo) / (fmt_max / (2.0 ** margin))
-
-
 def _advanced(history, scale_inv, ready, algo, fmt_max, margin, pow2):
     """(history, scale_inv, ready) after one optimizer step, for ``[..., L, 3]`` histories (one layer or a
     stack of layers): new scales where the history's amax is positive, then the history rolled by one row.
@@ -66,7 +51,6 @@ def _advanced(history, scale_inv, ready, algo, fmt_max, margin, pow2):
     amax = _history_amax(history, algo)
     new = amax / (fmt_max / (2.0 ** margin))
     if pow2:
-        from .formats import pow2_ceil
         new = pow2_ceil(new.clamp_min(1e-30))
     has = amax > 0
     rolled = torch.roll(history, 1, dims=-2)

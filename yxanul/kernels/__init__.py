@@ -3,7 +3,10 @@
 Every operation has a pure-torch reference (:mod:`yxanul.kernels.reference`, the numerics) and a Triton
 kernel. The dispatcher uses Triton for CUDA tensors (or for any tensor when ``TRITON_INTERPRET=1``, which is
 how the kernels are tested on a CPU) and the reference otherwise. ``impl="torch"|"triton"|"auto"`` forces a
-choice per call; ``set_impl`` or the environment variable ``YXANUL_KERNELS`` changes the default.
+choice per call (the FP8 layers pass their ``kernels`` option, :class:`yxanul.fp8.options.Fp8Options`).
+
+Importing this package registers the quantizers and fused kernels with the FP8 layers
+(:mod:`yxanul.fp8.registry`, see :func:`register`) when Triton imports.
 
 Operations (x is 2-D ``[M, K]``; FP32 scales, ``scale_inv = amax / FMT_MAX``):
   act_quant(x, block=128, fmt="e4m3")       -> q [M, K], s [M, ceil(K/block)]
@@ -30,24 +33,16 @@ import os
 import torch
 from torch import Tensor
 
-from ..errors import YxanulError, env_choice
+from ..errors import YxanulError
+from ..fp8 import registry
+from ..fp8.backends import quant_tensor
+from ..fp8.formats import get_format
+from ..fp8.options import KERNEL_IMPLS as IMPLS
 from . import reference
 
-IMPLS = ("auto", "triton", "torch")
-_default_impl = os.environ.get("YXANUL_KERNELS", "auto")
-
 __all__ = ["act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "tensor_quant_dual",
-           "tensor_amax", "rmsnorm_quant", "swiglu_quant", "swiglu_bwd_quant", "set_impl", "triton_available", "uses_triton", "OPS",
-           "TENSOR_PATHS", "tensor_path"]
-
-
-def set_impl(name: str) -> None:
-    """Default implementation for every operation: auto (Triton on CUDA), triton, or torch."""
-    global _default_impl
-    if name not in IMPLS:
-        raise YxanulError(f"unknown kernel implementation {name!r} (expected one of {', '.join(IMPLS)})",
-                          key="YXANUL_KERNELS")
-    _default_impl = name
+           "tensor_amax", "rmsnorm_quant", "swiglu_quant", "swiglu_bwd_quant", "triton_available", "uses_triton",
+           "OPS", "fp8_op_overrides", "register"]
 
 
 def triton_available() -> bool:
@@ -66,8 +61,6 @@ def _mod(name: str):
 def _define_custom_ops():
     """The Triton kernels as ``torch.ops.yxanul.triton_*`` custom ops: opaque to torch.compile (which then
     neither traces into the launch code nor breaks the graph), with shape-only fake implementations."""
-    from ..fp8.formats import get_format
-
     def cd(a, b):
         return -(-a // b)
 
@@ -164,17 +157,6 @@ def _define_custom_ops():
 
 _MODS: dict = {}
 
-# How per-tensor (tensorwise, delayed) quantization runs on CUDA while torch.compile traces:
-#   traced   plain torch ops that inductor fuses into the neighbouring kernels as it sees fit (the default:
-#            faster on Yxanul-197M, see docs/perf-notes.md)
-#   kernel   amax and cast as this package's Triton kernels (triton_op), both layouts in one pass
-TENSOR_PATHS = ("traced", "kernel")
-
-
-def tensor_path() -> str:
-    """The per-tensor quantization path (``YXANUL_TENSOR_QUANT``, default ``traced``)."""
-    return env_choice("YXANUL_TENSOR_QUANT", TENSOR_PATHS, "traced")
-
 
 def _launch(op: str, mod: str, *args):
     """Run a Triton kernel: directly in eager mode (no custom-op dispatch overhead, which is larger than the
@@ -190,7 +172,6 @@ def _check(x, block, name="x"):
 
 
 def _fmt(fmt) -> str:
-    from ..fp8.formats import get_format
     return get_format(fmt).name
 
 
@@ -203,7 +184,7 @@ def _interpret() -> bool:
 
 def uses_triton(*tensors: torch.Tensor, impl: str | None = None) -> bool:
     """Whether a call with these tensors would run the Triton kernel."""
-    impl = impl or _default_impl
+    impl = impl or "auto"
     if impl not in IMPLS:
         raise YxanulError(f"unknown kernel implementation {impl!r} (expected one of {', '.join(IMPLS)})",
                           key="impl")
@@ -250,8 +231,6 @@ def tensor_quant(x, fmt: str = "e4m3", *, impl: str | None = None):
         # while torch.compile traces: plain torch ops, which inductor fuses into the neighbouring kernels
         # (amax into the producer's epilogue, the cast into the consumer's prologue) and launches without
         # a Python custom-op call; the Triton kernel serves eager mode
-        from ..fp8.backends import quant_tensor
-        from ..fp8.formats import get_format
         return quant_tensor(x, get_format(fmt))
     if uses_triton(x, impl=impl):
         if not x.is_floating_point():
@@ -326,51 +305,40 @@ OPS = {"act_quant": act_quant, "act_quant_t": act_quant_t, "act_quant_dual": act
        "swiglu_quant": swiglu_quant, "swiglu_bwd_quant": swiglu_bwd_quant}
 
 
-def fp8_op_overrides(recipe) -> dict:
-    """Plug the Triton quantizers into the FP8 layers' op table for `recipe` (an ``Fp8Recipe``) on `backend`.
+def fp8_op_overrides(spec, impl: str | None = None) -> dict:
+    """The Triton quantizers for a resolved recipe (an :class:`yxanul.fp8.recipe.Fp8Spec`), as the FP8 layers'
+    op table takes them; ``impl`` is passed to every call (None: Triton for CUDA tensors).
 
-    Blockwise: activations, their transpose, output grads (both layouts) and weights. Tensorwise: activations,
-    grads and weights, and (path ``kernel``, see :func:`tensor_path`) activations and grads in both layouts
-    from one pass. Delayed (path ``kernel``): both layouts with the history's scale, and the amax it records.
-    Other recipes keep the reference ops. The kernels produce the same bytes as the reference quantizers; off CUDA the
-    dispatchers fall back to them. Returns the names of the ops installed.
+    1 x block activation and gradient tiles with block x block weights: activations, their transpose, output
+    grads (both layouts) and weights. Current per-tensor scaling without power-of-two scales: activations, grads
+    and weights. Anything else keeps the reference ops. The kernels produce the same bytes as the reference
+    quantizers; off CUDA the dispatchers fall back to them.
     """
-    from ..fp8.formats import get_format
-
-    f = get_format(recipe.fp8_format if recipe.fp8_format != "hybrid" else "e4m3").name
-    g = get_format(recipe.grad_format).name if recipe.fp8_format == "hybrid" else f
-    b, p2 = recipe.block_size, recipe.pow2_scales
-    if recipe.name == "blockwise":
-        ops = dict(act_quant=functools.partial(act_quant, block=b, fmt=f, pow2_scales=p2),
-                   act_quant_t=functools.partial(act_quant_t, block=b, fmt=f, pow2_scales=p2),
-                   grad_quant=functools.partial(act_quant, block=b, fmt=g, pow2_scales=p2),
-                   grad_quant_t=functools.partial(act_quant_t, block=b, fmt=g, pow2_scales=p2),
-                   weight_quant=functools.partial(weight_quant, block=b, fmt=f, pow2_scales=p2))
-        # not the one-pass act_quant_dual: on the H100 it is slower than the two kernels (175 against 61 + 70 us
-        # at 16384 x 2048, docs/benchmarks.md); register_ops(..., act_quant_dual=...) installs it
-    elif recipe.name == "tensorwise" and not p2:
-        ops = dict(act_quant=functools.partial(tensor_quant, fmt=f),
-                   grad_quant=functools.partial(tensor_quant, fmt=g),
-                   weight_quant=functools.partial(tensor_quant, fmt=f))
-        if tensor_path() == "kernel":
-            ops.update(act_quant_dual=functools.partial(tensor_quant_dual, fmt=f),
-                       grad_quant_dual=functools.partial(tensor_quant_dual, fmt=g))
-    elif recipe.name == "delayed" and not p2 and tensor_path() == "kernel":
-        ops = dict(act_quant_dual=functools.partial(tensor_quant_dual, fmt=f),
-                   grad_quant_dual=functools.partial(tensor_quant_dual, fmt=g), amax=tensor_amax)
-    else:
-        return {}
-    return ops
+    f, g = spec.x.fmt, spec.dy.fmt
+    b, p2 = spec.block, spec.x.pow2
+    kw = {"impl": impl} if impl else {}
+    if spec.x.granularity == "tile" and spec.w.granularity == "block":
+        # not the one-pass act_quant_dual: on the H100 it is slower than the two kernels (docs/benchmarks.md)
+        return dict(act_quant=functools.partial(act_quant, block=b, fmt=f, pow2_scales=p2, **kw),
+                    act_quant_t=functools.partial(act_quant_t, block=b, fmt=f, pow2_scales=p2, **kw),
+                    grad_quant=functools.partial(act_quant, block=b, fmt=g, pow2_scales=p2, **kw),
+                    grad_quant_t=functools.partial(act_quant_t, block=b, fmt=g, pow2_scales=p2, **kw),
+                    weight_quant=functools.partial(weight_quant, block=b, fmt=f, pow2_scales=p2, **kw))
+    if spec.per_tensor and not spec.delayed and not p2:
+        return dict(act_quant=functools.partial(tensor_quant, fmt=f, **kw),
+                    grad_quant=functools.partial(tensor_quant, fmt=g, **kw),
+                    weight_quant=functools.partial(tensor_quant, fmt=f, **kw))
+    return {}
 
 
-def install_fp8_ops(recipe, backend: str = "native") -> list[str]:
-    """Register :func:`fp8_op_overrides` for (recipe name, backend) globally. The native backend already uses
-    them by default when Triton runs on the GPU; this is for explicit control. Returns the op names."""
-    from ..fp8.backends import register_ops
-    ops = fp8_op_overrides(recipe)
-    if ops:
-        register_ops(recipe.name, backend, **ops)
-    return sorted(ops)
+def register() -> bool:
+    """Register the quantizers and the fused SwiGLU backward with the FP8 layers (:mod:`yxanul.fp8.registry`)
+    when Triton imports; done once when this package is imported. Returns whether they were registered."""
+    if not _TRITON_OK:
+        return False
+    registry.register_quantizers(fp8_op_overrides)
+    registry.register_kernel("swiglu_bwd_quant", swiglu_bwd_quant)
+    return True
 
 
 def _probe() -> bool:
@@ -385,3 +353,4 @@ def _probe() -> bool:
 
 
 _TRITON_OK = _probe()
+register()

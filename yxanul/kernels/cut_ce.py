@@ -25,6 +25,8 @@ when to use them.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -245,7 +247,6 @@ def _launch(name: str, kernel, n: int, args: tuple, **meta) -> None:
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import YxanulError
+from . import tensor_quant, uses_triton
 
 CHUNK_BYTES = 1 << 30   # budget for one chunk's FP32 logits when chunk is not given
 
@@ -97,7 +98,7 @@ def _fp32_addmm_applies(grad_W: torch.Tensor, gt: torch.Tensor) -> bool:
 def _add_wgrad(grad_W: torch.Tensor, gt: torch.Tensor, hc: torch.Tensor) -> None:
     """``grad_W += gt @ hc`` with grad_W FP32 and the operands BF16/FP16: on CUDA the GEMM accumulates into the
     FP32 buffer itself (cuBLAS with beta = 1 and an FP32 output), so no BF16 product of the head's size is
-    written and then added in a second pass (about 0.5 ms per chunk of a 200k-vocabulary head on an H200)."""
+    written and then added in a second pass (docs/perf-notes.md)."""
     if _FP32_ADDMM[0] and _fp32_addmm_applies(grad_W, gt):
         try:
             torch.addmm(grad_W, gt, hc, out_dtype=grad_W.dtype, out=grad_W)
@@ -133,7 +134,6 @@ class _Fp8Head:
     """Logits of a chunk through FP8 E4M3 with tensorwise scales; W quantized once per forward."""
 
     def __init__(self, Wc: torch.Tensor, out_dtype: torch.dtype):
-        from . import tensor_quant
         self.V, self.d = Wc.shape
         self.out_dtype = out_dtype
         self.native = (Wc.is_cuda and hasattr(torch, "_scaled_mm") and self.d % 16 == 0
@@ -147,7 +147,6 @@ class _Fp8Head:
             self.wf = self.wq.float() * self.sw
 
     def __call__(self, hc: torch.Tensor) -> torch.Tensor:
-        from . import tensor_quant
         hq, sh = tensor_quant(hc)
         if self.native and hc.shape[0] % 16 == 0:
             out = torch._scaled_mm(hq, self.wq.t(), scale_a=sh, scale_b=self.sw, out_dtype=self.out_dtype)
@@ -163,7 +162,7 @@ class _CutLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, W, targets, ignore_index, cdtype, grad_h_now):
-        from .cut_ce import lce_forward, lce_forward_dh
+        from .cut_ce import lce_forward, lce_forward_dh  # needs triton (this module imports without it)
         with torch.autocast(h.device.type, enabled=False):
             hc, Wc = h.to(cdtype).contiguous(), W.to(cdtype).contiguous()
             valid = targets != ignore_index
@@ -182,7 +181,7 @@ class _CutLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go):
-        from .cut_ce import lce_backward
+        from .cut_ce import lce_backward  # needs triton (this module imports without it)
         hc, Wc, t, lse, valid, n_valid, dh1 = ctx.saved_tensors
         sc = valid.float() * (go.float() / n_valid)
         _, dw = lce_backward(hc, Wc, t, lse, sc, need_h=False, need_w=ctx.needs_input_grad[1])
@@ -305,9 +304,8 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, targets: torch.Tensor
         if bool(bad.any()):
             raise YxanulError(f"target id {int(targets[bad][0])} is outside the vocabulary [0, {V})", key="targets")
     cdtype = _compute_dtype(h)
-    from . import _default_impl, uses_triton
-    from .cut_ce import MAX_K
-    impl = impl or _default_impl
+    from .cut_ce import MAX_K  # needs triton (this module imports without it)
+    impl = impl or "auto"
     if impl not in ("auto", "cut", "triton", "torch"):
         raise YxanulError(f"unknown implementation {impl!r} (expected auto, cut, triton or torch)", key="impl")
     cut_ok = W.shape[1] <= MAX_K and not head_fp8

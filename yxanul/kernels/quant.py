@@ -20,7 +20,7 @@ from .reference import _check_2d, _check_block
 AMAX_EPS = 1e-12
 # Round to the FP8 grid in FP32 arithmetic before the cast: only needed under TRITON_INTERPRET=1, whose cast is
 # not always round-to-nearest-even. On the GPU the cast itself (cvt.rn.satfinite) is exact and the software
-# rounding would make these kernels compute-bound (about 1 TB/s instead of 2.5; scripts/device_quant_bench.py).
+# rounding would make these kernels compute-bound (scripts/device_quant_bench.py, docs/perf-notes.md).
 EMULATE_ROUNDING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 

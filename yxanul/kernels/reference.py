@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import YxanulError
+from ..fp8.backends import quant_tensor
+from ..fp8.formats import get_format
+from ..fp8.fused_mlp import check_swiglu_bwd_shapes, swiglu_bwd_quant  # noqa: F401  (the fused kernel's numerics)
 from ..fp8.quant import quantize
 
 
@@ -68,8 +71,6 @@ def tensor_quant(x: torch.Tensor, fmt: str = "e4m3"):
 def tensor_quant_dual(x: torch.Tensor, fmt: str = "e4m3", scale_inv: torch.Tensor | None = None):
     """``(q, s, qT)``: per-tensor quantization of a 2-D x (with x's amax, or the given ``scale_inv``) and
     the transposed copy of q, which with one scale is the quantization of x^T."""
-    from ..fp8.backends import quant_tensor
-    from ..fp8.formats import get_format
     _check_2d(x)
     q, s = quant_tensor(x, get_format(fmt), scale_inv=scale_inv)
     return q, s, q.t().contiguous()
@@ -109,32 +110,3 @@ def swiglu_quant(gate: torch.Tensor, up: torch.Tensor, block: int = 128, fmt: st
     h = swiglu(gate, up)
     q, s = act_quant(h, block, fmt, pow2_scales)
     return (h if return_h else None), q, s
-
-
-def check_swiglu_bwd_shapes(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> None:
-    _check_2d(gate, "gate")
-    for name, t in (("up", up), ("dh", dh)):
-        if t.shape != gate.shape:
-            raise YxanulError(f"{name} shape {tuple(t.shape)} does not match gate {tuple(gate.shape)}", key=name)
-
-
-def swiglu_bwd_quant(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, scale_gate: torch.Tensor,
-                     scale_up: torch.Tensor, fmt: str = "e4m3"):
-    """The backward of ``h = silu(gate) * up`` quantized for the gate and up projections' backward GEMMs.
-
-    ``dgate = dh * up * s * (1 + gate * (1 - s))`` and ``dup = dh * silu(gate)`` (s = sigmoid(gate)), computed in
-    FP32 from the inputs and quantized from FP32 with the given per-tensor scales (delayed scaling), never rounded
-    to BF16 in between. Returns ``(dgate_q [M, F], dgate_qT [F, M], dup_q, dup_qT, amax [2])``, amax the max
-    |dgate| and |dup| (NaN if the tensor holds one) for the amax histories."""
-    from ..fp8.backends import quant_tensor
-    from ..fp8.formats import get_format
-    check_swiglu_bwd_shapes(gate, up, dh)
-    f = get_format(fmt)
-    g, u, d = gate.float(), up.float(), dh.float()
-    sig = 1.0 / (1.0 + torch.exp(-g))
-    dg = d * u * sig * (1.0 + g * (1.0 - sig))
-    du = d * (g * sig)
-    amax = torch.stack([dg.abs().amax(), du.abs().amax()]) if dg.numel() else torch.zeros(2)
-    qg = quant_tensor(dg, f, scale_inv=scale_gate)[0]
-    qu = quant_tensor(du, f, scale_inv=scale_up)[0]
-    return qg, qg.t().contiguous(), qu, qu.t().contiguous(), amax.to(gate.device)

@@ -6,8 +6,9 @@ the cast, because the cast must wait for the whole tensor's amax. As an extern k
 producer's output into memory once; the cast then reads it back once and writes both layouts the FP8 GEMMs
 need (``q`` [M, K] for the forward or dgrad GEMM, ``qT`` [K, M] for wgrad), in one pass.
 
-Measured on Yxanul-197M (H100), this path is slower than inductor's recomputation (tensorwise 0.79x against
-0.96x of BF16), so it is opt-in: ``YXANUL_TENSOR_QUANT=kernel`` (see :func:`yxanul.kernels.tensor_path`).
+In the training step they measured slower than inductor's recomputation (docs/perf-notes.md), so the FP8
+layers do not use them; they are the ``tensor_quant_dual`` / ``tensor_amax`` ops of :mod:`yxanul.kernels`,
+which an op table can take with :func:`yxanul.fp8.backends.register_ops`.
 
   tensor_amax_parts(x)                 -> partial maxima of |x| (NaN-propagating), FP32 [ceil(numel / CHUNK)]
   tensor_cast(x, parts|scale_inv, ...) -> q, scale_inv (0-d), qT

@@ -1,0 +1,45 @@
+"""How the FP8 layers compute, as opposed to what (the recipe): implementation choices that leave the numbers
+unchanged or change them only within the recipe's own rounding.
+
+``kernels``       ``auto`` (the Triton quantizers where Triton runs on a CUDA device, the pure-torch ones
+                  elsewhere), ``triton`` (always the Triton quantizers: an error where they cannot run; on a
+                  CPU they run under ``TRITON_INTERPRET=1``) or ``torch`` (always the pure-torch quantizers)
+``weight_cache``  where compiled forwards get the FP8 weight copies: ``graph`` quantizes the weight inside the
+                  compiled graph at every forward; ``step`` reads static copies that ``fp8_step`` quantizes
+                  once per optimizer step (fewer quantizations with gradient accumulation, eager launches in
+                  their place)
+``fused_swiglu``  the SwiGLU MLP's gate and up projections as one function whose backward quantizes the
+                  gradients inside the SwiGLU backward kernel (delayed scaling only; see
+                  :mod:`yxanul.fp8.fused_mlp`)
+
+docs/perf-notes.md records how each choice measured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..errors import YxanulError
+
+KERNEL_IMPLS = ("auto", "triton", "torch")
+WEIGHT_CACHE_MODES = ("graph", "step")
+
+
+@dataclass(frozen=True)
+class Fp8Options:
+    kernels: str = "auto"
+    weight_cache: str = "graph"
+    fused_swiglu: bool = False
+
+    def validate(self, source: str = "fp8 options") -> "Fp8Options":
+        for key, choices in (("kernels", KERNEL_IMPLS), ("weight_cache", WEIGHT_CACHE_MODES)):
+            v = getattr(self, key)
+            if v not in choices:
+                raise YxanulError(f"must be one of {', '.join(choices)}, got {v!r}", source=source,
+                                  key=f"fp8_{key}")
+        if not isinstance(self.fused_swiglu, bool):
+            raise YxanulError(f"must be true or false, got {self.fused_swiglu!r}", source=source,
+                              key="fp8_fused_swiglu")
+        return self
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
