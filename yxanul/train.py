@@ -378,8 +378,8 @@ class Trainer:
 
     def _setup(self) -> None:
         from .checkpoint.sharded import check_resume_world_size
-        from .checkpoint.training import (prepare_fresh_run_dir, read_meta, resolve_checkpoint,
-                                          restore_training_checkpoint)
+        from .checkpoint.training import prepare_fresh_run_dir, resolve_checkpoint, restore_training_checkpoint
+        from .checkpoint.training import read_meta as read_checkpoint_meta
         from .data import bundled_dataset
         from .data.loader import DataLoader, read_meta
         from .data.tokenizers import check_ids
@@ -448,7 +448,7 @@ class Trainer:
             from .kernels.linear_ce import use_fused_ce
             use_fused_ce(model)  # halves peak memory with a 200k vocabulary (docs/benchmarks.md)
         if self.ckpt is not None:
-            ck_meta = read_meta(self.ckpt)  # files verified; weights are restored once the optimizer exists
+            ck_meta = read_checkpoint_meta(self.ckpt)  # files verified; weights are restored once the optimizer exists
         amp_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = DynamicLossScaler(cfg.loss_scale_init, 2.0, cfg.loss_scale_backoff,

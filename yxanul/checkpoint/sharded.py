@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import default_planner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
@@ -129,9 +130,17 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def _dcp_load(sd: dict, dcp_dir: Path, **kw) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTE)
-        dcp.load(sd, storage_reader=SafeFileSystemReader(str(dcp_dir)), planner=SafeLoadPlanner(), **kw)
+    """``dcp.load`` through the safe reader and planner. The metadata is checked first, so that a refused file
+    is reported as itself rather than wrapped in DCP's per-rank exception report."""
+    load_dcp_metadata(Path(dcp_dir) / ".metadata")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTE)
+            dcp.load(sd, storage_reader=SafeFileSystemReader(str(dcp_dir)), planner=SafeLoadPlanner(), **kw)
+    except CheckpointException as e:
+        lines = [ln for ln in str(e).splitlines() if "Error" in ln and ":" in ln]
+        raise YxanulError(f"unreadable DCP checkpoint: {(lines[-1] if lines else str(e).splitlines()[0])[:200]}",
+                          source=str(dcp_dir)) from None
 
 
 # -- saving -------------------------------------------------------------------------------------------------
