@@ -288,7 +288,6 @@ def test_malformed_state_is_refused_before_training(run, capsys, edit, needle):
 
 def test_run_without_checkpoint_can_be_restarted(run, capsys):
     shutil.rmtree(run / "checkpoints")
-    cfg = json.dumps  # noqa: F841 (keeps flake quiet about unused imports in some linters)
     import yaml
     train = yaml.safe_load((run / "config.yaml").read_text())["train"]
     args = ["train", "--out", str(run), "--model", train["model"], "--data", train["data"], "--steps", "1",

@@ -1,4 +1,4 @@
-"""Data-parallel training on PyTorch's own engine: ``torchrun`` + DDP or FSDP2, FP8-aware, DCP checkpoints.
+"""Data-parallel training on PyTorch's own engine: ``torchrun`` + DDP or FSDP2, FP8-aware.
 
 Launch::
 
@@ -15,22 +15,14 @@ Launch::
   blockwise, rowwise and tensorwise recipes compute their scales from the tensor being quantized (just in time)
   and need no synchronization. Under FSDP2 the weights are quantized *after* the all-gather, from the
   unsharded (BF16) weight: parameters are all-gathered in BF16, not FP8 (FP8 all-gather is not supported).
-* Checkpoints: :func:`save_dcp_checkpoint` writes model and optimizer through ``torch.distributed.checkpoint``
-  (every rank writes its own shards in parallel) into ``RUN_DIR/checkpoints/step_XXXXXXXX/dcp/`` next to
-  ``meta.json`` and ``state.pt``; the folder appears atomically (written to a temporary sibling, renamed by
-  rank 0 after a barrier). DCP re-shards on load, so a run can resume on a different number of ranks.
-  :func:`consolidate_checkpoint` turns any checkpoint into one safetensors file of FP32 weights.
+* Sharded checkpoints (``torch.distributed.checkpoint``) live in :mod:`yxanul.checkpoint.sharded`.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -38,7 +30,6 @@ import torch.nn as nn
 from .errors import YxanulError
 
 PARALLEL_MODES = ("none", "ddp", "fsdp2")
-DCP_FOLDER = "dcp"
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
