@@ -12,6 +12,8 @@ and here they are unpickled by :class:`SafeFileSystemReader` (an allow-list of t
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
 import dataclasses
 import io
 import json
@@ -29,6 +31,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import default_planner
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
@@ -145,6 +148,64 @@ def _dcp_load(sd: dict, dcp_dir: Path, **kw) -> None:
 
 # -- saving -------------------------------------------------------------------------------------------------
 
+class _HashingStream:
+    """A DCP output stream that counts and hashes the bytes written through it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data):
+        n = self._stream.write(data)
+        view = memoryview(data).cast("B")
+        self._h.update(view)
+        self.size += len(view)
+        return n
+
+    def __getattr__(self, name):  # tell, flush, fileno, ... of the file itself
+        return getattr(self._stream, name)
+
+    def record(self) -> dict:
+        return {"bytes": self.size, "sha256": self._h.hexdigest()}
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, recording the size and SHA-256 of every file written (by path, across renames)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: dict[Path, dict] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode and "a" not in mode:
+                yield stream
+                return
+            hashed = _HashingStream(stream)
+            yield hashed
+        self.records[Path(path)] = hashed.record()
+
+    def rename(self, path, new_path) -> None:
+        super().rename(path, new_path)
+        if Path(path) in self.records:
+            self.records[Path(new_path)] = self.records.pop(Path(path))
+
+
+def _dcp_save(sd: dict, dcp_dir: Path, folder: Path) -> dict:
+    """``dcp.save`` (collective) hashing what this rank writes; returns every rank's file records keyed by
+    their path relative to `folder` (on every rank)."""
+    writer = dcp.FileSystemWriter(str(dcp_dir))
+    writer.fs = fs = _HashingFileSystem()
+    dcp.save(sd, storage_writer=writer)
+    mine = {str(p.relative_to(folder)): rec for p, rec in fs.records.items() if p.exists()}
+    if not (dist.is_available() and dist.is_initialized()):
+        return mine
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {k: v for part in every for k, v in part.items()}
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -199,7 +260,7 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimi
     * ``state.pt`` (rank 0): `state` (loss scaler, counters, data position: plain tensors and containers)
       plus every rank's RNG state under ``rng_per_rank``;
     * ``meta.json`` (rank 0): `meta` plus ``step``, ``format: "dcp"``, ``world_size`` and the size and SHA-256
-      of ``state.pt``.
+      of every file above, each hashed by the rank that wrote it as it was written.
 
     The folder is written under a temporary name and renamed by rank 0 after a barrier, then ``latest`` is
     updated and old checkpoints pruned to `keep_last`. Returns the folder (on every rank).
@@ -216,7 +277,7 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimi
             sd = {"model": msd, "optim": osd}
         else:
             sd = {"model": get_model_state_dict(base)}
-        dcp.save(sd, checkpoint_id=str(tmp / DCP_FOLDER))
+        files = _dcp_save(sd, tmp / DCP_FOLDER, tmp)
         rngs = _gather_rng(device or info.device)
         if info.is_main:
             meta = dict(meta)
@@ -224,7 +285,8 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimi
             for k in ("model_config", "train_config"):
                 if dataclasses.is_dataclass(meta.get(k)):
                     meta[k] = dataclasses.asdict(meta[k])
-            meta["files"] = {"state.pt": torch_save_hashed(dict(state) | {"rng_per_rank": rngs}, tmp / "state.pt")}
+            files["state.pt"] = torch_save_hashed(dict(state) | {"rng_per_rank": rngs}, tmp / "state.pt")
+            meta["files"] = dict(sorted(files.items()))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     except BaseException:
         ok = False
