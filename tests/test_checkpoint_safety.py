@@ -332,3 +332,19 @@ def test_sharded_checkpoint_records_and_verifies_every_file(tmp_path):
     _flip_byte(shard, 20)
     with pytest.raises(YxanulError, match=r"\.distcp: SHA-256"):
         load_dcp_checkpoint(ck, torch.nn.Linear(8, 4))
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_leaves_nothing(base_run, tmp_path, capsys, monkeypatch):
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(layout.HashingWriter, "write", full)
+    import yaml
+    train = yaml.safe_load((base_run / "config.yaml").read_text())["train"]
+    out = tmp_path / "r"
+    rc, err = cli(capsys, "train", "--out", str(out), "--model", train["model"], "--data", train["data"],
+                  "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--no-progress",
+                  "--precision", "fp32", "--warmup", "1")
+    assert_one_line_error(rc, err, "could not write the checkpoint", "No space left on device")
+    ckpt_root = out / "checkpoints"
+    assert not ckpt_root.exists() or not any(ckpt_root.iterdir())  # no folder, no temporary, no `latest`

@@ -85,12 +85,17 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Mod
     """The trainer's one save. `sharded` (data-parallel runs): every rank calls it and writes its part through
     ``torch.distributed.checkpoint``; `state` then leaves the optimizer out. Otherwise rank 0 writes
     ``model.safetensors`` and ``state.pt`` with ``optimizer.state_dict()``; other ranks return None."""
-    if sharded:
-        return save_dcp_checkpoint(run_dir, step, model, optimizer, state, meta, keep_last=keep_last, device=device)
-    if not is_main:
-        return None
-    return save_checkpoint(run_dir, step, model, dict(state) | {"optimizer": optimizer.state_dict()}, meta,
-                           keep_last=keep_last)
+    try:
+        if sharded:
+            return save_dcp_checkpoint(run_dir, step, model, optimizer, state, meta, keep_last=keep_last,
+                                       device=device)
+        if not is_main:
+            return None
+        return save_checkpoint(run_dir, step, model, dict(state) | {"optimizer": optimizer.state_dict()}, meta,
+                               keep_last=keep_last)
+    except OSError as e:  # disk full, read-only or not writable: nothing of this checkpoint is left behind
+        where = e.filename or Path(run_dir) / "checkpoints" / checkpoint_name(step)
+        raise YxanulError(f"could not write the checkpoint: {e.strerror or e}", source=str(where)) from None
 
 
 def _load_weights_file(p: Path) -> dict[str, torch.Tensor]:
