@@ -249,6 +249,13 @@ def test_fsdp2_dcp_checkpoint_resume_and_consolidate(tmp_path):
     ck = Path(r0["ckpt"])
     assert (ck / "dcp" / ".metadata").is_file() and (ck / "meta.json").is_file() and (ck / "state.pt").is_file()
     assert json.loads((ck / "meta.json").read_text())["world_size"] == 2
+    # every rank's shard is recorded with its size and SHA-256 (hashed by the rank that wrote it)
+    import hashlib
+    files = json.loads((ck / "meta.json").read_text())["files"]
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "state.pt"} <= set(files)
+    for name, rec in files.items():
+        data = (ck / name).read_bytes()
+        assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == ck.name
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
 
