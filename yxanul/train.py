@@ -448,7 +448,7 @@ class Trainer:
             from .kernels.linear_ce import use_fused_ce
             use_fused_ce(model)  # halves peak memory with a 200k vocabulary (docs/benchmarks.md)
         if self.ckpt is not None:
-            ck_meta = read_checkpoint_meta(self.ckpt)  # files verified; weights are restored once the optimizer exists
+            ck_meta = read_checkpoint_meta(self.ckpt)  # files verified; weights restored once the optimizer exists
         amp_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = DynamicLossScaler(cfg.loss_scale_init, 2.0, cfg.loss_scale_backoff,

@@ -47,6 +47,12 @@ from .layout import (DCP_FOLDER, checkpoint_name, check_finite, is_dcp_checkpoin
 _SINGLE_PROCESS_NOTE = ".*assuming the intent is to load in a single process.*"
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception as one short line (no more than 200 characters of it)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 # -- reading DCP pickles safely ------------------------------------------------------------------------------
 
 def _allowed_globals() -> dict[tuple[str, str], object]:
@@ -97,8 +103,7 @@ def load_dcp_metadata(path: str | Path):
     except FileNotFoundError:
         raise YxanulError("missing DCP metadata", source=str(path)) from None
     except Exception as e:  # any malformed pickle: UnpicklingError, EOFError, TypeError from a constructor...
-        raise YxanulError(f"not a DCP checkpoint's metadata: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
-                          source=str(path)) from None
+        raise YxanulError(f"not a DCP checkpoint's metadata: {_first_line(e)}", source=str(path)) from None
     if not isinstance(md, dcp_metadata.Metadata):
         raise YxanulError(f"not a DCP checkpoint's metadata (holds {type(md).__name__})", source=str(path))
     return md
@@ -365,8 +370,7 @@ def load_dcp_weights(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.
             check_finite(sd["model"], str(p / DCP_FOLDER))
             set_model_state_dict(base, sd["model"])
     except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
-        msg = str(e).strip().splitlines()
-        raise YxanulError(f"checkpoint does not match this model/optimizer: {msg[0][:200] if msg else type(e).__name__}",
+        raise YxanulError(f"checkpoint does not match this model/optimizer: {_first_line(e)}",
                           source=str(p / DCP_FOLDER)) from None
     _invalidate_fp8_caches(base)
 
@@ -428,7 +432,8 @@ def load_full_model_state(model: nn.Module, sd: dict, source: str) -> None:
     _invalidate_fp8_caches(base)
 
 
-def load_plain_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, plain: dict) -> None:
+def load_plain_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, plain: dict,
+                               source: str | None = None) -> None:
     """Load a single-process ``optimizer.state_dict()`` (keyed by parameter index) into an optimizer over the
     same parameters after wrapping (DDP: loaded as is; FSDP2: every rank reads the full state and keeps its
     shard). Lets a single-process checkpoint resume under ``--parallel``."""
@@ -440,12 +445,12 @@ def load_plain_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimize
             optimizer.load_state_dict(plain)
             return
         if None in order:
-            raise YxanulError("optimizer holds parameters that are not the model's", key="optimizer")
+            raise YxanulError("optimizer holds parameters that are not the model's", source=source, key="optimizer")
         fqn = {"state": {order[int(i)]: v for i, v in plain["state"].items()},
                "param_groups": [dict(g, params=[order[int(i)] for i in g["params"]]) for g in plain["param_groups"]]}
         set_optimizer_state_dict(base, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
     except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as e:
-        raise YxanulError(f"optimizer state does not match the model: {str(e).splitlines()[0][:200] if str(e) else e!r}",
+        raise YxanulError(f"optimizer state does not match the model: {_first_line(e)}", source=source,
                           key="optimizer") from None
 
 

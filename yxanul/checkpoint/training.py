@@ -214,7 +214,7 @@ def restore_training_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimi
         load_dcp_weights(p, model, optimizer)
     else:
         load_full_model_state(model, _model_weights_for(model, _load_weights_file(p)), str(p))
-        load_plain_optimizer_state(model, optimizer, st["optimizer"])
+        load_plain_optimizer_state(model, optimizer, st["optimizer"], source=state_src)
     check_optimizer_shapes(optimizer, state_src)
     if int(meta.get("step", -1)) != st["step"]:
         raise YxanulError("state.pt and meta.json disagree on the step", source=str(p))
