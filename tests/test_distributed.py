@@ -123,7 +123,8 @@ def scenario_fsdp_dcp(info, out: Path) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from yxanul.distributed import load_dcp_checkpoint, save_dcp_checkpoint, wrap_model
+    from yxanul.checkpoint.sharded import load_dcp_checkpoint, save_dcp_checkpoint
+    from yxanul.distributed import wrap_model
 
     def build():
         m = _tiny_model()
@@ -248,6 +249,13 @@ def test_fsdp2_dcp_checkpoint_resume_and_consolidate(tmp_path):
     ck = Path(r0["ckpt"])
     assert (ck / "dcp" / ".metadata").is_file() and (ck / "meta.json").is_file() and (ck / "state.pt").is_file()
     assert json.loads((ck / "meta.json").read_text())["world_size"] == 2
+    # every rank's shard is recorded with its size and SHA-256 (hashed by the rank that wrote it)
+    import hashlib
+    files = json.loads((ck / "meta.json").read_text())["files"]
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "state.pt"} <= set(files)
+    for name, rec in files.items():
+        data = (ck / name).read_bytes()
+        assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == ck.name
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
 
@@ -255,7 +263,7 @@ def test_fsdp2_dcp_checkpoint_resume_and_consolidate(tmp_path):
     from safetensors import safe_open
 
     from yxanul.checkpoint.export import load_checkpoint_weights
-    from yxanul.distributed import consolidate_checkpoint, read_dcp_model_state
+    from yxanul.checkpoint.sharded import consolidate_checkpoint, read_dcp_model_state
 
     out = tmp_path / "merged.safetensors"
     rep = consolidate_checkpoint(tmp_path / "run", out)
@@ -339,7 +347,7 @@ def test_init_distributed_env_errors(monkeypatch):
 
 
 def test_resume_world_size_rule():
-    from yxanul.distributed import check_resume_world_size
+    from yxanul.checkpoint.sharded import check_resume_world_size
     from yxanul.errors import YxanulError
 
     meta = {"world_size": 2, "train_config": {"batch_size": 4, "grad_accum": 1}}
@@ -405,7 +413,7 @@ def test_fsdp2_fp8_delayed_train_checkpoint_resume(tmp_path):
         meta = json.loads((ck / "meta.json").read_text())
         assert meta["format"] == "dcp" and meta["world_size"] == 2 and meta["parallel"] == "fsdp2"
     # the amax histories were saved and are the synchronized ones
-    from yxanul.distributed import read_dcp_model_state
+    from yxanul.checkpoint.sharded import read_dcp_model_state
     st = read_dcp_model_state(ck6 / "dcp")
     hist = [k for k in st if k.endswith("amax_history")]
     assert hist and any(float(st[k].abs().max()) > 0 for k in hist)

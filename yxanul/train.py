@@ -358,7 +358,7 @@ def _env_int(name: str, default: int = 1) -> int:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int | None = None, world_size: int | None = None,
-                 resume: str | None = None, log=print):
+                 resume: str | None = None, log=print, restart: bool = False):
         self.cfg = cfg.validate()
         self.dist = None  # DistInfo when data-parallel (--parallel ddp|fsdp2)
         if cfg.parallel != "none":
@@ -374,6 +374,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
         self.resume_from = resume
+        self.restart = restart  # a fresh start may replace a run that stopped before its first checkpoint
         self._setup()
 
     # -- setup --------------------------------------------------------------------------------------
@@ -390,9 +391,9 @@ class Trainer:
         return torch.device(d)
 
     def _setup(self) -> None:
-        from .checkpoint.training import load_checkpoint, load_training_state, resolve_checkpoint
-        from .distributed import (check_resume_world_size, is_dcp_checkpoint, load_dcp_checkpoint,
-                                  load_plain_optimizer_state, read_checkpoint_meta)
+        from .checkpoint.sharded import check_resume_world_size
+        from .checkpoint.training import prepare_fresh_run_dir, resolve_checkpoint, restore_training_checkpoint
+        from .checkpoint.training import read_meta as read_checkpoint_meta
         from .data import bundled_dataset
         from .data.loader import DataLoader, read_meta
         from .data.tokenizers import check_ids
@@ -420,9 +421,8 @@ class Trainer:
             self.run_dir = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
             if self.run_dir.exists() and not self.run_dir.is_dir():
                 raise YxanulError("exists and is not a folder", source=str(self.run_dir), key="--out")
-            if self.is_main and (self.run_dir / "metrics.jsonl").exists():
-                raise YxanulError("run folder already holds a run; pass --resume to continue it or another --out",
-                                  source=str(self.run_dir))
+            if self.is_main:
+                prepare_fresh_run_dir(self.run_dir, self.restart)
         # data
         if cfg.data:
             self.data_dir = Path(cfg.data)
@@ -460,19 +460,8 @@ class Trainer:
         if cfg.fused_ce == "on" or (cfg.fused_ce == "auto" and self.device.type == "cuda"):
             from .kernels.linear_ce import use_fused_ce
             use_fused_ce(model)  # halves peak memory with a 200k vocabulary (docs/benchmarks.md)
-        self.ckpt_dcp = self.ckpt is not None and is_dcp_checkpoint(self.ckpt)
-        if self.ckpt is not None and self.ckpt_dcp:
-            ck_meta = read_checkpoint_meta(self.ckpt)  # weights come through DCP once the model is wrapped
-        elif self.ckpt is not None:
-            _, sd, ck_meta = load_checkpoint(self.ckpt)
-            own = model.state_dict()
-            fp8_state = ("amax_history", "scale_inv", "scale_ready", "fp8_steps")
-            # delayed-scaling state of an FP8 run is dropped when resuming it in another precision
-            sd = {k: v for k, v in sd.items() if k in own or not k.endswith(fp8_state)}
-            missing, unexpected = model.load_state_dict(sd, strict=False)
-            if missing or unexpected:
-                raise YxanulError(f"checkpoint does not match the model (missing {missing[:3]}, unexpected "
-                                  f"{unexpected[:3]})", source=str(self.ckpt))
+        if self.ckpt is not None:
+            ck_meta = read_checkpoint_meta(self.ckpt)  # files verified; weights restored once the optimizer exists
         amp_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = DynamicLossScaler(cfg.loss_scale_init, 2.0, cfg.loss_scale_backoff,
@@ -516,21 +505,12 @@ class Trainer:
         self.consecutive_bad = torch.zeros((), dtype=torch.int64, device=self.device)
         self.last_bad_module: str | None = None
         if self.ckpt is not None:
-            if self.ckpt_dcp:
-                st = load_dcp_checkpoint(self.ckpt, self.model, self.opt)
-            else:
-                st = load_training_state(self.ckpt)
-                load_plain_optimizer_state(self.model, self.opt, st["optimizer"])
+            st = restore_training_checkpoint(self.ckpt, self.model, self.opt, self.device, meta=ck_meta)
             if self.scaler is not None and st.get("scaler"):
                 self.scaler.load_state_dict(st["scaler"])
-            torch.set_rng_state(st["rng"]["torch"])
-            if self.device.type == "cuda" and st["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(st["rng"]["cuda"], self.device)
             self.step = int(st["step"])
             self.skipped.fill_(int(st["skipped"]))
             self.consecutive_bad.fill_(int(st["consecutive_bad"]))
-            if self.step != int(ck_meta["step"]):
-                raise YxanulError("state.pt and meta.json disagree on the step", source=str(self.ckpt))
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module the training step calls: DDP or FSDP2 (``--parallel``), else the model itself."""
@@ -567,17 +547,13 @@ class Trainer:
                          "tokens_seen": self.step * self.tokens_per_step}}
 
     def save(self) -> Path | None:
-        from .checkpoint.training import save_checkpoint
-        if self.dist is not None:  # sharded: every rank writes its part through torch.distributed.checkpoint
-            from .distributed import save_dcp_checkpoint
-            return save_dcp_checkpoint(self.run_dir, self.step, self.model, self.opt,
-                                       self.training_state(optimizer=False),
-                                       self.checkpoint_meta() | {"parallel": self.cfg.parallel},
-                                       keep_last=self.cfg.keep_last, device=self.device)
-        if not self.is_main:
-            return None
-        return save_checkpoint(self.run_dir, self.step, self.model, self.training_state(), self.checkpoint_meta(),
-                               keep_last=self.cfg.keep_last)
+        from .checkpoint.training import save_training_checkpoint
+        sharded = self.dist is not None  # data-parallel: every rank writes its part
+        return save_training_checkpoint(self.run_dir, self.step, self.model, self.opt,
+                                        self.training_state(optimizer=False),
+                                        self.checkpoint_meta() | ({"parallel": self.cfg.parallel} if sharded else {}),
+                                        sharded=sharded, is_main=self.is_main, keep_last=self.cfg.keep_last,
+                                        device=self.device)
 
     # -- one optimizer step ---------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

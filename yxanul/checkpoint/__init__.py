@@ -1,7 +1,9 @@
 """Checkpoint tools: validated safetensors headers, precision analysis, FP8 block conversion.
 
 Submodules: ``safetensors_header`` (bounded header/index parsing), ``analyze`` (precision distribution from
-headers), ``convert`` (``quantize_checkpoint`` / ``dequantize_checkpoint``).
+headers), ``convert`` (``quantize_checkpoint`` / ``dequantize_checkpoint``); training checkpoints: ``training``
+(the trainer's save/restore, single-file format), ``sharded`` (DCP format, consolidation), ``layout`` (folders,
+``latest``, recorded file hashes).
 """
 from .safetensors_header import (Checkpoint, SafetensorsHeader, SafetensorsIndex, TensorInfo, collect,
                                  open_checkpoint, read_header, read_index)

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..config import ModelConfig, dataclass_from_dict, load_model_config
 from .analyze import classify
 from ..errors import YxanulError
-from ..io import read_checkpoint_meta_file
+from .layout import check_finite
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
           "fp16": "float16", "float16": "float16"}
@@ -77,10 +77,10 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
         meta = {"model_config": None, "tokenizer": None}
         weights = p
     else:
-        from .training import resolve_checkpoint
+        from .training import read_meta, resolve_checkpoint
 
         folder = resolve_checkpoint(p)
-        meta = read_checkpoint_meta_file(folder / "meta.json")
+        meta = read_meta(folder)  # recorded file sizes and hashes verified
         mc = meta.get("model_config")
         src = str(folder / "meta.json")
         if not isinstance(mc, dict):
@@ -111,6 +111,7 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
         if not t.is_floating_point():
             raise YxanulError(f"{name} has dtype {t.dtype}, expected a floating-point tensor", source=str(weights))
         out[name] = t
+    check_finite(out, str(weights))
     return cfg, out, meta
 
 

@@ -1,31 +1,40 @@
 """Training checkpoints: ``RUN_DIR/checkpoints/step_00000100/`` holding
 
-* ``model.safetensors``: FP32 master weights and FP8 scaling buffers, keys = ``model.state_dict()`` names;
-* ``meta.json``: ``{"step", "model_config", "tokenizer", "train_config", "tokens_seen"}``;
+* ``model.safetensors``: FP32 master weights and FP8 scaling buffers, keys = ``model.state_dict()`` names
+  (a sharded run writes ``dcp/`` instead, see :mod:`yxanul.checkpoint.sharded`);
+* ``meta.json``: ``{"step", "model_config", "tokenizer", "train_config", "tokens_seen", "files"}``, where
+  ``files`` records the size and SHA-256 of the other files, computed while writing them;
 * ``state.pt``: optimizer, loss scaler, RNG states and data position, plain tensors and containers only, so it
   loads with ``torch.load(weights_only=True)``.
 
 Each folder is written into a temporary sibling and renamed when complete; ``RUN_DIR/checkpoints/latest`` names
 the newest one, and only the last ``keep_last`` folders are kept.
+
+The trainer uses two functions whatever the format: :func:`save_training_checkpoint` and
+:func:`restore_training_checkpoint`. Every loader (resume, export, generate, consolidate) verifies the recorded
+file hashes first and refuses non-finite weights.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from ..errors import YxanulError
 from ..io import atomic_dir, atomic_write_text
+from .layout import (FP8_STATE_SUFFIXES, STEP_RE, check_finite, checkpoint_name, is_dcp_checkpoint,
+                     latest_checkpoint, list_checkpoints, prepare_fresh_run_dir, prune_checkpoints, read_meta,
+                     remove_stale_temporaries, resolve_checkpoint, torch_save_hashed, write_bytes_hashed)
+from .sharded import (load_dcp_weights, load_full_model_state, load_plain_optimizer_state, load_state_file,
+                      pick_rank_rng, save_dcp_checkpoint)
 
-STEP_RE = re.compile(r"^step_(\d{8})$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{int(step):08d}"
+__all__ = ["STEP_RE", "checkpoint_name", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+           "load_training_state", "prepare_fresh_run_dir", "prune_checkpoints", "read_meta", "resolve_checkpoint",
+           "restore_training_checkpoint", "save_checkpoint", "save_training_checkpoint", "check_training_state"]
 
 
 def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -41,111 +50,173 @@ def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, meta: dict,
-                    keep_last: int | None = None) -> Path:
-    """Write one checkpoint folder atomically, update ``latest`` and prune to `keep_last`; returns the folder."""
-    from safetensors.torch import save_file
-
-    ckpt_root = Path(run_dir) / "checkpoints"
-    out = ckpt_root / checkpoint_name(step)
+def _plain_meta(meta: dict, step: int) -> dict:
     meta = dict(meta)
     meta["step"] = int(step)
     for k in ("model_config", "train_config"):
         if dataclasses.is_dataclass(meta.get(k)):
             meta[k] = dataclasses.asdict(meta[k])
-    if ckpt_root.is_dir():  # temporary folders of a save that was killed half-way
-        for stale in ckpt_root.glob(".step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+    return meta
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, meta: dict,
+                    keep_last: int | None = None) -> Path:
+    """Write one single-file checkpoint folder atomically, update ``latest`` and prune to `keep_last`; returns
+    the folder. The size and SHA-256 of ``model.safetensors`` and ``state.pt`` go into ``meta.json``."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    out = ckpt_root / checkpoint_name(step)
+    meta = _plain_meta(meta, step)
+    remove_stale_temporaries(ckpt_root)
     with atomic_dir(out, overwrite=True) as tmp:
-        save_file(_plain_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(state, tmp / "state.pt")
+        files = {"model.safetensors": write_bytes_hashed(tmp / "model.safetensors", safetensors_bytes(
+            _plain_state_dict(model), metadata={"format": "pt"}))}
+        files["state.pt"] = torch_save_hashed(state, tmp / "state.pt")
+        meta["files"] = files
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     atomic_write_text(ckpt_root / "latest", out.name + "\n")
     prune_checkpoints(run_dir, out, keep_last)
     return out
 
 
-def prune_checkpoints(run_dir: str | Path, current: Path, keep_last: int | None) -> None:
-    """Delete checkpoints newer than `current` (left by a run that was resumed from an earlier step: they belong
-    to the abandoned branch), then all but the last `keep_last`."""
-    ckpts = list_checkpoints(run_dir)
-    for p in ckpts:
-        if p.name > current.name:
-            shutil.rmtree(p, ignore_errors=True)
-    if keep_last and keep_last > 0:
-        for p in [p for p in ckpts if p.name <= current.name][:-keep_last]:
-            shutil.rmtree(p, ignore_errors=True)
+def save_training_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer, state: dict, meta: dict, *, sharded: bool,
+                             is_main: bool = True, keep_last: int | None = None,
+                             device: torch.device | None = None) -> Path | None:
+    """The trainer's one save. `sharded` (data-parallel runs): every rank calls it and writes its part through
+    ``torch.distributed.checkpoint``; `state` then leaves the optimizer out. Otherwise rank 0 writes
+    ``model.safetensors`` and ``state.pt`` with ``optimizer.state_dict()``; other ranks return None."""
+    try:
+        if sharded:
+            return save_dcp_checkpoint(run_dir, step, model, optimizer, state, meta, keep_last=keep_last,
+                                       device=device)
+        if not is_main:
+            return None
+        return save_checkpoint(run_dir, step, model, dict(state) | {"optimizer": optimizer.state_dict()}, meta,
+                               keep_last=keep_last)
+    except OSError as e:  # disk full, read-only or not writable: nothing of this checkpoint is left behind
+        where = e.filename or Path(run_dir) / "checkpoints" / checkpoint_name(step)
+        raise YxanulError(f"could not write the checkpoint: {e.strerror or e}", source=str(where)) from None
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)
-                   and (p / "meta.json").exists()), key=lambda p: p.name)
-
-
-def _has_weights(p: Path) -> bool:
-    """model.safetensors (one process) or dcp/.metadata (sharded, see yxanul.distributed)."""
-    return (p / "model.safetensors").exists() or (p / "dcp" / ".metadata").exists()
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (``latest`` file first, else the highest step)."""
-    root = Path(run_dir) / "checkpoints"
-    latest = root / "latest"
-    if latest.exists():
-        p = root / latest.read_text(encoding="utf-8").strip()
-        if p.is_dir() and (p / "meta.json").exists() and _has_weights(p):
-            return p
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its latest checkpoint)."""
-    p = Path(path)
-    if (p / "meta.json").exists() and _has_weights(p):
-        return p
-    if p.is_dir():
-        found = latest_checkpoint(p)
-        if found is not None:
-            return found
-        raise YxanulError("no checkpoint found in this run folder", source=str(p))
-    raise YxanulError("checkpoint not found", source=str(p))
+def _load_weights_file(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = load_file(str(p / "model.safetensors"))
+    except FileNotFoundError:
+        raise YxanulError("missing model.safetensors", source=str(p / "model.safetensors")) from None
+    except Exception as e:
+        raise YxanulError(f"unreadable weights: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
+                          source=str(p / "model.safetensors")) from None
+    check_finite(sd, str(p / "model.safetensors"))
+    return sd
 
 
 def load_checkpoint(path: str | Path):
-    """(model_config, state_dict, meta) of a checkpoint folder (or a run folder's latest checkpoint)."""
-    from safetensors.torch import load_file
-
+    """(model_config, state_dict, meta) of a single-file checkpoint folder (or a run folder's latest checkpoint),
+    its recorded file hashes verified and its weights finite."""
     from ..config import ModelConfig, dataclass_from_dict
 
     p = resolve_checkpoint(path)
-    if not (p / "model.safetensors").exists() and (p / "dcp" / ".metadata").exists():
+    if not (p / "model.safetensors").exists() and is_dcp_checkpoint(p):
         raise YxanulError("sharded (torch.distributed.checkpoint) checkpoint; make one file with `yxanul checkpoint "
                           "consolidate RUN_OR_CKPT --out FILE.safetensors`", source=str(p))
-    try:
-        meta = json.loads((p / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise YxanulError(f"unreadable meta.json: {e}", source=str(p / "meta.json")) from None
-    if not isinstance(meta, dict) or "model_config" not in meta:
+    meta = read_meta(p)
+    if "model_config" not in meta:
         raise YxanulError("meta.json has no model_config", source=str(p / "meta.json"))
     cfg = dataclass_from_dict(ModelConfig, meta["model_config"], source=str(p / "meta.json"),
                               prefix="model_config.").validate(str(p / "meta.json"))
-    try:
-        sd = load_file(str(p / "model.safetensors"))
-    except Exception as e:
-        raise YxanulError(f"unreadable weights: {e}", source=str(p / "model.safetensors")) from None
-    return cfg, sd, meta
+    return cfg, _load_weights_file(p), meta
 
 
 def load_training_state(path: str | Path) -> dict:
     """The ``state.pt`` of a checkpoint, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
-    p = resolve_checkpoint(path) / "state.pt"
+    return load_state_file(resolve_checkpoint(path) / "state.pt")
+
+
+# -- checking state.pt before anything is restored ------------------------------------------------------------
+
+def _need(cond: bool, what: str, source: str, key: str) -> None:
+    if not cond:
+        raise YxanulError(f"{what}; the file is damaged or not a yxanul training state", source=source, key=key)
+
+
+def _check_rng(rng, source: str, key: str) -> None:
+    _need(isinstance(rng, dict), "must be a dict of RNG states", source, key)
+    want = torch.get_rng_state()
+    t = rng.get("torch")
+    _need(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == want.shape,
+          f"torch RNG state must be a uint8 tensor of shape {list(want.shape)}", source, f"{key}.torch")
+    c = rng.get("cuda")
+    _need(c is None or (isinstance(c, torch.Tensor) and c.dtype == torch.uint8 and c.dim() == 1),
+          "CUDA RNG state must be a 1-D uint8 tensor", source, f"{key}.cuda")
+
+
+def check_training_state(st, source: str, optimizer: bool = True) -> dict:
+    """Refuse a ``state.pt`` of the wrong structure (one-line error naming the key) before anything is loaded."""
+    _need(isinstance(st, dict), "must hold a dict", source, "state")
+    for k in ("step", "skipped", "consecutive_bad"):
+        _need(isinstance(st.get(k), int) and not isinstance(st.get(k), bool) and st[k] >= 0,
+              "must be a non-negative integer", source, k)
+    _need(isinstance(st.get("scaler", {}), dict), "must be a dict", source, "scaler")
+    _check_rng(st.get("rng"), source, "rng")
+    if optimizer:
+        opt = st.get("optimizer")
+        _need(isinstance(opt, dict) and isinstance(opt.get("state"), dict)
+              and isinstance(opt.get("param_groups"), list), "must be an optimizer state_dict "
+              "({'state': dict, 'param_groups': list})", source, "optimizer")
+    return st
+
+
+def check_optimizer_shapes(optimizer: torch.optim.Optimizer, source: str) -> None:
+    """Every per-parameter optimizer tensor (moments) has its parameter's shape; a mismatch would only surface
+    at the first ``step()`` after training restarted."""
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                    raise YxanulError(f"optimizer state {k!r} has shape {list(v.shape)}, its parameter "
+                                      f"{list(p.shape)}; the checkpoint does not belong to this model",
+                                      source=source, key="optimizer")
+
+
+def _restore_rng(rng: dict, device: torch.device, source: str) -> None:
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise YxanulError("missing state.pt", source=str(p)) from None
-    except Exception as e:
-        raise YxanulError(f"unreadable training state: {str(e).splitlines()[0]}", source=str(p)) from None
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    except (RuntimeError, ValueError) as e:
+        raise YxanulError(f"RNG state does not load: {str(e).splitlines()[0][:200]}", source=source,
+                          key="rng") from None
+
+
+def _model_weights_for(model: torch.nn.Module, sd: dict) -> dict:
+    """The checkpoint's tensors this model holds: the delayed-scaling state of an FP8 run is dropped when it
+    resumes in another precision."""
+    from ..distributed import unwrap_model
+    own = unwrap_model(model).state_dict()
+    return {k: v for k, v in sd.items() if k in own or not k.endswith(FP8_STATE_SUFFIXES)}
+
+
+def restore_training_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                device: torch.device, meta: dict | None = None) -> dict:
+    """The trainer's one load, for either format and any wrapping (none, DDP, FSDP2); collective when sharded.
+
+    Verifies the recorded file hashes (unless `meta` was already read with :func:`read_meta`), checks the
+    structure of ``state.pt``, loads weights (finite) and optimizer state (shapes checked) and the RNG state;
+    returns the state dict (``step``, ``scaler``, counters). Every failure is a one-line error, raised before
+    training continues."""
+    p = Path(ckpt)
+    meta = read_meta(p) if meta is None else meta
+    state_src = str(p / "state.pt")
+    sharded_ckpt = is_dcp_checkpoint(p) and not (p / "model.safetensors").is_file()
+    st = check_training_state(pick_rank_rng(load_state_file(p / "state.pt")), state_src,
+                              optimizer=not sharded_ckpt)
+    if sharded_ckpt:
+        load_dcp_weights(p, model, optimizer)
+    else:
+        load_full_model_state(model, _model_weights_for(model, _load_weights_file(p)), str(p))
+        load_plain_optimizer_state(model, optimizer, st["optimizer"], source=state_src)
+    check_optimizer_shapes(optimizer, state_src)
+    if int(meta.get("step", -1)) != st["step"]:
+        raise YxanulError("state.pt and meta.json disagree on the step", source=str(p))
+    _restore_rng(st["rng"], device, state_src)
+    return st

@@ -24,7 +24,7 @@ def register(sub):
 
 
 def run(args) -> int:
-    from ..distributed import consolidate_checkpoint
+    from ..checkpoint.sharded import consolidate_checkpoint
 
     rep = consolidate_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, with_buffers=args.with_buffers)
     if args.json:

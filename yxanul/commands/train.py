@@ -48,6 +48,8 @@ def register(sub) -> None:
     p.add_argument("--keep-last", type=int, help="checkpoints to keep")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run: a checkpoint folder, a run folder, or (bare) --out's latest checkpoint")
+    p.add_argument("--restart", action="store_true",
+                   help="start --out over when it holds a run that stopped before its first checkpoint")
     p.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--compile-mode", help="torch.compile mode: default | reduce-overhead (CUDA graphs: no launch "
@@ -80,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
     resume = None
     base = None
     if args.resume is not None:
-        from ..checkpoint.training import resolve_checkpoint
-        from ..distributed import read_checkpoint_meta
+        from ..checkpoint.training import read_meta, resolve_checkpoint
         if args.resume:
             resume = args.resume
         elif args.out:
@@ -89,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise YxanulError("bare --resume needs --out RUN_DIR (or pass --resume PATH)", source="--resume")
         ckpt = resolve_checkpoint(resume)
-        meta = read_checkpoint_meta(ckpt)
+        if args.restart:
+            raise YxanulError("--resume continues a run and --restart starts one over: pass one of them",
+                              source="--restart")
+        meta = read_meta(ckpt, verify=False)  # the trainer verifies the files once
         # how the run is launched (--parallel) is not inherited: a checkpoint resumes in any mode
         base = TrainConfig(**{k: v for k, v in meta.get("train_config", {}).items()
                               if k in TrainConfig.__dataclass_fields__ and k != "parallel"})
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         resume = str(ckpt)
     cfg = load_train_config(args.train_config, overrides, base=base)
     try:
-        Trainer(cfg, resume=resume).fit()
+        Trainer(cfg, resume=resume, restart=args.restart).fit()
     finally:
         if cfg.parallel != "none":
             from ..distributed import destroy_distributed

@@ -1,0 +1,245 @@
+"""Where training checkpoints live and how they are checked, for both formats (single file and sharded).
+
+``RUN_DIR/checkpoints/step_00000100/`` holds ``meta.json`` plus the weights (``model.safetensors``, or ``dcp/``
+for a sharded checkpoint) and ``state.pt``. ``meta.json["files"]`` records the size and SHA-256 of every other
+file of the folder, computed while it was written; :func:`verify_files` checks them before anything is loaded.
+``RUN_DIR/checkpoints/latest`` holds the name of the newest folder (a plain ``step_XXXXXXXX`` name, never a path).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import YxanulError
+from ..io import read_checkpoint_meta_file
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+DCP_FOLDER = "dcp"
+# FP8 delayed-scaling state: not weights (checked by the FP8 layers themselves)
+FP8_STATE_SUFFIXES = ("amax_history", "scale_inv", "scale_ready", "fp8_steps")
+_CHUNK = 1 << 22
+_warned_unhashed: set[str] = set()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{int(step):08d}"
+
+
+class HashingWriter:
+    """A binary file opened for writing that counts and hashes (SHA-256) every byte written through it."""
+
+    def __init__(self, path: str | Path):
+        self._f = open(path, "wb")
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self._f.write(data)  # a buffered file writes everything or raises
+        self._h.update(data)
+        self.size += len(memoryview(data).cast("B"))
+        return len(memoryview(data).cast("B"))
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def record(self) -> dict:
+        return {"bytes": self.size, "sha256": self._h.hexdigest()}
+
+
+def write_bytes_hashed(path: str | Path, data: bytes) -> dict:
+    """Write `data` to `path`; returns its ``{"bytes", "sha256"}`` record."""
+    with HashingWriter(path) as f:
+        f.write(data)
+    return f.record()
+
+
+def torch_save_hashed(obj, path: str | Path) -> dict:
+    """``torch.save(obj, path)`` through a :class:`HashingWriter`; returns the file's record."""
+    with HashingWriter(path) as f:
+        torch.save(obj, f)
+    return f.record()
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe_relative(name: str) -> bool:
+    p = Path(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
+
+
+def verify_files(ckpt: Path, meta: dict) -> None:
+    """Check every file ``meta.json["files"]`` lists (size, then SHA-256); a mismatch or a missing file is a
+    one-line error naming it. A checkpoint written before hashes were recorded loads with one notice."""
+    files = meta.get("files")
+    src = str(ckpt / "meta.json")
+    if files is None:
+        if str(ckpt) not in _warned_unhashed:
+            _warned_unhashed.add(str(ckpt))
+            print(f"{ckpt}: checkpoint has no recorded file hashes (older format); loading it unverified",
+                  file=sys.stderr)
+        return
+    if not isinstance(files, dict):
+        raise YxanulError("must be an object of file records", source=src, key="files")
+    for name, rec in files.items():
+        if not (isinstance(name, str) and _safe_relative(name)):
+            raise YxanulError(f"file name {str(name)[:100]!r} is not a relative path inside the checkpoint",
+                              source=src, key="files")
+        if not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and isinstance(rec.get("sha256"), str)):
+            raise YxanulError(f"record of {name} needs integer 'bytes' and string 'sha256'", source=src, key="files")
+        path = ckpt / name
+        if not path.is_file():
+            raise YxanulError("missing (listed in meta.json)", source=str(path))
+        size = path.stat().st_size
+        if size != rec["bytes"]:
+            raise YxanulError(f"size {size} differs from the {rec['bytes']} bytes recorded in meta.json; the file "
+                              "is damaged or was replaced", source=str(path))
+        if sha256_of(path) != rec["sha256"].lower():
+            raise YxanulError("SHA-256 differs from the one recorded in meta.json; the file is damaged or was "
+                              "replaced", source=str(path))
+
+
+def read_meta(ckpt: str | Path, verify: bool = True) -> dict:
+    """A checkpoint folder's ``meta.json`` (a dict), its listed files verified unless `verify` is false."""
+    ckpt = Path(ckpt)
+    meta = read_checkpoint_meta_file(ckpt / "meta.json")
+    if verify:
+        verify_files(ckpt, meta)
+    return meta
+
+
+def check_finite(tensors: dict, source: str) -> None:
+    """Every floating-point weight finite; the FP8 scaling state is not checked here."""
+    for name, t in tensors.items():
+        if name.endswith(FP8_STATE_SUFFIXES) or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if local.numel() and not bool(torch.isfinite(local).all()):
+            raise YxanulError(f"{name} holds NaN or Inf values; this checkpoint cannot be used (resume from an "
+                              "earlier one)", source=source)
+
+
+# -- the run folder ---------------------------------------------------------------------------------------
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / DCP_FOLDER / ".metadata").is_file() and (p / "meta.json").is_file()
+
+
+def has_weights(p: Path) -> bool:
+    """model.safetensors (one process) or dcp/.metadata (sharded)."""
+    return (p / "model.safetensors").is_file() or (p / DCP_FOLDER / ".metadata").is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)
+                   and (p / "meta.json").exists()), key=lambda p: p.name)
+
+
+def read_latest(root: Path) -> str | None:
+    """The folder name ``checkpoints/latest`` holds (None when there is no such file); anything but a
+    ``step_XXXXXXXX`` name (a path, ``..``, bytes that are not UTF-8, a folder) is a one-line error."""
+    latest = root / "latest"
+    if not latest.exists() and not latest.is_symlink():
+        return None
+    if not latest.is_file():
+        raise YxanulError("is not a file; it should hold the name of the newest checkpoint folder (delete it to "
+                          "fall back to the highest step)", source=str(latest))
+    try:
+        name = latest.read_bytes()[:256].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise YxanulError("is not UTF-8 text; it should hold a name like step_00000100", source=str(latest)) from None
+    except OSError as e:
+        raise YxanulError(f"unreadable: {e.strerror or e}", source=str(latest)) from None
+    if not STEP_RE.match(name):
+        raise YxanulError(f"must name a checkpoint folder of this run (like step_00000100), got {name[:80]!r}",
+                          source=str(latest))
+    return name
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (``latest`` first, else the highest step)."""
+    root = Path(run_dir) / "checkpoints"
+    name = read_latest(root)
+    if name is not None:
+        p = root / name
+        if p.is_dir() and (p / "meta.json").exists() and has_weights(p):
+            return p
+    found = [p for p in list_checkpoints(run_dir) if has_weights(p)]
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its latest checkpoint)."""
+    p = Path(path)
+    if (p / "meta.json").exists() and has_weights(p):
+        return p
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if found is not None:
+            return found
+        hint = (f"; it stopped before its first checkpoint: start it over with `yxanul train --out {p} --restart`"
+                if (p / "metrics.jsonl").exists() else "")
+        raise YxanulError(f"no checkpoint found in this run folder{hint}", source=str(p))
+    raise YxanulError("checkpoint not found", source=str(p))
+
+
+def prune_checkpoints(run_dir: str | Path, current: Path, keep_last: int | None) -> None:
+    """Delete checkpoints newer than `current` (left by a run that was resumed from an earlier step: they belong
+    to the abandoned branch), then all but the last `keep_last`."""
+    ckpts = list_checkpoints(run_dir)
+    for p in ckpts:
+        if p.name > current.name:
+            shutil.rmtree(p, ignore_errors=True)
+    if keep_last and keep_last > 0:
+        for p in [p for p in ckpts if p.name <= current.name][:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_stale_temporaries(ckpt_root: Path) -> None:
+    """Temporary folders of a save that was killed half-way."""
+    if ckpt_root.is_dir():
+        for stale in ckpt_root.glob(".step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "fp8_stats.jsonl")
+
+
+def prepare_fresh_run_dir(run_dir: Path, restart: bool) -> None:
+    """A fresh start in `run_dir`. A folder that already holds a run is refused, unless it has no checkpoint
+    and `restart` is set: then the records of the stopped run (``metrics.jsonl``, ``fp8_stats.jsonl``) are
+    removed and it starts over. A run with checkpoints is never started over (resume it)."""
+    if not any((run_dir / n).exists() for n in RUN_OUTPUTS):
+        return
+    ckpts = [p for p in list_checkpoints(run_dir) if has_weights(p)]
+    if ckpts:
+        raise YxanulError(f"run folder holds a run with checkpoints (latest {ckpts[-1].name}); pass --resume to "
+                          "continue it, or another --out", source=str(run_dir))
+    if not restart:
+        raise YxanulError("run folder holds a run that stopped before its first checkpoint; pass --restart to "
+                          "start it over, or another --out", source=str(run_dir))
+    for n in RUN_OUTPUTS:
+        (run_dir / n).unlink(missing_ok=True)
