@@ -32,6 +32,7 @@ from .errors import NonFiniteError, YxanulError
 from .flops import flops_per_token, peak_flops
 from .io import atomic_write_text
 from .model import COMPILE_MODES
+from .optim import AdamWBF16States, DynamicLossScaler, lr_at, param_groups  # noqa: F401 (re-exported)
 
 TRAIN_PRESET_DIR = CONFIG_DIR / "train"
 PRECISIONS = ("auto", "bf16", "fp16", "fp8", "fp32")
@@ -204,106 +205,6 @@ def resolve_precision(device: torch.device) -> tuple[str, str]:
                     f"{fp32:.0f} in FP32 (no native BF16); --precision bf16 forces BF16")
 
 
-# -- learning rate, loss scaling, optimizer -------------------------------------------------------------
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay from lr to min_lr at the last step."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - 1 - cfg.warmup)  # the last step run is steps - 1: it gets min_lr
-    t = min(1.0, (step - cfg.warmup) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-class DynamicLossScaler:
-    """FP16 loss scaling: multiply the loss by `scale`; on non-finite grads back off and skip the step;
-    after `growth_interval` clean steps in a row multiply the scale by `growth_factor`.
-
-    Written here rather than using ``torch.amp.GradScaler`` so that one device-side finiteness flag drives both
-    the scaler and the project's skipped-step accounting (and the fused optimizer's ``found_inf``), and so that
-    its state is two plain tensors in ``state.pt``.
-    """
-
-    def __init__(self, init_scale: float = 65536.0, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000, device="cpu", min_scale: float = 2.0 ** -24,
-                 max_scale: float = 2.0 ** 24):
-        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
-        self.growth_interval, self.min_scale, self.max_scale = growth_interval, min_scale, max_scale
-        self.scale = torch.tensor(float(init_scale), dtype=torch.float32, device=device)
-        self.tracker = torch.zeros((), dtype=torch.int64, device=device)
-
-    def update(self, ok: torch.Tensor) -> None:
-        grown = self.tracker + 1 >= self.growth_interval
-        new = torch.where(ok, torch.where(grown, self.scale * self.growth_factor, self.scale),
-                          self.scale * self.backoff_factor)
-        self.scale = new.clamp(self.min_scale, self.max_scale)
-        self.tracker = torch.where(ok & ~grown, self.tracker + 1, torch.zeros_like(self.tracker))
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale.detach().cpu(), "tracker": self.tracker.detach().cpu()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.scale = sd["scale"].to(self.scale.device)
-        self.tracker = sd["tracker"].to(self.tracker.device)
-
-
-class AdamWBF16States(torch.optim.Optimizer):
-    """AdamW whose moments are stored in BF16 (as DeepSeek-V3 does) and updated in FP32.
-
-    torch's AdamW keeps its moments in the parameter's dtype (FP32 here), so halving optimizer memory needs
-    this small variant: each step upcasts the moments, updates them and the FP32 weights in FP32, and rounds
-    the moments back to BF16 (round-to-nearest).
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)  # casts the moments to the parameters' dtype (FP32): undo that
-        for st in self.state.values():
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in st:
-                    st[k] = st[k].to(torch.bfloat16)  # exact: the saved values were BF16
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                st["step"] += 1
-                t = float(st["step"])
-                g = p.grad.float()
-                m = st["exp_avg"].float().lerp_(g, 1 - b1)
-                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
-                st["exp_avg"].copy_(m)
-                st["exp_avg_sq"].copy_(v)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices of linear layers only; none on norms, embeddings and biases."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or name.startswith("embeddings.") or name.endswith(".bias"):  # norms and biases are 1-D
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _resident_memory() -> int | None:
     try:
         import resource
@@ -376,30 +277,38 @@ class Trainer:
         return torch.device(d)
 
     def _setup(self) -> None:
-        from .checkpoint.training import load_checkpoint, load_training_state, resolve_checkpoint
-        from .distributed import (check_resume_world_size, is_dcp_checkpoint, load_dcp_checkpoint,
-                                  load_plain_optimizer_state, read_checkpoint_meta)
-        from .data import bundled_dataset
-        from .data.loader import DataLoader, read_meta
-        from .data.tokenizers import check_ids
-        from .model import Yxanul
-        from .precision import load_policy
-
+        """The run's set-up, in order: device and precision, run folder, data, model and precision, optimizer and
+        runtime, then the checkpoint's training state when resuming."""
         from .fp8 import check_env_switches
         check_env_switches()
         self.device = self._device()
-        if self.cfg.precision == "auto":
-            resolved, why = resolve_precision(self.device)
-            if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-                # every rank measured its own CPU; all must train (and build FSDP policies) in rank 0's precision
-                choice = [resolved, why]
-                torch.distributed.broadcast_object_list(choice, src=0)
-                resolved, why = choice
-            self.cfg = replace(self.cfg, precision=resolved)
-            if why:
-                self.log(why)
+        self._setup_precision()
+        self._setup_run_folder()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_runtime()
+        if self.ckpt is not None:
+            self._restore_training_state()
+
+    def _setup_precision(self) -> None:
+        """Resolve ``precision: auto`` (every rank takes rank 0's choice)."""
+        if self.cfg.precision != "auto":
+            return
+        resolved, why = resolve_precision(self.device)
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank measured its own CPU; all must train (and build FSDP policies) in rank 0's precision
+            choice = [resolved, why]
+            torch.distributed.broadcast_object_list(choice, src=0)
+            resolved, why = choice
+        self.cfg = replace(self.cfg, precision=resolved)
+        if why:
+            self.log(why)
+
+    def _setup_run_folder(self) -> None:
+        """The run folder and the checkpoint to resume from (``self.ckpt``, or None)."""
+        from .checkpoint.training import resolve_checkpoint
         cfg = self.cfg
-        # run folder and resume point
         self.ckpt = None
         if self.resume_from is not None:
             self.ckpt = resolve_checkpoint(self.resume_from)
@@ -411,7 +320,12 @@ class Trainer:
             if self.is_main and (self.run_dir / "metrics.jsonl").exists():
                 raise YxanulError("run folder already holds a run; pass --resume to continue it or another --out",
                                   source=str(self.run_dir))
-        # data
+
+    def _setup_data(self) -> None:
+        """The prepared data folder (the bundled corpus, tokenized on first use, unless ``data`` is set)."""
+        from .data import bundled_dataset
+        from .data.loader import read_meta
+        cfg = self.cfg
         if cfg.data:
             self.data_dir = Path(cfg.data)
             read_meta(self.data_dir)
@@ -421,9 +335,16 @@ class Trainer:
             self.data_dir = bundled_dataset(cfg.tokenizer, progress=False)
             if self.dist is not None and self.is_main:
                 torch.distributed.barrier()
-        meta = read_meta(self.data_dir)
-        self.tokenizer_meta = meta["tokenizer"]
-        # model
+        self.data_meta = read_meta(self.data_dir)
+        self.tokenizer_meta = self.data_meta["tokenizer"]
+
+    def _setup_model(self) -> None:
+        """The model on its device, FP8 layers per the policy, the fused loss, the checkpoint's weights, autocast and
+        the loss scaler, then the data-parallel wrapper."""
+        from .data.tokenizers import check_ids
+        from .model import Yxanul
+        from .precision import load_policy
+        cfg, meta = self.cfg, self.data_meta
         self.model_cfg = load_model_config(cfg.model)
         check_ids(int(meta.get("max_token_id", meta["vocab_size"] - 1)) + 1, self.model_cfg.vocab_size,
                   source=f"{self.data_dir / 'meta.json'} (model {self.model_cfg.name})")
@@ -432,7 +353,6 @@ class Trainer:
                               key="seq_len")
         torch.manual_seed(cfg.seed)
         model = Yxanul(self.model_cfg)
-        # precision
         self.policy = load_policy(cfg.policy)
         if cfg.fp8_recipe or cfg.fp8_calibration_steps is not None:
             self.policy = self.policy.with_recipe(name=cfg.fp8_recipe,
@@ -447,6 +367,24 @@ class Trainer:
         if cfg.fused_ce == "on" or (cfg.fused_ce == "auto" and self.device.type == "cuda"):
             from .kernels.linear_ce import use_fused_ce
             use_fused_ce(model)  # halves peak memory with a 200k vocabulary (docs/benchmarks.md)
+        self.ck_meta = self._restore_weights(model)
+        amp_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        self.scaler = DynamicLossScaler(cfg.loss_scale_init, 2.0, cfg.loss_scale_backoff,
+                                        cfg.loss_scale_growth_interval, self.device) if cfg.precision == "fp16" else None
+        if self.ckpt is not None:
+            from .distributed import check_resume_world_size
+            check_resume_world_size(self.ck_meta, self.world_size, cfg.batch_size, cfg.grad_accum,
+                                    source=str(self.ckpt))
+        # data-parallel wrapping first (FSDP2 replaces parameters in place), then the optimizer over them
+        self.train_model = self.wrap_model(model)
+
+    def _restore_weights(self, model: nn.Module) -> dict | None:
+        """Load the checkpoint's weights into `model` (sharded ones come later, through DCP); returns its meta
+        (None when not resuming)."""
+        from .checkpoint.training import load_checkpoint
+        from .distributed import is_dcp_checkpoint, read_checkpoint_meta
+        ck_meta = None
         self.ckpt_dcp = self.ckpt is not None and is_dcp_checkpoint(self.ckpt)
         if self.ckpt is not None and self.ckpt_dcp:
             ck_meta = read_checkpoint_meta(self.ckpt)  # weights come through DCP once the model is wrapped
@@ -460,14 +398,12 @@ class Trainer:
             if missing or unexpected:
                 raise YxanulError(f"checkpoint does not match the model (missing {missing[:3]}, unexpected "
                                   f"{unexpected[:3]})", source=str(self.ckpt))
-        amp_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-        self.scaler = DynamicLossScaler(cfg.loss_scale_init, 2.0, cfg.loss_scale_backoff,
-                                        cfg.loss_scale_growth_interval, self.device) if cfg.precision == "fp16" else None
-        if self.ckpt is not None:
-            check_resume_world_size(ck_meta, self.world_size, cfg.batch_size, cfg.grad_accum, source=str(self.ckpt))
-        # data-parallel wrapping first (FSDP2 replaces parameters in place), then the optimizer over them
-        self.train_model = self.wrap_model(model)
+        return ck_meta
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over the decay / no-decay groups: fused on CUDA (skips a bad step on the device), or BF16 states."""
+        cfg = self.cfg
+        model = self.model
         groups = param_groups(model, cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         self.param_names = {id(p): n for n, p in model.named_parameters()}
@@ -480,13 +416,17 @@ class Trainer:
                                          fused=fused, foreach=None if fused else False)
             # The fused CUDA kernel skips the update itself when `found_inf` is set: no host sync per step.
             self.device_skip = fused
+
+    def _setup_runtime(self) -> None:
+        """Compilation, the data loader, throughput constants and the step counters."""
+        from .data.loader import DataLoader
+        from .model import compile_blocks, compile_mode_uses_cuda_graphs
+        cfg, model = self.cfg, self.model
         if cfg.compile:
             # every block compiled (one shared graph); embedding, final norm and the fused loss stay eager
-            from .model import compile_blocks
             compile_blocks(model, mode=cfg.compile_mode, tune_kernels=cfg.tune_kernels)
         # reduce-overhead (and max-autotune) replay each compiled block as a CUDA graph; every forward pass starts
         # a new "step" of torch's graph trees, so outputs of the previous one may be overwritten once consumed
-        from .model import compile_mode_uses_cuda_graphs
         self.graphs = cfg.compile and compile_mode_uses_cuda_graphs(cfg.compile_mode) and self.device.type == "cuda"
         for key, on in (("compile_mode", cfg.compile_mode != "default"), ("tune_kernels", cfg.tune_kernels)):
             if on and not cfg.compile:
@@ -502,6 +442,12 @@ class Trainer:
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         self.consecutive_bad = torch.zeros((), dtype=torch.int64, device=self.device)
         self.last_bad_module: str | None = None
+
+    def _restore_training_state(self) -> None:
+        """Optimizer, loss-scaler and RNG states and the counters from the checkpoint being resumed."""
+        from .checkpoint.training import load_training_state
+        from .distributed import load_dcp_checkpoint, load_plain_optimizer_state
+        ck_meta = self.ck_meta
         if self.ckpt is not None:
             if self.ckpt_dcp:
                 st = load_dcp_checkpoint(self.ckpt, self.model, self.opt)
