@@ -20,151 +20,19 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .config import CONFIG_DIR, dataclass_from_dict, load_model_config, load_yaml
+from .config import load_model_config
 from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
 from .flops import flops_per_token, peak_flops
 from .io import atomic_write_text
-from .model import COMPILE_MODES
 from .optim import AdamWBF16States, DynamicLossScaler, lr_at, param_groups  # noqa: F401 (re-exported)
-
-TRAIN_PRESET_DIR = CONFIG_DIR / "train"
-PRECISIONS = ("auto", "bf16", "fp16", "fp8", "fp32")
-
-
-@dataclass
-class TrainConfig:
-    # what to train on
-    model: str = "tiny"
-    policy: str | None = None  # precision policy YAML (--config); None: the shipped note config
-    data: str | None = None  # prepared data folder; None: the bundled corpus, tokenized with `tokenizer`
-    tokenizer: str = "bytes"  # only for the bundled corpus
-    out: str | None = None  # run folder; None: runs/<timestamp>
-    # schedule
-    steps: int = 250
-    batch_size: int = 16
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip: float = 1.0  # 0 disables clipping (the norm is still computed and logged)
-    seed: int = 1337
-    # precision
-    precision: str = "auto"  # auto: bf16, or fp32 on a CPU without fast BF16 matmuls (see resolve_precision)
-    fp8_recipe: str | None = None  # override the policy's recipe name
-    fp8_backend: str = "auto"
-    fp8_calibration_steps: int | None = None  # override the policy's calibration_steps (delayed recipe only)
-    optimizer_states: str = "fp32"  # fp32 | bf16
-    loss_scale_init: float = 65536.0
-    loss_scale_growth_interval: int = 2000
-    loss_scale_backoff: float = 0.5
-    # evaluation, logging, checkpoints
-    eval_every: int = 50
-    eval_batches: int = 4
-    log_every: int = 10
-    checkpoint_every: int = 50
-    keep_last: int = 2
-    # runtime
-    compile: bool = False
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
-    tune_kernels: bool = False  # inductor's coordinate-descent tuning of the compiled blocks' kernels (slower compile)
-    device: str = "cpu"  # cpu | cuda | auto
-    parallel: str = "none"  # none | ddp | fsdp2 (ddp/fsdp2: launched by torchrun, see docs/distributed.md)
-    max_bad_steps: int = 10
-    inject_nan_at: str = ""  # debugging aid: "5" or "5,7-9" makes those steps' loss NaN
-    progress: bool = True
-    tensorboard: bool = True
-    fused_ce: str = "auto"  # auto (on for CUDA) | on | off: chunked linear cross-entropy, no full FP32 logits
-
-    def validate(self, source: str = "train config") -> "TrainConfig":
-        pos = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_bad_steps", "eval_batches",
-               "loss_scale_growth_interval")
-        for k in pos:
-            if getattr(self, k) <= 0:
-                raise YxanulError(f"must be positive, got {getattr(self, k)}", source=source, key=k)
-        for k in ("warmup", "eval_every", "checkpoint_every", "keep_last"):
-            if getattr(self, k) < 0:
-                raise YxanulError(f"must be >= 0, got {getattr(self, k)}", source=source, key=k)
-        for k in ("lr", "min_lr", "weight_decay", "clip", "eps"):
-            v = getattr(self, k)
-            if not math.isfinite(v) or v < 0:
-                raise YxanulError(f"must be a finite number >= 0, got {v}", source=source, key=k)
-        if self.lr <= 0:
-            raise YxanulError("must be > 0", source=source, key="lr")
-        if self.min_lr > self.lr:
-            raise YxanulError(f"min_lr ({self.min_lr}) exceeds lr ({self.lr})", source=source, key="min_lr")
-        for k in ("beta1", "beta2"):
-            if not 0 <= getattr(self, k) < 1:
-                raise YxanulError("must be in [0, 1)", source=source, key=k)
-        if not 0 < self.loss_scale_backoff < 1 or self.loss_scale_init <= 0:
-            raise YxanulError("loss_scale_init must be > 0 and loss_scale_backoff in (0, 1)", source=source)
-        if self.compile_mode not in COMPILE_MODES:
-            raise YxanulError(f"unknown compile mode {self.compile_mode!r} (expected one of: "
-                              f"{', '.join(COMPILE_MODES)})", source=source, key="compile_mode")
-        if self.precision not in PRECISIONS:
-            raise YxanulError(f"unknown precision {self.precision!r} (expected one of: {', '.join(PRECISIONS)})",
-                              source=source, key="precision")
-        if self.optimizer_states not in ("fp32", "bf16"):
-            raise YxanulError(f"expected fp32 or bf16, got {self.optimizer_states!r}", source=source,
-                              key="optimizer_states")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise YxanulError(f"expected cpu, cuda or auto, got {self.device!r}", source=source, key="device")
-        if self.parallel not in ("none", "ddp", "fsdp2"):
-            raise YxanulError(f"expected none, ddp or fsdp2, got {self.parallel!r}", source=source, key="parallel")
-        parse_steps(self.inject_nan_at, source)
-        if self.fp8_calibration_steps is not None and self.fp8_calibration_steps < 0:
-            raise YxanulError("must be >= 0", source=source, key="fp8_calibration_steps")
-        if self.fused_ce not in ("auto", "on", "off"):
-            raise YxanulError(f"expected auto, on or off, got {self.fused_ce!r}", source=source, key="fused_ce")
-        return self
-
-
-def parse_steps(spec: str, source: str = "train config") -> set[int]:
-    """"3,5-7" -> {3, 5, 6, 7} (1-based optimizer step numbers)."""
-    out: set[int] = set()
-    for part in (spec or "").replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise YxanulError(f"expected steps like '5' or '5,7-9', got {spec!r}", source=source,
-                              key="inject_nan_at") from None
-    return out
-
-
-def load_train_config(spec: str | Path | None = None, overrides: dict | None = None,
-                      base: TrainConfig | None = None) -> TrainConfig:
-    """A train preset name (configs/train/NAME.yaml) or YAML path, then `overrides` (e.g. CLI flags)."""
-    cfg = base or TrainConfig()
-    if spec:
-        path = Path(spec)
-        if not path.exists() and (TRAIN_PRESET_DIR / f"{spec}.yaml").exists():
-            path = TRAIN_PRESET_DIR / f"{spec}.yaml"
-        elif not path.exists():
-            known = ", ".join(sorted(p.stem for p in TRAIN_PRESET_DIR.glob("*.yaml")))
-            raise YxanulError(f"no such file or train preset (presets: {known})", source="--train-config",
-                              key=str(spec))
-        cfg = dataclass_from_dict(TrainConfig, load_yaml(path), source=str(path), base=cfg).validate(str(path))
-    if overrides:
-        cfg = dataclass_from_dict(TrainConfig, overrides, source="command line", base=cfg)
-    return cfg.validate("command line" if overrides else "train config")
-
+from .train_config import PRECISIONS, TRAIN_PRESET_DIR, TrainConfig, load_train_config, parse_steps  # noqa: F401
 
 def cpu_bf16_speed() -> tuple[float, float]:
     """(BF16, FP32) matmul throughput of this CPU in GFLOP/s (cached): the best of five [1024, 256] x [256, 256]
