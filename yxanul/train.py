@@ -19,20 +19,28 @@ import contextlib
 import json
 import math
 import os
+import shlex
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .config import load_model_config
 from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
 from .flops import flops_per_token, peak_flops
+from .generate import SamplingOptions, generate_ids, load_tokenizer, stream_decode
 from .io import atomic_write_text
 from .optim import AdamWBF16States, DynamicLossScaler, lr_at, param_groups  # noqa: F401 (re-exported)
 from .train_config import PRECISIONS, TRAIN_PRESET_DIR, TrainConfig, load_train_config, parse_steps  # noqa: F401
+
+SAMPLE_PROMPT = "In the beginning"  # the prompt of --sample-every's samples and of the suggested `yxanul generate`
+SAMPLE_TOKENS = 48
 
 def cpu_bf16_speed() -> tuple[float, float]:
     """(BF16, FP32) matmul throughput of this CPU in GFLOP/s (cached): the best of five [1024, 256] x [256, 256]
@@ -109,6 +117,66 @@ def _env_int(name: str, default: int = 1) -> int:
         return int(v)
     except ValueError:
         raise YxanulError(f"expected an integer, got {v!r}", source="environment", key=name) from None
+
+
+class StepClock:
+    """Wall time of the training steps of one log window, and of everything else apart.
+
+    The clock runs from ``start`` to ``pause``; both call ``sync`` (a CUDA synchronize) so the time is what the
+    device did, and the loop calls them only where it stops for bookkeeping anyway (log, evaluation, checkpoint,
+    sample), never per step. ``apart(name)`` times a block (evaluation, a compiling step) into ``other[name]``
+    instead. ``take`` returns the window's fields (``tokens_per_s`` over the counted steps, ``step_s``, the apart
+    times, and ``recompiled`` when a counted step compiled a new graph) and opens a new window.
+    """
+
+    def __init__(self, sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter):
+        self.sync, self.clock = sync, clock
+        self.steps, self.step_s, self.other, self.recompiled = 0, 0.0, {}, False
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        self.sync()
+        self._t0 = self.clock()
+
+    def pause(self) -> None:
+        if self._t0 is not None:
+            self.sync()
+            self.step_s += self.clock() - self._t0
+            self._t0 = None
+
+    def step_done(self, recompiled: bool = False) -> None:
+        self.steps += 1
+        self.recompiled |= recompiled
+
+    @contextlib.contextmanager
+    def apart(self, name: str):
+        running = self._t0 is not None
+        self.pause()
+        self.sync()
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.other[name] = self.other.get(name, 0.0) + self.clock() - t0
+            if running:
+                self.start()
+
+    def take(self, tokens_per_step: int) -> dict:
+        self.pause()
+        out = {"tokens_per_s": self.steps * tokens_per_step / self.step_s if self.steps and self.step_s > 0 else None,
+               "step_s": self.step_s / self.steps if self.steps else None, **self.other}
+        if self.recompiled:
+            out["recompiled"] = True
+        self.steps, self.step_s, self.other, self.recompiled = 0, 0.0, {}, False
+        return out
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (dynamo's host-side counter: reading it costs no sync).
+    Called only when compiling, so torch._dynamo is imported here rather than with every training run."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 class Trainer:
@@ -483,20 +551,30 @@ class Trainer:
                     f"{cfg.batch_size * self.world_size * cfg.grad_accum}) | " if self.dist is not None else "")
                  + f"{self.tokens_per_step} tokens/step | data {self.data_dir}"
                  + (f" | resumed from step {self.step}" if self.ckpt is not None else ""))
+        if cfg.warmup >= cfg.steps:
+            self.log(f"warning: warmup ({cfg.warmup}) >= steps ({cfg.steps}): the learning rate never decays; "
+                     f"lower --warmup or raise --steps")
         # subnormals make CPU kernels 10-25x slower and carry no signal here; restored when training ends
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
-        bar = None
-        if self.is_main and cfg.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        bar = self._progress_bar()
+        self.log_lines = self.is_main and bar is None  # no bar (--no-progress, or no terminal): a line per record
         window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         window_ok = torch.zeros((), dtype=torch.float64, device=self.device)
-        t_last, tokens_last = time.perf_counter(), self.step
+        clock = StepClock(self._sync)
+        warm_steps = self._warmup_steps()
         last: dict = {}
         first_loss = None
+        self.last_checkpoint: Path | None = None
         try:
+            clock.start()
             while self.step < cfg.steps:
-                loss, gnorm, ok = self.train_step(self.step)
+                if self.step in warm_steps:  # compilation and first-use costs: timed apart, not in the rate
+                    with clock.apart("warmup_s"):
+                        loss, gnorm, ok = self.train_step(self.step)
+                else:
+                    graphs = _compiled_graphs() if cfg.compile else 0
+                    loss, gnorm, ok = self.train_step(self.step)
+                    clock.step_done(recompiled=cfg.compile and _compiled_graphs() != graphs)
                 self.step += 1
                 window_loss += torch.where(ok, loss.double(), torch.zeros((), dtype=torch.float64, device=self.device))
                 window_ok += ok.double()
@@ -505,7 +583,8 @@ class Trainer:
                 do_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
                 do_eval = bool(cfg.eval_every) and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
                 do_ckpt = bool(cfg.checkpoint_every) and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps)
-                if not (do_log or do_eval or do_ckpt) and self.device_skip:
+                do_sample = bool(cfg.sample_every) and self.step % cfg.sample_every == 0
+                if not (do_log or do_eval or do_ckpt or do_sample) and self.device_skip:
                     continue
                 consecutive = int(self.consecutive_bad)  # host sync: every step on CPU, at log points on CUDA
                 if not bool(ok) and self.is_main and not self.device_skip:
@@ -518,35 +597,36 @@ class Trainer:
                                          + (f", first bad module {self.last_bad_module}" if self.last_bad_module else "")
                                          + "); stopping. The last good checkpoint is intact; lower --lr, try "
                                          "--precision bf16 or resume from it", source=str(self.run_dir))
-                t_book = time.perf_counter()
+                if not (do_log or do_eval or do_ckpt or do_sample):
+                    continue
+                clock.pause()  # bookkeeping, evaluation, samples and checkpoints do not count against tokens/s
                 if do_log:
-                    now = t_book
-                    rec = self._record(loss, gnorm, window_loss, window_ok, now - t_last,
-                                       (self.step - tokens_last) * self.tokens_per_step)
+                    rec = self._record(loss, gnorm, window_loss, window_ok, clock.take(self.tokens_per_step))
                     if do_eval:
-                        rec["val_loss"] = self.evaluate()
+                        with clock.apart("eval_s"):
+                            rec["val_loss"] = self.evaluate()
+                        rec["eval_s"] = clock.other.pop("eval_s")
                     if first_loss is None:
                         first_loss = rec["loss"]
                     self._write_metrics(rec, tb)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}" if rec["loss"] is not None else "nan",
-                                        **({"val": f"{rec['val_loss']:.3f}"} if rec.get("val_loss") else {}))
-                    last = rec
+                    self._show(rec, bar, last.get("val_loss"))
+                    last = rec | ({} if do_eval else {"val_loss": last.get("val_loss")})
                     window_loss.zero_()
                     window_ok.zero_()
-                    t_last, tokens_last = time.perf_counter(), self.step
                 elif do_eval:
-                    v = self.evaluate()
+                    with clock.apart("eval_s"):
+                        v = self.evaluate()
                     self._write_metrics({"step": self.step, "val_loss": v}, tb)
                     last["val_loss"] = v
                 if do_ckpt and consecutive == 0:  # never checkpoint in the middle of a bad streak
-                    self.save()
+                    with clock.apart("checkpoint_s"):
+                        self.last_checkpoint = self.save() or self.last_checkpoint
                 elif do_ckpt:
                     self.log(f"step {self.step}: checkpoint postponed ({consecutive} bad steps in a row)")
-                if not do_log:  # evaluation and checkpoint time do not count against tokens/s
-                    t_last += time.perf_counter() - t_book
-                else:
-                    t_last = time.perf_counter()
+                if do_sample:
+                    with clock.apart("sample_s"):
+                        self._print_sample(bar)
+                clock.start()
         finally:
             if flush:
                 torch.set_flush_denormal(False)
@@ -556,25 +636,94 @@ class Trainer:
                 tb.close()
         summary = {"run_dir": str(self.run_dir), "steps": self.step, "first_loss": first_loss,
                    "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
-                   "skipped_steps": int(self.skipped), "tokens_seen": self.step * self.tokens_per_step}
+                   "skipped_steps": int(self.skipped), "tokens_seen": self.step * self.tokens_per_step,
+                   "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
         self.log(f"done: step {self.step}, loss {_fmt(summary['final_loss'])}, val loss "
                  f"{_fmt(summary['final_val_loss'])}, skipped {summary['skipped_steps']} | {self.run_dir}")
+        self._print_next_steps()
         return summary
 
-    def _record(self, loss, gnorm, window_loss, window_ok, dt, tokens) -> dict:
+    # -- what the user sees ---------------------------------------------------------------------------
+    def _progress_bar(self):
+        """A tqdm bar when asked for and the output is a terminal; None otherwise (log lines instead)."""
+        if not (self.is_main and self.cfg.progress and sys.stderr.isatty()):
+            return None
+        return tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _show(self, rec: dict, bar, last_val: float | None) -> None:
+        """A record on the bar (loss, last validation loss, tokens/s) or as one log line."""
+        tps = rec.get("tokens_per_s")
+        val = rec.get("val_loss")
+        if bar is not None:
+            shown = val if val is not None else last_val
+            bar.set_postfix(loss=_fmt(rec["loss"], 3) if rec["loss"] is not None else "nan", **({"val": _fmt(shown, 3)} if shown is not None else {}),
+                            **({"tok/s": f"{tps:,.0f}"} if tps else {}))
+        elif self.log_lines:
+            self.log(f"step {rec['step']}/{self.cfg.steps} | loss {_fmt(rec['loss']) if rec['loss'] is not None else 'nan'}"
+                     + (f" | val {_fmt(val)}" if val is not None else "")
+                     + f" | lr {rec['lr']:.2e} | " + (f"{tps:,.0f} tokens/s" if tps else "tokens/s -"))
+
+    def _print_sample(self, bar) -> None:
+        """A short greedy continuation of a fixed prompt from the current weights (rank 0 only)."""
+        if not self.is_main:
+            return
+        tok = load_tokenizer(self.tokenizer_meta)
+        eot = getattr(tok, "eot_id", None)
+        opts = SamplingOptions(max_new_tokens=SAMPLE_TOKENS, temperature=0.0)
+        self.model.eval()
+        try:
+            with self.autocast():
+                text = "".join(stream_decode(tok, generate_ids(self.model, tok.encode(SAMPLE_PROMPT), opts, eot), eot))
+        finally:
+            self.model.train()
+        line = f"sample at step {self.step}: {SAMPLE_PROMPT}{text}".replace("\n", " ")
+        if bar is not None:
+            bar.write(line)
+        else:
+            self.log(line)
+
+    def _print_next_steps(self) -> None:
+        run = str(self.run_dir)
+        if self.last_checkpoint is None:
+            self.log(f"no checkpoint written (checkpoint_every is 0); plot the losses: yxanul plot {run} --out loss.png")
+            return
+        self.log(f"checkpoint: {self.last_checkpoint}\n"
+                 "next:\n"
+                 f"  yxanul generate {run} --prompt {shlex.quote(SAMPLE_PROMPT)}   # sample from the model\n"
+                 f"  yxanul plot {run} --out loss.png   # the loss curves\n"
+                 f"  yxanul export {run} --out hf   # a Hugging Face folder")
+
+    # -- timing ---------------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _warmup_steps(self) -> set[int]:
+        """Steps (0-based) timed apart from the rate: the first step this process runs (compilation, first-use
+        allocations) and, for FP8 with calibration steps, the first FP8 step (the FP8 graphs compile then)."""
+        warm = {self.step}
+        cal = self.policy.recipe.calibration_steps if self.fp8 else 0
+        if cal and cal > self.step:
+            warm.add(cal)
+        return warm
+
+    def _record(self, loss, gnorm, window_loss, window_ok, timing: dict) -> dict:
+        """The metrics record of a log step; `timing` is the window's StepClock.take() (tokens_per_s and the
+        times spent apart)."""
         loss_v, gnorm_v, wl, n_ok = float(loss), float(gnorm), float(window_loss), float(window_ok)
         if self.world_size > 1 and torch.distributed.is_initialized():
             t = torch.tensor([loss_v, wl], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(t)
             loss_v, wl = (t / self.world_size).tolist()
         skipped = int(self.skipped)
-        tps = tokens / dt if dt > 0 else None
+        tps = timing["tokens_per_s"]
         rec = {"step": self.step, "loss": loss_v if math.isfinite(loss_v) else None,
                "loss_avg": wl / n_ok if n_ok else None,  # mean over the good steps since the last record
                "lr": lr_at(self.cfg, self.step - 1), "grad_norm": gnorm_v if math.isfinite(gnorm_v) else None,
                "tokens_per_s": tps, "tokens_seen": self.step * self.tokens_per_step,
                "skipped_steps": skipped, "consecutive_bad": int(self.consecutive_bad),
                "mfu": (tps * self.flops_per_token / (self.peak * self.world_size)) if (tps and self.peak) else None}
+        rec.update({k: v for k, v in timing.items() if k != "tokens_per_s"})
         if self.scaler is not None:
             rec["loss_scale"] = float(self.scaler.scale)
         if self.device.type == "cuda":
@@ -648,8 +797,8 @@ def fp8_summary(stats: dict) -> dict:
     return out
 
 
-def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+def _fmt(v, digits: int = 4) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, **kw) -> dict:

@@ -34,13 +34,13 @@ class TrainConfig:
     tokenizer: str = _opt("bytes", "tokenizer for the bundled corpus when --data is not given")
     out: str | None = _opt(None, "run folder", metavar="RUN_DIR", shown_default="runs/<timestamp>")
     # schedule
-    steps: int = _opt(150, "optimizer steps")
+    steps: int = _opt(120, "optimizer steps")
     batch_size: int = _opt(16, "sequences per micro-batch per rank")
     seq_len: int = _opt(256, "tokens per sequence")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(3e-3, "peak learning rate")
     min_lr: float = _opt(3e-4, "learning rate at the end of the cosine")
-    warmup: int = _opt(15, "linear warmup steps")
+    warmup: int = _opt(10, "linear warmup steps")
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices of linear layers only)")
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.95, "AdamW beta2")
@@ -59,10 +59,10 @@ class TrainConfig:
     loss_scale_growth_interval: int = _opt(2000, "clean steps before the loss scale doubles (fp16)")
     loss_scale_backoff: float = _opt(0.5, "loss scale factor after a non-finite step (fp16)")
     # evaluation, logging, checkpoints
-    eval_every: int = _opt(50, "validation every N steps and at the end (0: never)")
+    eval_every: int = _opt(40, "validation every N steps and at the end (0: never)")
     eval_batches: int = _opt(4, "validation batches per evaluation")
     log_every: int = _opt(10, "a metrics record (and, without a progress bar, a log line) every N steps")
-    checkpoint_every: int = _opt(50, "checkpoint every N steps and at the end (0: never)")
+    checkpoint_every: int = _opt(40, "checkpoint every N steps and at the end (0: never)")
     keep_last: int = _opt(2, "checkpoints to keep")
     sample_every: int = _opt(0, "print a short generated sample every N steps (0: never)")
     # runtime
@@ -121,6 +121,9 @@ class TrainConfig:
         parse_steps(self.inject_nan_at, source)
         if self.fp8_calibration_steps is not None and self.fp8_calibration_steps < 0:
             raise YxanulError("must be >= 0", source=source, key="fp8_calibration_steps")
+        if self.sample_every and self.parallel == "fsdp2":
+            raise YxanulError("samples during training need the whole model on one rank: not with fsdp2",
+                              source=source, key="sample_every")
         if self.fused_ce not in ("auto", "on", "off"):
             raise YxanulError(f"expected auto, on or off, got {self.fused_ce!r}", source=source, key="fused_ce")
         return self
