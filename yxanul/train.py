@@ -150,17 +150,20 @@ class StepClock:
 
     @contextlib.contextmanager
     def apart(self, name: str):
-        running = self._t0 is not None
-        self.pause()
         self.sync()
         t0 = self.clock()
+        running = self._t0 is not None
+        if running:
+            self.step_s += t0 - self._t0
+            self._t0 = None
         try:
             yield
         finally:
             self.sync()
-            self.other[name] = self.other.get(name, 0.0) + self.clock() - t0
+            t1 = self.clock()
+            self.other[name] = self.other.get(name, 0.0) + t1 - t0
             if running:
-                self.start()
+                self._t0 = t1
 
     def take(self, tokens_per_step: int) -> dict:
         self.pause()
@@ -197,6 +200,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
         self.resume_from = resume
+        self.clock = time.perf_counter  # the throughput clock (StepClock)
         self._setup()
 
     # -- setup --------------------------------------------------------------------------------------
@@ -560,7 +564,7 @@ class Trainer:
         self.log_lines = self.is_main and bar is None  # no bar (--no-progress, or no terminal): a line per record
         window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         window_ok = torch.zeros((), dtype=torch.float64, device=self.device)
-        clock = StepClock(self._sync)
+        clock = StepClock(self._sync, self.clock)
         warm_steps = self._warmup_steps()
         last: dict = {}
         first_loss = None
