@@ -498,12 +498,12 @@ def test_building_the_command_line_does_not_import_torch():
 @pytest.mark.gpu
 def test_cuda_logged_rate_is_synchronized_and_compile_is_apart(tmp_path, data_dir):
     """On CUDA with torch.compile and FP8 delayed scaling: the first step and the first FP8 step (the graphs
-    compile) are logged as warmup_s, not in the rate; the windows' rates agree once compiled."""
+    compile) are logged as warmup_s, not in the rate; the FP8 windows' rates agree once compiled."""
     out = tmp_path / "cuda"
     assert main(["train", "--out", str(out), "--data", data_dir, "--device", "cuda", "--compile", "--precision", "fp8",
                  "--fp8-recipe", "delayed", "--fp8-calibration-steps", "10", "--steps", "40", "--log-every", "10",
                  "--eval-every", "0", "--checkpoint-every", "0", "--no-progress", "--batch-size", "8"]) == 0
     recs = [r for r in _metrics(out) if "loss" in r]
     assert recs[0]["warmup_s"] > 0 and recs[1]["warmup_s"] > 0  # step 1, and step 11 (the first FP8 step)
-    rates = [r["tokens_per_s"] for r in recs[1:]]
-    assert max(rates) < 1.5 * min(rates), rates
+    rates = [r["tokens_per_s"] for r in recs[1:] if not r.get("recompiled")]  # a later recompilation is flagged
+    assert len(rates) >= 2 and max(rates) < 1.5 * min(rates), recs
