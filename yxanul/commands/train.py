@@ -40,7 +40,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> list[str]:
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        help_text = f"{meta.get('help', '')} (default: {_default_text(f)})".lstrip()
+        help_text = f"{meta.get('help', '')} (default: {_default_text(f)})".lstrip().replace("%", "%%")
         kind = _base_type(hints[f.name])
         if kind is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
