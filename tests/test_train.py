@@ -359,3 +359,151 @@ def test_graph_mode_accumulates_into_zeroed_gradients(tmp_path, small_model, dat
     assert l0 == l1
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
     assert all(g is None for g in g0) and all(g is not None and not g.any() for g in g1)
+
+
+def test_optimizer_pieces_live_in_optim_and_are_re_exported():
+    from yxanul import optim, train as tr
+    for name in ("AdamWBF16States", "DynamicLossScaler", "lr_at", "param_groups"):
+        assert getattr(tr, name) is getattr(optim, name)
+
+
+def test_step_clock_rate_is_tokens_over_counted_step_time():
+    """The rate of a window is its counted steps' tokens over their measured time; evaluation (and anything else
+    timed apart) is reported separately and leaves the rate alone; the device is synchronized only at window
+    boundaries and around the parts timed apart, never per step."""
+    from yxanul.train import StepClock
+    now, syncs = [0.0], []
+    clock = StepClock(sync=lambda: syncs.append(now[0]), clock=lambda: now[0])
+    clock.start()
+    for _ in range(3):
+        now[0] += 0.5  # a 0.5 s step
+        clock.step_done()
+    assert len(syncs) == 1
+    with clock.apart("eval_s"):
+        now[0] += 7.0
+    now[0] += 0.5
+    clock.step_done(recompiled=True)
+    rec = clock.take(tokens_per_step=1000)
+    assert rec["tokens_per_s"] == pytest.approx(4 * 1000 / 2.0) and rec["step_s"] == pytest.approx(0.5)
+    assert rec["eval_s"] == pytest.approx(7.0) and rec["recompiled"] is True
+    assert len(syncs) == 4  # the window's start, before and after the evaluation, the window's end
+    clock.start()
+    assert clock.take(1000) == {"tokens_per_s": None, "step_s": None}  # no counted step: no rate
+
+
+def test_logged_rate_excludes_warmup_eval_and_checkpoint_time(tmp_path, small_model, data_dir):
+    """With a clock that advances 2 s per training step, 30 s per evaluation and 50 s per checkpoint, every
+    logged tokens_per_s is exactly tokens per step / 2 s; the first step (compilation, first use) and the other
+    work are logged as their own fields."""
+    from yxanul.train import Trainer
+    cfg = TrainConfig(model=small_model, data=data_dir, out=str(tmp_path / "t"), steps=6, batch_size=2,
+                      seq_len=16, warmup=1, eval_every=2, eval_batches=1, checkpoint_every=4, progress=False,
+                      log_every=2, precision="fp32")
+    tr = Trainer(cfg, log=lambda *a: None)
+    now = [100.0]
+    tr.clock = lambda: now[0]
+
+    def advancing(fn, seconds):
+        def run(*a, **k):
+            now[0] += seconds
+            return fn(*a, **k)
+        return run
+
+    tr.train_step = advancing(tr.train_step, 2.0)
+    tr.evaluate = advancing(tr.evaluate, 30.0)
+    tr.save = advancing(tr.save, 50.0)
+    tr.fit()
+    recs = [r for r in _metrics(tmp_path / "t") if "loss" in r]
+    assert [r["step"] for r in recs] == [2, 4, 6]
+    tokens = 2 * 16
+    assert all(r["tokens_per_s"] == pytest.approx(tokens / 2.0) for r in recs)
+    assert recs[0]["warmup_s"] == pytest.approx(2.0) and "warmup_s" not in recs[1]
+    assert all(r["eval_s"] == pytest.approx(30.0) for r in recs)
+    assert recs[2]["checkpoint_s"] == pytest.approx(50.0) and "checkpoint_s" not in recs[1]
+
+
+def test_log_lines_without_a_terminal_and_next_steps(tmp_path, small_model, data_dir, capsys):
+    """Output that is not a terminal gets one line per record (step, loss, fresh val, lr, tokens/s) even with
+    the progress bar asked for; the end names the checkpoint and the next commands."""
+    out = tmp_path / "lines"
+    a = [x for x in _args(out, small_model, data_dir, steps=4, log_every=2, eval_every=4, checkpoint_every=4)
+         if x != "--no-progress"]
+    assert main(a) == 0
+    text = capsys.readouterr().out
+    lines = [x for x in text.splitlines() if x.startswith("step ")]
+    assert len(lines) == 2
+    assert lines[0].startswith("step 2/4 | loss ") and "val" not in lines[0] and "| lr " in lines[0]
+    assert lines[0].endswith(" tokens/s")
+    assert "| val " in lines[1]
+    assert f"checkpoint: {out / 'checkpoints' / 'step_00000004'}" in text
+    for cmd in (f"yxanul generate {out} --prompt", f"yxanul plot {out} --out loss.png", f"yxanul export {out} --out hf"):
+        assert cmd in text
+
+
+def test_warmup_not_below_steps_warns(tmp_path, small_model, data_dir, capsys):
+    assert main(_args(tmp_path / "w", small_model, data_dir, steps=2, warmup=2)) == 0
+    assert "warning: warmup (2) >= steps (2): the learning rate never decays" in capsys.readouterr().out
+    assert main(_args(tmp_path / "w2", small_model, data_dir, steps=3, warmup=2)) == 0
+    assert "never decays" not in capsys.readouterr().out
+
+
+def test_sample_every_prints_a_generated_sample(tmp_path, small_model, data_dir, capsys):
+    assert main(_args(tmp_path / "s", small_model, data_dir, steps=4, sample_every=2)) == 0
+    samples = [x for x in capsys.readouterr().out.splitlines() if x.startswith("sample at step")]
+    assert [x.split(":")[0] for x in samples] == ["sample at step 2", "sample at step 4"]
+    assert all(x.startswith(f"sample at step {s}: In the beginning") for x, s in zip(samples, (2, 4)))
+    assert main(["train", "--sample-every", "-1"]) == 2
+    assert "sample_every" in capsys.readouterr().err
+
+
+def test_train_flags_come_from_config_fields(capsys):
+    """Every TrainConfig field is a flag with help text and its default shown; the flags of earlier versions
+    keep their names; an unset flag overrides nothing."""
+    import argparse
+    import dataclasses
+    from yxanul.cli import build_parser
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f.name
+        assert f.metadata.get("flag", "--" + f.name.replace("_", "-")) in help_text
+    assert "--steps STEPS optimizer steps (default: 120)" in help_text
+    assert "--compile, --no-compile" in help_text and "(default: off)" in help_text
+    old = ["--model", "x", "--config", "p.yaml", "--data", "d", "--tokenizer", "bytes", "--out", "o", "--steps", "5",
+           "--batch-size", "3", "--seq-len", "8", "--grad-accum", "2", "--lr", "0.1", "--min-lr", "0.01",
+           "--warmup", "1", "--weight-decay", "0.0", "--clip", "0.5", "--seed", "1", "--precision", "fp16",
+           "--fp8-recipe", "delayed", "--fp8-backend", "emulated", "--fp8-calibration-steps", "2",
+           "--eval-every", "3", "--eval-batches", "1", "--log-every", "1", "--checkpoint-every", "2",
+           "--keep-last", "1", "--compile", "--compile-mode", "reduce-overhead", "--tune-kernels", "--device", "cpu",
+           "--parallel", "ddp", "--optimizer-states", "bf16", "--fused-ce", "off", "--max-bad-steps", "3",
+           "--inject-nan-at", "2", "--no-progress", "--train-config", "default", "--resume", "r"]
+    args = parser.parse_args(["train", *old])
+    assert args.policy == "p.yaml" and args.batch_size == 3 and args.lr == 0.1 and args.compile is True
+    assert args.fp8_calibration_steps == 2 and args.progress is False and args.tune_kernels is True
+    unset = parser.parse_args(["train"])
+    assert all(getattr(unset, f.name) is None for f in dataclasses.fields(TrainConfig))
+    assert isinstance(unset, argparse.Namespace)
+
+
+def test_building_the_command_line_does_not_import_torch():
+    """`yxanul --help` (and every command's start) stays fast: the train flags come from a torch-free module."""
+    code = ("import sys; from yxanul.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert r.returncode == 0, r.stderr[-500:]
+
+
+@pytest.mark.gpu
+def test_cuda_logged_rate_is_synchronized_and_compile_is_apart(tmp_path, data_dir):
+    """On CUDA with torch.compile and FP8 delayed scaling: the first step and the first FP8 step (the graphs
+    compile) are logged as warmup_s, not in the rate; the FP8 windows' rates agree once compiled."""
+    out = tmp_path / "cuda"
+    assert main(["train", "--out", str(out), "--data", data_dir, "--device", "cuda", "--compile", "--precision", "fp8",
+                 "--fp8-recipe", "delayed", "--fp8-calibration-steps", "10", "--steps", "40", "--log-every", "10",
+                 "--eval-every", "0", "--checkpoint-every", "0", "--no-progress", "--batch-size", "8"]) == 0
+    recs = [r for r in _metrics(out) if "loss" in r]
+    assert recs[0]["warmup_s"] > 0 and recs[1]["warmup_s"] > 0  # step 1, and step 11 (the first FP8 step)
+    rates = [r["tokens_per_s"] for r in recs[1:] if not r.get("recompiled")]  # a later recompilation is flagged
+    assert len(rates) >= 2 and max(rates) < 1.5 * min(rates), recs

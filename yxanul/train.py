@@ -19,165 +19,29 @@ import contextlib
 import json
 import math
 import os
+import shlex
+import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from . import kernels  # noqa: F401  (registers the Triton quantizers with the FP8 layers)
-from .config import CONFIG_DIR, dataclass_from_dict, load_model_config, load_yaml
+from .config import load_model_config
 from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
 from .flops import flops_per_token, peak_flops
-from .fp8.options import Fp8Options
+from .generate import SamplingOptions, generate_ids, load_tokenizer, stream_decode
 from .io import atomic_write_text
-from .model import COMPILE_MODES
+from .optim import AdamWBF16States, DynamicLossScaler, lr_at, param_groups  # noqa: F401 (re-exported)
+from .train_config import PRECISIONS, TRAIN_PRESET_DIR, TrainConfig, load_train_config, parse_steps  # noqa: F401
 
-TRAIN_PRESET_DIR = CONFIG_DIR / "train"
-PRECISIONS = ("auto", "bf16", "fp16", "fp8", "fp32")
-
-
-@dataclass
-class TrainConfig:
-    # what to train on
-    model: str = "tiny"
-    policy: str | None = None  # precision policy YAML (--config); None: the shipped note config
-    data: str | None = None  # prepared data folder; None: the bundled corpus, tokenized with `tokenizer`
-    tokenizer: str = "bytes"  # only for the bundled corpus
-    out: str | None = None  # run folder; None: runs/<timestamp>
-    # schedule
-    steps: int = 250
-    batch_size: int = 16
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip: float = 1.0  # 0 disables clipping (the norm is still computed and logged)
-    seed: int = 1337
-    # precision
-    precision: str = "auto"  # auto: bf16, or fp32 on a CPU without fast BF16 matmuls (see resolve_precision)
-    fp8_recipe: str | None = None  # override the policy's recipe name
-    fp8_backend: str = "auto"
-    fp8_calibration_steps: int | None = None  # override the policy's calibration_steps (delayed recipe only)
-    fp8_kernels: str = field(default="auto", metadata={
-        "help": "FP8 quantizers: auto (Triton on CUDA), triton (always; an error where it cannot run) or torch"})
-    fp8_weight_cache: str = field(default="graph", metadata={
-        "help": "compiled FP8 layers' weight copies: graph (quantized in the graph at every forward) or step "
-                "(once per optimizer step into static copies)"})
-    fp8_fused_swiglu: bool = field(default=False, metadata={
-        "help": "delayed recipe: gate/up/SwiGLU as one function whose backward quantizes inside the kernel"})
-    optimizer_states: str = "fp32"  # fp32 | bf16
-    loss_scale_init: float = 65536.0
-    loss_scale_growth_interval: int = 2000
-    loss_scale_backoff: float = 0.5
-    # evaluation, logging, checkpoints
-    eval_every: int = 50
-    eval_batches: int = 4
-    log_every: int = 10
-    checkpoint_every: int = 50
-    keep_last: int = 2
-    # runtime
-    compile: bool = False
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
-    tune_kernels: bool = False  # inductor's coordinate-descent tuning of the compiled blocks' kernels (slower compile)
-    device: str = "cpu"  # cpu | cuda | auto
-    parallel: str = "none"  # none | ddp | fsdp2 (ddp/fsdp2: launched by torchrun, see docs/distributed.md)
-    max_bad_steps: int = 10
-    inject_nan_at: str = ""  # debugging aid: "5" or "5,7-9" makes those steps' loss NaN
-    progress: bool = True
-    tensorboard: bool = True
-    fused_ce: str = "auto"  # auto (on for CUDA) | on | off: chunked linear cross-entropy, no full FP32 logits
-
-    def validate(self, source: str = "train config") -> "TrainConfig":
-        pos = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_bad_steps", "eval_batches",
-               "loss_scale_growth_interval")
-        for k in pos:
-            if getattr(self, k) <= 0:
-                raise YxanulError(f"must be positive, got {getattr(self, k)}", source=source, key=k)
-        for k in ("warmup", "eval_every", "checkpoint_every", "keep_last"):
-            if getattr(self, k) < 0:
-                raise YxanulError(f"must be >= 0, got {getattr(self, k)}", source=source, key=k)
-        for k in ("lr", "min_lr", "weight_decay", "clip", "eps"):
-            v = getattr(self, k)
-            if not math.isfinite(v) or v < 0:
-                raise YxanulError(f"must be a finite number >= 0, got {v}", source=source, key=k)
-        if self.lr <= 0:
-            raise YxanulError("must be > 0", source=source, key="lr")
-        if self.min_lr > self.lr:
-            raise YxanulError(f"min_lr ({self.min_lr}) exceeds lr ({self.lr})", source=source, key="min_lr")
-        for k in ("beta1", "beta2"):
-            if not 0 <= getattr(self, k) < 1:
-                raise YxanulError("must be in [0, 1)", source=source, key=k)
-        if not 0 < self.loss_scale_backoff < 1 or self.loss_scale_init <= 0:
-            raise YxanulError("loss_scale_init must be > 0 and loss_scale_backoff in (0, 1)", source=source)
-        if self.compile_mode not in COMPILE_MODES:
-            raise YxanulError(f"unknown compile mode {self.compile_mode!r} (expected one of: "
-                              f"{', '.join(COMPILE_MODES)})", source=source, key="compile_mode")
-        if self.precision not in PRECISIONS:
-            raise YxanulError(f"unknown precision {self.precision!r} (expected one of: {', '.join(PRECISIONS)})",
-                              source=source, key="precision")
-        if self.optimizer_states not in ("fp32", "bf16"):
-            raise YxanulError(f"expected fp32 or bf16, got {self.optimizer_states!r}", source=source,
-                              key="optimizer_states")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise YxanulError(f"expected cpu, cuda or auto, got {self.device!r}", source=source, key="device")
-        if self.parallel not in ("none", "ddp", "fsdp2"):
-            raise YxanulError(f"expected none, ddp or fsdp2, got {self.parallel!r}", source=source, key="parallel")
-        parse_steps(self.inject_nan_at, source)
-        if self.fp8_calibration_steps is not None and self.fp8_calibration_steps < 0:
-            raise YxanulError("must be >= 0", source=source, key="fp8_calibration_steps")
-        if self.fused_ce not in ("auto", "on", "off"):
-            raise YxanulError(f"expected auto, on or off, got {self.fused_ce!r}", source=source, key="fused_ce")
-        self.fp8_options().validate(source)
-        return self
-
-    def fp8_options(self) -> Fp8Options:
-        return Fp8Options(kernels=self.fp8_kernels, weight_cache=self.fp8_weight_cache,
-                          fused_swiglu=self.fp8_fused_swiglu)
-
-
-def parse_steps(spec: str, source: str = "train config") -> set[int]:
-    """"3,5-7" -> {3, 5, 6, 7} (1-based optimizer step numbers)."""
-    out: set[int] = set()
-    for part in (spec or "").replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
-            else:
-                out.add(int(part))
-        except ValueError:
-            raise YxanulError(f"expected steps like '5' or '5,7-9', got {spec!r}", source=source,
-                              key="inject_nan_at") from None
-    return out
-
-
-def load_train_config(spec: str | Path | None = None, overrides: dict | None = None,
-                      base: TrainConfig | None = None) -> TrainConfig:
-    """A train preset name (configs/train/NAME.yaml) or YAML path, then `overrides` (e.g. CLI flags)."""
-    cfg = base or TrainConfig()
-    if spec:
-        path = Path(spec)
-        if not path.exists() and (TRAIN_PRESET_DIR / f"{spec}.yaml").exists():
-            path = TRAIN_PRESET_DIR / f"{spec}.yaml"
-        elif not path.exists():
-            known = ", ".join(sorted(p.stem for p in TRAIN_PRESET_DIR.glob("*.yaml")))
-            raise YxanulError(f"no such file or train preset (presets: {known})", source="--train-config",
-                              key=str(spec))
-        cfg = dataclass_from_dict(TrainConfig, load_yaml(path), source=str(path), base=cfg).validate(str(path))
-    if overrides:
-        cfg = dataclass_from_dict(TrainConfig, overrides, source="command line", base=cfg)
-    return cfg.validate("command line" if overrides else "train config")
-
+SAMPLE_PROMPT = "In the beginning"  # the prompt of --sample-every's samples and of the suggested `yxanul generate`
+SAMPLE_TOKENS = 48
 
 def cpu_bf16_speed() -> tuple[float, float]:
     """(BF16, FP32) matmul throughput of this CPU in GFLOP/s (cached): the best of five [1024, 256] x [256, 256]
@@ -218,106 +82,6 @@ def resolve_precision(device: torch.device) -> tuple[str, str]:
                     f"{fp32:.0f} in FP32 (no native BF16); --precision bf16 forces BF16")
 
 
-# -- learning rate, loss scaling, optimizer -------------------------------------------------------------
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay from lr to min_lr at the last step."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - 1 - cfg.warmup)  # the last step run is steps - 1: it gets min_lr
-    t = min(1.0, (step - cfg.warmup) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-class DynamicLossScaler:
-    """FP16 loss scaling: multiply the loss by `scale`; on non-finite grads back off and skip the step;
-    after `growth_interval` clean steps in a row multiply the scale by `growth_factor`.
-
-    Written here rather than using ``torch.amp.GradScaler`` so that one device-side finiteness flag drives both
-    the scaler and the project's skipped-step accounting (and the fused optimizer's ``found_inf``), and so that
-    its state is two plain tensors in ``state.pt``.
-    """
-
-    def __init__(self, init_scale: float = 65536.0, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000, device="cpu", min_scale: float = 2.0 ** -24,
-                 max_scale: float = 2.0 ** 24):
-        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
-        self.growth_interval, self.min_scale, self.max_scale = growth_interval, min_scale, max_scale
-        self.scale = torch.tensor(float(init_scale), dtype=torch.float32, device=device)
-        self.tracker = torch.zeros((), dtype=torch.int64, device=device)
-
-    def update(self, ok: torch.Tensor) -> None:
-        grown = self.tracker + 1 >= self.growth_interval
-        new = torch.where(ok, torch.where(grown, self.scale * self.growth_factor, self.scale),
-                          self.scale * self.backoff_factor)
-        self.scale = new.clamp(self.min_scale, self.max_scale)
-        self.tracker = torch.where(ok & ~grown, self.tracker + 1, torch.zeros_like(self.tracker))
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale.detach().cpu(), "tracker": self.tracker.detach().cpu()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.scale = sd["scale"].to(self.scale.device)
-        self.tracker = sd["tracker"].to(self.tracker.device)
-
-
-class AdamWBF16States(torch.optim.Optimizer):
-    """AdamW whose moments are stored in BF16 (as DeepSeek-V3 does) and updated in FP32.
-
-    torch's AdamW keeps its moments in the parameter's dtype (FP32 here), so halving optimizer memory needs
-    this small variant: each step upcasts the moments, updates them and the FP32 weights in FP32, and rounds
-    the moments back to BF16 (round-to-nearest).
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    def load_state_dict(self, state_dict) -> None:
-        super().load_state_dict(state_dict)  # casts the moments to the parameters' dtype (FP32): undo that
-        for st in self.state.values():
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in st:
-                    st[k] = st[k].to(torch.bfloat16)  # exact: the saved values were BF16
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                st["step"] += 1
-                t = float(st["step"])
-                g = p.grad.float()
-                m = st["exp_avg"].float().lerp_(g, 1 - b1)
-                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
-                st["exp_avg"].copy_(m)
-                st["exp_avg_sq"].copy_(v)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices of linear layers only; none on norms, embeddings and biases."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or name.startswith("embeddings.") or name.endswith(".bias"):  # norms and biases are 1-D
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _resident_memory() -> int | None:
     try:
         import resource
@@ -356,6 +120,69 @@ def _env_int(name: str, default: int = 1) -> int:
         raise YxanulError(f"expected an integer, got {v!r}", source="environment", key=name) from None
 
 
+class StepClock:
+    """Wall time of the training steps of one log window, and of everything else apart.
+
+    The clock runs from ``start`` to ``pause``; both call ``sync`` (a CUDA synchronize) so the time is what the
+    device did, and the loop calls them only where it stops for bookkeeping anyway (log, evaluation, checkpoint,
+    sample), never per step. ``apart(name)`` times a block (evaluation, a compiling step) into ``other[name]``
+    instead. ``take`` returns the window's fields (``tokens_per_s`` over the counted steps, ``step_s``, the apart
+    times, and ``recompiled`` when a counted step compiled a new graph) and opens a new window.
+    """
+
+    def __init__(self, sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter):
+        self.sync, self.clock = sync, clock
+        self.steps, self.step_s, self.other, self.recompiled = 0, 0.0, {}, False
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        self.sync()
+        self._t0 = self.clock()
+
+    def pause(self) -> None:
+        if self._t0 is not None:
+            self.sync()
+            self.step_s += self.clock() - self._t0
+            self._t0 = None
+
+    def step_done(self, recompiled: bool = False) -> None:
+        self.steps += 1
+        self.recompiled |= recompiled
+
+    @contextlib.contextmanager
+    def apart(self, name: str):
+        self.sync()
+        t0 = self.clock()
+        running = self._t0 is not None
+        if running:
+            self.step_s += t0 - self._t0
+            self._t0 = None
+        try:
+            yield
+        finally:
+            self.sync()
+            t1 = self.clock()
+            self.other[name] = self.other.get(name, 0.0) + t1 - t0
+            if running:
+                self._t0 = t1
+
+    def take(self, tokens_per_step: int) -> dict:
+        self.pause()
+        out = {"tokens_per_s": self.steps * tokens_per_step / self.step_s if self.steps and self.step_s > 0 else None,
+               "step_s": self.step_s / self.steps if self.steps else None, **self.other}
+        if self.recompiled:
+            out["recompiled"] = True
+        self.steps, self.step_s, self.other, self.recompiled = 0, 0.0, {}, False
+        return out
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process (dynamo's host-side counter: reading it costs no sync).
+    Called only when compiling, so torch._dynamo is imported here rather than with every training run."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int | None = None, world_size: int | None = None,
                  resume: str | None = None, log=print, restart: bool = False):
@@ -375,6 +202,7 @@ class Trainer:
         self.log = log if self.is_main else (lambda *a, **k: None)
         self.resume_from = resume
         self.restart = restart  # a fresh start may replace a run that stopped before its first checkpoint
+        self.clock = time.perf_counter  # the throughput clock (StepClock)
         self._setup()
 
     # -- setup --------------------------------------------------------------------------------------
@@ -391,28 +219,36 @@ class Trainer:
         return torch.device(d)
 
     def _setup(self) -> None:
-        from .checkpoint.sharded import check_resume_world_size
-        from .checkpoint.training import prepare_fresh_run_dir, resolve_checkpoint, restore_training_checkpoint
-        from .checkpoint.training import read_meta as read_checkpoint_meta
-        from .data import bundled_dataset
-        from .data.loader import DataLoader, read_meta
-        from .data.tokenizers import check_ids
-        from .model import Yxanul
-        from .precision import load_policy
-
+        """The run's set-up, in order: device and precision, run folder, data, model and precision, optimizer and
+        runtime, then the checkpoint's training state when resuming."""
         self.device = self._device()
-        if self.cfg.precision == "auto":
-            resolved, why = resolve_precision(self.device)
-            if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-                # every rank measured its own CPU; all must train (and build FSDP policies) in rank 0's precision
-                choice = [resolved, why]
-                torch.distributed.broadcast_object_list(choice, src=0)
-                resolved, why = choice
-            self.cfg = replace(self.cfg, precision=resolved)
-            if why:
-                self.log(why)
+        self._setup_precision()
+        self._setup_run_folder()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_runtime()
+        if self.ckpt is not None:
+            self._restore_training_state()
+
+    def _setup_precision(self) -> None:
+        """Resolve ``precision: auto`` (every rank takes rank 0's choice)."""
+        if self.cfg.precision != "auto":
+            return
+        resolved, why = resolve_precision(self.device)
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank measured its own CPU; all must train (and build FSDP policies) in rank 0's precision
+            choice = [resolved, why]
+            torch.distributed.broadcast_object_list(choice, src=0)
+            resolved, why = choice
+        self.cfg = replace(self.cfg, precision=resolved)
+        if why:
+            self.log(why)
+
+    def _setup_run_folder(self) -> None:
+        """The run folder and the checkpoint to resume from (``self.ckpt``, or None)."""
+        from .checkpoint.training import prepare_fresh_run_dir, resolve_checkpoint
         cfg = self.cfg
-        # run folder and resume point
         self.ckpt = None
         if self.resume_from is not None:
             self.ckpt = resolve_checkpoint(self.resume_from)
@@ -423,7 +259,12 @@ class Trainer:
                 raise YxanulError("exists and is not a folder", source=str(self.run_dir), key="--out")
             if self.is_main:
                 prepare_fresh_run_dir(self.run_dir, self.restart)
-        # data
+
+    def _setup_data(self) -> None:
+        """The prepared data folder (the bundled corpus, tokenized on first use, unless ``data`` is set)."""
+        from .data import bundled_dataset
+        from .data.loader import read_meta
+        cfg = self.cfg
         if cfg.data:
             self.data_dir = Path(cfg.data)
             read_meta(self.data_dir)
@@ -433,9 +274,16 @@ class Trainer:
             self.data_dir = bundled_dataset(cfg.tokenizer, progress=False)
             if self.dist is not None and self.is_main:
                 torch.distributed.barrier()
-        meta = read_meta(self.data_dir)
-        self.tokenizer_meta = meta["tokenizer"]
-        # model
+        self.data_meta = read_meta(self.data_dir)
+        self.tokenizer_meta = self.data_meta["tokenizer"]
+
+    def _setup_model(self) -> None:
+        """The model on its device, FP8 layers per the policy, the fused loss, the checkpoint's weights, autocast and
+        the loss scaler, then the data-parallel wrapper."""
+        from .data.tokenizers import check_ids
+        from .model import Yxanul
+        from .precision import load_policy
+        cfg, meta = self.cfg, self.data_meta
         self.model_cfg = load_model_config(cfg.model)
         check_ids(int(meta.get("max_token_id", meta["vocab_size"] - 1)) + 1, self.model_cfg.vocab_size,
                   source=f"{self.data_dir / 'meta.json'} (model {self.model_cfg.name})")
@@ -444,7 +292,6 @@ class Trainer:
                               key="seq_len")
         torch.manual_seed(cfg.seed)
         model = Yxanul(self.model_cfg)
-        # precision
         self.policy = load_policy(cfg.policy)
         if cfg.fp8_recipe or cfg.fp8_calibration_steps is not None:
             self.policy = self.policy.with_recipe(name=cfg.fp8_recipe,
@@ -460,16 +307,31 @@ class Trainer:
         if cfg.fused_ce == "on" or (cfg.fused_ce == "auto" and self.device.type == "cuda"):
             from .kernels.linear_ce import use_fused_ce
             use_fused_ce(model)  # halves peak memory with a 200k vocabulary (docs/benchmarks.md)
-        if self.ckpt is not None:
-            ck_meta = read_checkpoint_meta(self.ckpt)  # files verified; weights restored once the optimizer exists
+        self.ck_meta = self._read_checkpoint_meta()
         amp_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = DynamicLossScaler(cfg.loss_scale_init, 2.0, cfg.loss_scale_backoff,
                                         cfg.loss_scale_growth_interval, self.device) if cfg.precision == "fp16" else None
         if self.ckpt is not None:
-            check_resume_world_size(ck_meta, self.world_size, cfg.batch_size, cfg.grad_accum, source=str(self.ckpt))
+            from .checkpoint.sharded import check_resume_world_size
+            check_resume_world_size(self.ck_meta, self.world_size, cfg.batch_size, cfg.grad_accum,
+                                    source=str(self.ckpt))
         # data-parallel wrapping first (FSDP2 replaces parameters in place), then the optimizer over them
         self.train_model = self.wrap_model(model)
+
+    def _read_checkpoint_meta(self) -> dict | None:
+        """The checkpoint's meta (its files verified; None when not resuming). The weights themselves are
+        restored with the optimizer state (:meth:`_restore_training_state`), for single-file and sharded
+        checkpoints alike."""
+        from .checkpoint.training import read_meta
+        if self.ckpt is None:
+            return None
+        return read_meta(self.ckpt)
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over the decay / no-decay groups: fused on CUDA (skips a bad step on the device), or BF16 states."""
+        cfg = self.cfg
+        model = self.model
         groups = param_groups(model, cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         self.param_names = {id(p): n for n, p in model.named_parameters()}
@@ -482,13 +344,17 @@ class Trainer:
                                          fused=fused, foreach=None if fused else False)
             # The fused CUDA kernel skips the update itself when `found_inf` is set: no host sync per step.
             self.device_skip = fused
+
+    def _setup_runtime(self) -> None:
+        """Compilation, the data loader, throughput constants and the step counters."""
+        from .data.loader import DataLoader
+        from .model import compile_blocks, compile_mode_uses_cuda_graphs
+        cfg, model = self.cfg, self.model
         if cfg.compile:
             # every block compiled (one shared graph); embedding, final norm and the fused loss stay eager
-            from .model import compile_blocks
             compile_blocks(model, mode=cfg.compile_mode, tune_kernels=cfg.tune_kernels)
         # reduce-overhead (and max-autotune) replay each compiled block as a CUDA graph; every forward pass starts
         # a new "step" of torch's graph trees, so outputs of the previous one may be overwritten once consumed
-        from .model import compile_mode_uses_cuda_graphs
         self.graphs = cfg.compile and compile_mode_uses_cuda_graphs(cfg.compile_mode) and self.device.type == "cuda"
         for key, on in (("compile_mode", cfg.compile_mode != "default"), ("tune_kernels", cfg.tune_kernels)):
             if on and not cfg.compile:
@@ -504,13 +370,16 @@ class Trainer:
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         self.consecutive_bad = torch.zeros((), dtype=torch.int64, device=self.device)
         self.last_bad_module: str | None = None
-        if self.ckpt is not None:
-            st = restore_training_checkpoint(self.ckpt, self.model, self.opt, self.device, meta=ck_meta)
-            if self.scaler is not None and st.get("scaler"):
-                self.scaler.load_state_dict(st["scaler"])
-            self.step = int(st["step"])
-            self.skipped.fill_(int(st["skipped"]))
-            self.consecutive_bad.fill_(int(st["consecutive_bad"]))
+
+    def _restore_training_state(self) -> None:
+        """Weights, optimizer, loss-scaler and RNG states and the counters from the checkpoint being resumed."""
+        from .checkpoint.training import restore_training_checkpoint
+        st = restore_training_checkpoint(self.ckpt, self.model, self.opt, self.device, meta=self.ck_meta)
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        self.step = int(st["step"])
+        self.skipped.fill_(int(st["skipped"]))
+        self.consecutive_bad.fill_(int(st["consecutive_bad"]))
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module the training step calls: DDP or FSDP2 (``--parallel``), else the model itself."""
@@ -658,20 +527,30 @@ class Trainer:
                     f"{cfg.batch_size * self.world_size * cfg.grad_accum}) | " if self.dist is not None else "")
                  + f"{self.tokens_per_step} tokens/step | data {self.data_dir}"
                  + (f" | resumed from step {self.step}" if self.ckpt is not None else ""))
+        if cfg.warmup >= cfg.steps:
+            self.log(f"warning: warmup ({cfg.warmup}) >= steps ({cfg.steps}): the learning rate never decays; "
+                     f"lower --warmup or raise --steps")
         # subnormals make CPU kernels 10-25x slower and carry no signal here; restored when training ends
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
-        bar = None
-        if self.is_main and cfg.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        bar = self._progress_bar()
+        self.log_lines = self.is_main and bar is None  # no bar (--no-progress, or no terminal): a line per record
         window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         window_ok = torch.zeros((), dtype=torch.float64, device=self.device)
-        t_last, tokens_last = time.perf_counter(), self.step
+        clock = StepClock(self._sync, self.clock)
+        warm_steps = self._warmup_steps()
         last: dict = {}
         first_loss = None
+        self.last_checkpoint: Path | None = None
         try:
+            clock.start()
             while self.step < cfg.steps:
-                loss, gnorm, ok = self.train_step(self.step)
+                if self.step in warm_steps:  # compilation and first-use costs: timed apart, not in the rate
+                    with clock.apart("warmup_s"):
+                        loss, gnorm, ok = self.train_step(self.step)
+                else:
+                    graphs = _compiled_graphs() if cfg.compile else 0
+                    loss, gnorm, ok = self.train_step(self.step)
+                    clock.step_done(recompiled=cfg.compile and _compiled_graphs() != graphs)
                 self.step += 1
                 window_loss += torch.where(ok, loss.double(), torch.zeros((), dtype=torch.float64, device=self.device))
                 window_ok += ok.double()
@@ -680,7 +559,8 @@ class Trainer:
                 do_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
                 do_eval = bool(cfg.eval_every) and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
                 do_ckpt = bool(cfg.checkpoint_every) and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps)
-                if not (do_log or do_eval or do_ckpt) and self.device_skip:
+                do_sample = bool(cfg.sample_every) and self.step % cfg.sample_every == 0
+                if not (do_log or do_eval or do_ckpt or do_sample) and self.device_skip:
                     continue
                 consecutive = int(self.consecutive_bad)  # host sync: every step on CPU, at log points on CUDA
                 if not bool(ok) and self.is_main and not self.device_skip:
@@ -693,35 +573,36 @@ class Trainer:
                                          + (f", first bad module {self.last_bad_module}" if self.last_bad_module else "")
                                          + "); stopping. The last good checkpoint is intact; lower --lr, try "
                                          "--precision bf16 or resume from it", source=str(self.run_dir))
-                t_book = time.perf_counter()
+                if not (do_log or do_eval or do_ckpt or do_sample):
+                    continue
+                clock.pause()  # bookkeeping, evaluation, samples and checkpoints do not count against tokens/s
                 if do_log:
-                    now = t_book
-                    rec = self._record(loss, gnorm, window_loss, window_ok, now - t_last,
-                                       (self.step - tokens_last) * self.tokens_per_step)
+                    rec = self._record(loss, gnorm, window_loss, window_ok, clock.take(self.tokens_per_step))
                     if do_eval:
-                        rec["val_loss"] = self.evaluate()
+                        with clock.apart("eval_s"):
+                            rec["val_loss"] = self.evaluate()
+                        rec["eval_s"] = clock.other.pop("eval_s")
                     if first_loss is None:
                         first_loss = rec["loss"]
                     self._write_metrics(rec, tb)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}" if rec["loss"] is not None else "nan",
-                                        **({"val": f"{rec['val_loss']:.3f}"} if rec.get("val_loss") else {}))
-                    last = rec
+                    self._show(rec, bar, last.get("val_loss"))
+                    last = rec | ({} if do_eval else {"val_loss": last.get("val_loss")})
                     window_loss.zero_()
                     window_ok.zero_()
-                    t_last, tokens_last = time.perf_counter(), self.step
                 elif do_eval:
-                    v = self.evaluate()
+                    with clock.apart("eval_s"):
+                        v = self.evaluate()
                     self._write_metrics({"step": self.step, "val_loss": v}, tb)
                     last["val_loss"] = v
                 if do_ckpt and consecutive == 0:  # never checkpoint in the middle of a bad streak
-                    self.save()
+                    with clock.apart("checkpoint_s"):
+                        self.last_checkpoint = self.save() or self.last_checkpoint
                 elif do_ckpt:
                     self.log(f"step {self.step}: checkpoint postponed ({consecutive} bad steps in a row)")
-                if not do_log:  # evaluation and checkpoint time do not count against tokens/s
-                    t_last += time.perf_counter() - t_book
-                else:
-                    t_last = time.perf_counter()
+                if do_sample:
+                    with clock.apart("sample_s"):
+                        self._print_sample(bar)
+                clock.start()
         finally:
             if flush:
                 torch.set_flush_denormal(False)
@@ -731,25 +612,94 @@ class Trainer:
                 tb.close()
         summary = {"run_dir": str(self.run_dir), "steps": self.step, "first_loss": first_loss,
                    "final_loss": last.get("loss"), "final_val_loss": last.get("val_loss"),
-                   "skipped_steps": int(self.skipped), "tokens_seen": self.step * self.tokens_per_step}
+                   "skipped_steps": int(self.skipped), "tokens_seen": self.step * self.tokens_per_step,
+                   "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
         self.log(f"done: step {self.step}, loss {_fmt(summary['final_loss'])}, val loss "
                  f"{_fmt(summary['final_val_loss'])}, skipped {summary['skipped_steps']} | {self.run_dir}")
+        self._print_next_steps()
         return summary
 
-    def _record(self, loss, gnorm, window_loss, window_ok, dt, tokens) -> dict:
+    # -- what the user sees ---------------------------------------------------------------------------
+    def _progress_bar(self):
+        """A tqdm bar when asked for and the output is a terminal; None otherwise (log lines instead)."""
+        if not (self.is_main and self.cfg.progress and sys.stderr.isatty()):
+            return None
+        return tqdm(total=self.cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _show(self, rec: dict, bar, last_val: float | None) -> None:
+        """A record on the bar (loss, last validation loss, tokens/s) or as one log line."""
+        tps = rec.get("tokens_per_s")
+        val = rec.get("val_loss")
+        if bar is not None:
+            shown = val if val is not None else last_val
+            bar.set_postfix(loss=_fmt(rec["loss"], 3) if rec["loss"] is not None else "nan", **({"val": _fmt(shown, 3)} if shown is not None else {}),
+                            **({"tok/s": f"{tps:,.0f}"} if tps else {}))
+        elif self.log_lines:
+            self.log(f"step {rec['step']}/{self.cfg.steps} | loss {_fmt(rec['loss']) if rec['loss'] is not None else 'nan'}"
+                     + (f" | val {_fmt(val)}" if val is not None else "")
+                     + f" | lr {rec['lr']:.2e} | " + (f"{tps:,.0f} tokens/s" if tps else "tokens/s -"))
+
+    def _print_sample(self, bar) -> None:
+        """A short greedy continuation of a fixed prompt from the current weights (rank 0 only)."""
+        if not self.is_main:
+            return
+        tok = load_tokenizer(self.tokenizer_meta)
+        eot = getattr(tok, "eot_id", None)
+        opts = SamplingOptions(max_new_tokens=SAMPLE_TOKENS, temperature=0.0)
+        self.model.eval()
+        try:
+            with self.autocast():
+                text = "".join(stream_decode(tok, generate_ids(self.model, tok.encode(SAMPLE_PROMPT), opts, eot), eot))
+        finally:
+            self.model.train()
+        line = f"sample at step {self.step}: {SAMPLE_PROMPT}{text}".replace("\n", " ")
+        if bar is not None:
+            bar.write(line)
+        else:
+            self.log(line)
+
+    def _print_next_steps(self) -> None:
+        run = str(self.run_dir)
+        if self.last_checkpoint is None:
+            self.log(f"no checkpoint written (checkpoint_every is 0); plot the losses: yxanul plot {run} --out loss.png")
+            return
+        self.log(f"checkpoint: {self.last_checkpoint}\n"
+                 "next:\n"
+                 f"  yxanul generate {run} --prompt {shlex.quote(SAMPLE_PROMPT)}   # sample from the model\n"
+                 f"  yxanul plot {run} --out loss.png   # the loss curves\n"
+                 f"  yxanul export {run} --out hf   # a Hugging Face folder")
+
+    # -- timing ---------------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _warmup_steps(self) -> set[int]:
+        """Steps (0-based) timed apart from the rate: the first step this process runs (compilation, first-use
+        allocations) and, for FP8 with calibration steps, the first FP8 step (the FP8 graphs compile then)."""
+        warm = {self.step}
+        cal = self.policy.recipe.calibration_steps if self.fp8 else 0
+        if cal and cal > self.step:
+            warm.add(cal)
+        return warm
+
+    def _record(self, loss, gnorm, window_loss, window_ok, timing: dict) -> dict:
+        """The metrics record of a log step; `timing` is the window's StepClock.take() (tokens_per_s and the
+        times spent apart)."""
         loss_v, gnorm_v, wl, n_ok = float(loss), float(gnorm), float(window_loss), float(window_ok)
         if self.world_size > 1 and torch.distributed.is_initialized():
             t = torch.tensor([loss_v, wl], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(t)
             loss_v, wl = (t / self.world_size).tolist()
         skipped = int(self.skipped)
-        tps = tokens / dt if dt > 0 else None
+        tps = timing["tokens_per_s"]
         rec = {"step": self.step, "loss": loss_v if math.isfinite(loss_v) else None,
                "loss_avg": wl / n_ok if n_ok else None,  # mean over the good steps since the last record
                "lr": lr_at(self.cfg, self.step - 1), "grad_norm": gnorm_v if math.isfinite(gnorm_v) else None,
                "tokens_per_s": tps, "tokens_seen": self.step * self.tokens_per_step,
                "skipped_steps": skipped, "consecutive_bad": int(self.consecutive_bad),
                "mfu": (tps * self.flops_per_token / (self.peak * self.world_size)) if (tps and self.peak) else None}
+        rec.update({k: v for k, v in timing.items() if k != "tokens_per_s"})
         if self.scaler is not None:
             rec["loss_scale"] = float(self.scaler.scale)
         if self.device.type == "cuda":
@@ -823,8 +773,8 @@ def fp8_summary(stats: dict) -> dict:
     return out
 
 
-def _fmt(v) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+def _fmt(v, digits: int = 4) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, **kw) -> dict:

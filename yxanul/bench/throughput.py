@@ -517,8 +517,6 @@ def _param_count(cfg) -> int:
 
 
 def format_sweep(res: dict) -> str:
-    from ..commands._common import table
-
     key = res["sweep"]
     head = [key, "params", "batch"] + [f"{m} / bf16" for m in res["modes"]]
     rows = []

@@ -313,3 +313,28 @@ def plot(report: dict, out: str | Path) -> None:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+HEAD_MODULE = "lm_head"  # the output head's module name in Hugging Face Llama checkpoints
+
+
+def modules_to_not_convert(kept_weights, quantized_weights) -> list[str]:
+    """``quantization_config.modules_to_not_convert`` for an FP8 block checkpoint: every linear left unquantized.
+
+    ``kept_weights``: names of the 2-D ``*.weight`` tensors written in their original dtype;
+    ``quantized_weights``: names of those written as FP8. Module names are the checkpoint's own (``lm_head``,
+    ``model.layers.0.mlp.down_proj``), which transformers (prefix, regex or suffix match) and vLLM (prefix match)
+    compare against their module names. Embedding lookup tables are left out (no loader turns them into FP8
+    linears); an embedding projection is a linear and is listed. The output head is always listed unless its own
+    weight was quantized: a tied head has no weight in the checkpoint, so a loader that converted it would find
+    nothing to load.
+    """
+    out = set()
+    for name in kept_weights:
+        mod = name[: -len(".weight")] if name.endswith(".weight") else name
+        if classify(name) == "embeddings" and "proj" not in mod.rsplit(".", 1)[-1]:
+            continue
+        out.add(mod)
+    if not any(classify(n) == "lm_head" for n in quantized_weights):
+        out.add(HEAD_MODULE)
+    return sorted(out)

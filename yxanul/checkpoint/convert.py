@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import YxanulError
 from .analyze import classify, infer_block
-from .export import modules_to_not_convert as unquantized_linear_modules
+from .analyze import modules_to_not_convert as unquantized_linear_modules
 from .safetensors_header import DTYPE_BITS, INDEX_NAME, Checkpoint, TensorInfo, open_checkpoint, safe_name
 
 def _yerr(msg: str, source=None, key=None) -> YxanulError:

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import ModelConfig, dataclass_from_dict, load_model_config
-from .analyze import classify
+from .analyze import HEAD_MODULE, classify, modules_to_not_convert  # noqa: F401 (re-exported)
 from ..errors import YxanulError
 from .layout import check_finite
 
@@ -185,31 +185,6 @@ def hf_config(cfg: ModelConfig, dtype: str, tok: dict | None) -> dict:
         "dtype": DTYPES[dtype],
         "yxanul": {"name": cfg.name, "embed_rank": cfg.embed_rank},
     }
-
-
-HEAD_MODULE = "lm_head"
-
-
-def modules_to_not_convert(kept_weights, quantized_weights) -> list[str]:
-    """``quantization_config.modules_to_not_convert`` for an FP8 block checkpoint: every linear left unquantized.
-
-    ``kept_weights``: names of the 2-D ``*.weight`` tensors written in their original dtype;
-    ``quantized_weights``: names of those written as FP8. Module names are the checkpoint's own (``lm_head``,
-    ``model.layers.0.mlp.down_proj``), which transformers (prefix, regex or suffix match) and vLLM (prefix match)
-    compare against their module names. Embedding lookup tables are left out (no loader turns them into FP8
-    linears); an embedding projection is a linear and is listed. The output head is always listed unless its own
-    weight was quantized: a tied head has no weight in the checkpoint, so a loader that converted it would find
-    nothing to load.
-    """
-    out = set()
-    for name in kept_weights:
-        mod = name[: -len(".weight")] if name.endswith(".weight") else name
-        if classify(name) == "embeddings" and "proj" not in mod.rsplit(".", 1)[-1]:
-            continue
-        out.add(mod)
-    if not any(classify(n) == "lm_head" for n in quantized_weights):
-        out.add(HEAD_MODULE)
-    return sorted(out)
 
 
 def _write_weights(out: Path, state: dict, max_shard_size: int) -> list[str]:
