@@ -29,7 +29,8 @@ from .errors import YxanulError, clip
 
 MARKER = ".yxanul-output.json"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|old)$")
-_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")   # how safetensors reports an I/O error
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "inline_container.cc")  # torch.save's failed writes
 
 
 def read_checkpoint_meta_file(path: str | os.PathLike) -> dict:
@@ -53,22 +54,26 @@ def write_error(exc: BaseException, target: str | os.PathLike, tmp: str | os.Pat
     """The one-line YxanulError for a failed write, or None if `exc` is not an operating-system write error.
 
     `target` is the path the user asked for; a file name inside the temporary sibling `tmp` is reported at its
-    final place. Besides ``OSError``, the I/O errors that safetensors reports as ``(os error N)`` are recognised.
+    final place. Besides ``OSError``, the I/O errors that safetensors reports as ``(os error N)`` and the failed
+    writes of ``torch.save`` (which carry no error number: the free space is reported instead) are recognised.
     """
+    name = None
     if isinstance(exc, OSError) and exc.errno is not None:
         code, name = exc.errno, exc.filename
+        cause = os.strerror(code) + (f" ({errno_mod.errorcode[code]})" if code in errno_mod.errorcode else "")
+    elif isinstance(exc, Exception) and _RUST_OS_ERROR.search(str(exc)):
+        code = int(_RUST_OS_ERROR.search(str(exc)).group(1))
+        cause = os.strerror(code) + (f" ({errno_mod.errorcode[code]})" if code in errno_mod.errorcode else "")
+    elif isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_FAILED):
+        free = free_disk(target)
+        cause = "the write failed" + (f" ({_gb(free)} free on its disk)" if free is not None else "")
     else:
-        m = _RUST_OS_ERROR.search(str(exc)) if isinstance(exc, Exception) else None
-        if m is None:
-            return None
-        code, name = int(m.group(1)), None
-    where = Path(name) if name else Path(target)
+        return None
+    where = Path(os.fsdecode(name)) if isinstance(name, (str, bytes, os.PathLike)) else Path(target)
     if tmp is not None:
         with contextlib.suppress(ValueError):
-            where = Path(target) / Path(os.fsdecode(where)).relative_to(tmp)
-    cause = os.strerror(code)
-    sym = errno_mod.errorcode.get(code)
-    return YxanulError(f"cannot write: {cause}" + (f" ({sym})" if sym else ""), source=clip(os.fsdecode(where)))
+            where = Path(target) / where.relative_to(tmp)
+    return YxanulError(f"cannot write: {cause}", source=clip(os.fsdecode(where)))
 
 
 @contextlib.contextmanager
