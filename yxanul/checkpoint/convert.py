@@ -565,9 +565,11 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
             if not bool((torch.isfinite(s) & (s > 0)).all()):
                 raise _yerr("block scales must be finite and positive", source=spath, key=safe_name(sname))
             x = dequantize(q, s, (br, bc), dtype=torch.float32)
-            if not bool(torch.isfinite(x).all()):
-                raise NonFiniteError(f"NaN or Inf in the FP8 data (rows {r0}-{r1 - 1}); refusing to dequantize",
-                                     source=o.src_file, key=safe_name(o.name))
+            bad = (~torch.isfinite(x)).nonzero()
+            if bad.numel():
+                r, c = int(bad[0, 0]) + r0, int(bad[0, 1])
+                raise NonFiniteError(f"NaN or Inf in the FP8 data (first at row {r}, column {c}); refusing to "
+                                     f"dequantize", source=o.src_file, key=safe_name(o.name))
             y = x.to(target)
             ds, de = _errstats(x, y.float())
             sig, err = sig + ds, err + de
