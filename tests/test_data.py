@@ -238,3 +238,22 @@ def test_bundled_corpus_is_small_and_cached(tmp_path):
     assert meta["splits"]["train"]["tokens"] > 5_000_000 and meta["splits"]["val"]["tokens"] > 100_000
     text = ByteTokenizer().decode(np.fromfile(d1 / "val_000.bin", dtype=np.uint32, count=2000))
     assert sum(c.isalpha() for c in text) > 1000  # real text
+
+
+def test_bundled_dataset_falls_back_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    import errno
+
+    import yxanul.data.prepare as prep
+    from yxanul.data import bundled_dataset
+
+    cache = tmp_path / "cache"
+    real = prep._ShardWriter.write
+
+    def full_in_cache(self, arr, doc=True):
+        if str(self.folder).startswith(str(cache)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, arr, doc)
+
+    monkeypatch.setattr(prep._ShardWriter, "write", full_in_cache)
+    out = bundled_dataset(cache=cache)
+    assert (out / "meta.json").is_file() and not str(out).startswith(str(cache))

@@ -33,6 +33,10 @@ _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")   # how safetensors reports a
 _TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "inline_container.cc")  # torch.save's failed writes
 
 
+class WriteError(YxanulError):
+    """An output could not be written (disk full, read-only folder, permission denied...)."""
+
+
 def read_checkpoint_meta_file(path: str | os.PathLike) -> dict:
     """A training checkpoint's meta.json as a dict; a missing or malformed file is a one-line YxanulError."""
     path = Path(path)
@@ -73,7 +77,7 @@ def write_error(exc: BaseException, target: str | os.PathLike, tmp: str | os.Pat
     if tmp is not None:
         with contextlib.suppress(ValueError):
             where = Path(target) / where.relative_to(tmp)
-    return YxanulError(f"cannot write: {cause}", source=clip(os.fsdecode(where)))
+    return WriteError(f"cannot write: {cause}", source=clip(os.fsdecode(where)))
 
 
 @contextlib.contextmanager
