@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -33,6 +35,12 @@ def _err_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
 
 
 def _siblings(path):
@@ -115,7 +123,7 @@ def test_export_never_deletes_the_run(tmp_path, capsys):
 def test_stale_temporaries_of_a_killed_run_are_removed_only_when_provably_ours(tmp_path):
     src = _ckpt(tmp_path / "in")
     out = tmp_path / "q"
-    dead = 2 ** 22 + 12345   # above the default pid_max: no such process
+    dead = _dead_pid()
     ours = tmp_path / f".q.{dead}-0badcafe.tmp"
     ours.mkdir()
     (ours / MARKER).write_text(json.dumps({"command": "quantize", "version": "0"}))
@@ -134,13 +142,15 @@ def test_stale_temporaries_of_a_killed_run_are_removed_only_when_provably_ours(t
 
 def test_stale_temporary_files_are_removed_by_the_next_write(tmp_path):
     target = tmp_path / "latest"
-    dead = 2 ** 22 + 54321
-    stale = tmp_path / f".latest.{dead}-0badcafe.tmp"
+    stale = tmp_path / f".latest.{_dead_pid()}-0badcafe.tmp"
     stale.write_text("half")
     unrelated = tmp_path / ".latest.abc.tmp"
     unrelated.write_text("not ours")
+    impossible = tmp_path / f".latest.{2 ** 70}-0badcafe.tmp"   # no process id we could have had
+    impossible.write_text("not ours")
     atomic_write_text(target, "step_00000010\n")
-    assert target.read_text() == "step_00000010\n" and not stale.exists() and unrelated.exists()
+    assert target.read_text() == "step_00000010\n" and not stale.exists()
+    assert unrelated.exists() and impossible.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,3 +409,16 @@ def test_dequantize_says_what_it_measured(tmp_path, capsys):
         assert main(["dequantize", str(tmp_path / "q"), str(tmp_path / f"d{dtype}"), "--dtype", dtype]) == 0
         out = capsys.readouterr().out
         assert "original weights are not available" in out and "SQNR exact" not in out
+
+
+def test_plot_never_writes_over_its_input_or_a_folder(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = "".join(json.dumps({"step": s, "loss": 3.0 - s / 10}) + "\n" for s in range(1, 6))
+    (run / "metrics.jsonl").write_text(metrics)
+    for out in (run / "metrics.jsonl", run):
+        assert main(["plot", str(run), "--out", str(out)]) == 2
+        assert "Traceback" not in _err_line(capsys)
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert main(["plot", str(run), "--out", str(run / "loss.png")]) == 0

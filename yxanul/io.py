@@ -154,7 +154,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, ValueError):   # someone else's, or not a process id we could own
         return True
     return True
 
