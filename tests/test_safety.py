@@ -110,7 +110,7 @@ def test_symlinked_output_into_the_input_is_refused(tmp_path, capsys):
 
 
 def test_export_never_deletes_the_run(tmp_path, capsys):
-    from tests.test_export import make_run
+    from test_export import make_run
 
     run, _ = make_run(tmp_path)
     files = sorted(p.relative_to(run) for p in run.rglob("*"))
@@ -319,7 +319,7 @@ def test_disk_full_during_conversion(tmp_path, capsys, monkeypatch, cmd):
 def test_disk_full_during_data_prepare_and_export(tmp_path, capsys, monkeypatch):
     import yxanul.checkpoint.export as exp
     import yxanul.data.prepare as prep
-    from tests.test_export import make_run
+    from test_export import make_run
 
     (tmp_path / "a.txt").write_text("hello\n" * 100)
     monkeypatch.setattr(prep._ShardWriter, "write", _enospc)
@@ -422,3 +422,10 @@ def test_plot_never_writes_over_its_input_or_a_folder(tmp_path, capsys):
         assert "Traceback" not in _err_line(capsys)
     assert (run / "metrics.jsonl").read_text() == metrics
     assert main(["plot", str(run), "--out", str(run / "loss.png")]) == 0
+
+
+def test_vocab_size_beyond_uint32_token_ids_is_refused(tmp_path, capsys):
+    p = tmp_path / "m.yaml"
+    p.write_text("preset: tiny\nvocab_size: 1000000000000\n")
+    assert main(["policy", "--model", str(p)]) == 2
+    assert "vocab_size" in _err_line(capsys)
