@@ -86,6 +86,36 @@ def test_small_input_moves_tail_to_val(tmp_path):
     assert m["splits"]["val"]["tokens"] == 100 and m["splits"]["train"]["tokens"] == 900
 
 
+def test_carved_validation_is_reported(tmp_path, capsys):
+    p = tmp_path / "one.txt"
+    p.write_text("x" * 999)
+    assert main(["data", "prepare", str(p), "--out", str(tmp_path / "o"), "--val-fraction", "0.1",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "carved from its tail" in out and "last 100 tokens" in out
+    assert json.loads((tmp_path / "o" / "meta.json").read_text())["val_source"] == "train tail"
+    assert main(["data", "prepare", str(p), "--val", str(p), "--out", str(tmp_path / "o2"), "--no-progress"]) == 0
+    assert "carved from its tail" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "o2" / "meta.json").read_text())["val_source"] == "val inputs"
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".txt.gz"])
+def test_invalid_utf8_is_counted_or_refused(tmp_path, capsys, suffix):
+    raw = b"good text\n\xff\xfe bad \xc3( bytes\n" if suffix != ".jsonl" else \
+        b'{"text": "ok \xff here"}\n{"text": "fine"}\n'
+    p = tmp_path / f"in{suffix}"
+    p.write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+    n = 3 if suffix != ".jsonl" else 1   # \xff, \xfe and the \xc3 that starts no valid sequence
+    assert main(["data", "prepare", str(p), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert f"{n} invalid UTF-8 sequence(s) replaced" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "meta.json").read_text())["invalid_utf8_replaced"] == n
+    assert main(["data", "prepare", str(p), "--out", str(tmp_path / "s"), "--errors", "strict",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(p) in err and "not valid UTF-8" in err and "--errors replace" in err
+    assert not (tmp_path / "s").exists()
+
+
 def test_prepare_errors_and_atomicity(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["data", "prepare", str(tmp_path / "missing.txt"), "--out", str(out), "--no-progress"]) == 2
@@ -208,3 +238,22 @@ def test_bundled_corpus_is_small_and_cached(tmp_path):
     assert meta["splits"]["train"]["tokens"] > 5_000_000 and meta["splits"]["val"]["tokens"] > 100_000
     text = ByteTokenizer().decode(np.fromfile(d1 / "val_000.bin", dtype=np.uint32, count=2000))
     assert sum(c.isalpha() for c in text) > 1000  # real text
+
+
+def test_bundled_dataset_falls_back_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    import errno
+
+    import yxanul.data.prepare as prep
+    from yxanul.data import bundled_dataset
+
+    cache = tmp_path / "cache"
+    real = prep._ShardWriter.write
+
+    def full_in_cache(self, arr, doc=True):
+        if str(self.folder).startswith(str(cache)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, arr, doc)
+
+    monkeypatch.setattr(prep._ShardWriter, "write", full_in_cache)
+    out = bundled_dataset(cache=cache)
+    assert (out / "meta.json").is_file() and not str(out).startswith(str(cache))

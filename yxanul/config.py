@@ -14,7 +14,20 @@ from typing import Any
 
 import yaml
 
-from .errors import YxanulError
+from .errors import YxanulError, brief
+
+MAX_YAML_BYTES = 16 * 1024 * 1024   # config files are small; a larger one is refused before parsing
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """The safe loader without aliases: ``*name`` could expand a small document into a huge structure."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not supported; write the "
+                                                          "value out", event.start_mark)
+        return super().compose_node(parent, index)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRESET_DIR = CONFIG_DIR / "models"
@@ -25,13 +38,16 @@ def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; malformed YAML or a non-mapping top level is a YxanulError."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_YAML_BYTES:
+            raise YxanulError(f"larger than {MAX_YAML_BYTES // (1024 * 1024)} MiB; not a config file",
+                              source=str(path))
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise YxanulError("file not found", source=str(path)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise YxanulError(f"cannot read: {e}", source=str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -54,18 +70,18 @@ def _coerce(value: Any, typ: Any, source: str, key: str) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
-        raise YxanulError(f"expected true/false, got {value!r}", source=source, key=key)
+        raise YxanulError(f"expected true/false, got {brief(value)}", source=source, key=key)
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise YxanulError(f"expected an integer, got {value!r}", source=source, key=key)
+            raise YxanulError(f"expected an integer, got {brief(value)}", source=source, key=key)
         return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise YxanulError(f"expected a number, got {value!r}", source=source, key=key)
+            raise YxanulError(f"expected a number, got {brief(value)}", source=source, key=key)
         return float(value)
     if typ is str:
         if not isinstance(value, str):
-            raise YxanulError(f"expected a string, got {value!r}", source=source, key=key)
+            raise YxanulError(f"expected a string, got {brief(value)}", source=source, key=key)
         return value
     return value
 
@@ -107,6 +123,9 @@ class ModelConfig:
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "max_seq_len"):
             if getattr(self, k) <= 0:
                 raise YxanulError(f"must be positive, got {getattr(self, k)}", source=source, key=k)
+        if self.vocab_size > 2 ** 32:
+            raise YxanulError(f"must be at most 2^32 (token ids are stored as uint32), got {self.vocab_size}",
+                              source=source, key="vocab_size")
         if self.n_heads % self.n_kv_heads:
             raise YxanulError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
                               source=source, key="n_kv_heads")

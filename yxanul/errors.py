@@ -1,4 +1,23 @@
 """One error type for everything a user can get wrong; the CLI maps it to exit code 2."""
+import reprlib
+
+MAX_USER_CHARS = 200
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 2, 80, 40, 40
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxarray = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 4
+
+
+def clip(text, limit: int = MAX_USER_CHARS) -> str:
+    """`text` fit for a one-line message: control characters escaped, at most `limit` characters."""
+    s = str(text)
+    if not s.isprintable():
+        s = s.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def brief(value, limit: int = MAX_USER_CHARS) -> str:
+    """A bounded repr of a user-supplied value: large or deeply nested structures are never expanded."""
+    return clip(_REPR.repr(value), limit)
 
 
 class YxanulError(Exception):
@@ -7,9 +26,9 @@ class YxanulError(Exception):
     def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
         parts = []
         if source:
-            parts.append(str(source))
+            parts.append(clip(source))
         if key:
-            parts.append(str(key))
+            parts.append(clip(key))
         prefix = ": ".join(parts)
         self.source = source
         self.key = key

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .config import DEFAULT_POLICY, dataclass_from_dict, load_yaml
-from .errors import YxanulError
+from .errors import YxanulError, brief
 from .fp8.options import Fp8Options
 from .fp8.recipe import Fp8Recipe
 
@@ -50,13 +50,13 @@ COMPONENT_KEYS = ("embeddings", "layer_norms", "attention_compute", "ffn_compute
 
 def canonical_dtype(value, source: str, key: str, fp8_format: str = "e4m3") -> str:
     if not isinstance(value, str):
-        raise YxanulError(f"expected a dtype name, got {value!r}", source=source, key=key)
+        raise YxanulError(f"expected a dtype name, got {brief(value)}", source=source, key=key)
     v = value.strip().lower()
     if v == "fp8":
         v = f"fp8_{fp8_format}"
     out = _DTYPE_ALIASES.get(v)
     if out is None:
-        raise YxanulError(f"unknown dtype {value!r} (expected one of: bfloat16, float16, float32, fp8_e4m3, "
+        raise YxanulError(f"unknown dtype {brief(value)} (expected one of: bfloat16, float16, float32, fp8_e4m3, "
                           f"fp8_e5m2)", source=source, key=key)
     return out
 

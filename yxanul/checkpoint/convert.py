@@ -4,10 +4,12 @@ Quantized layout: each selected weight ``<name>`` is stored as ``F8_E4M3`` (or `
 plus ``<name>_scale_inv`` (F32, ``[ceil(out / b), ceil(in / b)]``) so that ``w ~= q.float() * scale_inv`` per
 ``b x b`` block. ``config.json`` (when present) gets a ``quantization_config`` with ``quant_method: fp8``.
 
-Both directions stream tensor by tensor: the output header is planned from the input headers alone (shapes and
-dtypes are known before any data is read), written first, then each tensor is read, converted and appended.
-Peak memory is bounded by the largest tensor. Everything is written into a temporary folder renamed onto OUT
-only on success.
+Both directions stream: the output header is planned from the input headers alone (shapes and dtypes are known
+before any data is read), written first, then each tensor is read, converted and appended in row slabs one
+block high, so peak memory is bounded by a slab, not by the tensor. Before anything is written, the planned
+output size is checked against the free disk space and a slab's working memory against the available memory.
+Everything is written into a temporary folder renamed onto OUT only on success; OUT may not be, contain or lie
+inside the input, and ``--overwrite`` replaces only an empty folder or an earlier output of the same command.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import YxanulError
+from ..errors import NonFiniteError, YxanulError
+from ..io import atomic_dir, atomic_write_json, check_disk, check_memory
 from .analyze import classify, infer_block
 from .analyze import modules_to_not_convert as unquantized_linear_modules
 from .safetensors_header import DTYPE_BITS, INDEX_NAME, Checkpoint, TensorInfo, open_checkpoint, safe_name
@@ -98,6 +101,22 @@ def _copy_raw(src_file: str, t: TensorInfo, data_start: int, fh) -> None:
 def _tensor_bytes(t, fh) -> None:
     import torch
     fh.write(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
+
+
+_SLAB_BYTES_PER_ELEMENT = 24   # source + float32 copy + scaled copy + FP8 result + dequantized check, rounded up
+
+
+def _slabs(rows: int, height: int):
+    """(first, last) row ranges of `height` rows covering `rows`."""
+    for r0 in range(0, rows, height):
+        yield r0, min(rows, r0 + height)
+
+
+def _check_resources(dst, outs_by_shard: dict, slab_elements: int) -> None:
+    """Refuse up front when the output cannot fit on disk or one slab cannot fit in memory."""
+    need = sum(o.nbytes for outs in outs_by_shard.values() for o in outs)
+    check_disk(dst, need, what="the output")
+    check_memory(slab_elements * _SLAB_BYTES_PER_ELEMENT, what="one row slab")
 
 
 def _module_of(name: str) -> str:
@@ -215,8 +234,6 @@ def _copy_side_files(ck: Checkpoint, tmp: Path) -> list[str]:
 
 
 def _write_index(tmp: Path, ck: Checkpoint, shards: dict[str, list[_Out]], total: int, extra: dict) -> None:
-    from ..io import atomic_write_json
-
     if ck.index is None and len(shards) == 1:
         return
     meta = dict(ck.index.metadata) if ck.index else {}
@@ -244,7 +261,8 @@ def _torch_dtype(st: str):
             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[st]
 
 
-def _get(handles: dict, path: str, name: str):
+def _get(handles: dict, path: str, name: str, rows: tuple[int, int] | None = None):
+    """Tensor `name` of file `path` (only rows ``[r0, r1)`` when `rows` is given)."""
     from safetensors import safe_open
 
     h = handles.get(path)
@@ -255,7 +273,7 @@ def _get(handles: dict, path: str, name: str):
             raise _yerr(f"cannot open ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
                         source=path) from None
     try:
-        return h.get_tensor(name)
+        return h.get_tensor(name) if rows is None else h.get_slice(name)[rows[0]:rows[1]]
     except Exception as e:  # noqa: BLE001
         raise _yerr(f"cannot read tensor ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
                     source=path, key=safe_name(name)) from None
@@ -275,10 +293,8 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
     """
     import torch
 
-    from ..errors import NonFiniteError
     from ..fp8.formats import get_format
     from ..fp8.quant import compute_scale_inv, dequantize, quantize, scale_shape, tile_amax
-    from ..io import atomic_dir, atomic_write_json
     from ..precision import Policy, load_policy
 
     if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
@@ -287,7 +303,7 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
     skip = tuple(skip or ())
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
     ck = open_checkpoint(src)
-    _check_out_apart(ck, dst)
+    inputs = _inputs_of(src, ck)
     all_t = [t for _, t in ck.tensors()]
     for t in all_t:
         if t.dtype in _FP8 or t.name.endswith("_scale_inv"):
@@ -350,31 +366,37 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
     handles: dict = {}
     tot = {"sig": 0.0, "err": 0.0}
     data_starts = {h.path: h.data_start for h in ck.headers}
+    _check_resources(dst, shards, max((block * o.shape[1] for outs in shards.values() for o in outs
+                                       if o.op == "quant"), default=0))
 
     def produce(o: _Out, fh):
         if o.op == "copy":
             _copy_raw(o.src_file, o.src, data_starts[o.src_file], fh)
             return
         # scales are laid out before the 1-byte weights (alignment), so each is recomputed from the source
-        # when written: memory stays bounded by one tensor instead of a shard's worth of pending weights
+        # when written; both passes read one slab of `block` rows at a time
         key = o.src.name
-        x = _get(handles, o.src_file, key)
-        if o.op == "scale":   # the same scale quantize() computes, without building q
-            amax = tile_amax(x, block, block)
-            if not bool(torch.isfinite(amax).all()):
-                raise NonFiniteError("NaN or Inf in the input; refusing to quantize", source=o.src_file,
-                                     key=safe_name(key))
-            _tensor_bytes(compute_scale_inv(amax, f8, pow2_scales), fh)
-            return
-        q, s = quantize(x, tile, f8, pow2_scales=pow2_scales, nonfinite="raise", name=safe_name(key))
-        sig, err = _errstats(x.float(), dequantize(q, s, tile))
-        rel, sqnr = _rel_sqnr(sig, err)
-        row_of[key].update(rel_l2=rel, sqnr_db=sqnr)
-        tot["sig"] += sig
-        tot["err"] += err
-        _tensor_bytes(q, fh)
+        sig = err = 0.0
+        for rows in _slabs(o.src.shape[0], block):
+            x = _get(handles, o.src_file, key, rows)
+            if o.op == "scale":   # the same scale quantize() computes, without building q
+                amax = tile_amax(x, block, block)
+                if not bool(torch.isfinite(amax).all()):
+                    raise NonFiniteError("NaN or Inf in the input; refusing to quantize", source=o.src_file,
+                                         key=safe_name(key))
+                _tensor_bytes(compute_scale_inv(amax, f8, pow2_scales), fh)
+                continue
+            q, s = quantize(x, tile, f8, pow2_scales=pow2_scales, nonfinite="raise", name=safe_name(key))
+            ds, de = _errstats(x.float(), dequantize(q, s, tile))
+            sig, err = sig + ds, err + de
+            _tensor_bytes(q, fh)
+        if o.op == "quant":
+            rel, sqnr = _rel_sqnr(sig, err)
+            row_of[key].update(rel_l2=rel, sqnr_db=sqnr)
+            tot["sig"] += sig
+            tot["err"] += err
 
-    with torch.no_grad(), atomic_dir(dst, overwrite) as tmp:
+    with torch.no_grad(), atomic_dir(dst, overwrite, command="quantize", inputs=inputs) as tmp:
         _write_shards(tmp, ck, shards, produce)
         if cfg is not None:
             atomic_write_json(tmp / "config.json", {**cfg, "quantization_config": qcfg})
@@ -382,7 +404,7 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
     return _report(rows, tot, ck, dst, qcfg, warns, copied, cfg is not None, "quantize")
 
 
-def _report(rows, tot, ck, dst, qcfg, warns, copied, had_config, what) -> dict:
+def _report(rows, tot, ck, dst, qcfg, warns, copied, had_config, what, measured=None) -> dict:
     before = sum(r["bytes_before"] for r in rows)
     after = sum(r["bytes_after"] for r in rows)
     conv = [r for r in rows if r["action"] != "kept"]
@@ -400,6 +422,7 @@ def _report(rows, tot, ck, dst, qcfg, warns, copied, had_config, what) -> dict:
                    "bytes_before": before, "bytes_after": after,
                    "ratio": (after / before) if before else 1.0,
                    "rel_l2": rel, "sqnr_db": sqnr},
+        "error_measured": measured or "round trip: original weights vs their FP8 dequantization",
         "quantization_config": qcfg,
         "copied_files": copied,
         "warnings": warns,
@@ -421,31 +444,47 @@ def _write_shards(tmp: Path, ck, shards: dict, produce) -> int:
     return total_after
 
 
-def _check_out_apart(ck, dst) -> None:
-    """OUT must be neither an input file/folder nor a folder that contains one (--overwrite would delete it)."""
-    out = Path(dst).resolve()
-    inputs = [ck.root.resolve()] + [Path(h.path).resolve() for h in ck.headers]
-    for p in inputs:
-        if p == out or p.is_relative_to(out):
-            raise _yerr("output must differ from the input and must not contain it", source=str(dst))
+def _inputs_of(src, ck) -> list:
+    """Everything a conversion reads: the given path, its shards, index and config (a folder is one input)."""
+    inputs = [src] + [h.path for h in ck.headers] + [ck.root / "config.json"]
+    if ck.index is not None:
+        inputs += [ck.index.path, ck.root]
+    return inputs
 
 
-def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False) -> dict:
+def _declared_block(t: TensorInfo, st: TensorInfo, cfg_block, flag_block):
+    """The block of an FP8 weight: declared (config or --block), else inferred only when unambiguous."""
+    if cfg_block or flag_block:
+        return tuple(cfg_block or flag_block), None
+    blk = infer_block(t.shape, st.shape)
+    if blk is None:
+        return None, None
+    # a block inferred from shapes alone is trusted only if it is a power of two (128x128, per-row, ...)
+    # or spans the whole dim; anything else (a [3, 3] scale on [256, 256] -> 96) is a mismatch
+    odd = [b for b, n, s in zip(blk, t.shape, st.shape) if s != 1 and b & (b - 1)]
+    return tuple(blk), (f"block {blk[0]}x{blk[1]} inferred from the shapes is not a power of two" if odd else None)
+
+
+def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False, block: int | None = None) -> dict:
     """Turn every FP8 weight with a ``<name>_scale_inv`` back into ``dtype`` (bf16 or fp32); drop the scales.
 
-    The block comes from ``config.json``'s ``quantization_config.weight_block_size`` when present, otherwise it
-    is inferred from each weight/scale shape pair. Returns the report (per-tensor rows and totals).
+    The block comes from ``config.json``'s ``quantization_config.weight_block_size``, else from ``block``,
+    else it is inferred from each weight/scale shape pair (a power of two, or a whole dim). Every scale must be
+    finite and positive and every dequantized value finite (FP8 NaN bytes are refused). The original weights
+    are not available here, so the report's error is the rounding the output dtype adds to the FP8 values.
+    Returns the report (per-tensor rows and totals).
     """
     import torch
 
     from ..fp8.quant import dequantize, scale_shape
-    from ..io import atomic_dir, atomic_write_json
 
     dt = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}.get(str(dtype).lower())
     if dt is None:
         raise _yerr(f"unknown dtype {dtype!r} (expected bf16 or fp32)", key="--dtype")
+    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block <= 0):
+        raise _yerr(f"block size must be a positive integer, got {block!r}", key="--block")
     ck = open_checkpoint(src)
-    _check_out_apart(ck, dst)
+    inputs = _inputs_of(src, ck)
     cfg, cfg_path = _read_config(ck)
     qcfg = (cfg or {}).get("quantization_config")
     cfg_block = None
@@ -492,11 +531,12 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
             if len(t.shape) != 2:
                 raise _yerr(f"FP8 block weight must be 2-D, got shape {list(t.shape)}", source=h.path,
                             key=safe_name(t.name))
-            blk = cfg_block or (tuple(infer_block(t.shape, st.shape) or ()) or None)
-            if blk is None or tuple(st.shape) != tuple(scale_shape(t.shape, blk)):
-                exp = f"expected {list(scale_shape(t.shape, blk))} for block {list(blk)}" if blk else \
-                    "no block size fits"
-                raise _yerr(f"scale shape {list(st.shape)} inconsistent with weight {list(t.shape)} ({exp})",
+            blk, doubt = _declared_block(t, st, cfg_block, (block, block) if block else None)
+            if blk is None or doubt or tuple(st.shape) != tuple(scale_shape(t.shape, blk)):
+                exp = doubt or (f"expected {list(scale_shape(t.shape, blk))} for block {list(blk)}" if blk else
+                                "no block size fits")
+                raise _yerr(f"scale shape {list(st.shape)} inconsistent with weight {list(t.shape)} ({exp}; "
+                            f"declare the block with --block or quantization_config.weight_block_size)",
                             source=sh.path, key=safe_name(sname))
             blocks[t.name] = tuple(blk)
             scales_used.add(sname)
@@ -510,28 +550,38 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
     handles: dict = {}
     tot = {"sig": 0.0, "err": 0.0}
     target = _torch_dtype(dt)
+    _check_resources(dst, shards, max((blocks[o.name][0] * o.shape[1] for outs in shards.values() for o in outs
+                                       if o.op == "dequant"), default=0))
 
     def produce(o: _Out, fh):
         if o.op == "copy":
             _copy_raw(o.src_file, o.src, data_starts[o.src_file], fh)
             return
-        q = _get(handles, o.src_file, o.name)
-        s = _get(handles, where[o.name + "_scale_inv"][0].path, o.name + "_scale_inv").float()
-        if not bool(torch.isfinite(s).all()):
-            raise _yerr("non-finite block scale", source=o.src_file, key=safe_name(o.name + "_scale_inv"))
-        x = dequantize(q, s, blocks[o.name], dtype=torch.float32)
-        y = x.to(target)
-        if dt != "F32":   # report the rounding the output dtype adds to the FP8 values
-            sig, err = _errstats(x, y.float())
-            rel, sqnr = _rel_sqnr(sig, err)
-            row_of[o.name].update(rel_l2=rel, sqnr_db=sqnr)
-            tot["sig"] += sig
-            tot["err"] += err
-        else:
-            row_of[o.name].update(rel_l2=0.0, sqnr_db=None)
-        _tensor_bytes(y, fh)
+        br, bc = blocks[o.name]
+        sname = o.name + "_scale_inv"
+        spath = where[sname][0].path
+        sig = err = 0.0
+        for r0, r1 in _slabs(o.shape[0], br):
+            q = _get(handles, o.src_file, o.name, (r0, r1))
+            s = _get(handles, spath, sname, (r0 // br, r0 // br + 1)).float()
+            if not bool((torch.isfinite(s) & (s > 0)).all()):
+                raise _yerr("block scales must be finite and positive", source=spath, key=safe_name(sname))
+            x = dequantize(q, s, (br, bc), dtype=torch.float32)
+            bad = (~torch.isfinite(x)).nonzero()
+            if bad.numel():
+                r, c = int(bad[0, 0]) + r0, int(bad[0, 1])
+                raise NonFiniteError(f"NaN or Inf in the FP8 data (first at row {r}, column {c}); refusing to "
+                                     f"dequantize", source=o.src_file, key=safe_name(o.name))
+            y = x.to(target)
+            ds, de = _errstats(x, y.float())
+            sig, err = sig + ds, err + de
+            _tensor_bytes(y, fh)
+        rel, sqnr = _rel_sqnr(sig, err)
+        row_of[o.name].update(rel_l2=rel, sqnr_db=sqnr)
+        tot["sig"] += sig
+        tot["err"] += err
 
-    with torch.no_grad(), atomic_dir(dst, overwrite) as tmp:
+    with torch.no_grad(), atomic_dir(dst, overwrite, command="dequantize", inputs=inputs) as tmp:
         _write_shards(tmp, ck, shards, produce)
         if cfg is not None:
             out_cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
@@ -539,4 +589,7 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
                 out_cfg["torch_dtype"] = "bfloat16"
             atomic_write_json(tmp / "config.json", out_cfg)
         copied = _copy_side_files(ck, tmp)
-    return _report(rows, tot, ck, dst, None, [], copied, cfg is not None, "dequantize")
+    measured = (f"{dt} rounding of the dequantized FP8 values (the original weights are not available)"
+                if dt != "F32" else "none: FP32 holds the dequantized FP8 values exactly "
+                                    "(the original weights are not available)")
+    return _report(rows, tot, ck, dst, None, [], copied, cfg is not None, "dequantize", measured)

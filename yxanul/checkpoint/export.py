@@ -17,6 +17,7 @@ both the lookup (``E[i] @ P.T``) and the tied head (``h @ (E @ P.T).T = (h @ P) 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -253,17 +254,17 @@ def export_hf(ckpt: str | Path, out: str | Path, *, fp8: bool = False, overwrite
     ``fp8``: quantize the policy's FP8 linears into E4M3 ``block x block`` tiles with FP32 ``weight_scale_inv``
     and a ``quantization_config`` (transformers FineGrainedFP8 / vLLM format); the rest stays `dtype`.
     """
-    from ..io import atomic_dir
+    from ..io import atomic_dir, check_apart, check_replaceable
 
     if dtype not in DTYPES:
         raise YxanulError(f"unknown dtype {dtype!r} (expected bf16, fp16 or fp32)", source="--dtype")
     dtype = DTYPES[dtype]
     if fp8 and dtype == "float32":
         raise YxanulError("--fp8 keeps the unquantized tensors in BF16; drop --dtype fp32", source="--dtype")
-    if Path(out).exists() and not overwrite:
-        raise YxanulError("exists; pass --overwrite to replace it", source=str(out))
+    check_apart(out, [ckpt])
+    check_replaceable(out, "export", overwrite)
     cfg, sd, meta = load_checkpoint_weights(ckpt, model)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, command="export", inputs=[ckpt]) as tmp:
         if not fp8:
             rep = _write_bf16_folder(tmp, cfg, sd, meta, dtype, max_shard_size)
             rep["quantization_config"] = None
@@ -274,8 +275,11 @@ def export_hf(ckpt: str | Path, out: str | Path, *, fp8: bool = False, overwrite
                 src = Path(td) / "bf16"
                 src.mkdir()
                 rep = _write_bf16_folder(src, cfg, sd, meta, dtype, max_shard_size)
-                qrep = quantize_checkpoint(src, tmp, block=block, fmt="e4m3", pow2_scales=False, skip=(),
-                                           policy=policy, overwrite=True)
+                qrep = quantize_checkpoint(src, Path(td) / "fp8", block=block, fmt="e4m3", pow2_scales=False,
+                                           skip=(), policy=policy)
+                for f in (Path(td) / "fp8").iterdir():
+                    if not (tmp / f.name).exists():
+                        os.replace(f, tmp / f.name)
                 for f in src.iterdir():  # side files the converter does not carry over
                     if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith(".safetensors") \
                             and f.name != "model.safetensors.index.json":

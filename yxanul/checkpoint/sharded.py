@@ -559,7 +559,7 @@ def consolidate_checkpoint(src: str | Path, out: str | Path, overwrite: bool = F
               "yxanul_step": str(meta.get("step", "")), "yxanul_source": kind}
     if meta.get("tokenizer") is not None:
         header["yxanul_tokenizer"] = json.dumps(meta["tokenizer"])
-    with atomic_path(out) as tmp:
+    with atomic_path(out, inputs=[src, ckpt / "model.safetensors", ckpt / "meta.json", ckpt / DCP_FOLDER]) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return {"source": str(ckpt), "format": kind, "step": meta.get("step"), "model": cfg.name, "out": str(out),
             "tensors": len(tensors), "params": int(sum(t.numel() for n, t in tensors.items() if n in shapes)),

@@ -19,7 +19,10 @@ def register(sub) -> None:
     q.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
     q.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     q.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 2^27)")
-    q.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    q.add_argument("--errors", choices=("strict", "replace"), default="replace",
+                   help="invalid UTF-8 in text inputs: replace with U+FFFD and count (default), or stop (strict)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace DIR if it is an empty folder or an earlier `yxanul data prepare` output")
     q.add_argument("--no-progress", dest="progress", action="store_false")
     q.set_defaults(func=run_prepare)
     i = dsub.add_parser("info", help="summarize a prepared data folder")
@@ -37,11 +40,18 @@ def run_prepare(args: argparse.Namespace) -> int:
         raise YxanulError("must be positive", source="data prepare", key="--shard-tokens")
     meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
                    overwrite=args.overwrite, val_inputs=args.val, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
-                   progress=args.progress)
+                   progress=args.progress, errors=args.errors)
     s = meta["splits"]
     print(f"{args.out}: tokenizer {meta['tokenizer']['name']} (vocab {meta['vocab_size']}, eot {meta['eot_id']}) | "
           f"train {s['train']['tokens']:,} tokens / {s['train']['documents']:,} docs | "
           f"val {s['val']['tokens']:,} tokens / {s['val']['documents']:,} docs")
+    if meta.get("val_source") == "train tail":
+        print(f"note: no document fell into validation (too few documents for --val-fraction "
+              f"{meta['val_fraction']}); validation is the last {s['val']['tokens']:,} tokens of the training "
+              f"text, carved from its tail; pass --val FILE for a separate validation set")
+    if meta.get("invalid_utf8_replaced"):
+        print(f"note: {meta['invalid_utf8_replaced']:,} invalid UTF-8 sequence(s) replaced with U+FFFD "
+              f"(--errors strict refuses them)")
     return 0
 
 

@@ -9,7 +9,8 @@ def register(sub):
     p.add_argument("ckpt", metavar="CKPT_OR_RUN_DIR", help="run folder (latest checkpoint), step folder, or .safetensors")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fp8", action="store_true", help="FP8 E4M3 128x128-block weights with quantization_config")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an empty folder or an earlier `yxanul export` output")
     p.add_argument("--model", default=None, help="preset or YAML (required for a bare .safetensors file)")
     p.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32 for the unquantized tensors")
     p.add_argument("--max-shard-size", type=int, default=5 * 1024**3, help="bytes per safetensors shard")

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(args.out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, inputs=[Path(r) / "metrics.jsonl" for r in args.runs]) as tmp:
         fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     print(f"wrote {out}")

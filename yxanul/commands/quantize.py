@@ -1,6 +1,7 @@
 """`yxanul quantize` / `yxanul dequantize`: FP8 block checkpoints in the HF FineGrainedFP8 / vLLM layout."""
 from __future__ import annotations
 
+from ..errors import clip
 from ._common import human_bytes, print_json, table
 
 
@@ -16,7 +17,8 @@ def register(sub):
     p.add_argument("--skip", nargs="+", default=[], metavar="GLOB", help="tensor/module name globs to keep")
     p.add_argument("--policy", default=None, metavar="POLICY.yaml",
                    help="precision policy (default: configs/mixed_precision_config.yaml)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an empty folder or an earlier `yxanul quantize` output")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_quantize)
 
@@ -26,7 +28,11 @@ def register(sub):
     d.add_argument("src", metavar="IN", help=".safetensors file, folder of shards, or index json")
     d.add_argument("dst", metavar="OUT", help="output folder")
     d.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="output dtype (default bf16)")
-    d.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    d.add_argument("--block", type=int, default=None,
+                   help="square block size, when config.json declares no quantization_config.weight_block_size "
+                        "(default: inferred from the shapes when unambiguous)")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an empty folder or an earlier `yxanul dequantize` output")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=run_dequantize)
 
@@ -43,21 +49,26 @@ def _print(rep: dict) -> None:
     for r in rep["tensors"]:
         e, s = _fmt_err(r)
         shape = "x".join(map(str, r["shape"])) or "scalar"
-        rows.append([r["name"], shape, f"{r['dtype']}->{r['out_dtype']}" if r["action"] != "kept" else r["dtype"],
+        rows.append([clip(r["name"], 80), shape, f"{r['dtype']}->{r['out_dtype']}" if r["action"] != "kept" else r["dtype"],
                      r["action"], e, s, human_bytes(r["bytes_before"]), human_bytes(r["bytes_after"])])
-    print(table(rows, ["tensor", "shape", "dtype", "action", "rel L2", "SQNR dB", "before", "after"], "llllrrrr"))
+    err_cols = ["rel L2 vs FP8", "SQNR dB"] if rep["command"] == "dequantize" else ["rel L2", "SQNR dB"]
+    print(table(rows, ["tensor", "shape", "dtype", "action", *err_cols, "before", "after"], "llllrrrr"))
     t = rep["totals"]
     print()
     rel = f"{t['rel_l2']:.3e}"
     sq = "exact" if t["sqnr_db"] is None else f"{t['sqnr_db']:.2f} dB"
-    print(f"{rep['command']}: {rep['input']} -> {rep['output']}")
+    print(f"{rep['command']}: {clip(rep['input'], 400)} -> {clip(rep['output'], 400)}")
     print(f"tensors: {t['tensors']} ({t['converted']} converted, {t['kept']} kept), "
           f"{t['converted_params']:,} params converted")
     print(f"bytes: {t['bytes_before']:,} ({human_bytes(t['bytes_before'])}) -> {t['bytes_after']:,} "
           f"({human_bytes(t['bytes_after'])}), ratio {t['ratio']:.3f}")
-    print(f"overall error over converted tensors: rel L2 {rel}, SQNR {sq}")
+    if rep["command"] == "dequantize":
+        print(f"error measured: {rep['error_measured']}: rel L2 {rel}"
+              + ("" if t["sqnr_db"] is None else f", SQNR {sq}"))
+    else:
+        print(f"overall error over converted tensors (original vs FP8 round trip): rel L2 {rel}, SQNR {sq}")
     for w in rep["warnings"]:
-        print(f"warning: {w}")
+        print(f"warning: {clip(w, 1000)}")
 
 
 def run_quantize(args):
@@ -72,6 +83,6 @@ def run_quantize(args):
 def run_dequantize(args):
     from ..checkpoint.convert import dequantize_checkpoint
 
-    rep = dequantize_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    rep = dequantize_checkpoint(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, block=args.block)
     print_json(rep) if args.json else _print(rep)
     return 0

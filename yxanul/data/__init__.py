@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import YxanulError
+from ..io import WriteError
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 
@@ -49,7 +50,7 @@ def bundled_dataset(tokenizer="bytes", cache: str | Path | None = None, progress
             root.mkdir(parents=True, exist_ok=True)
             prepare([str(train)], tok, out, val_inputs=[str(val)], overwrite=True, progress=progress)
             return out
-        except (OSError, PermissionError):
+        except (OSError, WriteError):
             continue
     import tempfile
     out = Path(tempfile.mkdtemp(prefix="yxanul-corpus-")) / key

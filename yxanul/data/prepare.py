@@ -8,11 +8,18 @@ document. A JSON record or parquet row is one document.
 
 Every document is followed by the tokenizer's end-of-text id. A document goes to validation when a stable hash
 of (its source, its index) falls below ``val_fraction``, so the split does not depend on the worker count; if
-no document lands there (tiny inputs), the last ``val_fraction`` of the training tokens are moved instead.
-Explicit validation inputs (``val_inputs``) replace the random split.
+no document lands there (tiny inputs), the last ``val_fraction`` of the training tokens are moved instead
+(``meta.json`` records which: ``val_source`` is ``documents``, ``train tail`` or ``val inputs``). Explicit
+validation inputs (``val_inputs``) replace the random split.
+
+Text is decoded as UTF-8. With ``errors="replace"`` (the default) invalid byte sequences become U+FFFD and are
+counted (``invalid_utf8_replaced`` in ``meta.json``); with ``errors="strict"`` the first one is an error naming
+the file. The output folder may not be, contain or lie inside an input; ``overwrite`` replaces only an empty
+folder or an earlier output of this command.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -24,22 +31,43 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import YxanulError
+from ..errors import YxanulError, clip
 from ..io import atomic_dir
 from .tokenizers import get_tokenizer
 
 FORMAT = "yxanul-tokens"
 SEPARATOR_LINE = "<|endoftext|>"
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens = 512 MiB per shard
+ERRORS = ("strict", "replace")
+_COUNTING_REPLACE = "yxanul-count-replace"
+_replaced = [0]   # invalid UTF-8 sequences replaced so far (decoding happens in the main process)
 
 
-def _open_text(path: Path):
+def _count_replace(exc: UnicodeDecodeError):
+    _replaced[0] += 1
+    return "\ufffd", exc.end
+
+
+codecs.register_error(_COUNTING_REPLACE, _count_replace)
+
+
+def _open_text(path: Path, errors: str = "replace"):
+    handler = _COUNTING_REPLACE if errors == "replace" else "strict"
     name = path.name
     if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8", errors="replace")
+        return lzma.open(path, "rt", encoding="utf-8", errors=handler)
     if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, "r", encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8", errors=handler)
+    return open(path, "r", encoding="utf-8", errors=handler)
+
+
+def _strict_text(lines, path: Path):
+    """Lines of a text file; an invalid UTF-8 sequence under ``errors="strict"`` is a one-line error."""
+    try:
+        yield from lines
+    except UnicodeDecodeError as e:
+        raise YxanulError(f"not valid UTF-8 ({e.reason}); pass --errors replace to substitute U+FFFD",
+                          source=clip(path)) from None
 
 
 def _base_suffix(path: Path) -> str:
@@ -50,10 +78,10 @@ def _base_suffix(path: Path) -> str:
     return Path(name).suffix.lower()
 
 
-def _text_docs(path: Path) -> Iterator[str]:
+def _text_docs(path: Path, errors: str = "replace") -> Iterator[str]:
     buf: list[str] = []
-    with _open_text(path) as f:
-        for line in f:
+    with _open_text(path, errors) as f:
+        for line in _strict_text(f, path):
             if line.rstrip("\r\n") == SEPARATOR_LINE:
                 doc = "".join(buf)
                 if doc.endswith("\n"):
@@ -70,9 +98,9 @@ def _text_docs(path: Path) -> Iterator[str]:
         yield doc
 
 
-def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
+def _jsonl_docs(path: Path, field: str, errors: str = "replace") -> Iterator[str]:
+    with _open_text(path, errors) as f:
+        for n, line in enumerate(_strict_text(f, path), 1):
             if not line.strip():
                 continue
             try:
@@ -143,17 +171,17 @@ def resolve_inputs(inputs: list[str]) -> list[tuple[str, object]]:
     return out
 
 
-def iter_documents(label: str, item, field: str = "text") -> Iterator[str]:
+def iter_documents(label: str, item, field: str = "text", errors: str = "replace") -> Iterator[str]:
     if isinstance(item, str):
         yield from _hf_docs(item, field)
         return
     suf = _base_suffix(item)
     if suf in (".jsonl", ".json", ".ndjson"):
-        yield from _jsonl_docs(item, field)
+        yield from _jsonl_docs(item, field, errors)
     elif suf == ".parquet":
         yield from _parquet_docs(item, field)
     else:
-        yield from _text_docs(item)
+        yield from _text_docs(item, errors)
 
 
 def _is_val(label: str, index: int, fraction: float) -> bool:
@@ -218,10 +246,10 @@ class _ShardWriter:
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
 
 
-def _doc_stream(items, val_fraction: float, forced_split: str | None, stats: dict):
+def _doc_stream(items, val_fraction: float, forced_split: str | None, stats: dict, errors: str = "replace"):
     for label, item in items:
         n = 0
-        for i, doc in enumerate(iter_documents(label, item)):
+        for i, doc in enumerate(iter_documents(label, item, errors=errors)):
             split = forced_split or ("val" if _is_val(label, i, val_fraction) else "train")
             n += 1
             yield split, doc
@@ -243,8 +271,11 @@ def _batched(stream, size: int = 256, max_chars: int = 4 << 20):
 
 def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float = 0.01, workers: int = 1,
             overwrite: bool = False, val_inputs: list[str] | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            progress: bool = True) -> dict:
+            progress: bool = True, errors: str = "replace") -> dict:
     """Tokenize `inputs` into `out` (atomically); returns the written meta.json content."""
+    if errors not in ERRORS:
+        raise YxanulError(f"must be one of {', '.join(ERRORS)}, got {clip(errors)}", source="data prepare",
+                          key="--errors")
     if not inputs:
         raise YxanulError("no inputs given", source="data prepare")
     if not 0.0 <= val_fraction < 1.0:
@@ -258,15 +289,17 @@ def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float =
     from tqdm.auto import tqdm
 
     stats: dict[str, int] = {}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    read = [s for s in [*inputs, *(val_inputs or [])] if not str(s).startswith("hf:")]
+    _replaced[0] = 0
+    with atomic_dir(out, overwrite=overwrite, command="data prepare", inputs=read) as tmp:
         writers = {"train": _ShardWriter(tmp, "train", shard_tokens), "val": _ShardWriter(tmp, "val", shard_tokens)}
 
         def stream():
             if val_items:
-                yield from _doc_stream(items, 0.0, "train", stats)
-                yield from _doc_stream(val_items, 0.0, "val", stats)
+                yield from _doc_stream(items, 0.0, "train", stats, errors)
+                yield from _doc_stream(val_items, 0.0, "val", stats, errors)
             else:
-                yield from _doc_stream(items, val_fraction, None, stats)
+                yield from _doc_stream(items, val_fraction, None, stats, errors)
 
         bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress, leave=False)
         pool = None
@@ -295,6 +328,7 @@ def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float =
                 w.close()
 
         train, val = writers["train"], writers["val"]
+        val_source = "val inputs" if val_items else ("documents" if val.tokens else None)
         if train.tokens == 0 and val.tokens > 0 and not val_items:
             # every document hashed into val (only a few documents): they become train, and the tail of the
             # tokens moves to val below
@@ -308,6 +342,7 @@ def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float =
             raise YxanulError("inputs hold no text", source=", ".join(map(str, inputs)))
         if val.tokens == 0 and val_fraction > 0 and not val_items:
             _move_tail_to_val(tmp, train, val, val_fraction)
+            val_source = "train tail" if val.tokens else None
         if max(train.max_id, val.max_id) >= tok.vocab_size:
             raise YxanulError(f"tokenizer produced id {max(train.max_id, val.max_id)} >= its vocab_size "
                               f"{tok.vocab_size}", source=str(meta_tok.get("path") or meta_tok["kind"]))
@@ -316,6 +351,8 @@ def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float =
             "tokenizer": meta_tok, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
             "max_token_id": max(train.max_id, val.max_id),
             "val_fraction": val_fraction if not val_items else None,
+            "val_source": val_source,
+            "invalid_utf8_replaced": _replaced[0],
             "splits": {"train": train.info(), "val": val.info()},
             "sources": [{"source": k, "documents": v} for k, v in stats.items()],
         }
