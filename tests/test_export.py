@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from yxanul.checkpoint.export import export_hf, load_checkpoint_weights
+from yxanul.checkpoint.layout import sha256_of
 from yxanul.cli import main
 from yxanul.config import load_model_config
 from yxanul.errors import YxanulError
@@ -27,8 +28,10 @@ def make_run(tmp_path, overrides=None, name="run"):
     sd = {k: v.contiguous() for k, v in m.state_dict().items()}
     sd["layers.0.attn.q_proj.fp8_amax_history"] = torch.zeros(16)  # non-parameter keys are ignored
     save_file(sd, str(step / "model.safetensors"))
+    weights = step / "model.safetensors"
     meta = {"step": 10, "model_config": dataclasses.asdict(cfg),
-            "tokenizer": {"kind": "bytes", "path": None, "vocab_size": 257, "eot_id": 256}}
+            "tokenizer": {"kind": "bytes", "path": None, "vocab_size": 257, "eot_id": 256},
+            "files": {"model.safetensors": {"bytes": weights.stat().st_size, "sha256": sha256_of(weights)}}}
     (step / "meta.json").write_text(json.dumps(meta))
     (tmp_path / name / "checkpoints" / "latest").write_text("step_00000010\n")
     return tmp_path / name, m.eval()
