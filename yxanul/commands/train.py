@@ -66,7 +66,16 @@ def register(sub) -> None:
     p.add_argument("--max-bad-steps", type=int, help="stop after K consecutive non-finite steps")
     p.add_argument("--inject-nan-at", metavar="STEPS", help="debugging aid: make these steps' loss NaN ('5,7-9')")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.config_defaults = _config_defaults  # --help shows TrainConfig's defaults for flags left unset
     p.set_defaults(func=run)
+
+
+def _config_defaults() -> dict:
+    import dataclasses
+
+    from ..train import TrainConfig
+
+    return dataclasses.asdict(TrainConfig())
 
 
 def run(args: argparse.Namespace) -> int:
