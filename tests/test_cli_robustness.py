@@ -82,3 +82,60 @@ def test_help_shows_defaults(capsys):
     assert "--no-progress no progress bar" in flat["train"]  # switches carry no default
     for name, text in flat.items():
         assert "(default: None)" not in text and "(default: False)" not in text, name
+
+
+# -- numeric bounds -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--batch-size", "100000000000000"], "batch_size"),
+    (["--lr", "1e308"], "lr: must be <= 10"),
+    (["--lr", "nan"], "lr"),
+    (["--lr", "inf"], "lr"),
+    (["--inject-nan-at", "9-3"], "inject_nan_at"),
+    (["--inject-nan-at", "1-x"], "inject_nan_at"),
+])
+def test_train_absurd_numbers_one_line(tmp_path, capsys, flags, needle):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "1", "--out", str(out), "--no-progress"] + flags) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_train_config_bounds(tmp_path, capsys):
+    from yxanul.errors import YxanulError
+    from yxanul.train import TrainConfig
+
+    for kwargs in ({"loss_scale_init": float("inf")}, {"loss_scale_init": float("nan")},
+                   {"loss_scale_init": 2.0 ** 70}, {"lr": 1e308, "min_lr": 0.0}, {"batch_size": 2 ** 40}):
+        with pytest.raises(YxanulError):
+            TrainConfig(**kwargs).validate()
+    TrainConfig(lr=1.0, min_lr=0.1, loss_scale_init=2.0 ** 16).validate()
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("loss_scale_init: .inf\n")
+    assert main(["train", "--train-config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    _one_line_error(capsys, "t.yaml", "loss_scale_init")
+
+
+def test_inject_nan_steps_are_lazy():
+    import time
+
+    from yxanul.train import parse_steps
+
+    t0 = time.perf_counter()
+    steps = parse_steps("1-100000000000,200000000005")
+    assert time.perf_counter() - t0 < 0.1
+    assert 1 in steps and 100000000000 in steps and 100000000001 not in steps and 200000000005 in steps
+    assert 0 not in steps
+    small = parse_steps("3,5-7")
+    assert [s for s in range(10) if s in small] == [3, 5, 6, 7]
+    assert not parse_steps("") and small
+
+
+@pytest.mark.parametrize("key, value", [("vocab_size", 10 ** 12), ("d_model", 10 ** 9), ("n_layers", 10 ** 8)])
+def test_model_config_absurd_sizes(tmp_path, capsys, key, value):
+    y = tmp_path / "m.yaml"
+    y.write_text(f"preset: tiny\n{key}: {value}\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(y), "--steps", "1", "--out", str(out), "--no-progress"]) == 2
+    _one_line_error(capsys, "m.yaml", key)
+    assert not out.exists()
