@@ -139,3 +139,58 @@ def test_model_config_absurd_sizes(tmp_path, capsys, key, value):
     assert main(["train", "--model", str(y), "--steps", "1", "--out", str(out), "--no-progress"]) == 2
     _one_line_error(capsys, "m.yaml", key)
     assert not out.exists()
+
+
+# -- data shards --------------------------------------------------------------------------------------------------
+
+def _corrupt_data(tmp_path, split, bad_id, meta_max=None):
+    import numpy as np
+
+    from yxanul.data.loader import read_meta
+    from yxanul.data.prepare import prepare
+    from yxanul.data.tokenizers import ByteTokenizer
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    src = tmp_path / "t.txt"
+    src.write_text("".join(chr(97 + i % 26) for i in range(6000)))
+    d = tmp_path / "d"
+    prepare([str(src)], ByteTokenizer(), d, val_fraction=0.2, progress=False, shard_tokens=1000)
+    shard = d / read_meta(d)["splits"][split]["shards"][-1]["file"]
+    arr = np.memmap(shard, dtype=np.uint32, mode="r+")
+    arr[:] = bad_id
+    arr.flush()
+    del arr
+    if meta_max is not None:
+        meta = json.loads((d / "meta.json").read_text())
+        meta["max_token_id"] = meta_max
+        (d / "meta.json").write_text(json.dumps(meta))
+    return d, shard
+
+
+@pytest.mark.parametrize("bad_id, meta_max", [(70000, None), (200, 150)])  # the first is above any vocabulary
+def test_token_id_above_meta_maximum_names_the_shard(tmp_path, bad_id, meta_max):
+    from yxanul.data.loader import DataLoader
+    from yxanul.errors import YxanulError
+
+    d, shard = _corrupt_data(tmp_path, "train", bad_id, meta_max)
+    loader = DataLoader(d, 4, 16, seed=0)
+    assert loader.max_id == (meta_max or 256)
+    with pytest.raises(YxanulError, match=f"token id {bad_id} .*max_token_id") as e:
+        for step in range(200):
+            loader.batch(step)
+    assert str(shard) in str(e.value)
+
+    d, shard = _corrupt_data(tmp_path / "v", "val", bad_id, meta_max)
+    loader = DataLoader(d, 4, 16, seed=0)
+    with pytest.raises(YxanulError, match=f"token id {bad_id}") as e:
+        list(loader.val_batches(200))
+    assert str(shard) in str(e.value)
+
+
+def test_train_on_corrupt_shard_one_line(tmp_path, capsys):
+    d, shard = _corrupt_data(tmp_path, "train", 70000)
+    argv = ["train", "--data", str(d), "--model", "tiny", "--steps", "40", "--batch-size", "8", "--seq-len", "16",
+            "--eval-every", "0", "--checkpoint-every", "0", "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and shard.name in err and "max_token_id" in err, err
