@@ -189,3 +189,22 @@ def test_non_finite_weights_refused(ckpt, capsys):
     cap = capsys.readouterr()
     assert cap.out == "" and cap.err.count("\n") == 1
     assert "layers.1.mlp.up_proj.weight" in cap.err and "NaN" in cap.err
+
+
+@pytest.mark.gpu
+def test_generate_exported_fp8_on_cuda_matches_cpu(ckpt, tmp_path, capsys):
+    from yxanul.checkpoint.export import export_hf
+    from yxanul.generate import load_for_generation
+
+    run, _ = ckpt
+    hf = tmp_path / "hf"
+    export_hf(run, hf, fp8=True)
+    m, _ = load_for_generation(hf)
+    x = torch.randint(0, 257, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cpu = m(x)
+        gpu = m.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
+    args = ["generate", str(hf), "--prompt", "Hi", "--max-new-tokens", "6", "--temperature", "0", "--echo-prompt"]
+    assert main(args + ["--device", "cuda"]) == 0
+    assert capsys.readouterr().out.startswith("Hi")
