@@ -238,3 +238,23 @@ def test_mismatched_scale_is_a_warning_not_a_pair(tmp_path):
                                                      ("b.weight_scale_inv", "F32", (2, 2))])
     rep = analyze(path)
     assert rep["block_scales"] == [] and len(rep["warnings"]) == 2
+
+
+def test_run_folder_is_its_latest_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    for step, rows in ((1, 4), (2, 6)):
+        d = run / "checkpoints" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        save_file({"layers.0.mlp.up_proj.weight": torch.zeros(rows, 8)}, str(d / "model.safetensors"))
+        (d / "meta.json").write_text(json.dumps({"step": step}))
+    (run / "checkpoints" / "latest").write_text("step_00000002")
+    (run / "metrics.jsonl").write_text("")
+    rep = analyze(run)
+    assert rep["total_params"] == 48 and rep["path"].endswith("step_00000002/model.safetensors")
+    assert main(["analyze", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == 48
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    assert main(["analyze", str(empty)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1 and "no checkpoint" in cap.err

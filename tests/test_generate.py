@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from yxanul.cli import main
 from yxanul.config import load_model_config
+from yxanul.checkpoint.layout import sha256_of
 from yxanul.errors import YxanulError
 from yxanul.generate import KVCache, SamplingOptions, generate_ids, new_caches, sample_next
 from yxanul.model import Yxanul
@@ -20,8 +21,10 @@ def ckpt(tmp_path):
     step = tmp_path / "run" / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
     save_file(m.state_dict(), str(step / "model.safetensors"))
+    w = step / "model.safetensors"
     meta = {"step": 1, "model_config": dataclasses.asdict(cfg),
-            "tokenizer": {"kind": "bytes", "path": None, "vocab_size": 257, "eot_id": 256}}
+            "tokenizer": {"kind": "bytes", "path": None, "vocab_size": 257, "eot_id": 256},
+            "files": {"model.safetensors": {"bytes": w.stat().st_size, "sha256": sha256_of(w)}}}
     (step / "meta.json").write_text(json.dumps(meta))
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000001")
     return tmp_path / "run", m
@@ -92,3 +95,123 @@ def test_generate_errors(ckpt, tmp_path, capsys):
     (step / "meta.json").write_text(json.dumps(meta))
     assert main(["generate", str(run), "--prompt", "x"]) == 2
     assert "shape" in capsys.readouterr().err
+
+
+def _greedy(m, n=8):
+    return list(generate_ids(m, [72, 105], SamplingOptions(max_new_tokens=n, temperature=0, stop_at_eot=False)))
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_generate_from_exported_folder(ckpt, tmp_path, capsys, fp8):
+    from yxanul.checkpoint.export import export_hf
+    from yxanul.generate import load_for_generation
+
+    run, _ = ckpt
+    hf = tmp_path / "hf"
+    export_hf(run, hf, fp8=fp8)
+    ours, _ = load_for_generation(run)
+    theirs, meta = load_for_generation(hf)
+    assert meta["tokenizer"]["kind"] == "bytes"
+    x = torch.randint(0, 257, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    tol = 0.15 if fp8 else 0.03  # BF16 rounding, FP8 block quantization of the linears
+    assert (a - b).abs().max() < tol * a.abs().max()
+    args = ["generate", str(hf), "--prompt", "Hi", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    assert main(args + ["--model", "tiny"]) == 2
+    assert "drop --model" in capsys.readouterr().err
+
+
+def test_exported_folder_with_wrong_weights(ckpt, tmp_path, capsys):
+    from yxanul.checkpoint.export import export_hf
+
+    run, _ = ckpt
+    hf = tmp_path / "hf"
+    export_hf(run, hf)
+    conf = json.loads((hf / "config.json").read_text())
+    conf["intermediate_size"] = 512
+    (hf / "config.json").write_text(json.dumps(conf))
+    assert main(["generate", str(hf), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "do not match config.json" in err and "Traceback" not in err
+    conf["model_type"] = "gpt2"
+    (hf / "config.json").write_text(json.dumps(conf))
+    assert main(["generate", str(hf), "--prompt", "x"]) == 2
+    assert "model_type" in capsys.readouterr().err
+
+
+def test_echo_prompt(ckpt, capsys):
+    run, _ = ckpt
+    args = ["generate", str(run), "--prompt", "Hello there", "--max-new-tokens", "5", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--echo-prompt"]) == 0
+    assert capsys.readouterr().out == "Hello there" + plain
+
+
+def test_prompt_file(ckpt, tmp_path, capsys):
+    run, _ = ckpt
+    good = tmp_path / "p.txt"
+    good.write_text("Hello there", encoding="utf-8")
+    base = ["generate", str(run), "--max-new-tokens", "5", "--temperature", "0"]
+    assert main(base + ["--prompt", "Hello there"]) == 0
+    want = capsys.readouterr().out
+    assert main(base + ["--prompt-file", str(good)]) == 0
+    assert capsys.readouterr().out == want
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfeHi")
+    assert main(base + ["--prompt-file", str(bad)]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1 and "bad.txt" in cap.err and "UTF-8" in cap.err
+
+
+def test_hostile_generate_inputs_one_line(ckpt, capsys):
+    run, _ = ckpt
+    cases = [
+        (["--prompt", "ok", "--device", "meta"], "--device"),
+        (["--prompt", "ok", "--device", "nonsense"], "--device"),
+        (["--prompt", b"\xff\xfe".decode("utf-8", "surrogateescape")], "UTF-8"),  # how Python passes bad argv
+    ]
+    for extra, needle in cases:
+        assert main(["generate", str(run), "--max-new-tokens", "3"] + extra) == 2
+        cap = capsys.readouterr()
+        assert cap.out == "" and cap.err.count("\n") == 1 and needle in cap.err, (extra, cap.err)
+
+
+def test_non_finite_weights_refused(ckpt, capsys):
+    from safetensors.torch import load_file
+
+    run, _ = ckpt
+    f = run / "checkpoints" / "step_00000001" / "model.safetensors"
+    sd = load_file(str(f))
+    sd["layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(sd, str(f))
+    meta_f = f.parent / "meta.json"  # a run that trained into NaN: its files are what the checkpoint recorded
+    meta = json.loads(meta_f.read_text())
+    meta["files"]["model.safetensors"] = {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
+    meta_f.write_text(json.dumps(meta))
+    assert main(["generate", str(run), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.count("\n") == 1
+    assert "layers.1.mlp.up_proj.weight" in cap.err and "NaN" in cap.err
+
+
+@pytest.mark.gpu
+def test_generate_exported_fp8_on_cuda_matches_cpu(ckpt, tmp_path, capsys):
+    from yxanul.checkpoint.export import export_hf
+    from yxanul.generate import load_for_generation
+
+    run, _ = ckpt
+    hf = tmp_path / "hf"
+    export_hf(run, hf, fp8=True)
+    m, _ = load_for_generation(hf)
+    x = torch.randint(0, 257, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cpu = m(x)
+        gpu = m.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-2, atol=1e-2)  # TF32 may be on
+    args = ["generate", str(hf), "--prompt", "Hi", "--max-new-tokens", "6", "--temperature", "0", "--echo-prompt"]
+    assert main(args + ["--device", "cuda"]) == 0
+    assert capsys.readouterr().out.startswith("Hi")

@@ -7,6 +7,7 @@ A :class:`YxanulError` anywhere becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import pkgutil
@@ -16,7 +17,43 @@ from . import __version__
 from .errors import YxanulError
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option that takes a value, unless its help already names a default.
+
+    An option whose parser default is None (a flag that only overrides a config file) shows the config's
+    default, read from the parser's ``config_defaults`` callable when it has one.
+    """
+
+    config_defaults: dict = {}
+
+    def _shown_default(self, action):
+        if action.nargs == 0 or action.default is argparse.SUPPRESS or "default" in (action.help or "").lower():
+            return None
+        default = action.default if action.default is not None else self.config_defaults.get(action.dest)
+        return None if default is None or default == "" else default
+
+    def _format_action(self, action):
+        default = self._shown_default(action)
+        if default is not None:
+            action = copy.copy(action)
+            text = f"(default: {default})".replace("%", "%%")
+            action.help = f"{action.help} {text}" if action.help else text
+        return super()._format_action(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    config_defaults = None  # a command may set a callable returning {dest: default}, shown by --help
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def _get_formatter(self):
+        formatter = super()._get_formatter()
+        if self.config_defaults is not None:
+            formatter.config_defaults = self.config_defaults()
+        return formatter
+
     def error(self, message):  # argparse's own usage errors also exit 2, with one line
         self.exit(2, f"{self.prog}: error: {message}\n")
 

@@ -123,9 +123,9 @@ class ModelConfig:
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "max_seq_len"):
             if getattr(self, k) <= 0:
                 raise YxanulError(f"must be positive, got {getattr(self, k)}", source=source, key=k)
-        if self.vocab_size > 2 ** 32:
-            raise YxanulError(f"must be at most 2^32 (token ids are stored as uint32), got {self.vocab_size}",
-                              source=source, key="vocab_size")
+            limit = 2 ** 32 if k == "vocab_size" else 2 ** 24  # token ids are stored as uint32
+            if getattr(self, k) > limit:
+                raise YxanulError(f"must be <= {limit}, got {getattr(self, k)}", source=source, key=k)
         if self.n_heads % self.n_kv_heads:
             raise YxanulError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
                               source=source, key="n_kv_heads")

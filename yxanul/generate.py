@@ -1,12 +1,28 @@
-"""Text generation with a KV cache: greedy (temperature 0) or temperature / top-k / top-p sampling."""
+"""Text generation with a KV cache: greedy (temperature 0) or temperature / top-k / top-p sampling.
+
+The model comes from a training run or checkpoint folder, a bare ``.safetensors`` file with ``--model``, or a
+folder written by ``yxanul export`` (BF16/FP16/FP32, or FP8 blocks, which are dequantized first).
+"""
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from .checkpoint.convert import dequantize_checkpoint
+from .checkpoint.export import _LAYER_MAP, load_model
+from .config import ModelConfig
 from .errors import YxanulError
+from .model import Yxanul
+
+DEVICE_TYPES = ("cpu", "cuda")
+_HF_LAYER_MAP = {hf: ours for ours, hf in _LAYER_MAP.items()}
 
 
 class KVCache:
@@ -151,19 +167,173 @@ def stream_decode(tokenizer, ids_iter, eot_id: int | None):
         yield text[len(shown):]
 
 
-def generate_text(ckpt, prompt: str, opts: SamplingOptions, model: str | None = None, tokenizer=None,
-                  device: str = "cpu"):
-    """Load a checkpoint and yield the continuation of `prompt` piece by piece."""
-    from .checkpoint.export import load_model
+def is_hf_folder(path: str | Path) -> bool:
+    """A folder written by ``yxanul export`` (or any Llama folder): config.json beside safetensors weights."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and not (p / "meta.json").exists() \
+        and not (p / "checkpoints").is_dir()
 
-    opts = opts.validate()
+
+def _read_hf_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        conf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise YxanulError(f"unreadable config.json: {str(e).splitlines()[0][:200]}", source=str(path)) from None
+    if not isinstance(conf, dict) or conf.get("model_type") != "llama":
+        raise YxanulError("not a Llama config.json (model_type must be 'llama')", source=str(path))
+    unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None}
+    for key, want in unsupported.items():
+        if conf.get(key, want) != want:
+            raise YxanulError(f"must be {want!r} for this model family, got {conf.get(key)!r}"[:240],
+                              source=str(path), key=key)
+    return conf
+
+
+def hf_model_config(conf: dict, source: str) -> ModelConfig:
+    """The ModelConfig of a Llama ``config.json`` as ``yxanul export`` writes it (full embedding, rank 0)."""
+    def field(key, typ, default=None):
+        v = conf.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, typ):
+            raise YxanulError(f"expected a {typ.__name__ if isinstance(typ, type) else 'number'}, got {v!r}"[:240],
+                              source=source, key=key)
+        return v
+
+    rope = conf.get("rope_parameters") if isinstance(conf.get("rope_parameters"), dict) else {}
+    n_heads = field("num_attention_heads", int)
+    d_model = field("hidden_size", int)
+    own = conf.get("yxanul") if isinstance(conf.get("yxanul"), dict) else {}
+    return ModelConfig(
+        vocab_size=field("vocab_size", int), d_model=d_model, n_layers=field("num_hidden_layers", int),
+        n_heads=n_heads, n_kv_heads=field("num_key_value_heads", int, n_heads),
+        head_dim=field("head_dim", int, d_model // n_heads if n_heads > 0 else 0),
+        ffn_hidden=field("intermediate_size", int), norm_eps=float(field("rms_norm_eps", (int, float), 1e-6)),
+        rope_theta=float(field("rope_theta", (int, float), rope.get("rope_theta", 10000.0))),
+        max_seq_len=field("max_position_embeddings", int), embed_rank=0,
+        tie_embeddings=bool(conf.get("tie_word_embeddings", True)),
+        init_std=float(field("initializer_range", (int, float), 0.02)),
+        name=str(own.get("name", "hf"))[:64]).validate(source)
+
+
+def _ours(name: str) -> str | None:
+    """Llama parameter name -> Yxanul name (None for names the model does not have)."""
+    if name == "model.embed_tokens.weight":
+        return "embeddings.tok.weight"
+    if name == "model.norm.weight":
+        return "norm.weight"
+    if name == "lm_head.weight":
+        return name
+    parts = name.split(".")
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"]:
+        mod, leaf = ".".join(parts[3:-1]), parts[-1]
+        if mod in _HF_LAYER_MAP:
+            return f"layers.{parts[2]}.{_HF_LAYER_MAP[mod]}.{leaf}"
+    return None
+
+
+def _read_hf_weights(folder: Path) -> dict:
+    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
+    if not files:
+        raise YxanulError("no .safetensors weights beside config.json", source=str(folder))
+    sd = {}
+    for f in files:
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise YxanulError(f"unreadable safetensors: {str(e).splitlines()[0][:200]}", source=str(f)) from None
+        for name, t in part.items():
+            ours = _ours(name)
+            if ours is None:
+                raise YxanulError(f"unexpected tensor {name[:120]!r} for a Llama model", source=str(f))
+            sd[ours] = t
+    return sd
+
+
+def _hf_tokenizer(folder: Path):
+    if (folder / "tokenizer.json").is_file():
+        return {"kind": "hf", "path": str(folder / "tokenizer.json")}
+    spec = folder / "yxanul_tokenizer.json"
+    if spec.is_file():
+        try:
+            tok = json.loads(spec.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise YxanulError(f"unreadable: {str(e).splitlines()[0][:200]}", source=str(spec)) from None
+        if isinstance(tok, dict):
+            return tok
+    return None
+
+
+def load_hf_model(folder: str | Path):
+    """(Yxanul model in eval mode, meta) of a folder written by ``yxanul export``; FP8 blocks are dequantized."""
+    folder = Path(folder)
+    conf = _read_hf_config(folder)
+    cfg = hf_model_config(conf, str(folder / "config.json"))
+    if conf.get("quantization_config"):
+        with tempfile.TemporaryDirectory(prefix="yxanul-generate-") as td:
+            dequantize_checkpoint(folder, Path(td) / "bf16", dtype="fp32")
+            sd = _read_hf_weights(Path(td) / "bf16")
+    else:
+        sd = _read_hf_weights(folder)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    m = Yxanul(cfg)
+    try:
+        m.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:240]
+        raise YxanulError(f"weights do not match config.json: {detail}", source=str(folder)) from None
+    return m.eval(), {"tokenizer": _hf_tokenizer(folder)}
+
+
+def _check_finite(model, source: str) -> None:
+    for name, prm in model.named_parameters():
+        if not bool(torch.isfinite(prm).all()):
+            raise YxanulError(f"parameter {name} holds NaN or Inf values; the weights are corrupt", source=source)
+
+
+def _device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise YxanulError(f"unknown device {device!r}", source="--device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise YxanulError("CUDA is not available on this machine", source="--device")
-    m, meta = load_model(ckpt, model)
+        raise YxanulError(f"unknown device {device[:40]!r} (expected cpu or cuda)", source="--device") from None
+    if dev.type not in DEVICE_TYPES:
+        raise YxanulError(f"cannot generate on {dev.type!r} (expected cpu or cuda)", source="--device")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise YxanulError("CUDA is not available on this machine", source="--device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise YxanulError(f"no CUDA device {dev.index} ({torch.cuda.device_count()} present)", source="--device")
+    return dev
+
+
+def check_prompt(prompt: str, source: str = "--prompt") -> str:
+    """`prompt` unless it holds characters that are not valid UTF-8 (surrogate-escaped bytes from argv)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise YxanulError(f"not valid UTF-8 text (undecodable byte at character {e.start})", source=source) from None
+    return prompt
+
+
+def load_for_generation(ckpt, model: str | None = None):
+    """(model, meta) of a run/step folder, a bare .safetensors (with `model`), or an exported folder."""
+    if is_hf_folder(ckpt):
+        if model is not None:
+            raise YxanulError("an exported folder carries its config.json; drop --model", source=str(ckpt))
+        m, meta = load_hf_model(ckpt)
+    else:
+        m, meta = load_model(ckpt, model)
+    _check_finite(m, str(ckpt))
+    return m, meta
+
+
+def generate_text(ckpt, prompt: str, opts: SamplingOptions, model: str | None = None, tokenizer=None,
+                  device: str = "cpu", prompt_source: str = "--prompt"):
+    """Load a checkpoint and yield the continuation of `prompt` piece by piece."""
+    opts = opts.validate()
+    check_prompt(prompt, prompt_source)
+    dev = _device(device)
+    m, meta = load_for_generation(ckpt, model)
     m = m.to(dev)
     spec = tokenizer if tokenizer is not None else (meta.get("tokenizer") or "bytes")
     tok = load_tokenizer(spec)

@@ -109,8 +109,17 @@ class TrainConfig:
         for k in ("beta1", "beta2"):
             if not 0 <= getattr(self, k) < 1:
                 raise YxanulError("must be in [0, 1)", source=source, key=k)
-        if not 0 < self.loss_scale_backoff < 1 or self.loss_scale_init <= 0:
-            raise YxanulError("loss_scale_init must be > 0 and loss_scale_backoff in (0, 1)", source=source)
+        if not 0 < self.loss_scale_backoff < 1 or not 0 < self.loss_scale_init <= MAX_LOSS_SCALE:
+            raise YxanulError(f"loss_scale_init must be in (0, 2**64] and loss_scale_backoff in (0, 1), got "
+                              f"{self.loss_scale_init} and {self.loss_scale_backoff}", source=source)
+        for k in ("lr", "min_lr"):
+            if getattr(self, k) > MAX_LR:
+                raise YxanulError(f"must be <= {MAX_LR} (a step of that size destroys the weights), got "
+                                  f"{getattr(self, k)}", source=source, key=k)
+        tokens = self.batch_size * self.seq_len
+        if tokens > MAX_MICROBATCH_TOKENS:
+            raise YxanulError(f"batch_size x seq_len = {tokens} tokens per micro-batch exceeds "
+                              f"{MAX_MICROBATCH_TOKENS} (int32 indexing)", source=source, key="batch_size")
         from .model import COMPILE_MODES  # here, not at module level: the model module imports torch
         if self.compile_mode not in COMPILE_MODES:
             raise YxanulError(f"unknown compile mode {self.compile_mode!r} (expected one of: "
@@ -144,22 +153,41 @@ class TrainConfig:
                           fused_swiglu=self.fp8_fused_swiglu)
 
 
-def parse_steps(spec: str, source: str = "train config") -> set[int]:
-    """"3,5-7" -> {3, 5, 6, 7} (1-based optimizer step numbers)."""
-    out: set[int] = set()
+MAX_LR = 10.0  # bounds that turn absurd numbers into one-line errors before anything is allocated
+MAX_LOSS_SCALE = 2.0 ** 64
+MAX_MICROBATCH_TOKENS = 2 ** 31 - 1
+
+
+class StepSet:
+    """1-based optimizer step numbers as inclusive ranges, tested with ``in`` without expanding them."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = ranges
+
+    def __contains__(self, step) -> bool:
+        return any(a <= step <= b for a, b in self.ranges)
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+
+def parse_steps(spec: str, source: str = "train config") -> StepSet:
+    """"3,5-7" -> steps {3, 5, 6, 7} (1-based optimizer step numbers); a range of any length costs nothing."""
+    ranges: list[tuple[int, int]] = []
     for part in (spec or "").replace(" ", "").split(","):
         if not part:
             continue
         try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
-            else:
-                out.add(int(part))
+            a, b = part.split("-", 1) if "-" in part else (part, part)
+            a, b = int(a), int(b)
         except ValueError:
-            raise YxanulError(f"expected steps like '5' or '5,7-9', got {spec!r}", source=source,
+            raise YxanulError(f"expected steps like '5' or '5,7-9', got {spec[:80]!r}", source=source,
                               key="inject_nan_at") from None
-    return out
+        if a < 1 or b < a:
+            raise YxanulError(f"{part[:80]!r}: steps start at 1 and a range runs low-high", source=source,
+                              key="inject_nan_at")
+        ranges.append((a, b))
+    return StepSet(ranges)
 
 
 def load_train_config(spec: str | Path | None = None, overrides: dict | None = None,

@@ -9,8 +9,10 @@ import math
 import re
 from pathlib import Path
 
+from ..errors import YxanulError
 from ..fmt import human_bytes, table
-from .safetensors_header import Checkpoint, TensorInfo, open_checkpoint, safe_name
+from .layout import latest_checkpoint
+from .safetensors_header import INDEX_NAME, Checkpoint, TensorInfo, open_checkpoint, safe_name
 
 COMPONENTS = ("embeddings", "norms", "attention", "mlp", "moe_experts", "shared_experts", "router", "lm_head",
               "scales", "other")
@@ -150,9 +152,28 @@ def pair_scales(tensors: dict[str, TensorInfo]) -> tuple[list[dict], list[str]]:
     return pairs, warnings
 
 
+def resolve_run_folder(path) -> Path:
+    """A training run folder (``checkpoints/`` inside, no weights beside it) -> its latest checkpoint's weights;
+    any other path unchanged."""
+    p = Path(path)
+    if not p.is_dir() or not (p / "checkpoints").is_dir() or (p / INDEX_NAME).exists() \
+            or any(p.glob("*.safetensors")):
+        return p
+    ckpt = latest_checkpoint(p)
+    if ckpt is None:
+        raise YxanulError("run folder holds no checkpoint yet", source=str(p))
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        raise YxanulError("sharded checkpoint without model.safetensors; make one with `yxanul checkpoint "
+                          "consolidate`", source=str(ckpt))
+    return weights
+
+
 def analyze(path_or_ckpt) -> dict:
-    """Analyze a checkpoint (path or :class:`Checkpoint`). Returns the report dict (JSON-serializable)."""
-    ck: Checkpoint = path_or_ckpt if isinstance(path_or_ckpt, Checkpoint) else open_checkpoint(path_or_ckpt)
+    """Analyze a checkpoint (a path, a training run folder, or a :class:`Checkpoint`). Returns the report dict
+    (JSON-serializable)."""
+    ck: Checkpoint = path_or_ckpt if isinstance(path_or_ckpt, Checkpoint) else \
+        open_checkpoint(resolve_run_folder(path_or_ckpt))
     all_t: dict[str, TensorInfo] = {}
     for _, t in ck.tensors():
         all_t[t.name] = t

@@ -6,9 +6,10 @@ from ._common import print_json
 
 def register(sub):
     p = sub.add_parser("analyze", help="precision distribution of a safetensors checkpoint (headers only)",
-                       description="Analyze a .safetensors file, a folder of shards, or a "
-                                   "model.safetensors.index.json without reading tensor data.")
-    p.add_argument("path", metavar="PATH", help=".safetensors file, folder of shards, or index json")
+                       description="Analyze a .safetensors file, a folder of shards, a "
+                                   "model.safetensors.index.json, or a training run folder (its latest "
+                                   "checkpoint) without reading tensor data.")
+    p.add_argument("path", metavar="PATH", help=".safetensors file, folder of shards, index json, or run folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--by", choices=("dtype", "component", "layer"), default="component",
                    help="breakdown shown after the distribution (default: component)")

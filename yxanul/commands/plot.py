@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+PLOTTED = ("step", "tokens_seen", "loss", "loss_avg", "val_loss")  # the record fields a chart reads
+
 
 def register(sub) -> None:
     p = sub.add_parser("plot", help="plot loss curves of runs", description="Draw train (solid) and validation "
@@ -24,14 +26,25 @@ def read_metrics(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise YxanulError("no metrics.jsonl (not a run folder?)", source=str(run_dir))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise YxanulError(f"unreadable: {str(e)[:200]}", source=str(path)) from None
     recs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             raise YxanulError(f"line {n}: invalid JSON", source=str(path)) from None
+        if not isinstance(rec, dict):
+            raise YxanulError(f"line {n}: expected a JSON object, got {type(rec).__name__}", source=str(path))
+        for key in PLOTTED:
+            v = rec.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise YxanulError(f"line {n}: {key} must be a number, got {type(v).__name__}", source=str(path))
+        recs.append(rec)
     return recs
 
 
@@ -62,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             xs, ys = zip(*tr)
             k = args.smooth
             ys = [sum(ys[max(0, j - k + 1):j + 1]) / len(ys[max(0, j - k + 1):j + 1]) for j in range(len(ys))]
-            ax.plot(xs, ys, color=color, label=f"{label} train")
+            ax.plot(xs, ys, color=color, label=f"{label} train", marker="o" if len(xs) == 1 else None)
             drew += 1
         va = [(r[xkey], r["val_loss"]) for r in recs if r.get("val_loss") is not None and r.get(xkey) is not None]
         if va:

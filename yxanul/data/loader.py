@@ -5,6 +5,9 @@ A training batch is a pure function of ``(seed, step, micro_step)``: the global 
 takes rows ``[r * batch_size, (r + 1) * batch_size)``. A resumed run therefore sees exactly the batches the
 uninterrupted run would have seen, and N ranks with per-rank batch B see the same data as one process with
 batch N * B. Validation batches are fixed, non-overlapping windows walked in order.
+
+Every window is checked on the CPU against ``meta.json``'s ``max_token_id`` before it becomes a tensor, so a
+corrupt shard is a one-line error naming it rather than an out-of-range embedding lookup.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from ..errors import YxanulError
 from .prepare import FORMAT
+from .tokenizers import check_ids
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -32,6 +36,17 @@ def read_meta(data_dir: str | Path) -> dict:
     return meta
 
 
+def max_token_id(meta: dict, source: str) -> int:
+    """The largest token id the shards may hold: ``max_token_id``, else ``vocab_size - 1``."""
+    v = meta.get("max_token_id")
+    if v is None and isinstance(meta.get("vocab_size"), int):
+        v = meta["vocab_size"] - 1
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise YxanulError(f"needs a non-negative integer max_token_id or vocab_size, got {str(v)[:40]}",
+                          source=source, key="max_token_id")
+    return v
+
+
 class TokenShards:
     """The shards of one split as read-only memmaps."""
 
@@ -43,6 +58,7 @@ class TokenShards:
             raise YxanulError(f"no {split!r} split", source=str(self.dir / "meta.json"))
         self.split = split
         self.arrays: list[np.ndarray] = []
+        self.files: list[Path] = []  # parallel to `arrays`
         for sh in info["shards"]:
             p = self.dir / sh["file"]
             if not p.exists():
@@ -52,8 +68,15 @@ class TokenShards:
                                   source=str(p))
             if sh["tokens"]:
                 self.arrays.append(np.memmap(p, dtype=np.uint32, mode="r"))
+                self.files.append(p)
         self.lengths = np.array([a.size for a in self.arrays], dtype=np.int64)
         self.tokens = int(self.lengths.sum())
+
+    def shard_at(self, flat_pos: int) -> tuple[Path, int]:
+        """(shard, offset in it) of token `flat_pos` of the split's concatenation."""
+        ends = np.cumsum(self.lengths)
+        k = min(int(np.searchsorted(ends, flat_pos, side="right")), len(self.files) - 1)
+        return self.files[k], int(flat_pos - (ends[k] - self.lengths[k]))
 
     def window_counts(self, T: int) -> np.ndarray:
         return np.maximum(self.lengths - T, 0)  # start offsets with room for T + 1 tokens
@@ -73,10 +96,9 @@ class DataLoader:
         self.B, self.T, self.seed = int(batch_size), int(seq_len), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.device = torch.device(device)
+        self.max_id = max_token_id(self.meta, str(self.dir / "meta.json"))
         if model_vocab is not None:
-            from .tokenizers import check_ids
-            check_ids(int(self.meta.get("max_token_id", self.meta["vocab_size"] - 1)) + 1, model_vocab,
-                      source=str(self.dir / "meta.json"))
+            check_ids(self.max_id + 1, model_vocab, source=str(self.dir / "meta.json"))
         self.train = TokenShards(data_dir, "train", self.meta)
         self.val = TokenShards(data_dir, "val", self.meta) if self.meta["splits"].get("val", {}).get("tokens") else None
         counts = self.train.window_counts(self.T)
@@ -98,8 +120,21 @@ class DataLoader:
         return list(zip(shards[lo:hi].tolist(), offs[lo:hi].tolist()))
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [np.asarray(self.train.arrays[s][o:o + self.T + 1]) for s, o in self.offsets(step, micro)]
+        rows = []
+        for s, o in self.offsets(step, micro):
+            rows.append(np.asarray(self.train.arrays[s][o:o + self.T + 1]))
+            self._check_ids(rows[-1], self.train.files[s], o)
         return self._move(_to_tensor(rows))
+
+    def _check_ids(self, row: np.ndarray, shard: Path, offset: int) -> None:
+        """`row` was read from `shard` at `offset`: every id must be at most meta.json's max_token_id."""
+        if row.size and int(row.max()) > self.max_id:
+            self._bad_id(row, shard, offset)
+
+    def _bad_id(self, row: np.ndarray, shard: Path, offset: int):
+        k = int(np.argmax(row > self.max_id))
+        raise YxanulError(f"token id {int(row[k])} at offset {offset + k} exceeds meta.json's max_token_id "
+                          f"{self.max_id} (corrupt or foreign shard)", source=str(shard))
 
     # -- validation -------------------------------------------------------------------------------
     def val_batches(self, n: int):
@@ -117,6 +152,9 @@ class DataLoader:
             for j in range(B):
                 w = ((i * self.world_size + self.rank) * B + j) % n_windows
                 rows.append(self._read_flat(flat, w * (T + 1), T + 1))
+                if rows[-1].size and int(rows[-1].max()) > self.max_id:
+                    shard, at = self.val.shard_at(w * (T + 1) + int(np.argmax(rows[-1] > self.max_id)))
+                    self._bad_id(rows[-1][rows[-1] > self.max_id][:1], shard, at)
             yield self._move(_to_tensor(rows))
 
     @staticmethod
