@@ -85,6 +85,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     fused_ce: str = "auto"  # auto (on for CUDA) | on | off: chunked linear cross-entropy, no full FP32 logits
+    fused_projections: bool = True  # false: q/k/v and gate/up as separate GEMMs (ModelConfig.fused_projections)
 
     def validate(self, source: str = "train config") -> "TrainConfig":
         pos = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_bad_steps", "eval_batches",
@@ -425,6 +426,8 @@ class Trainer:
         self.tokenizer_meta = meta["tokenizer"]
         # model
         self.model_cfg = load_model_config(cfg.model)
+        if not cfg.fused_projections:
+            self.model_cfg = replace(self.model_cfg, fused_projections=False)
         check_ids(int(meta.get("max_token_id", meta["vocab_size"] - 1)) + 1, self.model_cfg.vocab_size,
                   source=f"{self.data_dir / 'meta.json'} (model {self.model_cfg.name})")
         if cfg.seq_len > self.model_cfg.max_seq_len:

@@ -50,6 +50,9 @@ def register(sub) -> None:
                    help="continue a run: a checkpoint folder, a run folder, or (bare) --out's latest checkpoint")
     p.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--fused-projections", dest="fused_projections", action="store_true", default=None,
+                   help="q/k/v and gate/up as one GEMM each where exact (default)")
+    p.add_argument("--no-fused-projections", dest="fused_projections", action="store_false")
     p.add_argument("--compile-mode", help="torch.compile mode: default | reduce-overhead (CUDA graphs: no launch "
                                           "overhead; the FP8 blockwise recipe needs it) | max-autotune | "
                                           "max-autotune-no-cudagraphs")
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, Trainer, load_train_config
 
     overrides = {k: getattr(args, k) for k in _FLAGS if getattr(args, k, None) is not None}
-    for k in ("policy", "precision", "compile", "progress", "tune_kernels"):
+    for k in ("policy", "precision", "compile", "progress", "tune_kernels", "fused_projections"):
         if getattr(args, k, None) is not None:
             overrides[k] = getattr(args, k)
     resume = None
