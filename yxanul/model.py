@@ -143,13 +143,11 @@ def fused_linear(x: torch.Tensor, mods) -> torch.Tensor | None:
     ``x``; its non-finite flags and statistics of ``x`` and of the output gradient are recorded on the first
     layer (``q_proj``, ``gate_proj``); every layer records its weight's."""
     kind = fusion_kind(mods)
-    if kind is None:
+    if kind is None or x.shape[-1] != mods[0].in_features:  # a mismatch: the layers report it themselves
         return None
     w = torch.cat([m.weight for m in mods])
     if kind == "linear":
         return F.linear(x, w)
-    if x.shape[-1] != mods[0].in_features:
-        return None  # the layer itself reports the mismatch
     parts = [m.weight_fp8() for m in mods]
     with torch.autocast(x.device.type, enabled=False):  # autocast's cat rejects FP8 tensors
         wq, ws = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
