@@ -117,6 +117,9 @@ class ModelConfig:
     embed_rank: int = 128  # 0: full vocab x d_model embedding
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # q/k/v and gate/up each as one GEMM (compute only: parameters, checkpoints and the policy keep the separate
+    # layers; yxanul.model.fusion_kind says which precisions fuse); false runs every projection on its own
+    fused_projections: bool = True
     name: str = "custom"
 
     def validate(self, source: str = "model config") -> "ModelConfig":

@@ -8,6 +8,11 @@ Module names follow the design note's patterns so a policy YAML reads naturally:
 ``embeddings.{tok,proj}``, ``layers.N.attn.{q,k,v,o}_proj``, ``layers.N.mlp.{gate,up,down}_proj``,
 ``layers.N.{attn_norm,mlp_norm}``, ``norm`` and (untied models only) ``lm_head``.
 
+Fused projections (``ModelConfig.fused_projections``, on by default): q/k/v, which read the same input, run as
+one GEMM of width ``q + k + v``, and gate/up as one GEMM of width ``2 * ffn_hidden``. Only the compute is fused:
+the separate layers (and their parameters) stay as they are, so checkpoints, exports, the precision policy and
+optimizers see ``q_proj``, ``k_proj``, ... unchanged. See :func:`fusion_kind` for when a group is fused.
+
 Initialization: every weight ~ N(0, init_std); the two residual-branch outputs (``o_proj`` and
 ``down_proj``) use init_std / sqrt(2 * n_layers), as GPT-2 does; RMSNorm weights start at 1.
 """
@@ -20,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .fp8.linear import Fp8Linear, _Fp8LinearFn
 
 
 class RMSNorm(nn.Module):
@@ -58,12 +64,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.fused = cfg.fused_projections
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x, self.fused)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = True
         if kv_cache is not None:
@@ -87,14 +95,73 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        self.fused = cfg.fused_projections
 
     def forward(self, x):
         # FP8 delayed scaling installs a fused gate/up/SwiGLU function here (yxanul.fp8.fused_mlp, opt-in); it
         # returns None while the layers cannot or should not use it
         h = self.fused_gate_up(self, x) if self.fused_gate_up is not None else None
         if h is None:
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            g, u = project((self.gate_proj, self.up_proj), x, self.fused)
+            h = F.silu(g) * u
         return self.down_proj(h)
+
+
+def fusion_kind(mods) -> str | None:
+    """How linear layers that read the same input run as one GEMM over their concatenated weights:
+
+    ``"linear"``  every layer a plain bias-free ``nn.Linear`` (the BF16 / FP32 path);
+    ``"fp8"``     every layer a bias-free blockwise :class:`~yxanul.fp8.linear.Fp8Linear` of one recipe, format
+                  and backend, each output width a multiple of the block size: the fused weight's block x block
+                  scales are then exactly the separate weights' (no block straddles two layers), the input's
+                  1 x block tiles are shared, and the output gradient's 1 x block tiles along the fused width
+                  are the separate layers' tiles side by side;
+    None          anything else, including layers of different precisions or settings, forward hooks, the
+                  tensorwise, rowwise and delayed recipes (one scale per tensor or per row would span several
+                  layers, which is not what separate layers compute) and blockwise layers whose widths are not
+                  multiples of the block size (a block would mix two layers' weights): the layers run separately.
+    """
+    first = mods[0]
+    if not all(getattr(m, "bias", 0) is None and not (m._forward_hooks or m._forward_pre_hooks)
+               and m.in_features == first.in_features for m in mods):
+        return None
+    if all(type(m) is nn.Linear for m in mods):
+        return "linear"
+    if all(type(m) is Fp8Linear for m in mods):
+        s = first.spec  # tile-scaled activations and gradients, block-scaled weights: the blockwise recipe
+        tiled = s.x.granularity == "tile" and s.w.granularity == "block" and s.dy.granularity == "tile"
+        if tiled and all(m.spec == s and m.backend == first.backend and m.options == first.options
+                         and m.out_features % s.block == 0 for m in mods):
+            return "fp8"
+    return None
+
+
+def fused_linear(x: torch.Tensor, mods) -> torch.Tensor | None:
+    """``cat([m(x) for m in mods], -1)`` as one GEMM, or None when :func:`fusion_kind` says the layers must run
+    separately. Gradients reach each layer's own weight.
+
+    FP8: the fused GEMM's operands are the layers' own FP8 weight copies side by side and one quantization of
+    ``x``; its non-finite flags and statistics of ``x`` and of the output gradient are recorded on the first
+    layer (``q_proj``, ``gate_proj``); every layer records its weight's."""
+    kind = fusion_kind(mods)
+    if kind is None or x.shape[-1] != mods[0].in_features:  # a mismatch: the layers report it themselves
+        return None
+    w = torch.cat([m.weight for m in mods])
+    if kind == "linear":
+        return F.linear(x, w)
+    parts = [m.weight_fp8() for m in mods]
+    with torch.autocast(x.device.type, enabled=False):  # autocast's cat rejects FP8 tensors
+        wq, ws = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        wtq, wts = torch.cat([p[2] for p in parts], 1), torch.cat([p[3] for p in parts], 1)
+    return _Fp8LinearFn.apply(x, w, None, wq, ws, wtq, wts, None, mods[0])
+
+
+def project(mods, x: torch.Tensor, fused: bool = True) -> tuple[torch.Tensor, ...]:
+    """``tuple(m(x) for m in mods)``, through one fused GEMM where ``fused`` and :func:`fused_linear` allow."""
+    y = fused_linear(x, mods) if fused else None
+    if y is None:
+        return tuple(m(x) for m in mods)
+    return y.split([m.out_features for m in mods], dim=-1)
 
 
 class Block(nn.Module):

@@ -285,6 +285,8 @@ class Trainer:
         from .precision import load_policy
         cfg, meta = self.cfg, self.data_meta
         self.model_cfg = load_model_config(cfg.model)
+        if not cfg.fused_projections:
+            self.model_cfg = replace(self.model_cfg, fused_projections=False)
         check_ids(int(meta.get("max_token_id", meta["vocab_size"] - 1)) + 1, self.model_cfg.vocab_size,
                   source=f"{self.data_dir / 'meta.json'} (model {self.model_cfg.name})")
         if cfg.seq_len > self.model_cfg.max_seq_len:

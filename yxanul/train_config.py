@@ -54,6 +54,8 @@ class TrainConfig:
     fp8_backend: str = _opt("auto", "FP8 GEMM backend")
     fp8_calibration_steps: int | None = _opt(None, "BF16 steps recording amax before FP8 starts (delayed recipe)",
                                              shown_default="the policy's")
+    fused_projections: bool = _opt(True, "q/k/v and gate/up as one GEMM each where the result is exact "
+                                         "(BF16, blockwise FP8); off: every projection on its own")
     fp8_kernels: str = _opt("auto", "FP8 quantizers: auto (Triton on CUDA), triton (always; an error where it "
                                     "cannot run) or torch", choices=("auto", "triton", "torch"))
     fp8_weight_cache: str = _opt("graph", "compiled FP8 layers' weight copies: graph (quantized in the graph at every "

@@ -89,8 +89,9 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
         cfg = dataclass_from_dict(ModelConfig, mc, src, prefix="model_config.").validate(src)
         if model is not None:
             want = load_model_config(model)
-            if {k: v for k, v in want.__dict__.items() if k != "name"} != \
-                    {k: v for k, v in cfg.__dict__.items() if k != "name"}:
+            compute_only = ("name", "fused_projections")  # not part of the weights' layout
+            if {k: v for k, v in want.__dict__.items() if k not in compute_only} != \
+                    {k: v for k, v in cfg.__dict__.items() if k not in compute_only}:
                 raise YxanulError(f"checkpoint's model_config differs from --model {model}", source=src)
         weights = folder / "model.safetensors"
     try:
