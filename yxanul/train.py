@@ -29,6 +29,7 @@ import torch.nn as nn
 from .config import CONFIG_DIR, dataclass_from_dict, load_model_config, load_yaml
 from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
+from .evaluate import window_losses
 from .flops import flops_per_token, peak_flops
 from .io import atomic_write_text
 from .model import COMPILE_MODES
@@ -637,21 +638,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        self.model.eval()
-        total, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for x, y in self.loader.val_batches(self.cfg.eval_batches):
-            if self.graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with self.autocast():
-                total += self.model(x, y).double()
-            n += 1
-        self.model.train()
-        if n == 0:
+        """Mean loss over this rank's first ``eval_batches`` validation batches (averaged over ranks)."""
+        losses = window_losses(self.model, self.loader, self.cfg.eval_batches * self.cfg.batch_size,
+                               self.autocast, torch.compiler.cudagraph_mark_step_begin if self.graphs else None)
+        if losses.numel() == 0:
             return None
+        total = losses.mean().to(self.device)
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
             total /= self.world_size
-        return float(total / n)
+        return float(total)
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> dict:
