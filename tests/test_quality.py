@@ -118,6 +118,7 @@ def test_quality_repeats_are_paired_and_summarized(tmp_path):
     assert list(paired) == [NOISE_MODE, "fp8-tensorwise"]
     assert paired["fp8-tensorwise"]["R"] == 2 and paired["fp8-tensorwise"]["windows"] == 4
     assert len(res["windows"]["fp8-tensorwise-r1"]) == 4
+    assert by["fp8-tensorwise"]["within_noise"] == paired["fp8-tensorwise"]["within_noise"] is not None
     by = {r["mode"]: r for r in res["rows"]}
     assert list(by) == ["bf16", NOISE_MODE, "fp8-tensorwise"]
     b, f = by["bf16"]["repeat_val_losses"], by["fp8-tensorwise"]["repeat_val_losses"]
@@ -253,6 +254,8 @@ def test_paired_rows_combine_repeats_and_give_verdicts():
     assert a["se_pct"] == pytest.approx(math.sqrt(se_w ** 2 + a["sd_pct"] ** 2 / 2))
     assert "2-5% worse" in a["verdicts"] and "2-5% worse" not in rows["fp8-delayed"]["verdicts"]
     assert rows["fp8-delayed"]["R"] == 1 and rows["fp8-delayed"]["sd_pct"] is None
+    assert rows["fp8-delayed"]["within_noise"] is None  # no repeats, no measured noise
+    assert a["within_noise"] == (abs(a["delta_pct"]) <= 2 * a["se_pct"])
     assert verdict(0.05, 0.02, -0.1, 0.1) == "confirmed"
     assert verdict(0.5, 0.1, -0.25, 0.25) == "refuted" and verdict(-0.5, 0.1, -0.25, 0.25) == "refuted"
     assert verdict(0.2, 0.05, -0.1, 0.1) == "unresolved" and verdict(0.0, None, -0.1, 0.1) == "unresolved"

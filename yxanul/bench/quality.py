@@ -300,6 +300,10 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
         result["rows"] = _rows(recs, repeats)
         summarize(result)
         result["paired"] = paired_rows({k: v.get("windows") for k, v in recs.items()}, run_modes)
+        paired = {p["mode"]: p for p in result["paired"]}
+        for row in result["rows"]:  # the paired statistics over repeats decide, not a single BF16 pair
+            if row["mode"] in paired:
+                row["within_noise"] = paired[row["mode"]]["within_noise"]
         atomic_write_json(out_dir / "quality.json", result)
     return result
 
@@ -479,7 +483,8 @@ def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]]) -> dict:
     delta = sum(deltas) / R
     row = {"mode": mode, "delta_pct": delta, "sd_pct": sd, "se_pct": se, "window_se_pct": se_w, "R": R,
            "windows": n, "repeat_delta_pct": deltas, "repeat_window_se_pct": [e for _, e in per],
-           "within_noise": (abs(delta) <= 2 * se) if se is not None else None,
+           # noise is judged from the spread over repeats (with one repeat it is not measured)
+           "within_noise": (abs(delta) <= 2 * se) if (se is not None and sd is not None) else None,
            "verdicts": {k: verdict(delta, se, lo, hi) for k, (lo, hi) in CLAIMS.items()}}
     if mode == "fp8-all":
         name, (lo, hi) = ALL_FP8_CLAIM
@@ -535,6 +540,7 @@ def plot_deltas(rows: list[dict], path, title: str = "") -> None:
     ax.axhline(0.0, color="k", lw=0.8)
     ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=4, color="tab:blue", label="delta ± 2 SE")
     ax.set_xticks(xs, [f"{r['mode']}\nR={r['R']}" for r in rows])
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel("final validation loss vs bf16 (%)")
     ax.set_title(title or "loss parity: paired per-window delta vs bf16")
     ax.grid(alpha=0.3, axis="y")
