@@ -118,9 +118,9 @@ def test_quality_repeats_are_paired_and_summarized(tmp_path):
     assert list(paired) == [NOISE_MODE, "fp8-tensorwise"]
     assert paired["fp8-tensorwise"]["R"] == 2 and paired["fp8-tensorwise"]["windows"] == 4
     assert len(res["windows"]["fp8-tensorwise-r1"]) == 4
-    assert by["fp8-tensorwise"]["within_noise"] == paired["fp8-tensorwise"]["within_noise"] is not None
     by = {r["mode"]: r for r in res["rows"]}
     assert list(by) == ["bf16", NOISE_MODE, "fp8-tensorwise"]
+    assert by["fp8-tensorwise"]["within_noise"] == paired["fp8-tensorwise"]["within_noise"] is not None
     b, f = by["bf16"]["repeat_val_losses"], by["fp8-tensorwise"]["repeat_val_losses"]
     assert len(b) == len(f) == 2 and all(isinstance(v, float) for v in b + f)
     assert by["bf16"]["final_val_loss"] == pytest.approx(sum(b) / 2)
