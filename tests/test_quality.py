@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def test_all_fp8_hooks_quantize_norm_outputs():
 
 def test_quality_bench_end_to_end_cpu(tmp_path):
     res = run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16", "fp8-all"], batch=2, seq=32, lr=3e-3,
-                      device="cpu", out=str(tmp_path / "q"), eval_batches=1, eval_every=3)
+                      device="cpu", out=str(tmp_path / "q"), eval_batches=1, eval_every=3, eval_windows=4)
     doc = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert doc["model"] == "tiny" and doc["tokens"] == 2 * 32 * 6
     modes = [r["mode"] for r in doc["rows"]]
@@ -66,11 +67,12 @@ def test_quality_bench_end_to_end_cpu(tmp_path):
     # finished modes are reused, not retrained
     before = (tmp_path / "q" / "bf16" / "result.json").stat().st_mtime_ns
     run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
-                out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1)
+                out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1, eval_windows=4)
     assert (tmp_path / "q" / "bf16" / "result.json").stat().st_mtime_ns == before
     # a delayed-scaling calibration override concerns FP8 modes only: BF16 results stay reusable
     run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
-                out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1, calibration_steps=2)
+                out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1, calibration_steps=2,
+                eval_windows=4)
     assert (tmp_path / "q" / "bf16" / "result.json").stat().st_mtime_ns == before
     # a result from before a setting became mode-specific (an extra key set to null) is still reused
     done = tmp_path / "q" / "bf16" / "result.json"
@@ -79,7 +81,7 @@ def test_quality_bench_end_to_end_cpu(tmp_path):
     done.write_text(json.dumps(rec))
     before = done.stat().st_mtime_ns
     run_quality("tiny", None, tokens=2 * 32 * 6, modes=["bf16"], batch=2, seq=32, device="cpu",
-                out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1)
+                out=str(tmp_path / "q"), eval_batches=1, eval_every=3, seeds=1, eval_windows=4)
     assert done.stat().st_mtime_ns == before
     # how kernels are launched (CUDA graphs) is recorded but is not a setting that decides reuse
     rec = json.loads(done.read_text())
@@ -107,12 +109,18 @@ def test_same_settings():
 def test_quality_repeats_are_paired_and_summarized(tmp_path):
     out = tmp_path / "q"
     res = run_quality("tiny", None, tokens=2 * 32 * 4, modes=["bf16", "fp8-tensorwise"], batch=2, seq=32,
-                      device="cpu", out=str(out), eval_batches=1, eval_every=2, repeats=2)
+                      device="cpu", out=str(out), eval_batches=1, eval_every=2, repeats=2, eval_windows=4)
     assert res["repeats"] == 2
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["bf16", "bf16-r1", NOISE_MODE,
+    # the BF16 seed-to-seed run is repeated too, so its paired difference has an SD over repeats
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["bf16", "bf16-r1", NOISE_MODE, NOISE_MODE + "-r1",
                                                                    "fp8-tensorwise", "fp8-tensorwise-r1"]
+    paired = {r["mode"]: r for r in res["paired"]}
+    assert list(paired) == [NOISE_MODE, "fp8-tensorwise"]
+    assert paired["fp8-tensorwise"]["R"] == 2 and paired["fp8-tensorwise"]["windows"] == 4
+    assert len(res["windows"]["fp8-tensorwise-r1"]) == 4
     by = {r["mode"]: r for r in res["rows"]}
     assert list(by) == ["bf16", NOISE_MODE, "fp8-tensorwise"]
+    assert by["fp8-tensorwise"]["within_noise"] == paired["fp8-tensorwise"]["within_noise"] is not None
     b, f = by["bf16"]["repeat_val_losses"], by["fp8-tensorwise"]["repeat_val_losses"]
     assert len(b) == len(f) == 2 and all(isinstance(v, float) for v in b + f)
     assert by["bf16"]["final_val_loss"] == pytest.approx(sum(b) / 2)
@@ -128,3 +136,199 @@ def test_quality_repeats_are_paired_and_summarized(tmp_path):
     with pytest.raises(YxanulError):
         run_quality("tiny", None, tokens=128, modes=["bf16"], batch=2, seq=32, device="cpu", out=str(out),
                     repeats=0)
+
+
+# -- per-window evaluation, paired statistics, fork protocol ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory) -> str:
+    p = tmp_path_factory.mktemp("model") / "micro.yaml"
+    p.write_text("preset: tiny\nd_model: 64\nn_layers: 2\nn_heads: 2\nn_kv_heads: 1\nhead_dim: 32\n"
+                 "ffn_hidden: 128\nmax_seq_len: 128\n")
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> str:
+    """Byte-level data with a validation split of 20 windows of 33 tokens plus a partial one."""
+    from pathlib import Path
+
+    from yxanul.data.prepare import prepare
+    root = tmp_path_factory.mktemp("small")
+    docs = sorted((Path(__file__).parent.parent / "docs").glob("*.md"))
+    train = root / "train.txt"
+    train.write_text("\n".join(d.read_text(encoding="utf-8") for d in docs), encoding="utf-8")
+    val = root / "val.txt"
+    val.write_text("The validation text: " + "abcdefghij klmnopqrst uvwxyz. " * 22, encoding="utf-8")
+    out = root / "data"
+    meta = prepare([str(train)], "bytes", out, val_inputs=[str(val)], progress=False)
+    assert meta["splits"]["val"]["tokens"] // 33 == 20 and meta["splits"]["val"]["tokens"] % 33
+    return str(out)
+
+
+def _direct_window_loss(model, loader, w):
+    import numpy as np
+    T = loader.T
+    flat = np.concatenate([np.asarray(a) for a in loader.val.arrays])
+    xy = torch.from_numpy(flat[w * (T + 1):(w + 1) * (T + 1)].astype(np.int64))[None]
+    with torch.no_grad():
+        logits = model(xy[:, :-1]).float()
+    return float(torch.nn.functional.cross_entropy(logits[0], xy[0, 1:]))
+
+
+def test_window_losses_count_order_and_wrap(micro_model, small_data):
+    from yxanul.data.loader import DataLoader
+    from yxanul.evaluate import val_window_count, window_index, window_losses
+    torch.manual_seed(0)
+    model = Yxanul(load_model_config(micro_model))
+    loader = DataLoader(small_data, 3, 32)
+    assert val_window_count(loader) == 20
+    every = window_losses(model, loader)
+    assert every.dtype == torch.float64 and every.shape == (20,)  # the whole split once, the partial batch cut
+    direct = [_direct_window_loss(model, loader, w) for w in range(20)]
+    assert every.tolist() == pytest.approx(direct, rel=1e-5)
+    assert len(set(round(v, 6) for v in direct)) > 10  # windows differ: the order check can fail
+    assert window_losses(model, loader, 5).tolist() == pytest.approx(direct[:5], rel=1e-5)
+    wrapped = window_losses(model, loader, 23)  # more than the split: wraps around like val_batches
+    assert wrapped[20:].tolist() == pytest.approx(direct[:3], rel=1e-5)
+    assert [window_index(loader, k) for k in (0, 4, 19, 21)] == [0, 4, 19, 1]
+    assert model.training and "loss_fn" not in vars(model)  # mode and loss path restored
+
+
+def test_window_losses_fused_loss_path_and_restore(micro_model, small_data):
+    from yxanul.data.loader import DataLoader
+    from yxanul.evaluate import window_losses
+    from yxanul.kernels.linear_ce import use_fused_ce
+    torch.manual_seed(0)
+    model = Yxanul(load_model_config(micro_model))
+    loader = DataLoader(small_data, 4, 32)
+    plain = window_losses(model, loader, 8)
+    use_fused_ce(model)
+    fused_fn = model.loss_fn
+    fused = window_losses(model, loader, 8)
+    assert fused.tolist() == pytest.approx(plain.tolist(), rel=1e-5)
+    assert model.loss_fn is fused_fn
+
+
+def test_trainer_evaluate_is_the_mean_of_the_old_batch_means(micro_model, small_data, tmp_path):
+    from yxanul.train import Trainer, load_train_config
+    cfg = load_train_config(None, {"model": micro_model, "data": small_data, "batch_size": 3, "seq_len": 32,
+                                   "eval_batches": 3, "precision": "bf16", "out": str(tmp_path / "r"),
+                                   "progress": False, "tensorboard": False})
+    t = Trainer(cfg, log=lambda *a, **k: None)
+    old = []
+    with torch.no_grad():
+        for x, y in t.loader.val_batches(3):
+            with t.autocast():
+                old.append(float(t.model(x, y)))
+    assert t.evaluate() == pytest.approx(sum(old) / len(old), rel=1e-6)
+
+
+def test_paired_delta_against_hand_computation():
+    from yxanul.bench.quality import paired_delta
+    ref = [2.0, 3.0, 4.0, 3.0]
+    mode = [2.1, 3.0, 4.2, 3.1]
+    # d = (0.1, 0, 0.2, 0.1), mean 0.1; mean ref 3 -> delta = 1/30
+    # z = (d - delta * ref) / 3 = (1/90, -3/90, 2/90, 0): mean 0, sum of squares 14/8100
+    delta, se = paired_delta(mode, ref)
+    assert delta == pytest.approx(100 / 30)
+    assert se == pytest.approx(100 * math.sqrt(14 / 8100 / 3) / 2)
+    assert paired_delta(ref, ref) == (0.0, 0.0)
+    with pytest.raises(YxanulError, match="differ in number"):
+        paired_delta(mode[:3], ref)
+
+
+def test_paired_rows_combine_repeats_and_give_verdicts():
+    from yxanul.bench.quality import markdown_table, paired_delta, paired_rows, verdict
+    ref0, ref1 = [2.0, 3.0, 4.0, 3.0], [2.0, 3.2, 4.0, 2.8]
+    m0, m1 = [2.1, 3.0, 4.2, 3.1], [2.0, 3.2, 4.0, 2.9]
+    windows = {("bf16", 0): ref0, ("bf16", 1): ref1, ("fp8-all", 0): m0, ("fp8-all", 1): m1,
+               ("fp8-delayed", 0): m0}
+    rows = {r["mode"]: r for r in paired_rows(windows, ["bf16", "fp8-all", "fp8-delayed"])}
+    a = rows["fp8-all"]
+    d0, d1 = 100 * 0.4 / 12, 100 * 0.1 / 12  # sum of differences over the sum of the reference, per repeat
+    assert a["repeat_delta_pct"] == pytest.approx([d0, d1])
+    assert a["delta_pct"] == pytest.approx((d0 + d1) / 2) and a["R"] == 2 and a["windows"] == 4
+    assert a["sd_pct"] == pytest.approx(abs(d0 - d1) / math.sqrt(2))
+    _, se_w = paired_delta([(x + y) / 2 for x, y in zip(m0, m1)], [(x + y) / 2 for x, y in zip(ref0, ref1)])
+    assert a["se_pct"] == pytest.approx(math.sqrt(se_w ** 2 + a["sd_pct"] ** 2 / 2))
+    assert "2-5% worse" in a["verdicts"] and "2-5% worse" not in rows["fp8-delayed"]["verdicts"]
+    assert rows["fp8-delayed"]["R"] == 1 and rows["fp8-delayed"]["sd_pct"] is None
+    assert rows["fp8-delayed"]["within_noise"] is None  # no repeats, no measured noise
+    assert a["within_noise"] == (abs(a["delta_pct"]) <= 2 * a["se_pct"])
+    assert verdict(0.05, 0.02, -0.1, 0.1) == "confirmed"
+    assert verdict(0.5, 0.1, -0.25, 0.25) == "refuted" and verdict(-0.5, 0.1, -0.25, 0.25) == "refuted"
+    assert verdict(0.2, 0.05, -0.1, 0.1) == "unresolved" and verdict(0.0, None, -0.1, 0.1) == "unresolved"
+    table = markdown_table(list(rows.values()))
+    assert table.splitlines()[0] == "| mode | delta vs bf16 | SD | SE | R | verdict 0.1% / 0.25% |"
+    assert "| fp8-all |" in table and "| 2 |" in table
+
+
+def test_deterministic_algorithms_are_set_and_restored(monkeypatch):
+    from yxanul.bench.quality import deterministic_algorithms
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        import os
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    import os
+    assert torch.are_deterministic_algorithms_enabled() == before and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_fork_branch_is_bit_identical_to_a_straight_run(micro_model, small_data, tmp_path):
+    """Repeat 0 continues the trunk's data order: its BF16 branch, resumed from the trunk's checkpoint at step 3,
+    ends bit for bit where one uninterrupted run to step 6 ends (CPU)."""
+    from yxanul.bench.quality import FORK_NOISE_MODE, run_fork
+    kw = dict(tokens=3 * 32 * 6, batch=3, seq=32, lr=3e-3, device="cpu", eval_every=2, eval_batches=1)
+    fork = run_fork(micro_model, small_data, modes=["bf16"], fork_at=3, out=str(tmp_path / "f"), **kw)
+    straight = run_quality(micro_model, small_data, modes=["bf16"], seeds=1, out=str(tmp_path / "s"), **kw)
+    assert len(fork["windows"]["bf16-r0"]) == 20
+    assert fork["windows"]["bf16-r0"] == straight["windows"]["bf16"]
+    f_train = dict(map(tuple, fork["curves"]["bf16"]["train"]))
+    s_train = dict(map(tuple, straight["curves"]["bf16"]["train"]))
+    assert f_train == s_train and max(f_train) == 6 and min(f_train) <= 2  # trunk part included
+    assert fork["bf16_pairs_bit_identical"] == [True]
+    nf = fork["noise_floor"]
+    assert nf["mode"] == FORK_NOISE_MODE and nf["delta_pct"] == 0.0 and nf["se_pct"] == 0.0
+    assert json.loads((tmp_path / "f" / "fork.json").read_text())["fork_at"] == 3
+    # without the fork (a run trained from scratch on another data order) the windows differ: the check can fail
+    other = run_quality(micro_model, small_data, modes=["bf16"], seeds=1, out=str(tmp_path / "o"),
+                        seed=7, **kw)
+    assert other["windows"]["bf16"] != straight["windows"]["bf16"]
+
+
+def test_bench_quality_fork_cli_end_to_end(micro_model, small_data, tmp_path):
+    from yxanul.cli import main
+    out = tmp_path / "fork"
+    args = ["bench", "quality", "--model", micro_model, "--data", small_data, "--tokens", str(2 * 32 * 6),
+            "--batch", "2", "--seq", "32", "--fork-at", "3", "--repeats", "2", "--modes", "bf16,fp8-tensorwise",
+            "--eval-windows", "6", "--eval-every", "3", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
+    doc = json.loads((out / "fork.json").read_text())
+    assert sorted(doc["branches"]) == ["bf16-b-r0", "bf16-b-r1", "bf16-r0", "bf16-r1", "fp8-tensorwise-r0",
+                                       "fp8-tensorwise-r1"]
+    assert all(len(w) == 6 for w in doc["windows"].values())
+    assert doc["windows"]["bf16-r0"] != doc["windows"]["bf16-r1"]  # repeats draw other batches after the fork
+    row = doc["paired"][0]
+    assert row["mode"] == "fp8-tensorwise" and row["R"] == 2 and row["sd_pct"] is not None
+    assert set(row["verdicts"]) == {"0.1%", "0.25%"}
+    assert doc["bf16_pairs_bit_identical"] == [True, True]
+    assert "| mode | delta vs bf16 | SD | SE | R | verdict 0.1% / 0.25% |" in (out / "fork.md").read_text()
+    for png in ("fork-delta.png", "fork-curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second call reuses the trunk and every finished branch
+    stamp = (out / "fp8-tensorwise-r1" / "result.json").stat().st_mtime_ns
+    trunk = (out / "trunk" / "trunk.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "fp8-tensorwise-r1" / "result.json").stat().st_mtime_ns == stamp
+    assert (out / "trunk" / "trunk.json").stat().st_mtime_ns == trunk
+    # bad input: one-line errors, exit code 2
+    assert main(args[:-6] + ["--fork-at", "6", "--out", str(tmp_path / "x")]) == 2
+    assert main(args[:-6] + ["--fork-at", "0", "--out", str(tmp_path / "x")]) == 2
+    i = args.index("--fork-at")
+    no_fork = args[:i] + args[i + 2:] + ["--deterministic"]
+    assert main(no_fork) == 2
+    assert main(args + ["--eval-windows", "1"]) == 2
+    assert not (tmp_path / "x").exists()

@@ -34,6 +34,7 @@ from . import kernels  # noqa: F401  (registers the Triton quantizers with the F
 from .config import load_model_config
 from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
+from .evaluate import window_losses
 from .flops import flops_per_token, peak_flops
 from .generate import SamplingOptions, generate_ids, load_tokenizer, stream_decode
 from .io import atomic_write_text
@@ -497,21 +498,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        self.model.eval()
-        total, n = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for x, y in self.loader.val_batches(self.cfg.eval_batches):
-            if self.graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with self.autocast():
-                total += self.model(x, y).double()
-            n += 1
-        self.model.train()
-        if n == 0:
+        """Mean loss over this rank's first ``eval_batches`` validation batches (averaged over ranks)."""
+        losses = window_losses(self.model, self.loader, self.cfg.eval_batches * self.cfg.batch_size,
+                               self.autocast, torch.compiler.cudagraph_mark_step_begin if self.graphs else None)
+        if losses.numel() == 0:
             return None
+        total = losses.mean().to(self.device)
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
             total /= self.world_size
-        return float(total / n)
+        return float(total)
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> dict:

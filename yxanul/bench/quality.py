@@ -14,19 +14,40 @@ Modes:
   ``fp8-all``         everything the note keeps out of FP8 is quantized too: the embedding output, every
                       RMSNorm output, the embedding projection and the output head (E4M3, 1x128 tiles,
                       straight-through gradients for the fake-quantized activations)
+
+Paired statistics. Every run ends with an evaluation of each validation window (the whole split, or the first
+N windows; :mod:`yxanul.evaluate`). A mode's difference from BF16 in one repeat is
+``delta = mean_w(L_mode[w] - L_bf16[w]) / mean_w(L_bf16[w])``, a ratio of means; its standard error comes from
+the per-window paired differences by the delta method (the SE of the mean of
+``z_w = (d_w - delta * L_bf16[w]) / mean(L_bf16)``). Over R repeats the reported delta is the mean of the
+repeats' deltas, SD their sample standard deviation, and SE combines both sources of error:
+``sqrt(SD^2 / R + SE_w^2)``, SE_w being the window SE of the repeat-averaged per-window differences (the two
+overlap slightly, so SE errs on the large side). A claim "delta lies in [lo, hi]" is confirmed when the 2-sigma
+interval lies inside it, refuted when the interval lies wholly outside it, unresolved otherwise.
+
+Fork protocol (:func:`run_fork`): one BF16 trunk trains to the fork step and is checkpointed; every mode
+resumes from that checkpoint (weights, optimizer, step, learning-rate schedule) and trains to the end. Repeat r
+draws its remaining batches with data-order seed ``seed + REPEAT_SEED_STRIDE * r``, the same for every mode of
+the repeat (repeat 0 continues the trunk's order, so its BF16 branch is the straight run). Two BF16 branches
+per repeat (``bf16`` and ``bf16-b``, same data) measure the noise floor.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from ..errors import YxanulError
+from ..evaluate import window_losses
 from ..fmt import table
-from ..io import atomic_write_json
+from ..io import atomic_write_json, atomic_write_text
 
 BASE_MODES = ("bf16", "fp8", "fp8-blockwise", "fp8-tensorwise", "fp8-rowwise", "fp8-delayed", "fp8-head", "fp8-all")
 NOISE_MODE = "bf16-seed2"
@@ -94,9 +115,14 @@ def _mode_setup(mode: str, policy: str | None, out_dir: Path, all_recipe: str = 
     return over, extra
 
 
-def _make_trainer(cfg, extra: dict, data_seed: int):
+class _ForkReached(Exception):
+    """Raised by a trunk trainer when it is asked for the step after the fork."""
+
+
+def _make_trainer(cfg, extra: dict, data_seed: int, resume: str | None = None, stop_at: int | None = None):
     """A Trainer whose batches follow `data_seed` (initialization still follows cfg.seed) and whose model gets
-    the fused cross-entropy (and FP8 head / all-FP8 hooks) before compilation."""
+    the fused cross-entropy (and FP8 head / all-FP8 hooks) before compilation. With `stop_at` its ``fit`` ends
+    by raising :class:`_ForkReached` before training step `stop_at` (the schedule stays that of cfg.steps)."""
     from ..data.loader import DataLoader
     from ..train import Trainer
 
@@ -109,7 +135,12 @@ def _make_trainer(cfg, extra: dict, data_seed: int):
                 self.all_fp8_modules = apply_all_fp8(model)
             return super().wrap_model(model)
 
-    t = QualityTrainer(cfg, log=lambda *a, **k: print(*a, **k, flush=True))
+        def train_step(self, step):
+            if stop_at is not None and step >= stop_at:
+                raise _ForkReached
+            return super().train_step(step)
+
+    t = QualityTrainer(cfg, resume=resume, log=lambda *a, **k: print(*a, **k, flush=True))
     if data_seed != cfg.seed:
         t.loader = DataLoader(t.data_dir, cfg.batch_size, cfg.seq_len, seed=data_seed, rank=t.rank,
                               world_size=t.world_size, device=t.device)
@@ -153,24 +184,10 @@ def final_val(curves: dict, last: int) -> float | None:
     return sum(tail) / len(tail)
 
 
-def run_quality(model: str, data: str | None, tokens: int, modes: list[str], seeds: int = 2, batch: int = 16,
-                seq: int = 2048, lr: float = 3e-3, min_lr: float | None = None, warmup: int | None = None,
-                eval_every: int | None = None, eval_batches: int = 8, last_evals: int = 3, seed: int = 1337,
-                policy: str | None = None, out: str = "runs/quality", device: str = "auto",
-                calibration_steps: int | None = None, fp8_all_recipe: str = "blockwise",
-                compile: bool = False, fp8_backend: str = "auto", reuse: bool = True, repeats: int = 1,
-                compile_mode: str = "default", tune_kernels: bool = False) -> dict:
-    """Train every mode; returns (and writes to OUT/quality.json) the comparison. ``fp8_all_recipe`` is the
-    recipe of the fp8-all mode's linears (its extra activations are always 1 x 128 tiles).
-
-    ``repeats=R`` trains every mode R times; repeat r uses data-order seed ``seed + REPEAT_SEED_STRIDE * r`` for
-    all modes (so modes stay paired within a repeat) and lives in ``OUT/<mode>-r<r>`` (r >= 1). Rows then give
-    the mean final loss, the per-repeat values, the paired difference from BF16 (mean over repeats) and its
-    standard error; a difference is "within noise" when it is below twice that error.
-
-    ``compile_mode`` (e.g. ``reduce-overhead``, CUDA graphs) changes how the kernels are launched, not what they
-    compute, so it is not part of the settings that decide whether a stored result is reused; nor is
-    ``tune_kernels`` (launch settings of the same kernels)."""
+def _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches, seed, policy, device,
+             fp8_all_recipe, compile, fp8_backend, repeats, compile_mode, tune_kernels) -> tuple[dict, int, dict]:
+    """Validate the shared options; returns (the TrainConfig fields every run shares, steps, the launch options
+    that are not compared when reusing results)."""
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise YxanulError(f"must be a positive integer, got {repeats!r}", key="--repeats")
     from ..fp8.recipe import RECIPES
@@ -178,7 +195,6 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
         raise YxanulError(f"unknown recipe {fp8_all_recipe!r} (expected one of {', '.join(RECIPES)})",
                           key="--fp8-all-recipe")
     from ..model import COMPILE_MODES
-    from ..train import load_train_config
     if compile_mode not in COMPILE_MODES:
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of {', '.join(COMPILE_MODES)})",
                           key="--compile-mode")
@@ -186,26 +202,58 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
         raise YxanulError(f"compile mode {compile_mode} needs --compile", key="--compile-mode")
     if tune_kernels and not compile:
         raise YxanulError("--tune-kernels needs --compile", key="--tune-kernels")
-
-    out_dir = Path(out)
-    tokens_per_step = batch * seq
-    steps = max(1, tokens // tokens_per_step)
+    steps = max(1, tokens // (batch * seq))
     eval_every = eval_every or max(1, steps // 20)
     warmup = warmup if warmup is not None else max(1, steps // 20)
-    run_modes = list(modes)
-    if seeds >= 2 and "bf16" in run_modes and NOISE_MODE not in run_modes:
-        run_modes.insert(run_modes.index("bf16") + 1, NOISE_MODE)
     base = {"model": model, "data": data, "steps": steps, "batch_size": batch, "seq_len": seq, "lr": lr,
             "min_lr": lr / 10 if min_lr is None else min_lr, "warmup": warmup, "eval_every": eval_every,
             "eval_batches": eval_batches, "log_every": eval_every, "checkpoint_every": 0, "seed": seed,
             "device": device, "compile": compile, "fp8_backend": fp8_backend, "progress": False,
             "tensorboard": False, "policy": policy}
+    return base, steps, {"compile_mode": compile_mode, "tune_kernels": bool(tune_kernels)}
+
+
+def run_quality(model: str, data: str | None, tokens: int, modes: list[str], seeds: int = 2, batch: int = 16,
+                seq: int = 2048, lr: float = 3e-3, min_lr: float | None = None, warmup: int | None = None,
+                eval_every: int | None = None, eval_batches: int = 8, last_evals: int = 3, seed: int = 1337,
+                policy: str | None = None, out: str = "runs/quality", device: str = "auto",
+                calibration_steps: int | None = None, fp8_all_recipe: str = "blockwise",
+                compile: bool = False, fp8_backend: str = "auto", reuse: bool = True, repeats: int = 1,
+                compile_mode: str = "default", tune_kernels: bool = False, eval_windows: int | None = None) -> dict:
+    """Train every mode from scratch; returns (and writes to OUT/quality.json) the comparison.
+    ``fp8_all_recipe`` is the recipe of the fp8-all mode's linears (its extra activations are always 1 x 128
+    tiles).
+
+    ``repeats=R`` trains every mode R times; repeat r uses data-order seed ``seed + REPEAT_SEED_STRIDE * r`` for
+    all modes (so modes stay paired within a repeat) and lives in ``OUT/<mode>-r<r>`` (r >= 1). Rows then give
+    the mean final loss, the per-repeat values, the paired difference from BF16 (mean over repeats) and its
+    standard error; a difference is "within noise" when it is below twice that error. With ``seeds >= 2`` every
+    repeat also trains ``bf16-seed2``, BF16 on another data order.
+
+    Each run ends with a per-window evaluation (the first `eval_windows` validation windows, default all of
+    them); ``result["paired"]`` holds the paired per-window statistics against BF16 (module docstring).
+
+    ``compile_mode`` (e.g. ``reduce-overhead``, CUDA graphs) changes how the kernels are launched, not what they
+    compute, so it is not part of the settings that decide whether a stored result is reused; nor is
+    ``tune_kernels`` (launch settings of the same kernels)."""
+    from ..train import load_train_config
+    base, steps, launch = _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches,
+                                   seed, policy, device, fp8_all_recipe, compile, fp8_backend, repeats,
+                                   compile_mode, tune_kernels)
+    if eval_windows is not None and eval_windows < 2:
+        raise YxanulError(f"needs at least 2 windows for a standard error, got {eval_windows}", key="--eval-windows")
+    out_dir = Path(out)
+    tokens_per_step = batch * seq
+    run_modes = list(modes)
+    if seeds >= 2 and "bf16" in run_modes and NOISE_MODE not in run_modes:
+        run_modes.insert(run_modes.index("bf16") + 1, NOISE_MODE)
     result = {"model": model, "tokens": steps * tokens_per_step, "steps": steps, "batch": batch, "seq": seq,
-              "lr": lr, "seed": seed, "device": None, "torch": torch.__version__,
+              "lr": lr, "warmup": base["warmup"], "seed": seed, "device": None, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "repeats": repeats, "rows": [], "bf16_noise_pct": None,
-              "curves": {}}
+              "curves": {}, "windows": {}, "paired": [],
+              "se_method": "delta method on per-window paired differences, combined with the SD over repeats"}
     recs: dict[tuple[str, int], dict] = {}
-    jobs = [(mode, r) for r in range(repeats) for mode in run_modes if not (r and mode == NOISE_MODE)]
+    jobs = [(mode, r) for r in range(repeats) for mode in run_modes]
     for mode, r in jobs:
         name = mode if r == 0 else f"{mode}-r{r}"
         mode_dir = out_dir / name
@@ -215,31 +263,32 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
         if over.get("precision") == "fp8" and calibration_steps is not None:
             # only FP8 modes' settings carry it, so BF16 results stay reusable when it changes
             over["fp8_calibration_steps"] = calibration_steps
-        settings = _jsonable({**base, **over, "data_seed": data_seed, "extra": extra, "last_evals": last_evals})
+        settings = _jsonable({**base, **over, "data_seed": data_seed, "extra": extra, "last_evals": last_evals,
+                              "eval_windows": eval_windows})
         prev = json.loads(done.read_text(encoding="utf-8")) if (reuse and done.exists()) else None
         if prev is not None and same_settings(prev.get("settings"), settings) and prev.get("error") is None:
             rec = prev
             print(f"[quality] {name}: reusing {done}", flush=True)
         else:
-            cfg = load_train_config(None, {**base, **over, "out": str(mode_dir), "compile_mode": compile_mode,
-                                           "tune_kernels": bool(tune_kernels), "policy": over.get("policy", policy)})
+            cfg = load_train_config(None, {**base, **over, "out": str(mode_dir), **launch,
+                                           "policy": over.get("policy", policy)})
             if mode_dir.exists() and (mode_dir / "metrics.jsonl").exists():
-                import shutil
                 shutil.rmtree(mode_dir)
             print(f"[quality] {name}: {steps} steps x {tokens_per_step} tokens", flush=True)
             t0 = time.perf_counter()
-            error = None
+            error, windows = None, None
             try:
                 trainer = _make_trainer(cfg, extra, data_seed)
                 device_name = (torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda"
                                else "cpu")
                 summary = trainer.fit()
+                windows = _eval_windows(trainer, eval_windows)
                 del trainer
             except YxanulError as e:
                 error, summary, device_name = str(e), {}, None
             curves = _read_curves(mode_dir)
-            rec = {"mode": mode, "settings": settings, "compile_mode": compile_mode,
-                   "tune_kernels": bool(tune_kernels), "curves": curves, "final_val_loss": final_val(curves, last_evals),
+            rec = {"mode": mode, "settings": settings, **launch, "curves": curves,
+                   "final_val_loss": final_val(curves, last_evals), "windows": windows,
                    "final_train_loss": summary.get("final_loss"), "skipped_steps": summary.get("skipped_steps"),
                    "seconds": round(time.perf_counter() - t0, 1), "device": device_name, "error": error}
             atomic_write_json(done, rec)
@@ -247,9 +296,15 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
                 torch.cuda.empty_cache()
         result["device"] = result["device"] or rec.get("device")
         result["curves"][name] = rec["curves"]
+        result["windows"][name] = rec.get("windows")
         recs[(mode, r)] = rec
         result["rows"] = _rows(recs, repeats)
         summarize(result)
+        result["paired"] = paired_rows({k: v.get("windows") for k, v in recs.items()}, run_modes)
+        paired = {p["mode"]: p for p in result["paired"]}
+        for row in result["rows"]:  # the paired statistics over repeats decide, not a single BF16 pair
+            if row["mode"] in paired:
+                row["within_noise"] = paired[row["mode"]]["within_noise"]
         atomic_write_json(out_dir / "quality.json", result)
     return result
 
@@ -339,8 +394,13 @@ def format_table(result: dict) -> str:
         std = result.get("bf16_repeat_std_pct")
         tail += (f"\n{result['repeats']} repeats per mode (paired by data order): 'vs bf16' is the mean paired "
                  f"difference ± its standard error" + (f"; BF16 repeat-to-repeat std {std:.3f}%" if std else ""))
-    return head + "\n" + table(rows, ["mode", "final val loss", "vs bf16", "in noise", "skipped", "error"],
+    text = head + "\n" + table(rows, ["mode", "final val loss", "vs bf16", "in noise", "skipped", "error"],
                                "lrrrrl") + "\n" + tail
+    if result.get("paired"):
+        n = result["paired"][0]["windows"]
+        text += (f"\n\nPaired per-window statistics ({n} validation windows; SE: {result['se_method']}):\n"
+                 + markdown_table(result["paired"]))
+    return text
 
 
 def plot(result: dict, path) -> None:
@@ -371,3 +431,362 @@ def plot(result: dict, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+# -- paired per-window statistics -------------------------------------------------------------------------
+
+CLAIMS = {"0.1%": (-0.1, 0.1), "0.25%": (-0.25, 0.25)}  # FP8 within this many percent of BF16
+ALL_FP8_CLAIM = ("2-5% worse", (2.0, 5.0))  # the note on fp8-all
+
+
+def paired_delta(mode: list[float], ref: list[float]) -> tuple[float, float | None]:
+    """(delta, SE) in percent: delta = mean(mode - ref) / mean(ref) over paired windows, SE by the delta
+    method (None with fewer than two windows)."""
+    if len(mode) != len(ref) or not ref:
+        raise YxanulError(f"paired windows differ in number ({len(mode)} against {len(ref)})", key="windows")
+    n = len(ref)
+    d = [m - r for m, r in zip(mode, ref)]
+    mean_ref = sum(ref) / n
+    delta = (sum(d) / n) / mean_ref
+    if n < 2:
+        return 100.0 * delta, None
+    z = [(di - delta * ri) / mean_ref for di, ri in zip(d, ref)]
+    return 100.0 * delta, 100.0 * statistics.stdev(z) / math.sqrt(n)
+
+
+def verdict(delta: float | None, se: float | None, lo: float, hi: float) -> str:
+    """A claim "delta lies in [lo, hi]" at 2 sigma: confirmed, refuted or unresolved."""
+    if delta is None or se is None:
+        return "unresolved"
+    a, b = delta - 2 * se, delta + 2 * se
+    if lo <= a and b <= hi:
+        return "confirmed"
+    if b < lo or a > hi:
+        return "refuted"
+    return "unresolved"
+
+
+def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]]) -> dict:
+    """Statistics of one mode against its reference over repeats: `pairs` holds (mode windows, reference
+    windows) per repeat, the same windows in the same order."""
+    per = [paired_delta(m, r) for m, r in pairs]
+    deltas = [d for d, _ in per]
+    R = len(pairs)
+    n = len(pairs[0][1])
+    if any(len(r) != n for _, r in pairs):
+        raise YxanulError("repeats were evaluated on different numbers of windows", key="windows")
+    avg_m = [sum(m[w] for m, _ in pairs) / R for w in range(n)]
+    avg_r = [sum(r[w] for _, r in pairs) / R for w in range(n)]
+    _, se_w = paired_delta(avg_m, avg_r)
+    sd = statistics.stdev(deltas) if R >= 2 else None
+    se = None if se_w is None else math.sqrt(se_w ** 2 + (sd ** 2 / R if sd is not None else 0.0))
+    delta = sum(deltas) / R
+    row = {"mode": mode, "delta_pct": delta, "sd_pct": sd, "se_pct": se, "window_se_pct": se_w, "R": R,
+           "windows": n, "repeat_delta_pct": deltas, "repeat_window_se_pct": [e for _, e in per],
+           # noise is judged from the spread over repeats (with one repeat it is not measured)
+           "within_noise": (abs(delta) <= 2 * se) if (se is not None and sd is not None) else None,
+           "verdicts": {k: verdict(delta, se, lo, hi) for k, (lo, hi) in CLAIMS.items()}}
+    if mode == "fp8-all":
+        name, (lo, hi) = ALL_FP8_CLAIM
+        row["verdicts"][name] = verdict(delta, se, lo, hi)
+    return row
+
+
+def paired_rows(windows: dict, modes: list[str], ref: str = "bf16") -> list[dict]:
+    """One row per mode other than `ref` that has paired windows: `windows[(mode, repeat)]` lists per-window
+    losses; repeats missing either side are left out."""
+    repeats = sorted({r for _, r in windows})
+    rows = []
+    for mode in modes:
+        if mode == ref:
+            continue
+        pairs = [(windows[(mode, r)], windows[(ref, r)]) for r in repeats
+                 if windows.get((mode, r)) and windows.get((ref, r))]
+        if pairs:
+            rows.append(paired_row(mode, pairs))
+    return rows
+
+
+def _pct(v: float | None, sign: bool = False) -> str:
+    return "-" if v is None else (f"{v:+.3f}%" if sign else f"{v:.3f}%")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """``mode | delta vs bf16 | SD | SE | R | verdict 0.1% / 0.25%`` (fp8-all also gets the note's 2-5%)."""
+    lines = ["| mode | delta vs bf16 | SD | SE | R | verdict 0.1% / 0.25% |", "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        v = r["verdicts"]
+        text = f"{v['0.1%']} / {v['0.25%']}"
+        if ALL_FP8_CLAIM[0] in v:
+            text += f" ({ALL_FP8_CLAIM[0]}: {v[ALL_FP8_CLAIM[0]]})"
+        lines.append(f"| {r['mode']} | {_pct(r['delta_pct'], True)} | {_pct(r['sd_pct'])} | {_pct(r['se_pct'])} "
+                     f"| {r['R']} | {text} |")
+    return "\n".join(lines)
+
+
+def plot_deltas(rows: list[dict], path, title: str = "") -> None:
+    """Delta vs BF16 per mode with 2-sigma bars and the 0.1% / 0.25% bands (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ..io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 4.2))
+    xs = list(range(len(rows)))
+    ys = [r["delta_pct"] for r in rows]
+    err = [2 * r["se_pct"] if r["se_pct"] is not None else 0.0 for r in rows]
+    for band, alpha in ((0.25, 0.08), (0.1, 0.15)):
+        ax.axhspan(-band, band, color="tab:green", alpha=alpha, lw=0, label=f"±{band}%")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=4, color="tab:blue", label="delta ± 2 SE")
+    ax.set_xticks(xs, [f"{r['mode']}\nR={r['R']}" for r in rows])
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_ylabel("final validation loss vs bf16 (%)")
+    ax.set_title(title or "loss parity: paired per-window delta vs bf16")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# -- fork protocol ---------------------------------------------------------------------------------------
+
+FORK_NOISE_MODE = "bf16-b"
+CUBLAS_DETERMINISTIC = ":4096:8"
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """With `on`: ``torch.use_deterministic_algorithms(True, warn_only=True)`` (operations without a
+    deterministic implementation warn instead of failing) and cuBLAS's fixed workspace, which must be set
+    before CUDA is initialized. Both are restored on exit."""
+    if not on:
+        yield
+        return
+    prev_env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if prev_env not in (CUBLAS_DETERMINISTIC, ":16:8") and torch.cuda.is_initialized():
+        raise YxanulError("deterministic cuBLAS must be configured before CUDA is initialized; run it in a fresh "
+                          "process", key="--deterministic")
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if prev_env not in (CUBLAS_DETERMINISTIC, ":16:8"):
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        if prev_env is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = prev_env
+
+
+def _eval_windows(trainer, windows: int | None) -> list[float]:
+    mark = torch.compiler.cudagraph_mark_step_begin if getattr(trainer, "graphs", False) else None
+    return window_losses(trainer.model, trainer.loader, windows, trainer.autocast, mark).tolist()
+
+
+def _steady_tokens_per_s(curves_path: Path, after: int) -> float | None:
+    """Median logged tokens/s of the records after step `after` (the first one, with compilation, left out)."""
+    rates = []
+    if curves_path.exists():
+        for line in curves_path.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("step", 0) > after and r.get("tokens_per_s"):
+                rates.append(r["tokens_per_s"])
+    return statistics.median(rates[1:]) if len(rates) > 1 else (rates[0] if rates else None)
+
+
+def _link_checkpoint(src: Path, dst: Path) -> None:
+    """The trunk's checkpoint folder inside a branch's run folder: hard links (copies where links fail)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+
+
+def _reusable(path: Path, settings: dict, reuse: bool) -> dict | None:
+    if not (reuse and path.exists()):
+        return None
+    try:
+        prev = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = same_settings(prev.get("settings"), settings) and prev.get("error") is None
+    return prev if ok else None
+
+
+def _fork_trunk(base: dict, launch: dict, out_dir: Path, fork_at: int, reuse: bool) -> tuple[Path, dict]:
+    """Train (or reuse) the BF16 trunk to `fork_at`; returns (checkpoint folder, record)."""
+    from ..checkpoint.training import checkpoint_name
+    from ..train import load_train_config
+
+    trunk = out_dir / "trunk"
+    ckpt = trunk / "checkpoints" / checkpoint_name(fork_at)
+    settings = _jsonable({**base, "precision": "bf16", "fork_at": fork_at})
+    prev = _reusable(trunk / "trunk.json", settings, reuse)
+    if prev is not None and (ckpt / "meta.json").exists():
+        print(f"[quality] trunk: reusing {ckpt}", flush=True)
+        return ckpt, prev
+    if trunk.exists():
+        shutil.rmtree(trunk)
+    cfg = load_train_config(None, {**base, **launch, "precision": "bf16", "out": str(trunk),
+                                   "checkpoint_every": fork_at, "keep_last": 1})
+    print(f"[quality] trunk: bf16 to step {fork_at} of {base['steps']}", flush=True)
+    t0 = time.perf_counter()
+    trainer = _make_trainer(cfg, {}, base["seed"], stop_at=fork_at)
+    try:
+        trainer.fit()
+    except _ForkReached:
+        pass
+    if not (ckpt / "meta.json").exists():
+        raise YxanulError(f"the trunk wrote no checkpoint at step {fork_at} (a bad step there?)", source=str(trunk))
+    rec = {"settings": settings, "curves": _read_curves(trunk), "seconds": round(time.perf_counter() - t0, 1),
+           "device": str(trainer.device), "error": None}
+    del trainer
+    atomic_write_json(trunk / "trunk.json", rec)
+    return ckpt, rec
+
+
+def _fork_branch(name: str, mode: str, over: dict, extra: dict, settings: dict, base: dict, ckpt: Path,
+                 out_dir: Path, data_seed: int, eval_windows: int | None) -> dict:
+    """Resume `mode` from the trunk's checkpoint in OUT/name, train to the end, evaluate every window."""
+    from ..train import load_train_config
+
+    run = out_dir / name
+    if run.exists():
+        shutil.rmtree(run)
+    _link_checkpoint(ckpt, run / "checkpoints" / ckpt.name)
+    shutil.copy2(ckpt.parent.parent / "metrics.jsonl", run / "metrics.jsonl")  # the trunk's part of the curves
+    cfg = load_train_config(None, {**base, **over, "out": str(run), "checkpoint_every": 0})
+    print(f"[quality] {name}: {mode} from step {settings['fork_at']} to {base['steps']}, data seed {data_seed}",
+          flush=True)
+    t0 = time.perf_counter()
+    error, summary, windows, device_name = None, {}, None, None
+    try:
+        trainer = _make_trainer(cfg, extra, data_seed, resume=str(run / "checkpoints" / ckpt.name))
+        device_name = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
+        summary = trainer.fit()
+        windows = _eval_windows(trainer, eval_windows)
+        del trainer
+    except YxanulError as e:
+        error = str(e)
+    curves = _read_curves(run)
+    rec = {"mode": mode, "settings": settings, "curves": curves, "windows": windows,
+           "final_val_loss": sum(windows) / len(windows) if windows else None,
+           "final_train_loss": summary.get("final_loss"), "skipped_steps": summary.get("skipped_steps"),
+           "seconds": round(time.perf_counter() - t0, 1),
+           "tokens_per_s": _steady_tokens_per_s(run / "metrics.jsonl", settings["fork_at"]),
+           "device": device_name, "error": error}
+    atomic_write_json(run / "result.json", rec)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rec
+
+
+def _bit_identical(a: dict | None, b: dict | None) -> bool | None:
+    """Whether two branches produced the same bits: every per-window loss and every logged training loss."""
+    if not a or not b or a.get("windows") is None or b.get("windows") is None:
+        return None
+    tail = lambda rec: [x for x in rec["curves"]["train"] if x[0] > rec["settings"]["fork_at"]]  # noqa: E731
+    return a["windows"] == b["windows"] and tail(a) == tail(b)
+
+
+def fork_modes(modes: list[str]) -> list[str]:
+    """The branches of one repeat: bf16 first, its twin for the noise floor, then the other modes."""
+    rest = [m for m in modes if m not in ("bf16", FORK_NOISE_MODE, NOISE_MODE)]
+    return ["bf16", FORK_NOISE_MODE] + rest
+
+
+def run_fork(model: str, data: str | None, tokens: int, modes: list[str], fork_at: int, repeats: int = 1,
+             batch: int = 16, seq: int = 2048, lr: float = 3e-3, min_lr: float | None = None,
+             warmup: int | None = None, eval_every: int | None = None, eval_batches: int = 8,
+             eval_windows: int | None = None, seed: int = 1337, policy: str | None = None,
+             out: str = "runs/quality-fork", device: str = "auto", calibration_steps: int | None = None,
+             fp8_all_recipe: str = "blockwise", compile: bool = False, fp8_backend: str = "auto",
+             reuse: bool = True, compile_mode: str = "default", tune_kernels: bool = False,
+             deterministic: bool = False) -> dict:
+    """The fork protocol (module docstring): a BF16 trunk to `fork_at`, then every mode to the end, `repeats`
+    times. Writes OUT/fork.json (everything, per-window losses included) and OUT/fork.md (the table) after
+    every branch; finished branches with the same settings are reused, so an interrupted run continues where it
+    stopped. Returns the result."""
+    base, steps, launch = _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches,
+                                   seed, policy, device, fp8_all_recipe, compile, fp8_backend, repeats,
+                                   compile_mode, tune_kernels)
+    if not isinstance(fork_at, int) or isinstance(fork_at, bool) or not 0 < fork_at < steps:
+        raise YxanulError(f"must be a step between 1 and {steps - 1} (the run has {steps} steps), got {fork_at!r}",
+                          key="--fork-at")
+    if eval_windows is not None and eval_windows < 2:
+        raise YxanulError(f"needs at least 2 windows for a standard error, got {eval_windows}", key="--eval-windows")
+    out_dir = Path(out)
+    result = {"protocol": "fork", "model": model, "tokens": steps * batch * seq, "steps": steps, "fork_at": fork_at,
+              "batch": batch, "seq": seq, "lr": base["lr"], "min_lr": base["min_lr"], "warmup": base["warmup"],
+              "seed": seed, "repeats": repeats, "deterministic": bool(deterministic), "device": None,
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "se_method": "delta method on per-window paired differences, combined with the SD over repeats",
+              "branches": {}, "windows": {}, "curves": {}, "paired": [], "noise_floor": None,
+              "bf16_pairs_bit_identical": []}
+    with deterministic_algorithms(deterministic):
+        ckpt, trunk = _fork_trunk(base, launch, out_dir, fork_at, reuse)
+        result["trunk"] = {"seconds": trunk.get("seconds"), "curves": trunk.get("curves"), "checkpoint": str(ckpt)}
+        recs: dict[tuple[str, int], dict] = {}
+        for r in range(repeats):
+            data_seed = seed + REPEAT_SEED_STRIDE * r
+            for mode in fork_modes(modes):
+                name = f"{mode}-r{r}"
+                over, extra = _mode_setup("bf16" if mode == FORK_NOISE_MODE else mode, policy, out_dir,
+                                          fp8_all_recipe)
+                if over.get("precision") == "fp8" and calibration_steps is not None:
+                    over["fp8_calibration_steps"] = calibration_steps
+                settings = _jsonable({**base, **over, "fork_at": fork_at, "data_seed": data_seed, "extra": extra,
+                                      "eval_windows": eval_windows, "deterministic": bool(deterministic)})
+                rec = _reusable(out_dir / name / "result.json", settings, reuse)
+                if rec is not None:
+                    print(f"[quality] {name}: reusing {out_dir / name / 'result.json'}", flush=True)
+                else:
+                    rec = _fork_branch(name, mode, over, extra, settings, {**base, **launch}, ckpt, out_dir,
+                                       data_seed, eval_windows)
+                recs[(mode, r)] = rec
+                _fork_summary(result, recs, modes)
+                atomic_write_json(out_dir / "fork.json", result)
+                atomic_write_text(out_dir / "fork.md", fork_markdown(result) + "\n")
+    return result
+
+
+def _fork_summary(result: dict, recs: dict, modes: list[str]) -> None:
+    for (mode, r), rec in recs.items():
+        name = f"{mode}-r{r}"
+        result["device"] = result["device"] or rec.get("device")
+        result["branches"][name] = {k: rec.get(k) for k in ("mode", "final_val_loss", "final_train_loss",
+                                                             "skipped_steps", "seconds", "tokens_per_s", "error")}
+        result["windows"][name] = rec.get("windows")
+        if r == 0:
+            result["curves"][mode] = rec.get("curves")
+    windows = {k: v.get("windows") for k, v in recs.items()}
+    rows = paired_rows(windows, fork_modes(modes))
+    result["noise_floor"] = next((x for x in rows if x["mode"] == FORK_NOISE_MODE), None)
+    result["paired"] = [x for x in rows if x["mode"] != FORK_NOISE_MODE]
+    reps = sorted({r for _, r in recs})
+    result["bf16_pairs_bit_identical"] = [_bit_identical(recs.get(("bf16", r)), recs.get((FORK_NOISE_MODE, r)))
+                                          for r in reps]
+
+
+def fork_markdown(result: dict) -> str:
+    rows = ([result["noise_floor"]] if result.get("noise_floor") else []) + result.get("paired", [])
+    head = (f"{result['model']}: BF16 trunk to step {result['fork_at']}, branches to step {result['steps']} "
+            f"({result['batch']}x{result['seq']} tokens per step, lr {result['lr']:g}, warm-up {result['warmup']}), "
+            f"{result['repeats']} repeat(s), device {result['device']}, torch {result['torch']}"
+            + (", deterministic algorithms" if result.get("deterministic") else ""))
+    n = next((x["windows"] for x in rows), None)
+    tail = (f"delta = mean over {n} validation windows of (L_mode - L_bf16) / mean L_bf16, mean over repeats; "
+            f"SE: {result['se_method']}. {FORK_NOISE_MODE}: a second BF16 branch on the same data (noise floor). "
+            f"BF16 pairs bit-identical per repeat: {result.get('bf16_pairs_bit_identical')}")
+    return head + "\n\n" + markdown_table(rows) + "\n\n" + tail

@@ -144,9 +144,20 @@ def _quality(bsub):
                         "report mean differences with standard errors")
     p.add_argument("--fp8-all-recipe", default="blockwise",
                    help="recipe of the fp8-all mode's linears (default blockwise, the note's)")
+    p.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                   help="final per-window evaluation of every run on the first N validation windows (default: the "
+                        "whole validation split); paired statistics against bf16 come from these")
+    p.add_argument("--fork-at", type=int, default=None, metavar="STEP",
+                   help="fork protocol: train one BF16 trunk to STEP, then every mode from that checkpoint to the "
+                        "end; --repeats R repeats with their own data order after the fork, and two BF16 branches "
+                        "per repeat for the noise floor")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms (warn-only) and cuBLAS's fixed workspace, set before "
+                        "CUDA starts; the fork report says whether the two BF16 branches became bit-identical")
     p.add_argument("--out", default="runs/quality", help="folder for the runs, quality.json and the plot")
     p.add_argument("--fresh", action="store_true", help="retrain modes that already have a result in --out")
-    p.add_argument("--plot", default=None, help="PNG of train and validation curves (default OUT/quality.png)")
+    p.add_argument("--plot", default=None, help="PNG of train and validation curves (default OUT/quality.png; "
+                                                 "with --fork-at OUT/fork-curves.png, repeat 0)")
     p.set_defaults(func=_run_quality)
 
 
@@ -157,17 +168,43 @@ def _run_quality(args):
     from ..errors import YxanulError
     if args.tokens <= 0 or args.batch <= 0 or args.seq <= 0:
         raise YxanulError("--tokens, --batch and --seq must be positive", key="--tokens")
+    if args.eval_windows is not None and args.eval_windows < 2:
+        raise YxanulError(f"needs at least 2 windows, got {args.eval_windows}", key="--eval-windows")
+    if args.deterministic and args.fork_at is None:
+        raise YxanulError("--deterministic applies to the fork protocol; add --fork-at STEP", key="--deterministic")
     modes = parse_modes(args.modes)
-    res = run_quality(args.model, args.data, args.tokens, modes, seeds=args.seeds, batch=args.batch, seq=args.seq,
-                      lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, eval_every=args.eval_every,
-                      eval_batches=args.eval_batches, last_evals=args.last_evals, seed=args.seed,
-                      policy=args.config, out=args.out, device=args.device, compile=args.compile,
-                      fp8_backend=args.fp8_backend, reuse=not args.fresh, calibration_steps=args.calibration_steps,
-                      fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats, compile_mode=args.compile_mode,
-                      tune_kernels=args.tune_kernels)
+    common = dict(batch=args.batch, seq=args.seq, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
+                  eval_every=args.eval_every, eval_batches=args.eval_batches, eval_windows=args.eval_windows,
+                  seed=args.seed, policy=args.config, out=args.out, device=args.device, compile=args.compile,
+                  fp8_backend=args.fp8_backend, reuse=not args.fresh, calibration_steps=args.calibration_steps,
+                  fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats, compile_mode=args.compile_mode,
+                  tune_kernels=args.tune_kernels)
+    if args.fork_at is not None:
+        return _run_fork(args, modes, common)
+    res = run_quality(args.model, args.data, args.tokens, modes, seeds=args.seeds, last_evals=args.last_evals,
+                      **common)
     print(format_table(res), flush=True)
     try:
         plot(res, args.plot or str(Path(args.out) / "quality.png"))
     except ImportError:
         print("matplotlib is not installed: no plot", flush=True)
     return 0 if all(r.get("error") is None for r in res["rows"]) else 1
+
+
+def _run_fork(args, modes, common):
+    from pathlib import Path
+
+    from ..bench.quality import fork_markdown, plot, plot_deltas, run_fork
+    res = run_fork(args.model, args.data, args.tokens, modes, args.fork_at, deterministic=args.deterministic,
+                   **common)
+    print(fork_markdown(res), flush=True)
+    out = Path(args.out)
+    try:
+        rows = ([res["noise_floor"]] if res["noise_floor"] else []) + res["paired"]
+        if rows:
+            plot_deltas(rows, out / "fork-delta.png", title=f"{res['model']}: fork at step {res['fork_at']}")
+        plot({"model": res["model"], "tokens": res["tokens"], "device": res["device"], "curves": res["curves"]},
+             args.plot or str(out / "fork-curves.png"))
+    except ImportError:
+        print("matplotlib is not installed: no plot", flush=True)
+    return 0 if all(b.get("error") is None for b in res["branches"].values()) else 1
