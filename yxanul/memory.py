@@ -226,12 +226,15 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
         """Bytes per token the linears `names` save of their common input (`in_b` bytes per element)."""
         total = 0.0
         shared_low = False
+        # q/k/v and gate/up run as one GEMM (cfg.fused_projections) when none of them is FP8: one cast input
+        fused = cfg.fused_projections and len(names) > 1 and not any(prec.get(n, "bf16").startswith("fp8")
+                                                                     for n in names)
         for n in names:
             p = prec.get(n, "bf16")
             if p.startswith("fp8") and cache:
                 total += in_features * (1 + _act_scale_bytes_per_elem(in_features, spec))
-            elif in_b == low_b:
-                shared_low = True  # the BF16 input itself, one tensor for all consumers
+            elif in_b == low_b or fused:
+                shared_low = True  # one BF16 tensor for all consumers
             else:
                 total += low_b * in_features  # each consumer casts its FP32 input separately
         if shared_low and not already_saved:

@@ -178,10 +178,12 @@ class StepClock:
 
 
 def _compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process (dynamo's host-side counter: reading it costs no sync).
-    Called only when compiling, so torch._dynamo is imported here rather than with every training run."""
-    from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
+    """A count that grows whenever torch.compile does any work in this process: dynamo's graphs plus every
+    recorded compilation phase (AOTAutograd compiles a backward lazily, at its first call, which the graph
+    counter alone does not show). Host-side counters: reading them costs no sync. Called only when compiling,
+    so torch._dynamo is imported here rather than with every training run."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+    return int(counters["stats"]["unique_graphs"]) + sum(len(v) for v in compilation_time_metrics.values())
 
 
 class Trainer:
