@@ -71,47 +71,36 @@ def test_fp8_activation_cache_saves_memory():
     assert per["down_input"] == 2 * 256 * 2048 * (1 + 4 / 128)
 
 
+def _saved_bytes(m, idx):
+    """Bytes of the tensors autograd saves in a BF16-autocast forward (weights and buffers left out), and the loss."""
+    skip = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
+    seen = {}
+
+    def pack(t):
+        sp = t.untyped_storage().data_ptr()
+        if sp not in skip:
+            seen[sp] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(idx, idx)
+    return sum(seen.values()), loss
+
+
 @pytest.mark.parametrize("overrides", [{}, {"embed_rank": 64}, {"embed_rank": 64, "tie_embeddings": False}])
 def test_activation_model_matches_autograd_saved_tensors(overrides):
     """The estimate equals the bytes autograd really saves in a BF16-autocast forward (weights included)."""
     cfg = load_model_config("tiny", overrides)
     torch.manual_seed(0)
     m = Yxanul(cfg)
-    skip = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
-    seen = {}
-
-    def pack(t):
-        sp = t.untyped_storage().data_ptr()
-        if sp not in skip:
-            seen[sp] = t.untyped_storage().nbytes()
-        return t
-
     B, T = 2, 48
-    idx = torch.randint(0, cfg.vocab_size, (B, T))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = m(idx, idx)
-    measured = sum(seen.values()) - loss.numel() * 4
+    saved, loss = _saved_bytes(m, torch.randint(0, cfg.vocab_size, (B, T)))
+    measured = saved - loss.numel() * 4
     e = estimate(cfg, load_policy(), MemoryOptions(batch=B, seq=T, precision="bf16", device="cpu"))
     assert e["loss"] == "full"
     predicted = e["weights_bytes"] + e["activations_bytes"] + e["breakdown"]["logits"]["log_softmax_fp32_saved"]
     assert predicted == pytest.approx(measured, rel=0.01)
-
-
-def _saved_bytes(m, idx):
-    skip = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
-    seen = {}
-
-    def pack(t):
-        sp = t.untyped_storage().data_ptr()
-        if sp not in skip:
-            seen[sp] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            m(idx, idx)
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("overrides", [{"embed_rank": 64}, {"tie_embeddings": False}])
@@ -123,7 +112,7 @@ def test_chunked_loss_model_matches_autograd_saved_tensors(overrides):
     torch.manual_seed(0)
     m = use_fused_ce(Yxanul(cfg))
     B, T = 2, 48
-    measured = _saved_bytes(m, torch.randint(0, cfg.vocab_size, (B, T)))
+    measured, _ = _saved_bytes(m, torch.randint(0, cfg.vocab_size, (B, T)))
     e = estimate(cfg, load_policy(), MemoryOptions(batch=B, seq=T, precision="bf16", device="cpu", fused_ce="on"))
     assert e["loss"] == "chunked"
     lg = e["breakdown"]["logits"]

@@ -141,14 +141,6 @@ def test_quality_repeats_are_paired_and_summarized(tmp_path):
 # -- per-window evaluation, paired statistics, fork protocol ---------------------------------------------
 
 @pytest.fixture(scope="module")
-def micro_model(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("model") / "micro.yaml"
-    p.write_text("preset: tiny\nd_model: 64\nn_layers: 2\nn_heads: 2\nn_kv_heads: 1\nhead_dim: 32\n"
-                 "ffn_hidden: 128\nmax_seq_len: 128\n")
-    return str(p)
-
-
-@pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> str:
     """Byte-level data with a validation split of 20 windows of 33 tokens plus a partial one."""
     from pathlib import Path

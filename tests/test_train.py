@@ -19,14 +19,6 @@ PY = sys.executable
 
 
 @pytest.fixture(scope="module")
-def small_model(tmp_path_factory) -> str:
-    p = tmp_path_factory.mktemp("model") / "micro.yaml"
-    p.write_text("preset: tiny\nd_model: 64\nn_layers: 2\nn_heads: 2\nn_kv_heads: 1\nhead_dim: 32\n"
-                 "ffn_hidden: 128\nmax_seq_len: 128\n")
-    return str(p)
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
     from yxanul.data import bundled_dataset
     return str(bundled_dataset("bytes", cache=tmp_path_factory.mktemp("cache")))
@@ -84,16 +76,16 @@ def test_default_tiny_run_loss_falls_and_writes_outputs(tmp_path, data_dir, caps
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path, small_model, data_dir):
+def test_sigkill_and_resume_is_bit_identical(tmp_path, micro_model, data_dir):
     steps = 30
     ref = tmp_path / "ref"
-    assert main(_args(ref, small_model, data_dir, steps=steps, checkpoint_every=4)) == 0
+    assert main(_args(ref, micro_model, data_dir, steps=steps, checkpoint_every=4)) == 0
     ref_losses = _losses(ref)
     assert len(ref_losses) == steps
 
     run = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([PY, "-m", "yxanul", *_args(run, small_model, data_dir, steps=steps,
+    proc = subprocess.Popen([PY, "-m", "yxanul", *_args(run, micro_model, data_dir, steps=steps,
                                                         checkpoint_every=4)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -117,9 +109,9 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, small_model, data_dir):
         assert got[s] == ref_losses[s], f"step {s}: {got[s]!r} != {ref_losses[s]!r}"
 
 
-def test_nan_injection_skips_counts_and_stops(tmp_path, small_model, data_dir, capsys):
+def test_nan_injection_skips_counts_and_stops(tmp_path, micro_model, data_dir, capsys):
     run = tmp_path / "nan1"
-    assert main(_args(run, small_model, data_dir, steps=6, inject_nan_at="3")) == 0
+    assert main(_args(run, micro_model, data_dir, steps=6, inject_nan_at="3")) == 0
     recs = _metrics(run)
     assert recs[2]["loss"] is None and recs[2]["skipped_steps"] == 1
     assert recs[-1]["skipped_steps"] == 1 and recs[-1]["consecutive_bad"] == 0
@@ -127,7 +119,7 @@ def test_nan_injection_skips_counts_and_stops(tmp_path, small_model, data_dir, c
     assert "non-finite" in capsys.readouterr().out
 
     run2 = tmp_path / "nan2"
-    rc = main(_args(run2, small_model, data_dir, steps=20, inject_nan_at="5-20", max_bad_steps=3,
+    rc = main(_args(run2, micro_model, data_dir, steps=20, inject_nan_at="5-20", max_bad_steps=3,
                     checkpoint_every=2))
     assert rc == 2
     err = capsys.readouterr().err
@@ -156,9 +148,9 @@ def test_loss_scaler_growth_and_backoff():
     assert float(t.scale) == 4.0
 
 
-def test_fp16_run_scales_and_backs_off(tmp_path, small_model, data_dir):
+def test_fp16_run_scales_and_backs_off(tmp_path, micro_model, data_dir):
     run = tmp_path / "fp16"
-    args = _args(run, small_model, data_dir, steps=6, precision="fp16", inject_nan_at="5")
+    args = _args(run, micro_model, data_dir, steps=6, precision="fp16", inject_nan_at="5")
     args += ["--train-config", str(_yaml(tmp_path, "loss_scale_init: 1024.0\nloss_scale_growth_interval: 2\n"))]
     assert main(args) == 0
     recs = _metrics(run)
@@ -188,9 +180,9 @@ def test_lr_schedule():
     assert lr_at(cfg, 55) == pytest.approx(0.55)
 
 
-def test_bf16_optimizer_states_and_no_decay_groups(tmp_path, small_model, data_dir):
+def test_bf16_optimizer_states_and_no_decay_groups(tmp_path, micro_model, data_dir):
     from yxanul.train import Trainer, param_groups
-    cfg = TrainConfig(model=small_model, data=data_dir, out=str(tmp_path / "b"), steps=3, batch_size=2, seq_len=16,
+    cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "b"), steps=3, batch_size=2, seq_len=16,
                       optimizer_states="bf16", eval_every=0, checkpoint_every=3, progress=False, log_every=1)
     tr = Trainer(cfg, log=lambda *a: None)
     groups = param_groups(tr.model, 0.1)
@@ -284,10 +276,10 @@ def test_vocab_range_rejected(tmp_path, data_dir, capsys):
     assert not (tmp_path / "v").exists()
 
 
-def test_fp8_tiny_run_trains(tmp_path, small_model, data_dir):
+def test_fp8_tiny_run_trains(tmp_path, micro_model, data_dir):
     pytest.importorskip("yxanul.fp8.linear")
     run = tmp_path / "fp8"
-    assert main(_args(run, small_model, data_dir, steps=8, precision="fp8", checkpoint_every=8)) == 0
+    assert main(_args(run, micro_model, data_dir, steps=8, precision="fp8", checkpoint_every=8)) == 0
     recs = _metrics(run)
     assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
     assert "fp8" in recs[-1] and "aggregate" in recs[-1]["fp8"]
@@ -299,17 +291,17 @@ def test_fp8_tiny_run_trains(tmp_path, small_model, data_dir):
     from yxanul.fp8.linear import convert_model
     from yxanul.model import Yxanul
     from yxanul.precision import load_policy
-    m = Yxanul(load_model_config(small_model))
+    m = Yxanul(load_model_config(micro_model))
     convert_model(m, load_policy(), backend="emulated")
     assert set(sd) == set(m.state_dict())  # FP32 master weights + FP8 scaling buffers, state_dict names
 
 
 @pytest.mark.parametrize("recipe", ["blockwise", "delayed"])
-def test_fp8_resume_is_bit_identical(tmp_path, small_model, data_dir, recipe):
+def test_fp8_resume_is_bit_identical(tmp_path, micro_model, data_dir, recipe):
     """FP8 scaling state (delayed amax histories) travels in the checkpoint, so a resume is exact."""
     pytest.importorskip("yxanul.fp8.linear")
     run = tmp_path / recipe
-    assert main(_args(run, small_model, data_dir, steps=6, precision="fp8", fp8_recipe=recipe,
+    assert main(_args(run, micro_model, data_dir, steps=6, precision="fp8", fp8_recipe=recipe,
                       checkpoint_every=3)) == 0
     ref = _losses(run)
     assert main(["train", "--resume", str(run / "checkpoints" / "step_00000003"), "--no-progress"]) == 0
@@ -317,19 +309,19 @@ def test_fp8_resume_is_bit_identical(tmp_path, small_model, data_dir, recipe):
     assert sorted(got) == list(range(1, 7)) and got == ref
 
 
-def test_bf16_optimizer_states_resume_is_bit_identical(tmp_path, small_model, data_dir):
+def test_bf16_optimizer_states_resume_is_bit_identical(tmp_path, micro_model, data_dir):
     """torch's Optimizer.load_state_dict casts state to the parameter dtype; BF16 moments must stay BF16."""
     run = tmp_path / "bf16states"
-    assert main(_args(run, small_model, data_dir, steps=6, optimizer_states="bf16", checkpoint_every=3)) == 0
+    assert main(_args(run, micro_model, data_dir, steps=6, optimizer_states="bf16", checkpoint_every=3)) == 0
     ref = _losses(run)
     assert main(["train", "--resume", str(run / "checkpoints" / "step_00000003"), "--no-progress"]) == 0
     assert _losses(run) == ref
 
 
-def test_resume_from_older_checkpoint_drops_the_abandoned_branch(tmp_path, small_model, data_dir):
+def test_resume_from_older_checkpoint_drops_the_abandoned_branch(tmp_path, micro_model, data_dir):
     from yxanul.checkpoint.training import latest_checkpoint, list_checkpoints
     run = tmp_path / "branch"
-    assert main(_args(run, small_model, data_dir, steps=6, checkpoint_every=2, keep_last=3)) == 0
+    assert main(_args(run, micro_model, data_dir, steps=6, checkpoint_every=2, keep_last=3)) == 0
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000004", "step_00000006"]
     assert main(["train", "--resume", str(run / "checkpoints" / "step_00000002"), "--steps", "3",
                  "--checkpoint-every", "1", "--no-progress"]) == 0
@@ -338,7 +330,7 @@ def test_resume_from_older_checkpoint_drops_the_abandoned_branch(tmp_path, small
     assert latest_checkpoint(run).name == "step_00000003"
 
 
-def test_graph_mode_accumulates_into_zeroed_gradients(tmp_path, small_model, data_dir):
+def test_graph_mode_accumulates_into_zeroed_gradients(tmp_path, micro_model, data_dir):
     """With CUDA graphs (compile_mode reduce-overhead) the trainer accumulates micro-batch gradients into zeroed
     buffers instead of letting the first micro-batch's gradient become .grad (which would alias the graph's
     output memory). Training must be identical either way; exercised here on the CPU with the flag forced."""
@@ -346,7 +338,7 @@ def test_graph_mode_accumulates_into_zeroed_gradients(tmp_path, small_model, dat
 
     def run(graphs, out):
         torch.manual_seed(0)
-        cfg = TrainConfig(model=small_model, data=data_dir, out=str(tmp_path / out), steps=3, batch_size=2,
+        cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / out), steps=3, batch_size=2,
                           seq_len=16, grad_accum=2, eval_every=0, checkpoint_every=0, progress=False, log_every=1)
         tr = Trainer(cfg, log=lambda *a: None)
         tr.graphs = graphs
@@ -391,12 +383,12 @@ def test_step_clock_rate_is_tokens_over_counted_step_time():
     assert clock.take(1000) == {"tokens_per_s": None, "step_s": None}  # no counted step: no rate
 
 
-def test_logged_rate_excludes_warmup_eval_and_checkpoint_time(tmp_path, small_model, data_dir):
+def test_logged_rate_excludes_warmup_eval_and_checkpoint_time(tmp_path, micro_model, data_dir):
     """With a clock that advances 2 s per training step, 30 s per evaluation and 50 s per checkpoint, every
     logged tokens_per_s is exactly tokens per step / 2 s; the first step (compilation, first use) and the other
     work are logged as their own fields."""
     from yxanul.train import Trainer
-    cfg = TrainConfig(model=small_model, data=data_dir, out=str(tmp_path / "t"), steps=6, batch_size=2,
+    cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "t"), steps=6, batch_size=2,
                       seq_len=16, warmup=1, eval_every=2, eval_batches=1, checkpoint_every=4, progress=False,
                       log_every=2, precision="fp32")
     tr = Trainer(cfg, log=lambda *a: None)
@@ -422,11 +414,11 @@ def test_logged_rate_excludes_warmup_eval_and_checkpoint_time(tmp_path, small_mo
     assert recs[2]["checkpoint_s"] == pytest.approx(50.0) and "checkpoint_s" not in recs[1]
 
 
-def test_log_lines_without_a_terminal_and_next_steps(tmp_path, small_model, data_dir, capsys):
+def test_log_lines_without_a_terminal_and_next_steps(tmp_path, micro_model, data_dir, capsys):
     """Output that is not a terminal gets one line per record (step, loss, fresh val, lr, tokens/s) even with
     the progress bar asked for; the end names the checkpoint and the next commands."""
     out = tmp_path / "lines"
-    a = [x for x in _args(out, small_model, data_dir, steps=4, log_every=2, eval_every=4, checkpoint_every=4)
+    a = [x for x in _args(out, micro_model, data_dir, steps=4, log_every=2, eval_every=4, checkpoint_every=4)
          if x != "--no-progress"]
     assert main(a) == 0
     text = capsys.readouterr().out
@@ -440,15 +432,15 @@ def test_log_lines_without_a_terminal_and_next_steps(tmp_path, small_model, data
         assert cmd in text
 
 
-def test_warmup_not_below_steps_warns(tmp_path, small_model, data_dir, capsys):
-    assert main(_args(tmp_path / "w", small_model, data_dir, steps=2, warmup=2)) == 0
+def test_warmup_not_below_steps_warns(tmp_path, micro_model, data_dir, capsys):
+    assert main(_args(tmp_path / "w", micro_model, data_dir, steps=2, warmup=2)) == 0
     assert "warning: warmup (2) >= steps (2): the learning rate never decays" in capsys.readouterr().out
-    assert main(_args(tmp_path / "w2", small_model, data_dir, steps=3, warmup=2)) == 0
+    assert main(_args(tmp_path / "w2", micro_model, data_dir, steps=3, warmup=2)) == 0
     assert "never decays" not in capsys.readouterr().out
 
 
-def test_sample_every_prints_a_generated_sample(tmp_path, small_model, data_dir, capsys):
-    assert main(_args(tmp_path / "s", small_model, data_dir, steps=4, sample_every=2)) == 0
+def test_sample_every_prints_a_generated_sample(tmp_path, micro_model, data_dir, capsys):
+    assert main(_args(tmp_path / "s", micro_model, data_dir, steps=4, sample_every=2)) == 0
     samples = [x for x in capsys.readouterr().out.splitlines() if x.startswith("sample at step")]
     assert [x.split(":")[0] for x in samples] == ["sample at step 2", "sample at step 4"]
     assert all(x.startswith(f"sample at step {s}: In the beginning") for x, s in zip(samples, (2, 4)))
