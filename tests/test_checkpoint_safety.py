@@ -348,3 +348,34 @@ def test_disk_full_while_checkpointing_is_one_line_and_leaves_nothing(base_run, 
     assert_one_line_error(rc, err, "cannot write", "No space left on device")
     ckpt_root = out / "checkpoints"
     assert not ckpt_root.exists() or not any(ckpt_root.iterdir())  # no folder, no temporary, no `latest`
+
+
+def test_dcp_metadata_cannot_change_an_allowed_class(tmp_path):
+    """BUILD on an allowed class (not an instance) would set attributes on it for the whole process."""
+    import pathlib
+
+    from yxanul.checkpoint.sharded import load_dcp_metadata
+
+    stat = pathlib.PosixPath.stat
+    f = tmp_path / ".metadata"
+    f.write_bytes(b"cpathlib\nPosixPath\n(N}S'stat'\ncbuiltins\nfrozenset\nstb0N.")
+    with pytest.raises(YxanulError, match="sets the state"):
+        load_dcp_metadata(f)
+    assert pathlib.PosixPath.stat is stat
+
+
+def test_dcp_shard_paths_must_stay_inside_the_checkpoint(tmp_path):
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+
+    from yxanul.checkpoint.sharded import load_dcp_metadata
+
+    for rel in ("../../outside/__0_0.distcp", "/abs/__0_0.distcp"):
+        md = Metadata(state_dict_metadata={},
+                      storage_data={MetadataIndex("w"): _StorageInfo(relative_path=rel, offset=0, length=1)})
+        f = tmp_path / ".metadata"
+        f.write_bytes(pickle.dumps(md))
+        with pytest.raises(YxanulError, match="outside the checkpoint"):
+            load_dcp_metadata(f)

@@ -82,7 +82,7 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _safe_relative(name: str) -> bool:
+def safe_relative(name: str) -> bool:
     p = Path(name)
     return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
 
@@ -101,7 +101,7 @@ def verify_files(ckpt: Path, meta: dict) -> None:
     if not isinstance(files, dict):
         raise YxanulError("must be an object of file records", source=src, key="files")
     for name, rec in files.items():
-        if not (isinstance(name, str) and _safe_relative(name)):
+        if not (isinstance(name, str) and safe_relative(name)):
             raise YxanulError(f"file name {str(name)[:100]!r} is not a relative path inside the checkpoint",
                               source=src, key="files")
         if not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and isinstance(rec.get("sha256"), str)):

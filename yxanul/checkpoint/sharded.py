@@ -42,7 +42,8 @@ from ..distributed import dist_info, unwrap_model
 from ..errors import YxanulError
 from ..io import atomic_path, atomic_write_text
 from .layout import (DCP_FOLDER, checkpoint_name, check_finite, is_dcp_checkpoint, latest_checkpoint,
-                     list_checkpoints, prune_checkpoints, read_meta, remove_stale_temporaries, torch_save_hashed)
+                     list_checkpoints, prune_checkpoints, read_meta, remove_stale_temporaries, safe_relative,
+                     torch_save_hashed)
 
 _SINGLE_PROCESS_NOTE = ".*assuming the intent is to load in a single process.*"
 
@@ -81,8 +82,22 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     return allowed
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler (its opcodes can be overridden, the C one's cannot) with two rules: globals only
+    from the allow-list, and BUILD (``__setstate__`` / ``__dict__`` update) only on instances of allowed classes,
+    never on a class or a function, whose attributes would then change for the whole process."""
     allowed = _allowed_globals()
+    _instance_types = tuple({v for v in allowed.values() if isinstance(v, type)})
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if isinstance(target, type) or not isinstance(target, self._instance_types):
+            raise pickle.UnpicklingError(f"sets the state of a {type(target).__name__[:60]}, which a DCP checkpoint "
+                                         "never does")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str):
         found = self.allowed.get((module, name))
@@ -106,6 +121,10 @@ def load_dcp_metadata(path: str | Path):
         raise YxanulError(f"not a DCP checkpoint's metadata: {_first_line(e)}", source=str(path)) from None
     if not isinstance(md, dcp_metadata.Metadata):
         raise YxanulError(f"not a DCP checkpoint's metadata (holds {type(md).__name__})", source=str(path))
+    for info in (getattr(md, "storage_data", None) or {}).values():  # shard files must lie inside dcp/
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not safe_relative(rel):
+            raise YxanulError(f"names a shard file {str(rel)[:80]!r} outside the checkpoint", source=str(path))
     return md
 
 
