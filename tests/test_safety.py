@@ -429,3 +429,16 @@ def test_vocab_size_beyond_uint32_token_ids_is_refused(tmp_path, capsys):
     p.write_text("preset: tiny\nvocab_size: 1000000000000\n")
     assert main(["policy", "--model", str(p)]) == 2
     assert "vocab_size" in _err_line(capsys)
+
+
+def test_a_folder_that_appears_while_writing_is_not_replaced(tmp_path):
+    """The check runs again at the swap: a folder created at OUT while the command ran is left alone."""
+    from yxanul.io import atomic_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(YxanulError, match="exists"):
+        with atomic_dir(out, command="data prepare") as tmp:
+            (tmp / "shard.bin").write_bytes(b"x")
+            out.mkdir()
+            (out / "precious.txt").write_text("keep")
+    assert (out / "precious.txt").read_text() == "keep" and not _siblings(out)

@@ -319,6 +319,11 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *, command: str 
             if command is not None:
                 _write_marker(tmp, command)
             yield tmp
+            # again at the swap: `out` may have appeared or changed while the command ran
+            if command is not None:
+                check_replaceable(out, command, overwrite)
+            elif os.path.lexists(out) and not overwrite:
+                raise YxanulError("appeared while this command ran; pass --overwrite to replace it", source=clip(out))
             if os.path.lexists(out):
                 old = _tmp_sibling(out, "old")
                 os.replace(out, old)
