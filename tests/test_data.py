@@ -201,6 +201,12 @@ def test_hf_tokenizer_json(tmp_path):
     bad.write_text("{}")
     with pytest.raises(YxanulError):
         get_tokenizer(str(bad))
+    # the tokenizer file is an input: an OUT that holds it is refused, even with --overwrite
+    inside = out / "tokenizer.json"
+    inside.write_bytes(path.read_bytes())
+    assert main(["data", "prepare", str(_corpus(tmp_path)), "--tokenizer", str(inside), "--out", str(out),
+                 "--overwrite", "--val-fraction", "0", "--no-progress"]) == 2
+    assert inside.exists()
 
 
 def test_loader_is_deterministic_and_shards_by_rank(tmp_path):

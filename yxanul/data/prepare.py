@@ -290,6 +290,9 @@ def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float =
 
     stats: dict[str, int] = {}
     read = [s for s in [*inputs, *(val_inputs or [])] if not str(s).startswith("hf:")]
+    tok_path = meta_tok.get("path") if isinstance(meta_tok, dict) else None
+    if tok_path and os.path.exists(tok_path):  # a tokenizer file is an input too: OUT must not hold it
+        read.append(str(tok_path))
     _replaced[0] = 0
     with atomic_dir(out, overwrite=overwrite, command="data prepare", inputs=read) as tmp:
         writers = {"train": _ShardWriter(tmp, "train", shard_tokens), "val": _ShardWriter(tmp, "val", shard_tokens)}
