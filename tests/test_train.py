@@ -499,3 +499,16 @@ def test_cuda_logged_rate_is_synchronized_and_compile_is_apart(tmp_path, data_di
     assert recs[0]["warmup_s"] > 0 and recs[1]["warmup_s"] > 0  # step 1, and step 11 (the first FP8 step)
     rates = [r["tokens_per_s"] for r in recs[1:] if not r.get("recompiled")]  # a later recompilation is flagged
     assert len(rates) >= 2 and max(rates) < 1.5 * min(rates), recs
+
+
+@pytest.mark.parametrize("cal, options, want", [(0, {}, {0, 1}), (3, {}, {0, 3}), (3, {"fp8_weight_cache": "step"},
+                                                                                   {0, 1, 3})])
+def test_compiling_fp8_steps_are_timed_apart(tmp_path, micro_model, data_dir, cal, options, want):
+    """The steps that compile a graph of their own are kept out of the logged rate: the first, the first FP8 step
+    after calibration, and the step after the first FP8 step where delayed scales become fixed or static weight
+    copies are first filled."""
+    from yxanul.train import Trainer, TrainConfig
+    cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "r"), precision="fp8", compile=True,
+                      fp8_recipe="delayed", fp8_calibration_steps=cal, steps=8, batch_size=2, seq_len=32,
+                      progress=False, **options).validate()
+    assert Trainer(cfg, log=lambda *a, **k: None)._warmup_steps() == want

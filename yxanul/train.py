@@ -36,6 +36,7 @@ from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
 from .evaluate import window_losses
 from .flops import flops_per_token, peak_flops
+from .fp8.recipe import resolve
 from .generate import SamplingOptions, generate_ids, load_tokenizer, stream_decode
 from .io import atomic_write_text
 from .optim import AdamWBF16States, DynamicLossScaler, lr_at, param_groups  # noqa: F401 (re-exported)
@@ -681,6 +682,12 @@ class Trainer:
         cal = self.policy.recipe.calibration_steps if self.fp8 else 0
         if cal and cal > self.step:
             warm.add(cal)
+        if self.fp8 and self.cfg.compile:
+            # delayed scaling without calibration fixes its scales after the first FP8 step, and static weight
+            # copies are first filled by it: either way the second step compiles a graph of its own
+            delayed_now = resolve(self.policy.recipe).delayed and cal <= self.step
+            if delayed_now or self.cfg.fp8_weight_cache == "step":
+                warm.add(self.step + 1)
         return warm
 
     def _record(self, loss, gnorm, window_loss, window_ok, timing: dict) -> dict:
