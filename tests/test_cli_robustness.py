@@ -4,6 +4,7 @@ import json
 import pytest
 
 from yxanul.cli import build_parser, main
+from yxanul.errors import YxanulError
 
 
 def _one_line_error(capsys, *needles):
@@ -194,3 +195,10 @@ def test_train_on_corrupt_shard_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and shard.name in err and "max_token_id" in err, err
+
+
+@pytest.mark.parametrize("seed", ["1000000000000000000000000", "-1"])
+def test_generate_seed_out_of_range_one_line(seed, capsys):
+    from yxanul.generate import SamplingOptions
+    with pytest.raises(YxanulError, match="--seed"):
+        SamplingOptions(seed=int(seed)).validate()

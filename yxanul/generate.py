@@ -69,6 +69,8 @@ class SamplingOptions:
             raise YxanulError(f"must be >= 0, got {self.top_k}", source="--top-k")
         if not (0 < self.top_p <= 1):
             raise YxanulError(f"must be in (0, 1], got {self.top_p}", source="--top-p")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:  # torch.Generator takes a 64-bit seed
+            raise YxanulError(f"must be in [0, 2**63), got {str(self.seed)[:40]}", source="--seed")
         return self
 
 
