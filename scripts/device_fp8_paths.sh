@@ -3,7 +3,7 @@
 # (--compile-mode reduce-overhead) unless noted. Ratios are compared within a process only.
 #   kernels   the GPU kernel tests (bit-exact against the references) and the quantizer bandwidth bench
 #   nocache   bf16 and the FP8 recipes with the default policy (the wgrad operand re-quantized in backward)
-#   cache     the same with FP8 activation caching (docs/benchmarks/policy-fp8-cache.yaml)
+#   cache     the same with FP8 activation caching (docs/history/2026-11-25-h100/policy-fp8-cache.yaml)
 #   eager     caching, torch.compile's default mode (kernels launched one by one)
 # Usage: scripts/device_fp8_paths.sh OUT_DIR PART...
 set -uo pipefail
@@ -13,7 +13,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 common=(--model yxanul-197m --batch 16 --seq 2048 --steps 20 --warmup 5)
 graphs=(--compile-mode reduce-overhead)
-cache=(--config docs/benchmarks/policy-fp8-cache.yaml)
+cache=(--config docs/history/2026-11-25-h100/policy-fp8-cache.yaml)
 bench() { local name="$1"; shift; python -m yxanul bench throughput "${common[@]}" "$@" \
   --json-out "$out/throughput-$name.json" 2>&1 | grep -v "^ " | grep -v "^\[" | tail -8; }
 for part in "$@"; do
