@@ -379,3 +379,40 @@ def test_dcp_shard_paths_must_stay_inside_the_checkpoint(tmp_path):
         f.write_bytes(pickle.dumps(md))
         with pytest.raises(YxanulError, match="outside the checkpoint"):
             load_dcp_metadata(f)
+
+
+def test_a_newer_complete_checkpoint_wins_over_a_stale_latest(tmp_path):
+    """Killed after the step folder was renamed into place but before `latest` was rewritten: resuming must take
+    the newer folder (the older one would be resumed, and the newer pruned at the next save)."""
+    from yxanul.checkpoint.layout import latest_checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (10, 20):
+        d = root / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"step": step}))
+        (d / "model.safetensors").write_bytes(b"x")
+    (root / "latest").write_text("step_00000010\n")
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000020"
+    (root / "latest").write_text("step_00000020\n")
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000020"
+    (root / "step_00000020" / "model.safetensors").unlink()  # incomplete: the older one
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000010"
+
+
+def test_only_temporaries_of_dead_savers_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from yxanul.checkpoint.layout import remove_stale_temporaries
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    root = tmp_path / "checkpoints"
+    dead = root / f".step_00000010.{p.pid}-0123abcd.tmp"
+    live = root / f".step_00000020.{os.getpid()}-0123abcd.tmp"  # a save in progress
+    for d in (dead, live):
+        d.mkdir(parents=True)
+    remove_stale_temporaries(root)
+    assert not dead.exists() and live.exists()

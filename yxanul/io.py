@@ -159,6 +159,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def is_stale_temporary(p: Path) -> bool:
+    """Whether `p` is a temporary this module named (``.NAME.PID-XXXXXXXX.tmp`` / ``.old``) whose writer is gone."""
+    m = _TMP_RE.match(p.name)
+    return bool(m) and not p.is_symlink() and not _pid_alive(int(m.group("pid")))
+
+
 def _marker_command(folder: Path) -> str | None:
     try:
         data = json.loads((folder / MARKER).read_text(encoding="utf-8"))

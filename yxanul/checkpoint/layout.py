@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import YxanulError
-from ..io import read_checkpoint_meta_file
+from ..io import is_stale_temporary, read_checkpoint_meta_file
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 DCP_FOLDER = "dcp"
@@ -180,15 +180,18 @@ def read_latest(root: Path) -> str | None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (``latest`` first, else the highest step)."""
+    """The newest complete checkpoint folder of a run: the one ``latest`` names, unless a complete folder of a
+    higher step exists (a run killed after its checkpoint folder was renamed into place but before ``latest``
+    was rewritten; resuming the older one would later prune the newer)."""
     root = Path(run_dir) / "checkpoints"
     name = read_latest(root)
+    found = [p for p in list_checkpoints(run_dir) if has_weights(p) and (p / "meta.json").exists()]
+    newest = found[-1] if found else None
     if name is not None:
         p = root / name
-        if p.is_dir() and (p / "meta.json").exists() and has_weights(p):
+        if p.is_dir() and (p / "meta.json").exists() and has_weights(p) and (newest is None or newest.name <= p.name):
             return p
-    found = [p for p in list_checkpoints(run_dir) if has_weights(p)]
-    return found[-1] if found else None
+    return newest
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -219,10 +222,12 @@ def prune_checkpoints(run_dir: str | Path, current: Path, keep_last: int | None)
 
 
 def remove_stale_temporaries(ckpt_root: Path) -> None:
-    """Temporary folders of a save that was killed half-way."""
+    """Temporary folders of a save that was killed half-way (its process gone: a save in progress in another
+    process on the same run folder is left alone)."""
     if ckpt_root.is_dir():
         for stale in ckpt_root.glob(".step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if is_stale_temporary(stale):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 RUN_OUTPUTS = ("metrics.jsonl", "fp8_stats.jsonl")
