@@ -160,19 +160,26 @@ def same_settings(a: dict | None, b: dict) -> bool:
     return ({k: v for k, v in a.items() if v is not None} == {k: v for k, v in b.items() if v is not None})
 
 
+def _metric_records(path: Path):
+    """The JSON records of a metrics.jsonl (none when it is missing; a torn last line is skipped)."""
+    if not path.exists():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict):
+            yield r
+
+
 def _read_curves(run_dir: Path) -> dict:
     train, val = [], []
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if r.get("loss") is not None:
-                train.append([r["step"], r["loss"]])
-            if r.get("val_loss") is not None:
-                val.append([r["step"], r["val_loss"]])
+    for r in _metric_records(run_dir / "metrics.jsonl"):
+        if r.get("loss") is not None:
+            train.append([r["step"], r["loss"]])
+        if r.get("val_loss") is not None:
+            val.append([r["step"], r["val_loss"]])
     return {"train": train, "val": val}
 
 
@@ -565,6 +572,8 @@ def deterministic_algorithms(on: bool):
     if not on:
         yield
         return
+    # CUBLAS_WORKSPACE_CONFIG is cuBLAS's own setting, which its deterministic mode requires before CUDA starts;
+    # the switch is the --deterministic flag, and the variable is restored afterwards
     prev_env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if prev_env not in (CUBLAS_DETERMINISTIC, ":16:8") and torch.cuda.is_initialized():
         raise YxanulError("deterministic cuBLAS must be configured before CUDA is initialized; run it in a fresh "
@@ -590,15 +599,8 @@ def _eval_windows(trainer, windows: int | None) -> list[float]:
 
 def _steady_tokens_per_s(curves_path: Path, after: int) -> float | None:
     """Median logged tokens/s of the records after step `after` (the first one, with compilation, left out)."""
-    rates = []
-    if curves_path.exists():
-        for line in curves_path.read_text(encoding="utf-8").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if r.get("step", 0) > after and r.get("tokens_per_s"):
-                rates.append(r["tokens_per_s"])
+    rates = [r["tokens_per_s"] for r in _metric_records(curves_path)
+             if r.get("step", 0) > after and r.get("tokens_per_s")]
     return statistics.median(rates[1:]) if len(rates) > 1 else (rates[0] if rates else None)
 
 
