@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import hashlib
 import json
 import os
 import re
@@ -157,6 +158,15 @@ def _pid_alive(pid: int) -> bool:
     except (PermissionError, OverflowError, ValueError):   # someone else's, or not a process id we could own
         return True
     return True
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def is_stale_temporary(p: Path) -> bool:

@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 
 from ..errors import YxanulError
-from ..io import is_stale_temporary, read_checkpoint_meta_file
+from ..io import is_stale_temporary, read_checkpoint_meta_file, sha256_of  # noqa: F401 (re-exported)
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 DCP_FOLDER = "dcp"
 # FP8 delayed-scaling state: not weights (checked by the FP8 layers themselves)
 FP8_STATE_SUFFIXES = ("amax_history", "scale_inv", "scale_ready", "fp8_steps")
-_CHUNK = 1 << 22
 _warned_unhashed: set[str] = set()
 
 
@@ -72,14 +71,6 @@ def torch_save_hashed(obj, path: str | Path) -> dict:
     with HashingWriter(path) as f:
         torch.save(obj, f)
     return f.record()
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def safe_relative(name: str) -> bool:

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 
 from ..distributed import dist_info, unwrap_model
-from ..errors import YxanulError
+from ..errors import YxanulError, clip
 from ..io import atomic_path, atomic_write_text
 from .layout import (DCP_FOLDER, checkpoint_name, check_finite, is_dcp_checkpoint, latest_checkpoint,
                      list_checkpoints, prune_checkpoints, read_meta, remove_stale_temporaries, safe_relative,
@@ -51,7 +51,7 @@ _SINGLE_PROCESS_NOTE = ".*assuming the intent is to load in a single process.*"
 def _first_line(e: BaseException) -> str:
     """An exception as one short line (no more than 200 characters of it)."""
     lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
+    return clip(lines[0]) if lines else type(e).__name__
 
 
 # -- reading DCP pickles safely ------------------------------------------------------------------------------

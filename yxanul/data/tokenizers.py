@@ -21,13 +21,13 @@ vocabulary) explicitly rather than remapping it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import YxanulError
+from ..io import sha256_of
 
 
 class ByteTokenizer:
@@ -48,14 +48,6 @@ class ByteTokenizer:
     def to_meta(self) -> dict:
         return {"kind": "bytes", "name": self.name, "path": None, "vocab_size": self.vocab_size,
                 "eot_id": self.eot_id}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class TiktokenTokenizer:
@@ -116,7 +108,7 @@ class TiktokenTokenizer:
         meta = {"kind": self.kind, "name": self.name, "path": self.path, "vocab_size": self.vocab_size,
                 "eot_id": self.eot_id}
         if self.path:
-            meta["sha256"] = _sha256(Path(self.path))
+            meta["sha256"] = sha256_of(self.path)
         return meta
 
 
@@ -160,7 +152,7 @@ class HFTokenizer:
 
     def to_meta(self) -> dict:
         return {"kind": "hf", "name": self.name, "path": self.path, "vocab_size": self.vocab_size,
-                "eot_id": self.eot_id, "eot_token": self.eot_token, "sha256": _sha256(Path(self.path))}
+                "eot_id": self.eot_id, "eot_token": self.eot_token, "sha256": sha256_of(self.path)}
 
 
 def get_tokenizer(spec):
