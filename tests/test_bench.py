@@ -21,7 +21,8 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "compile_mode", "tune_kernels",
-                        "fp8_options", "rows"}
+                        "fp8_options", "host_gc", "rows"}
+    assert res["host_gc"] == "freeze"
     assert res["compile_mode"] is None and res["tune_kernels"] is None
     assert res["fp8_options"] == {"kernels": "auto", "weight_cache": "graph", "fused_swiglu": False}
     assert res["batch"] == 2 and res["seq"] == 16 and res["device"] == "cpu"
@@ -156,8 +157,9 @@ def test_plain_takes_the_faster_compile_mode():
     assert plain_variants(True, torch.device("cuda"), both) == [None, "reduce-overhead"]
     assert plain_variants(True, torch.device("cpu"), both) == [None]
     assert plain_variants(False, torch.device("cuda"), both) == [None]
-    fake = {None: (10.0, 30.0, 1.0, 2.0, [], None), "reduce-overhead": (8.0, 40.0, 1.0, 2.0, [], None)}
-    ms, peak, _, _, notes, _ = _time_best("bf16-plain", [None, "reduce-overhead"], fake.__getitem__, lambda s: None)
+    gcs = {"gc_ms_per_step": 0.0, "gc_collections": [0, 0, 0]}
+    fake = {None: (10.0, 30.0, 1.0, 2.0, [], None, gcs), "reduce-overhead": (8.0, 40.0, 1.0, 2.0, [], None, gcs)}
+    ms, peak, _, _, notes, _, _ = _time_best("bf16-plain", [None, "reduce-overhead"], fake.__getitem__, lambda s: None)
     assert (ms, peak) == (8.0, 40.0) and "compile mode reduce-overhead" in notes[0] and "default 10.00" in notes[0]
 
 

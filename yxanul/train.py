@@ -38,7 +38,8 @@ from .evaluate import window_losses
 from .flops import flops_per_token, peak_flops
 from .fp8.recipe import resolve
 from .generate import SamplingOptions, generate_ids, load_tokenizer, stream_decode
-from .io import atomic_write_text
+from .hostgc import release as release_gc, settle
+from .io import atomic_write_text, write_error
 from .optim import AdamWBF16States, DynamicLossScaler, lr_at, param_groups  # noqa: F401 (re-exported)
 from .train_config import PRECISIONS, TRAIN_PRESET_DIR, TrainConfig, load_train_config, parse_steps  # noqa: F401
 
@@ -291,11 +292,14 @@ class Trainer:
         self.model_cfg = load_model_config(cfg.model)
         if not cfg.fused_projections:
             self.model_cfg = replace(self.model_cfg, fused_projections=False)
-        check_ids(int(meta.get("max_token_id", meta["vocab_size"] - 1)) + 1, self.model_cfg.vocab_size,
+        from .data.loader import max_token_id
+        check_ids(max_token_id(meta, str(self.data_dir / "meta.json")) + 1, self.model_cfg.vocab_size,
                   source=f"{self.data_dir / 'meta.json'} (model {self.model_cfg.name})")
         if cfg.seq_len > self.model_cfg.max_seq_len:
             raise YxanulError(f"exceeds the model's max_seq_len {self.model_cfg.max_seq_len}", source="train config",
                               key="seq_len")
+        from .memory import check_model_fits
+        check_model_fits(self.model_cfg)   # the weights are built in FP32 on the CPU first
         torch.manual_seed(cfg.seed)
         model = Yxanul(self.model_cfg)
         self.policy = load_policy(cfg.policy)
@@ -514,9 +518,38 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``cfg.steps``; returns a summary. A fresh run that fails before its first record (a corrupt
+        shard, a write error) takes back the folder and config it made: it leaves nothing behind."""
+        fresh = self.is_main and self.ckpt is None
+        made = fresh and not os.path.lexists(self.run_dir)
+        try:
+            return self._fit()
+        except YxanulError:
+            if fresh:
+                self._forget_unstarted_run(made)
+            raise
+
+    def _forget_unstarted_run(self, made: bool) -> None:
+        from .checkpoint.layout import RUN_CONFIG, RUN_OUTPUTS, is_run_config, list_checkpoints
+        d = self.run_dir
+        if any((d / n).exists() for n in RUN_OUTPUTS) or list_checkpoints(d) or not d.is_dir():
+            return
+        with contextlib.suppress(OSError):
+            if is_run_config(d / RUN_CONFIG):
+                (d / RUN_CONFIG).unlink()
+            if (d / "checkpoints").is_dir() and not any((d / "checkpoints").iterdir()):
+                (d / "checkpoints").rmdir()
+            if made and not any(d.iterdir()):
+                d.rmdir()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise write_error(e, self.run_dir) or YxanulError(f"cannot create: {e}", source=str(self.run_dir)) \
+                    from None
             import yaml
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved_config(), sort_keys=False))
             self._trim_metrics()
@@ -548,6 +581,8 @@ class Trainer:
                 if self.step in warm_steps:  # compilation and first-use costs: timed apart, not in the rate
                     with clock.apart("warmup_s"):
                         loss, gnorm, ok = self.train_step(self.step)
+                        if self.step == max(warm_steps):  # the compiled graphs' objects out of the collector's way
+                            settle(cfg.host_gc)
                 else:
                     graphs = _compiled_graphs() if cfg.compile else 0
                     loss, gnorm, ok = self.train_step(self.step)
@@ -605,6 +640,7 @@ class Trainer:
                         self._print_sample(bar)
                 clock.start()
         finally:
+            release_gc()  # objects frozen after the warm-up become collectable once this run is over
             if flush:
                 torch.set_flush_denormal(False)
             if bar is not None:
@@ -744,13 +780,25 @@ class Trainer:
             path = self.run_dir / name
             if not path.exists():
                 continue
-            keep = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= self.step:
-                        keep.append(line)
-                except json.JSONDecodeError:  # a line cut short by the kill
+            keep, dropped = [], 0
+            try:
+                raw = path.read_bytes()
+            except OSError as e:
+                raise YxanulError(f"unreadable: {e.strerror or e}", source=str(path)) from None
+            for line in raw.splitlines():
+                if not line.strip():
                     continue
+                try:
+                    rec = json.loads(line.decode("utf-8"))
+                    step = rec.get("step", 0) if isinstance(rec, dict) else None
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # a line cut short by the kill
+                    step = None
+                if isinstance(step, bool) or not isinstance(step, (int, float)):
+                    dropped += 1   # not a record this trainer wrote
+                elif step <= self.step:
+                    keep.append(line.decode("utf-8"))
+            if dropped:
+                self.log(f"{path}: dropped {dropped} line(s) that are not training records")
             atomic_write_text(path, "".join(x + "\n" for x in keep))
 
     def _tensorboard(self):

@@ -90,6 +90,9 @@ class TrainConfig:
     tensorboard: bool = _opt(True, "TensorBoard event files in the run folder (when TensorBoard is installed)")
     fused_ce: str = _opt("auto", "chunked linear cross-entropy without full FP32 logits (auto: on CUDA)",
                          choices=("auto", "on", "off"))
+    host_gc: str = _opt("freeze", "Python's garbage collector after the warm-up steps: freeze (collect once and "
+                                  "freeze, so full collections do not walk the compiled graphs' objects while the "
+                                  "GPU waits) or default", choices=("freeze", "default"))
 
     def validate(self, source: str = "train config") -> "TrainConfig":
         pos = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_bad_steps", "eval_batches",
@@ -142,6 +145,8 @@ class TrainConfig:
         if self.sample_every and self.parallel == "fsdp2":
             raise YxanulError("samples during training need the whole model on one rank: not with fsdp2",
                               source=source, key="sample_every")
+        if self.host_gc not in ("freeze", "default"):
+            raise YxanulError(f"expected freeze or default, got {self.host_gc!r}", source=source, key="host_gc")
         if self.fused_ce not in ("auto", "on", "off"):
             raise YxanulError(f"expected auto, on or off, got {self.fused_ce!r}", source=source, key="fused_ce")
         self.fp8_options().validate(source)

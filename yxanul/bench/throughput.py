@@ -45,6 +45,7 @@ from ..fmt import table
 from ..fp8.backends import kernel_overrides
 from ..fp8.options import Fp8Options
 from ..fp8.recipe import resolve
+from ..hostgc import HOST_GC_MODES, GcWatch, release, settle
 from . import DEFAULT_MODES, MODES
 from .plain import PlainLM
 
@@ -157,7 +158,8 @@ class _Run:
 
 
 def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0, compile_mode=None,
-               tune_kernels=False, fp8_options=None):
+               tune_kernels=False, fp8_options=None, host_gc="freeze"):
+    release()  # the last mode's frozen objects become collectable
     if compile_:
         torch._dynamo.reset()  # every mode compiles from scratch: no graph or guard carried over from the last
     run = _Run(mode, cfg, device, compile_, policy_path, compile_mode, tune_kernels, fp8_options)
@@ -168,19 +170,23 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
     warm_s = time.perf_counter() - t0
     if warmup and not math.isfinite(float(loss.detach())):
         raise RuntimeError(f"non-finite loss {float(loss)} during warm-up")
+    settle(host_gc)
+    watch = GcWatch()
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            loss = run.step(x, y)
-        end.record()
-        torch.cuda.synchronize(device)
+        with watch:
+            start.record()
+            for _ in range(steps):
+                loss = run.step(x, y)
+            end.record()
+            torch.cuda.synchronize(device)
         ms = start.elapsed_time(end) / steps
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:
         t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = run.step(x, y)
+        with watch:
+            for _ in range(steps):
+                loss = run.step(x, y)
         ms = (time.perf_counter() - t0) * 1000 / steps
         peak = None
     final = float(loss.detach())
@@ -193,7 +199,7 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
         del step_fn
         log(format_profile(mode, prof))
     del run
-    return ms, peak, warm_s, final, notes, prof
+    return ms, peak, warm_s, final, notes, prof, watch.summary(steps)
 
 
 def torchao_missing() -> str | None:
@@ -223,11 +229,11 @@ def _time_best(mode, variants, time_one, log):
         res = time_one(cm)
         results.append((cm, res))
     best_cm, best = min(results, key=lambda r: r[1][0])
-    ms, pk, warm_s, final, notes, prof = best
+    ms, pk, warm_s, final, notes, prof, gcs = best
     if len(results) > 1:
         notes = notes + [f"compile mode {best_cm or 'default'} (step ms: " +
                          ", ".join(f"{cm or 'default'} {r[0]:.2f}" for cm, r in results) + ")"]
-    return ms, pk, warm_s, final, notes, prof
+    return ms, pk, warm_s, final, notes, prof, gcs
 
 
 def _ratios(rows):
@@ -242,13 +248,16 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                    modes=DEFAULT_MODES, layers: int | None = None, compile: bool = True, device: str | None = None,
                    policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None,
                    profile: int = 0, compile_mode: str | None = None, tune_kernels: bool = False,
-                   plain_compile_modes=("default", "reduce-overhead"), fp8_options: Fp8Options | None = None) -> dict:
+                   plain_compile_modes=("default", "reduce-overhead"), fp8_options: Fp8Options | None = None,
+                   host_gc: str = "freeze") -> dict:
     """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
     ``plain_compile_modes``: the compile modes bf16-plain is timed with; the fastest is its row.
     ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`).
     ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph);
     ``tune_kernels``: inductor's coordinate-descent tuning of the generated kernels, for every compiled mode;
-    ``fp8_options``: how the fp8 modes' layers compute (:class:`~yxanul.fp8.options.Fp8Options`)."""
+    ``fp8_options``: how the fp8 modes' layers compute (:class:`~yxanul.fp8.options.Fp8Options`);
+    ``host_gc``: ``freeze`` collects and freezes Python's garbage after each mode's warm-up, ``default`` leaves
+    the collector alone (:mod:`yxanul.hostgc`); each row records the collections inside its timed steps."""
     from ..config import load_model_config
     from ..io import atomic_write_json
 
@@ -262,6 +271,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
             raise YxanulError(f"must be a non-negative integer, got {v!r}", key=k)
     from ..model import COMPILE_MODES
     fp8_options = (fp8_options or Fp8Options()).validate("bench throughput")
+    if host_gc not in HOST_GC_MODES:
+        raise YxanulError(f"expected one of {', '.join(HOST_GC_MODES)}, got {host_gc!r}", key="--host-gc")
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of "
                           f"{', '.join(COMPILE_MODES)})", key="--compile-mode")
@@ -304,7 +315,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
               "model": cfg.name if layers is None else f"{cfg.name} ({cfg.n_layers} layers)",
               "batch": batch, "seq": seq, "compile_mode": (compile_mode or "default") if compile else None,
               "tune_kernels": bool(tune_kernels) if compile else None,
-              "fp8_options": fp8_options.as_dict(), "rows": []}
+              "fp8_options": fp8_options.as_dict(), "host_gc": host_gc, "rows": []}
     if profile and dev.type != "cuda":
         log("bench throughput: --profile needs CUDA kernels to time; no profile on this device")
     log(f"bench throughput: {result['model']} on {result['device']}, batch {batch} x seq {seq}, "
@@ -327,13 +338,13 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                     def one(cm):
                         _free(dev)
                         return _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, cm,
-                                          tune_kernels)
-                    ms, pk, warm_s, final, notes, prof = _time_best(
+                                          tune_kernels, host_gc=host_gc)
+                    ms, pk, warm_s, final, notes, prof, gcs = _time_best(
                         mode, plain_variants(compile, dev, plain_compile_modes), one, log)
                 else:
-                    ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, compile, policy, x, y, steps,
-                                                                    warmup, log, profile, compile_mode, tune_kernels,
-                                                                    fp8_options)
+                    ms, pk, warm_s, final, notes, prof, gcs = _time_mode(
+                        mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, compile_mode, tune_kernels,
+                        fp8_options, host_gc)
             except Exception as e:  # noqa: BLE001
                 if (not compile or compile_mode or tune_kernels or mode == "bf16-plain"
                         or isinstance(e, torch.cuda.OutOfMemoryError)):
@@ -341,13 +352,14 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                 log(f"[{mode}] compiled run failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                     "retrying without torch.compile")
                 _free(dev)
-                ms, pk, warm_s, final, notes, prof = _time_mode(mode, cfg, dev, False, policy, x, y, steps, warmup,
-                                                                log, profile, fp8_options=fp8_options)
+                ms, pk, warm_s, final, notes, prof, gcs = _time_mode(mode, cfg, dev, False, policy, x, y, steps,
+                                                                     warmup, log, profile, fp8_options=fp8_options,
+                                                                     host_gc=host_gc)
                 notes = notes + ["not compiled (compile failed)"]
             tps = batch * seq / (ms / 1000)
             row.update(tokens_per_s=round(tps, 1), step_ms=round(ms, 3),
                        peak_mem_gib=round(pk, 3) if pk is not None else None,
-                       mfu=round(tps * fpt / peak, 4) if peak else None)
+                       mfu=round(tps * fpt / peak, 4) if peak else None, **gcs)
             if notes:
                 row["notes"] = "; ".join(notes)
             if prof is not None:
@@ -366,6 +378,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         _ratios(result["rows"])
         if json_out:
             atomic_write_json(json_out, result)
+    release()
     return result
 
 

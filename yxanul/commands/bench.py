@@ -2,6 +2,8 @@
 `bench` subparsers and sets ``func``; add one by appending to that list (or calling ``add_subcommand``)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 SUBCOMMANDS = []
 
 
@@ -39,10 +41,15 @@ def _throughput(bsub):
     p.add_argument("--plain-compile-modes", default="default,reduce-overhead",
                    help="compile modes bf16-plain is timed with, comma-separated; the fastest is its row "
                         "(default: default,reduce-overhead; CPU: the first)")
+    p.add_argument("--host-gc", choices=("freeze", "default"), default="freeze",
+                   help="Python's garbage collector in the timed steps: freeze (collect and freeze after each "
+                        "mode's warm-up, so no full collection walks the compiled graphs' objects) or default "
+                        "(default: freeze)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--peak-tflops", type=float, default=None, help="BF16 peak for MFU (default: from device name)")
     p.add_argument("--json-out", default=None, help="write the results JSON here (rewritten after every mode)")
     p.add_argument("--plot", default=None, help="bar chart of tokens/s (PNG; needs matplotlib)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json-out and --plot files if they exist")
     p.add_argument("--fp8-kernels", default="auto",
                    help="quantizers of the fp8 modes: auto (Triton on CUDA), triton or torch (default auto)")
     p.add_argument("--fp8-weight-cache", default="graph",
@@ -58,6 +65,14 @@ def _throughput(bsub):
 
 def _run_throughput(args):
     from ..errors import YxanulError
+    from ..io import check_output_file
+    # refused before anything runs: the files are written only after minutes of benchmarking
+    if args.json_out:
+        check_output_file(args.json_out, args.overwrite, key="--json-out")
+    if args.plot:
+        check_output_file(args.plot, args.overwrite, key="--plot")
+    if args.json_out and args.plot and Path(args.json_out).resolve() == Path(args.plot).resolve():
+        raise YxanulError("--json-out and --plot name the same file", key="--plot")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -75,7 +90,8 @@ def _run_throughput(args):
                             profile=args.profile, compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
                             plain_compile_modes=args.plain_compile_modes,
                             fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
-                                                   fused_swiglu=args.fp8_fused_swiglu))
+                                                   fused_swiglu=args.fp8_fused_swiglu),
+                            host_gc=args.host_gc)
     print(format_table(result), flush=True)
     if args.plot:
         plot(result, args.plot)
