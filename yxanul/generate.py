@@ -278,6 +278,14 @@ def load_hf_model(folder: str | Path):
         sd = _read_hf_weights(folder)
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
+    with torch.device("meta"):   # names and shapes checked before anything of config.json's size is allocated
+        want = {k: tuple(v.shape) for k, v in Yxanul(cfg).state_dict().items()}
+    for name, t in sd.items():
+        if name in want and tuple(t.shape) != want[name]:
+            raise YxanulError(f"weights do not match config.json: {name} has shape {list(t.shape)}, config.json "
+                              f"implies {list(want[name])}", source=str(folder))
+    from .memory import check_model_fits
+    check_model_fits(cfg)
     m = Yxanul(cfg)
     try:
         m.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)

@@ -255,6 +255,44 @@ def check_replaceable(out: str | os.PathLike, command: str, overwrite: bool) -> 
         raise YxanulError(f"holds files not written by `yxanul {command}`, not replaced ({how})", source=clip(out))
 
 
+def check_output_file(path: str | os.PathLike, overwrite: bool, *, inputs=None, key: str | None = None) -> None:
+    """An output FILE may replace an existing regular file only with `overwrite`; never a folder, a link or
+    another non-file, and (with `inputs`) never an input or a folder holding one. For commands that write the
+    file late (after a long run), call it up front as well: :func:`atomic_path` checks again."""
+    path = Path(path)
+    if inputs is not None:
+        check_apart(path, inputs, allow_inside=True)
+    if os.path.lexists(path):
+        if path.is_symlink() or not path.is_file():
+            raise YxanulError("exists and is not a regular file; remove it yourself or choose another path",
+                              source=clip(path), key=key)
+        if not overwrite:
+            raise YxanulError("exists; pass --overwrite to replace it", source=clip(path), key=key)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_modes(root: Path) -> None:
+    """Files the writer created with narrower permissions (safetensors writes 0600) get ``0666`` less the umask,
+    like those of an ordinary ``open``."""
+    mode = 0o666 & ~_umask()
+    files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    for p in files:
+        if p.stat().st_mode & 0o777 != mode:
+            os.chmod(p, mode)
+
+
 def _write_marker(folder: Path, command: str) -> None:
     (folder / MARKER).write_text(json.dumps({"command": command, "version": __version__}) + "\n",
                                  encoding="utf-8")
@@ -286,14 +324,7 @@ def atomic_path(path: str | os.PathLike, *, inputs=None, overwrite: bool = True)
     other non-file at `path` is never replaced; an existing file only with `overwrite`.
     """
     path = Path(path)
-    if inputs is not None:
-        check_apart(path, inputs, allow_inside=True)
-    if os.path.lexists(path):
-        if path.is_symlink() or not path.is_file():
-            raise YxanulError("exists and is not a regular file; remove it yourself or choose another path",
-                              source=clip(path))
-        if not overwrite:
-            raise YxanulError("exists; pass --overwrite to replace it", source=clip(path))
+    check_output_file(path, overwrite, inputs=inputs)
     with _one_line_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
@@ -303,6 +334,8 @@ def atomic_path(path: str | os.PathLike, *, inputs=None, overwrite: bool = True)
     try:
         with _one_line_write_errors(path, tmp):
             yield tmp
+            _ordinary_modes(tmp)
+            check_output_file(path, overwrite)   # again: `path` may have appeared while the block ran
             os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -335,6 +368,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *, command: str 
             if command is not None:
                 _write_marker(tmp, command)
             yield tmp
+            if command is not None:
+                _ordinary_modes(tmp)
             # again at the swap: `out` may have appeared or changed while the command ran
             if command is not None:
                 check_replaceable(out, command, overwrite)

@@ -163,6 +163,20 @@ def loss_parts(impl: str, tokens: int, vocab: int, rank: int, device: str) -> tu
     return parts, sum(parts.values()) + chunk_bytes
 
 
+def check_model_fits(cfg: ModelConfig, what: str = "its FP32 weights", bytes_per_param: int = 4) -> int:
+    """Refuse, before anything is allocated, a model whose weights alone exceed the available memory (a
+    config asking for terabytes is a one-line error, not an allocator failure); returns the parameter count."""
+    import torch
+
+    from .io import check_memory
+    from .model import Yxanul
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Yxanul(cfg).parameters())
+    check_memory(bytes_per_param * n, f"model {cfg.name} ({n:,} parameters): {what}")
+    return n
+
+
 def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None) -> dict:
     """The memory of one training step; see the module docstring for what each term holds."""
     import torch

@@ -299,7 +299,7 @@ def render(report: dict, by: str = "dtype") -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, out: str | Path) -> None:
+def plot(report: dict, out: str | Path, overwrite: bool = True) -> None:
     """Draw params by dtype and by component (stacked by dtype) to a PNG."""
     try:
         import matplotlib
@@ -331,7 +331,7 @@ def plot(report: dict, out: str | Path) -> None:
     fig.suptitle(f"{Path(report['path']).name}: {_count(report['total_params'])} params")
     fig.tight_layout()
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, overwrite=overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 

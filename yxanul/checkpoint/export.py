@@ -272,7 +272,9 @@ def export_hf(ckpt: str | Path, out: str | Path, *, fp8: bool = False, overwrite
         else:
             from .convert import quantize_checkpoint
 
-            with tempfile.TemporaryDirectory(prefix=".yxanul-export-", dir=Path(out).resolve().parent) as td:
+            # the BF16 intermediate lives inside the output's temporary folder: a killed export leaves nothing
+            # beside OUT that the next one would not remove
+            with tempfile.TemporaryDirectory(prefix=".yxanul-export-", dir=tmp) as td:
                 src = Path(td) / "bf16"
                 src.mkdir()
                 rep = _write_bf16_folder(src, cfg, sd, meta, dtype, max_shard_size)

@@ -8,6 +8,7 @@ file of the folder, computed while it was written; :func:`verify_files` checks t
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import sys
@@ -222,12 +223,30 @@ def remove_stale_temporaries(ckpt_root: Path) -> None:
 
 
 RUN_OUTPUTS = ("metrics.jsonl", "fp8_stats.jsonl")
+RUN_CONFIG = "config.yaml"
+_RUN_CONFIG_HEAD = b"train:\n"   # how the trainer's resolved config (yaml.safe_dump, keys in order) begins
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether `path` is the resolved config a run writes (``train:``, ``model:``, ... sections), not a file
+    of the user's that happens to bear its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError:
+        return False
+    return head.startswith(_RUN_CONFIG_HEAD) and b"\nmodel:\n" in head
 
 
 def prepare_fresh_run_dir(run_dir: Path, restart: bool) -> None:
     """A fresh start in `run_dir`. A folder that already holds a run is refused, unless it has no checkpoint
     and `restart` is set: then the records of the stopped run (``metrics.jsonl``, ``fp8_stats.jsonl``) are
-    removed and it starts over. A run with checkpoints is never started over (resume it)."""
+    removed and it starts over. A run with checkpoints is never started over (resume it). A ``config.yaml``
+    that no run wrote (the user's own, perhaps the very train config given) is never replaced."""
+    cfg = run_dir / RUN_CONFIG
+    if os.path.lexists(cfg) and not (cfg.is_file() and not cfg.is_symlink() and is_run_config(cfg)):
+        raise YxanulError(f"holds a {RUN_CONFIG} that no yxanul run wrote (a run writes its resolved config "
+                          f"there); choose another --out", source=str(run_dir))
     if not any((run_dir / n).exists() for n in RUN_OUTPUTS):
         return
     ckpts = [p for p in list_checkpoints(run_dir) if has_weights(p)]

@@ -14,18 +14,22 @@ def register(sub):
     p.add_argument("--by", choices=("dtype", "component", "layer"), default="component",
                    help="breakdown shown after the distribution (default: component)")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="draw the distribution to a PNG")
+    p.add_argument("--overwrite", action="store_true", help="replace the --plot file if it exists")
     p.set_defaults(func=run)
 
 
 def run(args):
     from ..checkpoint.analyze import analyze, plot, public_json, render
     from ..errors import YxanulError
+    from ..io import check_output_file
 
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         raise YxanulError("plot file must end in .png", key="--plot")
+    if args.plot is not None:
+        check_output_file(args.plot, args.overwrite, inputs=[args.path], key="--plot")
     report = analyze(args.path)
     if args.plot:
-        plot(report, args.plot)
+        plot(report, args.plot, overwrite=args.overwrite)
     if args.json:
         print_json(public_json(report))
     else:

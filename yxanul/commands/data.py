@@ -63,8 +63,15 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(meta)
         return 0
-    rows = [[k, f"{v['tokens']:,}", f"{v['documents']:,}", len(v["shards"])] for k, v in meta["splits"].items()]
-    print(f"tokenizer: {meta['tokenizer']['name']} ({meta['tokenizer']['kind']}), vocab {meta['vocab_size']}, "
-          f"eot {meta['eot_id']}")
+    from ..errors import clip
+
+    def num(v) -> str:
+        return f"{v:,}" if isinstance(v, int) else "-"
+
+    rows = [[clip(k, 40), num(v.get("tokens")), num(v.get("documents")), len(v["shards"])]
+            for k, v in meta["splits"].items()]
+    tok = meta["tokenizer"]
+    print(f"tokenizer: {clip(tok.get('name'), 80)} ({clip(tok.get('kind'), 40)}), vocab {meta['vocab_size']}, "
+          f"eot {clip(meta.get('eot_id'), 40)}")
     print(table(rows, ["split", "tokens", "documents", "shards"], "lrrr"))
     return 0

@@ -11,6 +11,7 @@ def register(sub) -> None:
                        "(dashed, markers) loss against tokens seen for one or several run folders on one chart.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, metavar="FILE.png")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE.png if it exists")
     p.add_argument("--x", choices=["step", "tokens"], default="step", help="x axis (default step)")
     p.add_argument("--smooth", type=int, default=1, help="moving average over N logged points")
     p.add_argument("--title", default=None)
@@ -52,10 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import YxanulError
-    from ..io import atomic_path
+    from ..io import atomic_path, check_output_file
 
     if args.smooth < 1:
         raise YxanulError("must be >= 1", source="plot", key="--smooth")
+    inputs = [Path(r) / "metrics.jsonl" for r in args.runs]
+    check_output_file(args.out, args.overwrite, inputs=inputs)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(args.out)
-    with atomic_path(out, inputs=[Path(r) / "metrics.jsonl" for r in args.runs]) as tmp:
+    with atomic_path(out, inputs=inputs, overwrite=args.overwrite) as tmp:
         fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     print(f"wrote {out}")

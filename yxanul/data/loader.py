@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import YxanulError
+from ..errors import YxanulError, brief, clip
 from .prepare import FORMAT
 from .tokenizers import check_ids
 
@@ -29,11 +29,41 @@ def read_meta(data_dir: str | Path) -> dict:
                           source=str(data_dir))
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise YxanulError(f"unreadable meta.json: {e}", source=str(path)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise YxanulError(f"unreadable meta.json: {clip(e)}", source=str(path)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "splits" not in meta:
         raise YxanulError(f"not a {FORMAT} meta.json", source=str(path))
+    _check_splits(meta["splits"], str(path))
+    v = meta.get("vocab_size")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise YxanulError(f"must be a positive integer, got {brief(v)}", source=str(path), key="vocab_size")
+    if not isinstance(meta.get("tokenizer"), dict):
+        raise YxanulError("must be an object describing the tokenizer", source=str(path), key="tokenizer")
     return meta
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_splits(splits, source: str) -> None:
+    """``splits`` maps a split name to ``{"tokens", "documents", "shards": [{"file", "tokens"}]}``; a shard file
+    is a plain name inside the data folder (never a path leading out of it)."""
+    if not isinstance(splits, dict):
+        raise YxanulError("must map split names to their shards", source=source, key="splits")
+    for name, info in splits.items():
+        key = f"splits.{clip(name, 40)}"
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            raise YxanulError("must be an object with a list of shards", source=source, key=key)
+        if "tokens" in info and not _count(info["tokens"]):
+            raise YxanulError("tokens must be a non-negative integer", source=source, key=key)
+        for i, sh in enumerate(info["shards"]):
+            f = sh.get("file") if isinstance(sh, dict) else None
+            if not (isinstance(f, str) and f and Path(f).name == f and f not in (".", "..") and "\\" not in f):
+                raise YxanulError(f"shard {i}: file must be a file name inside the data folder, got {brief(f)}",
+                                  source=source, key=key)
+            if not _count(sh.get("tokens")):
+                raise YxanulError(f"shard {i}: tokens must be a non-negative integer", source=source, key=key)
 
 
 def max_token_id(meta: dict, source: str) -> int:
