@@ -286,6 +286,16 @@ def test_malformed_state_is_refused_before_training(run, capsys, edit, needle):
 
 # -- a run stopped before its first checkpoint ----------------------------------------------------------------
 
+def test_resume_drops_metrics_lines_that_are_not_records(run, capsys):
+    """A torn or foreign line in metrics.jsonl does not block a resume: it is dropped, and said so."""
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n"text"\n\xff\xfe\n{"step": "x"}\n')
+    assert main(["train", "--resume", str(run), "--no-progress", "--steps", "3"]) == 0
+    assert "dropped 4 line(s) that are not training records" in capsys.readouterr().out
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r, dict) for r in recs) and recs[-1]["step"] == 3
+
+
 def test_run_without_checkpoint_can_be_restarted(run, capsys):
     shutil.rmtree(run / "checkpoints")
     import yaml

@@ -195,6 +195,82 @@ def test_train_on_corrupt_shard_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and shard.name in err and "max_token_id" in err, err
+    assert not (tmp_path / "run").exists()   # a run that failed before its first record leaves nothing
+
+
+def _prepared(tmp_path):
+    from yxanul.data.prepare import prepare
+    from yxanul.data.tokenizers import ByteTokenizer
+
+    src = tmp_path / "t.txt"
+    src.write_text("".join(chr(97 + i % 26) for i in range(3000)))
+    prepare([str(src)], ByteTokenizer(), tmp_path / "d", val_fraction=0.2, progress=False)
+    return tmp_path / "d"
+
+
+def _shard_outside(m):
+    m["splits"]["train"]["shards"][0]["file"] = "../../../../etc/passwd"
+    return m
+
+
+def _shard_tokens(m):
+    m["splits"]["train"]["shards"][0]["tokens"] = "many"
+    return m
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: b'{"format": "\xff"}', "meta.json"),
+    (lambda m: {**m, "splits": ["train", "val"]}, "splits"),
+    (_shard_outside, "file name inside the data folder"),
+    (_shard_tokens, "tokens must be a non-negative integer"),
+    (lambda m: {**m, "vocab_size": "big"}, "vocab_size"),
+    (lambda m: {**m, "tokenizer": None}, "tokenizer"),
+])
+def test_malformed_data_meta_is_one_line(tmp_path, capsys, micro_model, edit, needle):
+    d = _prepared(tmp_path)
+    meta = edit(json.loads((d / "meta.json").read_text()))
+    (d / "meta.json").write_bytes(meta if isinstance(meta, bytes) else json.dumps(meta).encode())
+    for argv in (["data", "info", str(d)],
+                 ["train", "--data", str(d), "--model", micro_model, "--steps", "1", "--batch-size", "2",
+                  "--seq-len", "16", "--no-progress", "--precision", "fp32", "--out", str(tmp_path / "run")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and "meta.json" in err and needle in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_out_that_cannot_be_created_is_one_line(tmp_path, capsys, micro_model):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep")
+    assert main(["train", "--model", micro_model, "--steps", "1", "--batch-size", "2", "--seq-len", "16",
+                 "--no-progress", "--precision", "fp32", "--out", str(f / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes.txt" in err and "cannot write" in err, err
+    assert f.read_text() == "keep"
+
+
+def test_model_beyond_memory_is_refused_before_allocating(tmp_path, capsys):
+    y = tmp_path / "m.yaml"
+    y.write_text("preset: tiny\nd_model: 1048576\nn_heads: 8192\nn_kv_heads: 8192\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(y), "--steps", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "parameters" in err and "of memory" in err, err
+    assert not out.exists()
+
+
+def test_exported_config_is_checked_against_its_weights_before_allocating(tmp_path, capsys):
+    from test_export import make_run
+
+    run, _ = make_run(tmp_path)
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    conf_path = tmp_path / "hf" / "config.json"
+    conf = json.loads(conf_path.read_text())
+    conf.update(hidden_size=1 << 20, num_attention_heads=8192, num_key_value_heads=8192, head_dim=128)
+    conf_path.write_text(json.dumps(conf))
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "Hi"]) == 2
+    _one_line_error(capsys, "hf: weights do not match config.json", "shape")
 
 
 @pytest.mark.parametrize("seed", ["1000000000000000000000000", "-1"])

@@ -424,6 +424,87 @@ def test_plot_never_writes_over_its_input_or_a_folder(tmp_path, capsys):
     assert main(["plot", str(run), "--out", str(run / "loss.png")]) == 0
 
 
+def test_file_outputs_refuse_an_existing_file_without_overwrite(tmp_path, capsys):
+    """plot --out, analyze --plot and bench throughput --json-out/--plot: an existing file is the user's until
+    --overwrite says otherwise (bench refuses before anything is benchmarked)."""
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 - s / 10}) + "\n" for s in (1, 2)))
+    png = tmp_path / "loss.png"
+    png.write_bytes(b"the user's figure")
+    assert main(["plot", str(run), "--out", str(png)]) == 2
+    assert "--overwrite" in _err_line(capsys) and png.read_bytes() == b"the user's figure"
+    assert main(["plot", str(run), "--out", str(png), "--overwrite"]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    src = _ckpt(tmp_path / "in")
+    fig = tmp_path / "dist.png"
+    fig.write_bytes(b"the user's figure")
+    assert main(["analyze", str(src), "--plot", str(fig)]) == 2
+    assert "--overwrite" in _err_line(capsys) and fig.read_bytes() == b"the user's figure"
+    assert main(["analyze", str(src), "--plot", str(fig), "--overwrite"]) == 0
+    assert fig.read_bytes()[:4] == b"\x89PNG"
+
+    capsys.readouterr()
+    for flag, name in (("--json-out", "bt.json"), ("--plot", "bt.png")):
+        f = tmp_path / name
+        f.write_text("measured on another machine")
+        t0 = time.perf_counter()
+        assert main(["bench", "throughput", flag, str(f), "--device", "cpu", "--model", "tiny", "--modes", "bf16",
+                     "--steps", "1", "--warmup", "0", "--no-compile", "--batch", "1", "--seq", "16"]) == 2
+        err = _err_line(capsys)
+        assert flag in err and "--overwrite" in err and time.perf_counter() - t0 < 5
+        assert f.read_text() == "measured on another machine"
+
+
+def test_train_never_replaces_a_users_config_yaml(tmp_path, capsys, micro_model):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "config.yaml").write_text("steps: 1\nbatch_size: 2\nseq_len: 32\n")
+    argv = ["train", "--train-config", str(exp / "config.yaml"), "--out", str(exp), "--model", micro_model,
+            "--no-progress", "--precision", "fp32", "--eval-every", "0", "--checkpoint-every", "0"]
+    assert main(argv) == 2
+    assert "config.yaml that no yxanul run wrote" in _err_line(capsys)
+    assert (exp / "config.yaml").read_text() == "steps: 1\nbatch_size: 2\nseq_len: 32\n"
+    assert sorted(p.name for p in exp.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_and_consolidate_files_get_ordinary_permissions(tmp_path, umask):
+    """safetensors writes its files 0600; outputs get 0666 less the umask, like the JSON beside them."""
+    from test_export import make_run
+
+    run, _ = make_run(tmp_path)
+    old = os.umask(umask)
+    try:
+        assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+        assert main(["checkpoint", "consolidate", str(run), "--out", str(tmp_path / "w.safetensors")]) == 0
+    finally:
+        os.umask(old)
+    for p in [*(tmp_path / "hf").iterdir(), tmp_path / "w.safetensors"]:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+def test_export_fp8_keeps_its_intermediate_inside_the_outputs_temporary(tmp_path, monkeypatch):
+    """A killed `export --fp8` leaves nothing beside OUT that the next export would not remove."""
+    import yxanul.checkpoint.convert as conv
+    from test_export import make_run
+
+    run, _ = make_run(tmp_path)
+    beside = []
+    real = conv.quantize_checkpoint
+
+    def spy(src, dst, **kw):
+        beside.append(sorted(p.name for p in tmp_path.iterdir()))
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(conv, "quantize_checkpoint", spy)
+    assert main(["export", str(run), "--out", str(tmp_path / "hf8"), "--fp8"]) == 0
+    assert beside and all(n == "run" or n.startswith(".hf8.") for n in beside[0]), beside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf8", "run"]
+
+
 def test_vocab_size_beyond_uint32_token_ids_is_refused(tmp_path, capsys):
     p = tmp_path / "m.yaml"
     p.write_text("preset: tiny\nvocab_size: 1000000000000\n")
