@@ -713,7 +713,8 @@ class Trainer:
 
     def _warmup_steps(self) -> set[int]:
         """Steps (0-based) timed apart from the rate: the first step this process runs (compilation, first-use
-        allocations) and, for FP8 with calibration steps, the first FP8 step (the FP8 graphs compile then)."""
+        allocations) and, for FP8 with calibration steps, the first FP8 step (the FP8 graphs compile then) and, for
+        delayed scaling, the step after it (its scales are fixed then, and the graphs compile once more)."""
         warm = {self.step}
         cal = self.policy.recipe.calibration_steps if self.fp8 else 0
         if cal and cal > self.step:
@@ -721,9 +722,11 @@ class Trainer:
         if self.fp8 and self.cfg.compile:
             # delayed scaling without calibration fixes its scales after the first FP8 step, and static weight
             # copies are first filled by it: either way the second step compiles a graph of its own
-            delayed_now = resolve(self.policy.recipe).delayed and cal <= self.step
-            if delayed_now or self.cfg.fp8_weight_cache == "step":
+            delayed = resolve(self.policy.recipe).delayed
+            if (delayed and cal <= self.step) or self.cfg.fp8_weight_cache == "step":
                 warm.add(self.step + 1)
+            if delayed and cal > self.step:  # the scales become fixed after the first FP8 step
+                warm.add(cal + 1)
         return warm
 
     def _record(self, loss, gnorm, window_loss, window_ok, timing: dict) -> dict:
