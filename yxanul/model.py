@@ -11,9 +11,7 @@ Module names follow the design note's patterns so a policy YAML reads naturally:
 Fused projections (``ModelConfig.fused_projections``, on by default): q/k/v, which read the same input, run as
 one GEMM of width ``q + k + v``, and gate/up as one GEMM of width ``2 * ffn_hidden``. Only the compute is fused:
 the separate layers (and their parameters) stay as they are, so checkpoints, exports, the precision policy and
-optimizers see ``q_proj``, ``k_proj``, ... unchanged. See :func:`fusion_kind` for when a group is fused. The
-decision is made outside compiled graphs (:class:`FusedGroups`): a compiled block holds no fusion logic, only the
-path decided for it.
+optimizers see ``q_proj``, ``k_proj``, ... unchanged. See :func:`fusion_kind` for when a group is fused.
 
 Initialization: every weight ~ N(0, init_std); the two residual-branch outputs (``o_proj`` and
 ``down_proj``) use init_std / sqrt(2 * n_layers), as GPT-2 does; RMSNorm weights start at 1.
@@ -58,42 +56,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class FusedGroups:
-    """Mixin for a module whose linear layers run in groups that read the same input (``GROUPS``: tuples of
-    attribute names). ``plan_fusion`` decides, with :func:`fusion_kind`, how each group runs and remembers it;
-    eager forwards decide anew on every call (layers may have been converted or hooked since), compiled forwards
-    read the remembered plan, so the traced graph carries one path and none of the decision logic (reading
-    hooks and FP8 specs inside the trace added host time to every compiled call of the delayed recipe).
-    :func:`compile_blocks` and :func:`~yxanul.fp8.linear.convert_model` plan before compiling."""
-
-    GROUPS: tuple[tuple[str, ...], ...] = ()
-    fused: bool = True
-
-    def plan_fusion(self) -> tuple[str | None, ...]:
-        plan = tuple(fusion_kind([getattr(self, n) for n in g]) if self.fused else None for g in self.GROUPS)
-        if self.__dict__.get("_fusion_plan") != plan:
-            self.__dict__["_fusion_plan"] = plan  # a plain attribute: nn.Module.__setattr__ is slow per call
-        return plan
-
-    def fusion_plan(self) -> tuple[str | None, ...]:
-        if torch.compiler.is_compiling():
-            plan = getattr(self, "_fusion_plan", None)
-            if plan is not None:
-                return plan
-        return self.plan_fusion()
-
-    def project(self, group: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The outputs of group ``group``'s layers on ``x``, through one GEMM where the plan says so."""
-        mods = [getattr(self, n) for n in self.GROUPS[group]]
-        y = fused_linear(x, mods, self.fusion_plan()[group])
-        if y is None:
-            return tuple(m(x) for m in mods)
-        return y.split([m.out_features for m in mods], dim=-1)
-
-
-class Attention(FusedGroups, nn.Module):
-    GROUPS = (("q_proj", "k_proj", "v_proj"),)
-
+class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -102,11 +65,10 @@ class Attention(FusedGroups, nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.fused = cfg.fused_projections
-        self.plan_fusion()
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
-        q, k, v = self.project(0, x)
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x, self.fused)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -125,8 +87,7 @@ class Attention(FusedGroups, nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-class MLP(FusedGroups, nn.Module):
-    GROUPS = (("gate_proj", "up_proj"),)
+class MLP(nn.Module):
     fused_gate_up = None  # set per instance by yxanul.fp8.linear.convert_model
 
     def __init__(self, cfg: ModelConfig):
@@ -135,14 +96,13 @@ class MLP(FusedGroups, nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
         self.fused = cfg.fused_projections
-        self.plan_fusion()
 
     def forward(self, x):
         # FP8 delayed scaling installs a fused gate/up/SwiGLU function here (yxanul.fp8.fused_mlp, opt-in); it
         # returns None while the layers cannot or should not use it
         h = self.fused_gate_up(self, x) if self.fused_gate_up is not None else None
         if h is None:
-            g, u = self.project(0, x)
+            g, u = project((self.gate_proj, self.up_proj), x, self.fused)
             h = F.silu(g) * u
         return self.down_proj(h)
 
@@ -176,15 +136,14 @@ def fusion_kind(mods) -> str | None:
     return None
 
 
-def fused_linear(x: torch.Tensor, mods, kind: str | None = "auto") -> torch.Tensor | None:
-    """``cat([m(x) for m in mods], -1)`` as one GEMM, or None when ``kind`` (:func:`fusion_kind` of ``mods``,
-    decided here when ``"auto"``) says the layers must run separately. Gradients reach each layer's own weight.
+def fused_linear(x: torch.Tensor, mods) -> torch.Tensor | None:
+    """``cat([m(x) for m in mods], -1)`` as one GEMM, or None when :func:`fusion_kind` says the layers must run
+    separately. Gradients reach each layer's own weight.
 
     FP8: the fused GEMM's operands are the layers' own FP8 weight copies side by side and one quantization of
     ``x``; its non-finite flags and statistics of ``x`` and of the output gradient are recorded on the first
     layer (``q_proj``, ``gate_proj``); every layer records its weight's."""
-    if kind == "auto":
-        kind = fusion_kind(mods)
+    kind = fusion_kind(mods)
     if kind is None or x.shape[-1] != mods[0].in_features:  # a mismatch: the layers report it themselves
         return None
     w = torch.cat([m.weight for m in mods])
@@ -198,8 +157,7 @@ def fused_linear(x: torch.Tensor, mods, kind: str | None = "auto") -> torch.Tens
 
 
 def project(mods, x: torch.Tensor, fused: bool = True) -> tuple[torch.Tensor, ...]:
-    """``tuple(m(x) for m in mods)``, through one fused GEMM where ``fused`` and :func:`fusion_kind` allow
-    (decided on this call; modules use :meth:`FusedGroups.project`, which decides outside compiled graphs)."""
+    """``tuple(m(x) for m in mods)``, through one fused GEMM where ``fused`` and :func:`fused_linear` allow."""
     y = fused_linear(x, mods) if fused else None
     if y is None:
         return tuple(m(x) for m in mods)
@@ -314,7 +272,6 @@ def compile_blocks(model: nn.Module, mode: str | None = None, tune_kernels: bool
     for name in ("recompile_limit", "cache_size_limit"):
         if getattr(dcfg, name, 16) < 16:
             setattr(dcfg, name, 16)
-    plan_fusion(model)
     n = 0
     for m in model.modules():
         if isinstance(m, Block):
@@ -323,14 +280,6 @@ def compile_blocks(model: nn.Module, mode: str | None = None, tune_kernels: bool
     if n == 0:
         raise ValueError("compile_blocks: the model has no transformer blocks")
     return model
-
-
-def plan_fusion(model: nn.Module) -> None:
-    """Decide how every fused projection group of ``model`` runs (:class:`FusedGroups`); call after changing its
-    linear layers or their hooks and before compiling."""
-    for m in model.modules():
-        if isinstance(m, FusedGroups):
-            m.plan_fusion()
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -471,7 +471,6 @@ def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Re
             if not native_shape_ok(m.recipe, NATIVE_CHECK_TOKENS, m.in_features, m.out_features):
                 m.set_backend("emulated")
     _install_fused_mlps(model)
-    _plan_fusion(model)
     return model
 
 
@@ -495,15 +494,7 @@ def unconvert_model(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, m.to_linear())
     _install_fused_mlps(model)
-    _plan_fusion(model)
     return model
-
-
-def _plan_fusion(model: nn.Module) -> None:
-    """Blocks that fuse projection groups decide anew after their layers changed (yxanul.model.FusedGroups)."""
-    for m in model.modules():
-        if hasattr(m, "plan_fusion"):
-            m.plan_fusion()
 
 
 def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
