@@ -649,35 +649,20 @@ def _(ctx):
 
 
 # -- checkpoints you can trust ----------------------------------------------------------------------------------
-@case("flipped-model-resume", "checkpoint", ("run",), quick=True)
-def _(ctx):
-    flip_bytes(ctx / CKPT / "model.safetensors")
-    return Spec(["train", "--resume", "run", "--no-progress"], inputs=["run"], needles=["model.safetensors"])
+def _flipped(name: str, file: str, argv: list, outputs: tuple = (), quick: bool = False) -> None:
+    """A case: bytes of the checkpoint's `file` flipped, then `yxanul argv` must refuse it naming the file."""
+    @case(name, "checkpoint", ("run",), quick=quick)
+    def _(ctx):
+        flip_bytes(ctx / CKPT / file)
+        return Spec(list(argv), inputs=["run"], outputs=list(outputs), needles=[file])
 
 
-@case("flipped-state-resume", "checkpoint", ("run",))
-def _(ctx):
-    flip_bytes(ctx / CKPT / "state.pt")
-    return Spec(["train", "--resume", "run", "--no-progress"], inputs=["run"], needles=["state.pt"])
-
-
-@case("flipped-model-export", "checkpoint", ("run",))
-def _(ctx):
-    flip_bytes(ctx / CKPT / "model.safetensors")
-    return Spec(["export", "run", "--out", "hf2"], inputs=["run"], outputs=["hf2"], needles=["model.safetensors"])
-
-
-@case("flipped-model-generate", "checkpoint", ("run",))
-def _(ctx):
-    flip_bytes(ctx / CKPT / "model.safetensors")
-    return Spec(["generate", "run", "--prompt", "Hi"], inputs=["run"], needles=["model.safetensors"])
-
-
-@case("flipped-model-consolidate", "checkpoint", ("run",))
-def _(ctx):
-    flip_bytes(ctx / CKPT / "model.safetensors")
-    return Spec(["checkpoint", "consolidate", "run", "--out", "w.safetensors"], inputs=["run"],
-                outputs=["w.safetensors"], needles=["model.safetensors"])
+_flipped("flipped-model-resume", "model.safetensors", ["train", "--resume", "run", "--no-progress"], quick=True)
+_flipped("flipped-state-resume", "state.pt", ["train", "--resume", "run", "--no-progress"])
+_flipped("flipped-model-export", "model.safetensors", ["export", "run", "--out", "hf2"], outputs=("hf2",))
+_flipped("flipped-model-generate", "model.safetensors", ["generate", "run", "--prompt", "Hi"])
+_flipped("flipped-model-consolidate", "model.safetensors",
+         ["checkpoint", "consolidate", "run", "--out", "w.safetensors"], outputs=("w.safetensors",))
 
 
 @case("truncated-model-resume", "checkpoint", ("run",))

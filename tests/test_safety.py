@@ -431,20 +431,14 @@ def test_file_outputs_refuse_an_existing_file_without_overwrite(tmp_path, capsys
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 - s / 10}) + "\n" for s in (1, 2)))
-    png = tmp_path / "loss.png"
-    png.write_bytes(b"the user's figure")
-    assert main(["plot", str(run), "--out", str(png)]) == 2
-    assert "--overwrite" in _err_line(capsys) and png.read_bytes() == b"the user's figure"
-    assert main(["plot", str(run), "--out", str(png), "--overwrite"]) == 0
-    assert png.read_bytes()[:4] == b"\x89PNG"
-
     src = _ckpt(tmp_path / "in")
-    fig = tmp_path / "dist.png"
-    fig.write_bytes(b"the user's figure")
-    assert main(["analyze", str(src), "--plot", str(fig)]) == 2
-    assert "--overwrite" in _err_line(capsys) and fig.read_bytes() == b"the user's figure"
-    assert main(["analyze", str(src), "--plot", str(fig), "--overwrite"]) == 0
-    assert fig.read_bytes()[:4] == b"\x89PNG"
+    for args, fig in ((["plot", str(run), "--out"], tmp_path / "loss.png"),
+                      (["analyze", str(src), "--plot"], tmp_path / "dist.png")):
+        fig.write_bytes(b"the user's figure")
+        assert main(args + [str(fig)]) == 2
+        assert "--overwrite" in _err_line(capsys) and fig.read_bytes() == b"the user's figure"
+        assert main(args + [str(fig), "--overwrite"]) == 0
+        assert fig.read_bytes()[:4] == b"\x89PNG"
 
     capsys.readouterr()
     for flag, name in (("--json-out", "bt.json"), ("--plot", "bt.png")):

@@ -166,13 +166,10 @@ def loss_parts(impl: str, tokens: int, vocab: int, rank: int, device: str) -> tu
 def check_model_fits(cfg: ModelConfig, what: str = "its FP32 weights", bytes_per_param: int = 4) -> int:
     """Refuse, before anything is allocated, a model whose weights alone exceed the available memory (a
     config asking for terabytes is a one-line error, not an allocator failure); returns the parameter count."""
-    import torch
-
     from .io import check_memory
-    from .model import Yxanul
+    from .model import param_count
 
-    with torch.device("meta"):
-        n = sum(p.numel() for p in Yxanul(cfg).parameters())
+    n = param_count(cfg)
     check_memory(bytes_per_param * n, f"model {cfg.name} ({n:,} parameters): {what}")
     return n
 
@@ -194,7 +191,7 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
     mods = pol.resolve(model, strict=False)
     prec = {m.name: m.precision for m in mods}
     comp_of = {m.name: _COMPONENT_OF.get(m.component, "other") for m in mods}
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.num_params()
 
     master_b = BYTES[pol.dtype_of("master_weights")]
     grad_b = BYTES[pol.dtype_of("gradient_accumulation")]

@@ -258,6 +258,12 @@ class Yxanul(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
 
 
+def param_count(cfg: ModelConfig) -> int:
+    """The parameter count of a model of ``cfg``, built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        return Yxanul(cfg).num_params()
+
+
 def compile_blocks(model: nn.Module, mode: str | None = None, tune_kernels: bool = False, **kwargs) -> nn.Module:
     """torch.compile every transformer block in place (``Block.compile``), leaving the embedding, final norm and
     loss eager. Identical blocks share one compiled graph (parameters are graph inputs), so compiling the

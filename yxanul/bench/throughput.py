@@ -484,6 +484,7 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
               device: str | None = None, policy: str | None = None, json_out=None, log=None, **kw) -> dict:
     """Run :func:`run_throughput` at each width of `sweep` (``d_model=768,1024,...``) and collect each mode's
     tokens/s ratio against the project's BF16 and plain BF16. The JSON is rewritten after every width."""
+    from ..model import param_count
     from ..config import load_model_config
     from ..io import atomic_write_json
 
@@ -517,16 +518,10 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
             out["ratio_vs_bf16_plain"][m].append(rows[m].get("ratio_vs_bf16_plain"))
         out["device"], out["torch"] = res["device"], res["torch"]
         out["points"].append({key: v, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-                              "ffn_hidden": cfg.ffn_hidden, "params": _param_count(cfg), "batch": b, "result": res})
+                              "ffn_hidden": cfg.ffn_hidden, "params": param_count(cfg), "batch": b, "result": res})
         if json_out:
             atomic_write_json(json_out, out)
     return out
-
-
-def _param_count(cfg) -> int:
-    from ..model import Yxanul
-    with torch.device("meta"):
-        return sum(p.numel() for p in Yxanul(cfg).parameters())
 
 
 def format_sweep(res: dict) -> str:
