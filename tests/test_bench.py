@@ -188,6 +188,14 @@ def test_width_sweep_json_and_png(tmp_path, capsys):
     assert "width sweep" in capsys.readouterr().out
 
 
+def test_width_sweep_keeps_the_fp8_and_host_gc_options(tmp_path):
+    out = tmp_path / "sweep.json"
+    assert main(ARGS + ["--modes", "bf16", "--sweep", "d_model=128", "--host-gc", "default",
+                        "--fp8-weight-cache", "step", "--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())["points"][0]["result"]
+    assert result["host_gc"] == "default" and result["fp8_options"]["weight_cache"] == "step"
+
+
 @pytest.mark.parametrize("sweep", ["width=128", "d_model=", "d_model=100", "d_model=128,128", "d_model=x"])
 def test_sweep_bad_input(tmp_path, sweep, capsys):
     out = tmp_path / "s.json"

@@ -422,6 +422,7 @@ def measure_peak(cfg: ModelConfig, policy: Policy, opts: MemoryOptions, steps: i
     model = Yxanul(cfg).to(dev)
     if mode == "fp8":
         try:
+            from . import kernels  # noqa: F401  (registers the Triton quantizers, as training does)
             from .fp8.linear import convert_model
         except ImportError:
             raise YxanulError("FP8 training layers (yxanul.fp8.linear) are not available; use --precision bf16",

@@ -80,31 +80,23 @@ def _run_throughput(args):
             raise YxanulError("--plot needs matplotlib (pip install matplotlib)", key="--plot") from None
         if not str(args.plot).lower().endswith(".png"):
             raise YxanulError("the plot is written as PNG; give a .png path", key="--plot")
-    if args.sweep:
-        return _run_sweep(args)
-    from ..bench.throughput import format_table, plot, run_throughput
+    from ..bench.throughput import format_sweep, format_table, plot, plot_sweep, run_sweep, run_throughput
     from ..fp8.options import Fp8Options
-    result = run_throughput(model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                            modes=args.modes, layers=args.layers, compile=args.compile, device=args.device,
-                            policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops,
-                            profile=args.profile, compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
-                            plain_compile_modes=args.plain_compile_modes,
-                            fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
-                                                   fused_swiglu=args.fp8_fused_swiglu),
-                            host_gc=args.host_gc)
-    print(format_table(result), flush=True)
-    if args.plot:
-        plot(result, args.plot)
-    return 0 if any(r.get("tokens_per_s") for r in result["rows"]) else 1
-
-
-def _run_sweep(args):
-    from ..bench.throughput import format_sweep, plot_sweep, run_sweep
-    res = run_sweep(args.sweep, model=args.model, batch=args.batch, seq=args.seq, modes=args.modes,
-                    device=args.device, policy=args.config, json_out=args.json_out, steps=args.steps,
-                    warmup=args.warmup, layers=args.layers, compile=args.compile, peak_tflops=args.peak_tflops,
-                    profile=args.profile, compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
-                    plain_compile_modes=args.plain_compile_modes)
+    common = dict(model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                  modes=args.modes, layers=args.layers, compile=args.compile, device=args.device,
+                  policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops, profile=args.profile,
+                  compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
+                  plain_compile_modes=args.plain_compile_modes,
+                  fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
+                                         fused_swiglu=args.fp8_fused_swiglu),
+                  host_gc=args.host_gc)
+    if not args.sweep:
+        result = run_throughput(**common)
+        print(format_table(result), flush=True)
+        if args.plot:
+            plot(result, args.plot)
+        return 0 if any(r.get("tokens_per_s") for r in result["rows"]) else 1
+    res = run_sweep(args.sweep, **common)
     print(format_sweep(res), flush=True)
     if args.plot:
         plot_sweep(res, args.plot)
