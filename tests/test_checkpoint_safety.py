@@ -426,3 +426,26 @@ def test_only_temporaries_of_dead_savers_are_removed(tmp_path):
         d.mkdir(parents=True)
     remove_stale_temporaries(root)
     assert not dead.exists() and live.exists()
+
+
+def test_a_killed_sharded_save_leaves_a_temporary_the_next_save_removes(tmp_path):
+    """The DCP save's temporary folder is named like every other writer's (with its process id), so
+    remove_stale_temporaries tells a killed save's leftover from a save in progress."""
+    import os
+    import subprocess
+    import sys
+
+    from yxanul.checkpoint.layout import remove_stale_temporaries
+    from yxanul.checkpoint.sharded import _make_tmp
+
+    root = tmp_path / "checkpoints"
+    tmp = Path(_make_tmp(root, root / "step_00000010"))
+    assert tmp.is_dir() and f".{os.getpid()}-" in tmp.name
+    remove_stale_temporaries(root)
+    assert tmp.exists()  # this process is alive: a save in progress
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    dead = tmp.with_name(tmp.name.replace(f".{os.getpid()}-", f".{p.pid}-"))
+    tmp.rename(dead)
+    remove_stale_temporaries(root)
+    assert not dead.exists()

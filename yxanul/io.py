@@ -144,7 +144,9 @@ def check_memory(need: int, what: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # temporary siblings
 # ---------------------------------------------------------------------------------------------------------------
-def _tmp_sibling(path: Path, kind: str = "tmp") -> Path:
+def tmp_sibling(path: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling name for `path`'s temporary (or replaced ``old``) copy, carrying this process's id so
+    that a later writer can tell a killed writer's leftovers (:func:`is_stale_temporary`)."""
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.{kind}")
 
 
@@ -328,7 +330,7 @@ def atomic_path(path: str | os.PathLike, *, inputs=None, overwrite: bool = True)
     with _one_line_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
-        tmp = _tmp_sibling(path)
+        tmp = tmp_sibling(path)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
         os.close(fd)
     try:
@@ -361,7 +363,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *, command: str 
     with _one_line_write_errors(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out, command)
-        tmp = _tmp_sibling(out)
+        tmp = tmp_sibling(out)
         tmp.mkdir()  # 0777 less the umask: the result is an ordinary folder
     try:
         with _one_line_write_errors(out, tmp):
@@ -376,7 +378,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, *, command: str 
             elif os.path.lexists(out) and not overwrite:
                 raise YxanulError("appeared while this command ran; pass --overwrite to replace it", source=clip(out))
             if os.path.lexists(out):
-                old = _tmp_sibling(out, "old")
+                old = tmp_sibling(out, "old")
                 os.replace(out, old)
                 os.replace(tmp, out)
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()

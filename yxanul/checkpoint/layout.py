@@ -217,7 +217,7 @@ def remove_stale_temporaries(ckpt_root: Path) -> None:
     """Temporary folders of a save that was killed half-way (its process gone: a save in progress in another
     process on the same run folder is left alone)."""
     if ckpt_root.is_dir():
-        for stale in ckpt_root.glob(".step_*.tmp"):
+        for stale in ckpt_root.glob(".step_*"):
             if is_stale_temporary(stale):
                 shutil.rmtree(stale, ignore_errors=True)
 

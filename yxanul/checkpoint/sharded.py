@@ -21,7 +21,6 @@ import os
 import pathlib
 import pickle
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from ..distributed import dist_info, unwrap_model
 from ..errors import YxanulError, clip
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_path, atomic_write_text, tmp_sibling
 from .layout import (DCP_FOLDER, checkpoint_name, check_finite, is_dcp_checkpoint, latest_checkpoint,
                      list_checkpoints, prune_checkpoints, read_meta, remove_stale_temporaries, safe_relative,
                      torch_save_hashed)
@@ -257,16 +256,14 @@ def _gather_rng(device: torch.device) -> list[dict]:
 def _make_tmp(ckpt_root: Path, out: Path) -> str:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(ckpt_root)
-    tmp = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=ckpt_root)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
+    tmp = tmp_sibling(out)  # named with this process's id: a later save removes it if this one is killed
+    tmp.mkdir()
+    return str(tmp)
 
 
 def _publish(tmp: Path, out: Path) -> None:
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = tmp_sibling(out, "old")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
