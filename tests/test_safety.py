@@ -517,3 +517,11 @@ def test_a_folder_that_appears_while_writing_is_not_replaced(tmp_path):
             out.mkdir()
             (out / "precious.txt").write_text("keep")
     assert (out / "precious.txt").read_text() == "keep" and not _siblings(out)
+
+
+def test_first_line_of_an_exception():
+    from yxanul.errors import MAX_USER_CHARS, first_line
+    assert first_line(RuntimeError()) == "RuntimeError"  # no message: its type, not an IndexError
+    assert first_line(ValueError("  first\nsecond")) == "first"
+    assert len(first_line(OSError("x" * 5000))) <= MAX_USER_CHARS + 3
+    assert "\x1b" not in first_line(OSError("\x1b[31mred"))

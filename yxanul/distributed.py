@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .errors import YxanulError
+from .errors import YxanulError, first_line
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -125,7 +125,7 @@ def init_distributed(device: str = "auto", backend: str | None = None,
         try:
             dist.init_process_group(**kw)
         except (RuntimeError, ValueError) as e:
-            raise YxanulError(f"could not join the process group: {str(e).splitlines()[0]}",
+            raise YxanulError(f"could not join the process group: {first_line(e)}",
                               source=f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}") from None
     if dist.get_world_size() != world or dist.get_rank() != rank:
         raise YxanulError(f"process group has rank {dist.get_rank()}/{dist.get_world_size()}, the environment "

@@ -15,6 +15,12 @@ def clip(text, limit: int = MAX_USER_CHARS) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
+def first_line(e: BaseException) -> str:
+    """An exception as one short line: its message's first line, clipped (its type's name when it has none)."""
+    lines = str(e).strip().splitlines()
+    return clip(lines[0]) if lines else type(e).__name__
+
+
 def brief(value, limit: int = MAX_USER_CHARS) -> str:
     """A bounded repr of a user-supplied value: large or deeply nested structures are never expanded."""
     return clip(_REPR.repr(value), limit)

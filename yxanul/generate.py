@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from .checkpoint.convert import dequantize_checkpoint
 from .checkpoint.export import _LAYER_MAP, load_model
 from .config import ModelConfig
-from .errors import YxanulError
+from .errors import YxanulError, first_line
 from .model import Yxanul
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -181,7 +181,7 @@ def _read_hf_config(folder: Path) -> dict:
     try:
         conf = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise YxanulError(f"unreadable config.json: {str(e).splitlines()[0][:200]}", source=str(path)) from None
+        raise YxanulError(f"unreadable config.json: {first_line(e)}", source=str(path)) from None
     if not isinstance(conf, dict) or conf.get("model_type") != "llama":
         raise YxanulError("not a Llama config.json (model_type must be 'llama')", source=str(path))
     unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None}
@@ -242,7 +242,7 @@ def _read_hf_weights(folder: Path) -> dict:
         try:
             part = load_file(str(f))
         except (SafetensorError, OSError, ValueError) as e:
-            raise YxanulError(f"unreadable safetensors: {str(e).splitlines()[0][:200]}", source=str(f)) from None
+            raise YxanulError(f"unreadable safetensors: {first_line(e)}", source=str(f)) from None
         for name, t in part.items():
             ours = _ours(name)
             if ours is None:
@@ -259,7 +259,7 @@ def _hf_tokenizer(folder: Path):
         try:
             tok = json.loads(spec.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise YxanulError(f"unreadable: {str(e).splitlines()[0][:200]}", source=str(spec)) from None
+            raise YxanulError(f"unreadable: {first_line(e)}", source=str(spec)) from None
         if isinstance(tok, dict):
             return tok
     return None

@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import NonFiniteError, YxanulError
+from ..errors import NonFiniteError, YxanulError, first_line
 from ..io import atomic_dir, atomic_write_json, check_disk, check_memory
 from .analyze import classify, infer_block
 from .analyze import modules_to_not_convert as unquantized_linear_modules
@@ -270,12 +270,12 @@ def _get(handles: dict, path: str, name: str, rows: tuple[int, int] | None = Non
         try:
             h = handles[path] = safe_open(path, framework="pt", device="cpu")
         except Exception as e:  # noqa: BLE001 - the library's own error types vary by version
-            raise _yerr(f"cannot open ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+            raise _yerr(f"cannot open ({first_line(e)})",
                         source=path) from None
     try:
         return h.get_tensor(name) if rows is None else h.get_slice(name)[rows[0]:rows[1]]
     except Exception as e:  # noqa: BLE001
-        raise _yerr(f"cannot read tensor ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+        raise _yerr(f"cannot read tensor ({first_line(e)})",
                     source=path, key=safe_name(name)) from None
 
 

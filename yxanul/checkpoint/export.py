@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..config import ModelConfig, dataclass_from_dict, load_model_config
 from .analyze import HEAD_MODULE, classify, modules_to_not_convert  # noqa: F401 (re-exported)
-from ..errors import YxanulError
+from ..errors import YxanulError, first_line
 from .layout import check_finite
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
@@ -99,7 +99,7 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
     except FileNotFoundError:
         raise YxanulError("missing model.safetensors", source=str(weights)) from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise YxanulError(f"unreadable safetensors: {str(e).splitlines()[0]}", source=str(weights)) from None
+        raise YxanulError(f"unreadable safetensors: {first_line(e)}", source=str(weights)) from None
     with torch.device("meta"):
         ref = Yxanul(cfg)
     out = {}

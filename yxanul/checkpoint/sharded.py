@@ -38,19 +38,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 
 from ..distributed import dist_info, unwrap_model
-from ..errors import YxanulError, clip
+from ..errors import YxanulError, first_line
 from ..io import atomic_path, atomic_write_text, tmp_sibling
 from .layout import (DCP_FOLDER, checkpoint_name, check_finite, is_dcp_checkpoint, latest_checkpoint,
                      list_checkpoints, prune_checkpoints, read_meta, remove_stale_temporaries, safe_relative,
                      torch_save_hashed)
 
 _SINGLE_PROCESS_NOTE = ".*assuming the intent is to load in a single process.*"
-
-
-def _first_line(e: BaseException) -> str:
-    """An exception as one short line (no more than 200 characters of it)."""
-    lines = str(e).strip().splitlines()
-    return clip(lines[0]) if lines else type(e).__name__
 
 
 # -- reading DCP pickles safely ------------------------------------------------------------------------------
@@ -117,7 +111,7 @@ def load_dcp_metadata(path: str | Path):
     except FileNotFoundError:
         raise YxanulError("missing DCP metadata", source=str(path)) from None
     except Exception as e:  # any malformed pickle: UnpicklingError, EOFError, TypeError from a constructor...
-        raise YxanulError(f"not a DCP checkpoint's metadata: {_first_line(e)}", source=str(path)) from None
+        raise YxanulError(f"not a DCP checkpoint's metadata: {first_line(e)}", source=str(path)) from None
     if not isinstance(md, dcp_metadata.Metadata):
         raise YxanulError(f"not a DCP checkpoint's metadata (holds {type(md).__name__})", source=str(path))
     for info in (getattr(md, "storage_data", None) or {}).values():  # shard files must lie inside dcp/
@@ -148,7 +142,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             obj = torch.load(value, weights_only=True)
         except Exception as e:
             raise YxanulError(f"refused a stored value of {read_item.dest_index.fqn}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+                              f"{first_line(e)}") from None
         if self.flatten_state_dict:
             default_planner.set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -386,7 +380,7 @@ def load_dcp_weights(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.
             check_finite(sd["model"], str(p / DCP_FOLDER))
             set_model_state_dict(base, sd["model"])
     except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
-        raise YxanulError(f"checkpoint does not match this model/optimizer: {_first_line(e)}",
+        raise YxanulError(f"checkpoint does not match this model/optimizer: {first_line(e)}",
                           source=str(p / DCP_FOLDER)) from None
     _invalidate_fp8_caches(base)
 
@@ -440,7 +434,7 @@ def load_full_model_state(model: nn.Module, sd: dict, source: str) -> None:
         else:
             missing, unexpected = base.load_state_dict(sd, strict=False)
     except (RuntimeError, ValueError) as e:
-        raise YxanulError(f"checkpoint does not match the model: {str(e).strip().splitlines()[0][:200]}",
+        raise YxanulError(f"checkpoint does not match the model: {first_line(e)}",
                           source=source) from None
     if missing or unexpected:
         raise YxanulError(f"checkpoint does not match the model (missing {list(missing)[:3]}, unexpected "
@@ -466,7 +460,7 @@ def load_plain_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimize
                "param_groups": [dict(g, params=[order[int(i)] for i in g["params"]]) for g in plain["param_groups"]]}
         set_optimizer_state_dict(base, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
     except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as e:
-        raise YxanulError(f"optimizer state does not match the model: {_first_line(e)}", source=source,
+        raise YxanulError(f"optimizer state does not match the model: {first_line(e)}", source=source,
                           key="optimizer") from None
 
 
@@ -523,7 +517,7 @@ def _read_weights(ckpt: Path) -> tuple[str, dict]:
         try:
             return "safetensors", load_file(str(ckpt / "model.safetensors"))
         except Exception as e:
-            raise YxanulError(f"unreadable safetensors: {str(e).splitlines()[0][:200]}",
+            raise YxanulError(f"unreadable safetensors: {first_line(e)}",
                               source=str(ckpt / "model.safetensors")) from None
     raise YxanulError("neither dcp/ nor model.safetensors in this checkpoint", source=str(ckpt))
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from ..errors import YxanulError
+from ..errors import YxanulError, first_line
 from ..io import atomic_dir, atomic_write_text
 from .layout import (FP8_STATE_SUFFIXES, STEP_RE, check_finite, checkpoint_name, is_dcp_checkpoint,
                      latest_checkpoint, list_checkpoints, prepare_fresh_run_dir, prune_checkpoints, read_meta,
@@ -104,7 +104,7 @@ def _load_weights_file(p: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise YxanulError("missing model.safetensors", source=str(p / "model.safetensors")) from None
     except Exception as e:
-        raise YxanulError(f"unreadable weights: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}",
+        raise YxanulError(f"unreadable weights: {first_line(e)}",
                           source=str(p / "model.safetensors")) from None
     check_finite(sd, str(p / "model.safetensors"))
     return sd
@@ -184,7 +184,7 @@ def _restore_rng(rng: dict, device: torch.device, source: str) -> None:
         if device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"], device)
     except (RuntimeError, ValueError) as e:
-        raise YxanulError(f"RNG state does not load: {str(e).splitlines()[0][:200]}", source=source,
+        raise YxanulError(f"RNG state does not load: {first_line(e)}", source=source,
                           key="rng") from None
 
 

@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import YxanulError, clip
+from ..errors import YxanulError, clip, first_line
 from ..io import atomic_dir
 from .tokenizers import get_tokenizer
 
@@ -142,7 +142,7 @@ def _hf_docs(name: str, field: str) -> Iterator[str]:
     try:
         ds = datasets.load_dataset(ds_name, split=split, streaming=True)
     except Exception as e:
-        raise YxanulError(f"cannot load dataset: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+        raise YxanulError(f"cannot load dataset: {first_line(e)}",
                           source=name) from None
     for rec in ds:
         t = rec.get(field)

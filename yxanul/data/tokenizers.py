@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import YxanulError
+from ..errors import YxanulError, first_line
 from ..io import sha256_of
 
 
@@ -130,7 +130,7 @@ class HFTokenizer:
         try:
             self._tok = Tokenizer.from_file(self.path)
         except Exception as e:
-            raise YxanulError(f"not a tokenizer.json: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            raise YxanulError(f"not a tokenizer.json: {first_line(e)}",
                               source=self.path) from None
         vocab = self._tok.get_vocab(with_added_tokens=True)
         names = (eot_token,) if eot_token else _HF_EOT_CANDIDATES
