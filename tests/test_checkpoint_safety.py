@@ -197,6 +197,19 @@ def test_damaged_weights_refused_by_export_generate_and_consolidate(run, tmp_pat
     assert not (tmp_path / "hf").exists()
 
 
+def test_weight_readers_do_not_hash_the_training_state(run, tmp_path, capsys, monkeypatch):
+    """export, generate and consolidate read the weights only: state.pt is neither hashed nor needed by them."""
+    hashed = []
+    real = layout.sha256_of
+    monkeypatch.setattr(layout, "sha256_of", lambda p: hashed.append(Path(p).name) or real(p))
+    _flip_byte(ckpt_of(run) / "state.pt")
+    load_checkpoint_weights(run)
+    consolidate_checkpoint(run, tmp_path / "w.safetensors")
+    assert hashed and "state.pt" not in hashed
+    rc, err = cli(capsys, "train", "--resume", str(run), "--no-progress")
+    assert_one_line_error(rc, err, "state.pt", "SHA-256")
+
+
 def test_truncated_file_is_a_size_mismatch(run):
     p = ckpt_of(run) / "state.pt"
     p.write_bytes(p.read_bytes()[:-10])

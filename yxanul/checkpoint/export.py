@@ -81,7 +81,7 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
         from .training import read_meta, resolve_checkpoint
 
         folder = resolve_checkpoint(p)
-        meta = read_meta(folder)  # recorded file sizes and hashes verified
+        meta = read_meta(folder, weights_only=True)  # recorded sizes and hashes of what is read verified
         mc = meta.get("model_config")
         src = str(folder / "meta.json")
         if not isinstance(mc, dict):

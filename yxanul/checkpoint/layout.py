@@ -79,9 +79,10 @@ def safe_relative(name: str) -> bool:
     return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
 
 
-def verify_files(ckpt: Path, meta: dict) -> None:
-    """Check every file ``meta.json["files"]`` lists (size, then SHA-256); a mismatch or a missing file is a
-    one-line error naming it. A checkpoint written before hashes were recorded loads with one notice."""
+def verify_files(ckpt: Path, meta: dict, skip: tuple[str, ...] = ()) -> None:
+    """Check every file ``meta.json["files"]`` lists (size, then SHA-256), except those named in `skip` (files
+    the caller does not read); a mismatch or a missing file is a one-line error naming it. A checkpoint written
+    before hashes were recorded loads with one notice."""
     files = meta.get("files")
     src = str(ckpt / "meta.json")
     if files is None:
@@ -98,6 +99,8 @@ def verify_files(ckpt: Path, meta: dict) -> None:
                               source=src, key="files")
         if not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and isinstance(rec.get("sha256"), str)):
             raise YxanulError(f"record of {name} needs integer 'bytes' and string 'sha256'", source=src, key="files")
+        if name in skip:
+            continue
         path = ckpt / name
         if not path.is_file():
             raise YxanulError("missing (listed in meta.json)", source=str(path))
@@ -110,12 +113,16 @@ def verify_files(ckpt: Path, meta: dict) -> None:
                               "replaced", source=str(path))
 
 
-def read_meta(ckpt: str | Path, verify: bool = True) -> dict:
-    """A checkpoint folder's ``meta.json`` (a dict), its listed files verified unless `verify` is false."""
+TRAINING_STATE = "state.pt"   # optimizer, RNG and loop state: only resuming reads it
+
+
+def read_meta(ckpt: str | Path, verify: bool = True, weights_only: bool = False) -> dict:
+    """A checkpoint folder's ``meta.json`` (a dict), its listed files verified unless `verify` is false; with
+    `weights_only` the training state (which the caller will not read) is not hashed."""
     ckpt = Path(ckpt)
     meta = read_checkpoint_meta_file(ckpt / "meta.json")
     if verify:
-        verify_files(ckpt, meta)
+        verify_files(ckpt, meta, skip=(TRAINING_STATE,) if weights_only else ())
     return meta
 
 

@@ -42,7 +42,7 @@ from ..errors import YxanulError, first_line
 from ..io import atomic_path, atomic_write_text, tmp_sibling
 from .layout import (DCP_FOLDER, checkpoint_name, check_finite, is_dcp_checkpoint, latest_checkpoint,
                      list_checkpoints, prune_checkpoints, read_meta, remove_stale_temporaries, safe_relative,
-                     torch_save_hashed)
+                     torch_save_hashed, TRAINING_STATE)
 
 _SINGLE_PROCESS_NOTE = ".*assuming the intent is to load in a single process.*"
 
@@ -300,7 +300,7 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimi
             for k in ("model_config", "train_config"):
                 if dataclasses.is_dataclass(meta.get(k)):
                     meta[k] = dataclasses.asdict(meta[k])
-            files["state.pt"] = torch_save_hashed(dict(state) | {"rng_per_rank": rngs}, tmp / "state.pt")
+            files[TRAINING_STATE] = torch_save_hashed(dict(state) | {"rng_per_rank": rngs}, tmp / TRAINING_STATE)
             meta["files"] = dict(sorted(files.items()))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     except BaseException:
@@ -392,7 +392,7 @@ def load_dcp_checkpoint(ckpt: str | Path, model: nn.Module, optimizer: torch.opt
     p = Path(ckpt)
     read_meta(p)  # verifies the recorded files
     load_dcp_weights(p, model, optimizer)
-    return pick_rank_rng(load_state_file(p / "state.pt"))
+    return pick_rank_rng(load_state_file(p / TRAINING_STATE))
 
 
 def load_state_file(path: Path) -> dict:
@@ -545,7 +545,7 @@ def consolidate_checkpoint(src: str | Path, out: str | Path, overwrite: bool = F
     if not src.exists():
         raise YxanulError("checkpoint not found", source=str(src))
     ckpt = _find_checkpoint(src)
-    meta = read_meta(ckpt)
+    meta = read_meta(ckpt, weights_only=True)
     cfg = _model_config_of(meta, str(ckpt / "meta.json"))
     with torch.device("meta"):
         ref = Yxanul(cfg)

@@ -28,7 +28,8 @@ from ..errors import YxanulError, first_line
 from ..io import atomic_dir, atomic_write_text
 from .layout import (FP8_STATE_SUFFIXES, STEP_RE, check_finite, checkpoint_name, is_dcp_checkpoint,
                      latest_checkpoint, list_checkpoints, prepare_fresh_run_dir, prune_checkpoints, read_meta,
-                     remove_stale_temporaries, resolve_checkpoint, torch_save_hashed, write_bytes_hashed)
+                     TRAINING_STATE, remove_stale_temporaries, resolve_checkpoint, torch_save_hashed,
+                     write_bytes_hashed)
 from .sharded import (load_dcp_weights, load_full_model_state, load_plain_optimizer_state, load_state_file,
                       pick_rank_rng, save_dcp_checkpoint)
 
@@ -70,7 +71,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
     with atomic_dir(out, overwrite=True) as tmp:
         files = {"model.safetensors": write_bytes_hashed(tmp / "model.safetensors", safetensors_bytes(
             _plain_state_dict(model), metadata={"format": "pt"}))}
-        files["state.pt"] = torch_save_hashed(state, tmp / "state.pt")
+        files[TRAINING_STATE] = torch_save_hashed(state, tmp / TRAINING_STATE)
         meta["files"] = files
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     atomic_write_text(ckpt_root / "latest", out.name + "\n")
@@ -129,7 +130,7 @@ def load_checkpoint(path: str | Path):
 
 def load_training_state(path: str | Path) -> dict:
     """The ``state.pt`` of a checkpoint, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
-    return load_state_file(resolve_checkpoint(path) / "state.pt")
+    return load_state_file(resolve_checkpoint(path) / TRAINING_STATE)
 
 
 # -- checking state.pt before anything is restored ------------------------------------------------------------
@@ -206,9 +207,9 @@ def restore_training_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimi
     training continues."""
     p = Path(ckpt)
     meta = read_meta(p) if meta is None else meta
-    state_src = str(p / "state.pt")
+    state_src = str(p / TRAINING_STATE)
     sharded_ckpt = is_dcp_checkpoint(p) and not (p / "model.safetensors").is_file()
-    st = check_training_state(pick_rank_rng(load_state_file(p / "state.pt")), state_src,
+    st = check_training_state(pick_rank_rng(load_state_file(p / TRAINING_STATE)), state_src,
                               optimizer=not sharded_ckpt)
     if sharded_ckpt:
         load_dcp_weights(p, model, optimizer)
