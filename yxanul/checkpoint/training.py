@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..errors import YxanulError, first_line
-from ..io import atomic_dir, atomic_write_text
+from ..io import atomic_dir, atomic_write_text, write_error
 from .layout import (FP8_STATE_SUFFIXES, STEP_RE, check_finite, checkpoint_name, is_dcp_checkpoint,
                      latest_checkpoint, list_checkpoints, prepare_fresh_run_dir, prune_checkpoints, read_meta,
                      TRAINING_STATE, remove_stale_temporaries, resolve_checkpoint, torch_save_hashed,
@@ -94,9 +94,13 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Mod
             return None
         return save_checkpoint(run_dir, step, model, dict(state) | {"optimizer": optimizer.state_dict()}, meta,
                                keep_last=keep_last)
-    except OSError as e:  # disk full, read-only or not writable: nothing of this checkpoint is left behind
-        where = e.filename or Path(run_dir) / "checkpoints" / checkpoint_name(step)
-        raise YxanulError(f"could not write the checkpoint: {e.strerror or e}", source=str(where)) from None
+    except YxanulError:
+        raise
+    except Exception as e:  # noqa: BLE001  disk full, read-only or not writable: nothing of it is left behind
+        err = write_error(e, Path(run_dir) / "checkpoints" / checkpoint_name(step))
+        if err is None:
+            raise
+        raise err from None
 
 
 def _load_weights_file(p: Path) -> dict[str, torch.Tensor]:
