@@ -272,7 +272,6 @@ class Trainer:
         cfg = self.cfg
         if cfg.data:
             self.data_dir = Path(cfg.data)
-            read_meta(self.data_dir)
         else:
             if self.dist is not None and not self.is_main:
                 torch.distributed.barrier()  # rank 0 prepares the shared cache first
@@ -281,6 +280,7 @@ class Trainer:
                 torch.distributed.barrier()
         self.data_meta = read_meta(self.data_dir)
         self.tokenizer_meta = self.data_meta["tokenizer"]
+        self._sample_tokenizer = None
 
     def _setup_model(self) -> None:
         """The model on its device, FP8 layers per the policy, the fused loss, the checkpoint's weights, autocast and
@@ -680,7 +680,9 @@ class Trainer:
         """A short greedy continuation of a fixed prompt from the current weights (rank 0 only)."""
         if not self.is_main:
             return
-        tok = load_tokenizer(self.tokenizer_meta)
+        if self._sample_tokenizer is None:  # loaded once: parsing a 200k-entry vocabulary takes a while
+            self._sample_tokenizer = load_tokenizer(self.tokenizer_meta)
+        tok = self._sample_tokenizer
         eot = getattr(tok, "eot_id", None)
         opts = SamplingOptions(max_new_tokens=SAMPLE_TOKENS, temperature=0.0)
         self.model.eval()

@@ -323,8 +323,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         f"{(compile_mode or 'on') if compile else 'off'}")
     for mode in modes:
         row = _empty_row(mode)
-        if mode.startswith("torchao") and torchao_missing():
-            row["skipped"] = torchao_missing()
+        if mode.startswith("torchao") and (missing := torchao_missing()):
+            row["skipped"] = missing
             log(f"[{mode}] skipped: {row['skipped']}")
             result["rows"].append(row)
             if json_out:
