@@ -7,6 +7,7 @@ file of the folder, computed while it was written; :func:`verify_files` checks t
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -65,6 +66,16 @@ def write_bytes_hashed(path: str | Path, data: bytes) -> dict:
     with HashingWriter(path) as f:
         f.write(data)
     return f.record()
+
+
+def plain_meta(meta: dict, step: int) -> dict:
+    """A checkpoint's meta.json contents: `meta` with its step, and its config dataclasses as plain dicts."""
+    meta = dict(meta)
+    meta["step"] = int(step)
+    for k in ("model_config", "train_config"):
+        if dataclasses.is_dataclass(meta.get(k)):
+            meta[k] = dataclasses.asdict(meta[k])
+    return meta
 
 
 def torch_save_hashed(obj, path: str | Path) -> dict:

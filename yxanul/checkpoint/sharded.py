@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import dataclasses
 import io
 import json
 import os
@@ -42,7 +41,7 @@ from ..errors import YxanulError, first_line
 from ..io import atomic_path, atomic_write_text, tmp_sibling
 from .layout import (DCP_FOLDER, checkpoint_name, check_finite, is_dcp_checkpoint, latest_checkpoint,
                      list_checkpoints, prune_checkpoints, read_meta, remove_stale_temporaries, safe_relative,
-                     torch_save_hashed, TRAINING_STATE)
+                     plain_meta, torch_save_hashed, TRAINING_STATE)
 
 _SINGLE_PROCESS_NOTE = ".*assuming the intent is to load in a single process.*"
 
@@ -295,11 +294,7 @@ def save_dcp_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimi
         files = _dcp_save(sd, tmp / DCP_FOLDER, tmp)
         rngs = _gather_rng(device or info.device)
         if info.is_main:
-            meta = dict(meta)
-            meta.update(step=int(step), format="dcp", world_size=info.world_size)
-            for k in ("model_config", "train_config"):
-                if dataclasses.is_dataclass(meta.get(k)):
-                    meta[k] = dataclasses.asdict(meta[k])
+            meta = plain_meta(meta, step) | {"format": "dcp", "world_size": info.world_size}
             files[TRAINING_STATE] = torch_save_hashed(dict(state) | {"rng_per_rank": rngs}, tmp / TRAINING_STATE)
             meta["files"] = dict(sorted(files.items()))
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

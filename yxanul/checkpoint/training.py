@@ -16,7 +16,6 @@ file hashes first and refuses non-finite weights.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..errors import YxanulError, first_line
 from ..io import atomic_dir, atomic_write_text, write_error
 from .layout import (FP8_STATE_SUFFIXES, STEP_RE, check_finite, checkpoint_name, is_dcp_checkpoint,
                      latest_checkpoint, list_checkpoints, prepare_fresh_run_dir, prune_checkpoints, read_meta,
-                     TRAINING_STATE, remove_stale_temporaries, resolve_checkpoint, torch_save_hashed,
+                     TRAINING_STATE, plain_meta, remove_stale_temporaries, resolve_checkpoint, torch_save_hashed,
                      write_bytes_hashed)
 from .sharded import (load_dcp_weights, load_full_model_state, load_plain_optimizer_state, load_state_file,
                       pick_rank_rng, save_dcp_checkpoint)
@@ -51,22 +50,13 @@ def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _plain_meta(meta: dict, step: int) -> dict:
-    meta = dict(meta)
-    meta["step"] = int(step)
-    for k in ("model_config", "train_config"):
-        if dataclasses.is_dataclass(meta.get(k)):
-            meta[k] = dataclasses.asdict(meta[k])
-    return meta
-
-
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, meta: dict,
                     keep_last: int | None = None) -> Path:
     """Write one single-file checkpoint folder atomically, update ``latest`` and prune to `keep_last`; returns
     the folder. The size and SHA-256 of ``model.safetensors`` and ``state.pt`` go into ``meta.json``."""
     ckpt_root = Path(run_dir) / "checkpoints"
     out = ckpt_root / checkpoint_name(step)
-    meta = _plain_meta(meta, step)
+    meta = plain_meta(meta, step)
     remove_stale_temporaries(ckpt_root)
     with atomic_dir(out, overwrite=True) as tmp:
         files = {"model.safetensors": write_bytes_hashed(tmp / "model.safetensors", safetensors_bytes(
