@@ -64,3 +64,4 @@ def test_bench_rows_record_gc_and_reject_a_bad_mode(tmp_path):
     run_throughput(model="tiny", batch=2, seq=32, steps=2, warmup=1, modes="bf16", device="cpu", compile=False,
                    log=lambda s: None, host_gc="freeze")
     assert gc.get_freeze_count() == 0  # released when the benchmark returns
+

@@ -512,3 +512,12 @@ def test_compiling_fp8_steps_are_timed_apart(tmp_path, micro_model, data_dir, ca
                       fp8_recipe="delayed", fp8_calibration_steps=cal, steps=8, batch_size=2, seq_len=32,
                       progress=False, **options).validate()
     assert Trainer(cfg, log=lambda *a, **k: None)._warmup_steps() == want
+
+
+@pytest.mark.parametrize("field", ["precision", "optimizer_states", "parallel", "fused_ce", "host_gc",
+                                   "fp8_kernels", "fp8_weight_cache"])
+def test_every_train_config_field_with_choices_rejects_other_values(field):
+    from yxanul.errors import YxanulError
+    from yxanul.train_config import TrainConfig
+    with pytest.raises(YxanulError, match=f"{field}.*expected one of"):
+        TrainConfig(**{field: "nonsense"}).validate()

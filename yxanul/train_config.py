@@ -6,11 +6,12 @@ Free of torch, so that the command line builds ``yxanul train``'s flags from the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .config import CONFIG_DIR, dataclass_from_dict, load_yaml
-from .errors import YxanulError
+from .errors import YxanulError, brief
+from .hostgc import HOST_GC_MODES
 
 TRAIN_PRESET_DIR = CONFIG_DIR / "train"
 PRECISIONS = ("auto", "bf16", "fp16", "fp8", "fp32")
@@ -92,7 +93,7 @@ class TrainConfig:
                          choices=("auto", "on", "off"))
     host_gc: str = _opt("freeze", "Python's garbage collector after the warm-up steps: freeze (collect once and "
                                   "freeze, so full collections do not walk the compiled graphs' objects while the "
-                                  "GPU waits) or default", choices=("freeze", "default"))
+                                  "GPU waits) or default", choices=HOST_GC_MODES)
 
     def validate(self, source: str = "train config") -> "TrainConfig":
         pos = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_bad_steps", "eval_batches",
@@ -125,30 +126,23 @@ class TrainConfig:
         if tokens > MAX_MICROBATCH_TOKENS:
             raise YxanulError(f"batch_size x seq_len = {tokens} tokens per micro-batch exceeds "
                               f"{MAX_MICROBATCH_TOKENS} (int32 indexing)", source=source, key="batch_size")
+        for f in fields(self):  # every field with a fixed set of values (its command-line choices)
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise YxanulError(f"expected one of: {', '.join(map(str, choices))}, got {brief(value)}",
+                                  source=source, key=f.name)
         from .model import COMPILE_MODES  # here, not at module level: the model module imports torch
         if self.compile_mode not in COMPILE_MODES:
             raise YxanulError(f"unknown compile mode {self.compile_mode!r} (expected one of: "
                               f"{', '.join(COMPILE_MODES)})", source=source, key="compile_mode")
-        if self.precision not in PRECISIONS:
-            raise YxanulError(f"unknown precision {self.precision!r} (expected one of: {', '.join(PRECISIONS)})",
-                              source=source, key="precision")
-        if self.optimizer_states not in ("fp32", "bf16"):
-            raise YxanulError(f"expected fp32 or bf16, got {self.optimizer_states!r}", source=source,
-                              key="optimizer_states")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise YxanulError(f"expected cpu, cuda or auto, got {self.device!r}", source=source, key="device")
-        if self.parallel not in ("none", "ddp", "fsdp2"):
-            raise YxanulError(f"expected none, ddp or fsdp2, got {self.parallel!r}", source=source, key="parallel")
         parse_steps(self.inject_nan_at, source)
         if self.fp8_calibration_steps is not None and self.fp8_calibration_steps < 0:
             raise YxanulError("must be >= 0", source=source, key="fp8_calibration_steps")
         if self.sample_every and self.parallel == "fsdp2":
             raise YxanulError("samples during training need the whole model on one rank: not with fsdp2",
                               source=source, key="sample_every")
-        if self.host_gc not in ("freeze", "default"):
-            raise YxanulError(f"expected freeze or default, got {self.host_gc!r}", source=source, key="host_gc")
-        if self.fused_ce not in ("auto", "on", "off"):
-            raise YxanulError(f"expected auto, on or off, got {self.fused_ce!r}", source=source, key="fused_ce")
         self.fp8_options().validate(source)
         return self
 
