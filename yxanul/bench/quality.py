@@ -99,8 +99,8 @@ def _all_fp8_policy(base_path: str | None, out_dir: Path) -> str:
 
 def _mode_setup(mode: str, policy: str | None, out_dir: Path, all_recipe: str = "blockwise") -> tuple[dict, dict]:
     """(TrainConfig overrides, extra options) for one mode."""
-    if mode in ("bf16", NOISE_MODE):
-        return {"precision": "bf16"}, {}
+    if mode in ("bf16", NOISE_MODE):  # BF16 runs read no policy: their results hold for any --config
+        return {"precision": "bf16", "policy": None}, {}
     over = {"precision": "fp8"}
     extra: dict = {}
     if mode == "fp8-head":
@@ -633,14 +633,14 @@ def _fork_trunk(base: dict, launch: dict, out_dir: Path, fork_at: int, reuse: bo
 
     trunk = out_dir / "trunk"
     ckpt = trunk / "checkpoints" / checkpoint_name(fork_at)
-    settings = _jsonable({**base, "precision": "bf16", "fork_at": fork_at})
+    settings = _jsonable({**base, "precision": "bf16", "policy": None, "fork_at": fork_at})
     prev = _reusable(trunk / "trunk.json", settings, reuse)
     if prev is not None and (ckpt / "meta.json").exists():
         print(f"[quality] trunk: reusing {ckpt}", flush=True)
         return ckpt, prev
     if trunk.exists():
         shutil.rmtree(trunk)
-    cfg = load_train_config(None, {**base, **launch, "precision": "bf16", "out": str(trunk),
+    cfg = load_train_config(None, {**base, **launch, "precision": "bf16", "policy": None, "out": str(trunk),
                                    "checkpoint_every": fork_at, "keep_last": 1})
     print(f"[quality] trunk: bf16 to step {fork_at} of {base['steps']}", flush=True)
     t0 = time.perf_counter()
