@@ -99,8 +99,8 @@ def _all_fp8_policy(base_path: str | None, out_dir: Path) -> str:
 
 def _mode_setup(mode: str, policy: str | None, out_dir: Path, all_recipe: str = "blockwise") -> tuple[dict, dict]:
     """(TrainConfig overrides, extra options) for one mode."""
-    if mode in ("bf16", NOISE_MODE):  # BF16 runs read no policy: their results hold for any --config
-        return {"precision": "bf16", "policy": None}, {}
+    if mode in ("bf16", NOISE_MODE):
+        return {"precision": "bf16"}, {}
     over = {"precision": "fp8"}
     extra: dict = {}
     if mode == "fp8-head":
@@ -215,9 +215,18 @@ def _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, ev
     base = {"model": model, "data": data, "steps": steps, "batch_size": batch, "seq_len": seq, "lr": lr,
             "min_lr": lr / 10 if min_lr is None else min_lr, "warmup": warmup, "eval_every": eval_every,
             "eval_batches": eval_batches, "log_every": eval_every, "checkpoint_every": 0, "seed": seed,
-            "device": device, "compile": compile, "fp8_backend": fp8_backend, "progress": False,
-            "tensorboard": False, "policy": policy}
-    return base, steps, {"compile_mode": compile_mode, "tune_kernels": bool(tune_kernels)}
+            "device": device, "fp8_backend": fp8_backend, "progress": False, "tensorboard": False,
+            "policy": policy}
+    # how the kernels are launched, not what they compute: not compared when results are reused
+    return base, steps, {"compile": bool(compile), "compile_mode": compile_mode, "tune_kernels": bool(tune_kernels)}
+
+
+def _compared(settings: dict) -> dict:
+    """The settings a stored result is compared on: a BF16 run reads neither the policy nor the FP8 backend
+    (None: not compared, see :func:`same_settings`), so its result holds for any --config or --fp8-backend."""
+    if settings.get("precision") == "bf16":
+        settings = {**settings, "policy": None, "fp8_backend": None}
+    return _jsonable(settings)
 
 
 def run_quality(model: str, data: str | None, tokens: int, modes: list[str], seeds: int = 2, batch: int = 16,
@@ -270,7 +279,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
         if over.get("precision") == "fp8" and calibration_steps is not None:
             # only FP8 modes' settings carry it, so BF16 results stay reusable when it changes
             over["fp8_calibration_steps"] = calibration_steps
-        settings = _jsonable({**base, **over, "data_seed": data_seed, "extra": extra, "last_evals": last_evals,
+        settings = _compared({**base, **over, "data_seed": data_seed, "extra": extra, "last_evals": last_evals,
                               "eval_windows": eval_windows})
         prev = json.loads(done.read_text(encoding="utf-8")) if (reuse and done.exists()) else None
         if prev is not None and same_settings(prev.get("settings"), settings) and prev.get("error") is None:
@@ -633,14 +642,14 @@ def _fork_trunk(base: dict, launch: dict, out_dir: Path, fork_at: int, reuse: bo
 
     trunk = out_dir / "trunk"
     ckpt = trunk / "checkpoints" / checkpoint_name(fork_at)
-    settings = _jsonable({**base, "precision": "bf16", "policy": None, "fork_at": fork_at})
+    settings = _compared({**base, "precision": "bf16", "fork_at": fork_at})
     prev = _reusable(trunk / "trunk.json", settings, reuse)
     if prev is not None and (ckpt / "meta.json").exists():
         print(f"[quality] trunk: reusing {ckpt}", flush=True)
         return ckpt, prev
     if trunk.exists():
         shutil.rmtree(trunk)
-    cfg = load_train_config(None, {**base, **launch, "precision": "bf16", "policy": None, "out": str(trunk),
+    cfg = load_train_config(None, {**base, **launch, "precision": "bf16", "out": str(trunk),
                                    "checkpoint_every": fork_at, "keep_last": 1})
     print(f"[quality] trunk: bf16 to step {fork_at} of {base['steps']}", flush=True)
     t0 = time.perf_counter()
@@ -748,7 +757,7 @@ def run_fork(model: str, data: str | None, tokens: int, modes: list[str], fork_a
                                           fp8_all_recipe)
                 if over.get("precision") == "fp8" and calibration_steps is not None:
                     over["fp8_calibration_steps"] = calibration_steps
-                settings = _jsonable({**base, **over, "fork_at": fork_at, "data_seed": data_seed, "extra": extra,
+                settings = _compared({**base, **over, "fork_at": fork_at, "data_seed": data_seed, "extra": extra,
                                       "eval_windows": eval_windows, "deterministic": bool(deterministic)})
                 rec = _reusable(out_dir / name / "result.json", settings, reuse)
                 if rec is not None:
