@@ -231,3 +231,12 @@ def test_sweep_batch_fits_the_memory_estimate():
     plain = fitting_batch(cfg, None, 16, 2048, budget, ["bf16-plain", "bf16"])   # full logits: a smaller batch
     assert plain <= b and max(need(plain, "on"), need(plain, "off")) <= budget < need(2 * plain, "off")
     assert fitting_batch(cfg, None, 16, 2048, None, ["bf16"]) == 16
+
+
+def test_quality_plot_refuses_an_existing_file_without_overwrite(tmp_path, capsys):
+    png = tmp_path / "mine.png"
+    png.write_bytes(b"a user's file")
+    argv = ["bench", "quality", "--model", "tiny", "--tokens", "1000", "--out", str(tmp_path / "q"), "--plot", str(png)]
+    assert main(argv) == 2
+    assert "--plot" in capsys.readouterr().err and png.read_bytes() == b"a user's file"
+    assert not (tmp_path / "q").exists()  # refused before any training

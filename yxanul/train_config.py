@@ -53,7 +53,7 @@ class TrainConfig:
     fp8_recipe: str | None = _opt(None, "override the policy's recipe: blockwise | tensorwise | rowwise | "
                                           "delayed", shown_default="the policy's")
     fp8_backend: str = _opt("auto", "FP8 GEMM backend")
-    fp8_calibration_steps: int | None = _opt(None, "BF16 steps recording amax before FP8 starts (delayed recipe)",
+    fp8_calibration_steps: int | None = _opt(None, "steps scaled by the current amax while the amax histories fill (delayed recipe)",
                                              shown_default="the policy's")
     fused_projections: bool = _opt(True, "q/k/v and gate/up as one GEMM each where the result is exact "
                                          "(BF16, blockwise FP8); off: every projection on its own")

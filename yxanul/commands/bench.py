@@ -117,7 +117,7 @@ def _quality(bsub):
     p = bsub.add_parser("quality", help="loss parity on real text: BF16 vs FP8 policies, same init and batches",
                         description="Train each mode from the same initialization on the same batch order, "
                                     "evaluate on fixed validation windows, and compare final validation loss with "
-                                    "BF16 and with the BF16 seed-to-seed noise band.")
+                                    "BF16, with paired per-window statistics and the run-to-run noise of BF16 pairs and repeats.")
     p.add_argument("--model", default="yxanul-197m", help="preset name or model YAML")
     p.add_argument("--data", default=None, help="prepared data folder (default: the bundled corpus, bytes)")
     p.add_argument("--tokens", type=int, required=True, help="training tokens per mode")
@@ -147,7 +147,7 @@ def _quality(bsub):
                         "part of the compared settings)")
     p.add_argument("--fp8-backend", default="auto")
     p.add_argument("--calibration-steps", type=int, default=None,
-                   help="delayed recipe: BF16 calibration steps (default: the policy's; the note says 100)")
+                   help="delayed recipe: calibration steps, scaled by the current amax (default: the policy's; the note says 100)")
     p.add_argument("--repeats", type=int, default=1,
                    help="train every mode this many times with different data orders (paired across modes) and "
                         "report mean differences with standard errors")
@@ -167,6 +167,8 @@ def _quality(bsub):
     p.add_argument("--fresh", action="store_true", help="retrain modes that already have a result in --out")
     p.add_argument("--plot", default=None, help="PNG of train and validation curves (default OUT/quality.png; "
                                                  "with --fork-at OUT/fork-curves.png, repeat 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --plot file if it exists (the plots inside "
+                                                            "OUT are the bench's own and always rewritten)")
     p.set_defaults(func=_run_quality)
 
 
@@ -181,6 +183,9 @@ def _run_quality(args):
         raise YxanulError(f"needs at least 2 windows, got {args.eval_windows}", key="--eval-windows")
     if args.deterministic and args.fork_at is None:
         raise YxanulError("--deterministic applies to the fork protocol; add --fork-at STEP", key="--deterministic")
+    if args.plot:
+        from ..io import check_output_file
+        check_output_file(args.plot, args.overwrite, key="--plot")
     modes = parse_modes(args.modes)
     common = dict(batch=args.batch, seq=args.seq, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
                   eval_every=args.eval_every, eval_batches=args.eval_batches, eval_windows=args.eval_windows,

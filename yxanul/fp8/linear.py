@@ -133,36 +133,6 @@ class _Fp8LinearFn(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
-class _CalibrationFn(torch.autograd.Function):
-    """A BF16 linear that records the amax of x (forward) and of dy (backward) into the delayed-scaling
-    history. An autograd.Function rather than a tensor hook: torch.compile traces it like the FP8 path."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mod):
-        out = out_dtype(x)
-        dt = torch.bfloat16 if out == torch.float32 else out
-        scaling.record_amax(mod.amax_history, 0, tensor_abs_max(x.detach()))
-        xc, wc = x.to(dt), weight.to(dt)
-        y = F.linear(xc, wc, None if bias is None else bias.to(dt))
-        ctx.save_for_backward(xc, wc)
-        ctx.mod, ctx.x_dtype, ctx.has_bias = mod, x.dtype, bias is not None
-        return y.to(out)
-
-    @staticmethod
-    def backward(ctx, dy):
-        xc, wc = ctx.saved_tensors
-        scaling.record_amax(ctx.mod.amax_history, 2, tensor_abs_max(dy.detach()))
-        dyc = dy.to(wc.dtype)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = (dyc @ wc).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            dw = (dyc.reshape(-1, dyc.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])).float()
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.reshape(-1, dy.shape[-1]).float().sum(0)
-        return dx, dw, db, None
-
-
 class Fp8Linear(nn.Module):
     """``nn.Linear`` computing its forward and both backward GEMMs in FP8 (see the module docstring).
 
@@ -292,9 +262,10 @@ class Fp8Linear(nn.Module):
             _sync_slot_scales([self])
         if self.spec.delayed and prefix + "fp8_steps" in state_dict:
             self._steps = int(state_dict[prefix + "fp8_steps"])
-            ready = state_dict.get(prefix + "scale_ready")
-            self._scales_fixed = bool(ready is not None and ready.device.type != "meta" and (ready > 0).all())
             self._sync_calibrating()
+            ready = state_dict.get(prefix + "scale_ready")
+            self._scales_fixed = bool(ready is not None and ready.device.type != "meta" and (ready > 0).all()
+                                      and not self.calibrating)
         self.invalidate()
 
     def _flag(self, slot: int, t: torch.Tensor) -> None:
@@ -311,6 +282,8 @@ class Fp8Linear(nn.Module):
         if self._scales_fixed:
             # _scales_fixed implies scale_ready is all 1 (only fp8_step and state loading set it)
             return getattr(self, f"scale_inv_{which}")
+        if self.calibrating:  # current scaling while the history fills
+            return scaling.current_scale(amax, self._fmt_max[i], self.recipe.margin)
         return scaling.current_or_delayed(amax, self.scale_inv[i], self.scale_ready[i], self._fmt_max[i],
                                           self.recipe.margin)
 
@@ -359,19 +332,9 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise YxanulError(f"input has {x.shape[-1]} features, expected {self.in_features}", key=self.name or None)
-        if self.calibrating:
-            return self._calibration_forward(x)
         wq, ws, wtq, wts = self.weight_fp8()
         sx = self._delayed_scale("x", x) if self.spec.delayed else None
         return _Fp8LinearFn.apply(x, self.weight, self.bias, wq, ws, wtq, wts, sx, self)
-
-    def _calibration_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Delayed recipe, first calibration_steps steps: BF16 GEMMs while amax histories are recorded."""
-        with torch.no_grad():
-            if self._wcache is None:  # weight amax once per step
-                scaling.record_amax(self.amax_history, 1, self.weight.detach().abs().amax())
-                self._wcache = ()
-        return _CalibrationFn.apply(x, self.weight, self.bias, self)
 
     @torch.no_grad()
     def refresh_static_weight(self) -> bool:
@@ -556,7 +519,7 @@ def _step_modules(mods: list[Fp8Linear]) -> None:
     pending: dict = {}
     for ms in groups.values():
         for m in ms:
-            if not m._scales_fixed:
+            if not m._scales_fixed and not m.calibrating:  # calibrating layers scale by the current amax
                 pending.setdefault(m.scale_ready.device, []).append(m)
     for ms in pending.values():
         flags = torch.stack([torch.stack([m.scale_ready.all(), m.scale_ready.any()]) for m in ms]).tolist()

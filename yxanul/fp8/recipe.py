@@ -7,7 +7,8 @@
 ``delayed``    Transformer Engine's delayed scaling: per-tensor scales from an amax history of previous
                steps: ``scale_inv = amax_hist / (FMT_MAX * 2**-margin)`` where amax_hist is the history's max
                (``amax_compute_algo: max``) or its latest entry (``most_recent``). The first
-               ``calibration_steps`` optimizer steps run in BF16 while the history is recorded.
+               ``calibration_steps`` optimizer steps scale by the current amax (as ``tensorwise``) while the
+               history is recorded.
 
 ``fp8_format``: ``e4m3`` (all tensors E4M3) or ``hybrid`` (E4M3 forward, E5M2 for output gradients).
 """

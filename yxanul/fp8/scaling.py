@@ -15,7 +15,8 @@ At every optimizer step (:func:`advance`):
 3. the history rolls by one row and row 0 starts empty.
 
 So the scale used during step t comes from steps t-1, t-2, ... (it is "delayed"). Until a scale exists
-(the very first step), the operand is scaled by its current amax instead, so step 0 is never clipped.
+(the very first step), and during the recipe's ``calibration_steps`` while the history fills, the operand is
+scaled by its current amax instead (current per-tensor scaling), so those steps are never clipped.
 All updates are tensor ops on the buffers' device: no host synchronization. Once every operand of a layer has
 a scale, ``fp8_step`` (one host sync, normally once) switches the layer to casting with ``scale_inv`` alone:
 the cast then no longer depends on the current amax (still recorded for the history), which lets a compiler
@@ -68,11 +69,15 @@ def advance(history: torch.Tensor, scale_inv: torch.Tensor, ready: torch.Tensor,
     history.copy_(h)
 
 
+def current_scale(amax_now: torch.Tensor, fmt_max: float, margin: int) -> torch.Tensor:
+    """The scale from the current amax (current per-tensor scaling): the calibration steps and a first step."""
+    return amax_now.float().clamp_min(1e-12) / (fmt_max / (2.0 ** margin))
+
+
 def current_or_delayed(amax_now: torch.Tensor, scale_inv: torch.Tensor, ready: torch.Tensor, fmt_max: float,
                        margin: int) -> torch.Tensor:
     """The scale to use now for one operand: the delayed one if ready, else from the current amax."""
-    now = amax_now.float().clamp_min(1e-12) / (fmt_max / (2.0 ** margin))
-    return torch.where(ready > 0, scale_inv, now)
+    return torch.where(ready > 0, scale_inv, current_scale(amax_now, fmt_max, margin))
 
 
 @torch.no_grad()
