@@ -24,7 +24,6 @@ import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import NonFiniteError, YxanulError
 from . import scaling
