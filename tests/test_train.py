@@ -521,3 +521,33 @@ def test_every_train_config_field_with_choices_rejects_other_values(field):
     from yxanul.train_config import TrainConfig
     with pytest.raises(YxanulError, match=f"{field}.*expected one of"):
         TrainConfig(**{field: "nonsense"}).validate()
+
+
+def test_steps_in_a_new_fp8_graph_state_are_timed_apart(tmp_path, micro_model, data_dir, monkeypatch):
+    """Compiled FP8 graphs specialize on each layer's calibrating / scales-fixed / statistics-armed flags: the
+    first pass in a new combination compiles (the "recompiled" windows of the H100 training log), so it is timed
+    apart from the logged rate; every later pass in a seen state is counted. Compilation itself is stubbed out
+    (the blocks run eagerly): what is checked is which steps the clock counts."""
+    import yxanul.train as tr
+    from yxanul.fp8.linear import fp8_modules, graph_state
+    from yxanul.model import Block
+    monkeypatch.setattr(Block, "compile", lambda self, **kw: None)
+    cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "g"), steps=12, batch_size=2, seq_len=16,
+                      precision="fp8", fp8_recipe="delayed", fp8_backend="emulated", fp8_calibration_steps=2,
+                      compile=True, eval_every=0, checkpoint_every=0, progress=False, log_every=5)
+    t = tr.Trainer(cfg, log=lambda *a: None)
+    mods = list(fp8_modules(t.model).values())
+    states, counted = [], []
+    step_fn = t.train_step
+    monkeypatch.setattr(t, "train_step", lambda s: (states.append(graph_state(mods)), step_fn(s))[1])
+    done = tr.StepClock.step_done
+    monkeypatch.setattr(tr.StepClock, "step_done", lambda self, **kw: (counted.append(len(states) - 1),
+                                                                       done(self, **kw))[1])
+    warm = t._warmup_steps()  # the fixed ones: the first step, the first FP8 step and the one after it
+    t.fit()
+    firsts = {states.index(s) for s in set(states)}
+    # calibrating (steps 0-1), FP8 with fixed scales (step 2), statistics armed for the first logged FP8 pass
+    # (step 4, which the fixed warm-up steps 0, 2 and 3 miss)
+    assert firsts == {0, 2, 4}
+    assert not firsts & set(counted)
+    assert set(counted) == set(range(12)) - firsts - warm

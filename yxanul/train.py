@@ -97,10 +97,10 @@ def _resident_memory() -> int | None:
 
 def _fp8_api():
     try:
-        from .fp8.linear import convert_model, fp8_stats, fp8_step
+        from .fp8.linear import convert_model, fp8_stats, fp8_step, graph_state
     except ImportError as e:
         raise YxanulError(f"FP8 layers are unavailable ({e})", source="--precision", key="fp8") from None
-    return convert_model, fp8_step, fp8_stats
+    return convert_model, fp8_step, fp8_stats, graph_state
 
 
 def _jsonable(v):
@@ -308,11 +308,15 @@ class Trainer:
                                                   calibration_steps=cfg.fp8_calibration_steps)
         self.policy = self.policy.with_fp8_options(**cfg.fp8_options().as_dict())
         self.fp8 = cfg.precision == "fp8"
-        self._fp8_step = self._fp8_stats = None
+        self._fp8_step = self._fp8_stats = self._graph_state = None
         model.to(self.device)  # before conversion: `auto` picks the FP8 backend from where the weights live
         if self.fp8:
-            convert_model, self._fp8_step, self._fp8_stats = _fp8_api()
+            convert_model, self._fp8_step, self._fp8_stats, graph_state = _fp8_api()
             convert_model(model, self.policy, backend=cfg.fp8_backend)
+            if cfg.compile:
+                from .fp8.linear import fp8_modules
+                mods = list(fp8_modules(model).values())
+                self._graph_state = lambda: graph_state(mods)
         self.model = model
         if cfg.fused_ce == "on" or (cfg.fused_ce == "auto" and self.device.type == "cuda"):
             from .kernels.linear_ce import use_fused_ce
@@ -572,13 +576,19 @@ class Trainer:
         window_ok = torch.zeros((), dtype=torch.float64, device=self.device)
         clock = StepClock(self._sync, self.clock)
         warm_steps = self._warmup_steps()
+        seen_states: set = set()  # compiled FP8: the layer states whose graph variants have compiled
         last: dict = {}
         first_loss = None
         self.last_checkpoint: Path | None = None
         try:
             clock.start()
             while self.step < cfg.steps:
-                if self.step in warm_steps:  # compilation and first-use costs: timed apart, not in the rate
+                new_state = False
+                if self._graph_state is not None:  # a pass in a new FP8 layer state compiles: timed apart
+                    state = self._graph_state()
+                    new_state = state not in seen_states
+                    seen_states.add(state)
+                if self.step in warm_steps or new_state:  # compilation and first-use costs: apart from the rate
                     with clock.apart("warmup_s"):
                         loss, gnorm, ok = self.train_step(self.step)
                         if self.step == max(warm_steps):  # the compiled graphs' objects out of the collector's way

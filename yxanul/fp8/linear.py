@@ -385,6 +385,13 @@ def fp8_modules(model: nn.Module) -> dict[str, Fp8Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
 
 
+def graph_state(mods) -> frozenset:
+    """The layers' flags that compiled graphs specialize on and that change during training: calibrating,
+    scales fixed (delayed scaling) and statistics armed. A state not seen before means the next pass compiles
+    a graph variant of its own (a few seconds on a GPU, more on a CPU)."""
+    return frozenset((m.calibrating, m._scales_fixed, m._collect) for m in mods)
+
+
 NATIVE_CHECK_TOKENS = 512
 
 
