@@ -194,11 +194,14 @@ def final_val(curves: dict, last: int) -> float | None:
 
 
 def _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches, seed, policy, device,
-             fp8_all_recipe, compile, fp8_backend, repeats, compile_mode, tune_kernels) -> tuple[dict, int, dict]:
+             fp8_all_recipe, compile, fp8_backend, repeats, compile_mode, tune_kernels,
+             eval_windows) -> tuple[dict, int, dict]:
     """Validate the shared options; returns (the TrainConfig fields every run shares, steps, the launch options
     that are not compared when reusing results)."""
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise YxanulError(f"must be a positive integer, got {repeats!r}", key="--repeats")
+    if eval_windows is not None and eval_windows < 2:
+        raise YxanulError(f"needs at least 2 windows for a standard error, got {eval_windows}", key="--eval-windows")
     from ..fp8.recipe import RECIPES
     if fp8_all_recipe not in RECIPES:
         raise YxanulError(f"unknown recipe {fp8_all_recipe!r} (expected one of {', '.join(RECIPES)})",
@@ -257,9 +260,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     from ..train import load_train_config
     base, steps, launch = _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches,
                                    seed, policy, device, fp8_all_recipe, compile, fp8_backend, repeats,
-                                   compile_mode, tune_kernels)
-    if eval_windows is not None and eval_windows < 2:
-        raise YxanulError(f"needs at least 2 windows for a standard error, got {eval_windows}", key="--eval-windows")
+                                   compile_mode, tune_kernels, eval_windows)
     out_dir = Path(out)
     tokens_per_step = batch * seq
     run_modes = list(modes)
@@ -283,9 +284,8 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             over["fp8_calibration_steps"] = calibration_steps
         settings = _compared({**base, **over, "data_seed": data_seed, "extra": extra, "last_evals": last_evals,
                               "eval_windows": eval_windows})
-        prev = json.loads(done.read_text(encoding="utf-8")) if (reuse and done.exists()) else None
-        if prev is not None and same_settings(prev.get("settings"), settings) and prev.get("error") is None:
-            rec = prev
+        rec = _reusable(done, settings, reuse)
+        if rec is not None:
             print(f"[quality] {name}: reusing {done}", flush=True)
         else:
             cfg = load_train_config(None, {**base, **over, "out": str(mode_dir), **launch,
@@ -293,25 +293,14 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
             if mode_dir.exists() and (mode_dir / "metrics.jsonl").exists():
                 shutil.rmtree(mode_dir)
             print(f"[quality] {name}: {steps} steps x {tokens_per_step} tokens", flush=True)
-            t0 = time.perf_counter()
-            error, windows = None, None
-            try:
-                trainer = _make_trainer(cfg, extra, data_seed)
-                device_name = (torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda"
-                               else "cpu")
-                summary = trainer.fit()
-                windows = _eval_windows(trainer, eval_windows)
-                del trainer
-            except YxanulError as e:
-                error, summary, device_name = str(e), {}, None
+            run = _train_and_evaluate(cfg, extra, data_seed, eval_windows)
             curves = _read_curves(mode_dir)
             rec = {"mode": mode, "settings": settings, **launch, "curves": curves,
-                   "final_val_loss": final_val(curves, last_evals), "windows": windows,
-                   "final_train_loss": summary.get("final_loss"), "skipped_steps": summary.get("skipped_steps"),
-                   "seconds": round(time.perf_counter() - t0, 1), "device": device_name, "error": error}
+                   "final_val_loss": final_val(curves, last_evals), "windows": run["windows"],
+                   "final_train_loss": run["summary"].get("final_loss"),
+                   "skipped_steps": run["summary"].get("skipped_steps"), "seconds": run["seconds"],
+                   "device": run["device"], "error": run["error"]}
             atomic_write_json(done, rec)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
         result["device"] = result["device"] or rec.get("device")
         result["curves"][name] = rec["curves"]
         result["windows"][name] = rec.get("windows")
@@ -623,6 +612,26 @@ def deterministic_algorithms(on: bool):
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = prev_env
 
 
+def _train_and_evaluate(cfg, extra: dict, data_seed: int, eval_windows: int | None,
+                        resume: str | None = None) -> dict:
+    """Train one run to its end and evaluate every validation window: {summary, windows, device, error,
+    seconds}. A YxanulError becomes the run's error (the other modes still run)."""
+    t0 = time.perf_counter()
+    out = {"summary": {}, "windows": None, "device": None, "error": None}
+    try:
+        trainer = _make_trainer(cfg, extra, data_seed, resume=resume)
+        out["device"] = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
+        out["summary"] = trainer.fit()
+        out["windows"] = _eval_windows(trainer, eval_windows)
+        del trainer
+    except YxanulError as e:
+        out["error"] = str(e)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 def _eval_windows(trainer, windows: int | None) -> list[float]:
     mark = torch.compiler.cudagraph_mark_step_begin if getattr(trainer, "graphs", False) else None
     return window_losses(trainer.model, trainer.loader, windows, trainer.autocast, mark).tolist()
@@ -702,26 +711,14 @@ def _fork_branch(name: str, mode: str, over: dict, extra: dict, settings: dict, 
     cfg = load_train_config(None, {**base, **over, "out": str(run), "checkpoint_every": 0})
     print(f"[quality] {name}: {mode} from step {settings['fork_at']} to {base['steps']}, data seed {data_seed}",
           flush=True)
-    t0 = time.perf_counter()
-    error, summary, windows, device_name = None, {}, None, None
-    try:
-        trainer = _make_trainer(cfg, extra, data_seed, resume=str(run / "checkpoints" / ckpt.name))
-        device_name = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
-        summary = trainer.fit()
-        windows = _eval_windows(trainer, eval_windows)
-        del trainer
-    except YxanulError as e:
-        error = str(e)
-    curves = _read_curves(run)
-    rec = {"mode": mode, "settings": settings, "curves": curves, "windows": windows,
+    res = _train_and_evaluate(cfg, extra, data_seed, eval_windows, resume=str(run / "checkpoints" / ckpt.name))
+    windows = res["windows"]
+    rec = {"mode": mode, "settings": settings, "curves": _read_curves(run), "windows": windows,
            "final_val_loss": sum(windows) / len(windows) if windows else None,
-           "final_train_loss": summary.get("final_loss"), "skipped_steps": summary.get("skipped_steps"),
-           "seconds": round(time.perf_counter() - t0, 1),
-           "tokens_per_s": _steady_tokens_per_s(run / "metrics.jsonl", settings["fork_at"]),
-           "device": device_name, "error": error}
+           "final_train_loss": res["summary"].get("final_loss"), "skipped_steps": res["summary"].get("skipped_steps"),
+           "seconds": res["seconds"], "tokens_per_s": _steady_tokens_per_s(run / "metrics.jsonl", settings["fork_at"]),
+           "device": res["device"], "error": res["error"]}
     atomic_write_json(run / "result.json", rec)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return rec
 
 
@@ -753,12 +750,10 @@ def run_fork(model: str, data: str | None, tokens: int, modes: list[str], fork_a
     stopped. Returns the result."""
     base, steps, launch = _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches,
                                    seed, policy, device, fp8_all_recipe, compile, fp8_backend, repeats,
-                                   compile_mode, tune_kernels)
+                                   compile_mode, tune_kernels, eval_windows)
     if not isinstance(fork_at, int) or isinstance(fork_at, bool) or not 0 < fork_at < steps:
         raise YxanulError(f"must be a step between 1 and {steps - 1} (the run has {steps} steps), got {fork_at!r}",
                           key="--fork-at")
-    if eval_windows is not None and eval_windows < 2:
-        raise YxanulError(f"needs at least 2 windows for a standard error, got {eval_windows}", key="--eval-windows")
     out_dir = Path(out)
     result = {"protocol": "fork", "model": model, "tokens": steps * batch * seq, "steps": steps, "fork_at": fork_at,
               "batch": batch, "seq": seq, "lr": base["lr"], "min_lr": base["min_lr"], "warmup": base["warmup"],

@@ -179,8 +179,6 @@ def _run_quality(args):
     from ..errors import YxanulError
     if args.tokens <= 0 or args.batch <= 0 or args.seq <= 0:
         raise YxanulError("--tokens, --batch and --seq must be positive", key="--tokens")
-    if args.eval_windows is not None and args.eval_windows < 2:
-        raise YxanulError(f"needs at least 2 windows, got {args.eval_windows}", key="--eval-windows")
     if args.deterministic and args.fork_at is None:
         raise YxanulError("--deterministic applies to the fork protocol; add --fork-at STEP", key="--deterministic")
     if args.plot:
