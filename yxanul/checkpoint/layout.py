@@ -32,24 +32,31 @@ def checkpoint_name(step: int) -> str:
 
 
 class HashingWriter:
-    """A binary file opened for writing that counts and hashes (SHA-256) every byte written through it."""
+    """A binary output stream that counts and hashes (SHA-256) every byte written through it. Other attributes
+    (tell, flush, fileno, ...) are the wrapped stream's; :meth:`open` opens a file for it, which closing (or
+    leaving a ``with`` block) closes. Used for the single-file checkpoints and for every file DCP writes."""
 
-    def __init__(self, path: str | Path):
-        self._f = open(path, "wb")
+    def __init__(self, stream):
+        self._stream = stream
         self._h = hashlib.sha256()
         self.size = 0
 
-    def write(self, data) -> int:
-        self._f.write(data)  # a buffered file writes everything or raises
-        self._h.update(data)
-        self.size += len(memoryview(data).cast("B"))
-        return len(memoryview(data).cast("B"))
+    @classmethod
+    def open(cls, path: str | Path) -> "HashingWriter":
+        return cls(open(path, "wb"))
 
-    def flush(self) -> None:
-        self._f.flush()
+    def write(self, data) -> int:
+        n = self._stream.write(data)  # a buffered file writes everything or raises
+        view = memoryview(data).cast("B")
+        self._h.update(view)
+        self.size += len(view)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
     def close(self) -> None:
-        self._f.close()
+        self._stream.close()
 
     def __enter__(self):
         return self
@@ -63,7 +70,7 @@ class HashingWriter:
 
 def write_bytes_hashed(path: str | Path, data: bytes) -> dict:
     """Write `data` to `path`; returns its ``{"bytes", "sha256"}`` record."""
-    with HashingWriter(path) as f:
+    with HashingWriter.open(path) as f:
         f.write(data)
     return f.record()
 
@@ -80,7 +87,7 @@ def plain_meta(meta: dict, step: int) -> dict:
 
 def torch_save_hashed(obj, path: str | Path) -> dict:
     """``torch.save(obj, path)`` through a :class:`HashingWriter`; returns the file's record."""
-    with HashingWriter(path) as f:
+    with HashingWriter.open(path) as f:
         torch.save(obj, f)
     return f.record()
 

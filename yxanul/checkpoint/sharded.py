@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -39,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from ..distributed import dist_info, unwrap_model
 from ..errors import YxanulError, first_line
 from ..io import atomic_path, atomic_write_text, tmp_sibling
-from .layout import (DCP_FOLDER, checkpoint_name, check_finite, is_dcp_checkpoint, latest_checkpoint,
+from .layout import (DCP_FOLDER, HashingWriter, checkpoint_name, check_finite, is_dcp_checkpoint, latest_checkpoint,
                      list_checkpoints, prune_checkpoints, read_meta, remove_stale_temporaries, safe_relative,
                      plain_meta, torch_save_hashed, TRAINING_STATE)
 
@@ -164,28 +163,6 @@ def _dcp_load(sd: dict, dcp_dir: Path, **kw) -> None:
 
 # -- saving -------------------------------------------------------------------------------------------------
 
-class _HashingStream:
-    """A DCP output stream that counts and hashes the bytes written through it."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._h = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data):
-        n = self._stream.write(data)
-        view = memoryview(data).cast("B")
-        self._h.update(view)
-        self.size += len(view)
-        return n
-
-    def __getattr__(self, name):  # tell, flush, fileno, ... of the file itself
-        return getattr(self._stream, name)
-
-    def record(self) -> dict:
-        return {"bytes": self.size, "sha256": self._h.hexdigest()}
-
-
 class _HashingFileSystem(FileSystem):
     """DCP's local file system, recording the size and SHA-256 of every file written (by path, across renames)."""
 
@@ -199,7 +176,7 @@ class _HashingFileSystem(FileSystem):
             if "w" not in mode and "a" not in mode:
                 yield stream
                 return
-            hashed = _HashingStream(stream)
+            hashed = HashingWriter(stream)  # not closed here: DCP's stream
             yield hashed
         self.records[Path(path)] = hashed.record()
 
