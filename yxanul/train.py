@@ -374,7 +374,7 @@ class Trainer:
             if on and not cfg.compile:
                 self.log(f"{key} has no effect without compile: true")
         self.loader = DataLoader(self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=self.rank,
-                                 world_size=self.world_size, device=self.device)
+                                 world_size=self.world_size, device=self.device, meta=self.data_meta)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.seq_len)
         self.peak = peak_flops(self.device)

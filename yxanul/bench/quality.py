@@ -145,7 +145,7 @@ def _make_trainer(cfg, extra: dict, data_seed: int, resume: str | None = None, s
     t = QualityTrainer(cfg, resume=resume, log=lambda *a, **k: print(*a, **k, flush=True))
     if data_seed != cfg.seed:
         t.loader = DataLoader(t.data_dir, cfg.batch_size, cfg.seq_len, seed=data_seed, rank=t.rank,
-                              world_size=t.world_size, device=t.device)
+                              world_size=t.world_size, device=t.device, meta=t.data_meta)
     return t
 
 

@@ -120,8 +120,9 @@ class DataLoader:
     """Deterministic batches of ``(x, y)`` int64 tensors of shape [batch_size, seq_len]."""
 
     def __init__(self, data_dir: str | Path, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, device: str | torch.device = "cpu", model_vocab: int | None = None):
-        self.meta = read_meta(data_dir)
+                 world_size: int = 1, device: str | torch.device = "cpu", model_vocab: int | None = None,
+                 meta: dict | None = None):
+        self.meta = meta if meta is not None else read_meta(data_dir)  # `meta`: the caller's validated read
         self.dir = Path(data_dir)
         self.B, self.T, self.seed = int(batch_size), int(seq_len), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
