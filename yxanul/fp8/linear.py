@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..errors import NonFiniteError, YxanulError
 from . import scaling
-from .backends import build_ops, native_shape_ok, out_dtype, resolve_backend, tensor_abs_max
+from .backends import _cast, _scale_from_amax, build_ops, native_shape_ok, out_dtype, resolve_backend, tensor_abs_max
 from .formats import get_format
 from .fused_mlp import can_fuse, swiglu_gate_up
 from .options import Fp8Options
@@ -483,9 +483,81 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
 
 
 def _refresh_static_weights(mods: list[Fp8Linear]) -> None:
+    """Under ``weight_cache="step"``: quantize the layers' weights into their static copies, the layers of one
+    recipe and weight shape together (:func:`_refresh_group`), so the launches per optimizer step depend on the
+    number of distinct shapes, not on the model's depth (one layer at a time, Yxanul-197M's refresh was about
+    1,800 small launches, docs/perf-notes.md). Row-scaled weights, layers collecting statistics and layers
+    that cannot use static copies take the per-layer path."""
+    groups: dict[tuple, list[Fp8Linear]] = {}
     for m in mods:
-        if m.options.weight_cache == "step":
-            m.refresh_static_weight()
+        if m.options.weight_cache != "step":
+            continue
+        w = m.weight
+        batched = (not m.calibrating and not m._collect and w.device.type != "meta" and not _is_dtensor(w)
+                   and (m.spec.w.granularity == "tensor"
+                        or (m.spec.w.granularity == "block" and w.shape[0] % m.spec.block == 0)))
+        key = (m.spec, m.backend, m.options, tuple(w.shape), w.dtype, w.device) if batched else ("one", id(m))
+        groups.setdefault(key, []).append(m)
+    for key, ms in groups.items():
+        if key[0] == "one" or len(ms) == 1:
+            for m in ms:
+                m.refresh_static_weight()
+        else:
+            _refresh_group(ms)
+
+
+@torch.no_grad()
+def _refresh_group(ms: list[Fp8Linear]) -> None:
+    """:meth:`Fp8Linear.refresh_static_weight` for layers of one spec and weight shape at once, bit for bit:
+    the weights stacked, per-tensor scales computed for all of them in one reduction (delayed scaling: the amax
+    recorded in every history, the scale from it), 128 x 128 blocks quantized as one taller weight (no block
+    spans two layers), both layouts written, then one multi-tensor copy into the static buffers. Per-tensor
+    weights are cast with the reference arithmetic (:func:`yxanul.fp8.backends.quant_tensor`, which the
+    registered Triton quantizers match byte for byte), not through the layers' ``weight_quant``."""
+    m0 = ms[0]
+    G, (N, K) = len(ms), m0.weight.shape
+    W = torch.stack([m.weight for m in ms])  # [G, N, K] (no_grad: no autograd history)
+    if m0.spec.w.granularity == "block":
+        q, s = m0.ops.weight_quant(W.view(G * N, K))
+        q, s = q.view(G, N, K), s.view(G, -1, s.shape[-1])
+        st = s.transpose(1, 2).contiguous()
+        bad = ~torch.isfinite(s).flatten(1).all(1)
+    else:
+        amax = W.abs().amax(dim=(1, 2)).float()
+        f = get_format(m0.spec.w.fmt)
+        if m0.spec.delayed:
+            torch._foreach_maximum_([m.amax_history[0, 1] for m in ms], list(amax.unbind(0)))
+            if all(m._scales_fixed for m in ms):
+                s = torch.stack([m.scale_inv_w for m in ms])
+            else:
+                s = torch.stack([scaling.current_or_delayed(a, m.scale_inv[1], m.scale_ready[1], m._fmt_max[1],
+                                                            m.recipe.margin) for a, m in zip(amax, ms)])
+            bad = None  # delayed layers flag the amax they record (fp8_step)
+        else:
+            s = _scale_from_amax(amax, f, m0.spec.w.pow2)
+            bad = ~torch.isfinite(s)
+        q = _cast(W.float() / s.float().view(G, 1, 1), f)
+        st = s.clone()  # a per-tensor scale is its own transpose (kept a distinct tensor, as the layer does)
+    qt = q.transpose(1, 2).contiguous()
+    if bad is not None:
+        torch._foreach_add_([m.nonfinite[1] for m in ms], list(bad.to(torch.int32).unbind(0)))
+    new = list(zip(q.unbind(0), s.unbind(0), qt.unbind(0), st.unbind(0)))
+    dst, src = [], []
+    for m, parts in zip(ms, new):
+        old = [getattr(m, n, None) for n in _STATIC_W]
+        if any(o is None or o.shape != t.shape or o.dtype != t.dtype or o.device != t.device
+               for o, t in zip(old, parts)):
+            for n, t in zip(_STATIC_W, parts):
+                m.register_buffer(n, t.clone(), persistent=False)
+        else:
+            dst += old
+            src += list(parts)
+        m._wcache = tuple(getattr(m, n) for n in _STATIC_W)
+        m._wcache_version = (m.weight._version, m.weight.data_ptr())
+        if not m._static_w:
+            m._static_w = True
+    if dst:
+        torch._foreach_copy_(dst, src)
 
 
 _FMT_MAX_CACHE: dict = {}

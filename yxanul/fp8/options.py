@@ -6,8 +6,8 @@ unchanged or change them only within the recipe's own rounding.
                   CPU they run under ``TRITON_INTERPRET=1``) or ``torch`` (always the pure-torch quantizers)
 ``weight_cache``  where compiled forwards get the FP8 weight copies: ``graph`` quantizes the weight inside the
                   compiled graph at every forward; ``step`` reads static copies that ``fp8_step`` quantizes
-                  once per optimizer step (fewer quantizations with gradient accumulation, eager launches in
-                  their place)
+                  once per optimizer step (fewer quantizations with gradient accumulation; eager launches in
+                  their place, a few per distinct weight shape)
 ``fused_swiglu``  the SwiGLU MLP's gate and up projections as one function whose backward quantizes the
                   gradients inside the SwiGLU backward kernel (delayed scaling only; see
                   :mod:`yxanul.fp8.fused_mlp`)
