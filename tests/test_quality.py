@@ -345,3 +345,28 @@ def test_one_repeat_rows_take_their_run_noise_from_the_bf16_pair():
     assert t["verdicts"]["0.1%"] == "unresolved"           # |delta| + 2 SE spans more than 0.1%
     assert b["se_pct"] is None and set(b["verdicts"].values()) == {"unresolved"}
     assert t["within_noise"] is None                       # measured noise needs repeats
+
+
+def test_fork_report_rerenders_a_recorded_fork(tmp_path):
+    """scripts/fork_report.py: a recorded fork.json's table recomputed with the current statistics (the BF16
+    pair's noise in the one-repeat SE) and its two plots written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    ref = [3.0, 3.1, 2.9, 3.0]
+    curves = {"train": [[1, 5.0], [2, 4.0]], "val": [[2, 4.1]]}
+    fork = {"model": "tiny", "fork_at": 1, "steps": 2, "batch": 2, "seq": 8, "lr": 1e-3, "warmup": 1, "repeats": 1,
+            "device": "cpu", "torch": torch.__version__, "tokens": 32, "se_method": "old text",
+            "bf16_pairs_bit_identical": [False],
+            "windows": {"bf16-r0": ref, "bf16-b-r0": [x * 1.001 for x in ref],
+                        "fp8-tensorwise-r0": [x * 1.002 for x in ref]},
+            "curves": {"bf16": curves, "bf16-b": curves, "fp8-tensorwise": curves}}
+    src = tmp_path / "fork.json"
+    src.write_text(json.dumps(fork))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fork_report.py"
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, str(script), str(src), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    md = (out / "fork.md").read_text()
+    assert "| fp8-tensorwise | +0.200% | - | 0.100% | 1 |" in md and "old text" not in md
+    assert (out / "fork-delta.png").stat().st_size > 1000 and (out / "fork-curves.png").stat().st_size > 1000
