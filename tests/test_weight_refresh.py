@@ -10,10 +10,12 @@ from yxanul.model import Yxanul
 from yxanul.precision import load_policy
 
 
-def _model(recipe, cfg):
+def _model(recipe, cfg, device="cpu"):
     torch.manual_seed(0)
     pol = load_policy(None).with_recipe(name=recipe, calibration_steps=1 if recipe == "delayed" else 0)
-    return convert_model(Yxanul(cfg), pol.with_fp8_options(weight_cache="step"), backend="emulated", quiet=True)
+    backend = "native" if device == "cuda" else "emulated"  # on CUDA with the registered Triton quantizers
+    return convert_model(Yxanul(cfg).to(device), pol.with_fp8_options(weight_cache="step"), backend=backend,
+                         quiet=True)
 
 
 def _per_layer(mods):
@@ -21,16 +23,19 @@ def _per_layer(mods):
         m.refresh_static_weight()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("recipe", ["blockwise", "tensorwise", "delayed", "rowwise"])
-def test_grouped_refresh_is_bit_identical_to_one_layer_at_a_time(recipe, monkeypatch):
+def test_grouped_refresh_is_bit_identical_to_one_layer_at_a_time(recipe, device, monkeypatch):
     """Three optimizer steps (delayed: one calibration step, then history scales), every static copy and every
     delayed-scaling buffer compared bit for bit with the per-layer refresh, and the training losses equal."""
     import yxanul.fp8.linear as lin
+    if device == "cuda":
+        import yxanul.kernels  # noqa: F401  (registers the Triton quantizers)
     cfg = load_model_config("tiny")
-    a = _model(recipe, cfg)
+    a = _model(recipe, cfg, device)
     b = copy.deepcopy(a)
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (a, b)]
-    x = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1)).to(device)
     losses = {0: [], 1: []}
     for _ in range(3):
         for i, (m, opt) in enumerate(zip((a, b), opts)):
