@@ -80,3 +80,24 @@ def test_grouped_refresh_launches_do_not_grow_with_depth():
         return len([e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
                     and e.name not in VIEWS])
     assert ops_per_step(8) == ops_per_step(2)
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
+@pytest.mark.parametrize("collect", [False, True])
+def test_fp8_step_launches_do_not_grow_with_depth(recipe, collect):
+    """fp8_step's bookkeeping (delayed histories and scales, arming the statistics) is a fixed number of
+    computing operators, whatever the depth (the "fixed number of launches" of the host-time budget)."""
+    def ops(n_layers):
+        cfg = load_model_config("tiny", {"n_layers": n_layers})
+        torch.manual_seed(0)
+        m = convert_model(Yxanul(cfg), load_policy(None).with_recipe(name=recipe, calibration_steps=0),
+                          backend="emulated", quiet=True)
+        x = torch.randint(0, cfg.vocab_size, (2, 33))
+        for _ in range(2):  # the delayed scales become fixed after the first step (a one-time host sync)
+            m(x[:, :-1], x[:, 1:]).backward()
+            fp8_step(m)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fp8_step(m, collect_stats=collect)
+        return len([e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
+                    and e.name not in VIEWS])
+    assert ops(8) == ops(2)

@@ -477,8 +477,13 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
     for m in mods:
         if m._collect is not bool(collect_stats):
             m._collect = bool(collect_stats)
-        if collect_stats:
-            m.stats_buf.fill_(float("nan"))
+    if collect_stats:  # NaN until recorded, for every layer in one multi-tensor copy per device
+        by_dev: dict = {}
+        for m in mods:
+            by_dev.setdefault(m.stats_buf.device, []).append(m.stats_buf)
+        for dev, bufs in by_dev.items():
+            nan = torch.full_like(bufs[0], float("nan"))
+            torch._foreach_copy_(bufs, [nan] * len(bufs))
     _refresh_static_weights(mods)  # after the statistics reset: a refresh records the weight's statistics
 
 
