@@ -370,3 +370,15 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     md = (out / "fork.md").read_text()
     assert "| fp8-tensorwise | +0.200% | - | 0.100% | 1 |" in md and "old text" not in md
     assert (out / "fork-delta.png").stat().st_size > 1000 and (out / "fork-curves.png").stat().st_size > 1000
+
+
+def test_a_bit_identical_bf16_pair_measures_no_noise():
+    """A deterministic (or CPU) BF16 pair is bit-identical: it says nothing about run-to-run noise, so one
+    repeat's verdicts stay unresolved instead of trusting the per-window SE alone."""
+    from yxanul.bench.quality import FORK_NOISE_MODE, paired_rows
+    ref = [3.0, 3.1, 2.9, 3.0, 3.05]
+    windows = {("bf16", 0): ref, (FORK_NOISE_MODE, 0): list(ref), ("fp8-tensorwise", 0): [x * 1.0015 for x in ref]}
+    row = next(r for r in paired_rows(windows, ["bf16", FORK_NOISE_MODE, "fp8-tensorwise"])
+               if r["mode"] == "fp8-tensorwise")
+    assert row["run_noise_pct"] is None and row["se_pct"] is None
+    assert set(row["verdicts"].values()) == {"unresolved"}

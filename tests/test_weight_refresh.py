@@ -101,3 +101,47 @@ def test_fp8_step_launches_do_not_grow_with_depth(recipe, collect):
         return len([e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
                     and e.name not in VIEWS])
     assert ops(8) == ops(2)
+
+
+def test_a_layer_with_its_own_weight_quantizer_keeps_it():
+    """A weight quantizer that is not the reference one (here power-of-two scales, put into the layers' op
+    tables) is not replaced by the grouped cast: the copies are that quantizer's."""
+    import dataclasses
+    import functools
+
+    from yxanul.fp8.backends import quant_tensor
+    from yxanul.fp8.formats import get_format
+    cfg = load_model_config("tiny")
+    m = _model("tensorwise", cfg)
+    mods = list(fp8_modules(m).values())
+    for layer in mods:
+        layer.ops = dataclasses.replace(layer.ops, weight_quant=functools.partial(
+            lambda w, **kw: quant_tensor(w, **kw), fmt=get_format("e4m3"), pow2=True))
+    fp8_step(m)
+    for layer in mods:
+        s = float(layer._ws)
+        assert s == 2.0 ** round(torch.log2(torch.tensor(s)).item())  # a power of two: the layer's quantizer
+
+
+def test_grouped_refresh_works_in_bounded_chunks(monkeypatch):
+    """A group larger than the chunk budget is refreshed in several stacks (its temporaries stay bounded),
+    still bit for bit the per-layer copies."""
+    import yxanul.fp8.linear as lin
+    cfg = load_model_config("tiny", {"n_layers": 4})
+    a = _model("blockwise", cfg)
+    b = copy.deepcopy(a)
+    stacked = []
+    group = lin._refresh_group
+    budget = 2 * 256 * 256 * 4  # two q_proj-sized FP32 weights
+    monkeypatch.setattr(lin, "_refresh_group", lambda ms: (stacked.append(
+        sum(m.weight.numel() * m.weight.element_size() for m in ms)), group(ms))[1])
+    monkeypatch.setattr(lin, "REFRESH_CHUNK_BYTES", budget)
+    fp8_step(a)
+    monkeypatch.undo()
+    _per_layer(list(fp8_modules(b).values()))
+    shapes = {tuple(m.weight.shape) for m in fp8_modules(a).values()}
+    assert max(stacked) <= budget and len(stacked) > len(shapes)  # some shape took several stacks
+    for ma, mb in zip(fp8_modules(a).values(), fp8_modules(b).values()):
+        for n in _STATIC_W:
+            ta, tb = getattr(ma, n), getattr(mb, n)
+            assert torch.equal(ta.float(), tb.float()), n

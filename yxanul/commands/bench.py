@@ -137,7 +137,7 @@ def _quality(bsub):
     p.add_argument("--config", default=None, help="precision policy YAML")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", dest="compile", action="store_true", default=False,
-                   help="torch.compile the runs (like --compile-mode, not part of the settings compared when reusing results)")
+                   help="torch.compile the runs")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode of the runs (reduce-overhead: CUDA graphs); not part of the settings "

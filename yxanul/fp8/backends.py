@@ -180,6 +180,10 @@ def quant_tensor(x: torch.Tensor, fmt: Fp8Format, pow2: bool = False, scale_inv:
     return _cast(x.float() / s, fmt), s
 
 
+# the grouped weight refresh (yxanul.fp8.linear) may compute this quantizer's bytes itself, for many weights at once
+quant_tensor.reference_bytes = True
+
+
 def expand_operand_scales(s: torch.Tensor, rows: int, cols: int, granularity: str, block: int = 128) -> torch.Tensor:
     """Broadcastable per-element scales for a [rows, cols] operand from its scale tensor (see module doc)."""
     if granularity == "tensor":

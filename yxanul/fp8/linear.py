@@ -19,6 +19,7 @@ flag (no host sync); :func:`fp8_check` raises :class:`NonFiniteError` naming the
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -27,7 +28,7 @@ import torch.nn as nn
 
 from ..errors import NonFiniteError, YxanulError
 from . import scaling
-from .backends import _cast, _scale_from_amax, build_ops, native_shape_ok, out_dtype, resolve_backend, tensor_abs_max
+from .backends import _cast, _scale_from_amax, _weight_t_transpose, build_ops, native_shape_ok, out_dtype, resolve_backend, tensor_abs_max
 from .formats import get_format
 from .fused_mlp import can_fuse, swiglu_gate_up
 from .options import Fp8Options
@@ -281,10 +282,11 @@ class Fp8Linear(nn.Module):
         if self._scales_fixed:
             # _scales_fixed implies scale_ready is all 1 (only fp8_step and state loading set it)
             return getattr(self, f"scale_inv_{which}")
+        r = self.recipe
         if self.calibrating:  # current scaling while the history fills
-            return scaling.current_scale(amax, self._fmt_max[i], self.recipe.margin)
-        return scaling.current_or_delayed(amax, self.scale_inv[i], self.scale_ready[i], self._fmt_max[i],
-                                          self.recipe.margin)
+            return scaling.current_scale(amax, self._fmt_max[i], r.margin, r.pow2_scales)
+        return scaling.current_or_delayed(amax, self.scale_inv[i], self.scale_ready[i], self._fmt_max[i], r.margin,
+                                          r.pow2_scales)
 
     @torch.no_grad()
     def _record_stats(self, which: str, t: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
@@ -385,11 +387,11 @@ def fp8_modules(model: nn.Module) -> dict[str, Fp8Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
 
 
-def graph_state(mods) -> frozenset:
+def graph_state(mods) -> tuple:
     """The layers' flags that compiled graphs specialize on and that change during training: calibrating,
     scales fixed (delayed scaling) and statistics armed. A state not seen before means the next pass compiles
     a graph variant of its own (a few seconds on a GPU, more on a CPU)."""
-    return frozenset((m.calibrating, m._scales_fixed, m._collect) for m in mods)
+    return tuple((m.calibrating, m._scales_fixed, m._collect) for m in mods)
 
 
 NATIVE_CHECK_TOKENS = 512
@@ -487,28 +489,58 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
     _refresh_static_weights(mods)  # after the statistics reset: a refresh records the weight's statistics
 
 
+REFRESH_CHUNK_BYTES = 256 << 20  # weights stacked at once by the grouped refresh (its temporaries are ~4x this)
+
+
+def _op_key(fn):
+    """What an op-table entry computes, comparable across layers (each layer builds its own partials)."""
+    if isinstance(fn, functools.partial):
+        return (_op_key(fn.func), fn.args, tuple(sorted(fn.keywords.items())))
+    return fn
+
+
+def _groupable(m: Fp8Linear) -> bool:
+    """Whether the grouped refresh computes exactly what ``m``'s own ``weight_quant`` / ``weight_t`` would:
+    128 x 128 blocks through the layer's own quantizer, or per-tensor weights whose quantizer is marked as
+    producing the reference bytes (``reference_bytes``; a quantizer registered with ``register_ops`` is not)."""
+    w, g = m.weight, m.spec.w.granularity
+    if m.calibrating or m._collect or w.device.type == "meta" or _is_dtensor(w) or w.dim() != 2:
+        return False
+    if _op_key(m.ops.weight_t) is not _weight_t_transpose:
+        return False
+    if g == "block":
+        return w.shape[0] % m.spec.block == 0
+    fn = m.ops.weight_quant
+    return g == "tensor" and getattr(fn.func if isinstance(fn, functools.partial) else fn, "reference_bytes", False)
+
+
 def _refresh_static_weights(mods: list[Fp8Linear]) -> None:
     """Under ``weight_cache="step"``: quantize the layers' weights into their static copies, the layers of one
-    recipe and weight shape together (:func:`_refresh_group`), so the launches per optimizer step depend on the
-    number of distinct shapes, not on the model's depth (one layer at a time, Yxanul-197M's refresh was about
-    1,800 small launches, docs/perf-notes.md). Row-scaled weights, layers collecting statistics and layers
-    that cannot use static copies take the per-layer path."""
+    recipe, quantizer and weight shape together (:func:`_refresh_group`, in chunks of at most
+    ``REFRESH_CHUNK_BYTES`` of weights), so the launches per optimizer step no longer grow layer by layer (one
+    layer at a time, Yxanul-197M's refresh was about 1,800 small launches, docs/perf-notes.md). Row-scaled
+    weights, layers collecting statistics, other quantizers and layers that cannot use static copies take the
+    per-layer path."""
     groups: dict[tuple, list[Fp8Linear]] = {}
     for m in mods:
         if m.options.weight_cache != "step":
             continue
         w = m.weight
-        batched = (not m.calibrating and not m._collect and w.device.type != "meta" and not _is_dtensor(w)
-                   and (m.spec.w.granularity == "tensor"
-                        or (m.spec.w.granularity == "block" and w.shape[0] % m.spec.block == 0)))
-        key = (m.spec, m.backend, m.options, tuple(w.shape), w.dtype, w.device) if batched else ("one", id(m))
+        key = ((m.spec, m.backend, m.options, _op_key(m.ops.weight_quant), tuple(w.shape), w.dtype, w.device)
+               if _groupable(m) else ("one", id(m)))
         groups.setdefault(key, []).append(m)
     for key, ms in groups.items():
         if key[0] == "one" or len(ms) == 1:
             for m in ms:
                 m.refresh_static_weight()
-        else:
-            _refresh_group(ms)
+            continue
+        per = max(1, REFRESH_CHUNK_BYTES // (ms[0].weight.numel() * ms[0].weight.element_size()))
+        for i in range(0, len(ms), per):
+            chunk = ms[i:i + per]
+            if len(chunk) == 1:
+                chunk[0].refresh_static_weight()
+            else:
+                _refresh_group(chunk)
 
 
 @torch.no_grad()
@@ -536,7 +568,8 @@ def _refresh_group(ms: list[Fp8Linear]) -> None:
                 s = torch.stack([m.scale_inv_w for m in ms])
             else:
                 s = torch.stack([scaling.current_or_delayed(a, m.scale_inv[1], m.scale_ready[1], m._fmt_max[1],
-                                                            m.recipe.margin) for a, m in zip(amax, ms)])
+                                                            m.recipe.margin, m.recipe.pow2_scales)
+                                 for a, m in zip(amax, ms)])
             bad = None  # delayed layers flag the amax they record (fp8_step)
         else:
             s = _scale_from_amax(amax, f, m0.spec.w.pow2)
@@ -662,8 +695,11 @@ def fp8_stats(model: nn.Module) -> dict:
             with torch.no_grad():
                 w = m.weight.detach()
                 if m.spec.delayed:
-                    q, s = m.ops.weight_quant(w, scale_inv=scaling.current_or_delayed(
-                        w.abs().amax(), m.scale_inv[1], m.scale_ready[1], m._fmt_max[1], m.recipe.margin))
+                    r, a = m.recipe, w.abs().amax()
+                    sw = (scaling.current_scale(a, m._fmt_max[1], r.margin, r.pow2_scales) if m.calibrating else
+                          scaling.current_or_delayed(a, m.scale_inv[1], m.scale_ready[1], m._fmt_max[1], r.margin,
+                                                     r.pow2_scales))
+                    q, s = m.ops.weight_quant(w, scale_inv=sw)
                 else:
                     q, s = m.ops.weight_quant(w)
                 m._record_stats("w", w, q, s)

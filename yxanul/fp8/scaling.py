@@ -69,15 +69,18 @@ def advance(history: torch.Tensor, scale_inv: torch.Tensor, ready: torch.Tensor,
     history.copy_(h)
 
 
-def current_scale(amax_now: torch.Tensor, fmt_max: float, margin: int) -> torch.Tensor:
-    """The scale from the current amax (current per-tensor scaling): the calibration steps and a first step."""
-    return amax_now.float().clamp_min(1e-12) / (fmt_max / (2.0 ** margin))
+def current_scale(amax_now: torch.Tensor, fmt_max: float, margin: int, pow2: bool = False) -> torch.Tensor:
+    """The scale from the current amax (current per-tensor scaling): the calibration steps and a first step.
+    With margin 0 it is the tensorwise recipe's scale (rounded up to a power of two with ``pow2``, as the
+    history's scales are)."""
+    s = amax_now.float().clamp_min(1e-12) / (fmt_max / (2.0 ** margin))
+    return pow2_ceil(s) if pow2 else s
 
 
 def current_or_delayed(amax_now: torch.Tensor, scale_inv: torch.Tensor, ready: torch.Tensor, fmt_max: float,
-                       margin: int) -> torch.Tensor:
+                       margin: int, pow2: bool = False) -> torch.Tensor:
     """The scale to use now for one operand: the delayed one if ready, else from the current amax."""
-    return torch.where(ready > 0, scale_inv, current_scale(amax_now, fmt_max, margin))
+    return torch.where(ready > 0, scale_inv, current_scale(amax_now, fmt_max, margin, pow2))
 
 
 @torch.no_grad()

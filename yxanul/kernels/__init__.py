@@ -239,6 +239,9 @@ def tensor_quant(x, fmt: str = "e4m3", *, impl: str | None = None):
     return reference.tensor_quant(x, fmt)
 
 
+tensor_quant.reference_bytes = True  # byte for byte yxanul.fp8.backends.quant_tensor (tests/test_kernels.py)
+
+
 def tensor_quant_dual(x, fmt: str = "e4m3", scale_inv=None, want_q: bool = True, want_qt: bool = True, *,
                       impl: str | None = None):
     """Per-tensor quantization of a 2-D x into both GEMM layouts: ``(q [M, K], s, qT [K, M])``, s the 0-d
