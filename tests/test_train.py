@@ -551,3 +551,21 @@ def test_steps_in_a_new_fp8_graph_state_are_timed_apart(tmp_path, micro_model, d
     assert firsts == {0, 2, 4}
     assert not firsts & set(counted)
     assert set(counted) == set(range(12)) - firsts - warm
+
+
+def test_fp8_statistics_are_armed_for_every_logged_step_including_the_last(tmp_path, micro_model, data_dir,
+                                                                           monkeypatch):
+    """The pass of each logged step records the FP8 statistics its record reports; the last step is logged
+    even when it is not a multiple of log_every, so it is armed too (its record used to repeat older ones)."""
+    import yxanul.train as tr
+    cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "s"), steps=7, batch_size=2, seq_len=16,
+                      precision="fp8", fp8_recipe="tensorwise", fp8_backend="emulated", eval_every=0,
+                      checkpoint_every=0, progress=False, log_every=5)
+    t = tr.Trainer(cfg, log=lambda *a: None)
+    armed = []
+    step_fn = t._fp8_step
+    monkeypatch.setattr(t, "_fp8_step", lambda model, collect_stats=False: (armed.append(collect_stats),
+                                                                            step_fn(model, collect_stats))[1])
+    t.fit()
+    # the call after step s (1-based) arms step s + 1: steps 5 and 7 are logged
+    assert [i + 2 for i, a in enumerate(armed) if a] == [5, 7]

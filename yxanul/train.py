@@ -497,7 +497,8 @@ class Trainer:
         if self.fp8 and self.dist is not None:  # delayed scaling: every rank must derive the same scales
             sync_fp8_amax(self.model)
         if self.fp8:  # arm statistics for the pass of the next logged step
-            self._fp8_step(self.model, collect_stats=(step + 2) % cfg.log_every == 0)
+            nxt = step + 2  # the 1-based number of the next step: armed when that step is logged
+            self._fp8_step(self.model, collect_stats=nxt % cfg.log_every == 0 or nxt == cfg.steps)
         return loss_mean, gnorm, ok
 
     def _offending_module(self) -> str | None:
