@@ -348,20 +348,29 @@ class Fp8Linear(nn.Module):
         if self.calibrating or self.weight.device.type == "meta" or _is_dtensor(self.weight):
             self.invalidate()
             return False
-        new = self._quantize_weight()
+        dst, src = self._adopt_static(self._quantize_weight())
+        if dst:
+            torch._foreach_copy_(dst, src)
+        return True
+
+    def _adopt_static(self, parts) -> tuple[list, list]:
+        """Make ``parts`` (q, s, qT, sT) this layer's static weight copies: new buffers the first time (or when a
+        shape, dtype or device changed), else in place, returned as the (destinations, sources) of a copy the
+        caller makes (one multi-tensor copy for many layers). Eager forwards then use the same copies (no
+        second set in memory)."""
         old = [getattr(self, n, None) for n in _STATIC_W]
         if any(o is None or o.shape != t.shape or o.dtype != t.dtype or o.device != t.device
-               for o, t in zip(old, new)):
-            for n, t in zip(_STATIC_W, new):
+               for o, t in zip(old, parts)):
+            for n, t in zip(_STATIC_W, parts):
                 self.register_buffer(n, t.clone(), persistent=False)
+            pairs: tuple[list, list] = ([], [])
         else:
-            torch._foreach_copy_(old, list(new))
-        # eager forwards use the same copies (no second set in memory)
+            pairs = (old, list(parts))
         self._wcache = tuple(getattr(self, n) for n in _STATIC_W)
         self._wcache_version = (self.weight._version, self.weight.data_ptr())
         if not self._static_w:
             self._static_w = True
-        return True
+        return pairs
 
     # -- per optimizer step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -579,21 +588,11 @@ def _refresh_group(ms: list[Fp8Linear]) -> None:
     qt = q.transpose(1, 2).contiguous()
     if bad is not None:
         torch._foreach_add_([m.nonfinite[1] for m in ms], list(bad.to(torch.int32).unbind(0)))
-    new = list(zip(q.unbind(0), s.unbind(0), qt.unbind(0), st.unbind(0)))
     dst, src = [], []
-    for m, parts in zip(ms, new):
-        old = [getattr(m, n, None) for n in _STATIC_W]
-        if any(o is None or o.shape != t.shape or o.dtype != t.dtype or o.device != t.device
-               for o, t in zip(old, parts)):
-            for n, t in zip(_STATIC_W, parts):
-                m.register_buffer(n, t.clone(), persistent=False)
-        else:
-            dst += old
-            src += list(parts)
-        m._wcache = tuple(getattr(m, n) for n in _STATIC_W)
-        m._wcache_version = (m.weight._version, m.weight.data_ptr())
-        if not m._static_w:
-            m._static_w = True
+    for m, parts in zip(ms, zip(q.unbind(0), s.unbind(0), qt.unbind(0), st.unbind(0))):
+        d, t = m._adopt_static(parts)
+        dst += d
+        src += t
     if dst:
         torch._foreach_copy_(dst, src)
 
