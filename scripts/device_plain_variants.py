@@ -1,0 +1,91 @@
+"""Is `bench throughput`'s bf16-plain as fast as the plain model a user writes? Yxanul-197M (16 x 2048), one
+process, every variant compiled whole with the default mode (no CUDA graphs), CUDA-event timing, peak memory:
+
+  bench         bf16-plain exactly as `bench throughput` times it (its harness: dynamo reset, frozen GC)
+  loop          the same PlainLM in a minimal loop a user writes (no harness)
+  step-compile  forward and loss under autocast inside one compiled function
+  rope-bf16     RoPE tables in BF16 (q and k rotated in BF16, no FP32 intermediates)
+  bf16          the project's BF16 mode (for the ratio), as `bench throughput` times it
+
+Usage: python scripts/device_plain_variants.py OUT_JSON [VARIANTS]"""
+import gc
+import json
+import sys
+import time
+
+import torch
+
+from yxanul.bench.plain import PlainLM
+from yxanul.bench.throughput import _time_mode
+from yxanul.config import load_model_config
+
+out = sys.argv[1]
+variants = (sys.argv[2] if len(sys.argv) > 2 else "bench,loop,step-compile,rope-bf16,bf16").split(",")
+B, T, STEPS, WARM = 16, 2048, 20, 5
+cfg = load_model_config("yxanul-197m")
+dev = torch.device("cuda")
+g = torch.Generator().manual_seed(1234)
+data = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g).to(dev)
+x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": B, "seq": T, "rows": []}
+
+
+def own_loop(name):
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model = PlainLM(cfg).to(dev)
+    if name == "rope-bf16":
+        model.cos, model.sin = model.cos.bfloat16(), model.sin.bfloat16()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    if name == "step-compile":
+        @torch.compile
+        def fwd(a, b):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(a, b)
+    else:
+        cm = torch.compile(model)
+
+        def fwd(a, b):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return cm(a, b)
+
+    def step():
+        loss = fwd(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    for _ in range(WARM):
+        step()
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(STEPS):
+        loss = step()
+    e.record()
+    torch.cuda.synchronize()
+    ms = s.elapsed_time(e) / STEPS
+    return ms, torch.cuda.max_memory_allocated() / 2 ** 30, warm, float(loss)
+
+
+for v in variants:
+    try:
+        if v in ("bench", "bf16"):
+            ms, peak, warm, final, *_ = _time_mode("bf16-plain" if v == "bench" else "bf16", cfg, dev, True, None,
+                                                   x, y, STEPS, WARM, print)
+        else:
+            ms, peak, warm, final = own_loop(v)
+        row = {"variant": v, "step_ms": round(ms, 2), "tokens_per_s": round(B * T / ms * 1000),
+               "peak_gib": round(peak, 2), "warmup_s": round(warm, 1), "final_loss": round(final, 4)}
+    except Exception as ex:  # noqa: BLE001 - one variant's failure is recorded, the rest still run
+        row = {"variant": v, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
+    print(json.dumps(row), flush=True)
+    res["rows"].append(row)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
