@@ -246,8 +246,10 @@ def test_paired_rows_combine_repeats_and_give_verdicts():
     assert a["se_pct"] == pytest.approx(math.sqrt(se_w ** 2 + a["sd_pct"] ** 2 / 2))
     assert "2-5% worse" in a["verdicts"] and "2-5% worse" not in rows["fp8-delayed"]["verdicts"]
     assert rows["fp8-delayed"]["R"] == 1 and rows["fp8-delayed"]["sd_pct"] is None
-    assert rows["fp8-delayed"]["within_noise"] is None  # no repeats, no measured noise
-    assert a["within_noise"] == (abs(a["delta_pct"]) <= 2 * a["se_pct"])
+    # fp8-delayed has one repeat: its run noise is the one measured by fp8-all's two (pooled, 1 degree of freedom)
+    assert rows["fp8-delayed"]["run_noise_pct"] == pytest.approx(a["sd_pct"]) and a["noise_df"] == 1
+    assert rows["fp8-delayed"]["within_noise"] is None  # one degree of freedom does not judge the noise
+    assert a["within_noise"] is None
     assert verdict(0.05, 0.02, -0.1, 0.1) == "confirmed"
     assert verdict(0.5, 0.1, -0.25, 0.25) == "refuted" and verdict(-0.5, 0.1, -0.25, 0.25) == "refuted"
     assert verdict(0.2, 0.05, -0.1, 0.1) == "unresolved" and verdict(0.0, None, -0.1, 0.1) == "unresolved"
@@ -340,11 +342,39 @@ def test_one_repeat_rows_take_their_run_noise_from_the_bf16_pair():
     t, b = rows["fp8-tensorwise"], rows[FORK_NOISE_MODE]
     noise = paired_delta(twin, ref)[0]
     assert noise == pytest.approx(0.15)
-    assert t["run_noise_pct"] == pytest.approx(noise) and t["noise_from"] == "bf16 pair"
+    assert t["run_noise_pct"] == pytest.approx(noise) and t["noise_df"] == 1
     assert t["se_pct"] == pytest.approx(math.sqrt(t["window_se_pct"] ** 2 + noise ** 2))
     assert t["verdicts"]["0.1%"] == "unresolved"           # |delta| + 2 SE spans more than 0.1%
     assert b["se_pct"] is None and set(b["verdicts"].values()) == {"unresolved"}
     assert t["within_noise"] is None                       # measured noise needs repeats
+
+
+def test_run_noise_pools_bf16_pairs_and_repeats_by_hand():
+    """The run-to-run noise is pooled: every BF16 pair's delta squared (mean zero) and every mode's squared
+    deviations from its own mean, over their degrees of freedom; a bit-identical pair adds nothing."""
+    from yxanul.bench.quality import FORK_NOISE_MODE, paired_delta, paired_rows, pooled_run_noise
+    assert pooled_run_noise([0.2, -0.1], [[0.3, 0.1], [0.5]]) == pytest.approx(
+        (math.sqrt((0.04 + 0.01 + 0.01 + 0.01) / 3), 3))
+    assert pooled_run_noise([0.0], [[0.2]]) == (None, 0)
+    ref = [[3.0, 3.1, 2.9, 3.0], [3.02, 3.1, 2.88, 3.01], [2.99, 3.12, 2.9, 3.0]]
+    windows = {}
+    for r, w in enumerate(ref):
+        windows[("bf16", r)] = w
+        windows[(FORK_NOISE_MODE, r)] = [x * (1 + 0.001 * (r - 1)) + 0.002 * (i % 2) for i, x in enumerate(w)]
+        windows[("fp8-tensorwise", r)] = [x * (1.0005 + 0.0007 * r * (-1) ** i) for i, x in enumerate(w)]
+    windows[("fp8-all", 0)] = [x * 1.003 for x in ref[0]]
+    rows = {r["mode"]: r for r in paired_rows(windows, ["bf16", FORK_NOISE_MODE, "fp8-tensorwise", "fp8-all"])}
+    twin = [paired_delta(windows[(FORK_NOISE_MODE, r)], ref[r])[0] for r in range(3)]
+    tw = [paired_delta(windows[("fp8-tensorwise", r)], ref[r])[0] for r in range(3)]
+    m = sum(tw) / 3
+    noise = math.sqrt((sum(d * d for d in twin) + sum((d - m) ** 2 for d in tw)) / 5)
+    t, a = rows["fp8-tensorwise"], rows["fp8-all"]
+    assert t["run_noise_pct"] == pytest.approx(noise) and t["noise_df"] == 5 and a["noise_df"] == 5
+    assert t["se_pct"] == pytest.approx(math.sqrt(t["window_se_pct"] ** 2 + noise ** 2 / 3))
+    assert a["se_pct"] == pytest.approx(math.sqrt(a["window_se_pct"] ** 2 + noise ** 2))
+    assert t["within_noise"] == (abs(t["delta_pct"]) <= 2 * t["se_pct"])
+    b = rows[FORK_NOISE_MODE]  # the twin's own row: its SD over its repeats
+    assert b["run_noise_pct"] == pytest.approx(b["sd_pct"]) and b["noise_df"] == 2
 
 
 def test_fork_report_rerenders_a_recorded_fork(tmp_path):
@@ -370,6 +400,18 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     md = (out / "fork.md").read_text()
     assert "| fp8-tensorwise | +0.200% | - | 0.100% | 1 |" in md and "old text" not in md
     assert (out / "fork-delta.png").stat().st_size > 1000 and (out / "fork-curves.png").stat().st_size > 1000
+    # a second fork combined as repeat 1, its fp8-tensorwise left out: the mode keeps R=1, the pair R=2 and the
+    # noise is pooled from both pairs (+0.1% and +0.3%: sqrt((0.01 + 0.09) / 2))
+    second = dict(fork, windows={"bf16-r0": ref, "bf16-b-r0": [x * 1.003 for x in ref],
+                                 "fp8-tensorwise-r0": [x * 1.1 for x in ref]})
+    src2 = tmp_path / "fork2.json"
+    src2.write_text(json.dumps(second))
+    r = subprocess.run([sys.executable, str(script), str(src), f"{src2}:bf16-b", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    md = (out / "fork.md").read_text()
+    assert f"| fp8-tensorwise | +0.200% | - | {math.sqrt(0.05):.3f}% | 1 |" in md, md
+    assert "| bf16-b | +0.200% |" in md and "| 2 |" in md and "2 degrees of freedom" in md
 
 
 def test_a_bit_identical_bf16_pair_measures_no_noise():

@@ -51,8 +51,9 @@ from ..io import atomic_write_json, atomic_write_text
 
 BASE_MODES = ("bf16", "fp8", "fp8-blockwise", "fp8-tensorwise", "fp8-rowwise", "fp8-delayed", "fp8-head", "fp8-all")
 NOISE_MODE = "bf16-seed2"
-SE_METHOD = ("delta method on per-window paired differences, combined with the run-to-run noise: the SD over "
-             "repeats, or with one repeat the RMS delta of the BF16 pair (verdicts unresolved without either)")
+SE_METHOD = ("delta method on per-window paired differences, combined with the run-to-run noise pooled over every "
+             "BF16 pair (its delta) and every mode's repeats (their deviations from the mode's mean), divided by R "
+             "(verdicts unresolved without a measured noise)")
 
 
 def parse_modes(text: str) -> list[str]:
@@ -475,15 +476,17 @@ def verdict(delta: float | None, se: float | None, lo: float, hi: float) -> str:
     return "unresolved"
 
 
-def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]], run_noise: float | None = None) -> dict:
+def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]], run_noise: float | None = None,
+               noise_df: int = 0) -> dict:
     """Statistics of one mode against its reference over repeats: `pairs` holds (mode windows, reference
     windows) per repeat, the same windows in the same order.
 
     The per-window SE covers only which windows were evaluated; two runs of the same mode also differ by
     run-to-run noise (GPU non-determinism, data order), which on the H100 was 5-10x larger (docs/benchmarks.md,
-    "Loss parity"). With two or more repeats that noise is in the SD of the per-repeat deltas; with one, it is
-    taken from `run_noise`, the RMS delta of the BF16 pair(s) (two BF16 runs that should agree), and without
-    either the verdicts are "unresolved"."""
+    "Loss parity"). `run_noise` is that noise as the SD of one run pair's delta, with `noise_df` degrees of
+    freedom (:func:`pooled_run_noise`); the mode's delta, a mean over R repeats, carries run_noise^2 / R of it.
+    Without `run_noise` the mode's own SD over repeats is used, and with neither the verdicts are "unresolved".
+    Whether the delta is within the noise is judged only from a noise with two or more degrees of freedom."""
     per = [paired_delta(m, r) for m, r in pairs]
     deltas = [d for d, _ in per]
     R = len(pairs)
@@ -494,19 +497,15 @@ def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]], run_nois
     avg_r = [sum(r[w] for _, r in pairs) / R for w in range(n)]
     _, se_w = paired_delta(avg_m, avg_r)
     sd = statistics.stdev(deltas) if R >= 2 else None
-    if sd is not None:
-        run_var, source = sd ** 2 / R, "repeats"
-    elif run_noise is not None:
-        run_var, source = run_noise ** 2 / R, "bf16 pair"
-    else:
-        run_var, source = None, None
+    if run_noise is None and sd is not None:
+        run_noise, noise_df = sd, R - 1
+    run_var = None if run_noise is None else run_noise ** 2 / R
     se = None if (se_w is None or run_var is None) else math.sqrt(se_w ** 2 + run_var)
     delta = sum(deltas) / R
     row = {"mode": mode, "delta_pct": delta, "sd_pct": sd, "se_pct": se, "window_se_pct": se_w, "R": R,
            "windows": n, "repeat_delta_pct": deltas, "repeat_window_se_pct": [e for _, e in per],
-           "run_noise_pct": run_noise, "noise_from": source,
-           # noise is judged from the spread over repeats (with one repeat it is not measured)
-           "within_noise": (abs(delta) <= 2 * se) if (se is not None and sd is not None) else None,
+           "run_noise_pct": run_noise, "noise_df": noise_df if run_noise is not None else 0,
+           "within_noise": (abs(delta) <= 2 * se) if (se is not None and noise_df >= 2) else None,
            "verdicts": {k: verdict(delta, se, lo, hi) for k, (lo, hi) in CLAIMS.items()}}
     if mode == "fp8-all":
         name, (lo, hi) = ALL_FP8_CLAIM
@@ -514,10 +513,26 @@ def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]], run_nois
     return row
 
 
+def pooled_run_noise(twin_deltas: list[float], mode_deltas: list[list[float]]) -> tuple[float | None, int]:
+    """(SD of one run pair's delta, degrees of freedom), pooled: each BF16 pair's delta (two runs that should
+    agree: mean zero) is one degree of freedom, and each mode's R repeats add R - 1 (deviations from the
+    mode's mean). A bit-identical BF16 pair (deterministic, or a CPU) measured no noise, not zero noise, and is
+    left out. (None, 0) when nothing measured it."""
+    ss = sum(d * d for d in twin_deltas if d != 0.0)
+    df = sum(1 for d in twin_deltas if d != 0.0)
+    for ds in mode_deltas:
+        if len(ds) >= 2:
+            m = sum(ds) / len(ds)
+            ss += sum((d - m) ** 2 for d in ds)
+            df += len(ds) - 1
+    return (math.sqrt(ss / df) if df and ss > 0 else None), (df if ss > 0 else 0)
+
+
 def paired_rows(windows: dict, modes: list[str], ref: str = "bf16") -> list[dict]:
     """One row per mode other than `ref` that has paired windows: `windows[(mode, repeat)]` lists per-window
-    losses; repeats missing either side are left out. A second BF16 mode among `modes` (the fork's twin or the
-    from-scratch second seed) gives the run-to-run noise of the one-repeat rows (:func:`paired_row`)."""
+    losses; repeats missing either side are left out. Every row's run-to-run noise is pooled
+    (:func:`pooled_run_noise`) from a second BF16 mode among `modes` (the fork's twin or the from-scratch second
+    seed) and from every mode's repeats; the twin's own row keeps its own SD over repeats."""
     repeats = sorted({r for _, r in windows})
     pairs_of = {}
     for mode in modes:
@@ -528,13 +543,10 @@ def paired_rows(windows: dict, modes: list[str], ref: str = "bf16") -> list[dict
         if pairs:
             pairs_of[mode] = pairs
     noise_mode = next((m for m in modes if m in (FORK_NOISE_MODE, NOISE_MODE) and m in pairs_of), None)
-    run_noise = None
-    if noise_mode is not None:
-        twin = [paired_delta(m, r)[0] for m, r in pairs_of[noise_mode]]
-        # a bit-identical pair (deterministic, or a CPU) measured no noise, not zero noise: the modes' runs
-        # still differ from BF16 by more than their rounding, so their verdicts stay unresolved
-        run_noise = math.sqrt(sum(d * d for d in twin) / len(twin)) or None
-    return [paired_row(mode, pairs, None if mode == noise_mode else run_noise) for mode, pairs in pairs_of.items()]
+    deltas = {m: [paired_delta(a, b)[0] for a, b in pairs] for m, pairs in pairs_of.items()}
+    noise, df = pooled_run_noise(deltas.get(noise_mode, []), [d for m, d in deltas.items() if m != noise_mode])
+    return [paired_row(mode, pairs) if mode == noise_mode else paired_row(mode, pairs, noise, df)
+            for mode, pairs in pairs_of.items()]
 
 
 def _pct(v: float | None, sign: bool = False) -> str:
@@ -817,7 +829,10 @@ def fork_markdown(result: dict) -> str:
             f"{result['repeats']} repeat(s), device {result['device']}, torch {result['torch']}"
             + (", deterministic algorithms" if result.get("deterministic") else ""))
     n = next((x["windows"] for x in rows), None)
+    noise = next((x for x in result.get("paired", []) if x.get("run_noise_pct") is not None), None)
     tail = (f"delta = mean over {n} validation windows of (L_mode - L_bf16) / mean L_bf16, mean over repeats; "
-            f"SE: {result['se_method']}. {FORK_NOISE_MODE}: a second BF16 branch on the same data (noise floor). "
+            f"SE: {result['se_method']}"
+            + (f"; run-to-run noise {noise['run_noise_pct']:.3f}% ({noise['noise_df']} degrees of freedom)"
+               if noise else "") + f". {FORK_NOISE_MODE}: a second BF16 branch on the same data (noise floor). "
             f"BF16 pairs bit-identical per repeat: {result.get('bf16_pairs_bit_identical')}")
     return head + "\n\n" + markdown_table(rows) + "\n\n" + tail
