@@ -21,8 +21,9 @@ N windows; :mod:`yxanul.evaluate`). A mode's difference from BF16 in one repeat 
 the per-window paired differences by the delta method (the SE of the mean of
 ``z_w = (d_w - delta * L_bf16[w]) / mean(L_bf16)``). Over R repeats the reported delta is the mean of the
 repeats' deltas, SD their sample standard deviation, and SE combines both sources of error:
-``sqrt(SD^2 / R + SE_w^2)``, SE_w being the window SE of the repeat-averaged per-window differences (the two
-overlap slightly, so SE errs on the large side). A claim "delta lies in [lo, hi]" is confirmed when the 2-sigma
+``sqrt(s^2 / R + SE_w^2)``, SE_w being the window SE of the repeat-averaged per-window differences and s the
+run-to-run noise of one run pair, pooled over the BF16 pairs and every mode's repeats (:func:`pooled_run_noise`;
+the two overlap slightly, so SE errs on the large side). A claim "delta lies in [lo, hi]" is confirmed when the 2-sigma
 interval lies inside it, refuted when the interval lies wholly outside it, unresolved otherwise.
 
 Fork protocol (:func:`run_fork`): one BF16 trunk trains to the fork step and is checkpointed; every mode
