@@ -464,6 +464,27 @@ def test_train_never_replaces_a_users_config_yaml(tmp_path, capsys, micro_model)
     assert sorted(p.name for p in exp.iterdir()) == ["config.yaml"]
 
 
+def test_train_refuses_a_users_non_empty_folder_and_starts_in_an_empty_one(tmp_path, capsys, micro_model):
+    """--out naming the user's own folder (files no run writes) is refused before anything is written there: a run
+    would mix its records in, and --restart would delete a metrics.jsonl of the user's."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("mine")
+    (docs / "metrics.jsonl").write_text('{"mine": 1}\n')
+    argv = ["train", "--model", micro_model, "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--no-progress",
+            "--precision", "fp32", "--eval-every", "0", "--checkpoint-every", "0"]
+    for extra in ([], ["--restart"]):
+        assert main(argv + ["--out", str(docs)] + extra) == 2
+        err = _err_line(capsys)
+        assert "not empty" in err and "notes.txt" in err and str(docs) in err
+        assert sorted(p.name for p in docs.iterdir()) == ["metrics.jsonl", "notes.txt"]
+        assert (docs / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(argv + ["--out", str(empty)]) == 0
+    assert {"config.yaml", "metrics.jsonl"} <= {p.name for p in empty.iterdir()}
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_export_and_consolidate_files_get_ordinary_permissions(tmp_path, umask):
     """safetensors writes its files 0600; outputs get 0666 less the umask, like the JSON beside them."""

@@ -249,6 +249,8 @@ def remove_stale_temporaries(ckpt_root: Path) -> None:
 
 RUN_OUTPUTS = ("metrics.jsonl", "fp8_stats.jsonl")
 RUN_CONFIG = "config.yaml"
+# everything a training run writes into its folder: a fresh run starts only in a folder holding nothing else
+RUN_ENTRIES = frozenset(RUN_OUTPUTS + (RUN_CONFIG, "checkpoints", "tensorboard"))
 _RUN_CONFIG_HEAD = b"train:\n"   # how the trainer's resolved config (yaml.safe_dump, keys in order) begins
 
 
@@ -272,6 +274,13 @@ def prepare_fresh_run_dir(run_dir: Path, restart: bool) -> None:
     if os.path.lexists(cfg) and not (cfg.is_file() and not cfg.is_symlink() and is_run_config(cfg)):
         raise YxanulError(f"holds a {RUN_CONFIG} that no yxanul run wrote (a run writes its resolved config "
                           f"there); choose another --out", source=str(run_dir))
+    try:
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES) if run_dir.is_dir() else []
+    except OSError as e:
+        raise YxanulError(f"cannot list the run folder: {e.strerror or e}", source=str(run_dir)) from None
+    if foreign:  # the user's own folder: a run would mix its files in (and --restart would delete its records)
+        raise YxanulError(f"is not empty and holds files no yxanul run writes ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty --out", source=str(run_dir))
     if not any((run_dir / n).exists() for n in RUN_OUTPUTS):
         return
     ckpts = [p for p in list_checkpoints(run_dir) if has_weights(p)]
