@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from yxanul.bench.throughput import ROW_KEYS, flops_per_token, parse_modes
 from yxanul.cli import main
@@ -20,10 +21,10 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
                       "--plot", str(png)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "compile_mode", "tune_kernels",
+    assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "compile_mode", "tune_kernels", "compile_scope",
                         "fp8_options", "host_gc", "rows"}
     assert res["host_gc"] == "freeze"
-    assert res["compile_mode"] is None and res["tune_kernels"] is None
+    assert res["compile_mode"] is None and res["tune_kernels"] is None and res["compile_scope"] is None
     assert res["fp8_options"] == {"kernels": "auto", "weight_cache": "graph", "fused_swiglu": False}
     assert res["batch"] == 2 and res["seq"] == 16 and res["device"] == "cpu"
     assert [r["mode"] for r in res["rows"]] == ["bf16-plain", "bf16", "fp8", "fp8-blockwise", "torchao-tensorwise"]
@@ -61,6 +62,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     ["--modes", "bf16", "--compile-mode", "fastest"],
     ["--modes", "bf16", "--tune-kernels"],  # with ARGS' --no-compile
     ["--modes", "bf16", "--plain-compile-modes", "default,fastest"],
+    ["--modes", "bf16", "--compile-scope", "layers"],
 ])
 def test_bad_input_exits_2_without_output(tmp_path, extra, capsys):
     out = tmp_path / "bt.json"
@@ -186,6 +188,21 @@ def test_width_sweep_json_and_png(tmp_path, capsys):
         assert res["ratio_vs_bf16"]["torchao-tensorwise"] == [None, None]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "width sweep" in capsys.readouterr().out
+
+
+def test_compile_scope_reaches_the_projects_modes_only(tmp_path, monkeypatch):
+    """--compile-scope trunk compiles the project's modes (bf16, fp8-*) as one trunk graph; bf16-plain keeps its
+    whole-model compile. Compilation is recorded, not run (the modes then run eagerly on the CPU)."""
+    import yxanul.model as ym
+    seen = []
+    monkeypatch.setattr(ym, "compile_model", lambda m, scope, **kw: seen.append((type(m).__name__, scope)) or m)
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append((type(m).__name__, "whole")) or m)
+    out = tmp_path / "bt.json"
+    args = [a for a in ARGS if a != "--no-compile"]
+    assert main(args + ["--modes", "bf16-plain,bf16,fp8-tensorwise", "--compile-scope", "trunk",
+                        "--json-out", str(out)]) == 0
+    assert seen == [("PlainLM", "whole"), ("Yxanul", "trunk"), ("Yxanul", "trunk")]
+    assert json.loads(out.read_text())["compile_scope"] == "trunk"
 
 
 def test_width_sweep_keeps_the_fp8_and_host_gc_options(tmp_path):

@@ -515,7 +515,7 @@ def test_compiling_fp8_steps_are_timed_apart(tmp_path, micro_model, data_dir, ca
 
 
 @pytest.mark.parametrize("field", ["precision", "optimizer_states", "parallel", "fused_ce", "host_gc",
-                                   "fp8_kernels", "fp8_weight_cache"])
+                                   "fp8_kernels", "fp8_weight_cache", "compile_scope"])
 def test_every_train_config_field_with_choices_rejects_other_values(field):
     from yxanul.errors import YxanulError
     from yxanul.train_config import TrainConfig
@@ -569,3 +569,57 @@ def test_fp8_statistics_are_armed_for_every_logged_step_including_the_last(tmp_p
     t.fit()
     # the call after step s (1-based) arms step s + 1: steps 5 and 7 are logged
     assert [i + 2 for i, a in enumerate(armed) if a] == [5, 7]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_trunk_compile_scope_trains_as_the_eager_model(precision, tiny_cfg):
+    """compile_scope "trunk": embedding, every block and the final norm compiled as one graph (dynamo and
+    AOTAutograd, as inductor receives them), the blocks themselves left uncompiled; losses and gradients of two
+    steps equal the eager model's, FP8 (tensorwise, emulated) included, and the delayed scaling state too."""
+    import torch._dynamo
+    from yxanul.fp8.linear import convert_model, fp8_step
+    from yxanul.model import Block, Yxanul, compile_model
+    from yxanul.precision import load_policy
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = Yxanul(tiny_cfg)
+    comp = Yxanul(tiny_cfg)
+    comp.load_state_dict(eager.state_dict())
+    if precision == "fp8":
+        pol = load_policy().with_recipe(name="delayed", calibration_steps=0)
+        for m in (eager, comp):
+            convert_model(m, pol, backend="emulated", quiet=True)
+    graphs = []
+    compile_model(comp, "trunk", backend=lambda gm, ex: (graphs.append(gm), gm.forward)[1])
+    assert comp.compiled_hidden is not None and eager.compiled_hidden is None
+    assert not any(getattr(b, "_compiled_call_impl", None) for b in comp.modules() if isinstance(b, Block))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        idx = torch.randint(0, tiny_cfg.vocab_size, (2, 16), generator=g)
+        tgt = torch.randint(0, tiny_cfg.vocab_size, (2, 16), generator=g)
+        losses = []
+        for m in (eager, comp):
+            loss = m(idx, tgt)
+            loss.backward()
+            losses.append(loss.detach())
+            if precision == "fp8":
+                fp8_step(m)
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+        for (n, a), b in zip(eager.named_parameters(), comp.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
+            a.grad = b.grad = None
+    if precision == "fp8":
+        for (n, a), b in zip(eager.state_dict().items(), comp.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=n)
+    assert graphs, "the trunk was not compiled"
+    torch._dynamo.reset()
+
+
+def test_compile_scope_validation():
+    from yxanul.errors import YxanulError
+    from yxanul.model import compile_model
+    with pytest.raises(YxanulError, match="compile_scope"):
+        TrainConfig(compile_scope="trunk", parallel="fsdp2").validate()
+    with pytest.raises(ValueError, match="unknown compile scope"):
+        compile_model(torch.nn.Linear(2, 2), "layers")
+

@@ -196,6 +196,8 @@ class Embeddings(nn.Module):
 
 
 class Yxanul(nn.Module):
+    compiled_hidden = None  # set per instance by compile_model(scope="trunk")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -248,7 +250,7 @@ class Yxanul(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits for `idx`, or the mean cross-entropy against `targets` (ignore_index=-1)."""
-        h = self.hidden(idx)
+        h = (self.compiled_hidden or self.hidden)(idx)
         if targets is None:
             return self.logits(h)
         loss_fn = getattr(self, "loss_fn", None)
@@ -289,6 +291,36 @@ def compile_blocks(model: nn.Module, mode: str | None = None, tune_kernels: bool
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("blocks", "trunk")
+
+
+def compile_model(model: nn.Module, scope: str = "blocks", mode: str | None = None, tune_kernels: bool = False,
+                  **kwargs) -> nn.Module:
+    """torch.compile `model` in place at `scope`:
+
+    ``blocks``  every transformer block (:func:`compile_blocks`): one graph shared by identical blocks, so the
+                compile costs about one layer's;
+    ``trunk``   the embedding, every block and the final norm as one graph (``model(idx)`` and
+                ``model(idx, targets)``; generation with a KV cache stays eager): inductor may fuse across
+                block boundaries (a block's residual add with the next block's norm and the quantization of its
+                output), and with CUDA graphs each pass replays one graph instead of one per block. Compiling
+                costs about the whole depth's, and again for every FP8 layer state (calibrating, statistics).
+
+    The loss stays outside the graph either way (the fused cross-entropy launches its own kernels). Returns the
+    model."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"unknown compile scope {scope!r} (expected one of: {', '.join(COMPILE_SCOPES)})")
+    if scope == "blocks":
+        return compile_blocks(model, mode=mode, tune_kernels=tune_kernels, **kwargs)
+    import torch._dynamo.config as dcfg
+    if not isinstance(model, Yxanul):
+        raise ValueError("compile_model: scope 'trunk' needs a Yxanul model")
+    kwargs.update(compile_kwargs(mode, tune_kernels, kwargs.pop("options", None)))
+    for name in ("recompile_limit", "cache_size_limit"):  # the graph's variants, as for the blocks
+        if getattr(dcfg, name, 16) < 16:
+            setattr(dcfg, name, 16)
+    model.compiled_hidden = torch.compile(model.hidden, **kwargs)
+    return model
 
 
 def compile_kwargs(mode: str | None = None, tune_kernels: bool = False, options: dict | None = None) -> dict:

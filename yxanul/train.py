@@ -362,15 +362,16 @@ class Trainer:
     def _setup_runtime(self) -> None:
         """Compilation, the data loader, throughput constants and the step counters."""
         from .data.loader import DataLoader
-        from .model import compile_blocks, compile_mode_uses_cuda_graphs
+        from .model import compile_mode_uses_cuda_graphs, compile_model
         cfg, model = self.cfg, self.model
         if cfg.compile:
-            # every block compiled (one shared graph); embedding, final norm and the fused loss stay eager
-            compile_blocks(model, mode=cfg.compile_mode, tune_kernels=cfg.tune_kernels)
+            # every block compiled (one shared graph), or the whole trunk as one; the fused loss stays eager
+            compile_model(model, cfg.compile_scope, mode=cfg.compile_mode, tune_kernels=cfg.tune_kernels)
         # reduce-overhead (and max-autotune) replay each compiled block as a CUDA graph; every forward pass starts
         # a new "step" of torch's graph trees, so outputs of the previous one may be overwritten once consumed
         self.graphs = cfg.compile and compile_mode_uses_cuda_graphs(cfg.compile_mode) and self.device.type == "cuda"
-        for key, on in (("compile_mode", cfg.compile_mode != "default"), ("tune_kernels", cfg.tune_kernels)):
+        for key, on in (("compile_mode", cfg.compile_mode != "default"), ("tune_kernels", cfg.tune_kernels),
+                        ("compile_scope", cfg.compile_scope != "blocks")):
             if on and not cfg.compile:
                 self.log(f"{key} has no effect without compile: true")
         self.loader = DataLoader(self.data_dir, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=self.rank,

@@ -77,6 +77,10 @@ class TrainConfig:
     sample_every: int = _opt(0, "print a short generated sample every N steps (0: never)")
     # runtime
     compile: bool = _opt(False, "torch.compile the model's blocks")
+    compile_scope: str = _opt("blocks", "what compile covers: blocks (each block; identical blocks share one graph) or "
+                                        "trunk (embedding, every block and the final norm as one graph: fusion "
+                                        "across blocks, one CUDA graph per pass, a longer compile)",
+                              choices=("blocks", "trunk"))
     compile_mode: str = _opt("default", "torch.compile mode: default | reduce-overhead (CUDA graphs: no launch "
                                         "overhead; the FP8 blockwise recipe needs it) | max-autotune | "
                                         "max-autotune-no-cudagraphs")
@@ -140,6 +144,9 @@ class TrainConfig:
         parse_steps(self.inject_nan_at, source)
         if self.fp8_calibration_steps is not None and self.fp8_calibration_steps < 0:
             raise YxanulError("must be >= 0", source=source, key="fp8_calibration_steps")
+        if self.compile_scope == "trunk" and self.parallel == "fsdp2":
+            raise YxanulError("the trunk as one compiled graph would trace FSDP2's per-block hooks: use "
+                              "compile_scope blocks with fsdp2", source=source, key="compile_scope")
         if self.sample_every and self.parallel == "fsdp2":
             raise YxanulError("samples during training need the whole model on one rank: not with fsdp2",
                               source=source, key="sample_every")

@@ -91,9 +91,9 @@ class _Run:
     """One mode's model, optimizer and step function."""
 
     def __init__(self, mode, cfg, device, compile_, policy_path, compile_mode=None, tune_kernels=False,
-                 fp8_options=None):
+                 fp8_options=None, compile_scope="blocks"):
         from ..kernels.linear_ce import use_fused_ce
-        from ..model import Yxanul, compile_blocks, compile_kwargs, compile_mode_uses_cuda_graphs
+        from ..model import Yxanul, compile_kwargs, compile_mode_uses_cuda_graphs, compile_model
 
         self.mode, self.device, self.fp8 = mode, device, False
         # the same arguments for the whole-model compile of bf16-plain and torchao as for the blocks
@@ -111,7 +111,7 @@ class _Run:
         elif mode == "bf16":
             use_fused_ce(model)
             if compile_:
-                compile_blocks(model, **ck)
+                compile_model(model, compile_scope, **ck)
         elif mode.startswith("fp8"):
             from ..fp8.linear import convert_model
             from ..precision import load_policy
@@ -129,7 +129,7 @@ class _Run:
             self.fp8 = True
             use_fused_ce(model, head_fp8=(mode == "fp8-head"))
             if compile_:
-                compile_blocks(model, **ck)
+                compile_model(model, compile_scope, **ck)
         elif mode.startswith("torchao"):
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
             rec = mode[len("torchao-"):]
@@ -158,11 +158,11 @@ class _Run:
 
 
 def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0, compile_mode=None,
-               tune_kernels=False, fp8_options=None, host_gc="freeze"):
+               tune_kernels=False, fp8_options=None, host_gc="freeze", compile_scope="blocks"):
     release()  # the last mode's frozen objects become collectable
     if compile_:
         torch._dynamo.reset()  # every mode compiles from scratch: no graph or guard carried over from the last
-    run = _Run(mode, cfg, device, compile_, policy_path, compile_mode, tune_kernels, fp8_options)
+    run = _Run(mode, cfg, device, compile_, policy_path, compile_mode, tune_kernels, fp8_options, compile_scope)
     t0 = time.perf_counter()
     for _ in range(warmup):
         loss = run.step(x, y)
@@ -249,12 +249,14 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                    policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None,
                    profile: int = 0, compile_mode: str | None = None, tune_kernels: bool = False,
                    plain_compile_modes=("default", "reduce-overhead"), fp8_options: Fp8Options | None = None,
-                   host_gc: str = "freeze") -> dict:
+                   host_gc: str = "freeze", compile_scope: str = "blocks") -> dict:
     """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
     ``plain_compile_modes``: the compile modes bf16-plain is timed with; the fastest is its row.
     ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`).
     ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph);
     ``tune_kernels``: inductor's coordinate-descent tuning of the generated kernels, for every compiled mode;
+    ``compile_scope``: what the project's modes compile, ``blocks`` or the whole ``trunk``
+    (:func:`yxanul.model.compile_model`; bf16-plain and torchao always compile the whole plain model);
     ``fp8_options``: how the fp8 modes' layers compute (:class:`~yxanul.fp8.options.Fp8Options`);
     ``host_gc``: ``freeze`` collects and freezes Python's garbage after each mode's warm-up, ``default`` leaves
     the collector alone (:mod:`yxanul.hostgc`); each row records the collections inside its timed steps."""
@@ -269,7 +271,9 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     for k, v in (("--warmup", warmup), ("--profile", profile)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise YxanulError(f"must be a non-negative integer, got {v!r}", key=k)
-    from ..model import COMPILE_MODES
+    from ..model import COMPILE_MODES, COMPILE_SCOPES
+    if compile_scope not in COMPILE_SCOPES:
+        raise YxanulError(f"expected one of {', '.join(COMPILE_SCOPES)}, got {compile_scope!r}", key="--compile-scope")
     fp8_options = (fp8_options or Fp8Options()).validate("bench throughput")
     if host_gc not in HOST_GC_MODES:
         raise YxanulError(f"expected one of {', '.join(HOST_GC_MODES)}, got {host_gc!r}", key="--host-gc")
@@ -315,6 +319,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
               "model": cfg.name if layers is None else f"{cfg.name} ({cfg.n_layers} layers)",
               "batch": batch, "seq": seq, "compile_mode": (compile_mode or "default") if compile else None,
               "tune_kernels": bool(tune_kernels) if compile else None,
+              "compile_scope": compile_scope if compile else None,
               "fp8_options": fp8_options.as_dict(), "host_gc": host_gc, "rows": []}
     if profile and dev.type != "cuda":
         log("bench throughput: --profile needs CUDA kernels to time; no profile on this device")
@@ -344,9 +349,9 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                 else:
                     ms, pk, warm_s, final, notes, prof, gcs = _time_mode(
                         mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, compile_mode, tune_kernels,
-                        fp8_options, host_gc)
+                        fp8_options, host_gc, compile_scope)
             except Exception as e:  # noqa: BLE001
-                if (not compile or compile_mode or tune_kernels or mode == "bf16-plain"
+                if (not compile or compile_mode or tune_kernels or mode == "bf16-plain" or compile_scope != "blocks"
                         or isinstance(e, torch.cuda.OutOfMemoryError)):
                     raise
                 log(f"[{mode}] compiled run failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "

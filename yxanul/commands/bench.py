@@ -35,6 +35,10 @@ def _throughput(bsub):
     p.add_argument("--tune-kernels", action="store_true",
                    help="inductor's coordinate-descent tuning of the generated kernels, for every compiled mode "
                         "(minutes more compile time)")
+    p.add_argument("--compile-scope", default="blocks",
+                   help="what the project's modes compile: blocks (each block, one shared graph; default) or trunk "
+                        "(embedding, blocks and final norm as one graph: fusion across blocks, one CUDA graph per "
+                        "pass, a longer compile)")
     p.add_argument("--sweep", default=None, metavar="d_model=V1,V2,...",
                    help="run every mode at each width (same depth, heads scaled with width, batch halved until "
                         "the memory estimate fits the GPU); --json-out and --plot get the ratios against width")
@@ -89,7 +93,7 @@ def _run_throughput(args):
                   plain_compile_modes=args.plain_compile_modes,
                   fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
                                          fused_swiglu=args.fp8_fused_swiglu),
-                  host_gc=args.host_gc)
+                  host_gc=args.host_gc, compile_scope=args.compile_scope)
     if not args.sweep:
         result = run_throughput(**common)
         print(format_table(result), flush=True)
