@@ -571,11 +571,30 @@ def test_fp8_statistics_are_armed_for_every_logged_step_including_the_last(tmp_p
     assert [i + 2 for i, a in enumerate(armed) if a] == [5, 7]
 
 
+@pytest.mark.parametrize("every,want", [(2, [4, 8, 9]), (0, [])])
+def test_fp8_stats_every_n_th_logged_step(tmp_path, micro_model, data_dir, every, want):
+    """fp8_stats_every N: the FP8 statistics are armed for, and reported by, every N-th logged step and the last
+    (0: none); the other records carry no "fp8" entry and fp8_stats.jsonl holds only the reported steps."""
+    import json
+    import yxanul.train as tr
+    cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "s"), steps=9, batch_size=2, seq_len=16,
+                      precision="fp8", fp8_recipe="tensorwise", fp8_backend="emulated", eval_every=0,
+                      checkpoint_every=0, progress=False, log_every=2, fp8_stats_every=every).validate()
+    tr.Trainer(cfg, log=lambda *a: None).fit()
+    recs = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4, 6, 8, 9]
+    assert [r["step"] for r in recs if "fp8" in r] == want
+    stats = tmp_path / "s" / "fp8_stats.jsonl"
+    got = [json.loads(line)["step"] for line in stats.read_text().splitlines()] if stats.exists() else []
+    assert got == want
+    assert all(r["fp8"].get("modules", 1) for r in recs if "fp8" in r)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp8"])
 def test_trunk_compile_scope_trains_as_the_eager_model(precision, tiny_cfg):
     """compile_scope "trunk": embedding, every block and the final norm compiled as one graph (dynamo and
     AOTAutograd, as inductor receives them), the blocks themselves left uncompiled; losses and gradients of two
-    steps equal the eager model's, FP8 (tensorwise, emulated) included, and the delayed scaling state too."""
+    steps equal the eager model's, FP8 (delayed scaling, emulated) included, and its scaling state too."""
     import torch._dynamo
     from yxanul.fp8.linear import convert_model, fp8_step
     from yxanul.model import Block, Yxanul, compile_model

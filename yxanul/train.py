@@ -497,9 +497,8 @@ class Trainer:
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
         if self.fp8 and self.dist is not None:  # delayed scaling: every rank must derive the same scales
             sync_fp8_amax(self.model)
-        if self.fp8:  # arm statistics for the pass of the next logged step
-            nxt = step + 2  # the 1-based number of the next step: armed when that step is logged
-            self._fp8_step(self.model, collect_stats=nxt % cfg.log_every == 0 or nxt == cfg.steps)
+        if self.fp8:  # arm statistics for the pass of the next step when its record reports them
+            self._fp8_step(self.model, collect_stats=self._stats_due(step + 2))  # its 1-based number
         return loss_mean, gnorm, ok
 
     def _offending_module(self) -> str | None:
@@ -721,6 +720,14 @@ class Trainer:
                  f"  yxanul export {run} --out hf   # a Hugging Face folder")
 
     # -- timing ---------------------------------------------------------------------------------------
+    def _stats_due(self, n: int) -> bool:
+        """Whether the record of step `n` (1-based) reports FP8 statistics: every ``fp8_stats_every``-th logged
+        step and the last one (never with 0)."""
+        cfg = self.cfg
+        if not cfg.fp8_stats_every:
+            return False
+        return n == cfg.steps or (n % cfg.log_every == 0 and (n // cfg.log_every) % cfg.fp8_stats_every == 0)
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -768,7 +775,7 @@ class Trainer:
             rec["memory_bytes"] = _resident_memory()
         if self.last_bad_module:
             rec["last_bad_module"] = self.last_bad_module
-        if self.fp8 and self._fp8_stats is not None:
+        if self.fp8 and self._fp8_stats is not None and self._stats_due(self.step):
             try:
                 stats = _jsonable(self._fp8_stats(self.model))
             except Exception as e:  # statistics must never stop training

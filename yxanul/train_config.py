@@ -64,6 +64,9 @@ class TrainConfig:
                                  choices=("graph", "step"))
     fp8_fused_swiglu: bool = _opt(False, "delayed recipe: gate/up/SwiGLU as one function whose backward quantizes "
                                          "inside the kernel")
+    fp8_stats_every: int = _opt(1, "FP8 statistics (amax, saturation, underflow per layer; fp8_stats.jsonl) at every "
+                                    "N-th logged step and the last (0: never); the pass that records them reads "
+                                    "every FP8 operand once more")
     optimizer_states: str = _opt("fp32", "AdamW moment precision", choices=("fp32", "bf16"))
     loss_scale_init: float = _opt(65536.0, "initial loss scale (fp16)")
     loss_scale_growth_interval: int = _opt(2000, "clean steps before the loss scale doubles (fp16)")
@@ -105,7 +108,7 @@ class TrainConfig:
         for k in pos:
             if getattr(self, k) <= 0:
                 raise YxanulError(f"must be positive, got {getattr(self, k)}", source=source, key=k)
-        for k in ("warmup", "eval_every", "checkpoint_every", "keep_last", "sample_every"):
+        for k in ("warmup", "eval_every", "checkpoint_every", "keep_last", "sample_every", "fp8_stats_every"):
             if getattr(self, k) < 0:
                 raise YxanulError(f"must be >= 0, got {getattr(self, k)}", source=source, key=k)
         for k in ("lr", "min_lr", "weight_decay", "clip", "eps"):
