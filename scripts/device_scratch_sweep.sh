@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # From-scratch loss parity needs a recipe whose plateau exit is reproducible (docs/benchmarks.md, "Loss parity"):
-# for each candidate recipe, two BF16 runs of Yxanul-197M on different data orders (bf16, bf16-seed2) from the
-# same initialization, paired per-window delta at the end: the smaller it is, the better FP8 can be told apart.
+# for each candidate recipe, two BF16 runs of Yxanul-197M from the same initialization on the same data (bf16,
+# bf16-b: they differ only by GPU non-determinism, as FP8 and BF16 runs of one repeat do), paired per-window
+# delta at the end: the smaller it is, the better FP8 can be told apart. MODES adds modes (e.g. bf16-seed2).
 # Usage: scripts/device_scratch_sweep.sh CORPUS_DIR RANKS_FILE OUT_DIR [TOKENS] [RECIPE ...]
 #   a RECIPE is NAME:LR:WARMUP, default "base:1.5e-3:45" "gentle:6e-4:300"
 set -euo pipefail
@@ -13,7 +14,7 @@ data="${DATA_DIR:-/tmp/yxanul-o200k}"
   --tokenizer "$ranks" --out "$data" --workers "$(nproc)" --no-progress
 for r in "$@"; do
   IFS=: read -r name lr warmup <<< "$r"
-  python3 -m yxanul bench quality --model yxanul-197m --data "$data" --tokens "$tokens" --modes bf16,bf16-seed2 \
+  python3 -m yxanul bench quality --model yxanul-197m --data "$data" --tokens "$tokens" --modes "${MODES:-bf16,bf16-b}" \
     --batch 16 --seq 2048 --lr "$lr" --warmup "$warmup" --eval-every 100 --eval-batches 8 --compile --device cuda \
     --out "$out/$name" ${SWEEP_ARGS:-}
 done

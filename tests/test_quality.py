@@ -16,6 +16,23 @@ def test_parse_modes_rejects_unknown_and_duplicates():
         parse_modes("bf16,fp9")
     with pytest.raises(YxanulError, match="twice"):
         parse_modes("bf16,bf16")
+    assert parse_modes("bf16,bf16-b,bf16-seed2") == ["bf16", "bf16-b", "bf16-seed2"]
+
+
+def test_from_scratch_twin_trains_bf16_on_the_same_data(tmp_path):
+    """bf16-b from scratch: BF16 with bf16's initialization and data order, so it differs from bf16 only by
+    non-determinism (none on a CPU: bit-identical, a noise not measured); bf16-seed2 reads another order."""
+    out = tmp_path / "q"
+    res = run_quality("tiny", None, tokens=2 * 32 * 3, modes=["bf16", "bf16-b", "bf16-seed2"], seeds=1, batch=2,
+                      seq=32, device="cpu", out=str(out), eval_batches=1, eval_every=3, eval_windows=3)
+    seed_of = {m: json.loads((out / m / "result.json").read_text())["settings"]["data_seed"]
+               for m in ("bf16", "bf16-b", "bf16-seed2")}
+    assert seed_of["bf16"] == seed_of["bf16-b"] != seed_of["bf16-seed2"]
+    assert res["windows"]["bf16-b"] == res["windows"]["bf16"]
+    paired = {r["mode"]: r for r in res["paired"]}
+    assert paired["bf16-b"]["delta_pct"] == 0.0
+    # the bit-identical twin measured nothing; bf16-seed2 then gets no borrowed noise (its own R is 1)
+    assert paired["bf16-seed2"]["se_pct"] is None
 
 
 def test_summarize_relative_difference_and_noise_band():

@@ -51,7 +51,8 @@ from ..fmt import table
 from ..io import atomic_write_json, atomic_write_text
 
 BASE_MODES = ("bf16", "fp8", "fp8-blockwise", "fp8-tensorwise", "fp8-rowwise", "fp8-delayed", "fp8-head", "fp8-all")
-NOISE_MODE = "bf16-seed2"
+NOISE_MODE = "bf16-seed2"  # BF16 on another data order
+FORK_NOISE_MODE = "bf16-b"  # a second BF16 run on the same data: differs from bf16 only by non-determinism
 SE_METHOD = ("delta method on per-window paired differences, combined with the run-to-run noise pooled over every "
              "BF16 pair (its delta) and every mode's repeats (their deviations from the mode's mean), divided by R "
              "(verdicts unresolved without a measured noise)")
@@ -62,7 +63,7 @@ def parse_modes(text: str) -> list[str]:
     if not modes:
         raise YxanulError("no modes given", key="--modes")
     for m in modes:
-        if m not in BASE_MODES and m != NOISE_MODE:
+        if m not in BASE_MODES and m not in (NOISE_MODE, FORK_NOISE_MODE):
             raise YxanulError(f"unknown mode {m!r} (expected: {', '.join(BASE_MODES)})", key="--modes")
     if len(set(modes)) != len(modes):
         raise YxanulError("a mode is listed twice", key="--modes")
@@ -103,7 +104,7 @@ def _all_fp8_policy(base_path: str | None, out_dir: Path) -> str:
 
 def _mode_setup(mode: str, policy: str | None, out_dir: Path, all_recipe: str = "blockwise") -> tuple[dict, dict]:
     """(TrainConfig overrides, extra options) for one mode."""
-    if mode in ("bf16", NOISE_MODE):
+    if mode in ("bf16", NOISE_MODE, FORK_NOISE_MODE):
         return {"precision": "bf16"}, {}
     over = {"precision": "fp8"}
     extra: dict = {}
@@ -543,7 +544,8 @@ def paired_rows(windows: dict, modes: list[str], ref: str = "bf16") -> list[dict
                  if windows.get((mode, r)) and windows.get((ref, r))]
         if pairs:
             pairs_of[mode] = pairs
-    noise_mode = next((m for m in modes if m in (FORK_NOISE_MODE, NOISE_MODE) and m in pairs_of), None)
+    # the same-data twin first: FP8 and BF16 runs of one repeat share their data, so its noise is theirs
+    noise_mode = next((m for m in (FORK_NOISE_MODE, NOISE_MODE) if m in pairs_of), None)
     deltas = {m: [paired_delta(a, b)[0] for a, b in pairs] for m, pairs in pairs_of.items()}
     noise, df = pooled_run_noise(deltas.get(noise_mode, []), [d for m, d in deltas.items() if m != noise_mode])
     return [paired_row(mode, pairs) if mode == noise_mode else paired_row(mode, pairs, noise, df)
@@ -596,7 +598,6 @@ def plot_deltas(rows: list[dict], path, title: str = "") -> None:
 
 # -- fork protocol ---------------------------------------------------------------------------------------
 
-FORK_NOISE_MODE = "bf16-b"
 CUBLAS_DETERMINISTIC = ":4096:8"
 
 
