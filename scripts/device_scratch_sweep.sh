@@ -2,7 +2,7 @@
 # From-scratch loss parity needs a recipe whose plateau exit is reproducible (docs/benchmarks.md, "Loss parity"):
 # for each candidate recipe, two BF16 runs of Yxanul-197M from the same initialization on the same data (bf16,
 # bf16-b: they differ only by GPU non-determinism, as FP8 and BF16 runs of one repeat do), paired per-window
-# delta at the end: the smaller it is, the better FP8 can be told apart. MODES adds modes (e.g. bf16-seed2).
+# delta at the end: the smaller it is, the better FP8 can be told apart. MODES: the modes (default bf16,bf16-b).
 # Usage: scripts/device_scratch_sweep.sh CORPUS_DIR RANKS_FILE OUT_DIR [TOKENS] [RECIPE ...]
 #   a RECIPE is NAME:LR:WARMUP, default "base:1.5e-3:45" "gentle:6e-4:300"
 set -euo pipefail

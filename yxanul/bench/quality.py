@@ -2,9 +2,10 @@
 
 Every mode trains the same model from the same initialization on the same batch order (the training loop's
 batches are a pure function of the data seed and the step) and is evaluated on the same fixed validation
-windows at the same steps. A second BF16 run that differs only in its data-order seed (``bf16-seed2``; in
-the fork protocol a second BF16 branch on the same data, ``bf16-b``) samples the run-to-run noise; whether a
-mode is within that noise is judged from repeats (``--repeats``), never from one pair.
+windows at the same steps. A second BF16 run on the same data (``bf16-b``, from scratch or as a second
+branch of the fork) samples the run-to-run noise of GPU non-determinism; one that differs only in its
+data-order seed (``bf16-seed2``) samples that of the data order too. Whether a mode is within the noise is
+judged from repeats (``--repeats``), never from one pair.
 
 Modes:
   ``bf16``            autocast BF16, FP32 master weights and optimizer states (the reference)

@@ -127,7 +127,8 @@ def _quality(bsub):
     p.add_argument("--tokens", type=int, required=True, help="training tokens per mode")
     p.add_argument("--modes", default="bf16,fp8-blockwise,fp8-delayed,fp8-all",
                    help="comma-separated: bf16, fp8, fp8-blockwise, fp8-tensorwise, fp8-rowwise, fp8-delayed, "
-                        "fp8-head, fp8-all")
+                        "fp8-head, fp8-all; bf16-b (BF16 on the same data: the noise floor), bf16-seed2 (BF16 on "
+                        "another data order)")
     p.add_argument("--seeds", type=int, default=2, help="2 adds a second BF16 run with another data order")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=2048)
