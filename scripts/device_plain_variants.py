@@ -77,6 +77,9 @@ def own_loop(name):
 for v in variants:
     try:
         if v in ("bench", "bf16"):
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
             ms, peak, warm, final, *_ = _time_mode("bf16-plain" if v == "bench" else "bf16", cfg, dev, True, None,
                                                    x, y, STEPS, WARM, print)
         else:

@@ -14,7 +14,7 @@ data="${DATA_DIR:-/tmp/yxanul-o200k}"
   --tokenizer "$ranks" --out "$data" --workers "$(nproc)" --no-progress
 for r in "$@"; do
   IFS=: read -r name lr warmup <<< "$r"
-  python3 -m yxanul bench quality --model yxanul-197m --data "$data" --tokens "$tokens" --modes "${MODES:-bf16,bf16-b}" \
+  python3 -m yxanul bench quality --model yxanul-197m --data "$data" --tokens "$tokens" --modes "${MODES:-bf16,bf16-b}" --seeds 1 \
     --batch 16 --seq 2048 --lr "$lr" --warmup "$warmup" --eval-every 100 --eval-batches 8 --compile --device cuda \
     --out "$out/$name" ${SWEEP_ARGS:-}
 done

@@ -4,23 +4,44 @@ the delta-per-mode plot (2-sigma bars) and the loss curves of the first file's r
 Several files (forks of the same protocol in separate processes, each with its own BF16 trunk) are combined as
 repeats: file k's repeats follow file k-1's, a mode's delta is the mean over every repeat that ran it, and the
 run-to-run noise is pooled over every BF16 pair and every mode's repeats. `FILE:MODE,MODE` keeps only the
-listed modes of that file (bf16 is always kept), e.g. to leave out a mode whose code has changed since.
+listed modes of that file (bf16 and its twin bf16-b are always kept), e.g. to leave out a mode whose code has
+changed since. Files must share the protocol (model, tokens, steps, fork step, batch, seq, lr, warm-up).
 
 Usage: python scripts/fork_report.py FORK_JSON[:MODES] [FORK_JSON[:MODES] ...] --out DIR [--title TEXT]
 (CPU is enough; needs matplotlib). Writes DIR/fork.md, DIR/fork-delta.png and DIR/fork-curves.png (replacing them).
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from yxanul.bench.quality import FORK_NOISE_MODE, SE_METHOD, fork_markdown, paired_rows, plot, plot_deltas
+from yxanul.errors import YxanulError
+
+
+def fail(msg: str) -> None:
+    print(f"fork_report: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# what must agree for forks to be repeats of one protocol
+SAME = ("model", "tokens", "steps", "fork_at", "batch", "seq", "lr", "warmup")
 
 
 def load(spec: str):
-    path, _, keep = spec.partition(":")
-    res = json.loads(Path(path).read_text(encoding="utf-8"))
-    keep = {m.strip() for m in keep.split(",") if m.strip()} | {"bf16"} if keep else None
-    return res, keep
+    """(fork.json contents, the modes to keep or None for all). `spec` is a path, or PATH:MODES; bf16 and its
+    twin bf16-b (the file's noise measurement) are always kept."""
+    path, keep = spec, ""
+    if not Path(spec).exists() and ":" in spec:
+        path, _, keep = spec.rpartition(":")
+    try:
+        res = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        fail(f"{path}: cannot read a fork.json ({e})")
+    if not isinstance(res, dict) or not isinstance(res.get("windows"), dict):
+        fail(f"{path}: not a fork.json (no per-window losses)")
+    keep = {m.strip() for m in keep.split(",") if m.strip()} | {"bf16", FORK_NOISE_MODE} if keep else None
+    return path, res, keep
 
 
 def main() -> None:
@@ -29,10 +50,17 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default=None)
     a = ap.parse_args()
-    windows, modes, first, offset, sources = {}, [], None, 0, []
+    windows, modes, first, offset, sources, seen = {}, [], None, 0, [], set()
     for spec in a.fork_json:
-        res, keep = load(spec)
+        path, res, keep = load(spec)
+        if Path(path).resolve() in seen:
+            fail(f"{path}: given twice (one fork counted as two repeats)")
+        seen.add(Path(path).resolve())
         first = first or res
+        differ = [k for k in SAME if res.get(k) != first.get(k)]
+        if differ:
+            fail(f"{path}: not the same protocol as {a.fork_json[0]} (differs in "
+                     f"{', '.join(differ)})")
         reps = set()
         for name, w in res["windows"].items():
             mode, r = name.rsplit("-r", 1)
@@ -44,9 +72,12 @@ def main() -> None:
                 modes.append(mode)
         sources.append(f"{spec} ({len(reps)} repeat(s), {res.get('date', '?')})")
         offset += max(reps) + 1 if reps else 0
-    rows = paired_rows(windows, modes)
+    try:
+        rows = paired_rows(windows, modes)
+    except YxanulError as e:
+        fail(f"{e}")
     res = dict(first)
-    res["repeats"] = offset
+    res["repeats"] = len({r for _, r in windows})
     res["noise_floor"] = next((x for x in rows if x["mode"] == FORK_NOISE_MODE), None)
     res["paired"] = [x for x in rows if x["mode"] != FORK_NOISE_MODE]
     res["se_method"] = SE_METHOD

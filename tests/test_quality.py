@@ -19,6 +19,19 @@ def test_parse_modes_rejects_unknown_and_duplicates():
     assert parse_modes("bf16,bf16-b,bf16-seed2") == ["bf16", "bf16-b", "bf16-seed2"]
 
 
+def test_a_failed_mode_is_trained_again(tmp_path):
+    """A mode whose run failed before its first record leaves only its result.json: the next call trains it
+    again instead of meeting a folder that holds files no run writes."""
+    out = tmp_path / "q"
+    kw = dict(tokens=2 * 32 * 2, modes=["bf16"], seeds=1, batch=2, seq=32, device="cpu", out=str(out),
+              eval_batches=1, eval_every=2, eval_windows=2)
+    (out / "bf16").mkdir(parents=True)
+    (out / "bf16" / "result.json").write_text('{"error": "killed", "settings": {}}')
+    res = run_quality("tiny", None, **kw)
+    assert res["rows"][0]["final_val_loss"] is not None
+    assert (out / "bf16" / "metrics.jsonl").exists()
+
+
 def test_from_scratch_twin_trains_bf16_on_the_same_data(tmp_path):
     """bf16-b from scratch: BF16 with bf16's initialization and data order, so it differs from bf16 only by
     non-determinism (none on a CPU: bit-identical, a noise not measured); bf16-seed2 reads another order."""
@@ -373,6 +386,7 @@ def test_run_noise_pools_bf16_pairs_and_repeats_by_hand():
     assert pooled_run_noise([0.2, -0.1], [[0.3, 0.1], [0.5]]) == pytest.approx(
         (math.sqrt((0.04 + 0.01 + 0.01 + 0.01) / 3), 3))
     assert pooled_run_noise([0.0], [[0.2]]) == (None, 0)
+    assert pooled_run_noise([0.1], [[0.2, 0.2, 0.2]]) == pytest.approx((0.1, 1))  # bit-identical repeats: no df
     ref = [[3.0, 3.1, 2.9, 3.0], [3.02, 3.1, 2.88, 3.01], [2.99, 3.12, 2.9, 3.0]]
     windows = {}
     for r, w in enumerate(ref):
@@ -429,6 +443,14 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     md = (out / "fork.md").read_text()
     assert f"| fp8-tensorwise | +0.200% | - | {math.sqrt(0.05):.3f}% | 1 |" in md, md
     assert "| bf16-b | +0.200% |" in md and "| 2 |" in md and "2 degrees of freedom" in md
+    # forks of another protocol, or one fork given twice, are refused (exit 2, one line, nothing written)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(fork, steps=3)))
+    before = (out / "fork.md").read_text()
+    for args in ([str(src), str(other)], [str(src), str(src)]):
+        r = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error" in r.stderr, r.stderr
+    assert (out / "fork.md").read_text() == before
 
 
 def test_a_bit_identical_bf16_pair_measures_no_noise():

@@ -481,6 +481,7 @@ def test_train_refuses_a_users_non_empty_folder_and_starts_in_an_empty_one(tmp_p
         assert (docs / "metrics.jsonl").read_text() == '{"mine": 1}\n'
     empty = tmp_path / "empty"
     empty.mkdir()
+    (empty / ".config.yaml.999999999-0123abcd.tmp").write_text("a killed run's temporary")  # ours: no refusal
     assert main(argv + ["--out", str(empty)]) == 0
     assert {"config.yaml", "metrics.jsonl"} <= {p.name for p in empty.iterdir()}
 

@@ -225,6 +225,12 @@ class Yxanul(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def __getstate__(self):
+        # the compiled trunk is bound to this instance: a copy (or a pickled model) runs its own trunk eagerly
+        state = dict(super().__getstate__())
+        state.pop("compiled_hidden", None)
+        return state
+
     # -- forward -----------------------------------------------------------------------------------
     def hidden(self, idx: torch.Tensor, kv_caches=None, pos: int = 0) -> torch.Tensor:
         T = idx.shape[1]

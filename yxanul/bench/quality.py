@@ -295,7 +295,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
         else:
             cfg = load_train_config(None, {**base, **over, "out": str(mode_dir), **launch,
                                            "policy": over.get("policy", policy)})
-            if mode_dir.exists() and (mode_dir / "metrics.jsonl").exists():
+            if mode_dir.is_dir():  # a run with other settings, or one that failed: trained again from scratch
                 shutil.rmtree(mode_dir)
             print(f"[quality] {name}: {steps} steps x {tokens_per_step} tokens", flush=True)
             run = _train_and_evaluate(cfg, extra, data_seed, eval_windows)
@@ -500,7 +500,7 @@ def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]], run_nois
     avg_r = [sum(r[w] for _, r in pairs) / R for w in range(n)]
     _, se_w = paired_delta(avg_m, avg_r)
     sd = statistics.stdev(deltas) if R >= 2 else None
-    if run_noise is None and sd is not None:
+    if run_noise is None and sd:  # an SD of 0 (bit-identical repeats) is no measured noise
         run_noise, noise_df = sd, R - 1
     run_var = None if run_noise is None else run_noise ** 2 / R
     se = None if (se_w is None or run_var is None) else math.sqrt(se_w ** 2 + run_var)
@@ -520,11 +520,11 @@ def pooled_run_noise(twin_deltas: list[float], mode_deltas: list[list[float]]) -
     """(SD of one run pair's delta, degrees of freedom), pooled: each BF16 pair's delta (two runs that should
     agree: mean zero) is one degree of freedom, and each mode's R repeats add R - 1 (deviations from the
     mode's mean). A bit-identical BF16 pair (deterministic, or a CPU) measured no noise, not zero noise, and is
-    left out. (None, 0) when nothing measured it."""
+    left out, as are a mode's bit-identical repeats. (None, 0) when nothing measured it."""
     ss = sum(d * d for d in twin_deltas if d != 0.0)
     df = sum(1 for d in twin_deltas if d != 0.0)
     for ds in mode_deltas:
-        if len(ds) >= 2:
+        if len(ds) >= 2 and max(ds) != min(ds):  # bit-identical repeats measured no noise either
             m = sum(ds) / len(ds)
             ss += sum((d - m) ** 2 for d in ds)
             df += len(ds) - 1

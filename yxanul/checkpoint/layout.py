@@ -265,6 +265,12 @@ def is_run_config(path: Path) -> bool:
     return head.startswith(_RUN_CONFIG_HEAD) and b"\nmodel:\n" in head
 
 
+def _own_temporary(p: Path) -> bool:
+    """A killed run's temporary copy of one of its own files (``.config.yaml.PID-XXXXXXXX.tmp``)."""
+    from ..io import is_stale_temporary
+    return is_stale_temporary(p) and any(p.name.startswith(f".{n}.") for n in RUN_ENTRIES)
+
+
 def prepare_fresh_run_dir(run_dir: Path, restart: bool) -> None:
     """A fresh start in `run_dir`. A folder that already holds a run is refused, unless it has no checkpoint
     and `restart` is set: then the records of the stopped run (``metrics.jsonl``, ``fp8_stats.jsonl``) are
@@ -275,7 +281,8 @@ def prepare_fresh_run_dir(run_dir: Path, restart: bool) -> None:
         raise YxanulError(f"holds a {RUN_CONFIG} that no yxanul run wrote (a run writes its resolved config "
                           f"there); choose another --out", source=str(run_dir))
     try:
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES) if run_dir.is_dir() else []
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES
+                         and not _own_temporary(p)) if run_dir.is_dir() else []
     except OSError as e:
         raise YxanulError(f"cannot list the run folder: {e.strerror or e}", source=str(run_dir)) from None
     if foreign:  # the user's own folder: a run would mix its files in (and --restart would delete its records)
