@@ -372,8 +372,11 @@ def test_one_repeat_rows_take_their_run_noise_from_the_bf16_pair():
     t, b = rows["fp8-tensorwise"], rows[FORK_NOISE_MODE]
     noise = paired_delta(twin, ref)[0]
     assert noise == pytest.approx(0.15)
-    assert t["run_noise_pct"] == pytest.approx(noise) and t["noise_df"] == 1
-    assert t["se_pct"] == pytest.approx(math.sqrt(t["window_se_pct"] ** 2 + noise ** 2))
+    # against the mean of the two BF16 runs: 1.5 run variances, 0.75 of the pair's delta variance
+    assert t["reference"] == "mean of bf16 and bf16-b" and b["reference"] == "bf16"
+    assert t["delta_pct"] == pytest.approx(paired_delta(mode, [(x + y) / 2 for x, y in zip(ref, twin)])[0])
+    assert t["run_noise_pct"] == pytest.approx(noise * math.sqrt(0.75)) and t["noise_df"] == 1
+    assert t["se_pct"] == pytest.approx(math.sqrt(t["window_se_pct"] ** 2 + 0.75 * noise ** 2))
     assert t["verdicts"]["0.1%"] == "unresolved"           # |delta| + 2 SE spans more than 0.1%
     assert b["se_pct"] is None and set(b["verdicts"].values()) == {"unresolved"}
     assert t["within_noise"] is None                       # measured noise needs repeats
@@ -396,13 +399,16 @@ def test_run_noise_pools_bf16_pairs_and_repeats_by_hand():
     windows[("fp8-all", 0)] = [x * 1.003 for x in ref[0]]
     rows = {r["mode"]: r for r in paired_rows(windows, ["bf16", FORK_NOISE_MODE, "fp8-tensorwise", "fp8-all"])}
     twin = [paired_delta(windows[(FORK_NOISE_MODE, r)], ref[r])[0] for r in range(3)]
-    tw = [paired_delta(windows[("fp8-tensorwise", r)], ref[r])[0] for r in range(3)]
+    pair_mean = [[(x + y) / 2 for x, y in zip(ref[r], windows[(FORK_NOISE_MODE, r)])] for r in range(3)]
+    tw = [paired_delta(windows[("fp8-tensorwise", r)], pair_mean[r])[0] for r in range(3)]
     m = sum(tw) / 3
-    noise = math.sqrt((sum(d * d for d in twin) + sum((d - m) ** 2 for d in tw)) / 5)
+    # tensorwise's deviations measure 0.75 of the pair variance (it is against the BF16 pair's mean)
+    noise = math.sqrt((sum(d * d for d in twin) + sum((d - m) ** 2 for d in tw) / 0.75) / 5)
     t, a = rows["fp8-tensorwise"], rows["fp8-all"]
-    assert t["run_noise_pct"] == pytest.approx(noise) and t["noise_df"] == 5 and a["noise_df"] == 5
-    assert t["se_pct"] == pytest.approx(math.sqrt(t["window_se_pct"] ** 2 + noise ** 2 / 3))
-    assert a["se_pct"] == pytest.approx(math.sqrt(a["window_se_pct"] ** 2 + noise ** 2))
+    assert t["repeat_delta_pct"] == pytest.approx(tw)
+    assert t["run_noise_pct"] == pytest.approx(noise * math.sqrt(0.75)) and t["noise_df"] == 5 and a["noise_df"] == 5
+    assert t["se_pct"] == pytest.approx(math.sqrt(t["window_se_pct"] ** 2 + 0.75 * noise ** 2 / 3))
+    assert a["se_pct"] == pytest.approx(math.sqrt(a["window_se_pct"] ** 2 + 0.75 * noise ** 2))
     assert t["within_noise"] == (abs(t["delta_pct"]) <= 2 * t["se_pct"])
     b = rows[FORK_NOISE_MODE]  # the twin's own row: its SD over its repeats
     assert b["run_noise_pct"] == pytest.approx(b["sd_pct"]) and b["noise_df"] == 2
@@ -429,10 +435,11 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     r = subprocess.run([sys.executable, str(script), str(src), "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     md = (out / "fork.md").read_text()
-    assert "| fp8-tensorwise | +0.200% | - | 0.100% | 1 |" in md and "old text" not in md
+    # against the BF16 pair's mean (+0.05%): +0.150%; SE sqrt(0.75) x the pair's 0.1%
+    assert "| fp8-tensorwise | +0.150% | - | 0.087% | 1 |" in md and "old text" not in md
     assert (out / "fork-delta.png").stat().st_size > 1000 and (out / "fork-curves.png").stat().st_size > 1000
     # a second fork combined as repeat 1, its fp8-tensorwise left out: the mode keeps R=1, the pair R=2 and the
-    # noise is pooled from both pairs (+0.1% and +0.3%: sqrt((0.01 + 0.09) / 2))
+    # noise is pooled from both pairs (+0.1% and +0.3%: sqrt((0.01 + 0.09) / 2)), x sqrt(0.75) for the mode
     second = dict(fork, windows={"bf16-r0": ref, "bf16-b-r0": [x * 1.003 for x in ref],
                                  "fp8-tensorwise-r0": [x * 1.1 for x in ref]})
     src2 = tmp_path / "fork2.json"
@@ -441,8 +448,8 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     md = (out / "fork.md").read_text()
-    assert f"| fp8-tensorwise | +0.200% | - | {math.sqrt(0.05):.3f}% | 1 |" in md, md
-    assert "| bf16-b | +0.200% |" in md and "| 2 |" in md and "2 degrees of freedom" in md
+    assert f"| fp8-tensorwise | +0.150% | - | {math.sqrt(0.05 * 0.75):.3f}% | 1 |" in md, md
+    assert "| bf16-b | +0.200% |" in md and "| 2 |" in md and "(2 degrees of freedom)" in md
     # forks of another protocol, or one fork given twice, are refused (exit 2, one line, nothing written)
     other = tmp_path / "other.json"
     other.write_text(json.dumps(dict(fork, steps=3)))

@@ -56,7 +56,8 @@ NOISE_MODE = "bf16-seed2"  # BF16 on another data order
 FORK_NOISE_MODE = "bf16-b"  # a second BF16 run on the same data: differs from bf16 only by non-determinism
 SE_METHOD = ("delta method on per-window paired differences, combined with the run-to-run noise pooled over every "
              "BF16 pair (its delta) and every mode's repeats (their deviations from the mode's mean), divided by R "
-             "(verdicts unresolved without a measured noise)")
+             "(verdicts unresolved without a measured noise); modes are compared with the mean of the two BF16 runs "
+             "(bf16, bf16-b) where both ran, which carries 0.75 of a single run's noise variance")
 
 
 def parse_modes(text: str) -> list[str]:
@@ -516,41 +517,69 @@ def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]], run_nois
     return row
 
 
-def pooled_run_noise(twin_deltas: list[float], mode_deltas: list[list[float]]) -> tuple[float | None, int]:
+def pooled_run_noise(twin_deltas: list[float], mode_deltas: list[list[float]],
+                     factors: list[float] | None = None) -> tuple[float | None, int]:
     """(SD of one run pair's delta, degrees of freedom), pooled: each BF16 pair's delta (two runs that should
     agree: mean zero) is one degree of freedom, and each mode's R repeats add R - 1 (deviations from the
-    mode's mean). A bit-identical BF16 pair (deterministic, or a CPU) measured no noise, not zero noise, and is
-    left out, as are a mode's bit-identical repeats. (None, 0) when nothing measured it."""
+    mode's mean, divided by the mode's variance factor in `factors`: 0.75 for a delta against the mean of two
+    BF16 runs, see :func:`paired_rows`). A bit-identical BF16 pair (deterministic, or a CPU) measured no
+    noise, not zero noise, and is left out, as are a mode's bit-identical repeats. (None, 0) when nothing
+    measured it."""
     ss = sum(d * d for d in twin_deltas if d != 0.0)
     df = sum(1 for d in twin_deltas if d != 0.0)
-    for ds in mode_deltas:
+    for ds, k in zip(mode_deltas, factors or [1.0] * len(mode_deltas)):
         if len(ds) >= 2 and max(ds) != min(ds):  # bit-identical repeats measured no noise either
             m = sum(ds) / len(ds)
-            ss += sum((d - m) ** 2 for d in ds)
+            ss += sum((d - m) ** 2 for d in ds) / k
             df += len(ds) - 1
     return (math.sqrt(ss / df) if df and ss > 0 else None), (df if ss > 0 else 0)
 
 
+PAIR_MEAN_FACTOR = 0.75  # Var(L - (L_a + L_b) / 2) = 1.5 run variances = 0.75 x Var(L_a - L_b)
+
+
 def paired_rows(windows: dict, modes: list[str], ref: str = "bf16") -> list[dict]:
     """One row per mode other than `ref` that has paired windows: `windows[(mode, repeat)]` lists per-window
-    losses; repeats missing either side are left out. Every row's run-to-run noise is pooled
-    (:func:`pooled_run_noise`) from a second BF16 mode among `modes` (the fork's twin or the from-scratch second
-    seed) and from every mode's repeats; the twin's own row keeps its own SD over repeats."""
+    losses; repeats missing either side are left out.
+
+    Reference: where every repeat of a mode also has the same-data BF16 twin (``bf16-b``), the mode is compared
+    with the per-window mean of the two BF16 runs, whose own run-to-run noise is half a run's: the delta's
+    variance is then 0.75 of that of a delta against one BF16 run (1.5 run variances instead of 2). The twin's
+    row itself is against `ref`. Every row's run-to-run noise is pooled (:func:`pooled_run_noise`) from the
+    twin (or the from-scratch ``bf16-seed2``) and every mode's repeats, scaled by the row's variance factor;
+    the twin's own row keeps its own SD over repeats."""
     repeats = sorted({r for _, r in windows})
-    pairs_of = {}
+    pairs_of, factor_of = {}, {}
     for mode in modes:
         if mode == ref:
             continue
-        pairs = [(windows[(mode, r)], windows[(ref, r)]) for r in repeats
-                 if windows.get((mode, r)) and windows.get((ref, r))]
-        if pairs:
-            pairs_of[mode] = pairs
+        reps = [r for r in repeats if windows.get((mode, r)) and windows.get((ref, r))]
+        if not reps:
+            continue
+        mean_ref = mode != FORK_NOISE_MODE and all(windows.get((FORK_NOISE_MODE, r)) for r in reps)
+        if mean_ref:
+            pairs_of[mode] = [(windows[(mode, r)], [(a + b) / 2 for a, b in zip(windows[(ref, r)],
+                                                                                 windows[(FORK_NOISE_MODE, r)])])
+                              for r in reps]
+        else:
+            pairs_of[mode] = [(windows[(mode, r)], windows[(ref, r)]) for r in reps]
+        factor_of[mode] = PAIR_MEAN_FACTOR if mean_ref else 1.0
     # the same-data twin first: FP8 and BF16 runs of one repeat share their data, so its noise is theirs
     noise_mode = next((m for m in (FORK_NOISE_MODE, NOISE_MODE) if m in pairs_of), None)
     deltas = {m: [paired_delta(a, b)[0] for a, b in pairs] for m, pairs in pairs_of.items()}
-    noise, df = pooled_run_noise(deltas.get(noise_mode, []), [d for m, d in deltas.items() if m != noise_mode])
-    return [paired_row(mode, pairs) if mode == noise_mode else paired_row(mode, pairs, noise, df)
-            for mode, pairs in pairs_of.items()]
+    others = [m for m in deltas if m != noise_mode]
+    noise, df = pooled_run_noise(deltas.get(noise_mode, []), [deltas[m] for m in others],
+                                 [factor_of[m] for m in others])
+    rows = []
+    for mode, pairs in pairs_of.items():
+        if mode == noise_mode:
+            row = paired_row(mode, pairs)
+        else:
+            row = paired_row(mode, pairs, None if noise is None else noise * math.sqrt(factor_of[mode]), df)
+        row["reference"] = f"mean of {ref} and {FORK_NOISE_MODE}" if factor_of[mode] != 1.0 else ref
+        row["pair_noise_pct"] = None if mode == noise_mode else noise  # the SD of one run pair's delta
+        rows.append(row)
+    return rows
 
 
 def _pct(v: float | None, sign: bool = False) -> str:
@@ -832,10 +861,11 @@ def fork_markdown(result: dict) -> str:
             f"{result['repeats']} repeat(s), device {result['device']}, torch {result['torch']}"
             + (", deterministic algorithms" if result.get("deterministic") else ""))
     n = next((x["windows"] for x in rows), None)
-    noise = next((x for x in result.get("paired", []) if x.get("run_noise_pct") is not None), None)
+    noise = next((x for x in result.get("paired", []) if x.get("pair_noise_pct") is not None), None)
     tail = (f"delta = mean over {n} validation windows of (L_mode - L_bf16) / mean L_bf16, mean over repeats; "
             f"SE: {result['se_method']}"
-            + (f"; run-to-run noise {noise['run_noise_pct']:.3f}% ({noise['noise_df']} degrees of freedom)"
+            + (f"; run-to-run noise of one run pair's delta {noise['pair_noise_pct']:.3f}% ({noise['noise_df']} "
+               f"degrees of freedom)"
                if noise else "") + f". {FORK_NOISE_MODE}: a second BF16 branch on the same data (noise floor). "
             f"BF16 pairs bit-identical per repeat: {result.get('bf16_pairs_bit_identical')}")
     return head + "\n\n" + markdown_table(rows) + "\n\n" + tail
