@@ -24,7 +24,8 @@ the per-window paired differences by the delta method (the SE of the mean of
 repeats' deltas, SD their sample standard deviation, and SE combines both sources of error:
 ``sqrt(s^2 / R + SE_w^2)``, SE_w being the window SE of the repeat-averaged per-window differences and s the
 run-to-run noise of one run pair, pooled over the BF16 pairs and every mode's repeats (:func:`pooled_run_noise`;
-the two overlap slightly, so SE errs on the large side). A claim "delta lies in [lo, hi]" is confirmed when the 2-sigma
+the two overlap slightly, so SE errs on the large side). Where the same-data twin ``bf16-b`` ran, the reference
+is the per-window mean of the two BF16 runs and s^2 counts 0.75 times (:func:`paired_rows`). A claim "delta lies in [lo, hi]" is confirmed when the 2-sigma
 interval lies inside it, refuted when the interval lies wholly outside it, unresolved otherwise.
 
 Fork protocol (:func:`run_fork`): one BF16 trunk trains to the fork step and is checkpointed; every mode
