@@ -571,6 +571,21 @@ def test_fp8_statistics_are_armed_for_every_logged_step_including_the_last(tmp_p
     assert [i + 2 for i, a in enumerate(armed) if a] == [5, 7]
 
 
+def test_the_first_logged_step_records_fp8_statistics(tmp_path, micro_model, data_dir):
+    """The first step of a run is armed before it runs (no earlier step's fp8_step did it): with log_every 1 its
+    record reports activation and gradient statistics, not the weight's alone."""
+    import json
+    import yxanul.train as tr
+    cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "s"), steps=2, batch_size=2, seq_len=16,
+                      precision="fp8", fp8_recipe="tensorwise", fp8_backend="emulated", eval_every=0,
+                      checkpoint_every=0, progress=False, log_every=1).validate()
+    tr.Trainer(cfg, log=lambda *a: None).fit()
+    first = json.loads((tmp_path / "s" / "fp8_stats.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1
+    mod = next(iter(first["modules"].values()))
+    assert all(mod[k]["amax"] is not None for k in ("x", "w", "dy")), mod
+
+
 @pytest.mark.parametrize("every,want", [(2, [4, 8, 9]), (0, [])])
 def test_fp8_stats_every_n_th_logged_step(tmp_path, micro_model, data_dir, every, want):
     """fp8_stats_every N: the FP8 statistics are armed for, and reported by, every N-th logged step and the last
@@ -587,7 +602,11 @@ def test_fp8_stats_every_n_th_logged_step(tmp_path, micro_model, data_dir, every
     stats = tmp_path / "s" / "fp8_stats.jsonl"
     got = [json.loads(line)["step"] for line in stats.read_text().splitlines()] if stats.exists() else []
     assert got == want
-    assert all(r["fp8"].get("modules", 1) for r in recs if "fp8" in r)
+    # every reported step has its own pass's activation and gradient statistics, also step 8, after which the
+    # last step (9) is armed at once
+    for line in (stats.read_text().splitlines() if stats.exists() else []):
+        mod = next(iter(json.loads(line)["modules"].values()))
+        assert {"x", "w", "dy"} <= set(mod), (json.loads(line)["step"], mod)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp8"])

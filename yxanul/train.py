@@ -309,6 +309,7 @@ class Trainer:
         self.policy = self.policy.with_fp8_options(**cfg.fp8_options().as_dict())
         self.fp8 = cfg.precision == "fp8"
         self._fp8_step = self._fp8_stats = self._graph_state = None
+        self._pending_stats: dict | None = None  # a logged pass's FP8 statistics, read before the next is armed
         model.to(self.device)  # before conversion: `auto` picks the FP8 backend from where the weights live
         if self.fp8:
             convert_model, self._fp8_step, self._fp8_stats, graph_state = _fp8_api()
@@ -497,8 +498,12 @@ class Trainer:
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
         if self.fp8 and self.dist is not None:  # delayed scaling: every rank must derive the same scales
             sync_fp8_amax(self.model)
-        if self.fp8:  # arm statistics for the pass of the next step when its record reports them
-            self._fp8_step(self.model, collect_stats=self._stats_due(step + 2))  # its 1-based number
+        if self.fp8:
+            if self._fp8_stats is not None and self._stats_due(step + 1):
+                # this pass's statistics, read before fp8_step arms (and resets) them for the next pass
+                self._pending_stats = self._read_fp8_stats()
+            # arm statistics for the pass of the next step when its record reports them (its 1-based number)
+            self._fp8_step(self.model, collect_stats=self._stats_due(step + 2))
         return loss_mean, gnorm, ok
 
     def _offending_module(self) -> str | None:
@@ -581,6 +586,9 @@ class Trainer:
         last: dict = {}
         first_loss = None
         self.last_checkpoint: Path | None = None
+        if self.fp8 and self._stats_due(self.step + 1):  # the first pass: no earlier step armed its statistics
+            from .fp8.linear import arm_fp8_stats
+            arm_fp8_stats(self.model)
         try:
             clock.start()
             while self.step < cfg.steps:
@@ -720,6 +728,12 @@ class Trainer:
                  f"  yxanul export {run} --out hf   # a Hugging Face folder")
 
     # -- timing ---------------------------------------------------------------------------------------
+    def _read_fp8_stats(self) -> dict:
+        try:
+            return _jsonable(self._fp8_stats(self.model))
+        except Exception as e:  # statistics must never stop training
+            return {"error": f"{type(e).__name__}: {e}"}
+
     def _stats_due(self, n: int) -> bool:
         """Whether the record of step `n` (1-based) reports FP8 statistics: every ``fp8_stats_every``-th logged
         step and the last one (never with 0)."""
@@ -776,10 +790,7 @@ class Trainer:
         if self.last_bad_module:
             rec["last_bad_module"] = self.last_bad_module
         if self.fp8 and self._fp8_stats is not None and self._stats_due(self.step):
-            try:
-                stats = _jsonable(self._fp8_stats(self.model))
-            except Exception as e:  # statistics must never stop training
-                stats = {"error": f"{type(e).__name__}: {e}"}
+            stats, self._pending_stats = self._pending_stats or self._read_fp8_stats(), None
             rec["fp8"] = fp8_summary(stats)
             if self.is_main and "modules" in stats:
                 with open(self.run_dir / "fp8_stats.jsonl", "a", encoding="utf-8") as f:

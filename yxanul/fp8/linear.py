@@ -485,6 +485,17 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
     updates them in place (autograd then refuses the backward)."""
     mods = list(fp8_modules(model).values())
     _step_modules(mods)
+    _arm_stats(mods, collect_stats)
+    _refresh_static_weights(mods)  # after the statistics reset: a refresh records the weight's statistics
+
+
+def arm_fp8_stats(model: nn.Module, collect_stats: bool = True) -> None:
+    """Make the next forward/backward record statistics for :func:`fp8_stats` (or stop it), without the rest
+    of :func:`fp8_step`: for the first pass of a run, which no earlier step armed."""
+    _arm_stats(list(fp8_modules(model).values()), collect_stats)
+
+
+def _arm_stats(mods, collect_stats: bool) -> None:
     for m in mods:
         if m._collect is not bool(collect_stats):
             m._collect = bool(collect_stats)
@@ -495,7 +506,6 @@ def fp8_step(model: nn.Module, collect_stats: bool = False) -> None:
         for dev, bufs in by_dev.items():
             nan = torch.full_like(bufs[0], float("nan"))
             torch._foreach_copy_(bufs, [nan] * len(bufs))
-    _refresh_static_weights(mods)  # after the statistics reset: a refresh records the weight's statistics
 
 
 REFRESH_CHUNK_BYTES = 256 << 20  # weights stacked at once by the grouped refresh (its temporaries are ~4x this)
