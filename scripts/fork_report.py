@@ -12,6 +12,7 @@ Usage: python scripts/fork_report.py FORK_JSON[:MODES] [FORK_JSON[:MODES] ...] -
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -40,6 +41,11 @@ def load(spec: str):
         fail(f"{path}: cannot read a fork.json ({e})")
     if not isinstance(res, dict) or not isinstance(res.get("windows"), dict):
         fail(f"{path}: not a fork.json (no per-window losses)")
+    for name, w in res["windows"].items():
+        ok = w is None or (isinstance(w, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       and math.isfinite(v) for v in w))
+        if not ok or "-r" not in name or not name.rsplit("-r", 1)[1].isdigit():
+            fail(f"{path}: windows.{name}: expected MODE-rN with a list of finite losses")
     keep = {m.strip() for m in keep.split(",") if m.strip()} | {"bf16", FORK_NOISE_MODE} if keep else None
     return path, res, keep
 

@@ -454,7 +454,9 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps(dict(fork, steps=3)))
     before = (out / "fork.md").read_text()
-    for args in ([str(src), str(other)], [str(src), str(src)]):
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(dict(fork, windows={"bf16-r0": ref, "fp8-tensorwise-r0": [3.0, "x", 1.0, 2.0]})))
+    for args in ([str(src), str(other)], [str(src), str(src)], [str(broken)]):
         r = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error" in r.stderr, r.stderr
     assert (out / "fork.md").read_text() == before
