@@ -13,7 +13,10 @@ Usage: python scripts/fork_report.py FORK_JSON[:MODES] [FORK_JSON[:MODES] ...] -
 import argparse
 import json
 import math
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 from yxanul.bench.quality import FORK_NOISE_MODE, SE_METHOD, fork_markdown, paired_rows, plot, plot_deltas
@@ -26,26 +29,37 @@ def fail(msg: str) -> None:
 
 
 # what must agree for forks to be repeats of one protocol
-SAME = ("model", "tokens", "steps", "fork_at", "batch", "seq", "lr", "warmup")
+SAME = ("model", "tokens", "steps", "fork_at", "batch", "seq", "lr", "min_lr", "warmup", "deterministic")
+
+
+_NAME = re.compile(r"^(?P<mode>.+)-r(?P<r>[0-9]+)$")
+_HEAD = {"model": str, "device": str, "torch": str, "fork_at": int, "steps": int, "batch": int, "seq": int,
+         "tokens": int, "warmup": int, "lr": (int, float)}
 
 
 def load(spec: str):
-    """(fork.json contents, the modes to keep or None for all). `spec` is a path, or PATH:MODES; bf16 and its
-    twin bf16-b (the file's noise measurement) are always kept."""
+    """(path, fork.json contents, the modes to keep or None for all). `spec` is a path, or PATH:MODES; bf16 and
+    its twin bf16-b (the file's noise measurement) are always kept."""
     path, keep = spec, ""
     if not Path(spec).exists() and ":" in spec:
         path, _, keep = spec.rpartition(":")
     try:
         res = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        fail(f"{path}: cannot read a fork.json ({e})")
+    except (OSError, ValueError, RecursionError) as e:
+        fail(f"{path}: cannot read a fork.json ({type(e).__name__}: {str(e)[:100]})")
     if not isinstance(res, dict) or not isinstance(res.get("windows"), dict):
         fail(f"{path}: not a fork.json (no per-window losses)")
+    for key, typ in _HEAD.items():
+        if not isinstance(res.get(key), typ) or isinstance(res.get(key), bool):
+            fail(f"{path}: {key}: missing or not a {getattr(typ, '__name__', 'number')}")
     for name, w in res["windows"].items():
-        ok = w is None or (isinstance(w, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                       and math.isfinite(v) for v in w))
-        if not ok or "-r" not in name or not name.rsplit("-r", 1)[1].isdigit():
-            fail(f"{path}: windows.{name}: expected MODE-rN with a list of finite losses")
+        ok = w is None or (isinstance(w, list) and w and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 1e6
+            for v in w) and sum(w) > 0)
+        if not ok or not _NAME.match(name):
+            fail(f"{path}: windows.{name}: expected MODE-rN with a list of finite, non-negative losses")
+    if not isinstance(res.get("curves"), dict):
+        res["curves"] = {}
     keep = {m.strip() for m in keep.split(",") if m.strip()} | {"bf16", FORK_NOISE_MODE} if keep else None
     return path, res, keep
 
@@ -56,6 +70,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--title", default=None)
     a = ap.parse_args()
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a folder")
     windows, modes, first, offset, sources, seen = {}, [], None, 0, [], set()
     for spec in a.fork_json:
         path, res, keep = load(spec)
@@ -65,41 +82,53 @@ def main() -> None:
         first = first or res
         differ = [k for k in SAME if res.get(k) != first.get(k)]
         if differ:
-            fail(f"{path}: not the same protocol as {a.fork_json[0]} (differs in "
-                     f"{', '.join(differ)})")
+            fail(f"{path}: not the same protocol as {a.fork_json[0]} (differs in {', '.join(differ)})")
         reps = set()
         for name, w in res["windows"].items():
-            mode, r = name.rsplit("-r", 1)
+            m = _NAME.match(name)
+            mode, r = m["mode"], int(m["r"])
             if w is None or (keep is not None and mode not in keep):
                 continue
-            windows[(mode, offset + int(r))] = w
-            reps.add(int(r))
+            windows[(mode, offset + r)] = w
+            reps.add(r)
             if mode not in modes:
                 modes.append(mode)
         sources.append(f"{spec} ({len(reps)} repeat(s), {res.get('date', '?')})")
         offset += max(reps) + 1 if reps else 0
-    try:
+    if "bf16" not in modes:
+        fail("no bf16 windows to compare with")
+    try:  # everything is computed and drawn before anything in --out is replaced
         rows = paired_rows(windows, modes)
+        res = dict(first)
+        res["repeats"] = len({r for _, r in windows})
+        res["noise_floor"] = next((x for x in rows if x["mode"] == FORK_NOISE_MODE), None)
+        res["paired"] = [x for x in rows if x["mode"] != FORK_NOISE_MODE]
+        res["se_method"] = SE_METHOD
+        res["bf16_pairs_bit_identical"] = None if len(a.fork_json) > 1 else first.get("bf16_pairs_bit_identical")
+        text = fork_markdown(res)
+        if len(a.fork_json) > 1:
+            text += "\n\nCombined as repeats, in this order: " + "; ".join(sources)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".fork_report-") as tmp:
+            tmp = Path(tmp)
+            title = a.title or f"{res['model']}: fork at step {res['fork_at']} ({res['device']})"
+            plot_deltas(([res["noise_floor"]] if res["noise_floor"] else []) + res["paired"],
+                        tmp / "fork-delta.png", title=title)
+            names = ["fork-delta.png"]
+            if first["curves"]:
+                plot({"model": res["model"], "tokens": res["tokens"], "device": res["device"],
+                      "curves": first["curves"]}, tmp / "fork-curves.png")
+                names.append("fork-curves.png")
+            (tmp / "fork.md").write_text(text + "\n", encoding="utf-8")
+            for n in names + ["fork.md"]:
+                os.replace(tmp / n, out / n)
     except YxanulError as e:
         fail(f"{e}")
-    res = dict(first)
-    res["repeats"] = len({r for _, r in windows})
-    res["noise_floor"] = next((x for x in rows if x["mode"] == FORK_NOISE_MODE), None)
-    res["paired"] = [x for x in rows if x["mode"] != FORK_NOISE_MODE]
-    res["se_method"] = SE_METHOD
-    res["bf16_pairs_bit_identical"] = None if len(a.fork_json) > 1 else first.get("bf16_pairs_bit_identical")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = fork_markdown(res)
-    if len(a.fork_json) > 1:
-        text += "\n\nCombined as repeats, in this order: " + "; ".join(sources)
-    (out / "fork.md").write_text(text + "\n", encoding="utf-8")
+    except OSError as e:
+        fail(f"{out}: cannot write the report ({e.strerror or e})")
+    except Exception as e:  # noqa: BLE001 - a recorded file this script cannot render: one line, not a traceback
+        fail(f"cannot render the report ({type(e).__name__}: {str(e)[:200]})")
     print(text)
-    title = a.title or f"{res['model']}: fork at step {res['fork_at']} ({res['device']})"
-    plot_deltas(([res["noise_floor"]] if res["noise_floor"] else []) + res["paired"], out / "fork-delta.png",
-                title=title)
-    plot({"model": res["model"], "tokens": res["tokens"], "device": res["device"], "curves": first["curves"]},
-         out / "fork-curves.png")
 
 
 if __name__ == "__main__":

@@ -456,10 +456,16 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     before = (out / "fork.md").read_text()
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(dict(fork, windows={"bf16-r0": ref, "fp8-tensorwise-r0": [3.0, "x", 1.0, 2.0]})))
-    for args in ([str(src), str(other)], [str(src), str(src)], [str(broken)]):
+    zeros = tmp_path / "zeros.json"
+    zeros.write_text(json.dumps(dict(fork, windows={"bf16-r0": [0.0] * 4, "fp8-tensorwise-r0": ref})))
+    headless = tmp_path / "headless.json"
+    headless.write_text(json.dumps({k: v for k, v in fork.items() if k != "model"}))
+    for args in ([str(src), str(other)], [str(src), str(src)], [str(broken)], [str(zeros)], [str(headless)]):
         r = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error" in r.stderr, r.stderr
     assert (out / "fork.md").read_text() == before
+    r = subprocess.run([sys.executable, str(script), str(src), "--out", str(src)], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a folder" in r.stderr
 
 
 def test_a_bit_identical_bf16_pair_measures_no_noise():

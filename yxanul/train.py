@@ -309,7 +309,7 @@ class Trainer:
         self.policy = self.policy.with_fp8_options(**cfg.fp8_options().as_dict())
         self.fp8 = cfg.precision == "fp8"
         self._fp8_step = self._fp8_stats = self._graph_state = None
-        self._pending_stats: dict | None = None  # a logged pass's FP8 statistics, read before the next is armed
+        self._arm_after_record = False  # the next pass's FP8 statistics are armed once this step's are read
         model.to(self.device)  # before conversion: `auto` picks the FP8 backend from where the weights live
         if self.fp8:
             convert_model, self._fp8_step, self._fp8_stats, graph_state = _fp8_api()
@@ -499,11 +499,12 @@ class Trainer:
         if self.fp8 and self.dist is not None:  # delayed scaling: every rank must derive the same scales
             sync_fp8_amax(self.model)
         if self.fp8:
-            if self._fp8_stats is not None and self._stats_due(step + 1):
-                # this pass's statistics, read before fp8_step arms (and resets) them for the next pass
-                self._pending_stats = self._read_fp8_stats()
-            # arm statistics for the pass of the next step when its record reports them (its 1-based number)
-            self._fp8_step(self.model, collect_stats=self._stats_due(step + 2))
+            # arm statistics for the pass of the next step when its record reports them (1-based numbers); if
+            # this step's record reports its own, arming (which resets them) waits until that record has read
+            # them (_record, outside the timed window)
+            nxt = self._stats_due(step + 2)
+            self._arm_after_record = nxt and self._stats_due(step + 1)
+            self._fp8_step(self.model, collect_stats=nxt and not self._arm_after_record)
         return loss_mean, gnorm, ok
 
     def _offending_module(self) -> str | None:
@@ -738,7 +739,7 @@ class Trainer:
         """Whether the record of step `n` (1-based) reports FP8 statistics: every ``fp8_stats_every``-th logged
         step and the last one (never with 0)."""
         cfg = self.cfg
-        if not cfg.fp8_stats_every:
+        if not cfg.fp8_stats_every or n > cfg.steps:
             return False
         return n == cfg.steps or (n % cfg.log_every == 0 and (n // cfg.log_every) % cfg.fp8_stats_every == 0)
 
@@ -790,11 +791,15 @@ class Trainer:
         if self.last_bad_module:
             rec["last_bad_module"] = self.last_bad_module
         if self.fp8 and self._fp8_stats is not None and self._stats_due(self.step):
-            stats, self._pending_stats = self._pending_stats or self._read_fp8_stats(), None
+            stats = self._read_fp8_stats()
             rec["fp8"] = fp8_summary(stats)
             if self.is_main and "modules" in stats:
                 with open(self.run_dir / "fp8_stats.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": self.step, **stats}) + "\n")
+        if self._arm_after_record:  # read: the next pass may record (and first reset) its own now
+            from .fp8.linear import arm_fp8_stats
+            arm_fp8_stats(self.model)
+            self._arm_after_record = False
         return rec
 
     def _write_metrics(self, rec: dict, tb) -> None:

@@ -57,8 +57,9 @@ NOISE_MODE = "bf16-seed2"  # BF16 on another data order
 FORK_NOISE_MODE = "bf16-b"  # a second BF16 run on the same data: differs from bf16 only by non-determinism
 SE_METHOD = ("delta method on per-window paired differences, combined with the run-to-run noise pooled over every "
              "BF16 pair (its delta) and every mode's repeats (their deviations from the mode's mean), divided by R "
-             "(verdicts unresolved without a measured noise); modes are compared with the mean of the two BF16 runs "
-             "(bf16, bf16-b) where both ran, which carries 0.75 of a single run's noise variance")
+             "(verdicts unresolved without a measured noise); where both BF16 runs (bf16, bf16-b) ran, a mode is "
+             "compared with their per-window mean, and its delta then carries 0.75 of one run pair's noise "
+             "variance")
 
 
 def parse_modes(text: str) -> list[str]:
@@ -557,7 +558,8 @@ def paired_rows(windows: dict, modes: list[str], ref: str = "bf16") -> list[dict
         reps = [r for r in repeats if windows.get((mode, r)) and windows.get((ref, r))]
         if not reps:
             continue
-        mean_ref = mode != FORK_NOISE_MODE and all(windows.get((FORK_NOISE_MODE, r)) for r in reps)
+        mean_ref = (mode != FORK_NOISE_MODE and FORK_NOISE_MODE in modes
+                    and all(windows.get((FORK_NOISE_MODE, r)) for r in reps))
         if mean_ref:
             pairs_of[mode] = [(windows[(mode, r)], [(a + b) / 2 for a, b in zip(windows[(ref, r)],
                                                                                  windows[(FORK_NOISE_MODE, r)])])
@@ -568,7 +570,9 @@ def paired_rows(windows: dict, modes: list[str], ref: str = "bf16") -> list[dict
     # the same-data twin first: FP8 and BF16 runs of one repeat share their data, so its noise is theirs
     noise_mode = next((m for m in (FORK_NOISE_MODE, NOISE_MODE) if m in pairs_of), None)
     deltas = {m: [paired_delta(a, b)[0] for a, b in pairs] for m, pairs in pairs_of.items()}
-    others = [m for m in deltas if m != noise_mode]
+    # with the same-data twin as the noise, bf16-seed2 (another data order: more noise than the modes see) stays
+    # out of the pool
+    others = [m for m in deltas if m != noise_mode and not (noise_mode == FORK_NOISE_MODE and m == NOISE_MODE)]
     noise, df = pooled_run_noise(deltas.get(noise_mode, []), [deltas[m] for m in others],
                                  [factor_of[m] for m in others])
     rows = []
@@ -590,12 +594,15 @@ def _pct(v: float | None, sign: bool = False) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """``mode | delta vs bf16 | SD | SE | R | verdict 0.1% / 0.25%`` (fp8-all also gets the note's 2-5%)."""
     lines = ["| mode | delta vs bf16 | SD | SE | R | verdict 0.1% / 0.25% |", "|---|---:|---:|---:|---:|---|"]
+    refs = {r.get("reference") for r in rows if r["mode"] != FORK_NOISE_MODE}
     for r in rows:
         v = r["verdicts"]
         text = f"{v['0.1%']} / {v['0.25%']}"
         if ALL_FP8_CLAIM[0] in v:
             text += f" ({ALL_FP8_CLAIM[0]}: {v[ALL_FP8_CLAIM[0]]})"
-        lines.append(f"| {r['mode']} | {_pct(r['delta_pct'], True)} | {_pct(r['sd_pct'])} | {_pct(r['se_pct'])} "
+        # one table, two references (a mode without the twin in some repeat): each row says which
+        name = r["mode"] + (f" (vs {r['reference']})" if len(refs) > 1 and r.get("reference") else "")
+        lines.append(f"| {name} | {_pct(r['delta_pct'], True)} | {_pct(r['sd_pct'])} | {_pct(r['se_pct'])} "
                      f"| {r['R']} | {text} |")
     return "\n".join(lines)
 
@@ -863,7 +870,9 @@ def fork_markdown(result: dict) -> str:
             + (", deterministic algorithms" if result.get("deterministic") else ""))
     n = next((x["windows"] for x in rows), None)
     noise = next((x for x in result.get("paired", []) if x.get("pair_noise_pct") is not None), None)
-    tail = (f"delta = mean over {n} validation windows of (L_mode - L_bf16) / mean L_bf16, mean over repeats; "
+    tail = (f"delta = mean over {n} validation windows of (L_mode - L_ref) / mean L_ref, mean over repeats, L_ref "
+            f"the per-window mean of bf16 and {FORK_NOISE_MODE} where both ran (else bf16; {FORK_NOISE_MODE}'s own "
+            f"row: bf16); "
             f"SE: {result['se_method']}"
             + (f"; run-to-run noise of one run pair's delta {noise['pair_noise_pct']:.3f}% ({noise['noise_df']} "
                f"degrees of freedom)"
