@@ -592,10 +592,14 @@ def test_fp8_stats_every_n_th_logged_step(tmp_path, micro_model, data_dir, every
     (0: none); the other records carry no "fp8" entry and fp8_stats.jsonl holds only the reported steps."""
     import json
     import yxanul.train as tr
+    from yxanul.fp8.linear import fp8_modules
     cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "s"), steps=9, batch_size=2, seq_len=16,
                       precision="fp8", fp8_recipe="tensorwise", fp8_backend="emulated", eval_every=0,
                       checkpoint_every=0, progress=False, log_every=2, fp8_stats_every=every).validate()
-    tr.Trainer(cfg, log=lambda *a: None).fit()
+    t = tr.Trainer(cfg, log=lambda *a: None)
+    t.fit()
+    # never armed past the last step (step 10 would be an every-2nd logged step): the model ends unarmed
+    assert not t._stats_due(10) and not any(m._collect for m in fp8_modules(t.model).values())
     recs = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [2, 4, 6, 8, 9]
     assert [r["step"] for r in recs if "fp8" in r] == want
