@@ -162,7 +162,10 @@ def test_quality_repeats_are_paired_and_summarized(tmp_path):
     r0 = json.loads((out / "bf16" / "result.json").read_text())["settings"]["data_seed"]
     r1 = json.loads((out / "bf16-r1" / "result.json").read_text())["settings"]["data_seed"]
     assert r0 != r1
-    assert "±" in format_table(res)
+    text = format_table(res)
+    # the final table's difference is the per-window paired one that decides "in noise", with its SE
+    p = paired["fp8-tensorwise"]
+    assert f"{p['delta_pct']:+.3f}% ± {p['se_pct']:.3f} (paired)" in text
     with pytest.raises(YxanulError):
         run_quality("tiny", None, tokens=128, modes=["bf16"], batch=2, seq=32, device="cpu", out=str(out),
                     repeats=0)

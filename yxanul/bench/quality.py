@@ -392,9 +392,14 @@ def summarize(result: dict) -> dict:
 
 def format_table(result: dict) -> str:
     rows = []
+    paired = {p["mode"]: p for p in result.get("paired") or []}
     for r in result["rows"]:
         v, d = r.get("final_val_loss"), r.get("rel_diff_vs_bf16_pct")
-        if r.get("paired_rel_diff_pct") is not None and r.get("paired_sem_pct") is not None:
+        p = paired.get(r["mode"])
+        if p is not None and p.get("se_pct") is not None:
+            # the per-window paired statistics, which also decide "in noise" (see run_quality)
+            d_text = f"{p['delta_pct']:+.3f}% ± {p['se_pct']:.3f} (paired)"
+        elif r.get("paired_rel_diff_pct") is not None and r.get("paired_sem_pct") is not None:
             d_text = f"{r['paired_rel_diff_pct']:+.3f}% ± {r['paired_sem_pct']:.3f}"
         else:
             d_text = f"{d:+.3f}%" if d is not None else "-"
