@@ -280,12 +280,8 @@ def compile_blocks(model: nn.Module, mode: str | None = None, tune_kernels: bool
     coordinate-descent tuning of its generated kernels' launch settings (minutes more compile time; on the H100
     the FP8 quantization fused into the blocks ran 8% faster with it, BF16 unchanged: docs/perf-notes.md).
     Returns the model."""
-    import torch._dynamo.config as dcfg
     kwargs.update(compile_kwargs(mode, tune_kernels, kwargs.pop("options", None)))
-    # variants of the block graph: train / eval, FP8 statistics on / off, delayed calibration on / off
-    for name in ("recompile_limit", "cache_size_limit"):
-        if getattr(dcfg, name, 16) < 16:
-            setattr(dcfg, name, 16)
+    _allow_graph_variants()
     n = 0
     for m in model.modules():
         if isinstance(m, Block):
@@ -294,6 +290,14 @@ def compile_blocks(model: nn.Module, mode: str | None = None, tune_kernels: bool
     if n == 0:
         raise ValueError("compile_blocks: the model has no transformer blocks")
     return model
+
+
+def _allow_graph_variants() -> None:
+    """Room for a compiled graph's variants: train / eval, FP8 statistics on / off, delayed calibration on / off."""
+    import torch._dynamo.config as dcfg
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(dcfg, name, 16) < 16:
+            setattr(dcfg, name, 16)
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -318,13 +322,10 @@ def compile_model(model: nn.Module, scope: str = "blocks", mode: str | None = No
         raise ValueError(f"unknown compile scope {scope!r} (expected one of: {', '.join(COMPILE_SCOPES)})")
     if scope == "blocks":
         return compile_blocks(model, mode=mode, tune_kernels=tune_kernels, **kwargs)
-    import torch._dynamo.config as dcfg
     if not isinstance(model, Yxanul):
         raise ValueError("compile_model: scope 'trunk' needs a Yxanul model")
     kwargs.update(compile_kwargs(mode, tune_kernels, kwargs.pop("options", None)))
-    for name in ("recompile_limit", "cache_size_limit"):  # the graph's variants, as for the blocks
-        if getattr(dcfg, name, 16) < 16:
-            setattr(dcfg, name, 16)
+    _allow_graph_variants()
     model.compiled_hidden = torch.compile(model.hidden, **kwargs)
     return model
 

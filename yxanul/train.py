@@ -97,10 +97,10 @@ def _resident_memory() -> int | None:
 
 def _fp8_api():
     try:
-        from .fp8.linear import convert_model, fp8_stats, fp8_step, graph_state
+        from .fp8.linear import arm_fp8_stats, convert_model, fp8_stats, fp8_step, graph_state
     except ImportError as e:
         raise YxanulError(f"FP8 layers are unavailable ({e})", source="--precision", key="fp8") from None
-    return convert_model, fp8_step, fp8_stats, graph_state
+    return convert_model, fp8_step, fp8_stats, graph_state, arm_fp8_stats
 
 
 def _jsonable(v):
@@ -308,11 +308,11 @@ class Trainer:
                                                   calibration_steps=cfg.fp8_calibration_steps)
         self.policy = self.policy.with_fp8_options(**cfg.fp8_options().as_dict())
         self.fp8 = cfg.precision == "fp8"
-        self._fp8_step = self._fp8_stats = self._graph_state = None
+        self._fp8_step = self._fp8_stats = self._graph_state = self._arm_stats = None
         self._arm_after_record = False  # the next pass's FP8 statistics are armed once this step's are read
         model.to(self.device)  # before conversion: `auto` picks the FP8 backend from where the weights live
         if self.fp8:
-            convert_model, self._fp8_step, self._fp8_stats, graph_state = _fp8_api()
+            convert_model, self._fp8_step, self._fp8_stats, graph_state, self._arm_stats = _fp8_api()
             convert_model(model, self.policy, backend=cfg.fp8_backend)
             if cfg.compile:
                 from .fp8.linear import fp8_modules
@@ -588,8 +588,7 @@ class Trainer:
         first_loss = None
         self.last_checkpoint: Path | None = None
         if self.fp8 and self._stats_due(self.step + 1):  # the first pass: no earlier step armed its statistics
-            from .fp8.linear import arm_fp8_stats
-            arm_fp8_stats(self.model)
+            self._arm_stats(self.model)
         try:
             clock.start()
             while self.step < cfg.steps:
@@ -729,12 +728,6 @@ class Trainer:
                  f"  yxanul export {run} --out hf   # a Hugging Face folder")
 
     # -- timing ---------------------------------------------------------------------------------------
-    def _read_fp8_stats(self) -> dict:
-        try:
-            return _jsonable(self._fp8_stats(self.model))
-        except Exception as e:  # statistics must never stop training
-            return {"error": f"{type(e).__name__}: {e}"}
-
     def _stats_due(self, n: int) -> bool:
         """Whether the record of step `n` (1-based) reports FP8 statistics: every ``fp8_stats_every``-th logged
         step and the last one (never with 0)."""
@@ -791,14 +784,16 @@ class Trainer:
         if self.last_bad_module:
             rec["last_bad_module"] = self.last_bad_module
         if self.fp8 and self._fp8_stats is not None and self._stats_due(self.step):
-            stats = self._read_fp8_stats()
+            try:
+                stats = _jsonable(self._fp8_stats(self.model))
+            except Exception as e:  # statistics must never stop training
+                stats = {"error": f"{type(e).__name__}: {e}"}
             rec["fp8"] = fp8_summary(stats)
             if self.is_main and "modules" in stats:
                 with open(self.run_dir / "fp8_stats.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": self.step, **stats}) + "\n")
         if self._arm_after_record:  # read: the next pass may record (and first reset) its own now
-            from .fp8.linear import arm_fp8_stats
-            arm_fp8_stats(self.model)
+            self._arm_stats(self.model)
             self._arm_after_record = False
         return rec
 

@@ -279,6 +279,11 @@ class Fp8Linear(nn.Module):
         # a NaN/Inf propagates into the history's current row, which fp8_step (or _nonfinite before it) turns
         # into the non-finite flag: no flag kernel per operand here
         scaling.record_amax(self.amax_history, i, amax)
+        return self._scale_for(which, amax)
+
+    def _scale_for(self, which: str, amax: torch.Tensor) -> torch.Tensor:
+        """The scale operand `which` is cast with now, given its current amax (nothing recorded)."""
+        i = _SLOT[which]
         if self._scales_fixed:
             # _scales_fixed implies scale_ready is all 1 (only fp8_step and state loading set it)
             return getattr(self, f"scale_inv_{which}")
@@ -583,12 +588,7 @@ def _refresh_group(ms: list[Fp8Linear]) -> None:
         f = get_format(m0.spec.w.fmt)
         if m0.spec.delayed:
             torch._foreach_maximum_([m.amax_history[0, 1] for m in ms], list(amax.unbind(0)))
-            if all(m._scales_fixed for m in ms):
-                s = torch.stack([m.scale_inv_w for m in ms])
-            else:
-                s = torch.stack([scaling.current_or_delayed(a, m.scale_inv[1], m.scale_ready[1], m._fmt_max[1],
-                                                            m.recipe.margin, m.recipe.pow2_scales)
-                                 for a, m in zip(amax, ms)])
+            s = torch.stack([m._scale_for("w", a) for a, m in zip(amax, ms)])
             bad = None  # delayed layers flag the amax they record (fp8_step)
         else:
             s = _scale_from_amax(amax, f, m0.spec.w.pow2)
@@ -704,11 +704,7 @@ def fp8_stats(model: nn.Module) -> dict:
             with torch.no_grad():
                 w = m.weight.detach()
                 if m.spec.delayed:
-                    r, a = m.recipe, w.abs().amax()
-                    sw = (scaling.current_scale(a, m._fmt_max[1], r.margin, r.pow2_scales) if m.calibrating else
-                          scaling.current_or_delayed(a, m.scale_inv[1], m.scale_ready[1], m._fmt_max[1], r.margin,
-                                                     r.pow2_scales))
-                    q, s = m.ops.weight_quant(w, scale_inv=sw)
+                    q, s = m.ops.weight_quant(w, scale_inv=m._scale_for("w", w.abs().amax()))
                 else:
                     q, s = m.ops.weight_quant(w)
                 m._record_stats("w", w, q, s)
