@@ -441,6 +441,12 @@ class Trainer:
                                         device=self.device)
 
     # -- one optimizer step ---------------------------------------------------------------------------
+    @property
+    def keep_grad_buffers(self) -> bool:
+        """Whether gradients live in buffers of their own, zeroed between steps (see train_step): under CUDA
+        graphs with gradient accumulation."""
+        return self.graphs and self.cfg.grad_accum > 1
+
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean loss, grad norm, ok flag) as device tensors; skips the update when not ok."""
         cfg = self.cfg
@@ -450,9 +456,12 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         scale = self.scaler.scale if self.scaler is not None else None
         # Under CUDA graphs a gradient that autograd adopts as .grad (the first accumulation into a None grad)
-        # lives in the graph's output memory, which the next replay overwrites: such gradients are copied out
-        # after the first micro-batch, and from then on the buffers are zeroed (not freed) between steps.
-        fresh = [p for p in self.params if p.grad is None] if self.graphs else []
+        # lives in the graph's output memory, which the next replay overwrites. With several micro-batches such
+        # gradients are copied out after the first one, and from then on the buffers are zeroed (not freed)
+        # between steps. With one micro-batch the step consumes them before the next replay: they stay where
+        # autograd put them (no copy, no accumulation kernel, no memset).
+        keep = self.keep_grad_buffers
+        fresh = [p for p in self.params if p.grad is None] if keep else []
         for micro in range(cfg.grad_accum):
             x, y = self.loader.batch(step, micro)
             # DDP: all-reduce the FP32 gradients once, after the last micro-batch
@@ -490,7 +499,7 @@ class Trainer:
             self.last_bad_module = None
         else:
             self.last_bad_module = self._offending_module()
-        self.opt.zero_grad(set_to_none=not self.graphs)  # CUDA graphs: keep the owned buffers (see above)
+        self.opt.zero_grad(set_to_none=not keep)  # CUDA graphs with accumulation: keep the owned buffers
         if self.scaler is not None:
             self.scaler.update(ok)
         bad = (~ok).long()
