@@ -646,9 +646,9 @@ CUBLAS_DETERMINISTIC = ":4096:8"
 
 @contextlib.contextmanager
 def deterministic_algorithms(on: bool):
-    """With `on`: ``torch.use_deterministic_algorithms(True, warn_only=True)`` (operations without a
-    deterministic implementation warn instead of failing) and cuBLAS's fixed workspace, which must be set
-    before CUDA is initialized. Both are restored on exit."""
+    """With `on`: ``torch.use_deterministic_algorithms(True)``, strict (an operation without a deterministic
+    implementation fails; in warn-only mode cuDNN's attention backward keeps its non-deterministic algorithm),
+    and cuBLAS's fixed workspace, which must be set before CUDA is initialized. Both are restored on exit."""
     if not on:
         yield
         return
@@ -661,7 +661,7 @@ def deterministic_algorithms(on: bool):
     prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     if prev_env not in (CUBLAS_DETERMINISTIC, ":16:8"):
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:

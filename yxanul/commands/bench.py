@@ -166,7 +166,7 @@ def _quality(bsub):
                         "end; --repeats R repeats with their own data order after the fork, and two BF16 branches "
                         "per repeat for the noise floor")
     p.add_argument("--deterministic", action="store_true",
-                   help="torch.use_deterministic_algorithms (warn-only) and cuBLAS's fixed workspace, set before "
+                   help="torch.use_deterministic_algorithms (strict) and cuBLAS's fixed workspace, set before "
                         "CUDA starts; the fork report says whether the two BF16 branches became bit-identical")
     p.add_argument("--out", default="runs/quality", help="folder for the runs, quality.json and the plot")
     p.add_argument("--fresh", action="store_true", help="retrain modes that already have a result in --out")
