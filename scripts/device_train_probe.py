@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from yxanul.bench.profile import summarize
+from yxanul.bench.profile import device_kernels, summarize
 from yxanul.bench.throughput import _Run
 from yxanul.hostgc import settle
 from yxanul.train import Trainer
@@ -49,9 +49,7 @@ def measure(name, step_fn):
             step_fn()
         torch.cuda.synchronize()
     avg = prof.key_averages()
-    kernels = [(ev.key, float(ev.self_device_time_total), int(ev.count)) for ev in avg
-               if ev.device_type == DeviceType.CUDA]
-    summary = summarize(kernels, 3, step_ms, 25)
+    summary = summarize(device_kernels(avg), 3, step_ms, 25)
     cpu = sorted((ev for ev in avg if ev.device_type == DeviceType.CPU), key=lambda ev: -ev.self_cpu_time_total)
     res = {"name": name, "step_ms": round(step_ms, 2), "host_enqueue_ms": round(host_ms, 2),
            "tokens_per_s": round(16 * 2048 / step_ms * 1000),

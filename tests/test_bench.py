@@ -106,6 +106,23 @@ def test_profile_summary_categories_and_idle():
     assert s["top_kernels"][0]["calls_per_step"] == 2.0 and len(s["kernels"]) == 2
 
 
+def test_profile_counts_kernels_not_the_annotations_around_them():
+    """The optimizer's record_function range shows on the GPU timeline as an event spanning its kernels:
+    counted, it doubled the optimizer's time in every profile."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    from yxanul.bench.profile import device_kernels
+    events = [E(key="multi_tensor_apply_kernel", device_type=DeviceType.CUDA, is_user_annotation=False,
+                self_device_time_total=2000.0, count=10),
+              E(key="Optimizer.step#AdamW.step", device_type=DeviceType.CUDA, is_user_annotation=True,
+                self_device_time_total=2100.0, count=1),
+              E(key="aten::add_", device_type=DeviceType.CPU, is_user_annotation=False,
+                self_device_time_total=0.0, count=5)]
+    assert device_kernels(events) == [("multi_tensor_apply_kernel", 2000.0, 10)]
+
+
 def _plain_state_from_yxanul(sd):
     """Yxanul parameter names -> PlainLM's."""
     ren = {"embeddings.tok.": "tok.", "embeddings.proj.": "proj.", "layers.": "blocks.", "attn.q_proj": "q",

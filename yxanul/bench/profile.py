@@ -73,6 +73,22 @@ def summarize(kernels, steps: int, step_ms: float | None = None, top: int = 15) 
     return out
 
 
+def device_kernels(events) -> list[tuple[str, float, int]]:
+    """(name, total device us, calls) of the kernels, memcpys and memsets among torch.profiler's averaged
+    events. A record_function range shows on the GPU timeline too (an annotation such as the optimizer's
+    "Optimizer.step#AdamW.step" spanning its kernels): it is left out, or those kernels would count twice."""
+    from torch.autograd import DeviceType
+    rows = []
+    for ev in events:
+        if ev.device_type != DeviceType.CUDA or getattr(ev, "is_user_annotation", False):
+            continue
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:  # older torch
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        rows.append((ev.key, float(us), int(ev.count)))
+    return rows
+
+
 def profile_steps(step_fn, steps: int = 3, step_ms: float | None = None, top: int = 15) -> dict:
     """Run ``step_fn()`` ``steps`` times under torch.profiler (CUDA activity) and summarize the kernels."""
     import torch
@@ -86,16 +102,7 @@ def profile_steps(step_fn, steps: int = 3, step_ms: float | None = None, top: in
             step_fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    from torch.autograd import DeviceType
-    rows = []
-    for ev in prof.key_averages():
-        if ev.device_type != DeviceType.CUDA:  # kernels (and memcpy/memset) only
-            continue
-        us = getattr(ev, "self_device_time_total", None)
-        if us is None:  # older torch
-            us = getattr(ev, "self_cuda_time_total", 0.0)
-        rows.append((ev.key, float(us), int(ev.count)))
-    return summarize(rows, steps, step_ms, top)
+    return summarize(device_kernels(prof.key_averages()), steps, step_ms, top)
 
 
 def format_profile(mode: str, prof: dict) -> str:
