@@ -180,8 +180,36 @@ def scenario_precision(info, out: Path) -> dict:
     return {"precision": t.cfg.precision, "own": tr.resolve_precision(torch.device("cpu"))[0]}
 
 
+def scenario_run_folder(info, out: Path) -> dict:
+    """Rank 0 names and checks the run folder for every rank: the default folder (a timestamp, which the ranks
+    would read at different moments) is rank 0's, and a folder rank 0 refuses is refused on every rank (rank 1
+    used to go on and wait for rank 0 in its first collective)."""
+    import time
+    from types import SimpleNamespace
+
+    from yxanul import train as tr
+    from yxanul.errors import YxanulError
+
+    tr.time = SimpleNamespace(strftime=lambda fmt, *a: f"stamp-rank{info.rank}", perf_counter=time.perf_counter)
+    base = {"steps": 1, "model": "tiny", "device": "cpu", "precision": "fp32"}
+    t = tr.Trainer(tr.load_train_config(None, base), rank=info.rank, world_size=info.world_size,
+                   log=lambda *a, **k: None)
+    foreign = out / "foreign"
+    if info.rank == 0:
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("mine")
+    torch.distributed.barrier()
+    try:
+        tr.Trainer(tr.load_train_config(None, {**base, "out": str(foreign)}), rank=info.rank,
+                   world_size=info.world_size, log=lambda *a, **k: None)
+        refused = None
+    except YxanulError as e:
+        refused = str(e)
+    return {"default_dir": str(t.run_dir), "refused": refused}
+
+
 SCENARIOS = {"amax": scenario_amax, "nosync": scenario_nosync, "fsdp_dcp": scenario_fsdp_dcp,
-             "precision": scenario_precision}
+             "precision": scenario_precision, "run_folder": scenario_run_folder}
 
 
 def _worker_main(argv: list[str]) -> None:
@@ -230,6 +258,12 @@ def test_precision_auto_is_rank_zeros_choice(tmp_path):
     r0, r1 = run_worker("precision", tmp_path)
     assert (r0["own"], r1["own"]) == ("bf16", "fp32")  # the probes really disagreed
     assert r0["precision"] == r1["precision"] == "bf16"
+
+
+def test_run_folder_is_rank_zeros_choice_and_refusal(tmp_path):
+    r0, r1 = run_worker("run_folder", tmp_path)
+    assert r0["default_dir"] == r1["default_dir"] == str(Path("runs") / "stamp-rank0")
+    assert r0["refused"] == r1["refused"] and "notes.txt" in r0["refused"]
 
 
 def test_without_sync_delayed_scales_diverge(tmp_path):

@@ -240,12 +240,8 @@ class Trainer:
         """Resolve ``precision: auto`` (every rank takes rank 0's choice)."""
         if self.cfg.precision != "auto":
             return
-        resolved, why = resolve_precision(self.device)
-        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank measured its own CPU; all must train (and build FSDP policies) in rank 0's precision
-            choice = [resolved, why]
-            torch.distributed.broadcast_object_list(choice, src=0)
-            resolved, why = choice
+        # all ranks must train (and build FSDP policies) in one precision: rank 0 measures its CPU and decides
+        resolved, why = self._on_rank0(lambda: resolve_precision(self.device))
         self.cfg = replace(self.cfg, precision=resolved)
         if why:
             self.log(why)
@@ -259,11 +255,30 @@ class Trainer:
             self.ckpt = resolve_checkpoint(self.resume_from)
             self.run_dir = self.ckpt.parent.parent
         else:
-            self.run_dir = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-            if self.run_dir.exists() and not self.run_dir.is_dir():
-                raise YxanulError("exists and is not a folder", source=str(self.run_dir), key="--out")
-            if self.is_main:
-                prepare_fresh_run_dir(self.run_dir, self.restart)
+            def decide() -> str:  # rank 0 names the folder (the default is a timestamp) and checks it
+                run_dir = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+                if run_dir.exists() and not run_dir.is_dir():
+                    raise YxanulError("exists and is not a folder", source=str(run_dir), key="--out")
+                prepare_fresh_run_dir(run_dir, self.restart)
+                return str(run_dir)
+            self.run_dir = Path(self._on_rank0(decide))
+
+    def _on_rank0(self, fn):
+        """``fn()`` on rank 0, its result given to every rank; a YxanulError there is raised on every rank (each
+        rank would otherwise wait for rank 0 in its next collective)."""
+        if not (self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return fn()
+        box = [None, None]
+        if self.is_main:
+            try:
+                box[0] = fn()
+            except YxanulError as e:
+                box[1] = (e.detail, e.source, e.key)
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            detail, source, key = box[1]
+            raise YxanulError(detail, source=source, key=key)
+        return box[0]
 
     def _setup_data(self) -> None:
         """The prepared data folder (the bundled corpus, tokenized on first use, unless ``data`` is set)."""
