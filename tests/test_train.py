@@ -680,3 +680,22 @@ def test_compile_scope_validation():
     with pytest.raises(ValueError, match="unknown compile scope"):
         compile_model(torch.nn.Linear(2, 2), "layers")
 
+
+
+def test_clip_zero_logs_the_norm_without_scaling_the_gradients(tmp_path, micro_model, data_dir, monkeypatch):
+    """--clip 0 computes and checks the gradient norm but does not clip: no scaling kernel over every gradient
+    (clipping at infinity multiplied each by 1). The steps equal those with a clip threshold never reached."""
+    from yxanul.train import Trainer
+
+    def run(clip, out):
+        torch.manual_seed(0)
+        cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / out), steps=2, batch_size=2,
+                          seq_len=16, clip=clip, eval_every=0, checkpoint_every=0, progress=False)
+        tr = Trainer(cfg, log=lambda *a: None)
+        out = [tr.train_step(s) for s in range(2)]
+        return [float(g) for _, g, _ in out], [p.detach().clone() for p in tr.params]
+
+    n_big, p_big = run(1e9, "big")
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("clipped with --clip 0"))
+    n0, p0 = run(0.0, "zero")
+    assert n0 == pytest.approx(n_big, rel=1e-6) and all(torch.equal(a, b) for a, b in zip(p0, p_big))

@@ -499,8 +499,11 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         if scale is not None:
             torch._foreach_mul_(grads, (1.0 / scale).to(grads[0].dtype))
-        max_norm = cfg.clip if cfg.clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=self.device.type == "cuda")
+        foreach = self.device.type == "cuda"
+        if cfg.clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip, foreach=foreach)
+        else:  # the norm is still logged and checked; clipping at infinity would scale every gradient by 1
+            gnorm = torch.nn.utils.get_total_norm(grads, foreach=foreach)
         if hasattr(gnorm, "to_local"):  # FSDP2: the global norm as a replicated DTensor
             gnorm = gnorm.to_local()
         loss_mean = loss_sum / cfg.grad_accum
