@@ -130,7 +130,8 @@ class StepClock:
     device did, and the loop calls them only where it stops for bookkeeping anyway (log, evaluation, checkpoint,
     sample), never per step. ``apart(name)`` times a block (evaluation, a compiling step) into ``other[name]``
     instead. ``take`` returns the window's fields (``tokens_per_s`` over the counted steps, ``step_s``, the apart
-    times, and ``recompiled`` when a counted step compiled a new graph) and opens a new window.
+    times, and ``recompiled`` when a step compiled unpredicted and was timed apart with the steps before it,
+    :meth:`compiled`) and opens a new window.
     """
 
     def __init__(self, sync: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.perf_counter):
@@ -148,9 +149,20 @@ class StepClock:
             self.step_s += self.clock() - self._t0
             self._t0 = None
 
-    def step_done(self, recompiled: bool = False) -> None:
+    def step_done(self) -> None:
         self.steps += 1
-        self.recompiled |= recompiled
+
+    def compiled(self, name: str = "warmup_s") -> None:
+        """The step just run compiled a graph nobody predicted: the window so far (its counted steps and this
+        one) is timed apart into ``other[name]`` and the rate restarts after it, so a logged rate never holds a
+        compilation. Synchronizes (rare: a compilation costs seconds anyway)."""
+        self.sync()
+        t = self.clock()
+        if self._t0 is not None:
+            self.step_s += t - self._t0
+            self._t0 = t
+        self.other[name] = self.other.get(name, 0.0) + self.step_s
+        self.steps, self.step_s, self.recompiled = 0, 0.0, True
 
     @contextlib.contextmanager
     def apart(self, name: str):
@@ -632,7 +644,10 @@ class Trainer:
                 else:
                     graphs = _compiled_graphs() if cfg.compile else 0
                     loss, gnorm, ok = self.train_step(self.step)
-                    clock.step_done(recompiled=cfg.compile and _compiled_graphs() != graphs)
+                    if cfg.compile and _compiled_graphs() != graphs:
+                        clock.compiled("warmup_s")
+                    else:
+                        clock.step_done()
                 self.step += 1
                 window_loss += torch.where(ok, loss.double(), torch.zeros((), dtype=torch.float64, device=self.device))
                 window_ok += ok.double()
