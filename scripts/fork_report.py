@@ -29,7 +29,9 @@ def fail(msg: str) -> None:
 
 
 # what must agree for forks to be repeats of one protocol
-SAME = ("model", "tokens", "steps", "fork_at", "batch", "seq", "lr", "min_lr", "warmup", "deterministic")
+SAME = ("model", "tokens", "steps", "fork_at", "batch", "seq", "lr", "min_lr", "warmup", "deterministic",
+        "fprop_fast_accum")
+ABSENT = {"fprop_fast_accum": False}  # what a file written before the key existed ran with
 
 
 _NAME = re.compile(r"^(?P<mode>.+)-r(?P<r>[0-9]+)$")
@@ -80,7 +82,7 @@ def main() -> None:
             fail(f"{path}: given twice (one fork counted as two repeats)")
         seen.add(Path(path).resolve())
         first = first or res
-        differ = [k for k in SAME if res.get(k) != first.get(k)]
+        differ = [k for k in SAME if res.get(k, ABSENT.get(k)) != first.get(k, ABSENT.get(k))]
         if differ:
             fail(f"{path}: not the same protocol as {a.fork_json[0]} (differs in {', '.join(differ)})")
         reps = set()

@@ -561,6 +561,8 @@ def test_fp8_options_are_validated():
         Fp8Options(weight_cache="never").validate()
     with pytest.raises(YxanulError, match="fp8_fused_swiglu"):
         Fp8Options(fused_swiglu="on").validate()
+    with pytest.raises(YxanulError, match="fp8_fprop_fast_accum"):
+        Fp8Options(fprop_fast_accum=1).validate()
     with pytest.raises(YxanulError, match="fp8_kernels"):
         Fp8Linear(64, 64, options=Fp8Options(kernels="cuda"))
 
@@ -587,3 +589,37 @@ def test_kernels_option_picks_the_quantizers(monkeypatch):
     monkeypatch.setattr(registry, "_QUANTIZERS", [])
     with pytest.raises(YxanulError, match="fp8_kernels"):
         backends.build_ops(spec, "emulated", Fp8Options(kernels="triton"))
+
+
+@pytest.mark.parametrize("name, applies", [("tensorwise", True), ("delayed", True), ("rowwise", True),
+                                           ("blockwise", False)])
+def test_fprop_fast_accum_reaches_only_the_forward_gemm_of_per_tensor_and_row_recipes(monkeypatch, name, applies):
+    """``fprop_fast_accum``: the native forward GEMM asks cuBLAS for fast accumulation (torch._scaled_mm's
+    use_fast_accum) for per-tensor and row-scaled recipes; dgrad and wgrad (K up to the token count) and every
+    blockwise GEMM keep the promoted accumulation, and the emulated backend is untouched."""
+    spec = resolve(Fp8Recipe(name=name))
+    on = backends.build_ops(spec, "native", Fp8Options(fprop_fast_accum=True))
+    off = backends.build_ops(spec, "native", Fp8Options())
+    assert on.fprop.keywords.get("fast_accum", False) is applies
+    assert "fast_accum" not in off.fprop.keywords
+    assert all("fast_accum" not in f.keywords for f in (on.dgrad, on.wgrad))
+    assert "fast_accum" not in backends.build_ops(spec, "emulated", Fp8Options(fprop_fast_accum=True)).fprop.keywords
+    if not applies:
+        return
+    seen = []
+
+    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=False):
+        seen.append(use_fast_accum)
+        return (a.float() @ b.float() * scale_a * scale_b).to(out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    gran = spec.x.granularity
+    a = torch.randn(32, 256).clamp(-4, 4).to(torch.float8_e4m3fn)
+    b = torch.randn(16, 256).clamp(-4, 4).to(torch.float8_e4m3fn)
+    sa = torch.tensor(0.5) if gran == "tensor" else torch.full((32, 1), 0.5)
+    sb = torch.tensor(0.25) if gran == "tensor" else torch.full((16, 1), 0.25)
+    out = backends.native_gemm(a, sa, b, sb, torch.float32, gran, gran, fast_accum=True)
+    backends.native_gemm(a, sa, b, sb, torch.float32, gran, gran)
+    assert seen == [True, False]
+    ref = backends.emulated_gemm(a, sa, b, sb, torch.float32, gran, gran)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4)

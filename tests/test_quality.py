@@ -352,6 +352,14 @@ def test_bench_quality_fork_cli_end_to_end(micro_model, small_data, tmp_path):
     assert main(args) == 0
     assert (out / "fp8-tensorwise-r1" / "result.json").stat().st_mtime_ns == stamp
     assert (out / "trunk" / "trunk.json").stat().st_mtime_ns == trunk
+    assert doc["fprop_fast_accum"] is False
+    # FP8 forward GEMMs with fast accumulation are another FP8 computation: its branches train again, the BF16
+    # ones are reused, and the record says so
+    bf16_stamp = (out / "bf16-r1" / "result.json").stat().st_mtime_ns
+    assert main(args + ["--fp8-fprop-fast-accum"]) == 0
+    assert (out / "fp8-tensorwise-r1" / "result.json").stat().st_mtime_ns != stamp
+    assert (out / "bf16-r1" / "result.json").stat().st_mtime_ns == bf16_stamp
+    assert json.loads((out / "fork.json").read_text())["fprop_fast_accum"] is True
     # bad input: one-line errors, exit code 2
     assert main(args[:-6] + ["--fork-at", "6", "--out", str(tmp_path / "x")]) == 2
     assert main(args[:-6] + ["--fork-at", "0", "--out", str(tmp_path / "x")]) == 2
@@ -456,6 +464,8 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     # forks of another protocol, or one fork given twice, are refused (exit 2, one line, nothing written)
     other = tmp_path / "other.json"
     other.write_text(json.dumps(dict(fork, steps=3)))
+    fast = tmp_path / "fast.json"  # FP8 forward GEMMs with fast accumulation: other FP8 branches
+    fast.write_text(json.dumps(dict(fork, fprop_fast_accum=True)))
     before = (out / "fork.md").read_text()
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(dict(fork, windows={"bf16-r0": ref, "fp8-tensorwise-r0": [3.0, "x", 1.0, 2.0]})))
@@ -463,7 +473,8 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     zeros.write_text(json.dumps(dict(fork, windows={"bf16-r0": [0.0] * 4, "fp8-tensorwise-r0": ref})))
     headless = tmp_path / "headless.json"
     headless.write_text(json.dumps({k: v for k, v in fork.items() if k != "model"}))
-    for args in ([str(src), str(other)], [str(src), str(src)], [str(broken)], [str(zeros)], [str(headless)]):
+    for args in ([str(src), str(other)], [str(src), str(fast)], [str(src), str(src)], [str(broken)], [str(zeros)],
+                 [str(headless)]):
         r = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error" in r.stderr, r.stderr
     assert (out / "fork.md").read_text() == before

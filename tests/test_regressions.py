@@ -153,7 +153,7 @@ def test_native_tensorwise_scales_are_own_allocations(monkeypatch):
 
     seen = []
 
-    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype):
+    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=False):
         seen.append((scale_a.storage_offset(), scale_b.storage_offset()))
         return (a.float() @ b.float() * scale_a * scale_b).to(out_dtype)
 

@@ -64,6 +64,8 @@ class TrainConfig:
                                  choices=("graph", "step"))
     fp8_fused_swiglu: bool = _opt(False, "delayed recipe: gate/up/SwiGLU as one function whose backward quantizes "
                                          "inside the kernel")
+    fp8_fprop_fast_accum: bool = _opt(False, "per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's "
+                                             "fast FP8 accumulation (torchao's default; changes the numbers)")
     fp8_stats_every: int = _opt(1, "FP8 statistics (amax, saturation, underflow per layer; fp8_stats.jsonl) at every "
                                     "N-th logged step and the last (0: never); the pass that records them reads "
                                     "every FP8 operand once more")
@@ -161,7 +163,7 @@ class TrainConfig:
         parser from this module without importing torch)."""
         from .fp8.options import Fp8Options
         return Fp8Options(kernels=self.fp8_kernels, weight_cache=self.fp8_weight_cache,
-                          fused_swiglu=self.fp8_fused_swiglu)
+                          fused_swiglu=self.fp8_fused_swiglu, fprop_fast_accum=self.fp8_fprop_fast_accum)
 
 
 MAX_LR = 10.0  # bounds that turn absurd numbers into one-line errors before anything is allocated

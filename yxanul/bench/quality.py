@@ -156,6 +156,16 @@ def _make_trainer(cfg, extra: dict, data_seed: int, resume: str | None = None, s
     return t
 
 
+def _fp8_only(over: dict, calibration_steps: int | None, fprop_fast_accum: bool) -> dict:
+    """FP8 settings added to an FP8 mode's overrides only, so that BF16 results stay reusable when they change."""
+    if over.get("precision") == "fp8":
+        if calibration_steps is not None:
+            over["fp8_calibration_steps"] = calibration_steps
+        if fprop_fast_accum:
+            over["fp8_fprop_fast_accum"] = True
+    return over
+
+
 def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
@@ -248,7 +258,8 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
                 policy: str | None = None, out: str = "runs/quality", device: str = "auto",
                 calibration_steps: int | None = None, fp8_all_recipe: str = "blockwise",
                 compile: bool = False, fp8_backend: str = "auto", reuse: bool = True, repeats: int = 1,
-                compile_mode: str = "default", tune_kernels: bool = False, eval_windows: int | None = None) -> dict:
+                compile_mode: str = "default", tune_kernels: bool = False, eval_windows: int | None = None,
+                fprop_fast_accum: bool = False) -> dict:
     """Train every mode from scratch; returns (and writes to OUT/quality.json) the comparison.
     ``fp8_all_recipe`` is the recipe of the fp8-all mode's linears (its extra activations are always 1 x 128
     tiles).
@@ -275,7 +286,8 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     if seeds >= 2 and "bf16" in run_modes and NOISE_MODE not in run_modes:
         run_modes.insert(run_modes.index("bf16") + 1, NOISE_MODE)
     result = {"model": model, "tokens": steps * tokens_per_step, "steps": steps, "batch": batch, "seq": seq,
-              "lr": lr, "warmup": base["warmup"], "seed": seed, "device": None, "torch": torch.__version__,
+              "lr": lr, "warmup": base["warmup"], "seed": seed, "fprop_fast_accum": bool(fprop_fast_accum),
+              "device": None, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "repeats": repeats, "rows": [], "bf16_noise_pct": None,
               "curves": {}, "windows": {}, "paired": [],
               "se_method": SE_METHOD}
@@ -287,9 +299,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
         done = mode_dir / "result.json"
         data_seed = (seed + 1 if mode == NOISE_MODE else seed) + REPEAT_SEED_STRIDE * r
         over, extra = _mode_setup(mode, policy, out_dir, fp8_all_recipe)
-        if over.get("precision") == "fp8" and calibration_steps is not None:
-            # only FP8 modes' settings carry it, so BF16 results stay reusable when it changes
-            over["fp8_calibration_steps"] = calibration_steps
+        _fp8_only(over, calibration_steps, fprop_fast_accum)
         settings = _compared({**base, **over, "data_seed": data_seed, "extra": extra, "last_evals": last_evals,
                               "eval_windows": eval_windows})
         rec = _reusable(done, settings, reuse)
@@ -803,7 +813,7 @@ def run_fork(model: str, data: str | None, tokens: int, modes: list[str], fork_a
              out: str = "runs/quality-fork", device: str = "auto", calibration_steps: int | None = None,
              fp8_all_recipe: str = "blockwise", compile: bool = False, fp8_backend: str = "auto",
              reuse: bool = True, compile_mode: str = "default", tune_kernels: bool = False,
-             deterministic: bool = False) -> dict:
+             deterministic: bool = False, fprop_fast_accum: bool = False) -> dict:
     """The fork protocol (module docstring): a BF16 trunk to `fork_at`, then every mode to the end, `repeats`
     times. Writes OUT/fork.json (everything, per-window losses included) and OUT/fork.md (the table) after
     every branch; finished branches with the same settings are reused, so an interrupted run continues where it
@@ -817,7 +827,8 @@ def run_fork(model: str, data: str | None, tokens: int, modes: list[str], fork_a
     out_dir = Path(out)
     result = {"protocol": "fork", "model": model, "tokens": steps * batch * seq, "steps": steps, "fork_at": fork_at,
               "batch": batch, "seq": seq, "lr": base["lr"], "min_lr": base["min_lr"], "warmup": base["warmup"],
-              "seed": seed, "repeats": repeats, "deterministic": bool(deterministic), "device": None,
+              "seed": seed, "repeats": repeats, "deterministic": bool(deterministic),
+              "fprop_fast_accum": bool(fprop_fast_accum), "device": None,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "se_method": SE_METHOD,
               "branches": {}, "windows": {}, "curves": {}, "paired": [], "noise_floor": None,
@@ -832,8 +843,7 @@ def run_fork(model: str, data: str | None, tokens: int, modes: list[str], fork_a
                 name = f"{mode}-r{r}"
                 over, extra = _mode_setup("bf16" if mode == FORK_NOISE_MODE else mode, policy, out_dir,
                                           fp8_all_recipe)
-                if over.get("precision") == "fp8" and calibration_steps is not None:
-                    over["fp8_calibration_steps"] = calibration_steps
+                _fp8_only(over, calibration_steps, fprop_fast_accum)
                 settings = _compared({**base, **over, "fork_at": fork_at, "data_seed": data_seed, "extra": extra,
                                       "eval_windows": eval_windows, "deterministic": bool(deterministic)})
                 rec = _reusable(out_dir / name / "result.json", settings, reuse)
@@ -872,7 +882,8 @@ def fork_markdown(result: dict) -> str:
     head = (f"{result['model']}: BF16 trunk to step {result['fork_at']}, branches to step {result['steps']} "
             f"({result['batch']}x{result['seq']} tokens per step, lr {result['lr']:g}, warm-up {result['warmup']}), "
             f"{result['repeats']} repeat(s), device {result['device']}, torch {result['torch']}"
-            + (", deterministic algorithms" if result.get("deterministic") else ""))
+            + (", deterministic algorithms" if result.get("deterministic") else "")
+            + (", FP8 forward GEMMs with fast accumulation" if result.get("fprop_fast_accum") else ""))
     n = next((x["windows"] for x in rows), None)
     noise = next((x for x in result.get("paired", []) if x.get("pair_noise_pct") is not None), None)
     tail = (f"delta = mean over {n} validation windows of (L_mode - L_ref) / mean L_ref, mean over repeats, L_ref "

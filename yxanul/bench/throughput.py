@@ -42,7 +42,7 @@ from .. import kernels  # noqa: F401  (registers the Triton quantizers with the 
 from ..errors import YxanulError
 from ..flops import flops_per_token, peak_flops
 from ..fmt import table
-from ..fp8.backends import kernel_overrides
+from ..fp8.backends import fast_accum_applies, kernel_overrides
 from ..fp8.options import Fp8Options
 from ..fp8.recipe import resolve
 from ..hostgc import HOST_GC_MODES, GcWatch, release, settle
@@ -125,6 +125,8 @@ class _Run:
             installed = sorted(kernel_overrides(resolve(pol.recipe), backend, pol.fp8_options))
             if installed:
                 self.notes.append("triton quantizers: " + ",".join(installed))
+            if fast_accum_applies(resolve(pol.recipe), backend, pol.fp8_options):
+                self.notes.append("fprop fast accumulation")
             convert_model(model, pol, backend=backend, quiet=True)
             self.fp8 = True
             use_fused_ce(model, head_fp8=(mode == "fp8-head"))

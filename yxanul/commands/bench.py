@@ -61,6 +61,9 @@ def _throughput(bsub):
                         "optimizer step into static copies")
     p.add_argument("--fp8-fused-swiglu", action="store_true",
                    help="delayed recipe: gate/up/SwiGLU as one function whose backward quantizes in the kernel")
+    p.add_argument("--fp8-fprop-fast-accum", action="store_true",
+                   help="per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's fast FP8 accumulation "
+                        "(torchao's default; changes the numbers)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="CUDA: profile N more steps per mode and record where the GPU time goes (kernel "
                         "categories: GEMMs, FP8 GEMMs, attention, quantization, cross-entropy, optimizer, idle)")
@@ -92,7 +95,8 @@ def _run_throughput(args):
                   compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
                   plain_compile_modes=args.plain_compile_modes,
                   fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
-                                         fused_swiglu=args.fp8_fused_swiglu),
+                                         fused_swiglu=args.fp8_fused_swiglu,
+                                         fprop_fast_accum=args.fp8_fprop_fast_accum),
                   host_gc=args.host_gc, compile_scope=args.compile_scope)
     if not args.sweep:
         result = run_throughput(**common)
@@ -153,6 +157,9 @@ def _quality(bsub):
     p.add_argument("--fp8-backend", default="auto")
     p.add_argument("--calibration-steps", type=int, default=None,
                    help="delayed recipe: calibration steps, scaled by the current amax (default: the policy's; the note says 100)")
+    p.add_argument("--fp8-fprop-fast-accum", action="store_true",
+                   help="FP8 modes with per-tensor or row scales: the forward GEMM with cuBLAS's fast FP8 "
+                        "accumulation (see yxanul bench throughput --help)")
     p.add_argument("--repeats", type=int, default=1,
                    help="train every mode this many times with different data orders (paired across modes) and "
                         "report mean differences with standard errors")
@@ -195,7 +202,7 @@ def _run_quality(args):
                   seed=args.seed, policy=args.config, out=args.out, device=args.device, compile=args.compile,
                   fp8_backend=args.fp8_backend, reuse=not args.fresh, calibration_steps=args.calibration_steps,
                   fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats, compile_mode=args.compile_mode,
-                  tune_kernels=args.tune_kernels)
+                  tune_kernels=args.tune_kernels, fprop_fast_accum=args.fp8_fprop_fast_accum)
     if args.fork_at is not None:
         return _run_fork(args, modes, common)
     res = run_quality(args.model, args.data, args.tokens, modes, seeds=args.seeds, last_evals=args.last_evals,

@@ -271,11 +271,13 @@ def _scalar_scale(s: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran: str, b_gran: str, block: int = 128):
+def native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran: str, b_gran: str, block: int = 128,
+                fast_accum: bool = False):
     """a @ b.T with cuBLAS FP8, the operands scaled at the given granularities (tensor x tensor, row x row, or
     tile x tile / tile x block). Pads M, N, K as the kernels need (zeros contribute nothing). A row-scaled
     operand whose rows fit in one tile (K <= block) is the same as a 1 x block tile operand and takes that
-    kernel."""
+    kernel. ``fast_accum``: cuBLAS's fast FP8 accumulation for the per-tensor and row-scaled kernels (the
+    blockwise ones always promote)."""
     M, K = a_q.shape
     N = b_q.shape[0]
     tensorwise = a_gran == "tensor"
@@ -289,7 +291,7 @@ def native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran: str, b_gran: str, block: 
         else:
             sa = _pad2(a_s.float(), Mp, 1, 1.0).contiguous()
             sb = _pad2(b_s.float(), Np, 1, 1.0).reshape(1, Np).contiguous()
-        out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+        out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=fast_accum)
         return out[:M, :N]
     if block != 128:
         raise YxanulError(f"native blockwise GEMMs need block_size 128, got {block}", key="recipe.block_size")
@@ -317,21 +319,22 @@ def native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran: str, b_gran: str, block: 
 
 @torch.library.custom_op("yxanul::native_gemm", mutates_args=())
 def _native_gemm_op(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
-                    out_dtype: torch.dtype, a_gran: str, b_gran: str, block: int) -> torch.Tensor:
-    return native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, block)
+                    out_dtype: torch.dtype, a_gran: str, b_gran: str, block: int, fast_accum: bool) -> torch.Tensor:
+    return native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, block, fast_accum)
 
 
 @_native_gemm_op.register_fake
-def _(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, block):
+def _(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, block, fast_accum):
     return a_q.new_empty(a_q.shape[0], b_q.shape[0], dtype=out_dtype)
 
 
-def native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, a_gran: str, b_gran: str, block: int = 128):
+def native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, a_gran: str, b_gran: str, block: int = 128,
+                   fast_accum: bool = False):
     """:func:`native_gemm` as one opaque custom op, so torch.compile keeps its graph whole around it; per-tensor
     scaled GEMMs are traced as they are (``torch._scaled_mm``, which inductor calls directly)."""
     if torch.compiler.is_compiling() and a_gran == "tensor":
-        return native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, block)
-    return _native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, int(block))
+        return native_gemm(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, block, fast_accum)
+    return _native_gemm_op(a_q, a_s, b_q, b_s, out_dtype, a_gran, b_gran, int(block), bool(fast_accum))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -405,11 +408,20 @@ def _weight_t(spec: Fp8Spec) -> Callable:
     return _weight_t_transpose
 
 
-def default_ops(spec: Fp8Spec, backend: str = "emulated") -> Fp8Ops:
-    """The reference op table of a resolved recipe: pure-torch quantizers + the backend's GEMMs."""
+def fast_accum_applies(spec: Fp8Spec, backend: str, options: Fp8Options) -> bool:
+    """Whether the layer's forward GEMM accumulates with cuBLAS's fast mode (``options.fprop_fast_accum``):
+    on the native backend, for per-tensor and row-scaled forward operands."""
+    return bool(options.fprop_fast_accum) and backend == "native" and spec.x.granularity in ("tensor", "row")
+
+
+def default_ops(spec: Fp8Spec, backend: str = "emulated", options: Fp8Options | None = None) -> Fp8Ops:
+    """The reference op table of a resolved recipe: pure-torch quantizers + the backend's GEMMs (the forward one
+    with fast accumulation where ``options`` ask for it and it applies, :func:`fast_accum_applies`)."""
     gemm = native_gemm_op if backend == "native" else emulated_gemm
     gemms = {op: functools.partial(gemm, a_gran=a, b_gran=b, block=spec.block)
              for op in OPS for a, b in [spec.gemm_granularity(op)]}
+    if fast_accum_applies(spec, backend, options or Fp8Options()):
+        gemms["fprop"] = functools.partial(gemms["fprop"], fast_accum=True)
     return Fp8Ops(_quantizer(spec.x), _quantizer(spec.x, transposed=True), _quantizer(spec.w), _weight_t(spec),
                   gemms["fprop"], gemms["dgrad"], gemms["wgrad"], _quantizer(spec.dy),
                   _quantizer(spec.dy, transposed=True), backend)
@@ -453,8 +465,9 @@ def kernel_overrides(spec: Fp8Spec, backend: str, options: Fp8Options) -> dict[s
 def build_ops(spec: Fp8Spec, backend: str = "emulated", options: Fp8Options | None = None) -> Fp8Ops:
     """A layer's op table: the reference ops of `spec` on `backend`, the registered fused quantizers as
     ``options.kernels`` allows, then anything registered with :func:`register_ops` for the recipe."""
-    ops = default_ops(spec, backend)
-    over = kernel_overrides(spec, backend, (options or Fp8Options()).validate())
+    options = (options or Fp8Options()).validate()
+    ops = default_ops(spec, backend, options)
+    over = kernel_overrides(spec, backend, options)
     over.update(_REGISTRY.get((spec.recipe.name, backend), {}))
     return replace(ops, **over) if over else ops
 

@@ -1,5 +1,5 @@
 """How the FP8 layers compute, as opposed to what (the recipe): implementation choices that leave the numbers
-unchanged or change them only within the recipe's own rounding.
+unchanged or change them only within the recipe's own rounding (``fprop_fast_accum`` excepted, below).
 
 ``kernels``       ``auto`` (the Triton quantizers where Triton runs on a CUDA device, the pure-torch ones
                   elsewhere), ``triton`` (always the Triton quantizers: an error where they cannot run; on a
@@ -11,6 +11,13 @@ unchanged or change them only within the recipe's own rounding.
 ``fused_swiglu``  the SwiGLU MLP's gate and up projections as one function whose backward quantizes the
                   gradients inside the SwiGLU backward kernel (delayed scaling only; see
                   :mod:`yxanul.fp8.fused_mlp`)
+``fprop_fast_accum``
+                  the forward GEMM (x @ w.T) of per-tensor and row-scaled recipes with cuBLAS's fast FP8
+                  accumulation (``use_fast_accum``: no periodic promotion of the tensor cores' partial sums to
+                  FP32), as torchao's default recipe does; the backward GEMMs, whose K is up to the batch's token
+                  count, and every blockwise GEMM keep the promoted accumulation DeepSeek-V3 prescribes. Native
+                  backend only (the emulated reference accumulates in FP32). This one changes the numbers beyond
+                  the recipe's rounding: check loss parity before relying on it
 
 docs/perf-notes.md records how each choice measured.
 """
@@ -29,6 +36,7 @@ class Fp8Options:
     kernels: str = "auto"
     weight_cache: str = "graph"
     fused_swiglu: bool = False
+    fprop_fast_accum: bool = False
 
     def validate(self, source: str = "fp8 options") -> "Fp8Options":
         for key, choices in (("kernels", KERNEL_IMPLS), ("weight_cache", WEIGHT_CACHE_MODES)):
@@ -36,9 +44,10 @@ class Fp8Options:
             if v not in choices:
                 raise YxanulError(f"must be one of {', '.join(choices)}, got {v!r}", source=source,
                                   key=f"fp8_{key}")
-        if not isinstance(self.fused_swiglu, bool):
-            raise YxanulError(f"must be true or false, got {self.fused_swiglu!r}", source=source,
-                              key="fp8_fused_swiglu")
+        for key in ("fused_swiglu", "fprop_fast_accum"):
+            if not isinstance(getattr(self, key), bool):
+                raise YxanulError(f"must be true or false, got {getattr(self, key)!r}", source=source,
+                                  key=f"fp8_{key}")
         return self
 
     def as_dict(self) -> dict:
