@@ -275,3 +275,24 @@ def test_quality_plot_refuses_an_existing_file_without_overwrite(tmp_path, capsy
     assert main(argv) == 2
     assert "--plot" in capsys.readouterr().err and png.read_bytes() == b"a user's file"
     assert not (tmp_path / "q").exists()  # refused before any training
+
+
+def test_profile_report_resummarizes_recorded_profiles_without_annotations(tmp_path):
+    """scripts/profile_report.py re-reads a recorded bench JSON: the optimizer's GPU annotation (counted on top
+    of its kernels by files written before the fix) is dropped from busy time and the optimizer category."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    prof = {"steps": 2, "step_ms": 10.0,
+            "kernels": [["multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>", 1.0, 5.0],
+                        ["Optimizer.step#AdamW.step", 1.1, 1.0], ["nvjet_sm90_tst_x", 6.0, 4.0]]}
+    src = tmp_path / "tp.json"
+    src.write_text(json.dumps({"rows": [{"mode": "bf16", "profile": prof}, {"mode": "fp8", "profile": None}]}))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_report.py"
+    r = subprocess.run([sys.executable, str(script), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "bf16: step 10.0 ms, busy 7.0, idle 3.0 | gemm 6.0, optimizer 1.0" in r.stdout and "fp8" not in r.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    r = subprocess.run([sys.executable, str(script), str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(bad) in r.stderr
