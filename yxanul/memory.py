@@ -14,7 +14,8 @@ parameters, tensor by tensor, and counts what autograd saves for the backward pa
 * **activations** - per layer: both RMSNorms save their FP32 input, ``rsqrt`` and normalized output; each
   linear saves its (BF16, or FP8 + 1 x block scales with the FP8 activation cache) input; SDPA saves q,
   the GQA-expanded k and v, its output and the FP32 logsumexp; the MLP saves gate, silu(gate), up and
-  their product. The residual stream is FP32 when the embedding is a plain lookup (its output is FP32
+  their product (with the recipe's ``cache_swiglu_inputs`` and FP8 gate and up: gate and up as FP8
+  1 x block tiles with FP32 scales, silu recomputed). The residual stream is FP32 when the embedding is a plain lookup (its output is FP32
   under autocast) and BF16 when it is factorized (the ``r -> d`` projection runs in BF16); an FP32
   residual makes every linear cast its input separately. With activation checkpointing only each
   block's input is kept, plus one block's activations while it is recomputed.
@@ -265,7 +266,12 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
     per_layer["o_proj_input"] = linear_inputs([L0 + "attn.o_proj"], hq * hd, low_b, True)
     per_layer["mlp_norm"] = norm
     per_layer["gate_up_inputs"] = linear_inputs([L0 + "mlp.gate_proj", L0 + "mlp.up_proj"], d, res_b, False)
-    per_layer["gate_silu_up"] = 3 * low_b * f
+    if recipe.cache_swiglu_inputs and all(prec.get(L0 + n, "bf16").startswith("fp8")
+                                          for n in ("mlp.gate_proj", "mlp.up_proj")):
+        # gate and up as FP8 1 x block tiles with FP32 scales; silu(gate) recomputed (yxanul.fp8.swiglu)
+        per_layer["gate_up_fp8"] = 2 * f * (1 + 4 / recipe.block_size)
+    else:
+        per_layer["gate_silu_up"] = 3 * low_b * f
     per_layer["down_input"] = linear_inputs([L0 + "mlp.down_proj"], f, low_b, False)
     layer_token = sum(per_layer.values())
     layer_bytes = {k: int(round(v * tokens)) for k, v in per_layer.items()}

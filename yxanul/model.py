@@ -89,6 +89,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     fused_gate_up = None  # set per instance by yxanul.fp8.linear.convert_model
+    swiglu = None  # silu(g) * u with FP8-kept inputs (the recipe's cache_swiglu_inputs), set the same way
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -103,7 +104,7 @@ class MLP(nn.Module):
         h = self.fused_gate_up(self, x) if self.fused_gate_up is not None else None
         if h is None:
             g, u = project((self.gate_proj, self.up_proj), x, self.fused)
-            h = F.silu(g) * u
+            h = self.swiglu(g, u) if self.swiglu is not None else F.silu(g) * u
         return self.down_proj(h)
 
 

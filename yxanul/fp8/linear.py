@@ -31,6 +31,7 @@ from . import scaling
 from .backends import _cast, _scale_from_amax, _weight_t_transpose, build_ops, native_shape_ok, out_dtype, resolve_backend, tensor_abs_max
 from .formats import get_format
 from .fused_mlp import can_fuse, swiglu_gate_up
+from .swiglu import swiglu_fp8_inputs
 from .options import Fp8Options
 from .recipe import Fp8Recipe, resolve
 
@@ -460,16 +461,20 @@ def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Re
 
 
 def _install_fused_mlps(model: nn.Module) -> None:
-    """SwiGLU MLPs (``gate_proj``, ``up_proj``, a ``fused_gate_up`` slot) whose gate and up are delayed-scaling
-    FP8 layers of one backend with the ``fused_swiglu`` option get the fused gate/up/SwiGLU function
-    (yxanul.fp8.fused_mlp)."""
+    """SwiGLU MLPs (``gate_proj``, ``up_proj``, ``fused_gate_up`` and ``swiglu`` slots) whose gate and up are
+    delayed-scaling FP8 layers of one backend with the ``fused_swiglu`` option get the fused gate/up/SwiGLU
+    function (yxanul.fp8.fused_mlp); those whose gate and up are FP8 layers of a recipe with
+    ``cache_swiglu_inputs`` get the SwiGLU that keeps its inputs in FP8 (yxanul.fp8.swiglu)."""
     for m in model.modules():
         if not hasattr(type(m), "fused_gate_up"):
             continue
         gate, up = getattr(m, "gate_proj", None), getattr(m, "up_proj", None)
-        ok = (isinstance(gate, Fp8Linear) and isinstance(up, Fp8Linear) and gate.backend == up.backend
-              and can_fuse(gate, up))
+        both = isinstance(gate, Fp8Linear) and isinstance(up, Fp8Linear)
+        ok = both and gate.backend == up.backend and can_fuse(gate, up)
         m.fused_gate_up = swiglu_gate_up if ok else None
+        cached = both and gate.recipe.cache_swiglu_inputs and up.recipe.cache_swiglu_inputs
+        m.swiglu = functools.partial(swiglu_fp8_inputs, fmt=gate.spec.x.fmt, block=gate.spec.block) \
+            if cached else None
 
 
 def unconvert_model(model: nn.Module) -> nn.Module:

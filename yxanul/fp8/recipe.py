@@ -11,6 +11,11 @@
                history is recorded.
 
 ``fp8_format``: ``e4m3`` (all tensors E4M3) or ``hybrid`` (E4M3 forward, E5M2 for output gradients).
+
+``cache_fp8_activations``: linears keep their wgrad operand (the input, transposed and quantized) instead of the
+BF16 input; the same numbers. ``cache_swiglu_inputs``: an MLP whose gate and up projections are FP8 keeps the
+SwiGLU's inputs for its backward as FP8 1 x ``block_size`` tiles instead of BF16 (DeepSeek-V3's choice;
+:mod:`yxanul.fp8.swiglu`): less memory, and the SwiGLU gradients carry the FP8 rounding of its inputs.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class Fp8Recipe:
     amax_compute_algo: str = "max"
     calibration_steps: int = 0
     cache_fp8_activations: bool = False
+    cache_swiglu_inputs: bool = False
 
     def validate(self, source: str = "recipe") -> "Fp8Recipe":
         if self.name not in RECIPES:
@@ -51,6 +57,10 @@ class Fp8Recipe:
                               source=source, key="recipe.amax_compute_algo")
         if self.calibration_steps < 0:
             raise YxanulError("must be >= 0", source=source, key="recipe.calibration_steps")
+        for key in ("pow2_scales", "cache_fp8_activations", "cache_swiglu_inputs"):
+            if not isinstance(getattr(self, key), bool):
+                raise YxanulError(f"must be true or false, got {getattr(self, key)!r}", source=source,
+                                  key=f"recipe.{key}")
         return self
 
     @property
