@@ -75,7 +75,7 @@ def main() -> None:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         fail(f"{out}: exists and is not a folder")
-    windows, modes, first, offset, sources, seen = {}, [], None, 0, [], set()
+    windows, modes, first, offset, sources, seen, identical = {}, [], None, 0, [], set(), []
     for spec in a.fork_json:
         path, res, keep = load(spec)
         if Path(path).resolve() in seen:
@@ -96,7 +96,10 @@ def main() -> None:
             if mode not in modes:
                 modes.append(mode)
         sources.append(f"{spec} ({len(reps)} repeat(s), {res.get('date', '?')})")
-        offset += max(reps) + 1 if reps else 0
+        n_reps = max(reps) + 1 if reps else 0
+        flags = res.get("bf16_pairs_bit_identical")
+        identical += list(flags)[:n_reps] if isinstance(flags, list) else [None] * n_reps
+        offset += n_reps
     if "bf16" not in modes:
         fail("no bf16 windows to compare with")
     try:  # everything is computed and drawn before anything in --out is replaced
@@ -106,7 +109,7 @@ def main() -> None:
         res["noise_floor"] = next((x for x in rows if x["mode"] == FORK_NOISE_MODE), None)
         res["paired"] = [x for x in rows if x["mode"] != FORK_NOISE_MODE]
         res["se_method"] = SE_METHOD
-        res["bf16_pairs_bit_identical"] = None if len(a.fork_json) > 1 else first.get("bf16_pairs_bit_identical")
+        res["bf16_pairs_bit_identical"] = identical
         text = fork_markdown(res)
         if len(a.fork_json) > 1:
             text += "\n\nCombined as repeats, in this order: " + "; ".join(sources)

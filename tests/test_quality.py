@@ -461,6 +461,8 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     md = (out / "fork.md").read_text()
     assert f"| fp8-tensorwise | +0.150% | - | {math.sqrt(0.05 * 0.75):.3f}% | 1 |" in md, md
     assert "| bf16-b | +0.200% |" in md and "| 2 |" in md and "(2 degrees of freedom)" in md
+    assert "At this noise a mode's SE against the BF16 pair's mean reaches 0.08% with R = " in md
+    assert "bit-identical per repeat: [" in md  # one entry per combined repeat, from each file's own list
     # forks of another protocol, or one fork given twice, are refused (exit 2, one line, nothing written)
     other = tmp_path / "other.json"
     other.write_text(json.dumps(dict(fork, steps=3)))
@@ -492,3 +494,16 @@ def test_a_bit_identical_bf16_pair_measures_no_noise():
                if r["mode"] == "fp8-tensorwise")
     assert row["run_noise_pct"] is None and row["se_pct"] is None
     assert set(row["verdicts"].values()) == {"unresolved"}
+
+
+def test_repeats_for_a_target_se_by_hand():
+    """R such that sqrt(window_se^2 + 0.75 noise^2 / R) <= target: at the recorded 0.156% pair noise and a
+    0.01% window SE, 0.08% takes 3 repeats (0.75 * 0.0243 / 0.0063 = 2.9) and 0.05% takes 8 (7.6); a target
+    below the window SE cannot be reached by repeats."""
+    from yxanul.bench.quality import repeats_for_se
+    assert repeats_for_se(0.08, 0.156, 0.01) == 3
+    assert repeats_for_se(0.05, 0.156, 0.01) == 8
+    assert repeats_for_se(0.05, 0.156, 0.06) is None
+    assert repeats_for_se(0.2, 0.156, 0.01) == 1
+    # against one BF16 run instead of the pair's mean: the full pair variance
+    assert repeats_for_se(0.05, 0.156, 0.01, factor=1.0) == 11

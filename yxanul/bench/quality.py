@@ -602,6 +602,19 @@ def paired_rows(windows: dict, modes: list[str], ref: str = "bf16") -> list[dict
     return rows
 
 
+SE_TARGETS = (0.08, 0.05)  # % : resolves 0.25% at 2 sigma; resolves 0.1% at 2 sigma if the true delta is 0
+
+
+def repeats_for_se(target_pct: float, pair_noise_pct: float, window_se_pct: float,
+                   factor: float = PAIR_MEAN_FACTOR) -> int | None:
+    """The fewest repeats R with ``sqrt(window_se^2 + factor * pair_noise^2 / R) <= target`` (the SE a row gets,
+    :func:`paired_rows`); None when the per-window SE alone exceeds the target."""
+    room = target_pct ** 2 - window_se_pct ** 2
+    if room <= 0:
+        return None
+    return max(1, math.ceil(factor * pair_noise_pct ** 2 / room - 1e-9))
+
+
 def _pct(v: float | None, sign: bool = False) -> str:
     return "-" if v is None else (f"{v:+.3f}%" if sign else f"{v:.3f}%")
 
@@ -894,4 +907,12 @@ def fork_markdown(result: dict) -> str:
                f"degrees of freedom)"
                if noise else "") + f". {FORK_NOISE_MODE}: a second BF16 branch on the same data (noise floor). "
             f"BF16 pairs bit-identical per repeat: {result.get('bf16_pairs_bit_identical')}")
+    if noise:  # what more repeats would buy, at this noise (a mode against the BF16 pair's mean)
+        wse = max(r["window_se_pct"] for r in result["paired"] if r.get("window_se_pct") is not None)
+        need = [(t, repeats_for_se(t, noise["pair_noise_pct"], wse)) for t in SE_TARGETS]
+        tail += ("\n\nAt this noise a mode's SE against the BF16 pair's mean reaches "
+                 + ", ".join(f"{t:.2f}% with R = {n} repeats" if n is not None
+                             else f"{t:.2f}% with no number of repeats (the per-window SE alone is above it)"
+                             for t, n in need)
+                 + " (the noise is known to its degrees of freedom only).")
     return head + "\n\n" + markdown_table(rows) + "\n\n" + tail
