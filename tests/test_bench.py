@@ -296,3 +296,23 @@ def test_profile_report_resummarizes_recorded_profiles_without_annotations(tmp_p
     bad.write_text("{")
     r = subprocess.run([sys.executable, str(script), str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(bad) in r.stderr
+
+
+def test_fp8_mode_variants_run_side_by_side_in_one_process(tmp_path):
+    """``MODE+fast-accum`` / ``MODE+swiglu-fp8`` time an FP8 choice next to the mode without it: the row keeps
+    its name, notes what it changed (fast accumulation only where it applies: not on the CPU's emulated GEMMs),
+    and bad variants are one-line errors."""
+    from yxanul.bench.throughput import split_mode
+    assert split_mode("fp8-delayed+fast-accum+swiglu-fp8") == ("fp8-delayed", ("fast-accum", "swiglu-fp8"))
+    assert parse_modes("bf16,fp8-delayed,fp8-delayed+fast-accum") == ["bf16", "fp8-delayed", "fp8-delayed+fast-accum"]
+    for bad in ("bf16+fast-accum", "fp8+bogus", "fp8+fast-accum+fast-accum", "nope+swiglu-fp8"):
+        with pytest.raises(YxanulError, match="--modes"):
+            parse_modes(bad)
+    out = tmp_path / "v.json"
+    assert main(ARGS + ["--modes", "fp8-tensorwise,fp8-tensorwise+swiglu-fp8,fp8-tensorwise+fast-accum",
+                        "--json-out", str(out)]) == 0
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert all(r["error"] is None and r["tokens_per_s"] for r in rows.values())
+    assert "SwiGLU inputs kept in FP8" in rows["fp8-tensorwise+swiglu-fp8"]["notes"]
+    assert "SwiGLU" not in rows["fp8-tensorwise"]["notes"]
+    assert "fast accumulation" not in rows["fp8-tensorwise+fast-accum"]["notes"]  # emulated GEMMs: no such mode

@@ -20,6 +20,11 @@ with CUDA events (wall clock on a CPU). Modes:
                       torchao.float8.convert_to_float8_training with that recipe on the plain model, whole
                       model compiled; skipped with a note when torchao is not importable
 
+An FP8 mode may carry variants, ``MODE+VARIANT[+VARIANT]``, so that a choice is timed side by side with the
+mode without it in one process: ``fast-accum`` (the ``fprop_fast_accum`` FP8 option for this row) and
+``swiglu-fp8`` (the recipe's ``cache_swiglu_inputs`` for this row), e.g.
+``--modes bf16,fp8-delayed,fp8-delayed+fast-accum``.
+
 A mode that fails records its error in its row and the run goes on. The JSON file is rewritten after every
 mode, so an interrupted run keeps the finished rows.
 """
@@ -56,13 +61,31 @@ BEST_RECIPE = "delayed"
 ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
 
 
+# row variants of the FP8 modes (module docstring): name -> (FP8 option, recipe field) set for that row
+MODE_VARIANTS = {"fast-accum": ("fprop_fast_accum", None), "swiglu-fp8": (None, "cache_swiglu_inputs")}
+
+
+def split_mode(mode: str) -> tuple[str, tuple[str, ...]]:
+    """``"fp8-delayed+fast-accum"`` -> ``("fp8-delayed", ("fast-accum",))``."""
+    base, *variants = mode.split("+")
+    return base, tuple(variants)
+
+
 def parse_modes(text: str) -> list[str]:
     modes = [m.strip() for m in str(text).split(",") if m.strip()]
     if not modes:
         raise YxanulError("no modes given", key="--modes")
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if split_mode(m)[0] not in MODES]
     if bad:
         raise YxanulError(f"unknown mode(s) {', '.join(bad)} (expected: {', '.join(MODES)})", key="--modes")
+    for m in modes:
+        base, variants = split_mode(m)
+        unknown = [v for v in variants if v not in MODE_VARIANTS]
+        if unknown or len(set(variants)) != len(variants):
+            raise YxanulError(f"{m}: unknown or repeated variant(s) (expected some of: "
+                              f"{', '.join(MODE_VARIANTS)})", key="--modes")
+        if variants and not base.startswith("fp8"):
+            raise YxanulError(f"{m}: variants apply to the fp8 modes only", key="--modes")
     if len(set(modes)) != len(modes):
         raise YxanulError("a mode is listed twice", key="--modes")
     return modes
@@ -116,20 +139,25 @@ class _Run:
             from ..fp8.linear import convert_model
             from ..precision import load_policy
 
+            base, variants = split_mode(mode)
+            options = {MODE_VARIANTS[v][0]: True for v in variants if MODE_VARIANTS[v][0]}
+            fields = {MODE_VARIANTS[v][1]: True for v in variants if MODE_VARIANTS[v][1]}
             pol = load_policy(policy_path)
-            recipe = BEST_RECIPE if mode in ("fp8", "fp8-head") else mode[len("fp8-"):]
-            pol = pol.with_recipe(name=recipe, calibration_steps=0)
+            recipe = BEST_RECIPE if base in ("fp8", "fp8-head") else base[len("fp8-"):]
+            pol = pol.with_recipe(name=recipe, calibration_steps=0, **fields)
             self.notes.append(f"recipe {recipe}")
             backend = "native" if device.type == "cuda" else "emulated"
-            pol = pol.with_fp8_options(**(fp8_options or Fp8Options()).as_dict())
+            pol = pol.with_fp8_options(**{**(fp8_options or Fp8Options()).as_dict(), **options})
             installed = sorted(kernel_overrides(resolve(pol.recipe), backend, pol.fp8_options))
             if installed:
                 self.notes.append("triton quantizers: " + ",".join(installed))
             if fast_accum_applies(resolve(pol.recipe), backend, pol.fp8_options):
                 self.notes.append("fprop fast accumulation")
+            if pol.recipe.cache_swiglu_inputs:
+                self.notes.append("SwiGLU inputs kept in FP8")
             convert_model(model, pol, backend=backend, quiet=True)
             self.fp8 = True
-            use_fused_ce(model, head_fp8=(mode == "fp8-head"))
+            use_fused_ce(model, head_fp8=(base == "fp8-head"))
             if compile_:
                 compile_model(model, compile_scope, **ck)
         elif mode.startswith("torchao"):

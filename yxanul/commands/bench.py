@@ -25,7 +25,9 @@ def _throughput(bsub):
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated modes")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help="comma-separated modes; an fp8 mode may add +fast-accum and/or +swiglu-fp8 to time that "
+                        "choice next to the mode without it (e.g. fp8-delayed,fp8-delayed+fast-accum)")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (quick iteration)")
     p.add_argument("--compile", dest="compile", action="store_true", default=True, help="torch.compile (default)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
