@@ -599,7 +599,8 @@ def test_steps_in_a_new_fp8_graph_state_are_timed_apart(tmp_path, micro_model, d
     monkeypatch.setattr(Block, "compile", lambda self, **kw: None)
     cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "g"), steps=12, batch_size=2, seq_len=16,
                       precision="fp8", fp8_recipe="delayed", fp8_backend="emulated", fp8_calibration_steps=2,
-                      compile=True, eval_every=0, checkpoint_every=0, progress=False, log_every=5)
+                      compile=True, eval_every=0, checkpoint_every=0, progress=False, log_every=5,
+                      fp8_stats_every=1)
     t = tr.Trainer(cfg, log=lambda *a: None)
     mods = list(fp8_modules(t.model).values())
     states, counted = [], []
@@ -625,7 +626,7 @@ def test_fp8_statistics_are_armed_for_every_logged_step_including_the_last(tmp_p
     import yxanul.train as tr
     cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "s"), steps=7, batch_size=2, seq_len=16,
                       precision="fp8", fp8_recipe="tensorwise", fp8_backend="emulated", eval_every=0,
-                      checkpoint_every=0, progress=False, log_every=5)
+                      checkpoint_every=0, progress=False, log_every=5, fp8_stats_every=1)
     t = tr.Trainer(cfg, log=lambda *a: None)
     armed = []
     step_fn = t._fp8_step
@@ -643,7 +644,7 @@ def test_the_first_logged_step_records_fp8_statistics(tmp_path, micro_model, dat
     import yxanul.train as tr
     cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "s"), steps=2, batch_size=2, seq_len=16,
                       precision="fp8", fp8_recipe="tensorwise", fp8_backend="emulated", eval_every=0,
-                      checkpoint_every=0, progress=False, log_every=1).validate()
+                      checkpoint_every=0, progress=False, log_every=1, fp8_stats_every=1).validate()
     tr.Trainer(cfg, log=lambda *a: None).fit()
     first = json.loads((tmp_path / "s" / "fp8_stats.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1
@@ -651,7 +652,7 @@ def test_the_first_logged_step_records_fp8_statistics(tmp_path, micro_model, dat
     assert all(mod[k]["amax"] is not None for k in ("x", "w", "dy")), mod
 
 
-@pytest.mark.parametrize("every,want", [(2, [4, 8, 9]), (0, [])])
+@pytest.mark.parametrize("every,want", [(2, [4, 8, 9]), (0, []), (None, [9])])  # None: the default, 10
 def test_fp8_stats_every_n_th_logged_step(tmp_path, micro_model, data_dir, every, want):
     """fp8_stats_every N: the FP8 statistics are armed for, and reported by, every N-th logged step and the last
     (0: none); the other records carry no "fp8" entry and fp8_stats.jsonl holds only the reported steps."""
@@ -660,7 +661,8 @@ def test_fp8_stats_every_n_th_logged_step(tmp_path, micro_model, data_dir, every
     from yxanul.fp8.linear import fp8_modules
     cfg = TrainConfig(model=micro_model, data=data_dir, out=str(tmp_path / "s"), steps=9, batch_size=2, seq_len=16,
                       precision="fp8", fp8_recipe="tensorwise", fp8_backend="emulated", eval_every=0,
-                      checkpoint_every=0, progress=False, log_every=2, fp8_stats_every=every).validate()
+                      checkpoint_every=0, progress=False, log_every=2,
+                      **({} if every is None else {"fp8_stats_every": every})).validate()
     t = tr.Trainer(cfg, log=lambda *a: None)
     t.fit()
     # never armed past the last step (step 10 would be an every-2nd logged step): the model ends unarmed

@@ -66,9 +66,9 @@ class TrainConfig:
                                          "inside the kernel")
     fp8_fprop_fast_accum: bool = _opt(False, "per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's "
                                              "fast FP8 accumulation (torchao's default; changes the numbers)")
-    fp8_stats_every: int = _opt(1, "FP8 statistics (amax, saturation, underflow per layer; fp8_stats.jsonl) at every "
-                                    "N-th logged step and the last (0: never); the pass that records them reads "
-                                    "every FP8 operand once more")
+    fp8_stats_every: int = _opt(10, "FP8 statistics (amax, saturation, underflow per layer; fp8_stats.jsonl) at "
+                                     "every N-th logged step and the last (0: never; 1: every logged step); the pass "
+                                     "that records them reads every FP8 operand once more")
     optimizer_states: str = _opt("fp32", "AdamW moment precision", choices=("fp32", "bf16"))
     loss_scale_init: float = _opt(65536.0, "initial loss scale (fp16)")
     loss_scale_growth_interval: int = _opt(2000, "clean steps before the loss scale doubles (fp16)")
