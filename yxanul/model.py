@@ -278,9 +278,8 @@ def compile_blocks(model: nn.Module, mode: str | None = None, tune_kernels: bool
     loss eager. Identical blocks share one compiled graph (parameters are graph inputs), so compiling the
     28-layer model costs about what one layer costs, and a loss that launches its own kernels (the fused
     cross-entropy) stays outside the graph. ``mode`` is torch.compile's; ``tune_kernels`` adds inductor's
-    coordinate-descent tuning of its generated kernels' launch settings (minutes more compile time; on the H100
-    the FP8 quantization fused into the blocks ran 8% faster with it, BF16 unchanged: docs/perf-notes.md).
-    Returns the model."""
+    coordinate-descent tuning of its generated kernels' launch settings (minutes more compile time; how it
+    measured is in docs/perf-notes.md). Returns the model."""
     kwargs.update(compile_kwargs(mode, tune_kernels, kwargs.pop("options", None)))
     _allow_graph_variants()
     n = 0

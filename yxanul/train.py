@@ -74,8 +74,8 @@ _CPU_BF16: tuple[float, float] | None = None
 
 def resolve_precision(device: torch.device) -> tuple[str, str]:
     """``precision: auto``: bf16, except on a CPU whose BF16 matmuls are more than 4x slower than its FP32 ones
-    (without native BF16 instructions they measured 13-400x slower; with them BF16 is as fast or faster), where
-    BF16 autocast would make training much slower, not faster: fp32 there. Returns (precision, message)."""
+    (CPUs without native BF16 instructions are far slower in BF16, docs/training.md), where BF16 autocast would
+    make training much slower, not faster: fp32 there. Returns (precision, message)."""
     if device.type != "cpu":
         return "bf16", ""
     bf16, fp32 = cpu_bf16_speed()

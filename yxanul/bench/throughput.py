@@ -54,9 +54,8 @@ from ..hostgc import HOST_GC_MODES, GcWatch, release, settle
 from . import DEFAULT_MODES, MODES
 from .plain import PlainLM
 
-# the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md: delayed
-# 1.00x bf16 against tensorwise's 0.97x, both under CUDA graphs); the policy decides which linears are FP8, the
-# fp8-<recipe> modes measure each recipe
+# the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md); the
+# policy decides which linears are FP8, the fp8-<recipe> modes measure each recipe
 BEST_RECIPE = "delayed"
 ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
 
