@@ -14,6 +14,9 @@ def register(sub):
     p.add_argument("--fp8-format", default="e4m3", choices=("e4m3", "hybrid"), help="recipe fp8_format")
     p.add_argument("--backend", default="auto", choices=("auto", "native", "emulated"),
                    help="auto: native where available, else an emulated-vs-FP32 sanity check")
+    p.add_argument("--fp8-fprop-fast-accum", action="store_true",
+                   help="check the forward GEMMs with cuBLAS's fast FP8 accumulation (the fprop_fast_accum option; "
+                        "per-tensor and row-scaled recipes)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -27,6 +30,7 @@ def run(args):
     from ..config import load_model_config
     from ..errors import YxanulError
     from ..fp8.backends import model_shapes, native_available, selfcheck
+    from ..fp8.options import Fp8Options
     from ..fp8.recipe import RECIPES, Fp8Recipe
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -45,7 +49,8 @@ def run(args):
     uniq = list(dict.fromkeys((M, K, N) for _, M, K, N in shapes))
     users = {s: [k for k, M, K, N in shapes if (M, K, N) == s] for s in uniq}
     base = Fp8Recipe(fp8_format=args.fp8_format)
-    rows = selfcheck(uniq, recipes, "native" if native else "emulated", base=base)
+    options = Fp8Options(fprop_fast_accum=bool(args.fp8_fprop_fast_accum))
+    rows = selfcheck(uniq, recipes, "native" if native else "emulated", base=base, options=options)
     for r in rows:
         r["modules"] = users[(r["M"], r["K"], r["N"])]
     failed = [r for r in rows if not r["ok"]]
@@ -53,6 +58,7 @@ def run(args):
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "compared": "native_vs_emulated" if native else "emulated_vs_fp32",
             "native_available": ok, "native_reason": why, "fp8_format": args.fp8_format,
+            "fprop_fast_accum": options.fprop_fast_accum,
             "all_ok": not failed, "rows": rows}
     if args.json:
         print_json(info)

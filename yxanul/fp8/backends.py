@@ -558,11 +558,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def selfcheck(shapes, recipes=("blockwise", "tensorwise", "rowwise", "delayed"), backend: str = "native",
-              seed: int = 0, base: Fp8Recipe | None = None) -> list[dict]:
+              seed: int = 0, base: Fp8Recipe | None = None, options: Fp8Options | None = None) -> list[dict]:
     """Compare ``backend`` against the emulated reference on the same quantized inputs, for each recipe,
     shape ``(M, K, N)`` and op (fprop, dgrad, wgrad). Rows: ``{recipe, op, M, K, N, rel_err, tol, ok,
     compared, error}``; ``compared`` is ``native_vs_emulated`` or, where native is unavailable,
-    ``emulated_vs_fp32`` (then ``rel_err`` is the FP8 quantization error against an FP32 GEMM)."""
+    ``emulated_vs_fp32`` (then ``rel_err`` is the FP8 quantization error against an FP32 GEMM). ``options``:
+    the native GEMMs' :class:`Fp8Options` (``fprop_fast_accum`` checks the forward GEMM's fast accumulation)."""
     native = backend == "native"
     device = "cuda" if native else "cpu"
     rows = []
@@ -570,7 +571,7 @@ def selfcheck(shapes, recipes=("blockwise", "tensorwise", "rowwise", "delayed"),
         rec = replace(base or Fp8Recipe(), name=rname).validate()
         spec = resolve(rec, "e4m3")
         emu = get_ops(rec, "e4m3", "emulated")
-        nat = get_ops(rec, "e4m3", "native") if native else None
+        nat = get_ops(rec, "e4m3", "native", options) if native else None
         for shape in shapes:
             M, K, N = (int(v) for v in shape[-3:])
             for op in OPS:
