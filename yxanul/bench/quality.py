@@ -156,14 +156,14 @@ def _make_trainer(cfg, extra: dict, data_seed: int, resume: str | None = None, s
     return t
 
 
-def _fp8_only(over: dict, calibration_steps: int | None, fprop_fast_accum: bool) -> dict:
-    """FP8 settings added to an FP8 mode's overrides only, so that BF16 results stay reusable when they change."""
+def _fp8_only(over: dict, calibration_steps: int | None, fprop_fast_accum: bool) -> None:
+    """FP8 settings added (in place) to an FP8 mode's overrides only, so that BF16 results stay reusable when
+    they change."""
     if over.get("precision") == "fp8":
         if calibration_steps is not None:
             over["fp8_calibration_steps"] = calibration_steps
         if fprop_fast_accum:
             over["fp8_fprop_fast_accum"] = True
-    return over
 
 
 def _jsonable(d: dict) -> dict:

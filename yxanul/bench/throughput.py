@@ -147,10 +147,11 @@ class _Run:
             self.notes.append(f"recipe {recipe}")
             backend = "native" if device.type == "cuda" else "emulated"
             pol = pol.with_fp8_options(**{**(fp8_options or Fp8Options()).as_dict(), **options})
-            installed = sorted(kernel_overrides(resolve(pol.recipe), backend, pol.fp8_options))
+            spec = resolve(pol.recipe)
+            installed = sorted(kernel_overrides(spec, backend, pol.fp8_options))
             if installed:
                 self.notes.append("triton quantizers: " + ",".join(installed))
-            if fast_accum_applies(resolve(pol.recipe), backend, pol.fp8_options):
+            if fast_accum_applies(spec, backend, pol.fp8_options):
                 self.notes.append("fprop fast accumulation")
             if pol.recipe.cache_swiglu_inputs:
                 self.notes.append("SwiGLU inputs kept in FP8")
