@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from yxanul.kernels.swiglu_bwd import swiglu_bwd_cast
+from yxanul.kernels.swiglu_cast import swiglu_bwd_cast
 
 M, F = 32768, 2048
 g = torch.Generator(device="cuda").manual_seed(0)

@@ -88,7 +88,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    fused_gate_up = None  # set per instance by yxanul.fp8.linear.convert_model
+    fp8_mlp = None  # the whole MLP as one FP8 function (yxanul.fp8.fused_mlp), set per instance by convert_model
     swiglu = None  # silu(g) * u with FP8-kept inputs (the recipe's cache_swiglu_inputs), set the same way
 
     def __init__(self, cfg: ModelConfig):
@@ -99,12 +99,13 @@ class MLP(nn.Module):
         self.fused = cfg.fused_projections
 
     def forward(self, x):
-        # FP8 delayed scaling installs a fused gate/up/SwiGLU function here (yxanul.fp8.fused_mlp, opt-in); it
-        # returns None while the layers cannot or should not use it
-        h = self.fused_gate_up(self, x) if self.fused_gate_up is not None else None
-        if h is None:
-            g, u = project((self.gate_proj, self.up_proj), x, self.fused)
-            h = self.swiglu(g, u) if self.swiglu is not None else F.silu(g) * u
+        # FP8 delayed scaling installs the whole-MLP function here (opt-in); it returns None while the layers
+        # cannot or should not use it
+        y = self.fp8_mlp(self, x) if self.fp8_mlp is not None else None
+        if y is not None:
+            return y
+        g, u = project((self.gate_proj, self.up_proj), x, self.fused)
+        h = self.swiglu(g, u) if self.swiglu is not None else F.silu(g) * u
         return self.down_proj(h)
 
 

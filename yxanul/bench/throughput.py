@@ -21,8 +21,8 @@ with CUDA events (wall clock on a CPU). Modes:
                       model compiled; skipped with a note when torchao is not importable
 
 An FP8 mode may carry variants, ``MODE+VARIANT[+VARIANT]``, so that a choice is timed side by side with the
-mode without it in one process: ``fast-accum`` (the ``fprop_fast_accum`` FP8 option for this row) and
-``swiglu-fp8`` (the recipe's ``cache_swiglu_inputs`` for this row), e.g.
+mode without it in one process: ``fast-accum`` (the ``fprop_fast_accum`` FP8 option for this row),
+``fused-mlp`` (the ``fused_mlp`` FP8 option) and ``swiglu-fp8`` (the recipe's ``cache_swiglu_inputs``), e.g.
 ``--modes bf16,fp8-delayed,fp8-delayed+fast-accum``.
 
 A mode that fails records its error in its row and the run goes on. The JSON file is rewritten after every
@@ -61,7 +61,8 @@ ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_
 
 
 # row variants of the FP8 modes (module docstring): name -> (FP8 option, recipe field) set for that row
-MODE_VARIANTS = {"fast-accum": ("fprop_fast_accum", None), "swiglu-fp8": (None, "cache_swiglu_inputs")}
+MODE_VARIANTS = {"fast-accum": ("fprop_fast_accum", None), "fused-mlp": ("fused_mlp", None),
+                 "swiglu-fp8": (None, "cache_swiglu_inputs")}
 
 
 def split_mode(mode: str) -> tuple[str, tuple[str, ...]]:
@@ -156,6 +157,8 @@ class _Run:
             if pol.recipe.cache_swiglu_inputs:
                 self.notes.append("SwiGLU inputs kept in FP8")
             convert_model(model, pol, backend=backend, quiet=True)
+            if any(getattr(m, "fp8_mlp", None) is not None for m in model.modules()):
+                self.notes.append("whole-MLP FP8 function")
             self.fp8 = True
             use_fused_ce(model, head_fp8=(base == "fp8-head"))
             if compile_:

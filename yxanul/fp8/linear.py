@@ -30,7 +30,7 @@ from ..errors import NonFiniteError, YxanulError
 from . import scaling
 from .backends import _cast, _scale_from_amax, _weight_t_transpose, build_ops, native_shape_ok, out_dtype, resolve_backend, tensor_abs_max
 from .formats import get_format
-from .fused_mlp import can_fuse, swiglu_gate_up
+from .fused_mlp import can_fuse, mlp_forward
 from .swiglu import swiglu_fp8_inputs
 from .options import Fp8Options
 from .recipe import Fp8Recipe, resolve
@@ -461,17 +461,17 @@ def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Re
 
 
 def _install_fused_mlps(model: nn.Module) -> None:
-    """SwiGLU MLPs (``gate_proj``, ``up_proj``, ``fused_gate_up`` and ``swiglu`` slots) whose gate and up are
-    delayed-scaling FP8 layers of one backend with the ``fused_swiglu`` option get the fused gate/up/SwiGLU
+    """SwiGLU MLPs (``gate_proj``, ``up_proj``, ``down_proj``, ``fp8_mlp`` and ``swiglu`` slots) whose three
+    projections are delayed-scaling FP8 layers of one backend with the ``fused_mlp`` option get the whole-MLP
     function (yxanul.fp8.fused_mlp); those whose gate and up are FP8 layers of a recipe with
     ``cache_swiglu_inputs`` get the SwiGLU that keeps its inputs in FP8 (yxanul.fp8.swiglu)."""
     for m in model.modules():
-        if not hasattr(type(m), "fused_gate_up"):
+        if not hasattr(type(m), "fp8_mlp"):
             continue
-        gate, up = getattr(m, "gate_proj", None), getattr(m, "up_proj", None)
+        gate, up, down = (getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
         both = isinstance(gate, Fp8Linear) and isinstance(up, Fp8Linear)
-        ok = both and gate.backend == up.backend and can_fuse(gate, up)
-        m.fused_gate_up = swiglu_gate_up if ok else None
+        ok = both and isinstance(down, Fp8Linear) and can_fuse(gate, up, down)
+        m.fp8_mlp = mlp_forward if ok else None
         cached = both and gate.recipe.cache_swiglu_inputs and up.recipe.cache_swiglu_inputs
         m.swiglu = functools.partial(swiglu_fp8_inputs, fmt=gate.spec.x.fmt, block=gate.spec.block) \
             if cached else None

@@ -20,6 +20,9 @@ Operations (x is 2-D ``[M, K]``; FP32 scales, ``scale_inv = amax / FMT_MAX``):
   tensor_amax(x)                            -> 0-d max |x| (NaN if x has one)
   rmsnorm_quant(x, weight, eps, block=128)  -> y (x's dtype), q, s
   swiglu_quant(gate, up, block=128)         -> h (gate's dtype) or None, q, s
+  swiglu_fwd_quant(gate, up, scale_h, fmt="e4m3")
+                                            -> h_q, h_qT, amax: the SwiGLU cast with a given per-tensor scale
+                                               (delayed scaling), both layouts
   swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt="e4m3")
                                             -> dgate_q, dgate_qT, dup_q, dup_qT, amax [2]: the SwiGLU backward
                                                cast with given per-tensor scales (delayed scaling), both layouts
@@ -41,7 +44,8 @@ from ..fp8.options import KERNEL_IMPLS as IMPLS
 from . import reference
 
 __all__ = ["act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "tensor_quant_dual",
-           "tensor_amax", "rmsnorm_quant", "swiglu_quant", "swiglu_bwd_quant", "triton_available", "uses_triton",
+           "tensor_amax", "rmsnorm_quant", "swiglu_quant", "swiglu_fwd_quant", "swiglu_bwd_quant",
+           "triton_available", "uses_triton",
            "OPS", "fp8_op_overrides", "register"]
 
 
@@ -142,7 +146,11 @@ def _define_custom_ops():
     def _tqd(x: Tensor, fmt: str, write_q: bool, write_qt: bool) -> tuple[Tensor, Tensor, Tensor]:
         return tc.tensor_cast(x, fmt, parts=tc.tensor_amax_parts(x), write_q=write_q, write_qt=write_qt)
 
-    sb = _mod("swiglu_bwd")
+    sb = _mod("swiglu_cast")
+
+    @torch.library.triton_op("yxanul::swiglu_fwd_cast", mutates_args=())
+    def _sfc(gate: Tensor, up: Tensor, scale_h: Tensor, fmt: str) -> tuple[Tensor, Tensor, Tensor]:
+        return sb.swiglu_fwd_cast(gate, up, scale_h, fmt)
 
     @torch.library.triton_op("yxanul::swiglu_bwd_cast", mutates_args=())
     def _sbc(gate: Tensor, up: Tensor, dh: Tensor, scale_gate: Tensor, scale_up: Tensor,
@@ -292,6 +300,15 @@ def swiglu_quant(gate, up, block: int = 128, fmt: str = "e4m3", pow2_scales: boo
 _swiglu_quant_dispatch = swiglu_quant
 
 
+def swiglu_fwd_quant(gate, up, scale_h, fmt: str = "e4m3", *, impl: str | None = None):
+    """SwiGLU with its output quantized for down_proj's GEMMs (delayed scaling): ``(h_q, h_qT, amax)``, see
+    :func:`reference.swiglu_fwd_quant`."""
+    if uses_triton(gate, up, impl=impl):
+        reference.check_swiglu_shapes(gate, up)
+        return torch.ops.yxanul.swiglu_fwd_cast(gate, up, scale_h, _fmt(fmt))
+    return reference.swiglu_fwd_quant(gate, up, scale_h, fmt)
+
+
 def swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt: str = "e4m3", *, impl: str | None = None):
     """The SwiGLU backward with its outputs quantized for the gate/up backward GEMMs (delayed scaling):
     ``(dgate_q, dgate_qT, dup_q, dup_qT, amax [2])``, see :func:`reference.swiglu_bwd_quant`."""
@@ -305,7 +322,8 @@ def swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt: str = "e4m3", *, i
 OPS = {"act_quant": act_quant, "act_quant_t": act_quant_t, "act_quant_dual": act_quant_dual,
        "weight_quant": weight_quant, "tensor_quant": tensor_quant, "tensor_quant_dual": tensor_quant_dual,
        "tensor_amax": tensor_amax, "rmsnorm_quant": rmsnorm_quant,
-       "swiglu_quant": swiglu_quant, "swiglu_bwd_quant": swiglu_bwd_quant}
+       "swiglu_quant": swiglu_quant, "swiglu_fwd_quant": swiglu_fwd_quant,
+       "swiglu_bwd_quant": swiglu_bwd_quant}
 
 
 def fp8_op_overrides(spec, impl: str | None = None) -> dict:
@@ -335,11 +353,12 @@ def fp8_op_overrides(spec, impl: str | None = None) -> dict:
 
 
 def register() -> bool:
-    """Register the quantizers and the fused SwiGLU backward with the FP8 layers (:mod:`yxanul.fp8.registry`)
+    """Register the quantizers and the fused SwiGLU forward and backward with the FP8 layers (:mod:`yxanul.fp8.registry`)
     when Triton imports; done once when this package is imported. Returns whether they were registered."""
     if not _TRITON_OK:
         return False
     registry.register_quantizers(fp8_op_overrides)
+    registry.register_kernel("swiglu_fwd_quant", swiglu_fwd_quant)
     registry.register_kernel("swiglu_bwd_quant", swiglu_bwd_quant)
     return True
 

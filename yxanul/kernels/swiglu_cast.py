@@ -1,10 +1,11 @@
-"""The SwiGLU backward fused with the FP8 quantization of its two outputs, for delayed scaling.
+"""The SwiGLU forward and backward fused with the FP8 quantization of their outputs, for delayed scaling.
 
-``h = silu(gate) * up`` feeds down_proj; its backward produces ``dgate`` and ``dup``, the output gradients of the
-gate and up projections, each needed in FP8 twice: ``[M, F]`` for the dgrad GEMM and transposed ``[F, M]`` for
-the wgrad GEMM (Hopper's FP8 GEMMs take K-major operands only). With the scales known in advance (delayed
-scaling), one pass reads gate, up and dh once and writes the four FP8 tensors plus one partial amax per tile:
-``dgate`` and ``dup`` never exist in BF16. Numerics: :func:`yxanul.kernels.reference.swiglu_bwd_quant`.
+``h = silu(gate) * up`` feeds down_proj, which needs h in FP8 twice: ``[M, F]`` for its forward GEMM and
+transposed ``[F, M]`` for its weight gradient (Hopper's FP8 GEMMs take K-major operands only). The backward
+produces ``dgate`` and ``dup``, the output gradients of the gate and up projections, each needed in FP8 in the same
+two layouts. With the scales known in advance (delayed scaling), one pass reads its inputs once and writes the
+FP8 tensors plus one partial amax per tile: h, ``dgate`` and ``dup`` never exist in BF16.
+Numerics: :func:`yxanul.kernels.reference.swiglu_fwd_quant` and :func:`~yxanul.kernels.reference.swiglu_bwd_quant`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,27 @@ WARPS = 4
 @triton.jit
 def _tile_amax(x):
     return abs_max(abs_max(x, 1), 0)
+
+
+@triton.jit
+def _swiglu_fwd_cast_kernel(g_ptr, u_ptr, s_ptr, q_ptr, qt_ptr, part_ptr, M, F,
+                            BM: tl.constexpr, BN: tl.constexpr, FMAX: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < F)
+    off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
+    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    h = tl.div_rn(g, 1.0 + tl.exp(-g)) * u
+    h = h.to(g_ptr.dtype.element_ty).to(tl.float32)  # rounded once to the activation dtype, as unfused
+    q = cast_fp8(h, tl.load(s_ptr), FMAX, q_ptr.dtype.element_ty)
+    tl.store(q_ptr + off, q, mask=mask)
+    off_t = offs_n[:, None].to(tl.int64) * M + offs_m[None, :]
+    mask_t = (offs_n[:, None] < F) & (offs_m[None, :] < M)
+    tl.store(qt_ptr + off_t, tl.trans(q), mask=mask_t)
+    tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, _tile_amax(h))
 
 
 @triton.jit
@@ -56,6 +78,24 @@ def _swiglu_bwd_cast_kernel(g_ptr, u_ptr, d_ptr, sg_ptr, su_ptr, gq_ptr, gqt_ptr
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def swiglu_fwd_cast(gate: torch.Tensor, up: torch.Tensor, scale_h: torch.Tensor, fmt: str = "e4m3",
+                    bm: int = BM, bn: int = BN, num_warps: int = WARPS):
+    """``(h_q, h_qT, amax)``; see the module docstring."""
+    f = get_format(fmt)
+    gate, up = gate.contiguous(), up.contiguous()
+    M, F = gate.shape
+    dev = gate.device
+    q = torch.empty((M, F), dtype=f.dtype, device=dev)
+    qt = torch.empty((F, M), dtype=f.dtype, device=dev)
+    grid = (_cdiv(M, bm), _cdiv(F, bn))
+    part = torch.zeros((max(grid[0] * grid[1], 1),), dtype=torch.float32, device=dev)
+    if gate.numel():
+        s = scale_h.float().reshape(()).contiguous()
+        torch.library.wrap_triton(_swiglu_fwd_cast_kernel)[grid](gate, up, s, q, qt, part, M, F, BM=bm, BN=bn,
+                                                                  FMAX=f.max, num_warps=num_warps)
+    return q, qt, part.amax()
 
 
 def swiglu_bwd_cast(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, scale_gate: torch.Tensor,
