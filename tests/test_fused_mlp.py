@@ -1,8 +1,9 @@
-"""The whole-MLP FP8 function (delayed scaling) against the unfused layers, on the CPU (emulated GEMMs, reference
-SwiGLU quantizers)."""
+"""The whole-MLP FP8 function (delayed scaling and the blockwise recipe) against the unfused layers, on the CPU
+(emulated GEMMs, reference SwiGLU quantizers)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def _model(tiny_cfg, recipe="delayed", fused=True, **fields):
 
 def _count_kernels(monkeypatch) -> dict:
     """Count the calls of the SwiGLU quantizers the fused function takes from the registry."""
-    calls = {"swiglu_fwd_quant": 0, "swiglu_bwd_quant": 0}
+    calls = {"swiglu_fwd_quant": 0, "swiglu_bwd_quant": 0, "swiglu_tiles_quant": 0, "swiglu_bwd_tiles_quant": 0}
     for name in calls:
         real = registry.kernel(name, getattr(fused_mlp, name))
 
@@ -42,14 +43,14 @@ def _step(m, idx):
     return loss
 
 
-def _ready(tiny_cfg, **kw):
+def _ready(tiny_cfg, recipe="delayed", **kw):
     """A converted model after one step and fp8_step: every delayed scale fixed, so the fused path is taken."""
-    m = _model(tiny_cfg, **kw)
+    m = _model(tiny_cfg, recipe, **kw)
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     _step(m, idx)  # the first step scales by the current amax; fp8_step then fixes the scales
     m.zero_grad(set_to_none=True)
     fp8_step(m)
-    assert all(x._scales_fixed for x in m.modules() if hasattr(x, "_scales_fixed"))
+    assert recipe != "delayed" or all(x._scales_fixed for x in m.modules() if hasattr(x, "_scales_fixed"))
     return m, idx
 
 
@@ -61,22 +62,30 @@ def _unfused(m):
     return ref
 
 
+KERNELS = {"delayed": ("swiglu_fwd_quant", "swiglu_bwd_quant"),
+           "blockwise": ("swiglu_tiles_quant", "swiglu_bwd_tiles_quant")}
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
 @pytest.mark.parametrize("cache", [True, False], ids=["fp8-cache", "no-cache"])
-def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, cache):
+def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, recipe, cache):
     """The loss as the unfused layers give it (h is rounded once here, twice by eager BF16 ops: silu, then the
     product), the same amaxes recorded, and gradients as close to BF16's as the unfused FP8 layers' are (the two
     differ by FP8 rounding flips: dgate/dup are quantized from FP32 here, from their BF16 rounding unfused)."""
     calls = _count_kernels(monkeypatch)
     torch.manual_seed(0)
     bf16 = Yxanul(tiny_cfg)
-    m, idx = _ready(tiny_cfg, cache_fp8_activations=cache)
+    m, idx = _ready(tiny_cfg, recipe, cache_fp8_activations=cache)
     mlps = [x for x in m.modules() if isinstance(x, MLP)]
     assert mlps and all(x.fp8_mlp is not None for x in mlps)
-    assert calls == {"swiglu_fwd_quant": 0, "swiglu_bwd_quant": 0}  # unfused until every scale is fixed
+    fwd, bwd = KERNELS[recipe]
+    # delayed: unfused until every scale is fixed (by the fp8_step in _ready); blockwise: fused from the start
+    assert calls[fwd] == calls[bwd] == (len(mlps) if recipe == "blockwise" else 0)
+    calls.update({k: 0 for k in calls})
     ref = _unfused(m)
     loss_ref = _step(ref, idx)
     loss = _step(m, idx)
-    assert calls == {"swiglu_fwd_quant": len(mlps), "swiglu_bwd_quant": len(mlps)}
+    assert calls[fwd] == calls[bwd] == len(mlps) and sum(calls.values()) == 2 * len(mlps)
     torch.testing.assert_close(loss, loss_ref, rtol=2e-3, atol=0)
     _step(bf16, idx)
     fused = {n: p.grad for n, p in m.named_parameters()}
@@ -88,6 +97,10 @@ def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, cache):
         assert e_fused <= 1.1 * e_unfused + 5e-3, (n, e_fused, e_unfused)
         # the two FP8 paths differ from each other by no more than each differs from BF16
         assert ((fused[n] - unfused[n]).norm() / unfused[n].norm()).item() <= max(e_fused, e_unfused), n
+    flags = [x.nonfinite for x in m.modules() if hasattr(x, "nonfinite")]
+    assert flags and all(int(f.sum()) == 0 for f in flags)
+    if recipe == "blockwise":
+        return
     # every history row recorded: the first layer's input amax is the same computation; down's x amax is h's
     first, first_ref = m.layers[0].mlp, ref.layers[0].mlp
     for name in ("gate_proj", "up_proj"):
@@ -103,9 +116,10 @@ def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, cache):
     assert all((x.amax_history[0] > 0).all() for x in m.modules() if hasattr(x, "amax_history"))
 
 
-def test_fused_mlp_trains_like_the_unfused_layers(tiny_cfg):
+@pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
+def test_fused_mlp_trains_like_the_unfused_layers(tiny_cfg, recipe):
     """Eight optimizer steps on one batch: the losses of the fused and unfused FP8 MLPs stay together."""
-    m, idx = _ready(tiny_cfg)
+    m, idx = _ready(tiny_cfg, recipe)
     ref = _unfused(m)
     losses = {}
     for name, model in (("fused", m), ("unfused", ref)):
@@ -119,7 +133,7 @@ def test_fused_mlp_trains_like_the_unfused_layers(tiny_cfg):
         losses[name] = out
     assert losses["fused"][-1] < losses["fused"][0] - 0.5  # it learns
     for a, b in zip(losses["fused"], losses["unfused"]):
-        assert abs(a - b) / b < 1e-2, losses
+        assert abs(a - b) < 0.04, losses  # nats; FP8 rounding flips move the two trajectories apart slowly
 
 
 def test_fused_mlp_steps_aside_while_scales_move_statistics_or_hooks(tiny_cfg, monkeypatch):
@@ -128,10 +142,10 @@ def test_fused_mlp_steps_aside_while_scales_move_statistics_or_hooks(tiny_cfg, m
     m = _model(tiny_cfg)
     idx = torch.randint(0, tiny_cfg.vocab_size, (1, 16))
     _step(m, idx)
-    assert calls["swiglu_fwd_quant"] == 0
+    assert not any(calls.values())
     fp8_step(m, collect_stats=True)
     _step(m, idx)
-    assert calls["swiglu_fwd_quant"] == 0
+    assert not any(calls.values())
     fp8_step(m)
     seen = []
     h = m.layers[0].mlp.down_proj.register_forward_hook(lambda mod, i, o: seen.append(1))
@@ -141,8 +155,14 @@ def test_fused_mlp_steps_aside_while_scales_move_statistics_or_hooks(tiny_cfg, m
 
 
 def test_fused_mlp_installs_only_for_delayed_and_goes_with_unconvert(tiny_cfg):
-    """Only delayed-scaling MLPs with the fused_mlp option get the fused function."""
-    m = _model(tiny_cfg, "tensorwise")
+    """Only delayed-scaling and blockwise MLPs with the fused_mlp option get the fused function (blockwise only
+    where the SwiGLU width is a multiple of the block size)."""
+    for recipe in ("tensorwise", "rowwise"):
+        m = _model(tiny_cfg, recipe)
+        assert all(x.fp8_mlp is None for x in m.modules() if isinstance(x, MLP))
+    m = _model(tiny_cfg, "blockwise")
+    assert all(x.fp8_mlp is not None for x in m.modules() if isinstance(x, MLP))
+    m = _model(dataclasses.replace(tiny_cfg, ffn_hidden=320), "blockwise")
     assert all(x.fp8_mlp is None for x in m.modules() if isinstance(x, MLP))
     m = _model(tiny_cfg, fused=False)
     assert all(x.fp8_mlp is None for x in m.modules() if isinstance(x, MLP))
@@ -206,19 +226,21 @@ def test_fused_mlp_is_off_by_default(tiny_cfg, monkeypatch):
     for _ in range(2):
         _step(m, idx)
         fp8_step(m)
-    assert calls == {"swiglu_fwd_quant": 0, "swiglu_bwd_quant": 0}
+    assert not any(calls.values())
 
 
 @pytest.mark.gpu
-def test_fused_mlp_compiled_on_the_gpu_matches_the_unfused_layers(tiny_cfg):
+@pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
+def test_fused_mlp_compiled_on_the_gpu_matches_the_unfused_layers(tiny_cfg, recipe):
     """Native FP8 GEMMs and the Triton SwiGLU kernels, each block compiled: the loss and gradients of the fused
     MLP against the unfused layers run eagerly on the same device."""
     import yxanul.kernels  # noqa: F401  (registers the Triton kernels)
     from yxanul.model import compile_blocks
 
     torch.manual_seed(0)
-    pol = load_policy(None).with_recipe(name="delayed", calibration_steps=0).with_fp8_options(fused_mlp=True)
+    pol = load_policy(None).with_recipe(name=recipe, calibration_steps=0).with_fp8_options(fused_mlp=True)
     m = convert_model(Yxanul(tiny_cfg).cuda(), pol, backend="native", quiet=True)
+    assert all(x.fp8_mlp is not None for x in m.modules() if isinstance(x, MLP))
     idx = torch.randint(0, tiny_cfg.vocab_size, (4, 128), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(1))
 

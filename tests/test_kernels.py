@@ -77,12 +77,18 @@ CASES = [  # (op, M, K, dtype, kwargs)
     ("swiglu_quant", 32, 256, "float32", {"return_h": False}),
     ("swiglu_fwd_quant", 150, 200, "bfloat16", {}),
     ("swiglu_fwd_quant", 70, 260, "float32", {"fmt": "e5m2"}),
+    ("swiglu_tiles_quant", 200, 300, "bfloat16", {}),
+    ("swiglu_tiles_quant", 64, 256, "float32", {"fmt": "e5m2", "pow2_scales": True}),
+    ("swiglu_bwd_tiles_quant", 150, 256, "bfloat16", {}),
+    ("swiglu_bwd_tiles_quant", 40, 128, "float32", {"pow2_scales": True}),
     ("swiglu_bwd_quant", 200, 150, "bfloat16", {}),
     ("swiglu_bwd_quant", 130, 300, "float32", {"fmt": "e5m2"}),
 ]
 # exp differs by an ulp between Triton and torch: a rare FP8 rounding flip, amax within FP32 rounding (within one
 # BF16 step where h is rounded to BF16 before its amax)
-LOOSE = {"swiglu_bwd_quant": dict(fp8_steps=1, scale_rel=1e-6), "swiglu_fwd_quant": dict(fp8_steps=1, scale_rel=8e-3)}
+LOOSE = {"swiglu_bwd_quant": dict(fp8_steps=1, scale_rel=1e-6), "swiglu_fwd_quant": dict(fp8_steps=1, scale_rel=8e-3),
+         "swiglu_bwd_tiles_quant": dict(fp8_steps=1, scale_rel=1e-6),
+         "swiglu_tiles_quant": dict(fp8_steps=1, scale_rel=8e-3)}
 
 
 def case_id(c) -> str:
@@ -135,6 +141,15 @@ def run_case(c, device: str = "cpu") -> dict:
         out = kernels.swiglu_fwd_quant(x, up, s, impl="triton", **kw)
         ref = reference.swiglu_fwd_quant(x, up, s, **kw)
         return {"main": compare(out, ref)}
+    if op in ("swiglu_tiles_quant", "swiglu_bwd_tiles_quant"):
+        # gate and up as the two halves of one [M, 2K] GEMM output (strided views), as the fused MLP passes them
+        gu = torch.cat([x, (torch.randn(M, K, generator=g) * 2).to(dtype).to(device)], dim=1)
+        gate, up = gu[:, :K], gu[:, K:]
+        args = (gate, up) if op == "swiglu_tiles_quant" else \
+            (gate, up, (torch.randn(M, K, generator=g) * 1e-3).to(dtype).to(device))
+        out = getattr(kernels, op)(*args, impl="triton", **kw)
+        ref = getattr(reference, op)(*args, **kw)
+        return {"main": compare(out, ref)}
     if op == "swiglu_bwd_quant":
         up = (torch.randn(M, K, generator=g) * 2).to(dtype).to(device)
         dh = (torch.randn(M, K, generator=g) * 1e-3).to(dtype).to(device)
@@ -164,7 +179,8 @@ def _compile_check() -> bool:
 
 
 NAN_OPS = ("act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "tensor_quant_dual",
-           "tensor_amax", "rmsnorm_quant", "swiglu_quant", "swiglu_fwd_quant", "swiglu_bwd_quant")
+           "tensor_amax", "rmsnorm_quant", "swiglu_quant", "swiglu_fwd_quant", "swiglu_bwd_quant",
+           "swiglu_tiles_quant", "swiglu_bwd_tiles_quant")
 
 
 def _nan_check() -> dict:
@@ -186,6 +202,10 @@ def _nan_check() -> dict:
             a, b = kernels.swiglu_quant(x, up, impl="triton"), reference.swiglu_quant(x, up)
         elif op == "tensor_amax":
             a, b = [kernels.tensor_amax(x, impl="triton")], [x.abs().amax()]
+        elif op in ("swiglu_tiles_quant", "swiglu_bwd_tiles_quant"):
+            extra = [torch.randn(160, 256, generator=g) for _ in range(1 if op == "swiglu_tiles_quant" else 2)]
+            a = getattr(kernels, op)(x[:, :256], *extra, impl="triton")
+            b = getattr(reference, op)(x[:, :256], *extra)
         elif op == "swiglu_fwd_quant":  # the NaN reaches h, whose amax (the last output) must say so
             up, one = torch.randn(160, 300, generator=g), torch.tensor(1.0)
             a = kernels.swiglu_fwd_quant(x, up, one, impl="triton")[2:]
@@ -198,7 +218,8 @@ def _nan_check() -> dict:
         else:
             a, b = getattr(kernels, op)(x, impl="triton"), getattr(reference, op)(x)
         res = []
-        exact = op not in ("rmsnorm_quant", "swiglu_quant", "swiglu_fwd_quant", "swiglu_bwd_quant")  # their finite scales agree within rounding only
+        exact = op not in ("rmsnorm_quant", "swiglu_quant", "swiglu_fwd_quant", "swiglu_bwd_quant",
+                           "swiglu_tiles_quant", "swiglu_bwd_tiles_quant")  # their finite scales agree within rounding only
         for ta, tb in zip(a, b):
             if ta is None or ta.dtype != torch.float32 or ta.numel() >= x.numel():  # scales only
                 continue

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .fp8.fused_mlp import cat_weight_copies, tiled
 from .fp8.linear import Fp8Linear, _Fp8LinearFn
 
 
@@ -130,9 +131,8 @@ def fusion_kind(mods) -> str | None:
     if all(type(m) is nn.Linear for m in mods):
         return "linear"
     if all(type(m) is Fp8Linear for m in mods):
-        s = first.spec  # tile-scaled activations and gradients, block-scaled weights: the blockwise recipe
-        tiled = s.x.granularity == "tile" and s.w.granularity == "block" and s.dy.granularity == "tile"
-        if tiled and all(m.spec == s and m.backend == first.backend and m.options == first.options
+        s = first.spec
+        if tiled(s) and all(m.spec == s and m.backend == first.backend and m.options == first.options
                          and m.out_features % s.block == 0 for m in mods):
             return "fp8"
     return None
@@ -151,11 +151,7 @@ def fused_linear(x: torch.Tensor, mods) -> torch.Tensor | None:
     w = torch.cat([m.weight for m in mods])
     if kind == "linear":
         return F.linear(x, w)
-    parts = [m.weight_fp8() for m in mods]
-    with torch.autocast(x.device.type, enabled=False):  # autocast's cat rejects FP8 tensors
-        wq, ws = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        wtq, wts = torch.cat([p[2] for p in parts], 1), torch.cat([p[3] for p in parts], 1)
-    return _Fp8LinearFn.apply(x, w, None, wq, ws, wtq, wts, None, mods[0])
+    return _Fp8LinearFn.apply(x, w, None, *cat_weight_copies(mods), None, mods[0])
 
 
 def project(mods, x: torch.Tensor, fused: bool = True) -> tuple[torch.Tensor, ...]:

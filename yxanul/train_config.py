@@ -62,8 +62,8 @@ class TrainConfig:
     fp8_weight_cache: str = _opt("graph", "compiled FP8 layers' weight copies: graph (quantized in the graph at every "
                                           "forward) or step (once per optimizer step into static copies)",
                                  choices=("graph", "step"))
-    fp8_fused_mlp: bool = _opt(False, "delayed recipe: the SwiGLU MLP as one function whose SwiGLU kernels write h "
-                                      "and the gate/up gradients in FP8")
+    fp8_fused_mlp: bool = _opt(False, "delayed and blockwise recipes: the SwiGLU MLP as one function whose SwiGLU "
+                                      "kernels write h and the gate/up gradients in FP8")
     fp8_fprop_fast_accum: bool = _opt(False, "per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's "
                                              "fast FP8 accumulation (torchao's default; changes the numbers)")
     fp8_stats_every: int = _opt(10, "FP8 statistics (amax, saturation, underflow per layer; fp8_stats.jsonl) at "

@@ -62,8 +62,8 @@ def _throughput(bsub):
                    help="graph: weights quantized in the compiled graph at every forward (default); step: once per "
                         "optimizer step into static copies")
     p.add_argument("--fp8-fused-mlp", action="store_true",
-                   help="delayed recipe: the SwiGLU MLP as one function whose SwiGLU kernels write h and the gate/up "
-                        "gradients in FP8")
+                   help="delayed and blockwise recipes: the SwiGLU MLP as one function whose SwiGLU kernels write h "
+                        "and the gate/up gradients in FP8")
     p.add_argument("--fp8-fprop-fast-accum", action="store_true",
                    help="per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's fast FP8 accumulation "
                         "(torchao's default; changes the numbers)")

@@ -1,32 +1,35 @@
-"""The whole SwiGLU MLP in FP8 with delayed scaling as one autograd function: ``down(silu(gate(x)) * up(x))``,
-whose forward writes h's FP8 copies (both GEMM layouts) from the kernel that computes h, and whose backward
-writes ``dgate`` and ``dup`` in FP8 (both layouts) from the kernel that computes them.
+"""The whole SwiGLU MLP in FP8 as one autograd function, ``down(silu(gate(x)) * up(x))``, for delayed scaling and
+for the blockwise recipe: its forward writes h's FP8 copies (both GEMM layouts) from the kernel that computes h,
+and its backward writes ``dgate`` and ``dup`` in FP8 (both layouts) from the kernel that computes them.
 
-Unfused, the three :class:`~yxanul.fp8.linear.Fp8Linear` layers each quantize their own operands, and
-torch.compile fuses those casts into the neighbouring kernels, well under bandwidth for the transposed copies
-(docs/perf-notes.md). With the scales known in advance (delayed scaling, once the scales are fixed), the
+Unfused, the three :class:`~yxanul.fp8.linear.Fp8Linear` layers each quantize their own operands: torch.compile
+fuses delayed scaling's casts into the neighbouring kernels, well under bandwidth for the transposed copies, and
+the blockwise recipe reads each operand again in standalone tile quantizers (docs/perf-notes.md). Where the scale
+does not wait for a whole-tensor amax (delayed scaling once its scales are fixed; 1 x 128 tiles always), the
 producer of each MLP operand can write it in FP8 directly:
 
-forward   ``g, u = x @ Wg.T, x @ Wu.T`` (FP8 GEMMs); one kernel reads g and u once and writes
-          ``h_q [M, F]`` (down's forward operand), ``h_qT [F, M]`` (its weight-gradient operand) and h's amax for
-          the history; ``y = h_q @ Wd.T``. h never exists in BF16.
-backward  dy in FP8 (both layouts) with down's scale; ``dh`` (dgrad) and ``dWd`` (wgrad, from ``h_qT``); one kernel
-          reads g, u and dh once and writes ``dgate`` and ``dup`` in FP8, both layouts, with their amaxes; then the
-          gate and up dgrad and wgrad GEMMs.
+forward   ``g, u`` from FP8 GEMMs (one GEMM over the side-by-side weights for blockwise); one kernel reads g and
+          u once and writes h in FP8 as ``[M, F]`` (down_proj's forward operand) and ``[F, M]`` (its
+          weight-gradient operand): per tensor with h's amax for the history (delayed), or in 1 x 128 tiles of
+          each layout with their scales (blockwise); then ``y = h_q @ Wd.T``. h never exists in BF16.
+backward  dy in FP8 (both layouts), ``dh`` (dgrad) and ``dWd`` (wgrad, from h's transposed copy); one kernel reads
+          g, u and dh once and writes ``dgate`` and ``dup`` in FP8, both layouts (for blockwise as the fused
+          gate/up projection's ``[dgate, dup]``); then the gate and up dgrad and wgrad GEMMs.
 
 Numerics: the same as the unfused layers compiled (h computed in FP32 and rounded once to the activation dtype
 before its cast, as inductor does), except that ``dgate`` and ``dup`` are quantized from FP32 rather than from
-their BF16 rounding. Saved for the backward: the FP8 transposed copies of x (the recipe's
-``cache_fp8_activations``; else x), g and u in the activation dtype, and ``h_qT``.
+their BF16 rounding. Saved for the backward: the FP8 transposed copy of x (the recipe's
+``cache_fp8_activations``; else x), g and u in the activation dtype, and h's transposed FP8 copy.
 
-Used by :class:`yxanul.model.MLP` when :func:`convert_model` made gate, up and down delayed-scaling
-:class:`~yxanul.fp8.linear.Fp8Linear` layers of one recipe, format and backend, without bias, with the
-``fused_mlp`` option (:class:`~yxanul.fp8.options.Fp8Options`), and only while every scale is fixed (after the
-calibration steps and the first optimizer step), no statistics are collected and no forward hook is registered
-on the three layers; otherwise the MLP runs unfused.
+Used by :class:`yxanul.model.MLP` when :func:`convert_model` made gate, up and down FP8 layers of one recipe
+(delayed, or blockwise with a SwiGLU width that is a multiple of the block size), format and backend, without
+bias, with the ``fused_mlp`` option (:class:`~yxanul.fp8.options.Fp8Options`); at run time only while no
+statistics are collected, no forward hook is registered on the three layers and, for delayed scaling, every
+scale is fixed (after the calibration steps and the first optimizer step); otherwise the MLP runs unfused.
 
-The kernels' numerics are :func:`swiglu_fwd_quant` and :func:`swiglu_bwd_quant` here; :mod:`yxanul.kernels`
-registers the Triton versions (:mod:`yxanul.fp8.registry`).
+The kernels' numerics are :func:`swiglu_fwd_quant`, :func:`swiglu_bwd_quant`, :func:`swiglu_tiles_quant` and
+:func:`swiglu_bwd_tiles_quant` here; :mod:`yxanul.kernels` registers the Triton versions
+(:mod:`yxanul.fp8.registry`).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import torch
 
 from ..errors import YxanulError
 from . import registry, scaling
-from .backends import out_dtype, quant_tensor
+from .backends import out_dtype, quant_tensor, quant_tiles_impl, quant_tiles_t_impl
 from .formats import get_format
 
 
@@ -47,11 +50,47 @@ def check_swiglu_shapes(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor |
             raise YxanulError(f"{name} shape {tuple(t.shape)} does not match gate {tuple(gate.shape)}", key=name)
 
 
-check_swiglu_bwd_shapes = check_swiglu_shapes
-
 
 def _amax(t: torch.Tensor) -> torch.Tensor:
     return t.abs().amax() if t.numel() else torch.zeros((), device=t.device)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in FP32 as the kernels compute it, rounded once to gate's dtype."""
+    g = gate.float()
+    return (g / (1.0 + torch.exp(-g)) * up.float()).to(gate.dtype)
+
+
+def _swiglu_grads(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dgate, dup)`` in FP32: ``dh * up * s * (1 + gate * (1 - s))`` and ``dh * silu(gate)``, s = sigmoid(gate)."""
+    g, u, d = gate.float(), up.float(), dh.float()
+    sig = 1.0 / (1.0 + torch.exp(-g))
+    return d * u * sig * (1.0 + g * (1.0 - sig)), d * (g * sig)
+
+
+def _tiles_dual(x: torch.Tensor, fmt: str, block: int, pow2: bool):
+    f = get_format(fmt)
+    return quant_tiles_impl(x, f, block, pow2) + quant_tiles_t_impl(x, f, block, pow2)
+
+
+def swiglu_tiles_quant(gate: torch.Tensor, up: torch.Tensor, block: int = 128, fmt: str = "e4m3",
+                       pow2_scales: bool = False):
+    """``h = silu(gate) * up`` (FP32, rounded once to gate's dtype) in 1 x `block` FP8 tiles, both GEMM layouts:
+    ``(h_q [M, F], s [M, F/block], h_qT [F, M], sT [F, M/block])`` (the blockwise recipe)."""
+    check_swiglu_shapes(gate, up)
+    return _tiles_dual(_swiglu(gate, up), fmt, block, pow2_scales)
+
+
+def swiglu_bwd_tiles_quant(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, block: int = 128,
+                           fmt: str = "e4m3", pow2_scales: bool = False):
+    """The SwiGLU backward as the fused gate/up projection's output gradient ``[dgate, dup]`` (``[M, 2F]``,
+    computed in FP32) in 1 x `block` FP8 tiles, both GEMM layouts: ``(q [M, 2F], s, qT [2F, M], sT)``.
+    F must be a multiple of `block` (no tile spans both halves)."""
+    check_swiglu_shapes(gate, up, dh)
+    if gate.shape[1] % block:
+        raise YxanulError(f"the SwiGLU width {gate.shape[1]} is not a multiple of the block size {block}",
+                          key="gate")
+    return _tiles_dual(torch.cat(_swiglu_grads(gate, up, dh), dim=1), fmt, block, pow2_scales)
 
 
 def swiglu_fwd_quant(gate: torch.Tensor, up: torch.Tensor, scale_h: torch.Tensor, fmt: str = "e4m3"):
@@ -59,8 +98,7 @@ def swiglu_fwd_quant(gate: torch.Tensor, up: torch.Tensor, scale_h: torch.Tensor
     per-tensor scale (delayed scaling). Returns ``(h_q [M, F], h_qT [F, M], amax)``, amax the 0-d max |h| (NaN if
     h holds one) for the amax history."""
     check_swiglu_shapes(gate, up)
-    g = gate.float()
-    h = (g / (1.0 + torch.exp(-g)) * up.float()).to(gate.dtype)
+    h = _swiglu(gate, up)
     q = quant_tensor(h, get_format(fmt), scale_inv=scale_h)[0]
     return q, q.t().contiguous(), _amax(h.float())
 
@@ -75,25 +113,38 @@ def swiglu_bwd_quant(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, sca
     |dgate| and |dup| (NaN if the tensor holds one) for the amax histories."""
     check_swiglu_shapes(gate, up, dh)
     f = get_format(fmt)
-    g, u, d = gate.float(), up.float(), dh.float()
-    sig = 1.0 / (1.0 + torch.exp(-g))
-    dg = d * u * sig * (1.0 + g * (1.0 - sig))
-    du = d * (g * sig)
+    dg, du = _swiglu_grads(gate, up, dh)
     amax = torch.stack([_amax(dg), _amax(du)]).to(gate.device)
     qg = quant_tensor(dg, f, scale_inv=scale_gate)[0]
     qu = quant_tensor(du, f, scale_inv=scale_up)[0]
     return qg, qg.t().contiguous(), qu, qu.t().contiguous(), amax
 
 
+def tiled(spec) -> bool:
+    """Tile-scaled activations and gradients with block-scaled weights: the blockwise recipe."""
+    return spec.x.granularity == "tile" and spec.w.granularity == "block" and spec.dy.granularity == "tile"
+
+
 def can_fuse(gate, up, down) -> bool:
-    """Whether three Fp8Linear layers qualify (module docstring): delayed scaling, one spec, backend and options
-    with ``fused_mlp`` on, no bias, SwiGLU shapes."""
+    """Whether three Fp8Linear layers qualify (module docstring): delayed scaling, or the blockwise recipe with a
+    SwiGLU width that is a multiple of the block size; one spec, backend and options with ``fused_mlp`` on; no
+    bias; SwiGLU shapes."""
     mods = (gate, up, down)
-    return (gate.spec.delayed and gate.options.fused_mlp
-            and all(m.spec == gate.spec and m.options == gate.options and m.backend == gate.backend
+    s = gate.spec
+    return ((s.delayed or (tiled(s) and gate.out_features % s.block == 0)) and gate.options.fused_mlp
+            and all(m.spec == s and m.options == gate.options and m.backend == gate.backend
                     and m.bias is None for m in mods)
             and gate.in_features == up.in_features == down.out_features
             and gate.out_features == up.out_features == down.in_features)
+
+
+def cat_weight_copies(mods) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FP8 weight copies ``(q, s, qT, sT)`` of layers reading one input, side by side as one layer's (exact for
+    block scales when every output width is a multiple of the block size)."""
+    parts = [m.weight_fp8() for m in mods]
+    with torch.autocast(parts[0][0].device.type, enabled=False):  # autocast's cat rejects FP8 tensors
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                torch.cat([p[2] for p in parts], 1), torch.cat([p[3] for p in parts], 1))
 
 
 def mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor | None:
@@ -102,12 +153,16 @@ def mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor | None:
     mods = gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     # calibrating first: torch.compile guards only on what is read, and _scales_fixed flips during calibration
     # (one more compiled variant of the block if it were read there)
-    if any(m.calibrating for m in mods) or not all(m._scales_fixed for m in mods):
+    delayed = gate.spec.delayed
+    if delayed and (any(m.calibrating for m in mods) or not all(m._scales_fixed for m in mods)):
         return None
     if any(m._collect or m._forward_hooks or m._forward_pre_hooks for m in mods):
         return None
     if x.shape[-1] != gate.in_features:
         raise YxanulError(f"input has {x.shape[-1]} features, expected {gate.in_features}", key=gate.name or None)
+    if not delayed:
+        return _MlpTilesFn.apply(x, gate.weight, up.weight, down.weight, *cat_weight_copies((gate, up)),
+                                 *down.weight_fp8(), mlp)
     w = [t for m in mods for t in m.weight_fp8()]
     sxg = gate._delayed_scale("x", x)
     sxu = up._delayed_scale("x", x)
@@ -129,7 +184,7 @@ class _MlpFn(torch.autograd.Function):
         u = ops.fprop(xuq, sxu, uq, us, od)
         fwd = registry.kernel("swiglu_fwd_quant", swiglu_fwd_quant)
         hq, hqt, amax_h = fwd(g, u, sh, down.spec.x.fmt)
-        y = ops.fprop(hq, sh, dq, ds, od)
+        y = down.ops.fprop(hq, sh, dq, ds, od)
         if gate.spec.recipe.cache_fp8_activations:
             ctx.save_for_backward(None, xgq.t().contiguous(), xuq.t().contiguous(), g, u, hqt, gtq, gts, utq, uts,
                                   dtq, dts, sxg, sxu, sh)
@@ -146,9 +201,9 @@ class _MlpFn(torch.autograd.Function):
         ops = gate.ops
         dy2 = dy.reshape(-1, dy.shape[-1])
         sdy = down._delayed_scale("dy", dy2)
-        dyq, dytq = quant_dy_delayed(ops, dy2, sdy)
-        dh = ops.dgrad(dyq, sdy, dtq, dts, g.dtype)
-        dwd = ops.wgrad(dytq, sdy, hqt, sh, torch.float32) if ctx.needs_input_grad[3] else None
+        dyq, dytq = quant_dy_delayed(down.ops, dy2, sdy)
+        dh = down.ops.dgrad(dyq, sdy, dtq, dts, g.dtype)
+        dwd = down.ops.wgrad(dytq, sdy, hqt, sh, torch.float32) if ctx.needs_input_grad[3] else None
         sdg, sdu = gate.scale_inv_dy, up.scale_inv_dy
         bwd = registry.kernel("swiglu_bwd_quant", swiglu_bwd_quant)
         dgq, dgqt, duq, duqt, amax = bwd(g, u, dh, sdg, sdu, gate.spec.dy.fmt)
@@ -176,3 +231,55 @@ def quant_dy_delayed(ops, dy2: torch.Tensor, scale_inv: torch.Tensor) -> tuple[t
         return out[0], out[2]
     dyq = ops.grad_quant(dy2, scale_inv=scale_inv)[0]
     return dyq, dyq.t().contiguous()
+
+
+class _MlpTilesFn(torch.autograd.Function):
+    """The blockwise recipe: gate and up as one GEMM over their side-by-side weights (exact for 128 x 128 blocks),
+    h and ``[dgate, dup]`` written in 1 x block tiles, both layouts, by the SwiGLU kernels."""
+
+    @staticmethod
+    def forward(ctx, x, wg, wu, wd, guq, gus, gutq, guts, dq, ds, dtq, dts, mlp):
+        gate, down = mlp.gate_proj, mlp.down_proj
+        ops, spec = gate.ops, gate.spec
+        x2 = x.reshape(-1, x.shape[-1])
+        od = out_dtype(x)
+        xq, xs = ops.act_quant(x2)
+        gate._flag(0, xs)
+        gu = ops.fprop(xq, xs, guq, gus, od)
+        f = gu.shape[1] // 2
+        fwd = registry.kernel("swiglu_tiles_quant", swiglu_tiles_quant)
+        hq, hs, hqt, hst = fwd(gu[:, :f], gu[:, f:], spec.block, down.spec.x.fmt, down.spec.x.pow2)
+        down._flag(0, hs)
+        y = down.ops.fprop(hq, hs, dq, ds, od)
+        if spec.recipe.cache_fp8_activations:
+            ctx.save_for_backward(None, *ops.act_quant_t(x2), gu, hqt, hst, gutq, guts, dtq, dts)
+        else:
+            ctx.save_for_backward(x2, None, None, gu, hqt, hst, gutq, guts, dtq, dts)
+        ctx.mlp, ctx.x_shape, ctx.x_dtype = mlp, x.shape, x.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xtq, xts, gu, hqt, hst, gutq, guts, dtq, dts = ctx.saved_tensors
+        gate, down = ctx.mlp.gate_proj, ctx.mlp.down_proj
+        ops, spec = gate.ops, gate.spec
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dyq, dys = down.ops.grad_quant(dy2)
+        down._flag(2, dys)
+        dh = down.ops.dgrad(dyq, dys, dtq, dts, gu.dtype)
+        dwd = None
+        if ctx.needs_input_grad[3]:
+            dytq, dyts = down.ops.grad_quant_t(dy2)
+            dwd = down.ops.wgrad(dytq, dyts, hqt, hst, torch.float32)
+        f = gu.shape[1] // 2
+        bwd = registry.kernel("swiglu_bwd_tiles_quant", swiglu_bwd_tiles_quant)
+        dq, ds, dqt, dst = bwd(gu[:, :f], gu[:, f:], dh, spec.block, spec.dy.fmt, spec.dy.pow2)
+        gate._flag(2, ds)
+        dx = dwg = dwu = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.dgrad(dq, ds, gutq, guts, ctx.x_dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            if xtq is None:
+                xtq, xts = ops.act_quant_t(x2)
+            dwg, dwu = ops.wgrad(dqt, dst, xtq, xts, torch.float32).split(f)
+        return (dx, dwg, dwu, dwd) + (None,) * 9

@@ -10,7 +10,7 @@ unchanged or change them only within the recipe's own rounding (``fprop_fast_acc
                   their place, a few per distinct weight shape)
 ``fused_mlp``     the SwiGLU MLP (gate, up, SwiGLU, down) as one function whose SwiGLU kernels write h and the
                   gate/up output gradients in FP8, both GEMM layouts, so neither exists in BF16 (delayed scaling
-                  only; see :mod:`yxanul.fp8.fused_mlp`)
+                  and the blockwise recipe; see :mod:`yxanul.fp8.fused_mlp`)
 ``fprop_fast_accum``
                   the forward GEMM (x @ w.T) of per-tensor and row-scaled recipes with cuBLAS's fast FP8
                   accumulation (``use_fast_accum``: no periodic promotion of the tensor cores' partial sums to

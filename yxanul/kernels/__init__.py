@@ -23,6 +23,9 @@ Operations (x is 2-D ``[M, K]``; FP32 scales, ``scale_inv = amax / FMT_MAX``):
   swiglu_fwd_quant(gate, up, scale_h, fmt="e4m3")
                                             -> h_q, h_qT, amax: the SwiGLU cast with a given per-tensor scale
                                                (delayed scaling), both layouts
+  swiglu_tiles_quant(gate, up, block=128)   -> h_q, s, h_qT, sT: the SwiGLU in 1 x block tiles, both layouts
+  swiglu_bwd_tiles_quant(gate, up, dh, block=128)
+                                            -> q [M, 2F], s, qT, sT: [dgate, dup] in 1 x block tiles, both layouts
   swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt="e4m3")
                                             -> dgate_q, dgate_qT, dup_q, dup_qT, amax [2]: the SwiGLU backward
                                                cast with given per-tensor scales (delayed scaling), both layouts
@@ -45,7 +48,7 @@ from . import reference
 
 __all__ = ["act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "tensor_quant_dual",
            "tensor_amax", "rmsnorm_quant", "swiglu_quant", "swiglu_fwd_quant", "swiglu_bwd_quant",
-           "triton_available", "uses_triton",
+           "swiglu_tiles_quant", "swiglu_bwd_tiles_quant", "triton_available", "uses_triton",
            "OPS", "fp8_op_overrides", "register"]
 
 
@@ -156,6 +159,17 @@ def _define_custom_ops():
     def _sbc(gate: Tensor, up: Tensor, dh: Tensor, scale_gate: Tensor, scale_up: Tensor,
              fmt: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return sb.swiglu_bwd_cast(gate, up, dh, scale_gate, scale_up, fmt)
+
+    st = _mod("swiglu_tiles")
+
+    @torch.library.triton_op("yxanul::swiglu_tiles", mutates_args=())
+    def _stl(gate: Tensor, up: Tensor, block: int, fmt: str, pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return st.swiglu_tiles(gate, up, block, fmt, pow2)
+
+    @torch.library.triton_op("yxanul::swiglu_bwd_tiles", mutates_args=())
+    def _sbt(gate: Tensor, up: Tensor, dh: Tensor, block: int, fmt: str,
+             pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return st.swiglu_bwd_tiles(gate, up, dh, block, fmt, pow2)
 
     @torch.library.triton_op("yxanul::tensor_cast_dual", mutates_args=())
     def _tcd(x: Tensor, scale_inv: Tensor, fmt: str, write_q: bool, write_qt: bool) -> tuple[Tensor, Tensor]:
@@ -313,9 +327,34 @@ def swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt: str = "e4m3", *, i
     """The SwiGLU backward with its outputs quantized for the gate/up backward GEMMs (delayed scaling):
     ``(dgate_q, dgate_qT, dup_q, dup_qT, amax [2])``, see :func:`reference.swiglu_bwd_quant`."""
     if uses_triton(gate, up, dh, impl=impl):
-        reference.check_swiglu_bwd_shapes(gate, up, dh)
+        reference.check_swiglu_shapes(gate, up, dh)
         return torch.ops.yxanul.swiglu_bwd_cast(gate, up, dh, scale_gate, scale_up, _fmt(fmt))
     return reference.swiglu_bwd_quant(gate, up, dh, scale_gate, scale_up, fmt)
+
+
+def swiglu_tiles_quant(gate, up, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *,
+                       impl: str | None = None):
+    """SwiGLU with its output in 1 x block FP8 tiles for down_proj's GEMMs (blockwise recipe):
+    ``(h_q, s, h_qT, sT)``, see :func:`reference.swiglu_tiles_quant`."""
+    if uses_triton(gate, up, impl=impl):
+        reference.check_swiglu_shapes(gate, up)
+        reference._check_block(block)
+        return torch.ops.yxanul.swiglu_tiles(gate, up, block, _fmt(fmt), pow2_scales)
+    return reference.swiglu_tiles_quant(gate, up, block, fmt, pow2_scales)
+
+
+def swiglu_bwd_tiles_quant(gate, up, dh, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *,
+                           impl: str | None = None):
+    """The SwiGLU backward as ``[dgate, dup]`` in 1 x block FP8 tiles for the fused gate/up projection's backward
+    GEMMs (blockwise recipe): ``(q [M, 2F], s, qT [2F, M], sT)``, see :func:`reference.swiglu_bwd_tiles_quant`."""
+    if uses_triton(gate, up, dh, impl=impl):
+        reference.check_swiglu_shapes(gate, up, dh)
+        reference._check_block(block)
+        if gate.shape[1] % block:
+            raise YxanulError(f"the SwiGLU width {gate.shape[1]} is not a multiple of the block size {block}",
+                              key="gate")
+        return torch.ops.yxanul.swiglu_bwd_tiles(gate, up, dh, block, _fmt(fmt), pow2_scales)
+    return reference.swiglu_bwd_tiles_quant(gate, up, dh, block, fmt, pow2_scales)
 
 
 # The op table an FP8 backend can take its quantization ops from (same names and signatures).
@@ -323,7 +362,8 @@ OPS = {"act_quant": act_quant, "act_quant_t": act_quant_t, "act_quant_dual": act
        "weight_quant": weight_quant, "tensor_quant": tensor_quant, "tensor_quant_dual": tensor_quant_dual,
        "tensor_amax": tensor_amax, "rmsnorm_quant": rmsnorm_quant,
        "swiglu_quant": swiglu_quant, "swiglu_fwd_quant": swiglu_fwd_quant,
-       "swiglu_bwd_quant": swiglu_bwd_quant}
+       "swiglu_bwd_quant": swiglu_bwd_quant, "swiglu_tiles_quant": swiglu_tiles_quant,
+       "swiglu_bwd_tiles_quant": swiglu_bwd_tiles_quant}
 
 
 def fp8_op_overrides(spec, impl: str | None = None) -> dict:
@@ -360,6 +400,8 @@ def register() -> bool:
     registry.register_quantizers(fp8_op_overrides)
     registry.register_kernel("swiglu_fwd_quant", swiglu_fwd_quant)
     registry.register_kernel("swiglu_bwd_quant", swiglu_bwd_quant)
+    registry.register_kernel("swiglu_tiles_quant", swiglu_tiles_quant)
+    registry.register_kernel("swiglu_bwd_tiles_quant", swiglu_bwd_tiles_quant)
     return True
 
 
