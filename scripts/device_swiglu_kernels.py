@@ -1,0 +1,136 @@
+"""Time the fused SwiGLU FP8 kernels of the whole-MLP function against what they replace, on a CUDA device.
+
+  python scripts/device_swiglu_kernels.py OUT_JSON
+
+At the SwiGLU shapes of Yxanul-197M (32,768 tokens x 2,048) and Yxanul-1B (16,384 x 5,632), BF16 inputs:
+  tiles-fwd   swiglu_tiles (h in 1 x 128 tiles, both layouts) against compiled silu(g) * u followed by the
+              act_quant and act_quant_t kernels (the unfused blockwise path), for several chunk widths and warps
+  tiles-bwd   swiglu_bwd_tiles against the compiled SwiGLU backward, cat, act_quant and act_quant_t
+  cast-fwd    swiglu_fwd_cast (delayed scaling) against torch.compile of the same computation
+  cast-bwd    swiglu_bwd_cast against torch.compile of the same computation
+Each timing is the median of 5 runs of 20 launches between CUDA events, after a check that the variant's outputs
+equal the reference's bytes (FP8) and values (scales). Writes one JSON.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from yxanul.kernels import quant, reference, swiglu_cast, swiglu_tiles  # noqa: E402
+
+SHAPES = {"197m": (32768, 2048), "1b": (16384, 5632)}
+VARIANTS = [(16, 4), (32, 4), (32, 8), (64, 8)]  # (chunk columns, warps)
+
+
+def timed(fn, reps: int = 20, runs: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) * 1000 / reps)
+    return sorted(out)[len(out) // 2]
+
+
+def same(a, b) -> bool:
+    for x, y in zip(a, b):
+        if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            x, y = x.view(torch.uint8), y.view(torch.uint8)
+        if x.shape != y.shape or not torch.equal(x, y):
+            return False
+    return True
+
+
+def main(path: str) -> None:
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
+
+    def row(**kw):
+        res["rows"].append(kw)
+        print(json.dumps(kw), flush=True)
+        Path(path).write_text(json.dumps(res, indent=2))
+
+    for name, (M, Fw) in SHAPES.items():
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        gu = torch.randn(M, 2 * Fw, device="cuda", generator=gen).bfloat16()
+        g, u = gu[:, :Fw], gu[:, Fw:]
+        dh = (torch.randn(M, Fw, device="cuda", generator=gen) * 1e-3).bfloat16()
+
+        # blockwise forward
+        swi = torch.compile(lambda g, u: F.silu(g) * u)
+
+        def unfused_fwd():
+            h = swi(g, u)
+            return quant.act_quant(h) + quant.act_quant_t(h)
+        ref = swiglu_tiles.swiglu_tiles(g, u, bn=32, num_warps=4)
+        row(shape=name, kernel="tiles-fwd", variant="unfused", us=timed(unfused_fwd))
+        for bn, w in VARIANTS:
+            out = swiglu_tiles.swiglu_tiles(g, u, bn=bn, num_warps=w)
+            row(shape=name, kernel="tiles-fwd", variant=f"bn{bn}-w{w}", same_as_bn32_w4=same(out, ref),
+                us=timed(lambda: swiglu_tiles.swiglu_tiles(g, u, bn=bn, num_warps=w)))
+        row(shape=name, kernel="tiles-fwd", variant="reference-check",
+            scales_equal_reference=same(ref[1::2], reference.swiglu_tiles_quant(g, u)[1::2]))
+
+        # blockwise backward
+        def grads(g, u, dh):
+            gf = g.float()
+            s = torch.sigmoid(gf)
+            return torch.cat([(dh.float() * u.float() * s * (1 + gf * (1 - s))).bfloat16(),
+                              (dh.float() * gf * s).bfloat16()], 1)
+        grads_c = torch.compile(grads)
+
+        def unfused_bwd():
+            d = grads_c(g, u, dh)
+            return quant.act_quant(d) + quant.act_quant_t(d)
+        ref = swiglu_tiles.swiglu_bwd_tiles(g, u, dh, bn=32, num_warps=4)
+        row(shape=name, kernel="tiles-bwd", variant="unfused", us=timed(unfused_bwd))
+        for bn, w in VARIANTS:
+            out = swiglu_tiles.swiglu_bwd_tiles(g, u, dh, bn=bn, num_warps=w)
+            row(shape=name, kernel="tiles-bwd", variant=f"bn{bn}-w{w}", same_as_bn32_w4=same(out, ref),
+                us=timed(lambda: swiglu_tiles.swiglu_bwd_tiles(g, u, dh, bn=bn, num_warps=w)))
+
+        # delayed scaling, forward and backward, against inductor's fusion of the same computation
+        gc, uc = g.contiguous(), u.contiguous()
+        s = torch.tensor(0.01, device="cuda")
+
+        def cast_fwd_torch(g, u, s):
+            h = (F.silu(g.float()) * u.float()).bfloat16().float()
+            q = (h / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+            return q, q.t().contiguous(), h.abs().amax(1).amax()
+        cf = torch.compile(cast_fwd_torch)
+        row(shape=name, kernel="cast-fwd", variant="inductor", us=timed(lambda: cf(gc, uc, s)))
+        row(shape=name, kernel="cast-fwd", variant="triton",
+            us=timed(lambda: swiglu_cast.swiglu_fwd_cast(gc, uc, s)))
+
+        def cast_bwd_torch(g, u, d, s1, s2):
+            gf, df = g.float(), d.float()
+            sg = torch.sigmoid(gf)
+            dg, du = df * u.float() * sg * (1 + gf * (1 - sg)), df * gf * sg
+            qg = (dg / s1).clamp(-448, 448).to(torch.float8_e4m3fn)
+            qu = (du / s2).clamp(-448, 448).to(torch.float8_e4m3fn)
+            return qg, qg.t().contiguous(), qu, qu.t().contiguous(), dg.abs().amax(1).amax(), du.abs().amax(1).amax()
+        cb = torch.compile(cast_bwd_torch)
+        s2 = torch.tensor(1e-5, device="cuda")
+        row(shape=name, kernel="cast-bwd", variant="inductor", us=timed(lambda: cb(gc, uc, dh, s2, s2)))
+        row(shape=name, kernel="cast-bwd", variant="triton",
+            us=timed(lambda: swiglu_cast.swiglu_bwd_cast(gc, uc, dh, s2, s2)))
+        # traffic floor at 3.35 TB/s (H100 SXM): bytes read and written once
+        for k, nbytes in (("tiles-fwd", M * Fw * (4 + 2)), ("tiles-bwd", M * Fw * (6 + 4)),
+                          ("cast-fwd", M * Fw * (4 + 2)), ("cast-bwd", M * Fw * (6 + 4))):
+            row(shape=name, kernel=k, variant="floor-3.35TB/s", us=nbytes / 3.35e12 * 1e6)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "swiglu-kernels.json")
