@@ -31,6 +31,8 @@ def _count_kernels(monkeypatch) -> dict:
 
         def counted(*a, _real=real, _name=name, **k):
             calls[_name] += 1
+            if _real is getattr(fused_mlp, _name):  # no Triton: the reference, which takes no impl
+                k.pop("impl", None)
             return _real(*a, **k)
         monkeypatch.setitem(registry._KERNELS, name, counted)
     return calls
@@ -67,15 +69,16 @@ KERNELS = {"delayed": ("swiglu_fwd_quant", "swiglu_bwd_quant"),
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
-@pytest.mark.parametrize("cache", [True, False], ids=["fp8-cache", "no-cache"])
-def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, recipe, cache):
+@pytest.mark.parametrize("cache,keep", [(True, False), (False, False), (True, True)],
+                         ids=["fp8-cache", "no-cache", "fp8-swiglu-inputs"])
+def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, recipe, cache, keep):
     """The loss as the unfused layers give it (h is rounded once here, twice by eager BF16 ops: silu, then the
     product), the same amaxes recorded, and gradients as close to BF16's as the unfused FP8 layers' are (the two
     differ by FP8 rounding flips: dgate/dup are quantized from FP32 here, from their BF16 rounding unfused)."""
     calls = _count_kernels(monkeypatch)
     torch.manual_seed(0)
     bf16 = Yxanul(tiny_cfg)
-    m, idx = _ready(tiny_cfg, recipe, cache_fp8_activations=cache)
+    m, idx = _ready(tiny_cfg, recipe, cache_fp8_activations=cache, cache_swiglu_inputs=keep)
     mlps = [x for x in m.modules() if isinstance(x, MLP)]
     assert mlps and all(x.fp8_mlp is not None for x in mlps)
     fwd, bwd = KERNELS[recipe]
@@ -114,6 +117,29 @@ def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, recipe, cac
         torch.testing.assert_close(getattr(last, name).amax_history[0, 2], getattr(last_ref, name).amax_history[0, 2],
                                    rtol=tol, atol=0)
     assert all((x.amax_history[0] > 0).all() for x in m.modules() if hasattr(x, "amax_history"))
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
+def test_fused_mlp_saves_fp8_not_bf16(tiny_cfg, recipe):
+    """What the fused MLP keeps for its backward: no BF16 h; g and u in BF16, or in FP8 tiles (about half the
+    bytes) with the recipe's cache_swiglu_inputs."""
+    def saved_bytes(keep):
+        m, idx = _ready(tiny_cfg, recipe, cache_swiglu_inputs=keep)
+        mlp = m.layers[0].mlp
+        x = torch.randn(64, tiny_cfg.d_model, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mlp(x)
+        return {(tuple(t.shape), t.dtype) for t in saved}, sum(t.numel() * t.element_size() for t in saved)
+
+    F = tiny_cfg.ffn_hidden
+    plain, n_plain = saved_bytes(False)
+    kept, n_kept = saved_bytes(True)
+    bf16_gu = {(64, F), (64, 2 * F)}
+    assert {s for s, d in plain if d == torch.bfloat16} & bf16_gu  # g, u (or gu) kept in BF16
+    assert not {s for s, d in kept if d == torch.bfloat16} & bf16_gu
+    assert n_plain - n_kept >= 64 * 2 * F * (2 - 1.1)  # 2 bytes per element -> 1 byte plus the tile scales
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
@@ -227,6 +253,35 @@ def test_fused_mlp_is_off_by_default(tiny_cfg, monkeypatch):
         _step(m, idx)
         fp8_step(m)
     assert not any(calls.values())
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
+def test_fused_mlp_compiles_without_graph_breaks_on_the_cpu(tiny_cfg, recipe):
+    """Each block compiled by torch.compile (inductor, CPU) with the fused MLP inside: no graph break, and the
+    compiled step gives the eager loss."""
+    from torch._dynamo.utils import counters
+
+    from yxanul.model import compile_blocks
+
+    m, idx = _ready(dataclasses.replace(tiny_cfg, n_layers=2), recipe)
+    loss_eager = _step(m, idx).item()
+    m.zero_grad(set_to_none=True)
+    used = []
+    for x in m.modules():
+        if isinstance(x, MLP):  # record (outside the autograd function: a side effect dynamo replays) its use
+            def counted(mlp, inp, _f=x.fp8_mlp):
+                y = _f(mlp, inp)
+                used.append(y is not None)
+                return y
+            x.fp8_mlp = counted
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(m)
+    loss = _step(m, idx).item()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert used == [True, True]  # both blocks traced through the fused function
+    assert loss == pytest.approx(loss_eager, rel=2e-3)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)
 
 
 @pytest.mark.gpu

@@ -19,7 +19,8 @@ backward  dy in FP8 (both layouts), ``dh`` (dgrad) and ``dWd`` (wgrad, from h's 
 Numerics: the same as the unfused layers compiled (h computed in FP32 and rounded once to the activation dtype
 before its cast, as inductor does), except that ``dgate`` and ``dup`` are quantized from FP32 rather than from
 their BF16 rounding. Saved for the backward: the FP8 transposed copy of x (the recipe's
-``cache_fp8_activations``; else x), g and u in the activation dtype, and h's transposed FP8 copy.
+``cache_fp8_activations``; else x), h's transposed FP8 copy, and g and u in the activation dtype or, with the
+recipe's ``cache_swiglu_inputs``, in FP8 1 x 128 tiles (dequantized for the backward kernel).
 
 Used by :class:`yxanul.model.MLP` when :func:`convert_model` made gate, up and down FP8 layers of one recipe
 (delayed, or blockwise with a SwiGLU width that is a multiple of the block size), format and backend, without
@@ -33,11 +34,13 @@ The kernels' numerics are :func:`swiglu_fwd_quant`, :func:`swiglu_bwd_quant`, :f
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import YxanulError
 from . import registry, scaling
-from .backends import out_dtype, quant_tensor, quant_tiles_impl, quant_tiles_t_impl
+from .backends import dequant_operand, out_dtype, quant_tensor, quant_tiles, quant_tiles_t
 from .formats import get_format
 
 
@@ -69,8 +72,9 @@ def _swiglu_grads(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor) -> tup
 
 
 def _tiles_dual(x: torch.Tensor, fmt: str, block: int, pow2: bool):
-    f = get_format(fmt)
-    return quant_tiles_impl(x, f, block, pow2) + quant_tiles_t_impl(x, f, block, pow2)
+    # the opaque tile quantizers: torch.compile's CPU code generation fails on both tilings of one tensor in
+    # one kernel (docs/perf-notes.md)
+    return quant_tiles(x, fmt, block, pow2) + quant_tiles_t(x, fmt, block, pow2)
 
 
 def swiglu_tiles_quant(gate: torch.Tensor, up: torch.Tensor, block: int = 128, fmt: str = "e4m3",
@@ -147,6 +151,18 @@ def cat_weight_copies(mods) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
                 torch.cat([p[2] for p in parts], 1), torch.cat([p[3] for p in parts], 1))
 
 
+def _kernel(name: str, mod):
+    """The registered fused kernel `name` as the layer's ``kernels`` option asks (``torch``: the reference here)."""
+    ref = _REFERENCES[name]
+    impl = mod.options.kernels
+    fn = registry.kernel(name, ref) if impl != "torch" else ref
+    return fn if fn is ref else functools.partial(fn, impl=impl)
+
+
+_REFERENCES = {"swiglu_fwd_quant": swiglu_fwd_quant, "swiglu_bwd_quant": swiglu_bwd_quant,
+               "swiglu_tiles_quant": swiglu_tiles_quant, "swiglu_bwd_tiles_quant": swiglu_bwd_tiles_quant}
+
+
 def mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor | None:
     """``down_proj(silu(gate_proj(x)) * up_proj(x))`` through the fused function, or None when the MLP must run
     unfused now (module docstring)."""
@@ -171,6 +187,21 @@ def mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
+def _keep(spec, *ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the backward keeps of the SwiGLU's inputs: the tensors themselves or, with the recipe's
+    ``cache_swiglu_inputs``, their FP8 1 x block tiles and scales (as :mod:`yxanul.fp8.swiglu` keeps them)."""
+    if not spec.recipe.cache_swiglu_inputs:
+        return ts
+    return tuple(t for x in ts for t in quant_tiles(x, spec.x.fmt, spec.block))
+
+
+def _restore(spec, kept) -> tuple[torch.Tensor, ...]:
+    """The SwiGLU's inputs from :func:`_keep` (dequantized to FP32 when kept in FP8)."""
+    if not spec.recipe.cache_swiglu_inputs:
+        return tuple(kept)
+    return tuple(dequant_operand(q, s, "tile", spec.block) for q, s in zip(kept[::2], kept[1::2]))
+
+
 class _MlpFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wg, wu, wd, gq, gs, gtq, gts, uq, us, utq, uts, dq, ds, dtq, dts, sxg, sxu, sh, mlp):
@@ -182,30 +213,31 @@ class _MlpFn(torch.autograd.Function):
         xuq = ops.act_quant(x2, scale_inv=sxu)[0]
         g = ops.fprop(xgq, sxg, gq, gs, od)
         u = ops.fprop(xuq, sxu, uq, us, od)
-        fwd = registry.kernel("swiglu_fwd_quant", swiglu_fwd_quant)
+        fwd = _kernel("swiglu_fwd_quant", gate)
         hq, hqt, amax_h = fwd(g, u, sh, down.spec.x.fmt)
         y = down.ops.fprop(hq, sh, dq, ds, od)
         if gate.spec.recipe.cache_fp8_activations:
-            ctx.save_for_backward(None, xgq.t().contiguous(), xuq.t().contiguous(), g, u, hqt, gtq, gts, utq, uts,
-                                  dtq, dts, sxg, sxu, sh)
+            xs = (None, xgq.t().contiguous(), xuq.t().contiguous())
         else:
-            ctx.save_for_backward(x2, None, None, g, u, hqt, gtq, gts, utq, uts, dtq, dts, sxg, sxu, sh)
-        ctx.mlp, ctx.x_shape, ctx.x_dtype = mlp, x.shape, x.dtype
+            xs = (x2, None, None)
+        ctx.save_for_backward(*xs, hqt, gtq, gts, utq, uts, dtq, dts, sxg, sxu, sh, *_keep(gate.spec, g, u))
+        ctx.mlp, ctx.x_shape, ctx.x_dtype, ctx.act_dtype = mlp, x.shape, x.dtype, g.dtype
         ctx.mark_non_differentiable(amax_h)
         return y.view(*x.shape[:-1], y.shape[-1]), amax_h
 
     @staticmethod
     def backward(ctx, dy, _damax):
-        x2, xgt, xut, g, u, hqt, gtq, gts, utq, uts, dtq, dts, sxg, sxu, sh = ctx.saved_tensors
+        x2, xgt, xut, hqt, gtq, gts, utq, uts, dtq, dts, sxg, sxu, sh, *kept = ctx.saved_tensors
         gate, up, down = ctx.mlp.gate_proj, ctx.mlp.up_proj, ctx.mlp.down_proj
+        g, u = _restore(gate.spec, kept)
         ops = gate.ops
         dy2 = dy.reshape(-1, dy.shape[-1])
         sdy = down._delayed_scale("dy", dy2)
         dyq, dytq = quant_dy_delayed(down.ops, dy2, sdy)
-        dh = down.ops.dgrad(dyq, sdy, dtq, dts, g.dtype)
+        dh = down.ops.dgrad(dyq, sdy, dtq, dts, ctx.act_dtype)
         dwd = down.ops.wgrad(dytq, sdy, hqt, sh, torch.float32) if ctx.needs_input_grad[3] else None
         sdg, sdu = gate.scale_inv_dy, up.scale_inv_dy
-        bwd = registry.kernel("swiglu_bwd_quant", swiglu_bwd_quant)
+        bwd = _kernel("swiglu_bwd_quant", gate)
         dgq, dgqt, duq, duqt, amax = bwd(g, u, dh, sdg, sdu, gate.spec.dy.fmt)
         scaling.record_amax(gate.amax_history, 2, amax[0])
         scaling.record_amax(up.amax_history, 2, amax[1])
@@ -247,32 +279,32 @@ class _MlpTilesFn(torch.autograd.Function):
         gate._flag(0, xs)
         gu = ops.fprop(xq, xs, guq, gus, od)
         f = gu.shape[1] // 2
-        fwd = registry.kernel("swiglu_tiles_quant", swiglu_tiles_quant)
+        fwd = _kernel("swiglu_tiles_quant", gate)
         hq, hs, hqt, hst = fwd(gu[:, :f], gu[:, f:], spec.block, down.spec.x.fmt, down.spec.x.pow2)
         down._flag(0, hs)
         y = down.ops.fprop(hq, hs, dq, ds, od)
-        if spec.recipe.cache_fp8_activations:
-            ctx.save_for_backward(None, *ops.act_quant_t(x2), gu, hqt, hst, gutq, guts, dtq, dts)
-        else:
-            ctx.save_for_backward(x2, None, None, gu, hqt, hst, gutq, guts, dtq, dts)
-        ctx.mlp, ctx.x_shape, ctx.x_dtype = mlp, x.shape, x.dtype
+        xs = (None, *ops.act_quant_t(x2)) if spec.recipe.cache_fp8_activations else (x2, None, None)
+        # gu's 1 x block tiles do not straddle gate and up (F is a multiple of the block): kept whole
+        ctx.save_for_backward(*xs, hqt, hst, gutq, guts, dtq, dts, *_keep(spec, gu))
+        ctx.mlp, ctx.x_shape, ctx.x_dtype, ctx.act_dtype = mlp, x.shape, x.dtype, gu.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xtq, xts, gu, hqt, hst, gutq, guts, dtq, dts = ctx.saved_tensors
+        x2, xtq, xts, hqt, hst, gutq, guts, dtq, dts, *kept = ctx.saved_tensors
         gate, down = ctx.mlp.gate_proj, ctx.mlp.down_proj
         ops, spec = gate.ops, gate.spec
+        gu, = _restore(spec, kept)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dyq, dys = down.ops.grad_quant(dy2)
         down._flag(2, dys)
-        dh = down.ops.dgrad(dyq, dys, dtq, dts, gu.dtype)
+        dh = down.ops.dgrad(dyq, dys, dtq, dts, ctx.act_dtype)
         dwd = None
         if ctx.needs_input_grad[3]:
             dytq, dyts = down.ops.grad_quant_t(dy2)
             dwd = down.ops.wgrad(dytq, dyts, hqt, hst, torch.float32)
         f = gu.shape[1] // 2
-        bwd = registry.kernel("swiglu_bwd_tiles_quant", swiglu_bwd_tiles_quant)
+        bwd = _kernel("swiglu_bwd_tiles_quant", gate)
         dq, ds, dqt, dst = bwd(gu[:, :f], gu[:, f:], dh, spec.block, spec.dy.fmt, spec.dy.pow2)
         gate._flag(2, ds)
         dx = dwg = dwu = None
