@@ -61,6 +61,8 @@ CASES = [  # (op, M, K, dtype, kwargs)
     ("act_quant_t", 200, 72, "bfloat16", {}),
     ("act_quant_t", 128, 64, "float32", {"pow2_scales": True}),
     ("act_quant_dual", 150, 260, "bfloat16", {}),
+    ("act_quant_dual_chunked", 150, 260, "bfloat16", {"bn": 32}),
+    ("act_quant_dual_chunked", 64, 256, "float32", {"bn": 64, "pow2_scales": True}),
     ("weight_quant", 200, 300, "bfloat16", {}),
     ("weight_quant", 256, 128, "float32", {"pow2_scales": True}),
     ("tensor_quant", 70, 300, "bfloat16", {}),
@@ -140,6 +142,11 @@ def run_case(c, device: str = "cpu") -> dict:
         s = (reference.swiglu_fwd_quant(x, up, torch.tensor(1.0, device=device), **kw)[2] / (0.8 * fmax))
         out = kernels.swiglu_fwd_quant(x, up, s, impl="triton", **kw)
         ref = reference.swiglu_fwd_quant(x, up, s, **kw)
+        return {"main": compare(out, ref)}
+    if op == "act_quant_dual_chunked":  # the raw kernel's chunked variant (a launch-shape choice, no dispatcher)
+        from yxanul.kernels import quant
+        out = quant.act_quant_dual(x, **kw)
+        ref = reference.act_quant_dual(x, **{k: v for k, v in kw.items() if k != "bn"})
         return {"main": compare(out, ref)}
     if op in ("swiglu_tiles_quant", "swiglu_bwd_tiles_quant"):
         # gate and up as the two halves of one [M, 2K] GEMM output (strided views), as the fused MLP passes them

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..fp8.formats import get_format
-from .quant import cast_fp8, nan_max, nan_maximum, scale_from_amax, scale_inv_constant
+from .quant import cast_cols_t, cast_fp8, nan_maximum, scale_from_amax, scale_inv_constant
 
 BN = 32      # columns per chunk
 WARPS = 4
@@ -31,19 +31,6 @@ WARPS = 4
 @triton.jit
 def _silu_mul(g, u):
     return tl.div_rn(g, 1.0 + tl.exp(-g)) * u
-
-
-@triton.jit
-def _cast_cols_t(x, qt_ptr, st_ptr, offs_m, cols, mask, pid_m, M, NMB, FMAX: tl.constexpr, POW2: tl.constexpr,
-                 INV: tl.constexpr):
-    """Cast a b x BN chunk with its column (b x 1) scales, store it transposed at rows `cols` of qT [*, M] and the
-    scales at rows `cols` of sT; return the chunk's row maxima of |x|."""
-    ax = tl.abs(x)
-    st = scale_from_amax(nan_max(ax, 0), FMAX, POW2, INV)
-    qt = cast_fp8(x, st[None, :], FMAX, qt_ptr.dtype.element_ty)
-    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + offs_m[None, :], tl.trans(qt), mask=tl.trans(mask))
-    tl.store(st_ptr + cols * NMB + pid_m, st, mask=tl.max(mask.to(tl.int32), 0) > 0)
-    return nan_max(ax, 1)
 
 
 @triton.jit
@@ -62,7 +49,7 @@ def _swiglu_tiles_kernel(g_ptr, u_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, F, strid
         g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
         h = _silu_mul(g, u).to(g_ptr.dtype.element_ty).to(tl.float32)
-        rmax = nan_maximum(rmax, _cast_cols_t(h, qt_ptr, st_ptr, offs_m, offs_f, mask, pid_m, M, NMB, FMAX, POW2,
+        rmax = nan_maximum(rmax, cast_cols_t(h, qt_ptr, st_ptr, offs_m, offs_f, mask, pid_m, M, NMB, FMAX, POW2,
                                               INV))
     s = scale_from_amax(rmax, FMAX, POW2, INV)
     for c in tl.static_range(0, BLOCK, BN):
@@ -103,9 +90,9 @@ def _swiglu_bwd_tiles_kernel(g_ptr, u_ptr, d_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, 
         offs_f = pid_f * BLOCK + c + tl.arange(0, BN)
         mask = mm[:, None] & (offs_f[None, :] < F)
         dg, du = _swiglu_bwd_grads(g_ptr, u_ptr, d_ptr, offs_m, offs_f, mask, stride_in, stride_d)
-        rmax_g = nan_maximum(rmax_g, _cast_cols_t(dg, qt_ptr, st_ptr, offs_m, offs_f, mask, pid_m, M, NMB, FMAX,
+        rmax_g = nan_maximum(rmax_g, cast_cols_t(dg, qt_ptr, st_ptr, offs_m, offs_f, mask, pid_m, M, NMB, FMAX,
                                                   POW2, INV))
-        rmax_u = nan_maximum(rmax_u, _cast_cols_t(du, qt_ptr, st_ptr, offs_m, offs_f + F, mask, pid_m, M, NMB,
+        rmax_u = nan_maximum(rmax_u, cast_cols_t(du, qt_ptr, st_ptr, offs_m, offs_f + F, mask, pid_m, M, NMB,
                                                   FMAX, POW2, INV))
     s_g = scale_from_amax(rmax_g, FMAX, POW2, INV)
     s_u = scale_from_amax(rmax_u, FMAX, POW2, INV)

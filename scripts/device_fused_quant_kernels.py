@@ -1,6 +1,7 @@
-"""Time the fused SwiGLU FP8 kernels of the whole-MLP function against what they replace, on a CUDA device.
+"""Time the fused FP8 quantization kernels against what they replace, on a CUDA device: the SwiGLU kernels of the
+whole-MLP function, and both 1 x 128 layouts of an operand from one read.
 
-  python scripts/device_swiglu_kernels.py OUT_JSON
+  python scripts/device_fused_quant_kernels.py OUT_JSON
 
 At the SwiGLU shapes of Yxanul-197M (32,768 tokens x 2,048) and Yxanul-1B (16,384 x 5,632), BF16 inputs:
   tiles-fwd   swiglu_tiles (h in 1 x 128 tiles, both layouts) against compiled silu(g) * u followed by the
@@ -8,6 +9,8 @@ At the SwiGLU shapes of Yxanul-197M (32,768 tokens x 2,048) and Yxanul-1B (16,38
   tiles-bwd   swiglu_bwd_tiles against the compiled SwiGLU backward, cat, act_quant and act_quant_t
   cast-fwd    swiglu_fwd_cast (delayed scaling) against torch.compile of the same computation
   cast-bwd    swiglu_bwd_cast against torch.compile of the same computation
+  dual        act_quant_dual (both 1 x 128 layouts from one read; whole 128 x 128 tile, and in 128 x bn chunks)
+              against act_quant + act_quant_t, at the widths of the other blockwise operands (768, 1,024; 2,048)
 Each timing is the median of 5 runs of 20 launches between CUDA events, after a check that the variant's outputs
 equal the reference's bytes (FP8) and values (scales). Writes one JSON.
 """
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from yxanul.kernels import quant, reference, swiglu_cast, swiglu_tiles  # noqa: E402
 
 SHAPES = {"197m": (32768, 2048), "1b": (16384, 5632)}
+DUAL_SHAPES = {"197m": [(32768, 768), (32768, 1024)], "1b": [(16384, 2048), (16384, 2560)]}
 VARIANTS = [(16, 4), (32, 4), (32, 8), (64, 8)]  # (chunk columns, warps)
 
 
@@ -126,6 +130,20 @@ def main(path: str) -> None:
         row(shape=name, kernel="cast-bwd", variant="inductor", us=timed(lambda: cb(gc, uc, dh, s2, s2)))
         row(shape=name, kernel="cast-bwd", variant="triton",
             us=timed(lambda: swiglu_cast.swiglu_bwd_cast(gc, uc, dh, s2, s2)))
+        for Md, Kd in DUAL_SHAPES[name]:
+            x = torch.randn(Md, Kd, device="cuda", generator=gen).bfloat16()
+            ref = quant.act_quant(x) + quant.act_quant_t(x)
+            tag = f"dual-{Kd}"
+            row(shape=name, kernel=tag, variant="act_quant+act_quant_t",
+                us=timed(lambda: (quant.act_quant(x), quant.act_quant_t(x))))
+            out = quant.act_quant_dual(x)
+            row(shape=name, kernel=tag, variant="full-tile-w8", same=same(out, ref),
+                us=timed(lambda: quant.act_quant_dual(x)))
+            for bn, w in VARIANTS:
+                out = quant.act_quant_dual(x, bn=bn, num_warps=w)
+                row(shape=name, kernel=tag, variant=f"bn{bn}-w{w}", same=same(out, ref),
+                    us=timed(lambda: quant.act_quant_dual(x, bn=bn, num_warps=w)))
+            row(shape=name, kernel=tag, variant="floor-3.35TB/s", us=Md * Kd * (2 + 2) / 3.35e12 * 1e6)
         # traffic floor at 3.35 TB/s (H100 SXM): bytes read and written once
         for k, nbytes in (("tiles-fwd", M * Fw * (4 + 2)), ("tiles-bwd", M * Fw * (6 + 4)),
                           ("cast-fwd", M * Fw * (4 + 2)), ("cast-bwd", M * Fw * (6 + 4))):
@@ -133,4 +151,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "swiglu-kernels.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else "fused-quant-kernels.json")
