@@ -319,3 +319,32 @@ def test_fused_mlp_compiled_on_the_gpu_matches_the_unfused_layers(tiny_cfg, reci
         assert loss == pytest.approx(loss_ref, rel=5e-3)
         for n, g in g_ref.items():
             assert ((grads[n] - g).norm() / g.norm()).item() < 0.1, n
+
+
+def test_fused_mlp_blockwise_takes_a_one_read_gradient_quantizer(tiny_cfg):
+    """Where the op table has ``grad_quant_dual`` (both 1 x 128 layouts from one read), the blockwise MLP's
+    backward takes it for down_proj's output gradient, with the same bytes as the two separate quantizers."""
+    from yxanul.fp8 import backends
+    from yxanul.kernels import reference
+
+    used = []
+
+    def dual(x, want_q=True, want_qt=True):
+        used.append(x.shape)
+        return reference.act_quant_dual(x, 128, "e4m3")
+
+    m, idx = _ready(tiny_cfg, "blockwise")
+    _step(m, idx)
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    backends.register_ops("blockwise", "emulated", grad_quant_dual=dual)
+    try:
+        m2, _ = _ready(tiny_cfg, "blockwise")
+        m2.load_state_dict(m.state_dict())
+        m2.zero_grad(set_to_none=True)
+        _step(m2, idx)
+    finally:
+        backends.register_ops("blockwise", "emulated", grad_quant_dual=None)
+    # per layer: o_proj's and down_proj's output gradients are d_model wide (q/k/v's are wider)
+    assert used.count(torch.Size((idx.numel(), tiny_cfg.d_model))) == 2 * tiny_cfg.n_layers, used
+    for n, p in m2.named_parameters():
+        assert torch.equal(p.grad, want[n]), n

@@ -296,13 +296,15 @@ class _MlpTilesFn(torch.autograd.Function):
         ops, spec = gate.ops, gate.spec
         gu, = _restore(spec, kept)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dyq, dys = down.ops.grad_quant(dy2)
+        want_dw = ctx.needs_input_grad[3]
+        if want_dw and down.ops.grad_quant_dual is not None:  # both layouts from one read
+            dyq, dys, dytq, dyts = down.ops.grad_quant_dual(dy2)
+        else:
+            dyq, dys = down.ops.grad_quant(dy2)
+            dytq, dyts = down.ops.grad_quant_t(dy2) if want_dw else (None, None)
         down._flag(2, dys)
         dh = down.ops.dgrad(dyq, dys, dtq, dts, ctx.act_dtype)
-        dwd = None
-        if ctx.needs_input_grad[3]:
-            dytq, dyts = down.ops.grad_quant_t(dy2)
-            dwd = down.ops.wgrad(dytq, dyts, hqt, hst, torch.float32)
+        dwd = down.ops.wgrad(dytq, dyts, hqt, hst, torch.float32) if want_dw else None
         f = gu.shape[1] // 2
         bwd = _kernel("swiglu_bwd_tiles_quant", gate)
         dq, ds, dqt, dst = bwd(gu[:, :f], gu[:, f:], dh, spec.block, spec.dy.fmt, spec.dy.pow2)
