@@ -341,6 +341,7 @@ def test_fused_mlp_blockwise_takes_a_one_read_gradient_quantizer(tiny_cfg):
         m2, _ = _ready(tiny_cfg, "blockwise")
         m2.load_state_dict(m.state_dict())
         m2.zero_grad(set_to_none=True)
+        used.clear()
         _step(m2, idx)
     finally:
         backends.register_ops("blockwise", "emulated", grad_quant_dual=None)
