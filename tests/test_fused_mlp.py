@@ -25,7 +25,8 @@ def _model(tiny_cfg, recipe="delayed", fused=True, **fields):
 
 def _count_kernels(monkeypatch) -> dict:
     """Count the calls of the SwiGLU quantizers the fused function takes from the registry."""
-    calls = {"swiglu_fwd_quant": 0, "swiglu_bwd_quant": 0, "swiglu_tiles_quant": 0, "swiglu_bwd_tiles_quant": 0}
+    calls = {"swiglu_fwd_quant": 0, "swiglu_bwd_quant": 0, "swiglu_tiles_quant": 0, "swiglu_bwd_tiles_quant": 0,
+             "rmsnorm_tiles_quant": 0}
     for name in calls:
         real = registry.kernel(name, getattr(fused_mlp, name))
 
@@ -88,7 +89,10 @@ def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, recipe, cac
     ref = _unfused(m)
     loss_ref = _step(ref, idx)
     loss = _step(m, idx)
-    assert calls[fwd] == calls[bwd] == len(mlps) and sum(calls.values()) == 2 * len(mlps)
+    assert calls[fwd] == calls[bwd] == len(mlps)
+    # blockwise: the MLP's norm inside the function, its output written only as FP8 tiles
+    assert calls["rmsnorm_tiles_quant"] == (len(mlps) if recipe == "blockwise" else 0)
+    assert sum(calls.values()) == (3 if recipe == "blockwise" else 2) * len(mlps)
     torch.testing.assert_close(loss, loss_ref, rtol=2e-3, atol=0)
     _step(bf16, idx)
     fused = {n: p.grad for n, p in m.named_parameters()}
@@ -269,8 +273,8 @@ def test_fused_mlp_compiles_without_graph_breaks_on_the_cpu(tiny_cfg, recipe):
     used = []
     for x in m.modules():
         if isinstance(x, MLP):  # record (outside the autograd function: a side effect dynamo replays) its use
-            def counted(mlp, inp, _f=x.fp8_mlp):
-                y = _f(mlp, inp)
+            def counted(mlp, inp, norm=None, _f=x.fp8_mlp):
+                y = _f(mlp, inp, norm)
                 used.append(y is not None)
                 return y
             x.fp8_mlp = counted
@@ -349,3 +353,20 @@ def test_fused_mlp_blockwise_takes_a_one_read_gradient_quantizer(tiny_cfg):
     assert used.count(torch.Size((idx.numel(), tiny_cfg.d_model))) == 2 * tiny_cfg.n_layers, used
     for n, p in m2.named_parameters():
         assert torch.equal(p.grad, want[n]), n
+
+
+def test_rmsnorm_backward_matches_autograd():
+    """The fused blockwise MLP's norm backward against autograd through the norm module (FP64)."""
+    from yxanul.model import RMSNorm
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(37, 96, generator=g, dtype=torch.float64) * 3
+    dy = torch.randn(37, 96, generator=g, dtype=torch.float64)
+    norm = RMSNorm(96, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+    xr = x.clone().requires_grad_(True)
+    norm(xr).backward(dy)
+    dx, dw = fused_mlp.rmsnorm_backward(dy, x, fused_mlp.rms_rstd(x, 1e-6).double(), norm.weight.detach())
+    torch.testing.assert_close(dx, xr.grad, rtol=1e-4, atol=1e-6)  # FP32 inside
+    torch.testing.assert_close(dw.double(), norm.weight.grad, rtol=1e-4, atol=1e-6)

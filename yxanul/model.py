@@ -99,12 +99,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
         self.fused = cfg.fused_projections
 
-    def forward(self, x):
-        # FP8 delayed scaling installs the whole-MLP function here (opt-in); it returns None while the layers
-        # cannot or should not use it
-        y = self.fp8_mlp(self, x) if self.fp8_mlp is not None else None
+    def forward(self, x, norm=None):
+        """``down(silu(gate(x')) * up(x'))`` with x' = ``norm(x)`` (x itself when no norm is given)."""
+        # FP8 recipes may install the whole-MLP function here (opt-in); it returns None while the layers cannot
+        # or should not use it
+        y = self.fp8_mlp(self, x, norm) if self.fp8_mlp is not None else None
         if y is not None:
             return y
+        if norm is not None:
+            x = norm(x)
         g, u = project((self.gate_proj, self.up_proj), x, self.fused)
         h = self.swiglu(g, u) if self.swiglu is not None else F.silu(g) * u
         return self.down_proj(h)
@@ -172,7 +175,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(x, self.mlp_norm)
 
 
 class Embeddings(nn.Module):

@@ -97,6 +97,33 @@ def swiglu_bwd_tiles_quant(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tenso
     return _tiles_dual(torch.cat(_swiglu_grads(gate, up, dh), dim=1), fmt, block, pow2_scales)
 
 
+def rms_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm's row scales ``1 / sqrt(mean(x^2) + eps)`` in FP32, ``[M]``, as :class:`yxanul.model.RMSNorm`
+    computes them."""
+    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
+
+
+def rmsnorm_tiles_quant(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, block: int = 128,
+                        fmt: str = "e4m3", pow2_scales: bool = False):
+    """RMSNorm's output ``(x * rstd) * weight`` (FP32, rounded once to x's dtype, as the norm module rounds it)
+    in 1 x `block` FP8 tiles, both GEMM layouts: ``(q [M, K], s, qT [K, M], sT)`` (the blockwise recipe)."""
+    if x.dim() != 2 or rstd.shape != (x.shape[0],) or weight.shape != (x.shape[1],):
+        raise YxanulError(f"x {tuple(x.shape)}, rstd {tuple(rstd.shape)} and norm weight {tuple(weight.shape)} do "
+                          f"not match", key="x")
+    y = ((x.float() * rstd.float()[:, None]) * weight.float()).to(x.dtype)
+    return _tiles_dual(y, fmt, block, pow2_scales)
+
+
+def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor):
+    """Gradients of ``y = (x * rstd) * weight`` (rstd from x, :func:`rms_rstd`): ``(dx in x's dtype, dweight in
+    FP32)``."""
+    xhat = x.float() * rstd[:, None]
+    g = dy.float()
+    gw = g * weight.float()
+    dx = rstd[:, None] * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), (g * xhat).sum(0)
+
+
 def swiglu_fwd_quant(gate: torch.Tensor, up: torch.Tensor, scale_h: torch.Tensor, fmt: str = "e4m3"):
     """``h = silu(gate) * up`` computed in FP32, rounded once to gate's dtype and quantized with the given
     per-tensor scale (delayed scaling). Returns ``(h_q [M, F], h_qT [F, M], amax)``, amax the 0-d max |h| (NaN if
@@ -160,25 +187,31 @@ def _kernel(name: str, mod):
 
 
 _REFERENCES = {"swiglu_fwd_quant": swiglu_fwd_quant, "swiglu_bwd_quant": swiglu_bwd_quant,
-               "swiglu_tiles_quant": swiglu_tiles_quant, "swiglu_bwd_tiles_quant": swiglu_bwd_tiles_quant}
+               "swiglu_tiles_quant": swiglu_tiles_quant, "swiglu_bwd_tiles_quant": swiglu_bwd_tiles_quant,
+               "rmsnorm_tiles_quant": rmsnorm_tiles_quant}
 
 
-def mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor | None:
-    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` through the fused function, or None when the MLP must run
-    unfused now (module docstring)."""
+def mlp_forward(mlp, x: torch.Tensor, norm=None) -> torch.Tensor | None:
+    """``down_proj(silu(gate_proj(x')) * up_proj(x'))``, x' = ``norm(x)`` (an RMSNorm, or x itself when None),
+    through the fused function, or None when the MLP must run unfused now (module docstring). The blockwise path
+    computes the norm inside the function: its kernel writes the norm's output only as FP8 tiles."""
     mods = gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     # calibrating first: torch.compile guards only on what is read, and _scales_fixed flips during calibration
     # (one more compiled variant of the block if it were read there)
     delayed = gate.spec.delayed
     if delayed and (any(m.calibrating for m in mods) or not all(m._scales_fixed for m in mods)):
         return None
-    if any(m._collect or m._forward_hooks or m._forward_pre_hooks for m in mods):
+    if any(m._collect for m in mods) or any(m._forward_hooks or m._forward_pre_hooks
+                                            for m in mods + ((norm,) if norm is not None else ())):
         return None
     if x.shape[-1] != gate.in_features:
         raise YxanulError(f"input has {x.shape[-1]} features, expected {gate.in_features}", key=gate.name or None)
     if not delayed:
-        return _MlpTilesFn.apply(x, gate.weight, up.weight, down.weight, *cat_weight_copies((gate, up)),
-                                 *down.weight_fp8(), mlp)
+        nw = norm.weight if norm is not None else None
+        return _MlpTilesFn.apply(x, nw, gate.weight, up.weight, down.weight, *cat_weight_copies((gate, up)),
+                                 *down.weight_fp8(), mlp, norm.eps if norm is not None else None)
+    if norm is not None:
+        x = norm(x)
     w = [t for m in mods for t in m.weight_fp8()]
     sxg = gate._delayed_scale("x", x)
     sxu = up._delayed_scale("x", x)
@@ -270,12 +303,17 @@ class _MlpTilesFn(torch.autograd.Function):
     h and ``[dgate, dup]`` written in 1 x block tiles, both layouts, by the SwiGLU kernels."""
 
     @staticmethod
-    def forward(ctx, x, wg, wu, wd, guq, gus, gutq, guts, dq, ds, dtq, dts, mlp):
+    def forward(ctx, x, nw, wg, wu, wd, guq, gus, gutq, guts, dq, ds, dtq, dts, mlp, eps):
         gate, down = mlp.gate_proj, mlp.down_proj
         ops, spec = gate.ops, gate.spec
         x2 = x.reshape(-1, x.shape[-1])
         od = out_dtype(x)
-        xq, xs = ops.act_quant(x2)
+        rstd = xtq = xts = None
+        if nw is not None:  # the norm's output exists only as the FP8 tiles its kernel writes
+            rstd = rms_rstd(x2, eps)
+            xq, xs, xtq, xts = _kernel("rmsnorm_tiles_quant", gate)(x2, rstd, nw, spec.block, spec.x.fmt, spec.x.pow2)
+        else:
+            xq, xs = ops.act_quant(x2)
         gate._flag(0, xs)
         gu = ops.fprop(xq, xs, guq, gus, od)
         f = gu.shape[1] // 2
@@ -283,7 +321,12 @@ class _MlpTilesFn(torch.autograd.Function):
         hq, hs, hqt, hst = fwd(gu[:, :f], gu[:, f:], spec.block, down.spec.x.fmt, down.spec.x.pow2)
         down._flag(0, hs)
         y = down.ops.fprop(hq, hs, dq, ds, od)
-        xs = (None, *ops.act_quant_t(x2)) if spec.recipe.cache_fp8_activations else (x2, None, None)
+        if nw is not None:  # the norm's backward needs x; the transposed tiles came with the forward ones
+            xs = (x2, xtq, xts, rstd, nw)
+        elif spec.recipe.cache_fp8_activations:
+            xs = (None, *ops.act_quant_t(x2), None, None)
+        else:
+            xs = (x2, None, None, None, None)
         # gu's 1 x block tiles do not straddle gate and up (F is a multiple of the block): kept whole
         ctx.save_for_backward(*xs, hqt, hst, gutq, guts, dtq, dts, *_keep(spec, gu))
         ctx.mlp, ctx.x_shape, ctx.x_dtype, ctx.act_dtype = mlp, x.shape, x.dtype, gu.dtype
@@ -291,12 +334,12 @@ class _MlpTilesFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xtq, xts, hqt, hst, gutq, guts, dtq, dts, *kept = ctx.saved_tensors
+        x2, xtq, xts, rstd, nw, hqt, hst, gutq, guts, dtq, dts, *kept = ctx.saved_tensors
         gate, down = ctx.mlp.gate_proj, ctx.mlp.down_proj
         ops, spec = gate.ops, gate.spec
         gu, = _restore(spec, kept)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        want_dw = ctx.needs_input_grad[3]
+        want_dw = ctx.needs_input_grad[4]
         if want_dw and down.ops.grad_quant_dual is not None:  # both layouts from one read
             dyq, dys, dytq, dyts = down.ops.grad_quant_dual(dy2)
         else:
@@ -309,11 +352,15 @@ class _MlpTilesFn(torch.autograd.Function):
         bwd = _kernel("swiglu_bwd_tiles_quant", gate)
         dq, ds, dqt, dst = bwd(gu[:, :f], gu[:, f:], dh, spec.block, spec.dy.fmt, spec.dy.pow2)
         gate._flag(2, ds)
-        dx = dwg = dwu = None
-        if ctx.needs_input_grad[0]:
-            dx = ops.dgrad(dq, ds, gutq, guts, ctx.x_dtype).view(ctx.x_shape)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dx = dnw = dwg = dwu = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dx = ops.dgrad(dq, ds, gutq, guts, ctx.x_dtype)
+            if nw is not None:
+                dx, dnw = rmsnorm_backward(dx, x2, rstd, nw)
+                dnw = dnw.to(nw.dtype)
+            dx = dx.view(ctx.x_shape)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             if xtq is None:
                 xtq, xts = ops.act_quant_t(x2)
             dwg, dwu = ops.wgrad(dqt, dst, xtq, xts, torch.float32).split(f)
-        return (dx, dwg, dwu, dwd) + (None,) * 9
+        return (dx, dnw, dwg, dwu, dwd) + (None,) * 10

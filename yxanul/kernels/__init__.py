@@ -23,6 +23,9 @@ Operations (x is 2-D ``[M, K]``; FP32 scales, ``scale_inv = amax / FMT_MAX``):
   swiglu_fwd_quant(gate, up, scale_h, fmt="e4m3")
                                             -> h_q, h_qT, amax: the SwiGLU cast with a given per-tensor scale
                                                (delayed scaling), both layouts
+  rmsnorm_tiles_quant(x, rstd, weight, block=128)
+                                            -> q, s, qT, sT: RMSNorm's output from x and its row scales, in
+                                               1 x block tiles, both layouts (y itself not written)
   swiglu_tiles_quant(gate, up, block=128)   -> h_q, s, h_qT, sT: the SwiGLU in 1 x block tiles, both layouts
   swiglu_bwd_tiles_quant(gate, up, dh, block=128)
                                             -> q [M, 2F], s, qT, sT: [dgate, dup] in 1 x block tiles, both layouts
@@ -48,7 +51,8 @@ from . import reference
 
 __all__ = ["act_quant", "act_quant_t", "act_quant_dual", "weight_quant", "tensor_quant", "tensor_quant_dual",
            "tensor_amax", "rmsnorm_quant", "swiglu_quant", "swiglu_fwd_quant", "swiglu_bwd_quant",
-           "swiglu_tiles_quant", "swiglu_bwd_tiles_quant", "triton_available", "uses_triton",
+           "swiglu_tiles_quant", "swiglu_bwd_tiles_quant", "rmsnorm_tiles_quant",
+           "triton_available", "uses_triton",
            "OPS", "fp8_op_overrides", "register"]
 
 
@@ -170,6 +174,13 @@ def _define_custom_ops():
     def _sbt(gate: Tensor, up: Tensor, dh: Tensor, block: int, fmt: str,
              pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return st.swiglu_bwd_tiles(gate, up, dh, block, fmt, pow2)
+
+    nq = _mod("norm_quant")
+
+    @torch.library.triton_op("yxanul::rmsnorm_tiles", mutates_args=())
+    def _rnt(x: Tensor, rstd: Tensor, weight: Tensor, block: int, fmt: str,
+             pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return nq.rmsnorm_tiles(x, rstd, weight, block, fmt, pow2)
 
     @torch.library.triton_op("yxanul::tensor_cast_dual", mutates_args=())
     def _tcd(x: Tensor, scale_inv: Tensor, fmt: str, write_q: bool, write_qt: bool) -> tuple[Tensor, Tensor]:
@@ -357,13 +368,26 @@ def swiglu_bwd_tiles_quant(gate, up, dh, block: int = 128, fmt: str = "e4m3", po
     return reference.swiglu_bwd_tiles_quant(gate, up, dh, block, fmt, pow2_scales)
 
 
+def rmsnorm_tiles_quant(x, rstd, weight, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, *,
+                        impl: str | None = None):
+    """RMSNorm's output in 1 x block FP8 tiles of both layouts from x and its row scales (blockwise recipe):
+    ``(q, s, qT, sT)``, see :func:`reference.rmsnorm_tiles_quant`."""
+    if uses_triton(x, rstd, weight, impl=impl):
+        _check(x, block)
+        if rstd.shape != (x.shape[0],) or weight.shape != (x.shape[1],):
+            raise YxanulError(f"x {tuple(x.shape)}, rstd {tuple(rstd.shape)} and norm weight "
+                              f"{tuple(weight.shape)} do not match", key="x")
+        return torch.ops.yxanul.rmsnorm_tiles(x, rstd, weight, block, _fmt(fmt), pow2_scales)
+    return reference.rmsnorm_tiles_quant(x, rstd, weight, block, fmt, pow2_scales)
+
+
 # The op table an FP8 backend can take its quantization ops from (same names and signatures).
 OPS = {"act_quant": act_quant, "act_quant_t": act_quant_t, "act_quant_dual": act_quant_dual,
        "weight_quant": weight_quant, "tensor_quant": tensor_quant, "tensor_quant_dual": tensor_quant_dual,
        "tensor_amax": tensor_amax, "rmsnorm_quant": rmsnorm_quant,
        "swiglu_quant": swiglu_quant, "swiglu_fwd_quant": swiglu_fwd_quant,
        "swiglu_bwd_quant": swiglu_bwd_quant, "swiglu_tiles_quant": swiglu_tiles_quant,
-       "swiglu_bwd_tiles_quant": swiglu_bwd_tiles_quant}
+       "swiglu_bwd_tiles_quant": swiglu_bwd_tiles_quant, "rmsnorm_tiles_quant": rmsnorm_tiles_quant}
 
 
 def fp8_op_overrides(spec, impl: str | None = None) -> dict:
@@ -402,6 +426,7 @@ def register() -> bool:
     registry.register_kernel("swiglu_bwd_quant", swiglu_bwd_quant)
     registry.register_kernel("swiglu_tiles_quant", swiglu_tiles_quant)
     registry.register_kernel("swiglu_bwd_tiles_quant", swiglu_bwd_tiles_quant)
+    registry.register_kernel("rmsnorm_tiles_quant", rmsnorm_tiles_quant)
     return True
 
 
