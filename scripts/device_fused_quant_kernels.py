@@ -9,6 +9,8 @@ At the SwiGLU shapes of Yxanul-197M (32,768 tokens x 2,048) and Yxanul-1B (16,38
   tiles-bwd   swiglu_bwd_tiles against the compiled SwiGLU backward, cat, act_quant and act_quant_t
   cast-fwd    swiglu_fwd_cast (delayed scaling) against torch.compile of the same computation
   cast-bwd    swiglu_bwd_cast against torch.compile of the same computation
+  norm-tiles  rmsnorm_tiles (the norm's output as 1 x 128 tiles of both layouts, from x and the row scales, plus
+              the row-scale reduction) against the compiled RMSNorm followed by act_quant and act_quant_t
   dual        act_quant_dual (both 1 x 128 layouts from one read; whole 128 x 128 tile, and in 128 x bn chunks)
               against act_quant + act_quant_t, at the widths of the other blockwise operands (768, 1,024; 2,048)
 Each timing is the median of 5 runs of 20 launches between CUDA events, after a check that the variant's outputs
@@ -26,7 +28,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from yxanul.kernels import quant, reference, swiglu_cast, swiglu_tiles  # noqa: E402
+from yxanul.fp8.producers import rms_rstd  # noqa: E402
+from yxanul.kernels import norm_quant, quant, reference, swiglu_cast, swiglu_tiles  # noqa: E402
+from yxanul.model import RMSNorm  # noqa: E402
 
 SHAPES = {"197m": (32768, 2048), "1b": (16384, 5632)}
 DUAL_SHAPES = {"197m": [(32768, 768), (32768, 1024)], "1b": [(16384, 2048), (16384, 2560)]}
@@ -130,6 +134,20 @@ def main(path: str) -> None:
         row(shape=name, kernel="cast-bwd", variant="inductor", us=timed(lambda: cb(gc, uc, dh, s2, s2)))
         row(shape=name, kernel="cast-bwd", variant="triton",
             us=timed(lambda: swiglu_cast.swiglu_bwd_cast(gc, uc, dh, s2, s2)))
+        for Md, Kd in DUAL_SHAPES[name][:1]:
+            x = torch.randn(Md, Kd, device="cuda", generator=gen).bfloat16()
+            norm = RMSNorm(Kd).cuda()
+            norm_c = torch.compile(norm)
+
+            def unfused_norm():
+                y = norm_c(x)
+                return quant.act_quant(y) + quant.act_quant_t(y)
+            ref = unfused_norm()
+            rstd_c = torch.compile(rms_rstd)
+            out = norm_quant.rmsnorm_tiles(x, rstd_c(x, 1e-6), norm.weight)
+            row(shape=name, kernel=f"norm-tiles-{Kd}", variant="unfused", us=timed(unfused_norm))
+            row(shape=name, kernel=f"norm-tiles-{Kd}", variant="bn32-w4", same_as_unfused=same(out, ref),
+                us=timed(lambda: norm_quant.rmsnorm_tiles(x, rstd_c(x, 1e-6), norm.weight)))
         for Md, Kd in DUAL_SHAPES[name]:
             x = torch.randn(Md, Kd, device="cuda", generator=gen).bfloat16()
             ref = quant.act_quant(x) + quant.act_quant_t(x)

@@ -584,8 +584,8 @@ def test_fp8_options_are_validated():
         Fp8Options(kernels="cuda").validate()
     with pytest.raises(YxanulError, match="fp8_weight_cache"):
         Fp8Options(weight_cache="never").validate()
-    with pytest.raises(YxanulError, match="fp8_fused_mlp"):
-        Fp8Options(fused_mlp="on").validate()
+    with pytest.raises(YxanulError, match="fp8_fused_producers"):
+        Fp8Options(fused_producers="on").validate()
     with pytest.raises(YxanulError, match="fp8_fprop_fast_accum"):
         Fp8Options(fprop_fast_accum=1).validate()
     with pytest.raises(YxanulError, match="fp8_kernels"):

@@ -148,7 +148,7 @@ def run_case(c, device: str = "cpu") -> dict:
         ref = reference.swiglu_fwd_quant(x, up, s, **kw)
         return {"main": compare(out, ref)}
     if op == "rmsnorm_tiles_quant":  # the row scales are an input: bit for bit, even under the interpreter
-        from yxanul.fp8.fused_mlp import rms_rstd
+        from yxanul.fp8.producers import rms_rstd
         w = (torch.rand(K, generator=g) + 0.5).to(device)
         r = rms_rstd(x, 1e-6)
         return {"main": compare(kernels.rmsnorm_tiles_quant(x, r, w, impl="triton", **kw),
@@ -220,7 +220,7 @@ def _nan_check() -> dict:
         elif op == "tensor_amax":
             a, b = [kernels.tensor_amax(x, impl="triton")], [x.abs().amax()]
         elif op == "rmsnorm_tiles_quant":
-            from yxanul.fp8.fused_mlp import rms_rstd
+            from yxanul.fp8.producers import rms_rstd
             w = torch.rand(300, generator=g) + 0.5
             a = kernels.rmsnorm_tiles_quant(x, rms_rstd(x, 1e-6), w, impl="triton")
             b = reference.rmsnorm_tiles_quant(x, rms_rstd(x, 1e-6), w)

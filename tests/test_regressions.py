@@ -243,7 +243,7 @@ def test_a_bad_fp8_option_is_an_error_before_any_work(capsys, tmp_path, flag, ke
     assert err.count("\n") == 1 and err.count(key) == 1 and "bogus" in err and not out.exists()
 
 
-@pytest.mark.parametrize("key", ["fp8_kernels", "fp8_weight_cache", "fp8_fused_mlp"])
+@pytest.mark.parametrize("key", ["fp8_kernels", "fp8_weight_cache", "fp8_fused_producers"])
 def test_a_bad_fp8_option_in_the_train_config_is_an_error(tmp_path, key):
     from yxanul.train import TrainConfig, Trainer
     with pytest.raises(YxanulError, match=key):
@@ -256,7 +256,7 @@ def test_fp8_options_reach_the_layers(tmp_path):
     from yxanul.fp8.linear import fp8_modules
     from yxanul.train import TrainConfig, Trainer
     t = Trainer(TrainConfig(out=str(tmp_path / "run"), precision="fp8", fp8_backend="emulated", fp8_kernels="torch",
-                            fp8_weight_cache="step", fp8_recipe="delayed", fp8_fused_mlp=True, steps=1))
+                            fp8_weight_cache="step", fp8_recipe="delayed", fp8_fused_producers=True, steps=1))
     mods = fp8_modules(t.model)
     assert mods and all(m.options == Fp8Options("torch", "step", True) for m in mods.values())
     assert t.policy.fp8_options == Fp8Options("torch", "step", True)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .fp8.fused_mlp import cat_weight_copies, tiled
+from .fp8.producers import cat_weight_copies, norm_linear, tiled
 from .fp8.linear import Fp8Linear, _Fp8LinearFn
 
 
@@ -67,9 +67,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.fused = cfg.fused_projections
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, norm=None):
+        """Attention over ``norm(x)`` (x itself when no norm is given)."""
         B, T, _ = x.shape
-        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x, self.fused)
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x, self.fused, norm)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -89,7 +90,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    fp8_mlp = None  # the whole MLP as one FP8 function (yxanul.fp8.fused_mlp), set per instance by convert_model
+    fp8_mlp = None  # the whole MLP as one FP8 function (yxanul.fp8.producers), set per instance by convert_model
     swiglu = None  # silu(g) * u with FP8-kept inputs (the recipe's cache_swiglu_inputs), set the same way
 
     def __init__(self, cfg: ModelConfig):
@@ -157,9 +158,17 @@ def fused_linear(x: torch.Tensor, mods) -> torch.Tensor | None:
     return _Fp8LinearFn.apply(x, w, None, *cat_weight_copies(mods), None, mods[0])
 
 
-def project(mods, x: torch.Tensor, fused: bool = True) -> tuple[torch.Tensor, ...]:
-    """``tuple(m(x) for m in mods)``, through one fused GEMM where ``fused`` and :func:`fused_linear` allow."""
-    y = fused_linear(x, mods) if fused else None
+def project(mods, x: torch.Tensor, fused: bool = True, norm=None) -> tuple[torch.Tensor, ...]:
+    """``tuple(m(x') for m in mods)`` with x' = ``norm(x)`` (x itself without a norm), through one fused GEMM where
+    ``fused`` and :func:`fused_linear` allow; blockwise FP8 layers with the ``fused_producers`` option then take
+    the norm into the GEMM's input quantization (:func:`yxanul.fp8.producers.norm_linear`)."""
+    y = None
+    if fused and norm is not None and fusion_kind(mods) == "fp8":
+        y = norm_linear(x, mods, norm)
+    if y is None and norm is not None:
+        x = norm(x)
+    if y is None and fused:
+        y = fused_linear(x, mods)
     if y is None:
         return tuple(m(x) for m in mods)
     return y.split([m.out_features for m in mods], dim=-1)
@@ -174,7 +183,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+        x = x + self.attn(x, cos, sin, kv_cache, self.attn_norm)
         return x + self.mlp(x, self.mlp_norm)
 
 

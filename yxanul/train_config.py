@@ -62,8 +62,8 @@ class TrainConfig:
     fp8_weight_cache: str = _opt("graph", "compiled FP8 layers' weight copies: graph (quantized in the graph at every "
                                           "forward) or step (once per optimizer step into static copies)",
                                  choices=("graph", "step"))
-    fp8_fused_mlp: bool = _opt(False, "delayed and blockwise recipes: the SwiGLU MLP as one function whose SwiGLU "
-                                      "kernels write h and the gate/up gradients in FP8")
+    fp8_fused_producers: bool = _opt(False, "delayed and blockwise recipes: FP8 operands written by the kernels that "
+                                            "produce them (the SwiGLU MLP as one function; blockwise: the norms)")
     fp8_fprop_fast_accum: bool = _opt(False, "per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's "
                                              "fast FP8 accumulation (torchao's default; changes the numbers)")
     fp8_stats_every: int = _opt(10, "FP8 statistics (amax, saturation, underflow per layer; fp8_stats.jsonl) at "
@@ -163,7 +163,7 @@ class TrainConfig:
         parser from this module without importing torch)."""
         from .fp8.options import Fp8Options
         return Fp8Options(kernels=self.fp8_kernels, weight_cache=self.fp8_weight_cache,
-                          fused_mlp=self.fp8_fused_mlp, fprop_fast_accum=self.fp8_fprop_fast_accum)
+                          fused_producers=self.fp8_fused_producers, fprop_fast_accum=self.fp8_fprop_fast_accum)
 
 
 MAX_LR = 10.0  # bounds that turn absurd numbers into one-line errors before anything is allocated

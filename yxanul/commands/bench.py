@@ -26,8 +26,8 @@ def _throughput(bsub):
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                   help="comma-separated modes; an fp8 mode may add +fast-accum, +fused-mlp and/or +swiglu-fp8 to time that "
-                        "choice next to the mode without it (e.g. fp8-delayed,fp8-delayed+fused-mlp)")
+                   help="comma-separated modes; an fp8 mode may add +fast-accum, +fused-producers and/or +swiglu-fp8 to time that "
+                        "choice next to the mode without it (e.g. fp8-delayed,fp8-delayed+fused-producers)")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (quick iteration)")
     p.add_argument("--compile", dest="compile", action="store_true", default=True, help="torch.compile (default)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
@@ -61,9 +61,9 @@ def _throughput(bsub):
     p.add_argument("--fp8-weight-cache", default="graph",
                    help="graph: weights quantized in the compiled graph at every forward (default); step: once per "
                         "optimizer step into static copies")
-    p.add_argument("--fp8-fused-mlp", action="store_true",
-                   help="delayed and blockwise recipes: the SwiGLU MLP as one function whose SwiGLU kernels write h "
-                        "and the gate/up gradients in FP8")
+    p.add_argument("--fp8-fused-producers", action="store_true",
+                   help="delayed and blockwise recipes: FP8 operands written by the kernels that produce them "
+                        "(the SwiGLU MLP as one function; blockwise: the norms)")
     p.add_argument("--fp8-fprop-fast-accum", action="store_true",
                    help="per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's fast FP8 accumulation "
                         "(torchao's default; changes the numbers)")
@@ -98,7 +98,7 @@ def _run_throughput(args):
                   compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
                   plain_compile_modes=args.plain_compile_modes,
                   fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
-                                         fused_mlp=args.fp8_fused_mlp,
+                                         fused_producers=args.fp8_fused_producers,
                                          fprop_fast_accum=args.fp8_fprop_fast_accum),
                   host_gc=args.host_gc, compile_scope=args.compile_scope)
     if not args.sweep:

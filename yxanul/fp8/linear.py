@@ -30,7 +30,7 @@ from ..errors import NonFiniteError, YxanulError
 from . import scaling
 from .backends import _cast, _scale_from_amax, _weight_t_transpose, build_ops, native_shape_ok, out_dtype, resolve_backend, tensor_abs_max
 from .formats import get_format
-from .fused_mlp import can_fuse, mlp_forward
+from .producers import can_fuse, mlp_forward
 from .swiglu import swiglu_fp8_inputs
 from .options import Fp8Options
 from .recipe import Fp8Recipe, resolve
@@ -462,8 +462,8 @@ def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Re
 
 def _install_fused_mlps(model: nn.Module) -> None:
     """SwiGLU MLPs (``gate_proj``, ``up_proj``, ``down_proj``, ``fp8_mlp`` and ``swiglu`` slots) whose three
-    projections are delayed-scaling FP8 layers of one backend with the ``fused_mlp`` option get the whole-MLP
-    function (yxanul.fp8.fused_mlp); those whose gate and up are FP8 layers of a recipe with
+    projections qualify for the whole-MLP function with the ``fused_producers`` option get it
+    (yxanul.fp8.producers.can_fuse); those whose gate and up are FP8 layers of a recipe with
     ``cache_swiglu_inputs`` get the SwiGLU that keeps its inputs in FP8 (yxanul.fp8.swiglu)."""
     for m in model.modules():
         if not hasattr(type(m), "fp8_mlp"):

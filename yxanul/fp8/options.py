@@ -8,9 +8,11 @@ unchanged or change them only within the recipe's own rounding (``fprop_fast_acc
                   compiled graph at every forward; ``step`` reads static copies that ``fp8_step`` quantizes
                   once per optimizer step (fewer quantizations with gradient accumulation; eager launches in
                   their place, a few per distinct weight shape)
-``fused_mlp``     the SwiGLU MLP (gate, up, SwiGLU, down) as one function whose SwiGLU kernels write h and the
-                  gate/up output gradients in FP8, both GEMM layouts, so neither exists in BF16 (delayed scaling
-                  and the blockwise recipe; see :mod:`yxanul.fp8.fused_mlp`)
+``fused_producers``
+                  FP8 operands written by the kernels that produce them (:mod:`yxanul.fp8.producers`): the SwiGLU
+                  MLP as one function whose SwiGLU kernels write h and the gate/up output gradients in FP8, both
+                  GEMM layouts (delayed scaling and the blockwise recipe), and for the blockwise recipe the
+                  RMSNorms writing the q/k/v and gate/up inputs only as FP8 tiles
 ``fprop_fast_accum``
                   the forward GEMM (x @ w.T) of per-tensor and row-scaled recipes with cuBLAS's fast FP8
                   accumulation (``use_fast_accum``: no periodic promotion of the tensor cores' partial sums to
@@ -35,7 +37,7 @@ WEIGHT_CACHE_MODES = ("graph", "step")
 class Fp8Options:
     kernels: str = "auto"
     weight_cache: str = "graph"
-    fused_mlp: bool = False
+    fused_producers: bool = False
     fprop_fast_accum: bool = False
 
     def validate(self, source: str = "fp8 options") -> "Fp8Options":
@@ -44,7 +46,7 @@ class Fp8Options:
             if v not in choices:
                 raise YxanulError(f"must be one of {', '.join(choices)}, got {v!r}", source=source,
                                   key=f"fp8_{key}")
-        for key in ("fused_mlp", "fprop_fast_accum"):
+        for key in ("fused_producers", "fprop_fast_accum"):
             if not isinstance(getattr(self, key), bool):
                 raise YxanulError(f"must be true or false, got {getattr(self, key)!r}", source=source,
                                   key=f"fp8_{key}")

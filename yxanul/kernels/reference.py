@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import YxanulError
 from ..fp8.backends import quant_tensor
 from ..fp8.formats import get_format
-from ..fp8.fused_mlp import (check_swiglu_shapes, rmsnorm_tiles_quant, swiglu_bwd_quant,  # noqa: F401
+from ..fp8.producers import (check_swiglu_shapes, rmsnorm_tiles_quant, swiglu_bwd_quant,  # noqa: F401
                              swiglu_bwd_tiles_quant, swiglu_fwd_quant, swiglu_tiles_quant)  # (the fused kernels' numerics)
 from ..fp8.quant import quantize
 

@@ -13,7 +13,7 @@ backward  ``dgate, dup`` in FP32 from g, u and dh -> the fused gate/up projectio
           ``[dgate, dup]`` ``[M, 2F]`` in the same four-tensor form: its dgrad and wgrad operands.
 
 ``g`` and ``u`` are two ``[M, F]`` views with one row stride (the halves of the fused gate/up GEMM's output).
-Numerics: :func:`yxanul.fp8.fused_mlp.swiglu_tiles_quant` and :func:`~yxanul.fp8.fused_mlp.swiglu_bwd_tiles_quant`.
+Numerics: :func:`yxanul.fp8.producers.swiglu_tiles_quant` and :func:`~yxanul.fp8.producers.swiglu_bwd_tiles_quant`.
 """
 from __future__ import annotations
 

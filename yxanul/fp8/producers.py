@@ -1,12 +1,13 @@
-"""The whole SwiGLU MLP in FP8 as one autograd function, ``down(silu(gate(x)) * up(x))``, for delayed scaling and
-for the blockwise recipe: its forward writes h's FP8 copies (both GEMM layouts) from the kernel that computes h,
-and its backward writes ``dgate`` and ``dup`` in FP8 (both layouts) from the kernel that computes them.
+"""FP8 operands written by the kernels that produce them (the ``fused_producers`` option,
+:class:`~yxanul.fp8.options.Fp8Options`).
 
-Unfused, the three :class:`~yxanul.fp8.linear.Fp8Linear` layers each quantize their own operands: torch.compile
-fuses delayed scaling's casts into the neighbouring kernels, well under bandwidth for the transposed copies, and
-the blockwise recipe reads each operand again in standalone tile quantizers (docs/perf-notes.md). Where the scale
-does not wait for a whole-tensor amax (delayed scaling once its scales are fixed; 1 x 128 tiles always), the
-producer of each MLP operand can write it in FP8 directly:
+Unfused, every :class:`~yxanul.fp8.linear.Fp8Linear` quantizes its own operands: torch.compile fuses delayed
+scaling's casts into the neighbouring kernels, well under bandwidth for the transposed copies, and the blockwise
+recipe reads each operand again in standalone tile quantizers (docs/perf-notes.md). Where the scale does not wait
+for a whole-tensor amax (delayed scaling once its scales are fixed; 1 x 128 tiles always), the kernel that
+computes an operand can write it in FP8 directly. Two autograd functions own the operations between:
+
+The whole SwiGLU MLP, ``down(silu(gate(x')) * up(x'))`` (:func:`mlp_forward`; delayed and blockwise):
 
 forward   ``g, u`` from FP8 GEMMs (one GEMM over the side-by-side weights for blockwise); one kernel reads g and
           u once and writes h in FP8 as ``[M, F]`` (down_proj's forward operand) and ``[F, M]`` (its
@@ -16,21 +17,26 @@ backward  dy in FP8 (both layouts), ``dh`` (dgrad) and ``dWd`` (wgrad, from h's 
           g, u and dh once and writes ``dgate`` and ``dup`` in FP8, both layouts (for blockwise as the fused
           gate/up projection's ``[dgate, dup]``); then the gate and up dgrad and wgrad GEMMs.
 
-Numerics: the same as the unfused layers compiled (h computed in FP32 and rounded once to the activation dtype
-before its cast, as inductor does), except that ``dgate`` and ``dup`` are quantized from FP32 rather than from
-their BF16 rounding. Saved for the backward: the FP8 transposed copy of x (the recipe's
-``cache_fp8_activations``; else x), h's transposed FP8 copy, and g and u in the activation dtype or, with the
-recipe's ``cache_swiglu_inputs``, in FP8 1 x 128 tiles (dequantized for the backward kernel).
+RMSNorm and the layer after it (blockwise only): x' = ``norm(x)`` exists only as the FP8 tiles of both layouts
+that one kernel writes from x and the row scales (:func:`rmsnorm_tiles_quant`); the norm's backward runs in the
+same function. The MLP function takes its norm this way, and :func:`norm_linear` the q/k/v projection's.
 
-Used by :class:`yxanul.model.MLP` when :func:`convert_model` made gate, up and down FP8 layers of one recipe
-(delayed, or blockwise with a SwiGLU width that is a multiple of the block size), format and backend, without
-bias, with the ``fused_mlp`` option (:class:`~yxanul.fp8.options.Fp8Options`); at run time only while no
-statistics are collected, no forward hook is registered on the three layers and, for delayed scaling, every
-scale is fixed (after the calibration steps and the first optimizer step); otherwise the MLP runs unfused.
+Numerics: the same as the unfused layers compiled (h and the norm's output computed in FP32 and rounded once to
+the activation dtype before their casts, as inductor does), except that ``dgate`` and ``dup`` are quantized from
+FP32 rather than from their BF16 rounding. Saved for the backward: the FP8 transposed copy of the input (the
+recipe's ``cache_fp8_activations``, or always where the norm is inside; else the input), x where the norm is
+inside, h's transposed FP8 copy, and g and u in the activation dtype or, with the recipe's
+``cache_swiglu_inputs``, in FP8 1 x 128 tiles (dequantized for the backward kernel).
 
-The kernels' numerics are :func:`swiglu_fwd_quant`, :func:`swiglu_bwd_quant`, :func:`swiglu_tiles_quant` and
-:func:`swiglu_bwd_tiles_quant` here; :mod:`yxanul.kernels` registers the Triton versions
-(:mod:`yxanul.fp8.registry`).
+The MLP function is installed by :func:`~yxanul.fp8.linear.convert_model` when gate, up and down are FP8 layers
+of one recipe (delayed, or blockwise with a SwiGLU width that is a multiple of the block size), format and
+backend, without bias, with the option on (:func:`can_fuse`). Either function runs only while no statistics are
+collected and no forward hook is registered on its layers or norm and, for delayed scaling, every scale is fixed
+(after the calibration steps and the first optimizer step); otherwise the layers run unfused.
+
+The kernels' numerics are :func:`swiglu_fwd_quant`, :func:`swiglu_bwd_quant`, :func:`swiglu_tiles_quant`,
+:func:`swiglu_bwd_tiles_quant` and :func:`rmsnorm_tiles_quant` here; :mod:`yxanul.kernels` registers the Triton
+versions (:mod:`yxanul.fp8.registry`).
 """
 from __future__ import annotations
 
@@ -158,11 +164,11 @@ def tiled(spec) -> bool:
 
 def can_fuse(gate, up, down) -> bool:
     """Whether three Fp8Linear layers qualify (module docstring): delayed scaling, or the blockwise recipe with a
-    SwiGLU width that is a multiple of the block size; one spec, backend and options with ``fused_mlp`` on; no
+    SwiGLU width that is a multiple of the block size; one spec, backend and options with ``fused_producers`` on; no
     bias; SwiGLU shapes."""
     mods = (gate, up, down)
     s = gate.spec
-    return ((s.delayed or (tiled(s) and gate.out_features % s.block == 0)) and gate.options.fused_mlp
+    return ((s.delayed or (tiled(s) and gate.out_features % s.block == 0)) and gate.options.fused_producers
             and all(m.spec == s and m.options == gate.options and m.backend == gate.backend
                     and m.bias is None for m in mods)
             and gate.in_features == up.in_features == down.out_features
@@ -298,6 +304,53 @@ def quant_dy_delayed(ops, dy2: torch.Tensor, scale_inv: torch.Tensor) -> tuple[t
     return dyq, dyq.t().contiguous()
 
 
+def _tiled_input(mod, x2: torch.Tensor, nw: torch.Tensor | None, eps: float | None):
+    """A blockwise layer's input in FP8: ``(q, s, qT, sT, rstd, saved)``, ``saved`` what the backward keeps of it.
+    With a norm weight, x is the norm's input and the norm's output exists only as the FP8 tiles of both layouts
+    that :func:`rmsnorm_tiles_quant` writes (qT/sT then come for free and are kept; so is x, for the norm's
+    backward); without, x is quantized by the layer's ops (qT/sT None, made for the backward from x or, with the
+    recipe's ``cache_fp8_activations``, kept now)."""
+    spec, ops = mod.spec, mod.ops
+    if nw is not None:
+        rstd = rms_rstd(x2, eps)
+        q, s, qt, st = _kernel("rmsnorm_tiles_quant", mod)(x2, rstd, nw, spec.block, spec.x.fmt, spec.x.pow2)
+        saved = (x2, qt, st, rstd, nw)
+    else:
+        (q, s), qt, st, rstd = ops.act_quant(x2), None, None, None
+        saved = (None, *ops.act_quant_t(x2), None, None) if spec.recipe.cache_fp8_activations else \
+            (x2, None, None, None, None)
+    mod._flag(0, s)
+    return q, s, saved
+
+
+def _tiled_input_grads(mod, dxn: torch.Tensor, saved, x_shape, want_norm: bool):
+    """``(dx, dnorm_weight)`` from the gradient of the layer's input (the norm's output where there is a norm)."""
+    x2, _, _, rstd, nw = saved
+    dnw = None
+    if nw is not None:
+        dxn, dnw = rmsnorm_backward(dxn, x2, rstd, nw)
+        dnw = dnw.to(nw.dtype) if want_norm else None
+    return dxn.view(x_shape), dnw
+
+
+def _tiled_x_t(mod, saved):
+    """The transposed FP8 tiles of the layer's input for its weight gradient, kept or made now."""
+    x2, xtq, xts, _, _ = saved
+    return (xtq, xts) if xtq is not None else mod.ops.act_quant_t(x2)
+
+
+def _tiled_grad(mod, dy2: torch.Tensor, want_dw: bool):
+    """An output gradient in 1 x block FP8 tiles: ``(q, s, qT, sT)`` (qT/sT None without ``want_dw``), both
+    layouts from one read where the op table has ``grad_quant_dual``."""
+    ops = mod.ops
+    if want_dw and ops.grad_quant_dual is not None:
+        out = ops.grad_quant_dual(dy2)
+    else:
+        out = (*ops.grad_quant(dy2), *(ops.grad_quant_t(dy2) if want_dw else (None, None)))
+    mod._flag(2, out[1])
+    return out
+
+
 class _MlpTilesFn(torch.autograd.Function):
     """The blockwise recipe: gate and up as one GEMM over their side-by-side weights (exact for 128 x 128 blocks),
     h and ``[dgate, dup]`` written in 1 x block tiles, both layouts, by the SwiGLU kernels."""
@@ -308,44 +361,27 @@ class _MlpTilesFn(torch.autograd.Function):
         ops, spec = gate.ops, gate.spec
         x2 = x.reshape(-1, x.shape[-1])
         od = out_dtype(x)
-        rstd = xtq = xts = None
-        if nw is not None:  # the norm's output exists only as the FP8 tiles its kernel writes
-            rstd = rms_rstd(x2, eps)
-            xq, xs, xtq, xts = _kernel("rmsnorm_tiles_quant", gate)(x2, rstd, nw, spec.block, spec.x.fmt, spec.x.pow2)
-        else:
-            xq, xs = ops.act_quant(x2)
-        gate._flag(0, xs)
+        xq, xs, saved = _tiled_input(gate, x2, nw, eps)
         gu = ops.fprop(xq, xs, guq, gus, od)
         f = gu.shape[1] // 2
         fwd = _kernel("swiglu_tiles_quant", gate)
         hq, hs, hqt, hst = fwd(gu[:, :f], gu[:, f:], spec.block, down.spec.x.fmt, down.spec.x.pow2)
         down._flag(0, hs)
         y = down.ops.fprop(hq, hs, dq, ds, od)
-        if nw is not None:  # the norm's backward needs x; the transposed tiles came with the forward ones
-            xs = (x2, xtq, xts, rstd, nw)
-        elif spec.recipe.cache_fp8_activations:
-            xs = (None, *ops.act_quant_t(x2), None, None)
-        else:
-            xs = (x2, None, None, None, None)
         # gu's 1 x block tiles do not straddle gate and up (F is a multiple of the block): kept whole
-        ctx.save_for_backward(*xs, hqt, hst, gutq, guts, dtq, dts, *_keep(spec, gu))
+        ctx.save_for_backward(*saved, hqt, hst, gutq, guts, dtq, dts, *_keep(spec, gu))
         ctx.mlp, ctx.x_shape, ctx.x_dtype, ctx.act_dtype = mlp, x.shape, x.dtype, gu.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xtq, xts, rstd, nw, hqt, hst, gutq, guts, dtq, dts, *kept = ctx.saved_tensors
+        saved, (hqt, hst, gutq, guts, dtq, dts), kept = ctx.saved_tensors[:5], ctx.saved_tensors[5:11], \
+            ctx.saved_tensors[11:]
         gate, down = ctx.mlp.gate_proj, ctx.mlp.down_proj
         ops, spec = gate.ops, gate.spec
         gu, = _restore(spec, kept)
-        dy2 = dy.reshape(-1, dy.shape[-1])
         want_dw = ctx.needs_input_grad[4]
-        if want_dw and down.ops.grad_quant_dual is not None:  # both layouts from one read
-            dyq, dys, dytq, dyts = down.ops.grad_quant_dual(dy2)
-        else:
-            dyq, dys = down.ops.grad_quant(dy2)
-            dytq, dyts = down.ops.grad_quant_t(dy2) if want_dw else (None, None)
-        down._flag(2, dys)
+        dyq, dys, dytq, dyts = _tiled_grad(down, dy.reshape(-1, dy.shape[-1]), want_dw)
         dh = down.ops.dgrad(dyq, dys, dtq, dts, ctx.act_dtype)
         dwd = down.ops.wgrad(dytq, dyts, hqt, hst, torch.float32) if want_dw else None
         f = gu.shape[1] // 2
@@ -354,13 +390,49 @@ class _MlpTilesFn(torch.autograd.Function):
         gate._flag(2, ds)
         dx = dnw = dwg = dwu = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dx = ops.dgrad(dq, ds, gutq, guts, ctx.x_dtype)
-            if nw is not None:
-                dx, dnw = rmsnorm_backward(dx, x2, rstd, nw)
-                dnw = dnw.to(nw.dtype)
-            dx = dx.view(ctx.x_shape)
+            dx, dnw = _tiled_input_grads(gate, ops.dgrad(dq, ds, gutq, guts, ctx.x_dtype), saved, ctx.x_shape,
+                                         ctx.needs_input_grad[1])
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            if xtq is None:
-                xtq, xts = ops.act_quant_t(x2)
-            dwg, dwu = ops.wgrad(dqt, dst, xtq, xts, torch.float32).split(f)
+            dwg, dwu = ops.wgrad(dqt, dst, *_tiled_x_t(gate, saved), torch.float32).split(f)
         return (dx, dnw, dwg, dwu, dwd) + (None,) * 10
+
+
+def norm_linear(x: torch.Tensor, mods, norm) -> torch.Tensor | None:
+    """``cat([m(norm(x)) for m in mods], -1)`` as one GEMM whose input the norm writes as FP8 tiles of both layouts
+    (the blockwise recipe's q/k/v projection with the ``fused_producers`` option), or None where that does not
+    apply: the caller then runs the norm and the layers as usual. ``mods`` must already qualify for one fused GEMM
+    (:func:`yxanul.model.fusion_kind` ``"fp8"``)."""
+    first = mods[0]
+    if not (first.options.fused_producers and tiled(first.spec)) or first._collect \
+            or norm._forward_hooks or norm._forward_pre_hooks or x.shape[-1] != first.in_features:
+        return None
+    w = torch.cat([m.weight for m in mods])
+    return _NormTilesLinearFn.apply(x, norm.weight, w, *cat_weight_copies(mods), first, norm.eps)
+
+
+class _NormTilesLinearFn(torch.autograd.Function):
+    """RMSNorm and a blockwise FP8 linear layer: the norm's output exists only as the FP8 tiles of both layouts
+    that its kernel writes; the norm's backward runs here too. Flags and statistics as the layer's own."""
+
+    @staticmethod
+    def forward(ctx, x, nw, w, wq, ws, wtq, wts, mod, eps):
+        x2 = x.reshape(-1, x.shape[-1])
+        xq, xs, saved = _tiled_input(mod, x2, nw, eps)
+        y = mod.ops.fprop(xq, xs, wq, ws, out_dtype(x))
+        ctx.save_for_backward(*saved, wtq, wts)
+        ctx.mod, ctx.x_shape, ctx.x_dtype = mod, x.shape, x.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved, (wtq, wts) = ctx.saved_tensors[:5], ctx.saved_tensors[5:]
+        mod = ctx.mod
+        want_dw = ctx.needs_input_grad[2]
+        dyq, dys, dytq, dyts = _tiled_grad(mod, dy.reshape(-1, dy.shape[-1]), want_dw)
+        dx = dnw = dw = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dx, dnw = _tiled_input_grads(mod, mod.ops.dgrad(dyq, dys, wtq, wts, ctx.x_dtype), saved, ctx.x_shape,
+                                         ctx.needs_input_grad[1])
+        if want_dw:
+            dw = mod.ops.wgrad(dytq, dyts, *_tiled_x_t(mod, saved), torch.float32)
+        return dx, dnw, dw, None, None, None, None, None, None

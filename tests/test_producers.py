@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from yxanul.errors import YxanulError
-from yxanul.fp8 import fused_mlp, registry
+from yxanul.fp8 import producers, registry
 from yxanul.fp8.linear import convert_model, fp8_step, unconvert_model
 from yxanul.fp8.options import Fp8Options
 from yxanul.model import MLP, Yxanul
@@ -19,7 +19,7 @@ from yxanul.precision import load_policy
 def _model(tiny_cfg, recipe="delayed", fused=True, **fields):
     torch.manual_seed(0)
     m = Yxanul(tiny_cfg)
-    pol = load_policy(None).with_recipe(name=recipe, calibration_steps=0, **fields).with_fp8_options(fused_mlp=fused)
+    pol = load_policy(None).with_recipe(name=recipe, calibration_steps=0, **fields).with_fp8_options(fused_producers=fused)
     return convert_model(m, pol, backend="emulated", quiet=True)
 
 
@@ -28,11 +28,11 @@ def _count_kernels(monkeypatch) -> dict:
     calls = {"swiglu_fwd_quant": 0, "swiglu_bwd_quant": 0, "swiglu_tiles_quant": 0, "swiglu_bwd_tiles_quant": 0,
              "rmsnorm_tiles_quant": 0}
     for name in calls:
-        real = registry.kernel(name, getattr(fused_mlp, name))
+        real = registry.kernel(name, getattr(producers, name))
 
         def counted(*a, _real=real, _name=name, **k):
             calls[_name] += 1
-            if _real is getattr(fused_mlp, _name):  # no Triton: the reference, which takes no impl
+            if _real is getattr(producers, _name):  # no Triton: the reference, which takes no impl
                 k.pop("impl", None)
             return _real(*a, **k)
         monkeypatch.setitem(registry._KERNELS, name, counted)
@@ -58,10 +58,13 @@ def _ready(tiny_cfg, recipe="delayed", **kw):
 
 
 def _unfused(m):
+    """The same layers with the fused producers off."""
     ref = copy.deepcopy(m)
     for x in ref.modules():
         if isinstance(x, MLP):
-            x.fp8_mlp = None  # the same layers, unfused
+            x.fp8_mlp = None
+        if hasattr(x, "options"):
+            x.options = dataclasses.replace(x.options, fused_producers=False)
     return ref
 
 
@@ -72,7 +75,7 @@ KERNELS = {"delayed": ("swiglu_fwd_quant", "swiglu_bwd_quant"),
 @pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
 @pytest.mark.parametrize("cache,keep", [(True, False), (False, False), (True, True)],
                          ids=["fp8-cache", "no-cache", "fp8-swiglu-inputs"])
-def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, recipe, cache, keep):
+def test_fused_producers_matches_the_unfused_layers(tiny_cfg, monkeypatch, recipe, cache, keep):
     """The loss as the unfused layers give it (h is rounded once here, twice by eager BF16 ops: silu, then the
     product), the same amaxes recorded, and gradients as close to BF16's as the unfused FP8 layers' are (the two
     differ by FP8 rounding flips: dgate/dup are quantized from FP32 here, from their BF16 rounding unfused)."""
@@ -90,9 +93,9 @@ def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, recipe, cac
     loss_ref = _step(ref, idx)
     loss = _step(m, idx)
     assert calls[fwd] == calls[bwd] == len(mlps)
-    # blockwise: the MLP's norm inside the function, its output written only as FP8 tiles
-    assert calls["rmsnorm_tiles_quant"] == (len(mlps) if recipe == "blockwise" else 0)
-    assert sum(calls.values()) == (3 if recipe == "blockwise" else 2) * len(mlps)
+    # blockwise: both norms of a block (before q/k/v, inside the MLP function) write their output only as FP8 tiles
+    assert calls["rmsnorm_tiles_quant"] == (2 * len(mlps) if recipe == "blockwise" else 0)
+    assert sum(calls.values()) == (4 if recipe == "blockwise" else 2) * len(mlps)
     torch.testing.assert_close(loss, loss_ref, rtol=2e-3, atol=0)
     _step(bf16, idx)
     fused = {n: p.grad for n, p in m.named_parameters()}
@@ -124,7 +127,7 @@ def test_fused_mlp_matches_the_unfused_layers(tiny_cfg, monkeypatch, recipe, cac
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
-def test_fused_mlp_saves_fp8_not_bf16(tiny_cfg, recipe):
+def test_fused_producers_saves_fp8_not_bf16(tiny_cfg, recipe):
     """What the fused MLP keeps for its backward: no BF16 h; g and u in BF16, or in FP8 tiles (about half the
     bytes) with the recipe's cache_swiglu_inputs."""
     def saved_bytes(keep):
@@ -147,7 +150,7 @@ def test_fused_mlp_saves_fp8_not_bf16(tiny_cfg, recipe):
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
-def test_fused_mlp_trains_like_the_unfused_layers(tiny_cfg, recipe):
+def test_fused_producers_trains_like_the_unfused_layers(tiny_cfg, recipe):
     """Eight optimizer steps on one batch: the losses of the fused and unfused FP8 MLPs stay together."""
     m, idx = _ready(tiny_cfg, recipe)
     ref = _unfused(m)
@@ -166,7 +169,7 @@ def test_fused_mlp_trains_like_the_unfused_layers(tiny_cfg, recipe):
         assert abs(a - b) < 0.04, losses  # nats; FP8 rounding flips move the two trajectories apart slowly
 
 
-def test_fused_mlp_steps_aside_while_scales_move_statistics_or_hooks(tiny_cfg, monkeypatch):
+def test_fused_producers_steps_aside_while_scales_move_statistics_or_hooks(tiny_cfg, monkeypatch):
     """Calibration (scales not fixed), an armed statistics pass and a forward hook each run the MLP unfused."""
     calls = _count_kernels(monkeypatch)
     m = _model(tiny_cfg)
@@ -184,8 +187,8 @@ def test_fused_mlp_steps_aside_while_scales_move_statistics_or_hooks(tiny_cfg, m
     h.remove()
 
 
-def test_fused_mlp_installs_only_for_delayed_and_goes_with_unconvert(tiny_cfg):
-    """Only delayed-scaling and blockwise MLPs with the fused_mlp option get the fused function (blockwise only
+def test_fused_producers_installs_only_for_delayed_and_goes_with_unconvert(tiny_cfg):
+    """Only delayed-scaling and blockwise MLPs with the fused_producers option get the fused function (blockwise only
     where the SwiGLU width is a multiple of the block size)."""
     for recipe in ("tensorwise", "rowwise"):
         m = _model(tiny_cfg, recipe)
@@ -202,12 +205,12 @@ def test_fused_mlp_installs_only_for_delayed_and_goes_with_unconvert(tiny_cfg):
     assert all(x.fp8_mlp is None for x in m.modules() if isinstance(x, MLP))
 
 
-def test_bad_fused_mlp_option_is_an_error_before_conversion(tiny_cfg):
+def test_bad_fused_producers_option_is_an_error_before_conversion(tiny_cfg):
     m = Yxanul(tiny_cfg)
-    with pytest.raises(YxanulError, match="fp8_fused_mlp"):
-        load_policy(None).with_fp8_options(fused_mlp="maybe")
-    with pytest.raises(YxanulError, match="fp8_fused_mlp"):
-        convert_model(m, load_policy(None), backend="emulated", options=Fp8Options(fused_mlp="maybe"))
+    with pytest.raises(YxanulError, match="fp8_fused_producers"):
+        load_policy(None).with_fp8_options(fused_producers="maybe")
+    with pytest.raises(YxanulError, match="fp8_fused_producers"):
+        convert_model(m, load_policy(None), backend="emulated", options=Fp8Options(fused_producers="maybe"))
     assert not any(hasattr(x, "spec") for x in m.modules())  # nothing converted
 
 
@@ -218,14 +221,14 @@ def test_swiglu_fwd_reference_quantizer_numerics():
     u = torch.randn(33, 70).bfloat16()
     h = (torch.nn.functional.silu(g.float()) * u.float()).bfloat16().float()
     s = h.abs().amax() / 448 * 0.5  # half the range it needs: the largest values saturate
-    q, qt, amax = fused_mlp.swiglu_fwd_quant(g, u, s)
+    q, qt, amax = producers.swiglu_fwd_quant(g, u, s)
     torch.testing.assert_close(amax, h.abs().amax(), rtol=8e-3, atol=0)
     assert torch.equal(qt.float(), q.float().t())
     assert q.float().abs().max() == 448
     small = h.abs() < 200 * s
     torch.testing.assert_close((q.float() * s)[small], h[small], rtol=0.07, atol=s.item() * 2)
     g[3, 5] = float("nan")
-    assert torch.isnan(fused_mlp.swiglu_fwd_quant(g, u, s)[2])
+    assert torch.isnan(producers.swiglu_fwd_quant(g, u, s)[2])
 
 
 def test_swiglu_bwd_reference_quantizer_numerics():
@@ -236,17 +239,17 @@ def test_swiglu_bwd_reference_quantizer_numerics():
     gf, uf = g.float().requires_grad_(True), u.float().requires_grad_(True)
     (torch.nn.functional.silu(gf) * uf).backward(d.float())
     sg, su = gf.grad.abs().amax() / 448, uf.grad.abs().amax() / 448
-    qg, qgt, qu, qut, amax = fused_mlp.swiglu_bwd_quant(g, u, d, sg, su)
+    qg, qgt, qu, qut, amax = producers.swiglu_bwd_quant(g, u, d, sg, su)
     torch.testing.assert_close(amax, torch.stack([gf.grad.abs().amax(), uf.grad.abs().amax()]), rtol=1e-6, atol=0)
     assert torch.equal(qgt.float(), qg.float().t()) and torch.equal(qut.float(), qu.float().t())
     torch.testing.assert_close(qg.float() * sg, gf.grad, rtol=0.07, atol=sg.item() * 2)
     torch.testing.assert_close(qu.float() * su, uf.grad, rtol=0.07, atol=su.item() * 2)
     g[3, 5] = float("nan")
-    assert torch.isnan(fused_mlp.swiglu_bwd_quant(g, u, d, sg, su)[4][0])
+    assert torch.isnan(producers.swiglu_bwd_quant(g, u, d, sg, su)[4][0])
 
 
-def test_fused_mlp_is_off_by_default(tiny_cfg, monkeypatch):
-    """Not yet measured faster in the training step, so the MLP stays unfused unless the fused_mlp option is on."""
+def test_fused_producers_is_off_by_default(tiny_cfg, monkeypatch):
+    """Not yet measured faster in the training step, so the MLP stays unfused unless the fused_producers option is on."""
     calls = _count_kernels(monkeypatch)
     torch.manual_seed(0)
     m = convert_model(Yxanul(tiny_cfg), load_policy(None).with_recipe(name="delayed", calibration_steps=0),
@@ -260,7 +263,7 @@ def test_fused_mlp_is_off_by_default(tiny_cfg, monkeypatch):
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
-def test_fused_mlp_compiles_without_graph_breaks_on_the_cpu(tiny_cfg, recipe):
+def test_fused_producers_compiles_without_graph_breaks_on_the_cpu(tiny_cfg, recipe):
     """Each block compiled by torch.compile (inductor, CPU) with the fused MLP inside: no graph break, and the
     compiled step gives the eager loss."""
     from torch._dynamo.utils import counters
@@ -290,14 +293,14 @@ def test_fused_mlp_compiles_without_graph_breaks_on_the_cpu(tiny_cfg, recipe):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", ["delayed", "blockwise"])
-def test_fused_mlp_compiled_on_the_gpu_matches_the_unfused_layers(tiny_cfg, recipe):
+def test_fused_producers_compiled_on_the_gpu_matches_the_unfused_layers(tiny_cfg, recipe):
     """Native FP8 GEMMs and the Triton SwiGLU kernels, each block compiled: the loss and gradients of the fused
     MLP against the unfused layers run eagerly on the same device."""
     import yxanul.kernels  # noqa: F401  (registers the Triton kernels)
     from yxanul.model import compile_blocks
 
     torch.manual_seed(0)
-    pol = load_policy(None).with_recipe(name=recipe, calibration_steps=0).with_fp8_options(fused_mlp=True)
+    pol = load_policy(None).with_recipe(name=recipe, calibration_steps=0).with_fp8_options(fused_producers=True)
     m = convert_model(Yxanul(tiny_cfg).cuda(), pol, backend="native", quiet=True)
     assert all(x.fp8_mlp is not None for x in m.modules() if isinstance(x, MLP))
     idx = torch.randint(0, tiny_cfg.vocab_size, (4, 128), device="cuda",
@@ -325,7 +328,7 @@ def test_fused_mlp_compiled_on_the_gpu_matches_the_unfused_layers(tiny_cfg, reci
             assert ((grads[n] - g).norm() / g.norm()).item() < 0.1, n
 
 
-def test_fused_mlp_blockwise_takes_a_one_read_gradient_quantizer(tiny_cfg):
+def test_fused_producers_blockwise_takes_a_one_read_gradient_quantizer(tiny_cfg):
     """Where the op table has ``grad_quant_dual`` (both 1 x 128 layouts from one read), the blockwise MLP's
     backward takes it for down_proj's output gradient, with the same bytes as the two separate quantizers."""
     from yxanul.fp8 import backends
@@ -367,6 +370,22 @@ def test_rmsnorm_backward_matches_autograd():
         norm.weight.uniform_(0.5, 1.5, generator=g)
     xr = x.clone().requires_grad_(True)
     norm(xr).backward(dy)
-    dx, dw = fused_mlp.rmsnorm_backward(dy, x, fused_mlp.rms_rstd(x, 1e-6).double(), norm.weight.detach())
+    dx, dw = producers.rmsnorm_backward(dy, x, producers.rms_rstd(x, 1e-6).double(), norm.weight.detach())
     torch.testing.assert_close(dx, xr.grad, rtol=1e-4, atol=1e-6)  # FP32 inside
     torch.testing.assert_close(dw.double(), norm.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_norm_with_a_hook_runs_as_a_module(tiny_cfg, monkeypatch):
+    """A forward hook on a norm keeps that norm a module call (its output exists for the hook); the other norms
+    still write their outputs as FP8 tiles."""
+    calls = _count_kernels(monkeypatch)
+    m, idx = _ready(tiny_cfg, "blockwise")
+    calls.update({k: 0 for k in calls})
+    seen = []
+    h1 = m.layers[0].attn_norm.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    h2 = m.layers[1].mlp_norm.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    _step(m, idx)
+    h1.remove()
+    h2.remove()
+    assert len(seen) == 2
+    assert calls["rmsnorm_tiles_quant"] == 2 * tiny_cfg.n_layers - 2
