@@ -70,16 +70,19 @@ def _batch(seed: int, B: int = 2, T: int = 32):
 
 
 def scenario_amax(info, out: Path) -> dict:
-    """Delayed-scaling FP8 under DDP: ranks see different data; after sync_fp8_amax + fp8_step the scales agree."""
+    """Delayed-scaling FP8 under DDP: ranks see different data; after sync_fp8_amax + fp8_step the scales agree.
+    The second step runs the MLPs through the fused-producer function (its scales are fixed by then), which
+    records its amaxes inside the function."""
     from yxanul.distributed import sync_fp8_amax, wrap_model
     from yxanul.fp8.linear import convert_model, fp8_modules, fp8_step
     from yxanul.precision import load_policy
 
     model = _tiny_model()
-    policy = load_policy().with_fp8(True).with_recipe(name="delayed", calibration_steps=0, amax_history_len=4)
+    policy = load_policy().with_fp8(True).with_recipe(name="delayed", calibration_steps=0, amax_history_len=4) \
+        .with_fp8_options(fused_producers=True)
     convert_model(model, policy, backend="emulated", quiet=True)
     ddp = wrap_model(model, "ddp", precision="fp8")
-    res = {}
+    res = {"fused_mlps": sum(getattr(m, "fp8_mlp", None) is not None for m in model.modules())}
     for step in range(2):
         x, y = _batch(100 * step + info.rank)
         x = x * (1 + info.rank)  # different token ids; the activations differ per rank
@@ -239,6 +242,7 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------------------
 def test_delayed_amax_sync_makes_ranks_agree(tmp_path):
     r0, r1 = run_worker("amax", tmp_path)
+    assert r0["fused_mlps"] == r1["fused_mlps"] > 0
     for step in ("step0", "step1"):
         a, b = r0[step], r1[step]
         assert a["synced"] == b["synced"] > 0
