@@ -220,8 +220,8 @@ def mlp_forward(mlp, x: torch.Tensor, norm=None) -> torch.Tensor | None:
         x = norm(x)
     w = [t for m in mods for t in m.weight_fp8()]
     sxg = gate._delayed_scale("x", x)
-    sxu = up._delayed_scale("x", x)
-    y, amax_h = _MlpFn.apply(x, gate.weight, up.weight, down.weight, *w, sxg, sxu, down.scale_inv_x, mlp)
+    up._delayed_scale("x", x)  # recorded for up's history; the function quantizes x once, with gate's scale
+    y, amax_h = _MlpFn.apply(x, gate.weight, up.weight, down.weight, *w, sxg, down.scale_inv_x, mlp)
     scaling.record_amax(down.amax_history, 0, amax_h)
     return y
 
@@ -243,30 +243,28 @@ def _restore(spec, kept) -> tuple[torch.Tensor, ...]:
 
 class _MlpFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, wg, wu, wd, gq, gs, gtq, gts, uq, us, utq, uts, dq, ds, dtq, dts, sxg, sxu, sh, mlp):
+    def forward(ctx, x, wg, wu, wd, gq, gs, gtq, gts, uq, us, utq, uts, dq, ds, dtq, dts, sxg, sh, mlp):
         gate, down = mlp.gate_proj, mlp.down_proj
         ops = gate.ops
         x2 = x.reshape(-1, x.shape[-1])
         od = out_dtype(x)
-        xgq = ops.act_quant(x2, scale_inv=sxg)[0]
-        xuq = ops.act_quant(x2, scale_inv=sxu)[0]
-        g = ops.fprop(xgq, sxg, gq, gs, od)
-        u = ops.fprop(xuq, sxu, uq, us, od)
+        # one FP8 copy of x for both GEMMs, with gate's scale: up's history records the same amax of the same x
+        # every step, so its scale has the same value; the copy is consistent with the scale it is used with either way
+        xq = ops.act_quant(x2, scale_inv=sxg)[0]
+        g = ops.fprop(xq, sxg, gq, gs, od)
+        u = ops.fprop(xq, sxg, uq, us, od)
         fwd = _kernel("swiglu_fwd_quant", gate)
         hq, hqt, amax_h = fwd(g, u, sh, down.spec.x.fmt)
         y = down.ops.fprop(hq, sh, dq, ds, od)
-        if gate.spec.recipe.cache_fp8_activations:
-            xs = (None, xgq.t().contiguous(), xuq.t().contiguous())
-        else:
-            xs = (x2, None, None)
-        ctx.save_for_backward(*xs, hqt, gtq, gts, utq, uts, dtq, dts, sxg, sxu, sh, *_keep(gate.spec, g, u))
+        xs = (None, xq.t().contiguous()) if gate.spec.recipe.cache_fp8_activations else (x2, None)
+        ctx.save_for_backward(*xs, hqt, gtq, gts, utq, uts, dtq, dts, sxg, sh, *_keep(gate.spec, g, u))
         ctx.mlp, ctx.x_shape, ctx.x_dtype, ctx.act_dtype = mlp, x.shape, x.dtype, g.dtype
         ctx.mark_non_differentiable(amax_h)
         return y.view(*x.shape[:-1], y.shape[-1]), amax_h
 
     @staticmethod
     def backward(ctx, dy, _damax):
-        x2, xgt, xut, hqt, gtq, gts, utq, uts, dtq, dts, sxg, sxu, sh, *kept = ctx.saved_tensors
+        x2, xt, hqt, gtq, gts, utq, uts, dtq, dts, sx, sh, *kept = ctx.saved_tensors
         gate, up, down = ctx.mlp.gate_proj, ctx.mlp.up_proj, ctx.mlp.down_proj
         g, u = _restore(gate.spec, kept)
         ops = gate.ops
@@ -284,15 +282,13 @@ class _MlpFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = ops.dgrad(dgq, sdg, gtq, gts, ctx.x_dtype) + ops.dgrad(duq, sdu, utq, uts, ctx.x_dtype)
             dx = dx.view(ctx.x_shape)
+        if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and xt is None:
+            xt = ops.act_quant(x2, scale_inv=sx)[0].t().contiguous()
         if ctx.needs_input_grad[1]:
-            if xgt is None:
-                xgt = ops.act_quant(x2, scale_inv=sxg)[0].t().contiguous()
-            dwg = ops.wgrad(dgqt, sdg, xgt, sxg, torch.float32)
+            dwg = ops.wgrad(dgqt, sdg, xt, sx, torch.float32)
         if ctx.needs_input_grad[2]:
-            if xut is None:
-                xut = ops.act_quant(x2, scale_inv=sxu)[0].t().contiguous()
-            dwu = ops.wgrad(duqt, sdu, xut, sxu, torch.float32)
-        return (dx, dwg, dwu, dwd) + (None,) * 16
+            dwu = ops.wgrad(duqt, sdu, xt, sx, torch.float32)
+        return (dx, dwg, dwu, dwd) + (None,) * 15
 
 
 def quant_dy_delayed(ops, dy2: torch.Tensor, scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,11 +301,12 @@ def quant_dy_delayed(ops, dy2: torch.Tensor, scale_inv: torch.Tensor) -> tuple[t
 
 
 def _tiled_input(mod, x2: torch.Tensor, nw: torch.Tensor | None, eps: float | None):
-    """A blockwise layer's input in FP8: ``(q, s, qT, sT, rstd, saved)``, ``saved`` what the backward keeps of it.
-    With a norm weight, x is the norm's input and the norm's output exists only as the FP8 tiles of both layouts
-    that :func:`rmsnorm_tiles_quant` writes (qT/sT then come for free and are kept; so is x, for the norm's
-    backward); without, x is quantized by the layer's ops (qT/sT None, made for the backward from x or, with the
-    recipe's ``cache_fp8_activations``, kept now)."""
+    """A blockwise layer's input in FP8 for its forward GEMM: ``(q, s, saved)``, ``saved`` = ``(x, qT, sT, rstd,
+    norm weight)``, what the backward keeps of it (None where not kept). With a norm weight, x is the norm's input
+    and the norm's output exists only as the FP8 tiles of both layouts that :func:`rmsnorm_tiles_quant` writes (the
+    transposed ones come for free and are kept; so are x and the row scales, for the norm's backward); without,
+    x is quantized by the layer's ops and the transposed tiles are made for the backward from x or, with the
+    recipe's ``cache_fp8_activations``, kept now."""
     spec, ops = mod.spec, mod.ops
     if nw is not None:
         rstd = rms_rstd(x2, eps)
