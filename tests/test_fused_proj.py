@@ -91,7 +91,7 @@ def test_off_switch_runs_every_layer_on_its_own(monkeypatch):
     assert not (sep.layers[0].attn.fused or sep.layers[0].mlp.fused)
     calls = []
     real = model_mod.fused_linear
-    monkeypatch.setattr(model_mod, "fused_linear", lambda x, mods: calls.append(len(mods)) or real(x, mods))
+    monkeypatch.setattr(model_mod, "fused_linear", lambda x, mods, *a: calls.append(len(mods)) or real(x, mods, *a))
     idx = _batch()[0]
     sep(idx)
     assert calls == []

@@ -142,14 +142,15 @@ def fusion_kind(mods) -> str | None:
     return None
 
 
-def fused_linear(x: torch.Tensor, mods) -> torch.Tensor | None:
+def fused_linear(x: torch.Tensor, mods, kind: str | None = None) -> torch.Tensor | None:
     """``cat([m(x) for m in mods], -1)`` as one GEMM, or None when :func:`fusion_kind` says the layers must run
     separately. Gradients reach each layer's own weight.
 
     FP8: the fused GEMM's operands are the layers' own FP8 weight copies side by side and one quantization of
     ``x``; its non-finite flags and statistics of ``x`` and of the output gradient are recorded on the first
-    layer (``q_proj``, ``gate_proj``); every layer records its weight's."""
-    kind = fusion_kind(mods)
+    layer (``q_proj``, ``gate_proj``); every layer records its weight's. ``kind``: :func:`fusion_kind` of
+    ``mods`` where the caller has it."""
+    kind = kind or fusion_kind(mods)
     if kind is None or x.shape[-1] != mods[0].in_features:  # a mismatch: the layers report it themselves
         return None
     w = torch.cat([m.weight for m in mods])
@@ -162,13 +163,12 @@ def project(mods, x: torch.Tensor, fused: bool = True, norm=None) -> tuple[torch
     """``tuple(m(x') for m in mods)`` with x' = ``norm(x)`` (x itself without a norm), through one fused GEMM where
     ``fused`` and :func:`fused_linear` allow; blockwise FP8 layers with the ``fused_producers`` option then take
     the norm into the GEMM's input quantization (:func:`yxanul.fp8.producers.norm_linear`)."""
-    y = None
-    if fused and norm is not None and fusion_kind(mods) == "fp8":
-        y = norm_linear(x, mods, norm)
+    kind = fusion_kind(mods) if fused else None
+    y = norm_linear(x, mods, norm) if kind == "fp8" and norm is not None else None
     if y is None and norm is not None:
         x = norm(x)
-    if y is None and fused:
-        y = fused_linear(x, mods)
+    if y is None and kind is not None:
+        y = fused_linear(x, mods, kind)
     if y is None:
         return tuple(m(x) for m in mods)
     return y.split([m.out_features for m in mods], dim=-1)
