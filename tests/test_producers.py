@@ -197,6 +197,10 @@ def test_fused_producers_installs_only_for_delayed_and_goes_with_unconvert(tiny_
     assert all(x.fp8_mlp is not None for x in m.modules() if isinstance(x, MLP))
     m = _model(dataclasses.replace(tiny_cfg, ffn_hidden=320), "blockwise")
     assert all(x.fp8_mlp is None for x in m.modules() if isinstance(x, MLP))
+    m = _model(dataclasses.replace(tiny_cfg, fused_projections=False), "blockwise")  # gate/up kept apart
+    assert all(x.fp8_mlp is None for x in m.modules() if isinstance(x, MLP))
+    m = _model(dataclasses.replace(tiny_cfg, fused_projections=False), "delayed")  # two GEMMs anyway
+    assert all(x.fp8_mlp is not None for x in m.modules() if isinstance(x, MLP))
     m = _model(tiny_cfg, fused=False)
     assert all(x.fp8_mlp is None for x in m.modules() if isinstance(x, MLP))
     m = _model(tiny_cfg)

@@ -29,8 +29,9 @@ inside, h's transposed FP8 copy, and g and u in the activation dtype or, with th
 ``cache_swiglu_inputs``, in FP8 1 x 128 tiles (dequantized for the backward kernel).
 
 The MLP function is installed by :func:`~yxanul.fp8.linear.convert_model` when gate, up and down are FP8 layers
-of one recipe (delayed, or blockwise with a SwiGLU width that is a multiple of the block size), format and
-backend, without bias, with the option on (:func:`can_fuse`). Either function runs only while no statistics are
+of one recipe (delayed, or blockwise with a SwiGLU width that is a multiple of the block size and the model's
+fused projections on), format and backend, without bias, with the option on (:func:`can_fuse`); the norm before
+q/k/v is taken where q/k/v run as one blockwise GEMM. Either function runs only while no statistics are
 collected and no forward hook is registered on its layers or norm and, for delayed scaling, every scale is fixed
 (after the calibration steps and the first optimizer step); otherwise the layers run unfused.
 
