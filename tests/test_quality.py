@@ -360,6 +360,14 @@ def test_bench_quality_fork_cli_end_to_end(micro_model, small_data, tmp_path):
     assert (out / "fp8-tensorwise-r1" / "result.json").stat().st_mtime_ns != stamp
     assert (out / "bf16-r1" / "result.json").stat().st_mtime_ns == bf16_stamp
     assert json.loads((out / "fork.json").read_text())["fprop_fast_accum"] is True
+    # so are the fused FP8 producers (both options on: every FP8 branch again, BF16 still reused)
+    stamp = (out / "fp8-tensorwise-r1" / "result.json").stat().st_mtime_ns
+    assert main(args + ["--fp8-fprop-fast-accum", "--fp8-fused-producers"]) == 0
+    assert (out / "fp8-tensorwise-r1" / "result.json").stat().st_mtime_ns != stamp
+    assert (out / "bf16-r1" / "result.json").stat().st_mtime_ns == bf16_stamp
+    doc = json.loads((out / "fork.json").read_text())
+    assert doc["fprop_fast_accum"] is True and doc["fused_producers"] is True
+    assert "fused FP8 producers" in (out / "fork.md").read_text()
     # bad input: one-line errors, exit code 2
     assert main(args[:-6] + ["--fork-at", "6", "--out", str(tmp_path / "x")]) == 2
     assert main(args[:-6] + ["--fork-at", "0", "--out", str(tmp_path / "x")]) == 2
@@ -468,6 +476,8 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     other.write_text(json.dumps(dict(fork, steps=3)))
     fast = tmp_path / "fast.json"  # FP8 forward GEMMs with fast accumulation: other FP8 branches
     fast.write_text(json.dumps(dict(fork, fprop_fast_accum=True)))
+    producers = tmp_path / "producers.json"  # fused FP8 producers: other FP8 branches too
+    producers.write_text(json.dumps(dict(fork, fused_producers=True)))
     before = (out / "fork.md").read_text()
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(dict(fork, windows={"bf16-r0": ref, "fp8-tensorwise-r0": [3.0, "x", 1.0, 2.0]})))
@@ -475,8 +485,8 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     zeros.write_text(json.dumps(dict(fork, windows={"bf16-r0": [0.0] * 4, "fp8-tensorwise-r0": ref})))
     headless = tmp_path / "headless.json"
     headless.write_text(json.dumps({k: v for k, v in fork.items() if k != "model"}))
-    for args in ([str(src), str(other)], [str(src), str(fast)], [str(src), str(src)], [str(broken)], [str(zeros)],
-                 [str(headless)]):
+    for args in ([str(src), str(other)], [str(src), str(fast)], [str(src), str(producers)], [str(src), str(src)],
+                 [str(broken)], [str(zeros)], [str(headless)]):
         r = subprocess.run([sys.executable, str(script), *args, "--out", str(out)], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error" in r.stderr, r.stderr
     assert (out / "fork.md").read_text() == before

@@ -156,14 +156,28 @@ def _make_trainer(cfg, extra: dict, data_seed: int, resume: str | None = None, s
     return t
 
 
-def _fp8_only(over: dict, calibration_steps: int | None, fprop_fast_accum: bool) -> None:
+# FP8 options (Fp8Options fields) a quality run may switch on for its FP8 branches; recorded in its result
+FP8_OPTION_FLAGS = ("fprop_fast_accum", "fused_producers")
+_FP8_OPTION_WORDS = {"fprop_fast_accum": "FP8 forward GEMMs with fast accumulation",
+                     "fused_producers": "fused FP8 producers"}
+
+
+def _fp8_options(fp8_options: dict | None) -> dict:
+    opts = dict(fp8_options or {})
+    bad = sorted(set(opts) - set(FP8_OPTION_FLAGS))
+    if bad:
+        raise YxanulError(f"unknown FP8 option(s) {', '.join(bad)} (expected: {', '.join(FP8_OPTION_FLAGS)})",
+                          key="fp8_options")
+    return {k: bool(opts.get(k, False)) for k in FP8_OPTION_FLAGS}
+
+
+def _fp8_only(over: dict, calibration_steps: int | None, fp8_options: dict) -> None:
     """FP8 settings added (in place) to an FP8 mode's overrides only, so that BF16 results stay reusable when
     they change."""
     if over.get("precision") == "fp8":
         if calibration_steps is not None:
             over["fp8_calibration_steps"] = calibration_steps
-        if fprop_fast_accum:
-            over["fp8_fprop_fast_accum"] = True
+        over.update({f"fp8_{k}": True for k, on in fp8_options.items() if on})
 
 
 def _jsonable(d: dict) -> dict:
@@ -259,7 +273,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
                 calibration_steps: int | None = None, fp8_all_recipe: str = "blockwise",
                 compile: bool = False, fp8_backend: str = "auto", reuse: bool = True, repeats: int = 1,
                 compile_mode: str = "default", tune_kernels: bool = False, eval_windows: int | None = None,
-                fprop_fast_accum: bool = False) -> dict:
+                fp8_options: dict | None = None) -> dict:
     """Train every mode from scratch; returns (and writes to OUT/quality.json) the comparison.
     ``fp8_all_recipe`` is the recipe of the fp8-all mode's linears (its extra activations are always 1 x 128
     tiles).
@@ -275,8 +289,10 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
 
     ``compile_mode`` (e.g. ``reduce-overhead``, CUDA graphs) changes how the kernels are launched, not what they
     compute, so it is not part of the settings that decide whether a stored result is reused; nor is
-    ``tune_kernels`` (launch settings of the same kernels)."""
+    ``tune_kernels`` (launch settings of the same kernels). ``fp8_options``: FP8 options switched on for the FP8
+    branches (:data:`FP8_OPTION_FLAGS`, e.g. ``{"fprop_fast_accum": True}``), recorded in the result."""
     from ..train import load_train_config
+    fp8_options = _fp8_options(fp8_options)
     base, steps, launch = _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches,
                                    seed, policy, device, fp8_all_recipe, compile, fp8_backend, repeats,
                                    compile_mode, tune_kernels, eval_windows)
@@ -286,8 +302,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     if seeds >= 2 and "bf16" in run_modes and NOISE_MODE not in run_modes:
         run_modes.insert(run_modes.index("bf16") + 1, NOISE_MODE)
     result = {"model": model, "tokens": steps * tokens_per_step, "steps": steps, "batch": batch, "seq": seq,
-              "lr": lr, "warmup": base["warmup"], "seed": seed, "fprop_fast_accum": bool(fprop_fast_accum),
-              "device": None, "torch": torch.__version__,
+              "lr": lr, "warmup": base["warmup"], "seed": seed, **fp8_options, "device": None, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "repeats": repeats, "rows": [], "bf16_noise_pct": None,
               "curves": {}, "windows": {}, "paired": [],
               "se_method": SE_METHOD}
@@ -299,7 +314,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
         done = mode_dir / "result.json"
         data_seed = (seed + 1 if mode == NOISE_MODE else seed) + REPEAT_SEED_STRIDE * r
         over, extra = _mode_setup(mode, policy, out_dir, fp8_all_recipe)
-        _fp8_only(over, calibration_steps, fprop_fast_accum)
+        _fp8_only(over, calibration_steps, fp8_options)
         settings = _compared({**base, **over, "data_seed": data_seed, "extra": extra, "last_evals": last_evals,
                               "eval_windows": eval_windows})
         rec = _reusable(done, settings, reuse)
@@ -826,11 +841,12 @@ def run_fork(model: str, data: str | None, tokens: int, modes: list[str], fork_a
              out: str = "runs/quality-fork", device: str = "auto", calibration_steps: int | None = None,
              fp8_all_recipe: str = "blockwise", compile: bool = False, fp8_backend: str = "auto",
              reuse: bool = True, compile_mode: str = "default", tune_kernels: bool = False,
-             deterministic: bool = False, fprop_fast_accum: bool = False) -> dict:
+             deterministic: bool = False, fp8_options: dict | None = None) -> dict:
     """The fork protocol (module docstring): a BF16 trunk to `fork_at`, then every mode to the end, `repeats`
     times. Writes OUT/fork.json (everything, per-window losses included) and OUT/fork.md (the table) after
     every branch; finished branches with the same settings are reused, so an interrupted run continues where it
-    stopped. Returns the result."""
+    stopped. Returns the result. ``fp8_options`` as for :func:`run_quality`."""
+    fp8_options = _fp8_options(fp8_options)
     base, steps, launch = _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches,
                                    seed, policy, device, fp8_all_recipe, compile, fp8_backend, repeats,
                                    compile_mode, tune_kernels, eval_windows)
@@ -841,7 +857,7 @@ def run_fork(model: str, data: str | None, tokens: int, modes: list[str], fork_a
     result = {"protocol": "fork", "model": model, "tokens": steps * batch * seq, "steps": steps, "fork_at": fork_at,
               "batch": batch, "seq": seq, "lr": base["lr"], "min_lr": base["min_lr"], "warmup": base["warmup"],
               "seed": seed, "repeats": repeats, "deterministic": bool(deterministic),
-              "fprop_fast_accum": bool(fprop_fast_accum), "device": None,
+              **fp8_options, "device": None,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "se_method": SE_METHOD,
               "branches": {}, "windows": {}, "curves": {}, "paired": [], "noise_floor": None,
@@ -856,7 +872,7 @@ def run_fork(model: str, data: str | None, tokens: int, modes: list[str], fork_a
                 name = f"{mode}-r{r}"
                 over, extra = _mode_setup("bf16" if mode == FORK_NOISE_MODE else mode, policy, out_dir,
                                           fp8_all_recipe)
-                _fp8_only(over, calibration_steps, fprop_fast_accum)
+                _fp8_only(over, calibration_steps, fp8_options)
                 settings = _compared({**base, **over, "fork_at": fork_at, "data_seed": data_seed, "extra": extra,
                                       "eval_windows": eval_windows, "deterministic": bool(deterministic)})
                 rec = _reusable(out_dir / name / "result.json", settings, reuse)
@@ -896,7 +912,7 @@ def fork_markdown(result: dict) -> str:
             f"({result['batch']}x{result['seq']} tokens per step, lr {result['lr']:g}, warm-up {result['warmup']}), "
             f"{result['repeats']} repeat(s), device {result['device']}, torch {result['torch']}"
             + (", deterministic algorithms" if result.get("deterministic") else "")
-            + (", FP8 forward GEMMs with fast accumulation" if result.get("fprop_fast_accum") else ""))
+            + "".join(f", {_FP8_OPTION_WORDS[k]}" for k in FP8_OPTION_FLAGS if result.get(k)))
     n = next((x["windows"] for x in rows), None)
     noise = next((x for x in result.get("paired", []) if x.get("pair_noise_pct") is not None), None)
     tail = (f"delta = mean over {n} validation windows of (L_mode - L_ref) / mean L_ref, mean over repeats, L_ref "

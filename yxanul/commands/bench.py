@@ -163,6 +163,9 @@ def _quality(bsub):
     p.add_argument("--fp8-fprop-fast-accum", action="store_true",
                    help="FP8 modes with per-tensor or row scales: the forward GEMM with cuBLAS's fast FP8 "
                         "accumulation (see yxanul bench throughput --help)")
+    p.add_argument("--fp8-fused-producers", action="store_true",
+                   help="FP8 modes of the delayed and blockwise recipes: FP8 operands written by the kernels that "
+                        "produce them (see yxanul bench throughput --help)")
     p.add_argument("--repeats", type=int, default=1,
                    help="train every mode this many times with different data orders (paired across modes) and "
                         "report mean differences with standard errors")
@@ -205,7 +208,9 @@ def _run_quality(args):
                   seed=args.seed, policy=args.config, out=args.out, device=args.device, compile=args.compile,
                   fp8_backend=args.fp8_backend, reuse=not args.fresh, calibration_steps=args.calibration_steps,
                   fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats, compile_mode=args.compile_mode,
-                  tune_kernels=args.tune_kernels, fprop_fast_accum=args.fp8_fprop_fast_accum)
+                  tune_kernels=args.tune_kernels,
+                  fp8_options={"fprop_fast_accum": args.fp8_fprop_fast_accum,
+                               "fused_producers": args.fp8_fused_producers})
     if args.fork_at is not None:
         return _run_fork(args, modes, common)
     res = run_quality(args.model, args.data, args.tokens, modes, seeds=args.seeds, last_evals=args.last_evals,
