@@ -5,20 +5,21 @@
 #            plus the other GPU tests of recent FP8 options (fast accumulation, FP8-kept SwiGLU inputs)
 #   kernels  the SwiGLU and norm FP8 kernels and the one-read 1 x 128 dual quantizer timed against the paths they
 #            replace (device_fused_quant_kernels.py)
-#   197m     bench throughput, Yxanul-197M 16 x 2048, CUDA graphs: bf16 and delayed / blockwise with and without
-#            the option, one process
-#   1b       the same for Yxanul-1B at 8 x 2048
-#   fastacc  Yxanul-1B: the forward GEMM with fast accumulation (fprop_fast_accum) next to delayed and tensorwise
-#   memory   Yxanul-197M: FP8-kept SwiGLU inputs (cache_swiglu_inputs) with and without the fused producers, for
-#            the peak-memory target
+#   197m-delayed, 197m-blockwise
+#            bench throughput, Yxanul-197M 16 x 2048, CUDA graphs: bf16 and the recipe with and without the
+#            option, one process (three modes: one call's time limit holds three compilations of this model)
+#   1b-delayed, 1b-blockwise
+#            the same for Yxanul-1B at 8 x 2048
+#   fastacc  Yxanul-1B: the forward GEMM with fast accumulation (fprop_fast_accum) next to delayed
+#   memory   Yxanul-197M: FP8-kept SwiGLU inputs (cache_swiglu_inputs), delayed unfused and blockwise with the fused
+#            producers, for the peak-memory target
 # Usage: scripts/device_fused_producers.sh OUT_DIR PART...
 set -uo pipefail
 out="${1:?usage: $0 OUT_DIR PART...}"
 shift
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fused=bf16,fp8-delayed,fp8-delayed+fused-producers,fp8-blockwise,fp8-blockwise+fused-producers
-memory=bf16,fp8-delayed,fp8-delayed+swiglu-fp8,fp8-blockwise+swiglu-fp8,fp8-blockwise+fused-producers+swiglu-fp8
+memory=bf16,fp8-delayed+swiglu-fp8,fp8-blockwise+fused-producers+swiglu-fp8
 bench() { local name="$1" modes="$2"; shift 2; python -m yxanul bench throughput --seq 2048 --steps 20 --warmup 5 \
   --compile-mode reduce-overhead --modes "$modes" "$@" --json-out "$out/throughput-$name.json" 2>&1 \
   | grep -v "^ " | grep -v "^\[" | tail -10; }
@@ -29,10 +30,11 @@ for part in "$@"; do
       python -m pytest -q -m gpu tests/test_swiglu_fp8.py tests/test_fp8_linear.py tests/test_train.py \
         -k "swiglu or fast_accum or cuda_traced or cuda_graph_steps" 2>&1 | tail -4 ;;
     kernels) python scripts/device_fused_quant_kernels.py "$out/fused-quant-kernels.json" 2>&1 | grep -v Warn | tail -40 ;;
-    197m) bench 197m "$fused" --model yxanul-197m --batch 16 ;;
-    1b) bench 1b "$fused" --model yxanul-1b --batch 8 ;;
-    fastacc) bench 1b-fastacc bf16,fp8-delayed,fp8-delayed+fast-accum,fp8-tensorwise,fp8-tensorwise+fast-accum \
-      --model yxanul-1b --batch 8 ;;
+    197m-delayed|197m-blockwise|1b-delayed|1b-blockwise)
+      recipe="${part#*-}"
+      if [[ "$part" == 197m-* ]]; then size=(--model yxanul-197m --batch 16); else size=(--model yxanul-1b --batch 8); fi
+      bench "$part" "bf16,fp8-$recipe,fp8-$recipe+fused-producers" "${size[@]}" ;;
+    fastacc) bench 1b-fastacc bf16,fp8-delayed,fp8-delayed+fast-accum --model yxanul-1b --batch 8 ;;
     memory) bench 197m-memory "$memory" --model yxanul-197m --batch 16 ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
