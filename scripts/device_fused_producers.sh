@@ -10,6 +10,9 @@
 #            option, one process (three modes: one call's time limit holds three compilations of this model)
 #   1b-delayed, 1b-blockwise
 #            the same for Yxanul-1B at 8 x 2048
+#   197m-proj
+#            Yxanul-197M: delayed with q/k/v and gate/up as one GEMM each (fused_tensor_projections), alone and
+#            with the fused producers, against plain delayed, one process
 #   fastacc  Yxanul-1B: the forward GEMM with fast accumulation (fprop_fast_accum) next to delayed
 #   memory   Yxanul-197M: FP8-kept SwiGLU inputs (cache_swiglu_inputs), delayed unfused and blockwise with the fused
 #            producers, for the peak-memory target
@@ -34,6 +37,8 @@ for part in "$@"; do
       recipe="${part#*-}"
       if [[ "$part" == 197m-* ]]; then size=(--model yxanul-197m --batch 16); else size=(--model yxanul-1b --batch 8); fi
       bench "$part" "bf16,fp8-$recipe,fp8-$recipe+fused-producers" "${size[@]}" ;;
+    197m-proj) bench 197m-proj fp8-delayed,fp8-delayed+fused-proj,fp8-delayed+fused-proj+fused-producers \
+      --model yxanul-197m --batch 16 ;;
     fastacc) bench 1b-fastacc bf16,fp8-delayed,fp8-delayed+fast-accum --model yxanul-1b --batch 8 ;;
     memory) bench 197m-memory "$memory" --model yxanul-197m --batch 16 ;;
     *) echo "unknown part $part"; exit 2 ;;

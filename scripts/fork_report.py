@@ -30,8 +30,9 @@ def fail(msg: str) -> None:
 
 # what must agree for forks to be repeats of one protocol
 SAME = ("model", "tokens", "steps", "fork_at", "batch", "seq", "lr", "min_lr", "warmup", "deterministic",
-        "fprop_fast_accum", "fused_producers")
-ABSENT = {"fprop_fast_accum": False, "fused_producers": False}  # what a file written before the key existed ran with
+        "fprop_fast_accum", "fused_producers", "fused_tensor_projections")
+# what a file written before the key existed ran with
+ABSENT = {"fprop_fast_accum": False, "fused_producers": False, "fused_tensor_projections": False}
 
 
 _NAME = re.compile(r"^(?P<mode>.+)-r(?P<r>[0-9]+)$")

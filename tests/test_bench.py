@@ -26,6 +26,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     assert res["host_gc"] == "freeze"
     assert res["compile_mode"] is None and res["tune_kernels"] is None and res["compile_scope"] is None
     assert res["fp8_options"] == {"kernels": "auto", "weight_cache": "graph", "fused_producers": False,
+                                  "fused_tensor_projections": False,
                                   "fprop_fast_accum": False}
     assert res["batch"] == 2 and res["seq"] == 16 and res["device"] == "cpu"
     assert [r["mode"] for r in res["rows"]] == ["bf16-plain", "bf16", "fp8", "fp8-blockwise", "torchao-tensorwise"]

@@ -299,7 +299,7 @@ def test_model_config_field_reads_from_yaml(tmp_path):
 
 # -- GPU ---------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe", [None, "blockwise"])
+@pytest.mark.parametrize("recipe", [None, "blockwise", "tensorwise", "delayed"])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fused_matches_separate_on_gpu(recipe, compiled):
     """Yxanul-197M's layer shapes on the GPU, native FP8 GEMMs where the recipe has them, BF16 autocast: the
@@ -312,11 +312,13 @@ def test_fused_matches_separate_on_gpu(recipe, compiled):
     fused = Yxanul(cfg).cuda()
     sep = Yxanul(dataclasses.replace(cfg, fused_projections=False)).cuda()
     sep.load_state_dict(fused.state_dict())
+    per_tensor = recipe in ("tensorwise", "delayed")  # opt-in, one scale per operand for the group
     if recipe is not None:
-        pol = load_policy().with_recipe(name=recipe)
+        pol = load_policy().with_recipe(name=recipe).with_fp8_options(fused_tensor_projections=per_tensor)
         for m in (fused, sep):
             convert_model(m, pol, backend="auto", quiet=True)
-    assert all(fusion_kind(g) == ("linear" if recipe is None else "fp8") for g in _groups(fused))
+    want = "linear" if recipe is None else ("fp8-tensor" if per_tensor else "fp8")
+    assert all(fusion_kind(g) == want for g in _groups(fused))
     if compiled:
         for m in (fused, sep):
             compile_blocks(m)
@@ -329,11 +331,13 @@ def test_fused_matches_separate_on_gpu(recipe, compiled):
             loss = m(idx, tgt)
         loss.backward()
         losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=2e-3, atol=0)
+    # a shared per-tensor scale rounds the weights and gradients differently: FP8 rounding, not BF16's
+    tol = (1e-2, 0.1) if per_tensor else (2e-3, 2e-2)
+    torch.testing.assert_close(losses[0], losses[1], rtol=tol[0], atol=0)
     for name in ("gate_proj", "up_proj", "down_proj"):
         a = getattr(fused.layers[1].mlp, name).weight.grad
         b = getattr(sep.layers[1].mlp, name).weight.grad
-        assert (a - b).norm() <= 2e-2 * b.norm(), name
+        assert (a - b).norm() <= tol[1] * b.norm(), name
 
 
 def test_wrong_input_width_is_reported_by_the_layer():
@@ -341,3 +345,50 @@ def test_wrong_input_width_is_reported_by_the_layer():
     fused, _ = _pair("blockwise")
     with pytest.raises(YxanulError, match="input has 100 features, expected 256"):
         project(_groups(fused)[0], torch.randn(2, 3, 100))
+
+
+# -- (d) per-tensor recipes, opt-in: one scale per operand for the group --------------------------------------
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_per_tensor_fused_projections_train_like_the_separate_layers(recipe, monkeypatch):
+    """With ``fused_tensor_projections``, q/k/v and gate/up of the tensorwise and delayed recipes run as one GEMM
+    each, scaled by the first layer's state (one scale per operand for the group): the parameters and the
+    checkpoint keep the separate names, and eight training steps give the separate layers' losses within the
+    FP8 rounding of a shared scale."""
+    import yxanul.model as model_mod
+    from yxanul.fp8.linear import convert_model, fp8_step
+    from yxanul.precision import load_policy
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        m = Yxanul(_cfg())
+        pol = load_policy(None).with_recipe(name=recipe, calibration_steps=0) \
+            .with_fp8_options(fused_tensor_projections=fused)
+        convert_model(m, pol, backend="emulated", quiet=True)
+        opt = torch.optim.AdamW(m.parameters(), lr=5e-4)  # at 2e-3 BF16 and FP8 already part by 0.03 nats
+        idx, tgt = _batch()
+        losses = []
+        for _ in range(8):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m(idx, tgt)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            fp8_step(m)
+            losses.append(loss.item())
+        return m, losses
+
+    calls = []
+    real = model_mod.fused_linear
+    monkeypatch.setattr(model_mod, "fused_linear",
+                        lambda x, mods, *a: calls.append(model_mod.fusion_kind(mods)) or real(x, mods, *a))
+    sep, l_sep = run(False)
+    assert not calls  # unfused: project() never gets to fused_linear
+    fused, l_fused = run(True)
+    assert calls and set(calls) == {"fp8-tensor"}
+    assert sorted(fused.state_dict()) == sorted(sep.state_dict())
+    assert l_fused[-1] < l_fused[0] - 0.3  # it learns
+    for a, b in zip(l_fused, l_sep):
+        assert abs(a - b) < 0.02, (l_fused, l_sep)
+    if recipe == "delayed":  # the group's state is its first layer's; the others' histories are not updated
+        attn = fused.layers[0].attn
+        assert (attn.q_proj.amax_history > 0).any() and not (attn.k_proj.amax_history > 0).any()

@@ -243,7 +243,8 @@ def test_a_bad_fp8_option_is_an_error_before_any_work(capsys, tmp_path, flag, ke
     assert err.count("\n") == 1 and err.count(key) == 1 and "bogus" in err and not out.exists()
 
 
-@pytest.mark.parametrize("key", ["fp8_kernels", "fp8_weight_cache", "fp8_fused_producers"])
+@pytest.mark.parametrize("key", ["fp8_kernels", "fp8_weight_cache", "fp8_fused_producers",
+                                 "fp8_fused_tensor_projections"])
 def test_a_bad_fp8_option_in_the_train_config_is_an_error(tmp_path, key):
     from yxanul.train import TrainConfig, Trainer
     with pytest.raises(YxanulError, match=key):

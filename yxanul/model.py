@@ -123,10 +123,14 @@ def fusion_kind(mods) -> str | None:
                   scales are then exactly the separate weights' (no block straddles two layers), the input's
                   1 x block tiles are shared, and the output gradient's 1 x block tiles along the fused width
                   are the separate layers' tiles side by side;
+    ``"fp8-tensor"`` every layer a bias-free per-tensor (tensorwise or delayed) Fp8Linear of one recipe, format,
+                  backend and options, with the ``fused_tensor_projections`` option: one GEMM whose weight and
+                  output gradient take one scale each for the group (the first layer's state), not each
+                  layer's own;
     None          anything else, including layers of different precisions or settings, forward hooks, the
-                  tensorwise, rowwise and delayed recipes (one scale per tensor or per row would span several
-                  layers, which is not what separate layers compute) and blockwise layers whose widths are not
-                  multiples of the block size (a block would mix two layers' weights): the layers run separately.
+                  rowwise recipe, per-tensor recipes without that option (one scale would span several layers,
+                  which is not what separate layers compute) and blockwise layers whose widths are not multiples
+                  of the block size (a block would mix two layers' weights): the layers run separately.
     """
     first = mods[0]
     if not all(getattr(m, "bias", 0) is None and not (m._forward_hooks or m._forward_pre_hooks)
@@ -136,9 +140,11 @@ def fusion_kind(mods) -> str | None:
         return "linear"
     if all(type(m) is Fp8Linear for m in mods):
         s = first.spec
-        if tiled(s) and all(m.spec == s and m.backend == first.backend and m.options == first.options
-                         and m.out_features % s.block == 0 for m in mods):
+        same = all(m.spec == s and m.backend == first.backend and m.options == first.options for m in mods)
+        if same and tiled(s) and all(m.out_features % s.block == 0 for m in mods):
             return "fp8"
+        if same and s.per_tensor and first.options.fused_tensor_projections:
+            return "fp8-tensor"
     return None
 
 
@@ -156,7 +162,11 @@ def fused_linear(x: torch.Tensor, mods, kind: str | None = None) -> torch.Tensor
     w = torch.cat([m.weight for m in mods])
     if kind == "linear":
         return F.linear(x, w)
-    return _Fp8LinearFn.apply(x, w, None, *cat_weight_copies(mods), None, mods[0])
+    first = mods[0]
+    if kind == "fp8-tensor":  # the group's weight and operands scaled by the first layer's state
+        sx = first._delayed_scale("x", x) if first.spec.delayed else None
+        return _Fp8LinearFn.apply(x, w, None, *first._quantize_weight(w), sx, first)
+    return _Fp8LinearFn.apply(x, w, None, *cat_weight_copies(mods), None, first)
 
 
 def project(mods, x: torch.Tensor, fused: bool = True, norm=None) -> tuple[torch.Tensor, ...]:

@@ -64,6 +64,8 @@ class TrainConfig:
                                  choices=("graph", "step"))
     fp8_fused_producers: bool = _opt(False, "delayed and blockwise recipes: FP8 operands written by the kernels that "
                                             "produce them (the SwiGLU MLP as one function; blockwise: the norms)")
+    fp8_fused_tensor_projections: bool = _opt(False, "tensorwise and delayed recipes: q/k/v and gate/up as one GEMM "
+                                                     "each, one scale per operand for the group")
     fp8_fprop_fast_accum: bool = _opt(False, "per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's "
                                              "fast FP8 accumulation (torchao's default; changes the numbers)")
     fp8_stats_every: int = _opt(10, "FP8 statistics (amax, saturation, underflow per layer; fp8_stats.jsonl) at "
@@ -163,7 +165,9 @@ class TrainConfig:
         parser from this module without importing torch)."""
         from .fp8.options import Fp8Options
         return Fp8Options(kernels=self.fp8_kernels, weight_cache=self.fp8_weight_cache,
-                          fused_producers=self.fp8_fused_producers, fprop_fast_accum=self.fp8_fprop_fast_accum)
+                          fused_producers=self.fp8_fused_producers,
+                          fused_tensor_projections=self.fp8_fused_tensor_projections,
+                          fprop_fast_accum=self.fp8_fprop_fast_accum)
 
 
 MAX_LR = 10.0  # bounds that turn absurd numbers into one-line errors before anything is allocated

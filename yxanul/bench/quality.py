@@ -157,9 +157,10 @@ def _make_trainer(cfg, extra: dict, data_seed: int, resume: str | None = None, s
 
 
 # FP8 options (Fp8Options fields) a quality run may switch on for its FP8 branches; recorded in its result
-FP8_OPTION_FLAGS = ("fprop_fast_accum", "fused_producers")
+FP8_OPTION_FLAGS = ("fprop_fast_accum", "fused_producers", "fused_tensor_projections")
 _FP8_OPTION_WORDS = {"fprop_fast_accum": "FP8 forward GEMMs with fast accumulation",
-                     "fused_producers": "fused FP8 producers"}
+                     "fused_producers": "fused FP8 producers",
+                     "fused_tensor_projections": "per-tensor q/k/v and gate/up as one GEMM each"}
 
 
 def _fp8_options(fp8_options: dict | None) -> dict:

@@ -22,8 +22,8 @@ with CUDA events (wall clock on a CPU). Modes:
 
 An FP8 mode may carry variants, ``MODE+VARIANT[+VARIANT]``, so that a choice is timed side by side with the
 mode without it in one process: ``fast-accum`` (the ``fprop_fast_accum`` FP8 option for this row),
-``fused-producers`` (the ``fused_producers`` FP8 option) and ``swiglu-fp8`` (the recipe's
-``cache_swiglu_inputs``), e.g.
+``fused-producers`` (the ``fused_producers`` FP8 option), ``fused-proj`` (``fused_tensor_projections``) and
+``swiglu-fp8`` (the recipe's ``cache_swiglu_inputs``), e.g.
 ``--modes bf16,fp8-delayed,fp8-delayed+fast-accum``.
 
 A mode that fails records its error in its row and the run goes on. The JSON file is rewritten after every
@@ -63,7 +63,7 @@ ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_
 
 # row variants of the FP8 modes (module docstring): name -> (FP8 option, recipe field) set for that row
 MODE_VARIANTS = {"fast-accum": ("fprop_fast_accum", None), "fused-producers": ("fused_producers", None),
-                 "swiglu-fp8": (None, "cache_swiglu_inputs")}
+                 "fused-proj": ("fused_tensor_projections", None), "swiglu-fp8": (None, "cache_swiglu_inputs")}
 
 
 def split_mode(mode: str) -> tuple[str, tuple[str, ...]]:
@@ -160,6 +160,8 @@ class _Run:
             convert_model(model, pol, backend=backend, quiet=True)
             if any(getattr(m, "fp8_mlp", None) is not None for m in model.modules()):
                 self.notes.append("fused FP8 producers")
+            if pol.fp8_options.fused_tensor_projections and spec.per_tensor:
+                self.notes.append("per-tensor q/k/v and gate/up fused")
             self.fp8 = True
             use_fused_ce(model, head_fp8=(base == "fp8-head"))
             if compile_:

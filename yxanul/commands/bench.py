@@ -64,6 +64,9 @@ def _throughput(bsub):
     p.add_argument("--fp8-fused-producers", action="store_true",
                    help="delayed and blockwise recipes: FP8 operands written by the kernels that produce them "
                         "(the SwiGLU MLP as one function; blockwise: the norms)")
+    p.add_argument("--fp8-fused-tensor-projections", action="store_true",
+                   help="tensorwise and delayed recipes: q/k/v and gate/up as one GEMM each, one scale per operand "
+                        "for the group")
     p.add_argument("--fp8-fprop-fast-accum", action="store_true",
                    help="per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's fast FP8 accumulation "
                         "(torchao's default; changes the numbers)")
@@ -99,6 +102,7 @@ def _run_throughput(args):
                   plain_compile_modes=args.plain_compile_modes,
                   fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
                                          fused_producers=args.fp8_fused_producers,
+                                         fused_tensor_projections=args.fp8_fused_tensor_projections,
                                          fprop_fast_accum=args.fp8_fprop_fast_accum),
                   host_gc=args.host_gc, compile_scope=args.compile_scope)
     if not args.sweep:
@@ -166,6 +170,9 @@ def _quality(bsub):
     p.add_argument("--fp8-fused-producers", action="store_true",
                    help="FP8 modes of the delayed and blockwise recipes: FP8 operands written by the kernels that "
                         "produce them (see yxanul bench throughput --help)")
+    p.add_argument("--fp8-fused-tensor-projections", action="store_true",
+                   help="FP8 modes of the tensorwise and delayed recipes: q/k/v and gate/up as one GEMM each (see "
+                        "yxanul bench throughput --help)")
     p.add_argument("--repeats", type=int, default=1,
                    help="train every mode this many times with different data orders (paired across modes) and "
                         "report mean differences with standard errors")
@@ -210,7 +217,8 @@ def _run_quality(args):
                   fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats, compile_mode=args.compile_mode,
                   tune_kernels=args.tune_kernels,
                   fp8_options={"fprop_fast_accum": args.fp8_fprop_fast_accum,
-                               "fused_producers": args.fp8_fused_producers})
+                               "fused_producers": args.fp8_fused_producers,
+                               "fused_tensor_projections": args.fp8_fused_tensor_projections})
     if args.fork_at is not None:
         return _run_fork(args, modes, common)
     res = run_quality(args.model, args.data, args.tokens, modes, seeds=args.seeds, last_evals=args.last_evals,

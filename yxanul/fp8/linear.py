@@ -306,8 +306,10 @@ class Fp8Linear(nn.Module):
 
     # -- weight cache ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _quantize_weight(self):
-        w = self.weight.detach()
+    def _quantize_weight(self, w: torch.Tensor | None = None):
+        """The FP8 copies of this layer's weight, or of `w` (the side-by-side weights of a group of per-tensor
+        layers that this one leads: its state scales them, :func:`yxanul.model.fused_linear`)."""
+        w = (self.weight if w is None else w).detach()
         if self.spec.delayed:
             s = self._delayed_scale("w", w)
             q, s = self.ops.weight_quant(w, scale_inv=s)

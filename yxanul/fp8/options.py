@@ -1,5 +1,10 @@
 """How the FP8 layers compute, as opposed to what (the recipe): implementation choices that leave the numbers
-unchanged or change them only within the recipe's own rounding (``fprop_fast_accum`` excepted, below).
+unchanged or change them only within the recipe's own rounding (``fused_tensor_projections``
+                  q/k/v and gate/up of the per-tensor recipes (tensorwise, delayed) as one GEMM each, the group's
+                  operands with one scale each, kept by its first layer (``q_proj``, ``gate_proj``), as Transformer
+                  Engine scales a fused QKV weight; the other layers' delayed states are then not updated. The
+                  values change only where a shared scale moves some of them into FP8's subnormal range
+``fprop_fast_accum`` excepted, below).
 
 ``kernels``       ``auto`` (the Triton quantizers where Triton runs on a CUDA device, the pure-torch ones
                   elsewhere), ``triton`` (always the Triton quantizers: an error where they cannot run; on a
@@ -13,6 +18,11 @@ unchanged or change them only within the recipe's own rounding (``fprop_fast_acc
                   MLP as one function whose SwiGLU kernels write h and the gate/up output gradients in FP8, both
                   GEMM layouts (delayed scaling and the blockwise recipe), and for the blockwise recipe the
                   RMSNorms writing the q/k/v and gate/up inputs only as FP8 tiles
+``fused_tensor_projections``
+                  q/k/v and gate/up of the per-tensor recipes (tensorwise, delayed) as one GEMM each, the group's
+                  operands with one scale each, kept by its first layer (``q_proj``, ``gate_proj``), as Transformer
+                  Engine scales a fused QKV weight; the other layers' delayed states are then not updated. The
+                  values change only where a shared scale moves some of them into FP8's subnormal range
 ``fprop_fast_accum``
                   the forward GEMM (x @ w.T) of per-tensor and row-scaled recipes with cuBLAS's fast FP8
                   accumulation (``use_fast_accum``: no periodic promotion of the tensor cores' partial sums to
@@ -38,6 +48,7 @@ class Fp8Options:
     kernels: str = "auto"
     weight_cache: str = "graph"
     fused_producers: bool = False
+    fused_tensor_projections: bool = False
     fprop_fast_accum: bool = False
 
     def validate(self, source: str = "fp8 options") -> "Fp8Options":
@@ -46,7 +57,7 @@ class Fp8Options:
             if v not in choices:
                 raise YxanulError(f"must be one of {', '.join(choices)}, got {v!r}", source=source,
                                   key=f"fp8_{key}")
-        for key in ("fused_producers", "fprop_fast_accum"):
+        for key in ("fused_producers", "fused_tensor_projections", "fprop_fast_accum"):
             if not isinstance(getattr(self, key), bool):
                 raise YxanulError(f"must be true or false, got {getattr(self, key)!r}", source=source,
                                   key=f"fp8_{key}")
