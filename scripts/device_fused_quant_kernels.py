@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from yxanul.fp8.producers import rms_rstd  # noqa: E402
-from yxanul.kernels import norm_quant, quant, reference, swiglu_cast, swiglu_tiles  # noqa: E402
+from yxanul.kernels import quant, reference, swiglu_cast, tiles  # noqa: E402
 from yxanul.model import RMSNorm  # noqa: E402
 
 SHAPES = {"197m": (32768, 2048), "1b": (16384, 5632)}
@@ -82,12 +82,12 @@ def main(path: str) -> None:
         def unfused_fwd():
             h = swi(g, u)
             return quant.act_quant(h) + quant.act_quant_t(h)
-        ref = swiglu_tiles.swiglu_tiles(g, u, bn=32, num_warps=4)
+        ref = tiles.swiglu_tiles(g, u, bn=32, num_warps=4)
         row(shape=name, kernel="tiles-fwd", variant="unfused", us=timed(unfused_fwd))
         for bn, w in VARIANTS:
-            out = swiglu_tiles.swiglu_tiles(g, u, bn=bn, num_warps=w)
+            out = tiles.swiglu_tiles(g, u, bn=bn, num_warps=w)
             row(shape=name, kernel="tiles-fwd", variant=f"bn{bn}-w{w}", same_as_bn32_w4=same(out, ref),
-                us=timed(lambda: swiglu_tiles.swiglu_tiles(g, u, bn=bn, num_warps=w)))
+                us=timed(lambda: tiles.swiglu_tiles(g, u, bn=bn, num_warps=w)))
         row(shape=name, kernel="tiles-fwd", variant="reference-check",
             scales_equal_reference=same(ref[1::2], reference.swiglu_tiles_quant(g, u)[1::2]))
 
@@ -102,12 +102,12 @@ def main(path: str) -> None:
         def unfused_bwd():
             d = grads_c(g, u, dh)
             return quant.act_quant(d) + quant.act_quant_t(d)
-        ref = swiglu_tiles.swiglu_bwd_tiles(g, u, dh, bn=32, num_warps=4)
+        ref = tiles.swiglu_bwd_tiles(g, u, dh, bn=32, num_warps=4)
         row(shape=name, kernel="tiles-bwd", variant="unfused", us=timed(unfused_bwd))
         for bn, w in VARIANTS:
-            out = swiglu_tiles.swiglu_bwd_tiles(g, u, dh, bn=bn, num_warps=w)
+            out = tiles.swiglu_bwd_tiles(g, u, dh, bn=bn, num_warps=w)
             row(shape=name, kernel="tiles-bwd", variant=f"bn{bn}-w{w}", same_as_bn32_w4=same(out, ref),
-                us=timed(lambda: swiglu_tiles.swiglu_bwd_tiles(g, u, dh, bn=bn, num_warps=w)))
+                us=timed(lambda: tiles.swiglu_bwd_tiles(g, u, dh, bn=bn, num_warps=w)))
 
         # delayed scaling, forward and backward, against inductor's fusion of the same computation
         gc, uc = g.contiguous(), u.contiguous()
@@ -144,10 +144,10 @@ def main(path: str) -> None:
                 return quant.act_quant(y) + quant.act_quant_t(y)
             ref = unfused_norm()
             rstd_c = torch.compile(rms_rstd)
-            out = norm_quant.rmsnorm_tiles(x, rstd_c(x, 1e-6), norm.weight)
+            out = tiles.rmsnorm_tiles(x, rstd_c(x, 1e-6), norm.weight)
             row(shape=name, kernel=f"norm-tiles-{Kd}", variant="unfused", us=timed(unfused_norm))
             row(shape=name, kernel=f"norm-tiles-{Kd}", variant="bn32-w4", same_as_unfused=same(out, ref),
-                us=timed(lambda: norm_quant.rmsnorm_tiles(x, rstd_c(x, 1e-6), norm.weight)))
+                us=timed(lambda: tiles.rmsnorm_tiles(x, rstd_c(x, 1e-6), norm.weight)))
         for Md, Kd in DUAL_SHAPES[name]:
             x = torch.randn(Md, Kd, device="cuda", generator=gen).bfloat16()
             ref = quant.act_quant(x) + quant.act_quant_t(x)

@@ -164,7 +164,7 @@ def _define_custom_ops():
              fmt: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return sb.swiglu_bwd_cast(gate, up, dh, scale_gate, scale_up, fmt)
 
-    st = _mod("swiglu_tiles")
+    st = _mod("tiles")
 
     @torch.library.triton_op("yxanul::swiglu_tiles", mutates_args=())
     def _stl(gate: Tensor, up: Tensor, block: int, fmt: str, pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -175,12 +175,10 @@ def _define_custom_ops():
              pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return st.swiglu_bwd_tiles(gate, up, dh, block, fmt, pow2)
 
-    nq = _mod("norm_quant")
-
     @torch.library.triton_op("yxanul::rmsnorm_tiles", mutates_args=())
     def _rnt(x: Tensor, rstd: Tensor, weight: Tensor, block: int, fmt: str,
              pow2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return nq.rmsnorm_tiles(x, rstd, weight, block, fmt, pow2)
+        return st.rmsnorm_tiles(x, rstd, weight, block, fmt, pow2)
 
     @torch.library.triton_op("yxanul::tensor_cast_dual", mutates_args=())
     def _tcd(x: Tensor, scale_inv: Tensor, fmt: str, write_q: bool, write_qt: bool) -> tuple[Tensor, Tensor]:

@@ -1,8 +1,7 @@
 """RMSNorm fused with its 1 x b FP8 quantization: one read of x, writes y (for the residual stream and the
 norm's backward) and the FP8 copy plus scales that the following FP8 GEMMs (q/k/v or gate/up) consume.
 
-:func:`rmsnorm_tiles` writes no y, only its FP8 copies in both GEMM layouts (forward and weight-gradient
-operands), from x and the row scales computed beforehand (the whole-MLP function's blockwise path).
+:func:`yxanul.kernels.tiles.rmsnorm_tiles` writes no y, only its FP8 copies in both GEMM layouts.
 
 The quantized values are those of y *as rounded to its output dtype*, so they agree exactly with quantizing
 the unfused norm's output. The row's mean square is a different reduction order than torch's, so y itself may
@@ -16,7 +15,7 @@ import triton.language as tl
 
 from ..errors import YxanulError
 from ..fp8.formats import get_format
-from .quant import _cdiv, abs_max, cast_cols_t, cast_fp8, nan_maximum, scale_from_amax, scale_inv_constant
+from .quant import _cdiv, abs_max, cast_fp8, scale_from_amax, scale_inv_constant
 from .reference import _check_2d, _check_block
 
 
@@ -71,53 +70,3 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, bloc
                                               INV=scale_inv_constant(f.max, x.device), num_warps=4)
     return y, q, s
 
-
-@triton.jit
-def _rmsnorm_tiles_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, NKB, NMB,
-                          BLOCK: tl.constexpr, BN: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
-                          INV: tl.constexpr):
-    # y = (x * rstd) * w rounded to x's dtype, in 1 x BLOCK tiles of both layouts; one program per
-    # BLOCK x BLOCK tile, BLOCK x BN chunks in registers (as _act_quant_dual_chunked_kernel)
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-    mm = offs_m < M
-    r = tl.load(r_ptr + offs_m, mask=mm, other=0.0)
-    rmax = tl.zeros((BLOCK,), tl.float32)
-    for c in tl.static_range(0, BLOCK, BN):
-        offs_k = pid_k * BLOCK + c + tl.arange(0, BN)
-        mask = mm[:, None] & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-        w = tl.load(w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        y = ((x.to(tl.float32) * r[:, None]) * w[None, :]).to(x.dtype).to(tl.float32)
-        rmax = nan_maximum(rmax, cast_cols_t(y, qt_ptr, st_ptr, offs_m, offs_k, mask, pid_m, M, NMB, FMAX, POW2,
-                                             INV))
-    s = scale_from_amax(rmax, FMAX, POW2, INV)
-    for c in tl.static_range(0, BLOCK, BN):
-        offs_k = pid_k * BLOCK + c + tl.arange(0, BN)
-        mask = mm[:, None] & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-        w = tl.load(w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        y = ((x.to(tl.float32) * r[:, None]) * w[None, :]).to(x.dtype).to(tl.float32)
-        tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], cast_fp8(y, s[:, None], FMAX, q_ptr.dtype.element_ty),
-                 mask=mask)
-    tl.store(s_ptr + offs_m * NKB + pid_k, s, mask=mm)
-
-
-def rmsnorm_tiles(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, block: int = 128, fmt: str = "e4m3",
-                  pow2_scales: bool = False, bn: int = 32, num_warps: int = 4):
-    """RMSNorm's output from x and its row scales ``rstd`` (``1 / sqrt(mean(x^2) + eps)``, FP32 ``[M]``), in 1 x
-    block FP8 tiles of both GEMM layouts: ``(q [M, K], s, qT [K, M], sT)``. y itself is never written."""
-    f = get_format(fmt)
-    x, rstd, weight = x.contiguous(), rstd.float().contiguous(), weight.contiguous()
-    M, K = x.shape
-    nkb, nmb = _cdiv(K, block), _cdiv(M, block)
-    q = torch.empty((M, K), dtype=f.dtype, device=x.device)
-    s = torch.empty((M, nkb), dtype=torch.float32, device=x.device)
-    qt = torch.empty((K, M), dtype=f.dtype, device=x.device)
-    st = torch.empty((K, nmb), dtype=torch.float32, device=x.device)
-    if x.numel():
-        torch.library.wrap_triton(_rmsnorm_tiles_kernel)[(nmb, nkb)](
-            x, rstd, weight, q, s, qt, st, M, K, x.stride(0), nkb, nmb, BLOCK=block, BN=min(bn, block), FMAX=f.max,
-            POW2=pow2_scales, INV=scale_inv_constant(f.max, x.device), num_warps=num_warps)
-    return q, s, qt, st

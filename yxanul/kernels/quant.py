@@ -162,46 +162,6 @@ def _act_quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm,
 
 
 @triton.jit
-def cast_cols_t(x, qt_ptr, st_ptr, offs_m, cols, mask, pid_m, M, NMB, FMAX: tl.constexpr, POW2: tl.constexpr,
-                INV: tl.constexpr):
-    """Cast a b x BN chunk (b rows of one column tile) with its column (b x 1) scales, store it transposed at rows
-    `cols` of qT [*, M] and the scales at rows `cols` of sT [*, NMB]; return the chunk's row maxima of |x|."""
-    ax = tl.abs(x)
-    st = scale_from_amax(nan_max(ax, 0), FMAX, POW2, INV)
-    qt = cast_fp8(x, st[None, :], FMAX, qt_ptr.dtype.element_ty)
-    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + offs_m[None, :], tl.trans(qt), mask=tl.trans(mask))
-    tl.store(st_ptr + cols * NMB + pid_m, st, mask=tl.max(mask.to(tl.int32), 0) > 0)
-    return nan_max(ax, 1)
-
-
-@triton.jit
-def _act_quant_dual_chunked_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, NKB, NMB,
-                                   BLOCK: tl.constexpr, BN: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
-                                   INV: tl.constexpr):
-    """act_quant_dual with b x BN chunks in registers instead of the whole b x b tile: each chunk is cast with its
-    column scales and stored transposed at once, then read again (from cache) for the row scales."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-    mm = offs_m < M
-    rmax = tl.zeros((BLOCK,), tl.float32)
-    for c in tl.static_range(0, BLOCK, BN):
-        offs_k = pid_k * BLOCK + c + tl.arange(0, BN)
-        mask = mm[:, None] & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        rmax = nan_maximum(rmax, cast_cols_t(x, qt_ptr, st_ptr, offs_m, offs_k, mask, pid_m, M, NMB, FMAX, POW2,
-                                             INV))
-    s = scale_from_amax(rmax, FMAX, POW2, INV)
-    for c in tl.static_range(0, BLOCK, BN):
-        offs_k = pid_k * BLOCK + c + tl.arange(0, BN)
-        mask = mm[:, None] & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], cast_fp8(x, s[:, None], FMAX, q_ptr.dtype.element_ty),
-                 mask=mask)
-    tl.store(s_ptr + offs_m * NKB + pid_k, s, mask=mm)
-
-
-@triton.jit
 def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, NKB,
                          BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
                       INV: tl.constexpr):
@@ -291,9 +251,12 @@ def act_quant_t(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scale
 def act_quant_dual(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False,
                    bn: int | None = None, num_warps: int | None = None):
     """Both layouts from one read of x. ``bn`` None: the whole block x block tile in registers (8 warps);
-    ``bn``: block x bn chunks (:func:`_act_quant_dual_chunked_kernel`, 4 warps unless given)."""
+    ``bn``: block x bn chunks (:func:`yxanul.kernels.tiles.dual_tiles`, 4 warps unless given)."""
     _check_2d(x)
     _check_block(block)
+    if bn is not None:
+        from .tiles import dual_tiles
+        return dual_tiles(x, block, fmt, pow2_scales, bn, num_warps or 4)
     f = get_format(fmt)
     x = x.contiguous()
     M, K = x.shape
@@ -302,14 +265,10 @@ def act_quant_dual(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_sc
     s = torch.empty((M, nkb), dtype=torch.float32, device=x.device)
     qt = torch.empty((K, M), dtype=f.dtype, device=x.device)
     st = torch.empty((K, nmb), dtype=torch.float32, device=x.device)
-    if x.numel() and bn is None:
+    if x.numel():
         _act_quant_dual_kernel[(nmb, nkb)](x, q, s, qt, st, M, K, x.stride(0), nkb, nmb, BLOCK=block,
                                            FMAX=f.max, POW2=pow2_scales,
                                            INV=scale_inv_constant(f.max, x.device), num_warps=num_warps or 8)
-    elif x.numel():
-        _act_quant_dual_chunked_kernel[(nmb, nkb)](x, q, s, qt, st, M, K, x.stride(0), nkb, nmb, BLOCK=block,
-                                                   BN=min(bn, block), FMAX=f.max, POW2=pow2_scales,
-                                                   INV=scale_inv_constant(f.max, x.device), num_warps=num_warps or 4)
     return q, s, qt, st
 
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..fp8.formats import get_format
-from .quant import abs_max, cast_fp8
+from .quant import _cdiv, abs_max, cast_fp8
 
 # tile: tokens x features, and warps; the fastest of the shapes scripts/device_swiglu_bwd_bench.py compares
 BM = 32
@@ -28,56 +28,52 @@ def _tile_amax(x):
 
 
 @triton.jit
-def _swiglu_fwd_cast_kernel(g_ptr, u_ptr, s_ptr, q_ptr, qt_ptr, part_ptr, M, F,
-                            BM: tl.constexpr, BN: tl.constexpr, FMAX: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+def _tile(M, F, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's BM x BN tile of an [M, F] tensor: offsets and mask, and those of its place in the [F, M]
+    transpose."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < F)
     off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
+    off_t = offs_n[:, None].to(tl.int64) * M + offs_m[None, :]
+    return off, mask, off_t, tl.trans(mask)
+
+
+@triton.jit
+def _cast_both(x, s_ptr, q_ptr, qt_ptr, off, mask, off_t, mask_t, FMAX: tl.constexpr):
+    """Cast a tile with the per-tensor scale at s_ptr and store it in both layouts."""
+    q = cast_fp8(x, tl.load(s_ptr), FMAX, q_ptr.dtype.element_ty)
+    tl.store(q_ptr + off, q, mask=mask)
+    tl.store(qt_ptr + off_t, tl.trans(q), mask=mask_t)
+
+
+@triton.jit
+def _swiglu_fwd_cast_kernel(g_ptr, u_ptr, s_ptr, q_ptr, qt_ptr, part_ptr, M, F,
+                            BM: tl.constexpr, BN: tl.constexpr, FMAX: tl.constexpr):
+    off, mask, off_t, mask_t = _tile(M, F, BM, BN)
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
     h = tl.div_rn(g, 1.0 + tl.exp(-g)) * u
     h = h.to(g_ptr.dtype.element_ty).to(tl.float32)  # rounded once to the activation dtype, as unfused
-    q = cast_fp8(h, tl.load(s_ptr), FMAX, q_ptr.dtype.element_ty)
-    tl.store(q_ptr + off, q, mask=mask)
-    off_t = offs_n[:, None].to(tl.int64) * M + offs_m[None, :]
-    mask_t = (offs_n[:, None] < F) & (offs_m[None, :] < M)
-    tl.store(qt_ptr + off_t, tl.trans(q), mask=mask_t)
-    tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, _tile_amax(h))
+    _cast_both(h, s_ptr, q_ptr, qt_ptr, off, mask, off_t, mask_t, FMAX)
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), _tile_amax(h))
 
 
 @triton.jit
 def _swiglu_bwd_cast_kernel(g_ptr, u_ptr, d_ptr, sg_ptr, su_ptr, gq_ptr, gqt_ptr, uq_ptr, uqt_ptr, part_ptr,
                             M, F, NP, BM: tl.constexpr, BN: tl.constexpr, FMAX: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < F)
-    off = offs_m[:, None].to(tl.int64) * F + offs_n[None, :]
+    off, mask, off_t, mask_t = _tile(M, F, BM, BN)
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
     d = tl.load(d_ptr + off, mask=mask, other=0.0).to(tl.float32)
     sig = tl.div_rn(1.0, 1.0 + tl.exp(-g))
     dg = d * u * sig * (1.0 + g * (1.0 - sig))
     du = d * (g * sig)
-    off_t = offs_n[:, None].to(tl.int64) * M + offs_m[None, :]
-    mask_t = (offs_n[:, None] < F) & (offs_m[None, :] < M)
-    qg = cast_fp8(dg, tl.load(sg_ptr), FMAX, gq_ptr.dtype.element_ty)
-    tl.store(gq_ptr + off, qg, mask=mask)
-    tl.store(gqt_ptr + off_t, tl.trans(qg), mask=mask_t)
-    qu = cast_fp8(du, tl.load(su_ptr), FMAX, uq_ptr.dtype.element_ty)
-    tl.store(uq_ptr + off, qu, mask=mask)
-    tl.store(uqt_ptr + off_t, tl.trans(qu), mask=mask_t)
-    pid = pid_m * tl.num_programs(1) + pid_n
+    _cast_both(dg, sg_ptr, gq_ptr, gqt_ptr, off, mask, off_t, mask_t, FMAX)
+    _cast_both(du, su_ptr, uq_ptr, uqt_ptr, off, mask, off_t, mask_t, FMAX)
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(part_ptr + pid, _tile_amax(dg))
     tl.store(part_ptr + NP + pid, _tile_amax(du))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def swiglu_fwd_cast(gate: torch.Tensor, up: torch.Tensor, scale_h: torch.Tensor, fmt: str = "e4m3",
