@@ -7,6 +7,27 @@ from pathlib import Path
 SUBCOMMANDS = []
 
 
+# the FP8 options both benchmarks take as on/off flags (Fp8Options fields; bench quality applies them to its FP8
+# branches only)
+_FP8_OPTION_FLAGS = {
+    "fused_producers": "delayed and blockwise recipes: FP8 operands written by the kernels that produce them (the "
+                       "SwiGLU MLP as one function; blockwise: the norms)",
+    "fused_tensor_projections": "tensorwise and delayed recipes: q/k/v and gate/up as one GEMM each, one scale per "
+                                "operand for the group",
+    "fprop_fast_accum": "per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's fast FP8 accumulation "
+                        "(torchao's default; changes the numbers)",
+}
+
+
+def _add_fp8_option_flags(p) -> None:
+    for name, help_ in _FP8_OPTION_FLAGS.items():
+        p.add_argument("--fp8-" + name.replace("_", "-"), action="store_true", help=help_)
+
+
+def _fp8_option_flags(args) -> dict:
+    return {name: getattr(args, "fp8_" + name) for name in _FP8_OPTION_FLAGS}
+
+
 def add_subcommand(fn):
     """Register a `bench` subcommand: ``fn(bench_subparsers)`` adds its parser and sets ``func``."""
     SUBCOMMANDS.append(fn)
@@ -26,8 +47,9 @@ def _throughput(bsub):
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                   help="comma-separated modes; an fp8 mode may add +fast-accum, +fused-producers and/or +swiglu-fp8 to time that "
-                        "choice next to the mode without it (e.g. fp8-delayed,fp8-delayed+fused-producers)")
+                   help="comma-separated modes; an fp8 mode may add variants (+fast-accum, +fused-producers, "
+                        "+fused-proj, +swiglu-fp8) to time that choice next to the mode without it (e.g. "
+                        "fp8-delayed,fp8-delayed+fused-producers)")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (quick iteration)")
     p.add_argument("--compile", dest="compile", action="store_true", default=True, help="torch.compile (default)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
@@ -61,15 +83,7 @@ def _throughput(bsub):
     p.add_argument("--fp8-weight-cache", default="graph",
                    help="graph: weights quantized in the compiled graph at every forward (default); step: once per "
                         "optimizer step into static copies")
-    p.add_argument("--fp8-fused-producers", action="store_true",
-                   help="delayed and blockwise recipes: FP8 operands written by the kernels that produce them "
-                        "(the SwiGLU MLP as one function; blockwise: the norms)")
-    p.add_argument("--fp8-fused-tensor-projections", action="store_true",
-                   help="tensorwise and delayed recipes: q/k/v and gate/up as one GEMM each, one scale per operand "
-                        "for the group")
-    p.add_argument("--fp8-fprop-fast-accum", action="store_true",
-                   help="per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's fast FP8 accumulation "
-                        "(torchao's default; changes the numbers)")
+    _add_fp8_option_flags(p)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="CUDA: profile N more steps per mode and record where the GPU time goes (kernel "
                         "categories: GEMMs, FP8 GEMMs, attention, quantization, cross-entropy, optimizer, idle)")
@@ -101,9 +115,7 @@ def _run_throughput(args):
                   compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
                   plain_compile_modes=args.plain_compile_modes,
                   fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
-                                         fused_producers=args.fp8_fused_producers,
-                                         fused_tensor_projections=args.fp8_fused_tensor_projections,
-                                         fprop_fast_accum=args.fp8_fprop_fast_accum),
+                                         **_fp8_option_flags(args)),
                   host_gc=args.host_gc, compile_scope=args.compile_scope)
     if not args.sweep:
         result = run_throughput(**common)
@@ -164,15 +176,7 @@ def _quality(bsub):
     p.add_argument("--fp8-backend", default="auto")
     p.add_argument("--calibration-steps", type=int, default=None,
                    help="delayed recipe: calibration steps, scaled by the current amax (default: the policy's; the note says 100)")
-    p.add_argument("--fp8-fprop-fast-accum", action="store_true",
-                   help="FP8 modes with per-tensor or row scales: the forward GEMM with cuBLAS's fast FP8 "
-                        "accumulation (see yxanul bench throughput --help)")
-    p.add_argument("--fp8-fused-producers", action="store_true",
-                   help="FP8 modes of the delayed and blockwise recipes: FP8 operands written by the kernels that "
-                        "produce them (see yxanul bench throughput --help)")
-    p.add_argument("--fp8-fused-tensor-projections", action="store_true",
-                   help="FP8 modes of the tensorwise and delayed recipes: q/k/v and gate/up as one GEMM each (see "
-                        "yxanul bench throughput --help)")
+    _add_fp8_option_flags(p)
     p.add_argument("--repeats", type=int, default=1,
                    help="train every mode this many times with different data orders (paired across modes) and "
                         "report mean differences with standard errors")
@@ -216,9 +220,7 @@ def _run_quality(args):
                   fp8_backend=args.fp8_backend, reuse=not args.fresh, calibration_steps=args.calibration_steps,
                   fp8_all_recipe=args.fp8_all_recipe, repeats=args.repeats, compile_mode=args.compile_mode,
                   tune_kernels=args.tune_kernels,
-                  fp8_options={"fprop_fast_accum": args.fp8_fprop_fast_accum,
-                               "fused_producers": args.fp8_fused_producers,
-                               "fused_tensor_projections": args.fp8_fused_tensor_projections})
+                  fp8_options=_fp8_option_flags(args))
     if args.fork_at is not None:
         return _run_fork(args, modes, common)
     res = run_quality(args.model, args.data, args.tokens, modes, seeds=args.seeds, last_evals=args.last_evals,
