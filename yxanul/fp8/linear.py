@@ -274,12 +274,15 @@ class Fp8Linear(nn.Module):
         if bad is not None:
             self.nonfinite[slot] += bad.to(torch.int32)
 
-    def _delayed_scale(self, which: str, t: torch.Tensor) -> torch.Tensor:
+    def _delayed_scale(self, which: str, t: torch.Tensor, also=()) -> torch.Tensor:
+        """The scale `t` is cast with now; its amax is recorded in this layer's history and in those of the
+        layers in `also` (which read the same tensor)."""
         i = _SLOT[which]
         amax = self.ops.amax(t.detach()) if self.ops.amax is not None else tensor_abs_max(t.detach())
         # a NaN/Inf propagates into the history's current row, which fp8_step (or _nonfinite before it) turns
         # into the non-finite flag: no flag kernel per operand here
-        scaling.record_amax(self.amax_history, i, amax)
+        for m in (self, *also):
+            scaling.record_amax(m.amax_history, i, amax)
         return self._scale_for(which, amax)
 
     def _scale_for(self, which: str, amax: torch.Tensor) -> torch.Tensor:

@@ -220,8 +220,7 @@ def mlp_forward(mlp, x: torch.Tensor, norm=None) -> torch.Tensor | None:
     if norm is not None:
         x = norm(x)
     w = [t for m in mods for t in m.weight_fp8()]
-    sxg = gate._delayed_scale("x", x)
-    up._delayed_scale("x", x)  # recorded for up's history; the function quantizes x once, with gate's scale
+    sxg = gate._delayed_scale("x", x, also=(up,))  # the function quantizes x once, with gate's scale
     y, amax_h = _MlpFn.apply(x, gate.weight, up.weight, down.weight, *w, sxg, down.scale_inv_x, mlp)
     scaling.record_amax(down.amax_history, 0, amax_h)
     return y
