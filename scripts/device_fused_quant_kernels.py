@@ -158,9 +158,9 @@ def main(path: str) -> None:
             row(shape=name, kernel=tag, variant="full-tile-w8", same=same(out, ref),
                 us=timed(lambda: quant.act_quant_dual(x)))
             for bn, w in VARIANTS:
-                out = quant.act_quant_dual(x, bn=bn, num_warps=w)
+                out = tiles.dual_tiles(x, bn=bn, num_warps=w)
                 row(shape=name, kernel=tag, variant=f"bn{bn}-w{w}", same=same(out, ref),
-                    us=timed(lambda: quant.act_quant_dual(x, bn=bn, num_warps=w)))
+                    us=timed(lambda: tiles.dual_tiles(x, bn=bn, num_warps=w)))
             row(shape=name, kernel=tag, variant="floor-3.35TB/s", us=Md * Kd * (2 + 2) / 3.35e12 * 1e6)
         # traffic floor at 3.35 TB/s (H100 SXM): bytes read and written once
         for k, nbytes in (("tiles-fwd", M * Fw * (4 + 2)), ("tiles-bwd", M * Fw * (6 + 4)),

@@ -153,9 +153,9 @@ def run_case(c, device: str = "cpu") -> dict:
         r = rms_rstd(x, 1e-6)
         return {"main": compare(kernels.rmsnorm_tiles_quant(x, r, w, impl="triton", **kw),
                                 reference.rmsnorm_tiles_quant(x, r, w, **kw))}
-    if op == "act_quant_dual_chunked":  # the raw kernel's chunked variant (a launch-shape choice, no dispatcher)
-        from yxanul.kernels import quant
-        out = quant.act_quant_dual(x, **kw)
+    if op == "act_quant_dual_chunked":  # the chunked kernel (a launch-shape choice, no dispatcher)
+        from yxanul.kernels import tiles
+        out = tiles.dual_tiles(x, **kw)
         ref = reference.act_quant_dual(x, **{k: v for k, v in kw.items() if k != "bn"})
         return {"main": compare(out, ref)}
     if op in ("swiglu_tiles_quant", "swiglu_bwd_tiles_quant"):

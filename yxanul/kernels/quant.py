@@ -248,15 +248,11 @@ def act_quant_t(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scale
     return qt, st
 
 
-def act_quant_dual(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False,
-                   bn: int | None = None, num_warps: int | None = None):
-    """Both layouts from one read of x. ``bn`` None: the whole block x block tile in registers (8 warps);
-    ``bn``: block x bn chunks (:func:`yxanul.kernels.tiles.dual_tiles`, 4 warps unless given)."""
+def act_quant_dual(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False):
+    """Both layouts from one read of x, the whole block x block tile in registers (the chunked version is
+    :func:`yxanul.kernels.tiles.dual_tiles`)."""
     _check_2d(x)
     _check_block(block)
-    if bn is not None:
-        from .tiles import dual_tiles
-        return dual_tiles(x, block, fmt, pow2_scales, bn, num_warps or 4)
     f = get_format(fmt)
     x = x.contiguous()
     M, K = x.shape
@@ -268,7 +264,7 @@ def act_quant_dual(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_sc
     if x.numel():
         _act_quant_dual_kernel[(nmb, nkb)](x, q, s, qt, st, M, K, x.stride(0), nkb, nmb, BLOCK=block,
                                            FMAX=f.max, POW2=pow2_scales,
-                                           INV=scale_inv_constant(f.max, x.device), num_warps=num_warps or 8)
+                                           INV=scale_inv_constant(f.max, x.device), num_warps=8)
     return q, s, qt, st
 
 
