@@ -16,27 +16,31 @@
 #   fastacc  Yxanul-1B: the forward GEMM with fast accumulation (fprop_fast_accum) next to delayed
 #   memory   Yxanul-197M: FP8-kept SwiGLU inputs (cache_swiglu_inputs), delayed unfused and blockwise with the fused
 #            producers, for the peak-memory target
-# Usage: scripts/device_fused_producers.sh OUT_DIR PART...
+# Usage: [BUDGET_S=N] scripts/device_fused_producers.sh OUT_DIR PART...
+#   BUDGET_S: stop each part when that many seconds have passed since the start (a bench keeps the modes it
+#   finished: its JSON is written after every mode); default 3600
 set -uo pipefail
 out="${1:?usage: $0 OUT_DIR PART...}"
 shift
 mkdir -p "$out"
+end=$(( $(date +%s) + ${BUDGET_S:-3600} ))
+left() { echo $(( end - $(date +%s) > 1 ? end - $(date +%s) : 1 )); }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 memory=bf16,fp8-delayed+swiglu-fp8,fp8-blockwise+fused-producers+swiglu-fp8
-bench() { local name="$1" modes="$2"; shift 2; python -m yxanul bench throughput --seq 2048 --steps 20 --warmup 5 \
+bench() { local name="$1" modes="$2"; shift 2; timeout "$(left)" python -m yxanul bench throughput --seq 2048 --steps 20 --warmup 5 \
   --compile-mode reduce-overhead --modes "$modes" "$@" --json-out "$out/throughput-$name.json" 2>&1 \
   | grep -v "^ " | grep -v "^\[" | tail -10; }
 for part in "$@"; do
   case "$part" in
     tests)
-      python -m pytest -q -m gpu tests/test_kernels.py tests/test_producers.py 2>&1 | tail -4
-      python -m pytest -q -m gpu tests/test_swiglu_fp8.py tests/test_fp8_linear.py tests/test_train.py \
+      timeout "$(left)" python -m pytest -q -m gpu tests/test_kernels.py tests/test_producers.py 2>&1 | tail -30
+      timeout "$(left)" python -m pytest -q -m gpu tests/test_swiglu_fp8.py tests/test_fp8_linear.py tests/test_train.py \
         -k "swiglu or fast_accum or cuda_traced or cuda_graph_steps" 2>&1 | tail -4 ;;
-    kernels) python scripts/device_fused_quant_kernels.py "$out/fused-quant-kernels.json" 2>&1 | grep -v Warn | tail -40 ;;
+    kernels) timeout "$(left)" python scripts/device_fused_quant_kernels.py "$out/fused-quant-kernels.json" 2>&1 | grep -v Warn | tail -40 ;;
     197m-delayed|197m-blockwise|1b-delayed|1b-blockwise)
       recipe="${part#*-}"
       if [[ "$part" == 197m-* ]]; then size=(--model yxanul-197m --batch 16); else size=(--model yxanul-1b --batch 8); fi
-      bench "$part" "bf16,fp8-$recipe,fp8-$recipe+fused-producers" "${size[@]}" ;;
+      bench "$part" "bf16,fp8-$recipe+fused-producers,fp8-$recipe" "${size[@]}" ;;
     197m-proj) bench 197m-proj fp8-delayed,fp8-delayed+fused-proj,fp8-delayed+fused-proj+fused-producers \
       --model yxanul-197m --batch 16 ;;
     fastacc) bench 1b-fastacc bf16,fp8-delayed,fp8-delayed+fast-accum --model yxanul-1b --batch 8 ;;
