@@ -26,7 +26,7 @@ mkdir -p "$out"
 end=$(( $(date +%s) + ${BUDGET_S:-3600} ))
 left() { echo $(( end - $(date +%s) > 1 ? end - $(date +%s) : 1 )); }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-memory=bf16,fp8-delayed+swiglu-fp8,fp8-blockwise+fused-producers+swiglu-fp8
+memory=bf16,fp8-delayed+swiglu-fp8,fp8-blockwise+swiglu-fp8
 bench() { local name="$1" modes="$2"; shift 2; timeout "$(left)" python -m yxanul bench throughput --seq 2048 --steps 20 --warmup 5 \
   --compile-mode reduce-overhead --modes "$modes" "$@" --json-out "$out/throughput-$name.json" 2>&1 \
   | grep -v "^ " | grep -v "^\[" | tail -10; }
