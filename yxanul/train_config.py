@@ -63,7 +63,9 @@ class TrainConfig:
                                           "forward) or step (once per optimizer step into static copies)",
                                  choices=("graph", "step"))
     fp8_fused_producers: bool = _opt(False, "delayed and blockwise recipes: FP8 operands written by the kernels that "
-                                            "produce them (the SwiGLU MLP as one function; blockwise: the norms)")
+                                            "produce them (the SwiGLU MLP as one function; blockwise: the norms); "
+                                            "measured no faster for delayed and slower for blockwise "
+                                            "(docs/benchmarks.md)")
     fp8_fused_tensor_projections: bool = _opt(False, "tensorwise and delayed recipes: q/k/v and gate/up as one GEMM "
                                                      "each, one scale per operand for the group")
     fp8_fprop_fast_accum: bool = _opt(False, "per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's "
