@@ -5,13 +5,14 @@ whole-MLP function, and both 1 x 128 layouts of an operand from one read.
 
 At the SwiGLU shapes of Yxanul-197M (32,768 tokens x 2,048) and Yxanul-1B (16,384 x 5,632), BF16 inputs:
   tiles-fwd   swiglu_tiles (h in 1 x 128 tiles, both layouts) against compiled silu(g) * u followed by the
-              act_quant and act_quant_t kernels (the unfused blockwise path), for several chunk widths and warps
+              act_quant and act_quant_t kernels (the unfused blockwise path), for several column-kernel widths and warps
   tiles-bwd   swiglu_bwd_tiles against the compiled SwiGLU backward, cat, act_quant and act_quant_t
   cast-fwd    swiglu_fwd_cast (delayed scaling) against torch.compile of the same computation
   cast-bwd    swiglu_bwd_cast against torch.compile of the same computation
   norm-tiles  rmsnorm_tiles (the norm's output as 1 x 128 tiles of both layouts, from x and the row scales, plus
               the row-scale reduction) against the compiled RMSNorm followed by act_quant and act_quant_t
-  dual        act_quant_dual (both 1 x 128 layouts from one read; whole 128 x 128 tile, and in 128 x bn chunks)
+  dual        act_quant_dual (both 1 x 128 layouts from one read, whole 128 x 128 tile) and tiles.dual_tiles (a row
+              and a column kernel)
               against act_quant + act_quant_t, at the widths of the other blockwise operands (768, 1,024; 2,048)
 Each timing is the median of 5 runs of 20 launches between CUDA events, after a check that the variant's outputs
 equal the reference's bytes (FP8) and values (scales). Writes one JSON.
@@ -34,7 +35,7 @@ from yxanul.model import RMSNorm  # noqa: E402
 
 SHAPES = {"197m": (32768, 2048), "1b": (16384, 5632)}
 DUAL_SHAPES = {"197m": [(32768, 768), (32768, 1024)], "1b": [(16384, 2048), (16384, 2560)]}
-VARIANTS = [(16, 4), (32, 4), (32, 8), (64, 8)]  # (chunk columns, warps)
+VARIANTS = [(16, 4), (32, 4), (32, 8), (64, 8)]  # (column-kernel width, warps)
 
 
 def timed(fn, reps: int = 20, runs: int = 5) -> float:

@@ -61,8 +61,8 @@ CASES = [  # (op, M, K, dtype, kwargs)
     ("act_quant_t", 200, 72, "bfloat16", {}),
     ("act_quant_t", 128, 64, "float32", {"pow2_scales": True}),
     ("act_quant_dual", 150, 260, "bfloat16", {}),
-    ("act_quant_dual_chunked", 150, 260, "bfloat16", {"bn": 32}),
-    ("act_quant_dual_chunked", 64, 256, "float32", {"bn": 64, "pow2_scales": True}),
+    ("dual_tiles", 150, 260, "bfloat16", {"bn": 32}),
+    ("dual_tiles", 64, 256, "float32", {"bn": 64, "pow2_scales": True}),
     ("weight_quant", 200, 300, "bfloat16", {}),
     ("weight_quant", 256, 128, "float32", {"pow2_scales": True}),
     ("tensor_quant", 70, 300, "bfloat16", {}),
@@ -153,7 +153,7 @@ def run_case(c, device: str = "cpu") -> dict:
         r = rms_rstd(x, 1e-6)
         return {"main": compare(kernels.rmsnorm_tiles_quant(x, r, w, impl="triton", **kw),
                                 reference.rmsnorm_tiles_quant(x, r, w, **kw))}
-    if op == "act_quant_dual_chunked":  # the chunked kernel (a launch-shape choice, no dispatcher)
+    if op == "dual_tiles":  # the two-kernel quantizer of yxanul.kernels.tiles (no dispatcher)
         from yxanul.kernels import tiles
         out = tiles.dual_tiles(x, **kw)
         ref = reference.act_quant_dual(x, **{k: v for k, v in kw.items() if k != "bn"})

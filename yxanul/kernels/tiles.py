@@ -1,14 +1,15 @@
-"""FP8 operands in 1 x b tiles of both GEMM layouts, written by the kernel that produces their values.
+"""FP8 operands in 1 x b tiles of both GEMM layouts, written by the kernels that produce their values.
 
-Per-tile scales need no reduction over the whole tensor, so the kernel that computes a value can quantize it:
-one program owns b rows x b columns. The transposed copy's tiles (b rows of one column) are complete in every
-column of the program's tile, so each chunk of columns is cast and stored transposed as soon as it is computed
-(:func:`cast_cols_t`); the row tiles (b columns of one row) are complete once all chunks are seen, so the chunks
-are then recomputed from the inputs (read again, from cache) and cast with the row scales. Registers hold one
-chunk of b x BN values, not the whole tile. Every function returns ``(q [M, K], s [M, K/b], qT [K, M],
-sT [K, M/b])``, the forward (or dgrad) and the weight-gradient operand with their scales.
+Per-tile scales need no reduction over the whole tensor, so the kernel that computes a value can quantize it.
+Two kernels of the quantizers' shapes each compute the values from the inputs and quantize one layout: the row
+kernel a BM x b tile (BM row tiles, scales along the row, as ``act_quant``), the column kernel a b x BN tile
+cast with its b x 1 scales and stored transposed (as ``act_quant_t``). The value being quantized is never
+written in the activation dtype; its inputs are read once per layout. (One program owning a whole b x b tile
+and writing both layouts, chunk by chunk with the chunks recomputed for the row scales, was measured 2-3.5x
+slower than the separate quantizers on the H100: docs/perf-notes.md.) Every function returns ``(q [M, K],
+s [M, K/b], qT [K, M], sT [K, M/b])``, the forward (or dgrad) and the weight-gradient operand with their scales.
 
-:func:`dual_tiles`         x itself (``act_quant_dual`` with chunks)
+:func:`dual_tiles`         x itself (``act_quant`` and ``act_quant_t``)
 :func:`rmsnorm_tiles`      RMSNorm's output ``(x * rstd) * w`` rounded to x's dtype, from x and the row scales
 :func:`swiglu_tiles`       ``h = silu(g) * u`` rounded to the activation dtype (as the unfused layers round it):
                            down_proj's operands
@@ -26,37 +27,39 @@ import triton
 import triton.language as tl
 
 from ..fp8.formats import get_format
-from .quant import _cdiv, cast_fp8, nan_max, nan_maximum, scale_from_amax, scale_inv_constant
+from ..errors import YxanulError
+from .quant import _cdiv, cast_fp8, nan_max, scale_from_amax, scale_inv_constant
 
-BN = 32      # columns per chunk
+BM = 32      # rows per program of the row-tile kernels (a BM x block tile, as act_quant)
+BN = 64      # columns per program of the column-tile kernels (a block x BN tile, as act_quant_t)
+BN_BWD = 32  # the same for the SwiGLU backward, which holds two such tiles (dgate, dup)
 WARPS = 4
 
-# what _dual_tiles_kernel computes from its inputs
+# what the kernels compute from their inputs
 IDENTITY, RMSNORM, SWIGLU = 0, 1, 2
 
 
 @triton.jit
 def cast_cols_t(x, qt_ptr, st_ptr, offs_m, cols, mask, pid_m, M, NMB, FMAX: tl.constexpr, POW2: tl.constexpr,
                 INV: tl.constexpr):
-    """Cast a b x BN chunk (b rows of one column tile) with its column (b x 1) scales, store it transposed at rows
-    `cols` of qT [*, M] and the scales at rows `cols` of sT [*, NMB]; return the chunk's row maxima of |x|."""
-    ax = tl.abs(x)
-    st = scale_from_amax(nan_max(ax, 0), FMAX, POW2, INV)
+    """Cast a b x BN tile (b rows of BN column tiles) with its column (b x 1) scales, store it transposed at rows
+    `cols` of qT [*, M] and the scales at rows `cols` of sT [*, NMB]."""
+    st = scale_from_amax(nan_max(tl.abs(x), 0), FMAX, POW2, INV)
     qt = cast_fp8(x, st[None, :], FMAX, qt_ptr.dtype.element_ty)
-    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + offs_m[None, :], tl.trans(qt), mask=tl.trans(mask))
+    tl.store(qt_ptr + cols[:, None] * M + offs_m[None, :], tl.trans(qt), mask=tl.trans(mask))
     tl.store(st_ptr + cols * NMB + pid_m, st, mask=tl.max(mask.to(tl.int32), 0) > 0)
-    return nan_max(ax, 1)
 
 
 @triton.jit
-def _produce(a_ptr, b_ptr, r, w_ptr, offs_m, offs_k, mask, stride_in, K, PRODUCER: tl.constexpr):
-    """One b x BN chunk of the values to quantize, in FP32."""
-    off = offs_m[:, None].to(tl.int64) * stride_in + offs_k[None, :]
+def _produce(a_ptr, b_ptr, r_ptr, w_ptr, offs_m, offs_k, mask, stride_in, M, K, PRODUCER: tl.constexpr):
+    """A tile of the values to quantize, in FP32."""
+    off = offs_m[:, None] * stride_in + offs_k[None, :]
     a = tl.load(a_ptr + off, mask=mask, other=0.0)
-    if PRODUCER == 1:    # RMSNorm
+    if PRODUCER == 1:    # RMSNorm: (x * rstd) * w, rounded to x's dtype
+        r = tl.load(r_ptr + offs_m, mask=offs_m < M, other=0.0)
         w = tl.load(w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         y = ((a.to(tl.float32) * r[:, None]) * w[None, :]).to(a.dtype)
-    elif PRODUCER == 2:  # SwiGLU
+    elif PRODUCER == 2:  # SwiGLU: silu(g) * u, rounded to g's dtype
         g = a.to(tl.float32)
         u = tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32)
         y = (tl.div_rn(g, 1.0 + tl.exp(-g)) * u).to(a.dtype)
@@ -66,75 +69,70 @@ def _produce(a_ptr, b_ptr, r, w_ptr, offs_m, offs_k, mask, stride_in, K, PRODUCE
 
 
 @triton.jit
-def _dual_tiles_kernel(a_ptr, b_ptr, r_ptr, w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_in, NKB, NMB,
-                       PRODUCER: tl.constexpr, BLOCK: tl.constexpr, BN: tl.constexpr, FMAX: tl.constexpr,
-                       POW2: tl.constexpr, INV: tl.constexpr):
-    pid_m = tl.program_id(0)
+def _rows_kernel(a_ptr, b_ptr, r_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_in, NKB, PRODUCER: tl.constexpr,
+                 BM: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
     pid_k = tl.program_id(1)
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    y = _produce(a_ptr, b_ptr, r_ptr, w_ptr, offs_m, offs_k, mask, stride_in, M, K, PRODUCER)
+    s = scale_from_amax(nan_max(tl.abs(y), 1), FMAX, POW2, INV)
+    tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], cast_fp8(y, s[:, None], FMAX, q_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(s_ptr + offs_m * NKB + pid_k, s, mask=offs_m < M)
+
+
+@triton.jit
+def _cols_kernel(a_ptr, b_ptr, r_ptr, w_ptr, qt_ptr, st_ptr, M, K, stride_in, NMB, PRODUCER: tl.constexpr,
+                 BN: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
+    pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-    mm = offs_m < M
-    r = tl.zeros((BLOCK,), tl.float32)
-    if PRODUCER == 1:
-        r = tl.load(r_ptr + offs_m, mask=mm, other=0.0)
-    rmax = tl.zeros((BLOCK,), tl.float32)
-    for c in tl.static_range(0, BLOCK, BN):
-        offs_k = pid_k * BLOCK + c + tl.arange(0, BN)
-        mask = mm[:, None] & (offs_k[None, :] < K)
-        y = _produce(a_ptr, b_ptr, r, w_ptr, offs_m, offs_k, mask, stride_in, K, PRODUCER)
-        rmax = nan_maximum(rmax, cast_cols_t(y, qt_ptr, st_ptr, offs_m, offs_k, mask, pid_m, M, NMB, FMAX, POW2,
-                                             INV))
-    s = scale_from_amax(rmax, FMAX, POW2, INV)
-    for c in tl.static_range(0, BLOCK, BN):
-        offs_k = pid_k * BLOCK + c + tl.arange(0, BN)
-        mask = mm[:, None] & (offs_k[None, :] < K)
-        y = _produce(a_ptr, b_ptr, r, w_ptr, offs_m, offs_k, mask, stride_in, K, PRODUCER)
-        tl.store(q_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :],
-                 cast_fp8(y, s[:, None], FMAX, q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + offs_m * NKB + pid_k, s, mask=mm)
+    offs_k = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    y = _produce(a_ptr, b_ptr, r_ptr, w_ptr, offs_m, offs_k, mask, stride_in, M, K, PRODUCER)
+    cast_cols_t(y, qt_ptr, st_ptr, offs_m, offs_k, mask, pid_m, M, NMB, FMAX, POW2, INV)
 
 
 @triton.jit
 def _swiglu_bwd_grads(g_ptr, u_ptr, d_ptr, offs_m, offs_f, mask, stride_in, stride_d):
-    off = offs_m[:, None].to(tl.int64) * stride_in + offs_f[None, :]
+    off = offs_m[:, None] * stride_in + offs_f[None, :]
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    d = tl.load(d_ptr + offs_m[:, None].to(tl.int64) * stride_d + offs_f[None, :], mask=mask,
-                other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + offs_m[:, None] * stride_d + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.div_rn(1.0, 1.0 + tl.exp(-g))
     return d * u * sig * (1.0 + g * (1.0 - sig)), d * (g * sig)
 
 
+# the backward's two outputs side by side: [M, 2F] (dgate in columns [0, F), dup in [F, 2F)) with scales
+# [M, 2 F/b], and their transposes [2F, M] with scales [2F, M/b]
 @triton.jit
-def _swiglu_bwd_tiles_kernel(g_ptr, u_ptr, d_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, F, stride_in, stride_d, NFB,
-                             NMB, BLOCK: tl.constexpr, BN: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
-                             INV: tl.constexpr):
-    # two outputs side by side: [M, 2F] (dgate in columns [0, F), dup in [F, 2F)) and their transposes [2F, M]
-    pid_m = tl.program_id(0)
+def _swiglu_bwd_rows_kernel(g_ptr, u_ptr, d_ptr, q_ptr, s_ptr, M, F, stride_in, stride_d, NFB, BM: tl.constexpr,
+                            BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
     pid_f = tl.program_id(1)
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_f = pid_f * BLOCK + tl.arange(0, BLOCK)
     mm = offs_m < M
-    rmax_g = tl.zeros((BLOCK,), tl.float32)
-    rmax_u = tl.zeros((BLOCK,), tl.float32)
-    for c in tl.static_range(0, BLOCK, BN):
-        offs_f = pid_f * BLOCK + c + tl.arange(0, BN)
-        mask = mm[:, None] & (offs_f[None, :] < F)
-        dg, du = _swiglu_bwd_grads(g_ptr, u_ptr, d_ptr, offs_m, offs_f, mask, stride_in, stride_d)
-        rmax_g = nan_maximum(rmax_g, cast_cols_t(dg, qt_ptr, st_ptr, offs_m, offs_f, mask, pid_m, M, NMB, FMAX,
-                                                  POW2, INV))
-        rmax_u = nan_maximum(rmax_u, cast_cols_t(du, qt_ptr, st_ptr, offs_m, offs_f + F, mask, pid_m, M, NMB,
-                                                  FMAX, POW2, INV))
-    s_g = scale_from_amax(rmax_g, FMAX, POW2, INV)
-    s_u = scale_from_amax(rmax_u, FMAX, POW2, INV)
-    for c in tl.static_range(0, BLOCK, BN):
-        offs_f = pid_f * BLOCK + c + tl.arange(0, BN)
-        mask = mm[:, None] & (offs_f[None, :] < F)
-        dg, du = _swiglu_bwd_grads(g_ptr, u_ptr, d_ptr, offs_m, offs_f, mask, stride_in, stride_d)
-        row = offs_m[:, None].to(tl.int64) * (2 * F)
-        tl.store(q_ptr + row + offs_f[None, :], cast_fp8(dg, s_g[:, None], FMAX, q_ptr.dtype.element_ty), mask=mask)
-        tl.store(q_ptr + row + F + offs_f[None, :], cast_fp8(du, s_u[:, None], FMAX, q_ptr.dtype.element_ty),
-                 mask=mask)
+    mask = mm[:, None] & (offs_f[None, :] < F)
+    dg, du = _swiglu_bwd_grads(g_ptr, u_ptr, d_ptr, offs_m, offs_f, mask, stride_in, stride_d)
+    s_g = scale_from_amax(nan_max(tl.abs(dg), 1), FMAX, POW2, INV)
+    s_u = scale_from_amax(nan_max(tl.abs(du), 1), FMAX, POW2, INV)
+    row = offs_m[:, None] * (2 * F)
+    tl.store(q_ptr + row + offs_f[None, :], cast_fp8(dg, s_g[:, None], FMAX, q_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_ptr + row + F + offs_f[None, :], cast_fp8(du, s_u[:, None], FMAX, q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + offs_m * (2 * NFB) + pid_f, s_g, mask=mm)
     tl.store(s_ptr + offs_m * (2 * NFB) + NFB + pid_f, s_u, mask=mm)
+
+
+@triton.jit
+def _swiglu_bwd_cols_kernel(g_ptr, u_ptr, d_ptr, qt_ptr, st_ptr, M, F, stride_in, stride_d, NMB, BN: tl.constexpr,
+                            BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_f = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (offs_m[:, None] < M) & (offs_f[None, :] < F)
+    dg, du = _swiglu_bwd_grads(g_ptr, u_ptr, d_ptr, offs_m, offs_f, mask, stride_in, stride_d)
+    cast_cols_t(dg, qt_ptr, st_ptr, offs_m, offs_f, mask, pid_m, M, NMB, FMAX, POW2, INV)
+    cast_cols_t(du, qt_ptr, st_ptr, offs_m, offs_f + F, mask, pid_m, M, NMB, FMAX, POW2, INV)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -157,21 +155,30 @@ def _outputs(M: int, K: int, block: int, fmt, device):
             torch.empty((K, _cdiv(M, block)), dtype=torch.float32, device=device))
 
 
+def _check_size(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.numel() >= 2 ** 31:  # the kernels' offsets are 32-bit
+            raise YxanulError(f"tensor of {t.numel()} elements is too large for the tile kernels (< 2^31)", key="x")
+
+
 def _launch(producer: int, a, b, r, w, block: int, fmt: str, pow2_scales: bool, bn: int, num_warps: int):
     M, K = a.shape
     out = _outputs(M, K, block, fmt, a.device)
+    _check_size(a, out[0])
     if a.numel():
         fmax = get_format(fmt).max
-        torch.library.wrap_triton(_dual_tiles_kernel)[(_cdiv(M, block), _cdiv(K, block))](
-            a, b, r, w, *out, M, K, a.stride(0), _cdiv(K, block), _cdiv(M, block), PRODUCER=producer, BLOCK=block,
-            BN=min(bn, block), FMAX=fmax, POW2=pow2_scales, INV=scale_inv_constant(fmax, a.device),
-            num_warps=num_warps)
+        kw = dict(PRODUCER=producer, BLOCK=block, FMAX=fmax, POW2=pow2_scales,
+                  INV=scale_inv_constant(fmax, a.device), num_warps=num_warps)
+        torch.library.wrap_triton(_rows_kernel)[(_cdiv(M, BM), _cdiv(K, block))](
+            a, b, r, w, out[0], out[1], M, K, a.stride(0), _cdiv(K, block), BM=BM, **kw)
+        torch.library.wrap_triton(_cols_kernel)[(_cdiv(M, block), _cdiv(K, bn))](
+            a, b, r, w, out[2], out[3], M, K, a.stride(0), _cdiv(M, block), BN=bn, **kw)
     return out
 
 
 def dual_tiles(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, bn: int = BN,
                num_warps: int = WARPS):
-    """x itself in 1 x block tiles of both layouts from one read (module docstring)."""
+    """x itself in 1 x block tiles of both layouts (module docstring)."""
     x = _rows(x)
     return _launch(IDENTITY, x, x, x, x, block, fmt, pow2_scales, bn, num_warps)
 
@@ -187,22 +194,25 @@ def rmsnorm_tiles(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, blo
 
 def swiglu_tiles(gate: torch.Tensor, up: torch.Tensor, block: int = 128, fmt: str = "e4m3",
                  pow2_scales: bool = False, bn: int = BN, num_warps: int = WARPS):
-    """``h = silu(gate) * up`` (module docstring). ``bn``/``num_warps``: the launch shape."""
+    """``h = silu(gate) * up`` (module docstring). ``bn``/``num_warps``: the column kernel's width and the warps."""
     gate, up = _pair(gate, up)
     return _launch(SWIGLU, gate, up, gate, gate, block, fmt, pow2_scales, bn, num_warps)
 
 
 def swiglu_bwd_tiles(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, block: int = 128, fmt: str = "e4m3",
-                     pow2_scales: bool = False, bn: int = BN, num_warps: int = WARPS):
+                     pow2_scales: bool = False, bn: int = BN_BWD, num_warps: int = WARPS):
     """``[dgate, dup]`` ``[M, 2F]`` (module docstring); F must be a multiple of `block`."""
     gate, up = _pair(gate, up)
     dh = _rows(dh)
     M, F = gate.shape
     out = _outputs(M, 2 * F, block, fmt, gate.device)
+    _check_size(gate, out[0])
     if gate.numel():
         fmax = get_format(fmt).max
-        torch.library.wrap_triton(_swiglu_bwd_tiles_kernel)[(_cdiv(M, block), _cdiv(F, block))](
-            gate, up, dh, *out, M, F, gate.stride(0), dh.stride(0), _cdiv(F, block), _cdiv(M, block), BLOCK=block,
-            BN=min(bn, block), FMAX=fmax, POW2=pow2_scales, INV=scale_inv_constant(fmax, gate.device),
-            num_warps=num_warps)
+        kw = dict(BLOCK=block, FMAX=fmax, POW2=pow2_scales, INV=scale_inv_constant(fmax, gate.device),
+                  num_warps=num_warps)
+        torch.library.wrap_triton(_swiglu_bwd_rows_kernel)[(_cdiv(M, BM), _cdiv(F, block))](
+            gate, up, dh, out[0], out[1], M, F, gate.stride(0), dh.stride(0), _cdiv(F, block), BM=BM, **kw)
+        torch.library.wrap_triton(_swiglu_bwd_cols_kernel)[(_cdiv(M, block), _cdiv(F, bn))](
+            gate, up, dh, out[2], out[3], M, F, gate.stride(0), dh.stride(0), _cdiv(M, block), BN=bn, **kw)
     return out
