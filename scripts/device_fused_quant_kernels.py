@@ -14,8 +14,8 @@ At the SwiGLU shapes of Yxanul-197M (32,768 tokens x 2,048) and Yxanul-1B (16,38
   dual        act_quant_dual (both 1 x 128 layouts from one read, whole 128 x 128 tile) and tiles.dual_tiles (a row
               and a column kernel)
               against act_quant + act_quant_t, at the widths of the other blockwise operands (768, 1,024; 2,048)
-Each timing is the median of 5 runs of 20 launches between CUDA events, after a check that the variant's outputs
-equal the reference's bytes (FP8) and values (scales). Writes one JSON.
+Each timing is the median of 5 replays of a CUDA graph of 20 launches between CUDA events, after a check that
+the variant's outputs equal the reference's bytes (FP8) and values (scales). Writes one JSON.
 """
 from __future__ import annotations
 
@@ -39,14 +39,26 @@ VARIANTS = [(16, 4), (32, 4), (32, 8), (64, 8)]  # (column-kernel width, warps)
 
 
 def timed(fn, reps: int = 20, runs: int = 5) -> float:
-    fn()
+    """GPU time per call (µs): `reps` calls captured in one CUDA graph, replayed `runs` times between CUDA events,
+    the median. Eager launches would time the host: the tile kernels go through torch.library.wrap_triton,
+    whose eager dispatch costs more than a kernel at these sizes."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation, autotuning) outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
     torch.cuda.synchronize()
     out = []
     for _ in range(runs):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        for _ in range(reps):
-            fn()
+        graph.replay()
         b.record()
         torch.cuda.synchronize()
         out.append(a.elapsed_time(b) * 1000 / reps)
