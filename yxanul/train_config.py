@@ -64,7 +64,7 @@ class TrainConfig:
                                  choices=("graph", "step"))
     fp8_fused_producers: bool = _opt(False, "delayed and blockwise recipes: FP8 operands written by the kernels that "
                                             "produce them (the SwiGLU MLP as one function; blockwise: the norms); "
-                                            "measured no faster for delayed and slower for blockwise "
+                                            "measured no faster; less memory for blockwise "
                                             "(docs/benchmarks.md)")
     fp8_fused_tensor_projections: bool = _opt(False, "tensorwise and delayed recipes: q/k/v and gate/up as one GEMM "
                                                      "each, one scale per operand for the group")

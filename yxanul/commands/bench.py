@@ -11,7 +11,7 @@ SUBCOMMANDS = []
 # branches only)
 _FP8_OPTION_FLAGS = {
     "fused_producers": "delayed and blockwise recipes: FP8 operands written by the kernels that produce them (the "
-                       "SwiGLU MLP as one function; blockwise: the norms); measured no faster for delayed and slower for "
+                       "SwiGLU MLP as one function; blockwise: the norms); measured no faster; less memory for "
                        "blockwise (docs/benchmarks.md)",
     "fused_tensor_projections": "tensorwise and delayed recipes: q/k/v and gate/up as one GEMM each, one scale per "
                                 "operand for the group",

@@ -18,7 +18,7 @@ unchanged or change them only within the recipe's own rounding (``fused_tensor_p
                   MLP as one function whose SwiGLU kernels write h and the gate/up output gradients in FP8, both
                   GEMM layouts (delayed scaling and the blockwise recipe), and for the blockwise recipe the
                   RMSNorms writing the q/k/v and gate/up inputs only as FP8 tiles. Measured no faster than the
-                  unfused layers for delayed scaling and slower for blockwise (docs/benchmarks.md, "FP8 options")
+                  unfused layers; for blockwise, less peak memory (docs/benchmarks.md, "FP8 options")
 ``fused_tensor_projections``
                   q/k/v and gate/up of the per-tensor recipes (tensorwise, delayed) as one GEMM each, the group's
                   operands with one scale each, kept by its first layer (``q_proj``, ``gate_proj``), as Transformer
