@@ -9,17 +9,19 @@ computes an operand can write it in FP8 directly. Two autograd functions own the
 
 The whole SwiGLU MLP, ``down(silu(gate(x')) * up(x'))`` (:func:`mlp_forward`; delayed and blockwise):
 
-forward   ``g, u`` from FP8 GEMMs (one GEMM over the side-by-side weights for blockwise); one kernel reads g and
-          u once and writes h in FP8 as ``[M, F]`` (down_proj's forward operand) and ``[F, M]`` (its
-          weight-gradient operand): per tensor with h's amax for the history (delayed), or in 1 x 128 tiles of
-          each layout with their scales (blockwise); then ``y = h_q @ Wd.T``. h never exists in BF16.
-backward  dy in FP8 (both layouts), ``dh`` (dgrad) and ``dWd`` (wgrad, from h's transposed copy); one kernel reads
-          g, u and dh once and writes ``dgate`` and ``dup`` in FP8, both layouts (for blockwise as the fused
-          gate/up projection's ``[dgate, dup]``); then the gate and up dgrad and wgrad GEMMs.
+forward   ``g, u`` from FP8 GEMMs (one GEMM over the side-by-side weights for blockwise); h is written in FP8
+          as ``[M, F]`` (down_proj's forward operand) and ``[F, M]`` (its weight-gradient operand) from g and
+          u: per tensor with h's amax for the history, by one kernel (delayed), or in 1 x 128 tiles of each
+          layout with their scales, by one kernel per layout (blockwise, :mod:`yxanul.kernels.tiles`); then
+          ``y = h_q @ Wd.T``. h never exists in BF16.
+backward  dy in FP8 (both layouts), ``dh`` (dgrad) and ``dWd`` (wgrad, from h's transposed copy); ``dgate`` and
+          ``dup`` written in FP8, both layouts, from g, u and dh (one kernel for delayed; one per layout for
+          blockwise, as the fused gate/up projection's ``[dgate, dup]``); then the gate and up dgrad and wgrad
+          GEMMs.
 
 RMSNorm and the layer after it (blockwise only): x' = ``norm(x)`` exists only as the FP8 tiles of both layouts
-that one kernel writes from x and the row scales (:func:`rmsnorm_tiles_quant`); the norm's backward runs in the
-same function. The MLP function takes its norm this way, and :func:`norm_linear` the q/k/v projection's.
+that the tile kernels write from x and the row scales (:func:`rmsnorm_tiles_quant`); the norm's backward runs
+in the same function. The MLP function takes its norm this way, and :func:`norm_linear` the q/k/v projection's.
 
 Numerics: the same as the unfused layers compiled (h and the norm's output computed in FP32 and rounded once to
 the activation dtype before their casts, as inductor does), except that ``dgate`` and ``dup`` are quantized from

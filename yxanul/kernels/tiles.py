@@ -5,8 +5,8 @@ Two kernels of the quantizers' shapes each compute the values from the inputs an
 kernel a BM x b tile (BM row tiles, scales along the row, as ``act_quant``), the column kernel a b x BN tile
 cast with its b x 1 scales and stored transposed (as ``act_quant_t``). The value being quantized is never
 written in the activation dtype; its inputs are read once per layout. (One program owning a whole b x b tile
-and writing both layouts, chunk by chunk with the chunks recomputed for the row scales, was measured 2-3.5x
-slower than the separate quantizers on the H100: docs/perf-notes.md.) Every function returns ``(q [M, K],
+and writing both layouts, its chunks recomputed for the row scales, was measured much slower than the
+separate quantizers on the H100: docs/perf-notes.md.) Every function returns ``(q [M, K],
 s [M, K/b], qT [K, M], sT [K, M/b])``, the forward (or dgrad) and the weight-gradient operand with their scales.
 
 :func:`dual_tiles`         x itself (``act_quant`` and ``act_quant_t``)
@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8.formats import get_format
 from ..errors import YxanulError
+from ..fp8.formats import get_format
 from .quant import _cdiv, cast_fp8, nan_max, scale_from_amax, scale_inv_constant
 
 BM = 32      # rows per program of the row-tile kernels (a BM x block tile, as act_quant)
