@@ -452,3 +452,12 @@ def test_tensorwise_ops_trace_as_plain_torch_under_compile():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     ref = x @ w.t()
     assert float((got - ref).norm() / ref.norm()) < 0.08
+
+
+def test_tile_kernels_refuse_tensors_beyond_32_bit_offsets():
+    """The tile kernels address with 32-bit offsets: a (strided) input whose rows reach 2^31 elements is refused
+    with one error instead of wrapping around."""
+    from yxanul.kernels import tiles
+    tiles._check_size(torch.empty_strided((2 ** 15, 128), (2 ** 15, 1), device="meta"))  # ends below 2^31
+    with pytest.raises(YxanulError, match="too many elements"):
+        tiles._check_size(torch.empty_strided((2 ** 16, 128), (2 ** 15 + 1, 1), device="meta"))

@@ -156,9 +156,10 @@ def _outputs(M: int, K: int, block: int, fmt, device):
 
 
 def _check_size(*ts: torch.Tensor) -> None:
-    for t in ts:
-        if t.numel() >= 2 ** 31:  # the kernels' offsets are 32-bit
-            raise YxanulError(f"tensor of {t.numel()} elements is too large for the tile kernels (< 2^31)", key="x")
+    for t in ts:  # the kernels' offsets are 32-bit: the last row's end, strided views included
+        if t.numel() and (t.shape[0] - 1) * t.stride(0) + t.shape[1] >= 2 ** 31:
+            raise YxanulError(f"tensor {tuple(t.shape)} spans too many elements for the tile kernels (< 2^31)",
+                              key="x")
 
 
 def _launch(producer: int, a, b, r, w, block: int, fmt: str, pow2_scales: bool, bn: int, num_warps: int):
@@ -206,7 +207,7 @@ def swiglu_bwd_tiles(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, blo
     dh = _rows(dh)
     M, F = gate.shape
     out = _outputs(M, 2 * F, block, fmt, gate.device)
-    _check_size(gate, out[0])
+    _check_size(gate, dh, out[0])
     if gate.numel():
         fmax = get_format(fmt).max
         kw = dict(BLOCK=block, FMAX=fmax, POW2=pow2_scales, INV=scale_inv_constant(fmax, gate.device),
