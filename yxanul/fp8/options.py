@@ -1,9 +1,5 @@
 """How the FP8 layers compute, as opposed to what (the recipe): implementation choices that leave the numbers
-unchanged or change them only within the recipe's own rounding (``fused_tensor_projections``
-                  q/k/v and gate/up of the per-tensor recipes (tensorwise, delayed) as one GEMM each, the group's
-                  operands with one scale each, kept by its first layer (``q_proj``, ``gate_proj``), as Transformer
-                  Engine scales a fused QKV weight; the other layers' delayed states are then not updated. The
-                  values change only where a shared scale moves some of them into FP8's subnormal range
+unchanged or change them only within the recipe's own rounding (``fused_tensor_projections`` and
 ``fprop_fast_accum`` excepted, below).
 
 ``kernels``       ``auto`` (the Triton quantizers where Triton runs on a CUDA device, the pure-torch ones
