@@ -11,8 +11,7 @@ At the SwiGLU shapes of Yxanul-197M (32,768 tokens x 2,048) and Yxanul-1B (16,38
   cast-bwd    swiglu_bwd_cast against torch.compile of the same computation
   norm-tiles  rmsnorm_tiles (the norm's output as 1 x 128 tiles of both layouts, from x and the row scales, plus
               the row-scale reduction) against the compiled RMSNorm followed by act_quant and act_quant_t
-  dual        act_quant_dual (both 1 x 128 layouts from one read, whole 128 x 128 tile) and tiles.dual_tiles (a row
-              and a column kernel)
+  dual        act_quant_dual (both 1 x 128 layouts from one read, whole 128 x 128 tile)
               against act_quant + act_quant_t, at the widths of the other blockwise operands (768, 1,024; 2,048)
 Each timing is the median of 5 replays of a CUDA graph of 20 launches between CUDA events, after a check that
 the variant's outputs equal the reference's bytes (FP8) and values (scales). Writes one JSON.
@@ -170,10 +169,6 @@ def main(path: str) -> None:
             out = quant.act_quant_dual(x)
             row(shape=name, kernel=tag, variant="full-tile-w8", same=same(out, ref),
                 us=timed(lambda: quant.act_quant_dual(x)))
-            for bn, w in VARIANTS:
-                out = tiles.dual_tiles(x, bn=bn, num_warps=w)
-                row(shape=name, kernel=tag, variant=f"bn{bn}-w{w}", same=same(out, ref),
-                    us=timed(lambda: tiles.dual_tiles(x, bn=bn, num_warps=w)))
             row(shape=name, kernel=tag, variant="floor-3.35TB/s", us=Md * Kd * (2 + 2) / 3.35e12 * 1e6)
         # traffic floor at 3.35 TB/s (H100 SXM): bytes read and written once
         for k, nbytes in (("tiles-fwd", M * Fw * (4 + 2)), ("tiles-bwd", M * Fw * (6 + 4)),

@@ -26,7 +26,7 @@ import re
 _RULES = (
     ("fp8_quant", re.compile(r"_(act_quant|act_quant_t|act_quant_dual|weight_quant|tensor_quant|amax_partial|"
                              r"rmsnorm_quant|swiglu_quant|swiglu_fwd_cast|swiglu_bwd_cast|"
-                             r"dual_tiles|swiglu_bwd_tiles)\w*kernel", re.I)),
+                             r"tiles_rows|tiles_cols)\w*kernel", re.I)),
     ("cross_entropy", re.compile(r"_lce_|softmax_grad|log_softmax|nll_loss|cross_entropy", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
     # inductor's generated kernels: the ones that compute an amax or clamp-and-cast are FP8 quantization

@@ -249,8 +249,7 @@ def act_quant_t(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scale
 
 
 def act_quant_dual(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False):
-    """Both layouts from one read of x, the whole block x block tile in registers (the chunked version is
-    :func:`yxanul.kernels.tiles.dual_tiles`)."""
+    """Both layouts from one read of x, the whole block x block tile in registers."""
     _check_2d(x)
     _check_block(block)
     f = get_format(fmt)

@@ -9,7 +9,6 @@ and writing both layouts, its chunks recomputed for the row scales, was measured
 separate quantizers on the H100: docs/perf-notes.md.) Every function returns ``(q [M, K],
 s [M, K/b], qT [K, M], sT [K, M/b])``, the forward (or dgrad) and the weight-gradient operand with their scales.
 
-:func:`dual_tiles`         x itself (``act_quant`` and ``act_quant_t``)
 :func:`rmsnorm_tiles`      RMSNorm's output ``(x * rstd) * w`` rounded to x's dtype, from x and the row scales
 :func:`swiglu_tiles`       ``h = silu(g) * u`` rounded to the activation dtype (as the unfused layers round it):
                            down_proj's operands
@@ -17,8 +16,8 @@ s [M, K/b], qT [K, M], sT [K, M/b])``, the forward (or dgrad) and the weight-gra
                            gradient ``[dgate, dup]`` ``[M, 2F]``: its dgrad and wgrad operands
 
 ``g`` and ``u`` are two ``[M, F]`` views with one row stride (the halves of the fused gate/up GEMM's output).
-Numerics: :mod:`yxanul.kernels.reference` (``act_quant_dual``) and :mod:`yxanul.fp8.producers`
-(``rmsnorm_tiles_quant``, ``swiglu_tiles_quant``, ``swiglu_bwd_tiles_quant``).
+Numerics: :mod:`yxanul.fp8.producers` (``rmsnorm_tiles_quant``, ``swiglu_tiles_quant``,
+``swiglu_bwd_tiles_quant``).
 """
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ BN_BWD = 32  # the same for the SwiGLU backward, which holds two such tiles (dga
 WARPS = 4
 
 # what the kernels compute from their inputs
-IDENTITY, RMSNORM, SWIGLU = 0, 1, 2
+RMSNORM, SWIGLU = 1, 2
 
 
 @triton.jit
@@ -55,22 +54,21 @@ def _produce(a_ptr, b_ptr, r_ptr, w_ptr, offs_m, offs_k, mask, stride_in, M, K, 
     """A tile of the values to quantize, in FP32."""
     off = offs_m[:, None] * stride_in + offs_k[None, :]
     a = tl.load(a_ptr + off, mask=mask, other=0.0)
-    if PRODUCER == 1:    # RMSNorm: (x * rstd) * w, rounded to x's dtype
+    if PRODUCER == 1:  # RMSNorm: (x * rstd) * w, rounded to x's dtype
         r = tl.load(r_ptr + offs_m, mask=offs_m < M, other=0.0)
         w = tl.load(w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         y = ((a.to(tl.float32) * r[:, None]) * w[None, :]).to(a.dtype)
-    elif PRODUCER == 2:  # SwiGLU: silu(g) * u, rounded to g's dtype
+    else:  # SwiGLU: silu(g) * u, rounded to g's dtype
         g = a.to(tl.float32)
         u = tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32)
         y = (tl.div_rn(g, 1.0 + tl.exp(-g)) * u).to(a.dtype)
-    else:
-        y = a
     return y.to(tl.float32)
 
 
 @triton.jit
-def _rows_kernel(a_ptr, b_ptr, r_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_in, NKB, PRODUCER: tl.constexpr,
-                 BM: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
+def _tiles_rows_kernel(a_ptr, b_ptr, r_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_in, NKB, PRODUCER: tl.constexpr,
+                       BM: tl.constexpr, BLOCK: tl.constexpr,
+                       FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
     pid_k = tl.program_id(1)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
@@ -83,8 +81,9 @@ def _rows_kernel(a_ptr, b_ptr, r_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_in, NKB,
 
 
 @triton.jit
-def _cols_kernel(a_ptr, b_ptr, r_ptr, w_ptr, qt_ptr, st_ptr, M, K, stride_in, NMB, PRODUCER: tl.constexpr,
-                 BN: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
+def _tiles_cols_kernel(a_ptr, b_ptr, r_ptr, w_ptr, qt_ptr, st_ptr, M, K, stride_in, NMB, PRODUCER: tl.constexpr,
+                       BN: tl.constexpr, BLOCK: tl.constexpr,
+                       FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_k = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -106,8 +105,9 @@ def _swiglu_bwd_grads(g_ptr, u_ptr, d_ptr, offs_m, offs_f, mask, stride_in, stri
 # the backward's two outputs side by side: [M, 2F] (dgate in columns [0, F), dup in [F, 2F)) with scales
 # [M, 2 F/b], and their transposes [2F, M] with scales [2F, M/b]
 @triton.jit
-def _swiglu_bwd_rows_kernel(g_ptr, u_ptr, d_ptr, q_ptr, s_ptr, M, F, stride_in, stride_d, NFB, BM: tl.constexpr,
-                            BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
+def _swiglu_bwd_tiles_rows_kernel(g_ptr, u_ptr, d_ptr, q_ptr, s_ptr, M, F, stride_in, stride_d, NFB,
+                                  BM: tl.constexpr, BLOCK: tl.constexpr,
+                                  FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
     pid_f = tl.program_id(1)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_f = pid_f * BLOCK + tl.arange(0, BLOCK)
@@ -124,8 +124,9 @@ def _swiglu_bwd_rows_kernel(g_ptr, u_ptr, d_ptr, q_ptr, s_ptr, M, F, stride_in, 
 
 
 @triton.jit
-def _swiglu_bwd_cols_kernel(g_ptr, u_ptr, d_ptr, qt_ptr, st_ptr, M, F, stride_in, stride_d, NMB, BN: tl.constexpr,
-                            BLOCK: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
+def _swiglu_bwd_tiles_cols_kernel(g_ptr, u_ptr, d_ptr, qt_ptr, st_ptr, M, F, stride_in, stride_d, NMB,
+                                  BN: tl.constexpr, BLOCK: tl.constexpr,
+                                  FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_f = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -170,18 +171,11 @@ def _launch(producer: int, a, b, r, w, block: int, fmt: str, pow2_scales: bool, 
         fmax = get_format(fmt).max
         kw = dict(PRODUCER=producer, BLOCK=block, FMAX=fmax, POW2=pow2_scales,
                   INV=scale_inv_constant(fmax, a.device), num_warps=num_warps)
-        torch.library.wrap_triton(_rows_kernel)[(_cdiv(M, BM), _cdiv(K, block))](
+        torch.library.wrap_triton(_tiles_rows_kernel)[(_cdiv(M, BM), _cdiv(K, block))](
             a, b, r, w, out[0], out[1], M, K, a.stride(0), _cdiv(K, block), BM=BM, **kw)
-        torch.library.wrap_triton(_cols_kernel)[(_cdiv(M, block), _cdiv(K, bn))](
+        torch.library.wrap_triton(_tiles_cols_kernel)[(_cdiv(M, block), _cdiv(K, bn))](
             a, b, r, w, out[2], out[3], M, K, a.stride(0), _cdiv(M, block), BN=bn, **kw)
     return out
-
-
-def dual_tiles(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scales: bool = False, bn: int = BN,
-               num_warps: int = WARPS):
-    """x itself in 1 x block tiles of both layouts (module docstring)."""
-    x = _rows(x)
-    return _launch(IDENTITY, x, x, x, x, block, fmt, pow2_scales, bn, num_warps)
 
 
 def rmsnorm_tiles(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, block: int = 128, fmt: str = "e4m3",
@@ -212,8 +206,8 @@ def swiglu_bwd_tiles(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, blo
         fmax = get_format(fmt).max
         kw = dict(BLOCK=block, FMAX=fmax, POW2=pow2_scales, INV=scale_inv_constant(fmax, gate.device),
                   num_warps=num_warps)
-        torch.library.wrap_triton(_swiglu_bwd_rows_kernel)[(_cdiv(M, BM), _cdiv(F, block))](
+        torch.library.wrap_triton(_swiglu_bwd_tiles_rows_kernel)[(_cdiv(M, BM), _cdiv(F, block))](
             gate, up, dh, out[0], out[1], M, F, gate.stride(0), dh.stride(0), _cdiv(F, block), BM=BM, **kw)
-        torch.library.wrap_triton(_swiglu_bwd_cols_kernel)[(_cdiv(M, block), _cdiv(F, bn))](
+        torch.library.wrap_triton(_swiglu_bwd_tiles_cols_kernel)[(_cdiv(M, block), _cdiv(F, bn))](
             gate, up, dh, out[2], out[3], M, F, gate.stride(0), dh.stride(0), _cdiv(M, block), BN=bn, **kw)
     return out
