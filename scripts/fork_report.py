@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from yxanul.bench import FP8_OPTION_FLAGS
 from yxanul.bench.quality import FORK_NOISE_MODE, SE_METHOD, fork_markdown, paired_rows, plot, plot_deltas
 from yxanul.errors import YxanulError
 
@@ -30,9 +31,9 @@ def fail(msg: str) -> None:
 
 # what must agree for forks to be repeats of one protocol
 SAME = ("model", "tokens", "steps", "fork_at", "batch", "seq", "lr", "min_lr", "warmup", "deterministic",
-        "fprop_fast_accum", "fused_producers", "fused_tensor_projections")
+        *FP8_OPTION_FLAGS)
 # what a file written before the key existed ran with
-ABSENT = {"fprop_fast_accum": False, "fused_producers": False, "fused_tensor_projections": False}
+ABSENT = dict.fromkeys(FP8_OPTION_FLAGS, False)
 
 
 _NAME = re.compile(r"^(?P<mode>.+)-r(?P<r>[0-9]+)$")

@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from . import FP8_OPTION_FLAGS
 from ..errors import YxanulError
 from ..evaluate import window_losses
 from ..fmt import table
@@ -156,8 +157,6 @@ def _make_trainer(cfg, extra: dict, data_seed: int, resume: str | None = None, s
     return t
 
 
-# FP8 options (Fp8Options fields) a quality run may switch on for its FP8 branches; recorded in its result
-FP8_OPTION_FLAGS = ("fprop_fast_accum", "fused_producers", "fused_tensor_projections")
 _FP8_OPTION_WORDS = {"fprop_fast_accum": "FP8 forward GEMMs with fast accumulation",
                      "fused_producers": "fused FP8 producers",
                      "fused_tensor_projections": "per-tensor q/k/v and gate/up as one GEMM each"}
@@ -291,7 +290,7 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     ``compile_mode`` (e.g. ``reduce-overhead``, CUDA graphs) changes how the kernels are launched, not what they
     compute, so it is not part of the settings that decide whether a stored result is reused; nor is
     ``tune_kernels`` (launch settings of the same kernels). ``fp8_options``: FP8 options switched on for the FP8
-    branches (:data:`FP8_OPTION_FLAGS`, e.g. ``{"fprop_fast_accum": True}``), recorded in the result."""
+    branches (:data:`yxanul.bench.FP8_OPTION_FLAGS`, e.g. ``{"fprop_fast_accum": True}``), recorded in the result."""
     from ..train import load_train_config
     fp8_options = _fp8_options(fp8_options)
     base, steps, launch = _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches,

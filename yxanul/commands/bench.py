@@ -7,26 +7,22 @@ from pathlib import Path
 SUBCOMMANDS = []
 
 
-# the FP8 options both benchmarks take as on/off flags (Fp8Options fields; bench quality applies them to its FP8
-# branches only)
-_FP8_OPTION_FLAGS = {
-    "fused_producers": "delayed and blockwise recipes: FP8 operands written by the kernels that produce them (the "
-                       "SwiGLU MLP as one function; blockwise: the norms); measured no faster; less memory for "
-                       "blockwise (docs/benchmarks.md)",
-    "fused_tensor_projections": "tensorwise and delayed recipes: q/k/v and gate/up as one GEMM each, one scale per "
-                                "operand for the group",
-    "fprop_fast_accum": "per-tensor and row-scaled recipes: the forward GEMM with cuBLAS's fast FP8 accumulation "
-                        "(torchao's default; changes the numbers)",
-}
+def _fp8_option_help(name: str) -> str:
+    """The help of `yxanul train`'s field for the FP8 option `name` (yxanul.bench.FP8_OPTION_FLAGS)."""
+    from dataclasses import fields
+    from ..train_config import TrainConfig
+    return next(f.metadata["help"] for f in fields(TrainConfig) if f.name == "fp8_" + name)
 
 
 def _add_fp8_option_flags(p) -> None:
-    for name, help_ in _FP8_OPTION_FLAGS.items():
-        p.add_argument("--fp8-" + name.replace("_", "-"), action="store_true", help=help_)
+    from ..bench import FP8_OPTION_FLAGS
+    for name in FP8_OPTION_FLAGS:
+        p.add_argument("--fp8-" + name.replace("_", "-"), action="store_true", help=_fp8_option_help(name))
 
 
 def _fp8_option_flags(args) -> dict:
-    return {name: getattr(args, "fp8_" + name) for name in _FP8_OPTION_FLAGS}
+    from ..bench import FP8_OPTION_FLAGS
+    return {name: getattr(args, "fp8_" + name) for name in FP8_OPTION_FLAGS}
 
 
 def add_subcommand(fn):
