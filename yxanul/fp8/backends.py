@@ -366,6 +366,23 @@ class Fp8Ops:
     grad_quant_dual: Callable | None = None
     amax: Callable | None = None
 
+    def grad_operands(self, dy2: torch.Tensor, want_t: bool, scale_inv: torch.Tensor | None = None,
+                      want_q: bool = True):
+        """An output gradient's FP8 operands ``(q, s, qT, sT)``: the dgrad layout and, with `want_t`, the
+        transposed wgrad layout (else None, None); from one read where the table has ``grad_quant_dual``, by
+        transposing q for a given per-tensor ``scale_inv`` (delayed scaling), else with ``grad_quant_t``.
+        ``want_q=False`` lets the one-read quantizer skip q."""
+        kw = {"scale_inv": scale_inv} if scale_inv is not None else {}
+        if want_t and self.grad_quant_dual is not None:
+            out = self.grad_quant_dual(dy2, want_q=want_q, **kw)
+            return out[0], out[1], out[2], out[3] if len(out) > 3 else out[1]
+        q, s = self.grad_quant(dy2, **kw)
+        if not want_t:
+            return q, s, None, None
+        if scale_inv is not None:
+            return q, s, q.t().contiguous(), s
+        return (q, s, *self.grad_quant_t(dy2))
+
 
 def _t_from(q_fn):
     def act_t(x, **kw):

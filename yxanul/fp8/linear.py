@@ -99,15 +99,9 @@ class _Fp8LinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, N)
         delayed = sx is not None
         want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # both layouts in one pass (the plain layout is needed for dgrad, and for the statistics)
-        dual = ops.grad_quant_dual is not None and want_dw
-        kw = {"scale_inv": mod._delayed_scale("dy", dy2)} if delayed else {}
-        if dual:
-            out = ops.grad_quant_dual(dy2, want_q=want_dx or mod._collect, **kw)
-            dyq, dys, dytq = out[:3]
-            dyts = out[3] if len(out) > 3 else dys
-        else:
-            dyq, dys = ops.grad_quant(dy2, **kw)
+        # the plain layout is needed for dgrad, and for the statistics
+        dyq, dys, dytq, dyts = ops.grad_operands(dy2, want_dw, mod._delayed_scale("dy", dy2) if delayed else None,
+                                                 want_q=want_dx or mod._collect)
         if not delayed:
             mod._flag(2, dys)
         if mod._collect:
@@ -116,12 +110,6 @@ class _Fp8LinearFn(torch.autograd.Function):
         if want_dx:
             dx = ops.dgrad(dyq, dys, wtq, wts, ctx.x_dtype).view(ctx.x_shape)
         if want_dw:
-            if dual:
-                pass  # dytq, dyts from the one-pass quantizer above
-            elif delayed:
-                dytq, dyts = dyq.t().contiguous(), dys
-            else:
-                dytq, dyts = ops.grad_quant_t(dy2)
             if xtq is None:
                 if delayed:
                     xq, xts = ops.act_quant(x2, scale_inv=sx)

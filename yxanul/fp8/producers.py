@@ -272,7 +272,7 @@ class _MlpFn(torch.autograd.Function):
         ops = gate.ops
         dy2 = dy.reshape(-1, dy.shape[-1])
         sdy = down._delayed_scale("dy", dy2)
-        dyq, dytq = quant_dy_delayed(down.ops, dy2, sdy)
+        dyq, _, dytq, _ = down.ops.grad_operands(dy2, True, sdy)
         dh = down.ops.dgrad(dyq, sdy, dtq, dts, ctx.act_dtype)
         dwd = down.ops.wgrad(dytq, sdy, hqt, sh, torch.float32) if ctx.needs_input_grad[3] else None
         sdg, sdu = gate.scale_inv_dy, up.scale_inv_dy
@@ -291,15 +291,6 @@ class _MlpFn(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dwu = ops.wgrad(duqt, sdu, xt, sx, torch.float32)
         return (dx, dwg, dwu, dwd) + (None,) * 15
-
-
-def quant_dy_delayed(ops, dy2: torch.Tensor, scale_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An output gradient in both GEMM layouts with a delayed (per-tensor) scale: ``(dy_q, dy_qT)``."""
-    if ops.grad_quant_dual is not None:
-        out = ops.grad_quant_dual(dy2, scale_inv=scale_inv)
-        return out[0], out[2]
-    dyq = ops.grad_quant(dy2, scale_inv=scale_inv)[0]
-    return dyq, dyq.t().contiguous()
 
 
 def _tiled_input(mod, x2: torch.Tensor, nw: torch.Tensor | None, eps: float | None):
@@ -339,13 +330,8 @@ def _tiled_x_t(mod, saved):
 
 
 def _tiled_grad(mod, dy2: torch.Tensor, want_dw: bool):
-    """An output gradient in 1 x block FP8 tiles: ``(q, s, qT, sT)`` (qT/sT None without ``want_dw``), both
-    layouts from one read where the op table has ``grad_quant_dual``."""
-    ops = mod.ops
-    if want_dw and ops.grad_quant_dual is not None:
-        out = ops.grad_quant_dual(dy2)
-    else:
-        out = (*ops.grad_quant(dy2), *(ops.grad_quant_t(dy2) if want_dw else (None, None)))
+    """An output gradient in 1 x block FP8 tiles, ``(q, s, qT, sT)`` (qT/sT None without ``want_dw``), flagged."""
+    out = mod.ops.grad_operands(dy2, want_dw)
     mod._flag(2, out[1])
     return out
 
