@@ -232,6 +232,44 @@ def test_width_sweep_keeps_the_fp8_and_host_gc_options(tmp_path):
     assert result["host_gc"] == "default" and result["fp8_options"]["weight_cache"] == "step"
 
 
+def test_width_sweep_resume_keeps_finished_widths_and_runs_the_rest(tmp_path):
+    out = tmp_path / "sweep.json"
+    base = ARGS + ["--modes", "bf16,fp8-tensorwise", "--json-out", str(out)]
+    assert main(base + ["--sweep", "d_model=128"]) == 0
+    first = json.loads(out.read_text())["points"][0]
+    assert main(base + ["--sweep", "d_model=128,256", "--resume"]) == 0
+    res = json.loads(out.read_text())
+    assert [p["d_model"] for p in res["points"]] == [128, 256]
+    assert res["points"][0] == first                     # kept as measured, not run again
+    rows = {r["mode"]: r for r in res["points"][1]["result"]["rows"]}
+    assert rows["fp8-tensorwise"]["tokens_per_s"] > 0 and len(res["ratio_vs_bf16"]["fp8-tensorwise"]) == 2
+    assert res["ratio_vs_bf16"]["fp8-tensorwise"][0] == first["result"]["rows"][1]["ratio_vs_bf16"]
+
+
+@pytest.mark.parametrize("case", ["other-steps", "other-modes", "corrupt", "not-a-sweep", "no-sweep-flag"])
+def test_width_sweep_resume_refuses_another_sweep(tmp_path, case, capsys):
+    out = tmp_path / "sweep.json"
+    base = ARGS + ["--modes", "bf16", "--json-out", str(out)]
+    if case in ("other-steps", "other-modes"):
+        assert main(base + ["--sweep", "d_model=128"]) == 0
+    else:
+        out.write_text("{not json" if case == "corrupt" else '{"rows": []}')
+    before = out.read_bytes()
+    argv = base + ["--sweep", "d_model=128,256", "--resume"]
+    if case == "other-steps":
+        argv[argv.index("--steps") + 1] = "2"
+    elif case == "other-modes":
+        argv[argv.index("--modes") + 1] = "bf16,fp8-tensorwise"
+    elif case == "no-sweep-flag":
+        argv.remove("--sweep"), argv.remove("d_model=128,256")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert out.read_bytes() == before and "--resume" in err and "Traceback" not in err
+    if case == "other-steps":
+        assert "steps" in err
+
+
 @pytest.mark.parametrize("sweep", ["width=128", "d_model=", "d_model=100", "d_model=128,128", "d_model=x"])
 def test_sweep_bad_input(tmp_path, sweep, capsys):
     out = tmp_path / "s.json"

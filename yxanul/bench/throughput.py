@@ -521,10 +521,54 @@ def fitting_batch(cfg, policy, batch: int, seq: int, budget_bytes: float | None,
     return b
 
 
+def _sweep_settings(model: str, batch: int, seq: int, modes, policy, kw: dict) -> dict:
+    """What a width's result depends on besides the width and the device: a resumed sweep reuses a width only
+    where these are equal."""
+    keep = ("steps", "warmup", "compile", "compile_mode", "compile_scope", "tune_kernels", "plain_compile_modes",
+            "host_gc", "fp8_options", "layers", "profile")
+    out = {"model": str(model), "batch": batch, "seq": seq, "modes": list(modes), "policy": policy}
+    for k in keep:
+        v = kw.get(k)
+        out[k] = v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
+    return out
+
+
+def _resumed_points(path, key: str, values, settings: dict, device_name: str) -> dict:
+    """The finished widths of the sweep JSON at `path` ({value: point}); a file of another sweep, other settings
+    or another device is refused with one line naming it."""
+    import json
+    src = str(path)
+    try:
+        old = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise YxanulError(f"cannot resume from it: {e.__class__.__name__}", source=src, key="--resume") from None
+    if not isinstance(old, dict) or old.get("sweep") != key or not isinstance(old.get("points"), list):
+        raise YxanulError(f"is not a {key} sweep; cannot resume from it", source=src, key="--resume")
+    if old.get("settings") != settings:
+        diff = sorted(k for k in set(settings) | set(old.get("settings") or {})
+                      if (old.get("settings") or {}).get(k) != settings.get(k))
+        raise YxanulError("was run with other settings (" + ", ".join(diff or ["none recorded"]) + "); "
+                          "resume with the same flags or start a new file", source=src, key="--resume")
+    if old["points"] and old.get("device") != device_name:
+        raise YxanulError(f"was measured on {old.get('device')!r}, this is {device_name!r}; ratios are compared "
+                          "within one machine", source=src, key="--resume")
+    done = {}
+    for pt in old["points"]:
+        if not isinstance(pt, dict) or not isinstance(pt.get("result"), dict) or pt.get(key) not in values:
+            continue
+        rows = pt["result"].get("rows")
+        if isinstance(rows, list) and all(isinstance(r, dict) and "mode" in r for r in rows):
+            done[pt[key]] = pt
+    return done
+
+
 def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int = 2048, modes=DEFAULT_MODES,
-              device: str | None = None, policy: str | None = None, json_out=None, log=None, **kw) -> dict:
+              device: str | None = None, policy: str | None = None, json_out=None, log=None, resume: bool = False,
+              **kw) -> dict:
     """Run :func:`run_throughput` at each width of `sweep` (``d_model=768,1024,...``) and collect each mode's
-    tokens/s ratio against the project's BF16 and plain BF16. The JSON is rewritten after every width."""
+    tokens/s ratio against the project's BF16 and plain BF16. The JSON is rewritten after every width; with
+    `resume`, the widths an earlier run of the same sweep wrote to `json_out` (same settings, same device) are
+    kept and only the others run, so a sweep longer than one sitting finishes in several."""
     from ..model import param_count
     from ..config import load_model_config
     from ..io import atomic_write_json
@@ -534,6 +578,7 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
     modes = parse_modes(",".join(modes) if not isinstance(modes, str) else modes)
     if "bf16" not in modes:
         raise YxanulError("a sweep compares against the project's bf16: include it in --modes", key="--modes")
+    settings = _sweep_settings(model, batch, seq, modes, policy, kw)
     base = load_model_config(model)
     if kw.get("layers") is not None:
         base = dataclasses.replace(base, n_layers=int(kw.pop("layers")))
@@ -545,21 +590,37 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise YxanulError(f"unknown device {device!r} (expected cpu or cuda)", key="--device") from None
-    out = {"sweep": key, "values": values, "model": base.name, "seq": seq, "modes": modes, "points": [],
-           "ratio_vs_bf16": {m: [] for m in modes}, "ratio_vs_bf16_plain": {m: [] for m in modes}}
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise YxanulError("CUDA is not available on this machine", key="--device")
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    done = {}
+    if resume:
+        if not json_out:
+            raise YxanulError("needs --json-out: the sweep file to continue", key="--resume")
+        if Path(json_out).exists():
+            done = _resumed_points(json_out, key, values, settings, device_name)
+    out = {"sweep": key, "values": values, "model": base.name, "seq": seq, "modes": modes, "settings": settings,
+           "points": [], "ratio_vs_bf16": {m: [] for m in modes}, "ratio_vs_bf16_plain": {m: [] for m in modes}}
     for v, cfg in zip(values, cfgs):
-        budget = (SWEEP_MEMORY_FRACTION * torch.cuda.get_device_properties(dev).total_memory
-                  if dev.type == "cuda" else None)
-        b = fitting_batch(cfg, policy, batch, seq, budget, modes)
-        log(f"== sweep {key}={v}: {cfg.n_heads} heads ({cfg.n_kv_heads} KV), SwiGLU {cfg.ffn_hidden}, batch {b}")
-        res = run_throughput(model=cfg, batch=b, seq=seq, modes=modes, device=device, policy=policy, log=log, **kw)
-        rows = {r["mode"]: r for r in res["rows"]}
+        if v in done:
+            point = done[v]
+            log(f"== sweep {key}={v}: kept from {json_out} (measured earlier, same settings and device)")
+        else:
+            budget = (SWEEP_MEMORY_FRACTION * torch.cuda.get_device_properties(dev).total_memory
+                      if dev.type == "cuda" else None)
+            b = fitting_batch(cfg, policy, batch, seq, budget, modes)
+            log(f"== sweep {key}={v}: {cfg.n_heads} heads ({cfg.n_kv_heads} KV), SwiGLU {cfg.ffn_hidden}, "
+                f"batch {b}")
+            res = run_throughput(model=cfg, batch=b, seq=seq, modes=modes, device=device, policy=policy, log=log,
+                                 **kw)
+            point = {key: v, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+                     "ffn_hidden": cfg.ffn_hidden, "params": param_count(cfg), "batch": b, "result": res}
+        rows = {r["mode"]: r for r in point["result"]["rows"]}
         for m in modes:
-            out["ratio_vs_bf16"][m].append(rows[m].get("ratio_vs_bf16"))
-            out["ratio_vs_bf16_plain"][m].append(rows[m].get("ratio_vs_bf16_plain"))
-        out["device"], out["torch"] = res["device"], res["torch"]
-        out["points"].append({key: v, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
-                              "ffn_hidden": cfg.ffn_hidden, "params": param_count(cfg), "batch": b, "result": res})
+            out["ratio_vs_bf16"][m].append(rows.get(m, {}).get("ratio_vs_bf16"))
+            out["ratio_vs_bf16_plain"][m].append(rows.get(m, {}).get("ratio_vs_bf16_plain"))
+        out["device"], out["torch"] = point["result"].get("device", device_name), point["result"].get("torch")
+        out["points"].append(point)
         if json_out:
             atomic_write_json(json_out, out)
     return out

@@ -63,6 +63,9 @@ def _throughput(bsub):
     p.add_argument("--sweep", default=None, metavar="d_model=V1,V2,...",
                    help="run every mode at each width (same depth, heads scaled with width, batch halved until "
                         "the memory estimate fits the GPU); --json-out and --plot get the ratios against width")
+    p.add_argument("--resume", action="store_true",
+                   help="with --sweep: continue the sweep in --json-out, keeping the widths it already holds "
+                        "(measured with the same flags on the same GPU) and running the others")
     p.add_argument("--plain-compile-modes", default="default,reduce-overhead",
                    help="compile modes bf16-plain is timed with, comma-separated; the fastest is its row "
                         "(default: default,reduce-overhead; CPU: the first)")
@@ -91,8 +94,10 @@ def _run_throughput(args):
     from ..errors import YxanulError
     from ..io import check_output_file
     # refused before anything runs: the files are written only after minutes of benchmarking
+    if args.resume and not (args.sweep and args.json_out):
+        raise YxanulError("continues a sweep: needs --sweep and --json-out", key="--resume")
     if args.json_out:
-        check_output_file(args.json_out, args.overwrite, key="--json-out")
+        check_output_file(args.json_out, args.overwrite or args.resume, key="--json-out")
     if args.plot:
         check_output_file(args.plot, args.overwrite, key="--plot")
     if args.json_out and args.plot and Path(args.json_out).resolve() == Path(args.plot).resolve():
@@ -120,7 +125,7 @@ def _run_throughput(args):
         if args.plot:
             plot(result, args.plot)
         return 0 if any(r.get("tokens_per_s") for r in result["rows"]) else 1
-    res = run_sweep(args.sweep, **common)
+    res = run_sweep(args.sweep, resume=args.resume, **common)
     print(format_sweep(res), flush=True)
     if args.plot:
         plot_sweep(res, args.plot)
