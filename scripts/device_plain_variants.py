@@ -5,6 +5,8 @@ process, every variant compiled whole with the default mode (no CUDA graphs), CU
   loop          the same PlainLM in a minimal loop a user writes (no harness)
   step-compile  forward and loss under autocast inside one compiled function
   rope-bf16     RoPE tables in BF16 (q and k rotated in BF16, no FP32 intermediates)
+  bf16-params   the model cast to BF16 (parameters, AdamW states and RoPE tables; no autocast, no FP32 master
+                weights): the other common way to write it, with the loss still on FP32 logits
   bf16          the project's BF16 mode (for the ratio), as `bench throughput` times it
 
 Usage: python scripts/device_plain_variants.py OUT_JSON [VARIANTS]"""
@@ -39,6 +41,8 @@ def own_loop(name):
     model = PlainLM(cfg).to(dev)
     if name == "rope-bf16":
         model.cos, model.sin = model.cos.bfloat16(), model.sin.bfloat16()
+    if name == "bf16-params":
+        model = model.to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     if name == "step-compile":
         @torch.compile
@@ -49,7 +53,7 @@ def own_loop(name):
         cm = torch.compile(model)
 
         def fwd(a, b):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name != "bf16-params"):
                 return cm(a, b)
 
     def step():
