@@ -447,10 +447,15 @@ def test_tensorwise_ops_trace_as_plain_torch_under_compile():
     assert float((got - ref).norm() / ref.norm()) < 0.08
 
 
-def test_tile_kernels_refuse_tensors_beyond_32_bit_offsets():
-    """The tile kernels address with 32-bit offsets: a (strided) input whose rows reach 2^31 elements is refused
-    with one error instead of wrapping around."""
-    from yxanul.kernels import tiles
-    tiles._check_size(torch.empty_strided((2 ** 15, 128), (2 ** 15, 1), device="meta"))  # ends below 2^31
+def test_kernels_refuse_tensors_beyond_32_bit_offsets():
+    """The 2-D kernels (quantizers and tiles) address with 32-bit offsets: a (strided) input whose rows reach 2^31
+    elements is refused with one error instead of wrapping around; the quantizers check before any launch."""
+    from yxanul.kernels import quant, tiles
+    assert tiles.check_offsets is quant.check_offsets
+    quant.check_offsets(torch.empty_strided((2 ** 15, 128), (2 ** 15, 1), device="meta"))  # ends below 2^31
     with pytest.raises(YxanulError, match="too many elements"):
-        tiles._check_size(torch.empty_strided((2 ** 16, 128), (2 ** 15 + 1, 1), device="meta"))
+        quant.check_offsets(torch.empty_strided((2 ** 16, 128), (2 ** 15 + 1, 1), device="meta"))
+    big = torch.empty((2 ** 16, 2 ** 15), dtype=torch.bfloat16, device="meta")
+    for fn in (quant.act_quant, quant.act_quant_t, quant.act_quant_dual, quant.weight_quant):
+        with pytest.raises(YxanulError, match="too many elements"):
+            fn(big)

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import YxanulError
 from ..fp8.formats import get_format
 from .reference import _check_2d, _check_block
 
@@ -207,6 +208,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def check_offsets(*ts: torch.Tensor) -> None:
+    """The 2-D kernels address with 32-bit offsets (row * stride + column): refuse a tensor whose last row ends
+    at 2^31 elements or beyond (strided views included) with one error, instead of wrapping around."""
+    for t in ts:
+        if t.numel() and (t.shape[0] - 1) * t.stride(0) + t.shape[1] >= 2 ** 31:
+            raise YxanulError(f"tensor {tuple(t.shape)} spans too many elements for the FP8 kernels (< 2^31)",
+                              key="x")
+
+
 def scale_inv_constant(fmax: float, device: torch.device) -> float:
     """The INV argument of scale_from_amax that reproduces torch's ``amax / fmax`` on `device`."""
     if device.type == "cuda":
@@ -219,6 +229,7 @@ def act_quant(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scales:
     _check_block(block)
     f = get_format(fmt)
     x = x.contiguous()
+    check_offsets(x)
     M, K = x.shape
     nkb = _cdiv(K, block)
     q = torch.empty((M, K), dtype=f.dtype, device=x.device)
@@ -236,6 +247,7 @@ def act_quant_t(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scale
     _check_block(block)
     f = get_format(fmt)
     x = x.contiguous()
+    check_offsets(x)
     M, K = x.shape
     nmb = _cdiv(M, block)
     qt = torch.empty((K, M), dtype=f.dtype, device=x.device)
@@ -254,6 +266,7 @@ def act_quant_dual(x: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_sc
     _check_block(block)
     f = get_format(fmt)
     x = x.contiguous()
+    check_offsets(x)
     M, K = x.shape
     nkb, nmb = _cdiv(K, block), _cdiv(M, block)
     q = torch.empty((M, K), dtype=f.dtype, device=x.device)
@@ -272,6 +285,7 @@ def weight_quant(w: torch.Tensor, block: int = 128, fmt: str = "e4m3", pow2_scal
     _check_block(block)
     f = get_format(fmt)
     w = w.contiguous()
+    check_offsets(w)
     N, K = w.shape
     nnb, nkb = _cdiv(N, block), _cdiv(K, block)
     q = torch.empty((N, K), dtype=f.dtype, device=w.device)

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..errors import YxanulError
 from ..fp8.formats import get_format
-from .quant import _cdiv, cast_fp8, nan_max, scale_from_amax, scale_inv_constant
+from .quant import _cdiv, cast_fp8, check_offsets, nan_max, scale_from_amax, scale_inv_constant
 
 BM = 32      # rows per program of the row-tile kernels (a BM x block tile, as act_quant)
 BN = 64      # columns per program of the column-tile kernels (a block x BN tile, as act_quant_t)
@@ -156,17 +156,10 @@ def _outputs(M: int, K: int, block: int, fmt, device):
             torch.empty((K, _cdiv(M, block)), dtype=torch.float32, device=device))
 
 
-def _check_size(*ts: torch.Tensor) -> None:
-    for t in ts:  # the kernels' offsets are 32-bit: the last row's end, strided views included
-        if t.numel() and (t.shape[0] - 1) * t.stride(0) + t.shape[1] >= 2 ** 31:
-            raise YxanulError(f"tensor {tuple(t.shape)} spans too many elements for the tile kernels (< 2^31)",
-                              key="x")
-
-
 def _launch(producer: int, a, b, r, w, block: int, fmt: str, pow2_scales: bool, bn: int, num_warps: int):
     M, K = a.shape
     out = _outputs(M, K, block, fmt, a.device)
-    _check_size(a, out[0])
+    check_offsets(a, out[0])
     if a.numel():
         fmax = get_format(fmt).max
         kw = dict(PRODUCER=producer, BLOCK=block, FMAX=fmax, POW2=pow2_scales,
@@ -201,7 +194,7 @@ def swiglu_bwd_tiles(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor, blo
     dh = _rows(dh)
     M, F = gate.shape
     out = _outputs(M, 2 * F, block, fmt, gate.device)
-    _check_size(gate, dh, out[0])
+    check_offsets(gate, dh, out[0])
     if gate.numel():
         fmax = get_format(fmt).max
         kw = dict(BLOCK=block, FMAX=fmax, POW2=pow2_scales, INV=scale_inv_constant(fmax, gate.device),
