@@ -463,9 +463,7 @@ def _install_fused_mlps(model: nn.Module) -> None:
             continue
         gate, up, down = (getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
         both = isinstance(gate, Fp8Linear) and isinstance(up, Fp8Linear)
-        ok = both and isinstance(down, Fp8Linear) and can_fuse(gate, up, down)
-        # the blockwise function runs gate and up as one GEMM: not where the model turned fused projections off
-        ok = ok and (gate.spec.delayed or getattr(m, "fused", True))
+        ok = both and isinstance(down, Fp8Linear) and can_fuse(gate, up, down, getattr(m, "fused", True))
         m.fp8_mlp = mlp_forward if ok else None
         cached = both and gate.recipe.cache_swiglu_inputs and up.recipe.cache_swiglu_inputs
         m.swiglu = functools.partial(swiglu_fp8_inputs, fmt=gate.spec.x.fmt, block=gate.spec.block) \

@@ -165,13 +165,15 @@ def tiled(spec) -> bool:
     return spec.x.granularity == "tile" and spec.w.granularity == "block" and spec.dy.granularity == "tile"
 
 
-def can_fuse(gate, up, down) -> bool:
+def can_fuse(gate, up, down, fused_projections: bool = True) -> bool:
     """Whether three Fp8Linear layers qualify (module docstring): delayed scaling, or the blockwise recipe with a
-    SwiGLU width that is a multiple of the block size; one spec, backend and options with ``fused_producers`` on; no
-    bias; SwiGLU shapes."""
+    SwiGLU width that is a multiple of the block size, where the model runs gate and up as one GEMM
+    (`fused_projections`: the blockwise function does); one spec, backend and options with ``fused_producers`` on;
+    no bias; SwiGLU shapes."""
     mods = (gate, up, down)
     s = gate.spec
-    return ((s.delayed or (tiled(s) and gate.out_features % s.block == 0)) and gate.options.fused_producers
+    blockwise_ok = tiled(s) and gate.out_features % s.block == 0 and fused_projections
+    return ((s.delayed or blockwise_ok) and gate.options.fused_producers
             and all(m.spec == s and m.options == gate.options and m.backend == gate.backend
                     and m.bias is None for m in mods)
             and gate.in_features == up.in_features == down.out_features
