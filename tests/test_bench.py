@@ -244,6 +244,12 @@ def test_width_sweep_resume_keeps_finished_widths_and_runs_the_rest(tmp_path):
     rows = {r["mode"]: r for r in res["points"][1]["result"]["rows"]}
     assert rows["fp8-tensorwise"]["tokens_per_s"] > 0 and len(res["ratio_vs_bf16"]["fp8-tensorwise"]) == 2
     assert res["ratio_vs_bf16"]["fp8-tensorwise"][0] == first["result"]["rows"][1]["ratio_vs_bf16"]
+    # a width where a mode failed is measured again
+    res["points"][1]["result"]["rows"][1].update(tokens_per_s=None, error="RuntimeError: out of memory")
+    out.write_text(json.dumps(res))
+    assert main(base + ["--sweep", "d_model=128,256", "--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert again["points"][0] == first and again["points"][1]["result"]["rows"][1]["tokens_per_s"] > 0
 
 
 @pytest.mark.parametrize("case", ["other-steps", "other-modes", "corrupt", "not-a-sweep", "no-sweep-flag"])

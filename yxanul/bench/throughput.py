@@ -556,8 +556,9 @@ def _resumed_points(path, key: str, values, settings: dict, device_name: str) ->
     for pt in old["points"]:
         if not isinstance(pt, dict) or not isinstance(pt.get("result"), dict) or pt.get(key) not in values:
             continue
-        rows = pt["result"].get("rows")
-        if isinstance(rows, list) and all(isinstance(r, dict) and "mode" in r for r in rows):
+        rows = pt["result"].get("rows")   # a width where a mode failed runs again
+        if isinstance(rows, list) and all(isinstance(r, dict) and "mode" in r and r.get("tokens_per_s")
+                                          and not r.get("error") for r in rows):
             done[pt[key]] = pt
     return done
 
