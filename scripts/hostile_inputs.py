@@ -443,6 +443,15 @@ def _(ctx):
                 inputs=["results.json"], needles=["--overwrite"])
 
 
+@case("bench-sweep-resume-foreign-json", "overwrite")
+def _(ctx):
+    (ctx / "results.json").write_text('{"measured": "on the H100, keep"}\n')
+    return Spec(["bench", "throughput", "--json-out", "results.json", "--sweep", "d_model=128", "--resume",
+                 "--device", "cpu", "--model", "tiny", "--modes", "bf16", "--steps", "1", "--warmup", "0",
+                 "--batch", "1", "--seq", "16", "--no-compile"],
+                inputs=["results.json"], needles=["results.json", "--resume"])
+
+
 @case("bench-plot-exists", "overwrite")
 def _(ctx):
     (ctx / "bars.png").write_bytes(b"\x89PNG a figure the user keeps")
