@@ -16,6 +16,9 @@
 #   fastacc  Yxanul-1B: the forward GEMM with fast accumulation (fprop_fast_accum) next to delayed
 #   memory   Yxanul-197M: FP8-kept SwiGLU inputs (cache_swiglu_inputs), delayed unfused and blockwise with the fused
 #            producers, for the peak-memory target
+#   profile-blockwise, profile-proj
+#            Yxanul-197M under --profile 2 (GPU time by kernel category): blockwise with and without the fused
+#            producers; delayed with and without the fused per-tensor projections
 # Usage: [BUDGET_S=N] scripts/device_fused_producers.sh OUT_DIR PART...
 #   BUDGET_S: stop each part when that many seconds have passed since the start (a bench keeps the modes it
 #   finished: its JSON is written after every mode); default 3600
@@ -45,6 +48,9 @@ for part in "$@"; do
       --model yxanul-197m --batch 16 ;;
     fastacc) bench 1b-fastacc bf16,fp8-delayed,fp8-delayed+fast-accum --model yxanul-1b --batch 8 ;;
     memory) bench 197m-memory "$memory" --model yxanul-197m --batch 16 ;;
+    profile-blockwise) bench 197m-profile-blockwise fp8-blockwise,fp8-blockwise+fused-producers --model yxanul-197m \
+      --batch 16 --profile 2 ;;
+    profile-proj) bench 197m-profile-proj fp8-delayed,fp8-delayed+fused-proj --model yxanul-197m --batch 16 --profile 2 ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done
