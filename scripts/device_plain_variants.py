@@ -1,5 +1,6 @@
 """Is `bench throughput`'s bf16-plain as fast as the plain model a user writes? Yxanul-197M (16 x 2048), one
-process, every variant compiled whole with the default mode (no CUDA graphs), CUDA-event timing, peak memory:
+process, every variant compiled whole with the default mode (no CUDA graphs), CUDA-event timing, peak memory
+(over the whole run, and of the timed steps alone):
 
   bench         bf16-plain exactly as `bench throughput` times it (its harness: dynamo reset, frozen GC)
   loop          the same PlainLM in a minimal loop a user writes (no harness)
@@ -68,6 +69,8 @@ def own_loop(name):
         step()
     torch.cuda.synchronize()
     warm = time.perf_counter() - t0
+    warm_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for _ in range(STEPS):
@@ -75,7 +78,8 @@ def own_loop(name):
     e.record()
     torch.cuda.synchronize()
     ms = s.elapsed_time(e) / STEPS
-    return ms, torch.cuda.max_memory_allocated() / 2 ** 30, warm, float(loss)
+    timed = torch.cuda.max_memory_allocated()
+    return ms, max(warm_peak, timed) / 2 ** 30, warm, float(loss.detach()), timed / 2 ** 30
 
 
 for v in variants:
@@ -84,12 +88,14 @@ for v in variants:
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            ms, peak, warm, final, *_ = _time_mode("bf16-plain" if v == "bench" else "bf16", cfg, dev, True, None,
-                                                   x, y, STEPS, WARM, print)
+            ms, peak, warm, final, _, _, stats = _time_mode("bf16-plain" if v == "bench" else "bf16", cfg, dev, True,
+                                                            None, x, y, STEPS, WARM, print)
+            timed = stats["peak_timed_gib"]
         else:
-            ms, peak, warm, final = own_loop(v)
+            ms, peak, warm, final, timed = own_loop(v)
         row = {"variant": v, "step_ms": round(ms, 2), "tokens_per_s": round(B * T / ms * 1000),
-               "peak_gib": round(peak, 2), "warmup_s": round(warm, 1), "final_loss": round(final, 4)}
+               "peak_gib": round(peak, 2), "peak_timed_gib": round(timed, 2), "warmup_s": round(warm, 1),
+               "final_loss": round(final, 4)}
     except Exception as ex:  # noqa: BLE001 - one variant's failure is recorded, the rest still run
         row = {"variant": v, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
     print(json.dumps(row), flush=True)

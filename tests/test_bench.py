@@ -32,6 +32,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     assert [r["mode"] for r in res["rows"]] == ["bf16-plain", "bf16", "fp8", "fp8-blockwise", "torchao-tensorwise"]
     for r in res["rows"]:
         assert set(ROW_KEYS) <= set(r)
+        assert r.get("peak_timed_gib") is None   # CUDA only, like peak_mem_gib
     ok = {r["mode"]: r for r in res["rows"] if r["error"] is None and not r.get("skipped")}
     assert {"bf16-plain", "bf16", "fp8", "fp8-blockwise"} <= set(ok)
     # `fp8` is the policy's linears with the fastest measured recipe, not the policy's own (blockwise)
@@ -361,3 +362,15 @@ def test_fp8_mode_variants_run_side_by_side_in_one_process(tmp_path):
     assert "SwiGLU inputs kept in FP8" in rows["fp8-tensorwise+swiglu-fp8"]["notes"]
     assert "SwiGLU" not in rows["fp8-tensorwise"]["notes"]
     assert "fast accumulation" not in rows["fp8-tensorwise+fast-accum"]["notes"]  # emulated GEMMs: no such mode
+
+
+@pytest.mark.gpu
+def test_timed_peak_is_the_steady_state_within_the_whole_peak(tmp_path):
+    """peak_mem_gib spans building, warm-up (compilation) and the timed steps; peak_timed_gib the timed steps
+    alone: positive and never above the whole."""
+    out = tmp_path / "bt.json"
+    args = ["bench", "throughput", "--model", "tiny", "--batch", "4", "--seq", "256", "--steps", "3", "--warmup", "2",
+            "--modes", "bf16-plain,bf16", "--device", "cuda", "--json-out", str(out)]
+    assert main(args) == 0
+    for r in json.loads(out.read_text())["rows"]:
+        assert 0 < r["peak_timed_gib"] <= r["peak_mem_gib"], r

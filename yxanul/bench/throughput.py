@@ -208,7 +208,11 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
         raise RuntimeError(f"non-finite loss {float(loss)} during warm-up")
     settle(host_gc)
     watch = GcWatch()
+    timed_peak = None
     if device.type == "cuda":
+        # the peak of building and warm-up (compilation and its autotuning included), then the timed steps' own
+        warm_peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with watch:
             start.record()
@@ -217,7 +221,8 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
             end.record()
             torch.cuda.synchronize(device)
         ms = start.elapsed_time(end) / steps
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        timed_peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        peak = max(warm_peak / 2 ** 30, timed_peak)
     else:
         t0 = time.perf_counter()
         with watch:
@@ -235,7 +240,9 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
         del step_fn
         log(format_profile(mode, prof))
     del run
-    return ms, peak, warm_s, final, notes, prof, watch.summary(steps)
+    stats = watch.summary(steps)
+    stats["peak_timed_gib"] = round(timed_peak, 3) if timed_peak is not None else None
+    return ms, peak, warm_s, final, notes, prof, stats
 
 
 def torchao_missing() -> str | None:
@@ -405,8 +412,11 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                 row["notes"] = "; ".join(notes)
             if prof is not None:
                 row["profile"] = prof
+            timed = gcs.get("peak_timed_gib")
             log(f"[{mode}] {tps:,.0f} tok/s, {ms:.2f} ms/step, peak "
-                f"{'%.2f GiB' % pk if pk is not None else 'n/a'}, warm-up {warm_s:.1f}s, final loss {final:.4f}")
+                f"{'%.2f GiB' % pk if pk is not None else 'n/a'}"
+                f"{' (timed steps %.2f)' % timed if timed is not None else ''}, warm-up {warm_s:.1f}s, "
+                f"final loss {final:.4f}")
         except Exception as e:  # noqa: BLE001  (one mode's failure must not end the run)
             msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
             row["error"] = msg
