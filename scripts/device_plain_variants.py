@@ -6,6 +6,7 @@ process, every variant compiled whole with the default mode (no CUDA graphs), CU
   loop          the same PlainLM in a minimal loop a user writes (no harness)
   step-compile  forward and loss under autocast inside one compiled function
   rope-bf16     RoPE tables in BF16 (q and k rotated in BF16, no FP32 intermediates)
+  lse-loss      the same loss written as logsumexp(logits) - logits[target] (no log-probabilities tensor)
   bf16-params   the model cast to BF16 (parameters, AdamW states and RoPE tables; no autocast, no FP32 master
                 weights): the other common way to write it, with the loss still on FP32 logits
   bf16          the project's BF16 mode (for the ratio), as `bench throughput` times it
@@ -45,7 +46,16 @@ def own_loop(name):
     if name == "bf16-params":
         model = model.to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    if name == "step-compile":
+    if name == "lse-loss":
+        def lse_loss(a, b):
+            z = model.logits(a).float().flatten(0, 1)
+            return (torch.logsumexp(z, -1) - z.gather(1, b.flatten()[:, None])[:, 0]).mean()
+        cm = torch.compile(lse_loss)
+
+        def fwd(a, b):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return cm(a, b)
+    elif name == "step-compile":
         @torch.compile
         def fwd(a, b):
             with torch.autocast("cuda", dtype=torch.bfloat16):

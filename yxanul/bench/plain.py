@@ -65,6 +65,9 @@ class PlainLM(nn.Module):
                 nn.init.normal_(p, 0.0, c.init_std / (math.sqrt(2 * c.n_layers) if resid else 1.0))
 
     def forward(self, idx, targets):
+        return F.cross_entropy(self.logits(idx).float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+    def logits(self, idx):
         x = self.tok(idx)
         x = self.proj(x) if self.proj is not None else x
         cos, sin = self.cos[: idx.shape[1]], self.sin[: idx.shape[1]]
@@ -72,7 +75,5 @@ class PlainLM(nn.Module):
             x = blk(x, cos, sin)
         h = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
         if self.head is not None:
-            logits = self.head(h)
-        else:
-            logits = (h @ self.proj.weight if self.proj is not None else h) @ self.tok.weight.T
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            return self.head(h)
+        return (h @ self.proj.weight if self.proj is not None else h) @ self.tok.weight.T
