@@ -8,7 +8,9 @@ At the SwiGLU shapes of Yxanul-197M (32,768 tokens x 2,048) and Yxanul-1B (16,38
               act_quant and act_quant_t kernels (the unfused blockwise path), for several column-kernel widths and warps
   tiles-bwd   swiglu_bwd_tiles against the compiled SwiGLU backward, cat, act_quant and act_quant_t
   cast-fwd    swiglu_fwd_cast (delayed scaling) against torch.compile of the same computation
-  cast-bwd    swiglu_bwd_cast against torch.compile of the same computation
+  cast-bwd    swiglu_bwd_cast against torch.compile of the same computation; and the same computation with the
+              row-major FP8 layouts only, then each transposed by an FP8 copy of its own (is the transposed store
+              what is slow?), against the BF16 SwiGLU backward
   norm-tiles  rmsnorm_tiles (the norm's output as 1 x 128 tiles of both layouts, from x and the row scales, plus
               the row-scale reduction) against the compiled RMSNorm followed by act_quant and act_quant_t
   dual        act_quant_dual (both 1 x 128 layouts from one read, whole 128 x 128 tile)
@@ -146,6 +148,27 @@ def main(path: str) -> None:
         row(shape=name, kernel="cast-bwd", variant="inductor", us=timed(lambda: cb(gc, uc, dh, s2, s2)))
         row(shape=name, kernel="cast-bwd", variant="triton",
             us=timed(lambda: swiglu_cast.swiglu_bwd_cast(gc, uc, dh, s2, s2)))
+
+        # is the transposed FP8 store the cost? the same backward with the row-major layouts only, then each
+        # transposed by a copy of its own (a separate compiled function: inductor cannot fuse it back), and the
+        # BF16 backward (the unquantized step's kernel) for scale
+        def cast_bwd_rows(g, u, d, s1, s2):
+            qg, _, qu, _, ag, au = cast_bwd_torch(g, u, d, s1, s2)
+            return qg, qu, ag, au
+        cr = torch.compile(cast_bwd_rows)
+        tr = torch.compile(lambda q: q.view(torch.uint8).t().contiguous().view(q.dtype))
+
+        def rows_then_transpose():
+            qg, qu, ag, au = cr(gc, uc, dh, s2, s2)
+            return qg, tr(qg), qu, tr(qu), ag, au
+        both, split = cb(gc, uc, dh, s2, s2), rows_then_transpose()
+        row(shape=name, kernel="cast-bwd", variant="inductor-rows", us=timed(lambda: cr(gc, uc, dh, s2, s2)))
+        row(shape=name, kernel="cast-bwd", variant="inductor-rows+transposes",
+            same_as_inductor=same(split[:4], both[:4]), us=timed(rows_then_transpose))
+        qg = both[0]
+        row(shape=name, kernel="fp8-transpose", variant="inductor", us=timed(lambda: tr(qg)),
+            floor_us=M * Fw * 2 / 3.35e12 * 1e6)
+        row(shape=name, kernel="cast-bwd", variant="bf16-backward", us=timed(lambda: grads_c(gc, uc, dh)))
         for Md, Kd in DUAL_SHAPES[name][:1]:
             x = torch.randn(Md, Kd, device="cuda", generator=gen).bfloat16()
             norm = RMSNorm(Kd).cuda()
