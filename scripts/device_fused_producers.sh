@@ -16,6 +16,9 @@
 #   fastacc  Yxanul-1B: the forward GEMM with fast accumulation (fprop_fast_accum) next to delayed
 #   memory   Yxanul-197M: FP8-kept SwiGLU inputs (cache_swiglu_inputs), delayed unfused and blockwise with the fused
 #            producers, for the peak-memory target
+#   weight-step
+#            Yxanul-197M: delayed with its weights quantized once per step by the grouped refresh (weight_cache:
+#            step) against the in-graph quantization, one process
 #   profile-blockwise, profile-proj
 #            Yxanul-197M under --profile 2 (GPU time by kernel category): blockwise with and without the fused
 #            producers; delayed with and without the fused per-tensor projections
@@ -48,6 +51,7 @@ for part in "$@"; do
       --model yxanul-197m --batch 16 ;;
     fastacc) bench 1b-fastacc bf16,fp8-delayed,fp8-delayed+fast-accum --model yxanul-1b --batch 8 ;;
     memory) bench 197m-memory "$memory" --model yxanul-197m --batch 16 ;;
+    weight-step) bench 197m-weight-step fp8-delayed,fp8-delayed+weight-step --model yxanul-197m --batch 16 ;;
     profile-blockwise) bench 197m-profile-blockwise fp8-blockwise,fp8-blockwise+fused-producers --model yxanul-197m \
       --batch 16 --profile 2 ;;
     profile-proj) bench 197m-profile-proj fp8-delayed,fp8-delayed+fused-proj --model yxanul-197m --batch 16 --profile 2 ;;

@@ -374,3 +374,12 @@ def test_timed_peak_is_the_steady_state_within_the_whole_peak(tmp_path):
     assert main(args) == 0
     for r in json.loads(out.read_text())["rows"]:
         assert 0 < r["peak_timed_gib"] <= r["peak_mem_gib"], r
+
+
+def test_weight_step_variant_changes_only_its_row(tmp_path):
+    out = tmp_path / "bt.json"
+    assert main(ARGS + ["--modes", "fp8-tensorwise,fp8-tensorwise+weight-step", "--json-out", str(out)]) == 0
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["fp8-tensorwise+weight-step"]["tokens_per_s"] > 0
+    assert "weights quantized once per step" in rows["fp8-tensorwise+weight-step"]["notes"]
+    assert "once per step" not in rows["fp8-tensorwise"]["notes"]

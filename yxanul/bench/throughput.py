@@ -62,8 +62,10 @@ ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_
 
 
 # row variants of the FP8 modes (module docstring): name -> (FP8 option, recipe field) set for that row
-MODE_VARIANTS = {"fast-accum": ("fprop_fast_accum", None), "fused-producers": ("fused_producers", None),
-                 "fused-proj": ("fused_tensor_projections", None), "swiglu-fp8": (None, "cache_swiglu_inputs")}
+# variant -> (FP8 option, recipe field, value): the option or field the variant sets, for its row only
+MODE_VARIANTS = {"fast-accum": ("fprop_fast_accum", None, True), "fused-producers": ("fused_producers", None, True),
+                 "fused-proj": ("fused_tensor_projections", None, True),
+                 "swiglu-fp8": (None, "cache_swiglu_inputs", True), "weight-step": ("weight_cache", None, "step")}
 
 
 def split_mode(mode: str) -> tuple[str, tuple[str, ...]]:
@@ -141,8 +143,8 @@ class _Run:
             from ..precision import load_policy
 
             base, variants = split_mode(mode)
-            options = {MODE_VARIANTS[v][0]: True for v in variants if MODE_VARIANTS[v][0]}
-            fields = {MODE_VARIANTS[v][1]: True for v in variants if MODE_VARIANTS[v][1]}
+            options = {MODE_VARIANTS[v][0]: MODE_VARIANTS[v][2] for v in variants if MODE_VARIANTS[v][0]}
+            fields = {MODE_VARIANTS[v][1]: MODE_VARIANTS[v][2] for v in variants if MODE_VARIANTS[v][1]}
             pol = load_policy(policy_path)
             recipe = BEST_RECIPE if base in ("fp8", "fp8-head") else base[len("fp8-"):]
             pol = pol.with_recipe(name=recipe, calibration_steps=0, **fields)
@@ -157,6 +159,8 @@ class _Run:
                 self.notes.append("fprop fast accumulation")
             if pol.recipe.cache_swiglu_inputs:
                 self.notes.append("SwiGLU inputs kept in FP8")
+            if pol.fp8_options.weight_cache == "step":
+                self.notes.append("weights quantized once per step")
             convert_model(model, pol, backend=backend, quiet=True)
             if any(getattr(m, "fp8_mlp", None) is not None for m in model.modules()):
                 self.notes.append("fused FP8 producers")

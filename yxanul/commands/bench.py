@@ -45,7 +45,7 @@ def _throughput(bsub):
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
                    help="comma-separated modes; an fp8 mode may add variants (+fast-accum, +fused-producers, "
-                        "+fused-proj, +swiglu-fp8) to time that choice next to the mode without it (e.g. "
+                        "+fused-proj, +swiglu-fp8, +weight-step) to time that choice next to the mode without it (e.g. "
                         "fp8-delayed,fp8-delayed+fused-producers)")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (quick iteration)")
     p.add_argument("--compile", dest="compile", action="store_true", default=True, help="torch.compile (default)")
