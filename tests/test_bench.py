@@ -245,6 +245,13 @@ def test_width_sweep_resume_keeps_finished_widths_and_runs_the_rest(tmp_path):
     rows = {r["mode"]: r for r in res["points"][1]["result"]["rows"]}
     assert rows["fp8-tensorwise"]["tokens_per_s"] > 0 and len(res["ratio_vs_bf16"]["fp8-tensorwise"]) == 2
     assert res["ratio_vs_bf16"]["fp8-tensorwise"][0] == first["result"]["rows"][1]["ratio_vs_bf16"]
+    # a width whose recorded row is malformed is measured again, not formatted
+    res["points"][0]["result"]["rows"][1]["ratio_vs_bf16"] = "fast"
+    out.write_text(json.dumps(res))
+    assert main(base + ["--sweep", "d_model=128,256", "--resume"]) == 0
+    assert isinstance(json.loads(out.read_text())["ratio_vs_bf16"]["fp8-tensorwise"][0], float)
+    res = json.loads(out.read_text())
+    first = res["points"][0]
     # a width where a mode failed is measured again
     res["points"][1]["result"]["rows"][1].update(tokens_per_s=None, error="RuntimeError: out of memory")
     out.write_text(json.dumps(res))

@@ -566,13 +566,21 @@ def _resumed_points(path, key: str, values, settings: dict, device_name: str) ->
     if old["points"] and old.get("device") != device_name:
         raise YxanulError(f"was measured on {old.get('device')!r}, this is {device_name!r}; ratios are compared "
                           "within one machine", source=src, key="--resume")
+    def number(v, none_ok=False):
+        return (v is None and none_ok) or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v)
+
+    def finished(r):   # a measured row (a width where a mode failed runs again)
+        return (isinstance(r, dict) and isinstance(r.get("mode"), str) and number(r.get("tokens_per_s"))
+                and r["tokens_per_s"] > 0 and not r.get("error")
+                and all(number(r.get(k), True) for k in ("ratio_vs_bf16", "ratio_vs_bf16_plain")))
+
     done = {}
     for pt in old["points"]:
-        if not isinstance(pt, dict) or not isinstance(pt.get("result"), dict) or pt.get(key) not in values:
+        if (not isinstance(pt, dict) or not isinstance(pt.get("result"), dict) or not number(pt.get(key))
+                or pt[key] not in values or not all(number(pt.get(k)) for k in ("params", "batch"))):
             continue
-        rows = pt["result"].get("rows")   # a width where a mode failed runs again
-        if isinstance(rows, list) and all(isinstance(r, dict) and "mode" in r and r.get("tokens_per_s")
-                                          and not r.get("error") for r in rows):
+        rows = pt["result"].get("rows")
+        if isinstance(rows, list) and all(finished(r) for r in rows):
             done[pt[key]] = pt
     return done
 
