@@ -81,13 +81,19 @@ def _tiles_rows_kernel(a_ptr, b_ptr, r_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_in
 
 
 @triton.jit
-def _tiles_cols_kernel(a_ptr, b_ptr, r_ptr, w_ptr, qt_ptr, st_ptr, M, K, stride_in, NMB, PRODUCER: tl.constexpr,
-                       BN: tl.constexpr, BLOCK: tl.constexpr,
-                       FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
+def _cols_tile(M, K, BN: tl.constexpr, BLOCK: tl.constexpr):
+    """A column kernel's BLOCK x BN tile: its row block, offsets and mask."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_k = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    return pid_m, offs_m, offs_k, (offs_m[:, None] < M) & (offs_k[None, :] < K)
+
+
+@triton.jit
+def _tiles_cols_kernel(a_ptr, b_ptr, r_ptr, w_ptr, qt_ptr, st_ptr, M, K, stride_in, NMB, PRODUCER: tl.constexpr,
+                       BN: tl.constexpr, BLOCK: tl.constexpr,
+                       FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
+    pid_m, offs_m, offs_k, mask = _cols_tile(M, K, BN, BLOCK)
     y = _produce(a_ptr, b_ptr, r_ptr, w_ptr, offs_m, offs_k, mask, stride_in, M, K, PRODUCER)
     cast_cols_t(y, qt_ptr, st_ptr, offs_m, offs_k, mask, pid_m, M, NMB, FMAX, POW2, INV)
 
@@ -127,10 +133,7 @@ def _swiglu_bwd_tiles_rows_kernel(g_ptr, u_ptr, d_ptr, q_ptr, s_ptr, M, F, strid
 def _swiglu_bwd_tiles_cols_kernel(g_ptr, u_ptr, d_ptr, qt_ptr, st_ptr, M, F, stride_in, stride_d, NMB,
                                   BN: tl.constexpr, BLOCK: tl.constexpr,
                                   FMAX: tl.constexpr, POW2: tl.constexpr, INV: tl.constexpr):
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
-    offs_f = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = (offs_m[:, None] < M) & (offs_f[None, :] < F)
+    pid_m, offs_m, offs_f, mask = _cols_tile(M, F, BN, BLOCK)
     dg, du = _swiglu_bwd_grads(g_ptr, u_ptr, d_ptr, offs_m, offs_f, mask, stride_in, stride_d)
     cast_cols_t(dg, qt_ptr, st_ptr, offs_m, offs_f, mask, pid_m, M, NMB, FMAX, POW2, INV)
     cast_cols_t(du, qt_ptr, st_ptr, offs_m, offs_f + F, mask, pid_m, M, NMB, FMAX, POW2, INV)
