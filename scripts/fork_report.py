@@ -1,5 +1,8 @@
 """The fork protocol's report from recorded fork.json files, with the current statistics: the markdown table,
-the delta-per-mode plot (2-sigma bars) and the loss curves of the first file's repeat 0.
+the delta-per-mode plot (2-sigma bars) and the loss curves of the first file's repeat 0. From-scratch comparisons
+(`bench quality` without `--fork-at`: quality.json, with bf16 and bf16-b among its modes) are combined the same
+way; runs of another seed are then repeats that differ in initialization and data order too. Fork and
+from-scratch files are not mixed.
 
 Several files (forks of the same protocol in separate processes, each with its own BF16 trunk) are combined as
 repeats: file k's repeats follow file k-1's, a mode's delta is the mean over every repeat that ran it, and the
@@ -36,8 +39,9 @@ SAME = ("model", "tokens", "steps", "fork_at", "batch", "seq", "lr", "min_lr", "
 ABSENT = dict.fromkeys(FP8_OPTION_FLAGS, False)
 
 
-_NAME = re.compile(r"^(?P<mode>.+)-r(?P<r>[0-9]+)$")
-_HEAD = {"model": str, "device": str, "torch": str, "fork_at": int, "steps": int, "batch": int, "seq": int,
+# a window list's name: MODE-rN (fork.json), or MODE for repeat 0 (quality.json)
+_NAME = re.compile(r"^(?P<mode>.+?)(?:-r(?P<r>[0-9]+))?$")
+_HEAD = {"model": str, "device": str, "torch": str, "steps": int, "batch": int, "seq": int,
          "tokens": int, "warmup": int, "lr": (int, float)}
 
 
@@ -56,6 +60,10 @@ def load(spec: str):
     for key, typ in _HEAD.items():
         if not isinstance(res.get(key), typ) or isinstance(res.get(key), bool):
             fail(f"{path}: {key}: missing or not a {getattr(typ, '__name__', 'number')}")
+    if "fork_at" not in res:  # a from-scratch quality.json
+        res["fork_at"] = None
+    elif not isinstance(res["fork_at"], int) or isinstance(res["fork_at"], bool):
+        fail(f"{path}: fork_at: not an int")
     for name, w in res["windows"].items():
         ok = w is None or (isinstance(w, list) and w and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 1e6
@@ -90,7 +98,7 @@ def main() -> None:
         reps = set()
         for name, w in res["windows"].items():
             m = _NAME.match(name)
-            mode, r = m["mode"], int(m["r"])
+            mode, r = m["mode"], int(m["r"] or 0)
             if w is None or (keep is not None and mode not in keep):
                 continue
             windows[(mode, offset + r)] = w
@@ -118,7 +126,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out, prefix=".fork_report-") as tmp:
             tmp = Path(tmp)
-            title = a.title or f"{res['model']}: fork at step {res['fork_at']} ({res['device']})"
+            title = a.title or (f"{res['model']}: fork at step {res['fork_at']} ({res['device']})"
+                                if res["fork_at"] is not None else f"{res['model']}: from scratch ({res['device']})")
             plot_deltas(([res["noise_floor"]] if res["noise_floor"] else []) + res["paired"],
                         tmp / "fork-delta.png", title=title)
             names = ["fork-delta.png"]

@@ -399,6 +399,19 @@ def test_one_repeat_rows_take_their_run_noise_from_the_bf16_pair():
     assert t["verdicts"]["0.1%"] == "unresolved"           # |delta| + 2 SE spans more than 0.1%
     assert b["se_pct"] is None and set(b["verdicts"].values()) == {"unresolved"}
     assert t["within_noise"] is None                       # measured noise needs repeats
+    # a pair that happened to agree (0.002%, as one H100 from-scratch pair did) measures the noise to one degree
+    # of freedom: a mode 0.4% off is then unresolved, not refuted, until the noise is known to two or more
+    close = [x * 1.00002 for x in ref]
+    far = [x * 0.996 for x in ref]
+    rows = {r["mode"]: r for r in paired_rows({("bf16", 0): ref, (FORK_NOISE_MODE, 0): close, ("fp8-b", 0): far},
+                                              ["bf16", FORK_NOISE_MODE, "fp8-b"])}
+    f = rows["fp8-b"]
+    assert f["delta_pct"] - 2 * f["se_pct"] > -0.5 and f["delta_pct"] + 2 * f["se_pct"] < -0.25  # 2 SE: "refuted"
+    assert f["noise_df"] == 1 and set(f["verdicts"].values()) == {"unresolved"}
+    rows = {r["mode"]: r for r in paired_rows({("bf16", 0): ref, (FORK_NOISE_MODE, 0): close, ("fp8-b", 0): far,
+                                               ("bf16", 1): ref, (FORK_NOISE_MODE, 1): close, ("fp8-b", 1): far},
+                                              ["bf16", FORK_NOISE_MODE, "fp8-b"])}
+    assert rows["fp8-b"]["noise_df"] >= 2 and rows["fp8-b"]["verdicts"]["0.25%"] == "refuted"
 
 
 def test_run_noise_pools_bf16_pairs_and_repeats_by_hand():
@@ -492,6 +505,39 @@ def test_fork_report_rerenders_a_recorded_fork(tmp_path):
     assert (out / "fork.md").read_text() == before
     r = subprocess.run([sys.executable, str(script), str(src), "--out", str(src)], capture_output=True, text=True)
     assert r.returncode == 2 and "not a folder" in r.stderr
+
+
+def test_fork_report_combines_from_scratch_runs_of_two_seeds(tmp_path):
+    """scripts/fork_report.py on `bench quality` results without a fork (quality.json: window lists named by mode
+    for repeat 0): runs of two seeds combine as two repeats; a fork is not mixed with them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    ref = [3.0, 3.1, 2.9, 3.0]
+    run = {"model": "tiny", "steps": 2, "batch": 2, "seq": 8, "lr": 6e-4, "warmup": 1, "repeats": 1, "seed": 1,
+           "device": "cpu", "torch": torch.__version__, "tokens": 32, "se_method": "old text", "curves": {},
+           "windows": {"bf16": ref, "bf16-b": [x * 1.001 for x in ref], "fp8-delayed": [x * 1.004 for x in ref]}}
+    other = dict(run, seed=2, windows={"bf16": ref, "bf16-b": [x * 1.003 for x in ref],
+                                       "fp8-delayed": [x * 0.999 for x in ref]})
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(run))
+    b.write_text(json.dumps(other))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fork_report.py"
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, str(script), str(a), str(b), "--out", str(out)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    md = (out / "fork.md").read_text()
+    # against each seed's pair mean: +0.35% and -0.25%, mean +0.05%; the twin +0.1% and +0.3%, mean +0.2%
+    assert "from scratch, 2 steps" in md and "BF16 trunk" not in md
+    assert "| fp8-delayed | +0.050% |" in md and "| 2 |" in md, md
+    assert "| bf16-b | +0.200% |" in md, md
+    fork = dict(run, fork_at=1, windows={f"{k}-r0": v for k, v in run["windows"].items()})
+    f = tmp_path / "fork.json"
+    f.write_text(json.dumps(fork))
+    r = subprocess.run([sys.executable, str(script), str(a), str(f), "--out", str(out)], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "fork_at" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_a_bit_identical_bf16_pair_measures_no_noise():

@@ -522,7 +522,8 @@ def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]], run_nois
     (docs/benchmarks.md, "Loss parity"). `run_noise` is that noise as the SD of one run pair's delta, with `noise_df` degrees of
     freedom (:func:`pooled_run_noise`); the mode's delta, a mean over R repeats, carries run_noise^2 / R of it.
     Without `run_noise` the mode's own SD over repeats is used, and with neither the verdicts are "unresolved".
-    Whether the delta is within the noise is judged only from a noise with two or more degrees of freedom."""
+    Whether the delta is within the noise, and the verdicts, are judged only from a noise with two or more degrees
+    of freedom."""
     per = [paired_delta(m, r) for m, r in pairs]
     deltas = [d for d, _ in per]
     R = len(pairs)
@@ -538,14 +539,15 @@ def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]], run_nois
     run_var = None if run_noise is None else run_noise ** 2 / R
     se = None if (se_w is None or run_var is None) else math.sqrt(se_w ** 2 + run_var)
     delta = sum(deltas) / R
+    se_v = se if noise_df >= 2 else None  # one pair's noise is no estimate to give a verdict on
     row = {"mode": mode, "delta_pct": delta, "sd_pct": sd, "se_pct": se, "window_se_pct": se_w, "R": R,
            "windows": n, "repeat_delta_pct": deltas, "repeat_window_se_pct": [e for _, e in per],
            "run_noise_pct": run_noise, "noise_df": noise_df if run_noise is not None else 0,
            "within_noise": (abs(delta) <= 2 * se) if (se is not None and noise_df >= 2) else None,
-           "verdicts": {k: verdict(delta, se, lo, hi) for k, (lo, hi) in CLAIMS.items()}}
+           "verdicts": {k: verdict(delta, se_v, lo, hi) for k, (lo, hi) in CLAIMS.items()}}
     if mode == "fp8-all":
         name, (lo, hi) = ALL_FP8_CLAIM
-        row["verdicts"][name] = verdict(delta, se, lo, hi)
+        row["verdicts"][name] = verdict(delta, se_v, lo, hi)
     return row
 
 
@@ -908,13 +910,16 @@ def _fork_summary(result: dict, recs: dict, modes: list[str]) -> None:
 
 def fork_markdown(result: dict) -> str:
     rows = ([result["noise_floor"]] if result.get("noise_floor") else []) + result.get("paired", [])
-    head = (f"{result['model']}: BF16 trunk to step {result['fork_at']}, branches to step {result['steps']} "
+    start = (f"BF16 trunk to step {result['fork_at']}, branches to step {result['steps']}"
+             if result.get("fork_at") is not None else f"from scratch, {result['steps']} steps")
+    head = (f"{result['model']}: {start} "
             f"({result['batch']}x{result['seq']} tokens per step, lr {result['lr']:g}, warm-up {result['warmup']}), "
             f"{result['repeats']} repeat(s), device {result['device']}, torch {result['torch']}"
             + (", deterministic algorithms" if result.get("deterministic") else "")
             + "".join(f", {_FP8_OPTION_WORDS[k]}" for k in FP8_OPTION_FLAGS if result.get(k)))
     n = next((x["windows"] for x in rows), None)
     noise = next((x for x in result.get("paired", []) if x.get("pair_noise_pct") is not None), None)
+    flags = result.get("bf16_pairs_bit_identical")
     tail = (f"delta = mean over {n} validation windows of (L_mode - L_ref) / mean L_ref, mean over repeats, L_ref "
             f"the per-window mean of bf16 and {FORK_NOISE_MODE} where both ran (else bf16; {FORK_NOISE_MODE}'s own "
             f"row: bf16); "
@@ -922,7 +927,8 @@ def fork_markdown(result: dict) -> str:
             + (f"; run-to-run noise of one run pair's delta {noise['pair_noise_pct']:.3f}% ({noise['noise_df']} "
                f"degrees of freedom)"
                if noise else "") + f". {FORK_NOISE_MODE}: a second BF16 branch on the same data (noise floor). "
-            f"BF16 pairs bit-identical per repeat: {result.get('bf16_pairs_bit_identical')}")
+            + (f"BF16 pairs bit-identical per repeat: {flags}" if any(x is not None for x in flags or [None])
+               else "BF16 pairs bit-identical: not recorded"))
     if noise:  # what more repeats would buy, at this noise (a mode against the BF16 pair's mean)
         wse = max(r["window_se_pct"] for r in result["paired"] if r.get("window_se_pct") is not None)
         need = [(t, repeats_for_se(t, noise["pair_noise_pct"], wse)) for t in SE_TARGETS]
