@@ -7,6 +7,10 @@ process, every variant compiled whole with the default mode (no CUDA graphs), CU
   step-compile  forward and loss under autocast inside one compiled function
   rope-bf16     RoPE tables in BF16 (q and k rotated in BF16, no FP32 intermediates)
   lse-loss      the same loss written as logsumexp(logits) - logits[target] (no log-probabilities tensor)
+  no-ignore     F.cross_entropy without ignore_index (the plain call a user writes)
+  snapshot      `loop`, then one more step under the CUDA allocator's recorder: the tensors alive at that step's
+                peak, largest first, with the line of inductor's generated code that allocated each
+                (yxanul.bench.memtrace); in the row as "peak_live"
   bf16-params   the model cast to BF16 (parameters, AdamW states and RoPE tables; no autocast, no FP32 master
                 weights): the other common way to write it, with the loss still on FP32 logits
   bf16          the project's BF16 mode (for the ratio), as `bench throughput` times it
@@ -19,6 +23,7 @@ import time
 
 import torch
 
+from yxanul.bench.memtrace import peak_live, record_step
 from yxanul.bench.plain import PlainLM
 from yxanul.bench.throughput import _time_mode
 from yxanul.config import load_model_config
@@ -32,6 +37,7 @@ g = torch.Generator().manual_seed(1234)
 data = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g).to(dev)
 x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": B, "seq": T, "rows": []}
+extra = {}  # what a variant records beside its timing
 
 
 def own_loop(name):
@@ -51,6 +57,13 @@ def own_loop(name):
             z = model.logits(a).float().flatten(0, 1)
             return (torch.logsumexp(z, -1) - z.gather(1, b.flatten()[:, None])[:, 0]).mean()
         cm = torch.compile(lse_loss)
+
+        def fwd(a, b):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return cm(a, b)
+    elif name == "no-ignore":
+        cm = torch.compile(lambda a, b: torch.nn.functional.cross_entropy(
+            model.logits(a).float().flatten(0, 1), b.flatten()))
 
         def fwd(a, b):
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -89,6 +102,11 @@ def own_loop(name):
     torch.cuda.synchronize()
     ms = s.elapsed_time(e) / STEPS
     timed = torch.cuda.max_memory_allocated()
+    if name == "snapshot":
+        base = torch.cuda.memory_allocated()
+        trace = peak_live(record_step(step), min_bytes=1 << 28)
+        extra["peak_live"] = dict(trace, allocated_before_gib=round(base / 2 ** 30, 2),
+                                  peak_gib=round((base + trace["peak_bytes"]) / 2 ** 30, 2))
     return ms, max(warm_peak, timed) / 2 ** 30, warm, float(loss.detach()), timed / 2 ** 30
 
 
@@ -105,7 +123,8 @@ for v in variants:
             ms, peak, warm, final, timed = own_loop(v)
         row = {"variant": v, "step_ms": round(ms, 2), "tokens_per_s": round(B * T / ms * 1000),
                "peak_gib": round(peak, 2), "peak_timed_gib": round(timed, 2), "warmup_s": round(warm, 1),
-               "final_loss": round(final, 4)}
+               "final_loss": round(final, 4), **extra}
+        extra.clear()
     except Exception as ex:  # noqa: BLE001 - one variant's failure is recorded, the rest still run
         row = {"variant": v, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
     print(json.dumps(row), flush=True)

@@ -390,3 +390,38 @@ def test_weight_step_variant_changes_only_its_row(tmp_path):
     assert rows["fp8-tensorwise+weight-step"]["tokens_per_s"] > 0
     assert "weights quantized once per step" in rows["fp8-tensorwise+weight-step"]["notes"]
     assert "once per step" not in rows["fp8-tensorwise"]["notes"]
+
+
+def test_peak_live_replays_an_allocator_trace_by_hand():
+    """memtrace.peak_live: the live set at the traced peak, largest first, with frames; a block freed (requested
+    or completed, whichever comes first) no longer counts, an unknown free is ignored."""
+    from yxanul.bench.memtrace import peak_live
+    f = [{"filename": __file__, "line": 1, "name": "call"}]
+    ev = [{"action": "alloc", "addr": 1, "size": 100, "frames": f},
+          {"action": "alloc", "addr": 2, "size": 400, "frames": f},
+          {"action": "free_requested", "addr": 1},
+          {"action": "free_completed", "addr": 1},           # already freed: not subtracted twice
+          {"action": "alloc", "addr": 3, "size": 300, "frames": []},
+          {"action": "free_requested", "addr": 99},          # allocated before recording
+          {"action": "free_completed", "addr": 2},
+          {"action": "alloc", "addr": 4, "size": 500}]
+    r = peak_live(ev, min_bytes=200)
+    assert r["peak_bytes"] == 800 and r["at_event"] == 7
+    assert [b["bytes"] for b in r["live"]] == [500, 300]
+    r = peak_live(ev[:5], min_bytes=1)
+    assert r["peak_bytes"] == 700 and [b["bytes"] for b in r["live"]] == [400, 300]
+    assert r["live"][0]["frames"][0].startswith(f"{__file__}:1 call | ")  # the source line read back
+    assert peak_live([])["peak_bytes"] == 0 and peak_live([])["live"] == []
+
+
+@pytest.mark.gpu
+def test_record_step_names_the_compiled_buffer_at_the_peak():
+    """memtrace on CUDA: a compiled function's largest intermediate is alive at its peak, allocated by a line of
+    inductor's generated code."""
+    from yxanul.bench.memtrace import peak_live, record_step
+    x = torch.randn(4096, 4096, device="cuda", requires_grad=True)
+    f = torch.compile(lambda a: ((a @ a).float().exp().sum()))
+    f(x).backward()
+    r = peak_live(record_step(lambda: f(x).backward()), min_bytes=32 << 20)
+    assert r["peak_bytes"] >= 4096 * 4096 * 4 and r["live"]
+    assert any("empty_strided" in fr or "torchinductor" in fr for b in r["live"] for fr in b["frames"]), r
