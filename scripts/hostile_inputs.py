@@ -452,6 +452,14 @@ def _(ctx):
                 inputs=["results.json"], needles=["results.json", "--resume"])
 
 
+@case("bench-sweep-batch-count", "overwrite")
+def _(ctx):
+    return Spec(["bench", "throughput", "--json-out", "s.json", "--sweep", "d_model=128,256", "--sweep-batch", "4",
+                 "--device", "cpu", "--model", "tiny", "--modes", "bf16", "--steps", "1", "--warmup", "0",
+                 "--batch", "1", "--seq", "16", "--no-compile"], outputs=["s.json"],
+                needles=["--sweep-batch", "one per value"])
+
+
 @case("bench-plot-exists", "overwrite")
 def _(ctx):
     (ctx / "bars.png").write_bytes(b"\x89PNG a figure the user keeps")

@@ -425,3 +425,29 @@ def test_record_step_names_the_compiled_buffer_at_the_peak():
     r = peak_live(record_step(lambda: f(x).backward()), min_bytes=32 << 20)
     assert r["peak_bytes"] >= 4096 * 4096 * 4 and r["live"]
     assert any("empty_strided" in fr or "torchinductor" in fr for b in r["live"] for fr in b["frames"]), r
+
+
+def test_sweep_batch_sets_each_widths_batch_and_is_part_of_the_settings(tmp_path, capsys):
+    """--sweep-batch: one batch per width, recorded per point and in the settings a resume compares; a sweep
+    run without it does not resume with it."""
+    out = tmp_path / "sweep.json"
+    base = ARGS + ["--modes", "bf16", "--json-out", str(out), "--sweep", "d_model=128,256"]
+    assert main(base + ["--sweep-batch", "1,3"]) == 0
+    res = json.loads(out.read_text())
+    assert [p["batch"] for p in res["points"]] == [1, 3] and res["settings"]["sweep_batch"] == [1, 3]
+    assert [p["result"]["batch"] for p in res["points"]] == [1, 3]
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(base + ["--resume"]) == 2 and "sweep_batch" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("value,extra", [("1", []), ("1,x", []), ("1,0", []), ("2,2", ["nosweep"])])
+def test_sweep_batch_bad_input(tmp_path, value, extra, capsys):
+    out = tmp_path / "s.json"
+    argv = ARGS + ["--modes", "bf16", "--json-out", str(out), "--sweep-batch", value]
+    if not extra:
+        argv += ["--sweep", "d_model=128,256"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert not out.exists() and "--sweep-batch" in err and "Traceback" not in err

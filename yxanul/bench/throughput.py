@@ -499,6 +499,23 @@ def parse_sweep(text: str) -> tuple[str, list[int]]:
     return key, values
 
 
+def parse_sweep_batch(text, n: int) -> list[int] | None:
+    """``16,16,8`` -> [16, 16, 8]: one positive batch per sweep value (`n` of them); None stays None."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        batches = [int(p) for p in parts]
+    except ValueError:
+        raise YxanulError(f"expected comma-separated integers, got {text!r}", key="--sweep-batch") from None
+    if any(b <= 0 for b in batches):
+        raise YxanulError(f"batches must be positive, got {text!r}", key="--sweep-batch")
+    if len(batches) != n:
+        raise YxanulError(f"gives {len(batches)} batches for {n} sweep values; give one per value",
+                          key="--sweep-batch")
+    return batches
+
+
 def scaled_config(cfg, d_model: int):
     """`cfg` at width `d_model`: same depth, head size and embedding rank; query heads d_model / head_dim, KV heads
     and the SwiGLU width scaled in proportion (KV heads rounded to a divisor of the query heads, the SwiGLU width
@@ -587,21 +604,28 @@ def _resumed_points(path, key: str, values, settings: dict, device_name: str) ->
 
 def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int = 2048, modes=DEFAULT_MODES,
               device: str | None = None, policy: str | None = None, json_out=None, log=None, resume: bool = False,
-              **kw) -> dict:
+              sweep_batch=None, **kw) -> dict:
     """Run :func:`run_throughput` at each width of `sweep` (``d_model=768,1024,...``) and collect each mode's
-    tokens/s ratio against the project's BF16 and plain BF16. The JSON is rewritten after every width; with
-    `resume`, the widths an earlier run of the same sweep wrote to `json_out` (same settings, same device) are
-    kept and only the others run, so a sweep longer than one sitting finishes in several."""
+    tokens/s ratio against the project's BF16 and plain BF16. The batch at a width is `batch` halved until the
+    memory estimate fits the GPU, or the width's entry of `sweep_batch` (``"16,16,8,8"`` or a list, one per
+    width). The JSON is rewritten after every width; with `resume`, the widths an earlier run of the same sweep
+    wrote to `json_out` (same settings, same device) are kept and only the others run, so a sweep longer than one
+    sitting finishes in several."""
     from ..model import param_count
     from ..config import load_model_config
     from ..io import atomic_write_json
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     key, values = parse_sweep(sweep)
+    if isinstance(sweep_batch, (list, tuple)):
+        sweep_batch = ",".join(str(b) for b in sweep_batch)
+    batches = parse_sweep_batch(sweep_batch, len(values))
     modes = parse_modes(",".join(modes) if not isinstance(modes, str) else modes)
     if "bf16" not in modes:
         raise YxanulError("a sweep compares against the project's bf16: include it in --modes", key="--modes")
     settings = _sweep_settings(model, batch, seq, modes, policy, kw)
+    if batches is not None:  # only when given: files written before the option resume as before
+        settings["sweep_batch"] = batches
     base = load_model_config(model)
     if kw.get("layers") is not None:
         base = dataclasses.replace(base, n_layers=int(kw.pop("layers")))
@@ -624,16 +648,16 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
             done = _resumed_points(json_out, key, values, settings, device_name)
     out = {"sweep": key, "values": values, "model": base.name, "seq": seq, "modes": modes, "settings": settings,
            "points": [], "ratio_vs_bf16": {m: [] for m in modes}, "ratio_vs_bf16_plain": {m: [] for m in modes}}
-    for v, cfg in zip(values, cfgs):
+    for i, (v, cfg) in enumerate(zip(values, cfgs)):
         if v in done:
             point = done[v]
             log(f"== sweep {key}={v}: kept from {json_out} (measured earlier, same settings and device)")
         else:
             budget = (SWEEP_MEMORY_FRACTION * torch.cuda.get_device_properties(dev).total_memory
                       if dev.type == "cuda" else None)
-            b = fitting_batch(cfg, policy, batch, seq, budget, modes)
+            b = batches[i] if batches is not None else fitting_batch(cfg, policy, batch, seq, budget, modes)
             log(f"== sweep {key}={v}: {cfg.n_heads} heads ({cfg.n_kv_heads} KV), SwiGLU {cfg.ffn_hidden}, "
-                f"batch {b}")
+                f"batch {b}" + (" (--sweep-batch)" if batches is not None else ""))
             res = run_throughput(model=cfg, batch=b, seq=seq, modes=modes, device=device, policy=policy, log=log,
                                  **kw)
             point = {key: v, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,

@@ -63,6 +63,9 @@ def _throughput(bsub):
     p.add_argument("--sweep", default=None, metavar="d_model=V1,V2,...",
                    help="run every mode at each width (same depth, heads scaled with width, batch halved until "
                         "the memory estimate fits the GPU); --json-out and --plot get the ratios against width")
+    p.add_argument("--sweep-batch", default=None, metavar="B1,B2,...",
+                   help="with --sweep: the batch at each width, one per value, instead of halving --batch until "
+                        "the memory estimate fits (the estimate is of eager training; compiled runs peak lower)")
     p.add_argument("--resume", action="store_true",
                    help="with --sweep: continue the sweep in --json-out, keeping the widths it already holds "
                         "(measured with the same flags on the same GPU) and running the others")
@@ -96,6 +99,8 @@ def _run_throughput(args):
     # refused before anything runs: the files are written only after minutes of benchmarking
     if args.resume and not (args.sweep and args.json_out):
         raise YxanulError("continues a sweep: needs --sweep and --json-out", key="--resume")
+    if args.sweep_batch is not None and not args.sweep:
+        raise YxanulError("sets the batch of each width of a sweep: needs --sweep", key="--sweep-batch")
     if args.json_out:
         check_output_file(args.json_out, args.overwrite or args.resume, key="--json-out")
     if args.plot:
@@ -125,7 +130,7 @@ def _run_throughput(args):
         if args.plot:
             plot(result, args.plot)
         return 0 if any(r.get("tokens_per_s") for r in result["rows"]) else 1
-    res = run_sweep(args.sweep, resume=args.resume, **common)
+    res = run_sweep(args.sweep, resume=args.resume, sweep_batch=args.sweep_batch, **common)
     print(format_sweep(res), flush=True)
     if args.plot:
         plot_sweep(res, args.plot)
