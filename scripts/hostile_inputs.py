@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 import shlex
 import shutil
 import signal
