@@ -8,9 +8,13 @@ process, every variant compiled whole with the default mode (no CUDA graphs), CU
   rope-bf16     RoPE tables in BF16 (q and k rotated in BF16, no FP32 intermediates)
   lse-loss      the same loss written as logsumexp(logits) - logits[target] (no log-probabilities tensor)
   no-ignore     F.cross_entropy without ignore_index (the plain call a user writes)
-  snapshot      `loop`, then one more step under the CUDA allocator's recorder: the tensors alive at that step's
-                peak, largest first, with the line of inductor's generated code that allocated each
-                (yxanul.bench.memtrace); in the row as "peak_live"
+  no-pad-mm     `loop` compiled with inductor's matmul padding off (shape_padding): on CUDA, inductor may pad a
+                GEMM dimension that is not a multiple of 8 (the vocabulary, 200,005) after timing both, and a
+                padded backward GEMM copies the 12 GiB logit gradient into a padded buffer
+  pad-mm        `loop` with that padding forced (force_shape_pad)
+  V+snapshot    variant V (one of the `loop`-like ones), then one more step under the CUDA allocator's recorder:
+                the tensors alive at that step's peak, largest first, with the line of inductor's generated
+                code that allocated each (yxanul.bench.memtrace); in the row as "peak_live"
   bf16-params   the model cast to BF16 (parameters, AdamW states and RoPE tables; no autocast, no FP32 master
                 weights): the other common way to write it, with the loss still on FP32 logits
   bf16          the project's BF16 mode (for the ratio), as `bench throughput` times it
@@ -40,7 +44,11 @@ res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batc
 extra = {}  # what a variant records beside its timing
 
 
-def own_loop(name):
+# inductor settings a variant compiles with
+PATCHES = {"no-pad-mm": {"shape_padding": False}, "pad-mm": {"force_shape_pad": True}}
+
+
+def own_loop(name, snapshot=False):
     torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
@@ -102,7 +110,7 @@ def own_loop(name):
     torch.cuda.synchronize()
     ms = s.elapsed_time(e) / STEPS
     timed = torch.cuda.max_memory_allocated()
-    if name == "snapshot":
+    if snapshot:
         base = torch.cuda.memory_allocated()
         trace = peak_live(record_step(step), min_bytes=1 << 28)
         extra["peak_live"] = dict(trace, allocated_before_gib=round(base / 2 ** 30, 2),
@@ -120,7 +128,11 @@ for v in variants:
                                                             None, x, y, STEPS, WARM, print)
             timed = stats["peak_timed_gib"]
         else:
-            ms, peak, warm, final, timed = own_loop(v)
+            name, _, tag = v.partition("+")
+            if tag not in ("", "snapshot"):
+                raise ValueError(f"unknown variant suffix +{tag}")
+            with torch._inductor.config.patch(PATCHES.get(name, {})):
+                ms, peak, warm, final, timed = own_loop(name, snapshot=tag == "snapshot")
         row = {"variant": v, "step_ms": round(ms, 2), "tokens_per_s": round(B * T / ms * 1000),
                "peak_gib": round(peak, 2), "peak_timed_gib": round(timed, 2), "warmup_s": round(warm, 1),
                "final_loss": round(final, 4), **extra}
