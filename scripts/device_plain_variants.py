@@ -44,6 +44,8 @@ res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batc
 extra = {}  # what a variant records beside its timing
 
 
+# the variants that run in own_loop (bench and bf16 run in the benchmark's harness)
+LOOPS = ("loop", "step-compile", "rope-bf16", "lse-loss", "no-ignore", "bf16-params", "no-pad-mm", "pad-mm")
 # inductor settings a variant compiles with
 PATCHES = {"no-pad-mm": {"shape_padding": False}, "pad-mm": {"force_shape_pad": True}}
 
@@ -118,7 +120,14 @@ def own_loop(name, snapshot=False):
     return ms, max(warm_peak, timed) / 2 ** 30, warm, float(loss.detach()), timed / 2 ** 30
 
 
+for v in variants:  # every name checked before anything compiles
+    name, _, tag = v.partition("+")
+    if v not in ("bench", "bf16") and (name not in LOOPS or tag not in ("", "snapshot")):
+        sys.exit(f"device_plain_variants: error: unknown variant {v!r} (bench, bf16, or one of {', '.join(LOOPS)}, "
+                 "each of these optionally +snapshot)")
+
 for v in variants:
+    extra.clear()
     try:
         if v in ("bench", "bf16"):
             gc.collect()
@@ -129,14 +138,11 @@ for v in variants:
             timed = stats["peak_timed_gib"]
         else:
             name, _, tag = v.partition("+")
-            if tag not in ("", "snapshot"):
-                raise ValueError(f"unknown variant suffix +{tag}")
             with torch._inductor.config.patch(PATCHES.get(name, {})):
                 ms, peak, warm, final, timed = own_loop(name, snapshot=tag == "snapshot")
         row = {"variant": v, "step_ms": round(ms, 2), "tokens_per_s": round(B * T / ms * 1000),
                "peak_gib": round(peak, 2), "peak_timed_gib": round(timed, 2), "warmup_s": round(warm, 1),
                "final_loss": round(final, 4), **extra}
-        extra.clear()
     except Exception as ex:  # noqa: BLE001 - one variant's failure is recorded, the rest still run
         row = {"variant": v, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
     print(json.dumps(row), flush=True)

@@ -39,8 +39,8 @@ SAME = ("model", "tokens", "steps", "fork_at", "batch", "seq", "lr", "min_lr", "
 ABSENT = dict.fromkeys(FP8_OPTION_FLAGS, False)
 
 
-# a window list's name: MODE-rN (fork.json), or MODE for repeat 0 (quality.json)
-_NAME = re.compile(r"^(?P<mode>.+?)(?:-r(?P<r>[0-9]+))?$")
+# a window list's name: MODE-rN (fork.json); in a quality.json MODE for repeat 0 and MODE-rN after it
+_NAME = re.compile(r"^(?P<mode>.+)-r(?P<r>[0-9]+)$")
 _HEAD = {"model": str, "device": str, "torch": str, "steps": int, "batch": int, "seq": int,
          "tokens": int, "warmup": int, "lr": (int, float)}
 
@@ -64,12 +64,27 @@ def load(spec: str):
         res["fork_at"] = None
     elif not isinstance(res["fork_at"], int) or isinstance(res["fork_at"], bool):
         fail(f"{path}: fork_at: not an int")
+    # a quality.json names its modes in its rows: a window list named by one is that mode's repeat 0 (even if
+    # the mode's own name ends in -rN)
+    rows = res.get("rows") if res["fork_at"] is None else None
+    known = {r["mode"] for r in rows if isinstance(r, dict) and isinstance(r.get("mode"), str)} \
+        if isinstance(rows, list) else set()
+    res["_names"] = {}
     for name, w in res["windows"].items():
         ok = w is None or (isinstance(w, list) and w and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 1e6
             for v in w) and sum(w) > 0)
-        if not ok or not _NAME.match(name):
-            fail(f"{path}: windows.{name}: expected MODE-rN with a list of finite, non-negative losses")
+        m = _NAME.match(name)
+        if res["fork_at"] is None and (name in known or (not known and not m)):
+            res["_names"][name] = (name, 0)
+        elif m and (res["fork_at"] is not None or not known or m["mode"] in known):
+            res["_names"][name] = (m["mode"], int(m["r"]))
+        else:
+            ok = False
+        if not ok:
+            fail(f"{path}: windows.{name}: expected "
+                 + ("MODE-rN" if res["fork_at"] is not None else "MODE or MODE-rN (MODE one of the file's modes)")
+                 + " with a list of finite, non-negative losses")
     if not isinstance(res.get("curves"), dict):
         res["curves"] = {}
     keep = {m.strip() for m in keep.split(",") if m.strip()} | {"bf16", FORK_NOISE_MODE} if keep else None
@@ -97,8 +112,7 @@ def main() -> None:
             fail(f"{path}: not the same protocol as {a.fork_json[0]} (differs in {', '.join(differ)})")
         reps = set()
         for name, w in res["windows"].items():
-            m = _NAME.match(name)
-            mode, r = m["mode"], int(m["r"] or 0)
+            mode, r = res["_names"][name]
             if w is None or (keep is not None and mode not in keep):
                 continue
             windows[(mode, offset + r)] = w

@@ -394,7 +394,8 @@ def test_weight_step_variant_changes_only_its_row(tmp_path):
 
 def test_peak_live_replays_an_allocator_trace_by_hand():
     """memtrace.peak_live: the live set at the traced peak, largest first, with frames; a block freed (requested
-    or completed, whichever comes first) no longer counts, an unknown free is ignored."""
+    or completed, whichever comes first) no longer counts; freeing a block from before recording lowers the
+    count by its size, once."""
     from yxanul.bench.memtrace import peak_live
     f = [{"filename": __file__, "line": 1, "name": "call"}]
     ev = [{"action": "alloc", "addr": 1, "size": 100, "frames": f},
@@ -402,12 +403,16 @@ def test_peak_live_replays_an_allocator_trace_by_hand():
           {"action": "free_requested", "addr": 1},
           {"action": "free_completed", "addr": 1},           # already freed: not subtracted twice
           {"action": "alloc", "addr": 3, "size": 300, "frames": []},
-          {"action": "free_requested", "addr": 99},          # allocated before recording
+          {"action": "free_requested", "addr": 99, "size": 250},   # allocated before recording: -250
+          {"action": "free_completed", "addr": 99, "size": 250},   # the same free completing: not again
           {"action": "free_completed", "addr": 2},
           {"action": "alloc", "addr": 4, "size": 500}]
     r = peak_live(ev, min_bytes=200)
-    assert r["peak_bytes"] == 800 and r["at_event"] == 7
-    assert [b["bytes"] for b in r["live"]] == [500, 300]
+    assert r["peak_bytes"] == 700 and r["at_event"] == 4     # 400 + 300; after it 300 - 250 + 500 = 550
+    ev.append({"action": "alloc", "addr": 5, "size": 200})
+    r = peak_live(ev, min_bytes=200)
+    assert r["peak_bytes"] == 750 and r["at_event"] == 9
+    assert [b["bytes"] for b in r["live"]] == [500, 300, 200]
     r = peak_live(ev[:5], min_bytes=1)
     assert r["peak_bytes"] == 700 and [b["bytes"] for b in r["live"]] == [400, 300]
     assert r["live"][0]["frames"][0].startswith(f"{__file__}:1 call | ")  # the source line read back
@@ -428,8 +433,8 @@ def test_record_step_names_the_compiled_buffer_at_the_peak():
 
 
 def test_sweep_batch_sets_each_widths_batch_and_is_part_of_the_settings(tmp_path, capsys):
-    """--sweep-batch: one batch per width, recorded per point and in the settings a resume compares; a sweep
-    run without it does not resume with it."""
+    """--sweep-batch: one batch per width, recorded per point and in the settings a resume compares: a sweep run
+    with it does not resume without it, and a file written without the option (no such key) resumes as before."""
     out = tmp_path / "sweep.json"
     base = ARGS + ["--modes", "bf16", "--json-out", str(out), "--sweep", "d_model=128,256"]
     assert main(base + ["--sweep-batch", "1,3"]) == 0
@@ -440,6 +445,14 @@ def test_sweep_batch_sets_each_widths_batch_and_is_part_of_the_settings(tmp_path
     capsys.readouterr()
     assert main(base + ["--resume"]) == 2 and "sweep_batch" in capsys.readouterr().err
     assert out.read_bytes() == before
+    # a sweep without the option records no sweep_batch key, so older files resume: the first width is kept
+    old = tmp_path / "old.json"
+    argv = ARGS + ["--modes", "bf16", "--json-out", str(old)]
+    assert main(argv + ["--sweep", "d_model=128"]) == 0
+    first = json.loads(old.read_text())
+    assert "sweep_batch" not in first["settings"]
+    assert main(argv + ["--sweep", "d_model=128,256", "--resume"]) == 0
+    assert json.loads(old.read_text())["points"][0] == first["points"][0]
 
 
 @pytest.mark.parametrize("value,extra", [("1", []), ("1,x", []), ("1,0", []), ("2,2", ["nosweep"])])

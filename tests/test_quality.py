@@ -532,6 +532,19 @@ def test_fork_report_combines_from_scratch_runs_of_two_seeds(tmp_path):
     assert "from scratch, 2 steps" in md and "BF16 trunk" not in md
     assert "| fp8-delayed | +0.050% |" in md and "| 2 |" in md, md
     assert "| bf16-b | +0.200% |" in md, md
+    # a mode whose own name ends in -rN is that mode (the file's rows name its modes), not a repeat of another
+    odd = dict(run, rows=[{"mode": m} for m in ("bf16", "bf16-b", "fp8-r2")],
+               windows={"bf16": ref, "bf16-b": run["windows"]["bf16-b"], "fp8-r2": run["windows"]["fp8-delayed"]})
+    c = tmp_path / "odd.json"
+    c.write_text(json.dumps(odd))
+    r = subprocess.run([sys.executable, str(script), str(c), "--out", str(tmp_path / "odd")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "| fp8-r2 | +0.350% |" in r.stdout, r.stdout + r.stderr
+    stray = dict(odd, windows=dict(odd["windows"], **{"fp8-x-r1": ref}))   # no mode fp8-x in its rows
+    c.write_text(json.dumps(stray))
+    r = subprocess.run([sys.executable, str(script), str(c), "--out", str(tmp_path / "odd")], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "windows.fp8-x-r1" in r.stderr, r.stderr
     fork = dict(run, fork_at=1, windows={f"{k}-r0": v for k, v in run["windows"].items()})
     f = tmp_path / "fork.json"
     f.write_text(json.dumps(fork))

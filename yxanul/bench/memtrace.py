@@ -15,22 +15,30 @@ _FREE = ("free_requested", "free_completed")
 
 def peak_live(events: list[dict], min_bytes: int = 1 << 28, frames: int = 4) -> dict:
     """Replay allocator `events` (a device trace of ``torch.cuda.memory._snapshot()``): ``{"peak_bytes": the
-    most bytes allocated by the trace at once (allocations made before recording are not in it), "at_event":
-    its index, "live": [{"bytes", "frames": [...]}, ...]}``, the live allocations of at least `min_bytes` at
-    the peak, largest first, each with its first `frames` frames as ``file:line name | source line``. A block
-    counts as freed at its first free event (requested or completed)."""
+    most bytes allocated at once, counted from the start of the trace (add what was allocated before recording
+    for the absolute peak), "at_event": its index, "live": [{"bytes", "frames": [...]}, ...]}``, the
+    allocations of the trace alive at the peak of at least `min_bytes`, largest first, each with its first
+    `frames` frames as ``file:line name | source line``. A block counts as freed at its first free event
+    (requested or completed); freeing a block allocated before recording lowers the count by its size."""
     live: dict[int, dict] = {}
+    gone: set = set()   # blocks from before recording, already freed (their completed free is not counted again)
     total = peak = 0
     at, snapshot = -1, {}
     for i, ev in enumerate(events):
         action, addr = ev.get("action"), ev.get("addr")
         if action == "alloc":
             live[addr] = ev
+            gone.discard(addr)
             total += int(ev.get("size", 0))
             if total > peak:
                 peak, at, snapshot = total, i, dict(live)
-        elif action in _FREE and addr in live:
-            total -= int(live.pop(addr).get("size", 0))
+        elif action in _FREE:
+            if addr in live:
+                total -= int(live.pop(addr).get("size", 0))
+                gone.add(addr)
+            elif addr not in gone:
+                total -= int(ev.get("size", 0))
+                gone.add(addr)
     blocks = sorted((ev for ev in snapshot.values() if int(ev.get("size", 0)) >= min_bytes),
                     key=lambda ev: -int(ev.get("size", 0)))
     return {"peak_bytes": peak, "at_event": at,
