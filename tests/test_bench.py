@@ -318,6 +318,15 @@ def test_sweep_batch_fits_the_memory_estimate():
     assert need(b, "on") <= budget < need(2 * b, "on") and b < 16
     plain = fitting_batch(cfg, None, 16, 2048, budget, ["bf16-plain", "bf16"])   # full logits: a smaller batch
     assert plain <= b and max(need(plain, "on"), need(plain, "off")) <= budget < need(2 * plain, "off")
+    # compiled, as the bench runs the modes: the project's with compiled blocks, the plain one compiled whole
+    def need_c(b_, fused, scope):
+        return estimate(cfg, load_policy(), MemoryOptions(batch=b_, seq=2048, precision="bf16", fused_ce=fused,
+                                                          compiled=scope))["total_bytes"]
+
+    bc = fitting_batch(cfg, None, 16, 2048, budget, ["bf16", "fp8"], compiled=True)
+    assert bc >= b and need_c(bc, "on", "blocks") <= budget < need_c(2 * bc, "on", "blocks")
+    pc = fitting_batch(cfg, None, 16, 2048, budget, ["bf16-plain", "bf16"], compiled=True)
+    assert plain <= pc <= bc and need_c(pc, "off", "model") <= budget
     assert fitting_batch(cfg, None, 16, 2048, None, ["bf16"]) == 16
 
 

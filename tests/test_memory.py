@@ -221,3 +221,49 @@ def test_measure_197m_preset_batch_fits_and_matches(precision):
 def test_options_validation():
     with pytest.raises(YxanulError):
         est("tiny", precision="fp16")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"embed_rank": 64}, {"embed_rank": 64, "tie_embeddings": False}])
+def test_compiled_blocks_model_matches_what_inductor_saves(overrides):
+    """compiled="blocks": the estimate equals the bytes the compiled blocks (and the eager rest) really save on
+    the CPU, weights included; inductor saves less than eager mode."""
+    from yxanul.model import compile_model
+
+    cfg = load_model_config("tiny", overrides)
+    torch.manual_seed(0)
+    m = Yxanul(cfg)
+    compile_model(m, "blocks")
+    B, T = 2, 48
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+    _saved_bytes(m, idx)  # compiles
+    saved, loss = _saved_bytes(m, idx)
+    measured = saved - loss.numel() * 4
+    opts = dict(batch=B, seq=T, precision="bf16", device="cpu")
+    e = estimate(cfg, load_policy(), MemoryOptions(**opts, compiled="blocks"))
+    eager = estimate(cfg, load_policy(), MemoryOptions(**opts))
+    predicted = e["weights_bytes"] + e["activations_bytes"] + e["breakdown"]["logits"]["log_softmax_fp32_saved"]
+    assert predicted == measured
+    assert e["activations_bytes"] < eager["activations_bytes"] and e["compiled"] == "blocks"
+
+
+def test_compiled_peak_by_hand():
+    """Compiled: no gradients at the start of the backward pass unless accumulated; the larger of that start and
+    the end of the backward pass (every gradient); a whole-model compile keeps two BF16 logit tensors."""
+    def parts(e):
+        lg = e["breakdown"]["logits"]
+        return e["weights_bytes"] + e["activations_bytes"] + max(e["logits_bytes"], lg["forward_peak_bytes"])
+
+    base = e = est("yxanul-197m", batch=16, seq=2048, precision="bf16", compiled="blocks")
+    fixed = e["master_weights_bytes"] + e["optimizer_bytes"] + e["scales_bytes"]
+    assert e["total_bytes"] == fixed + max(parts(e), e["grads_bytes"]) and parts(e) > e["grads_bytes"]
+    e = est("yxanul-197m", batch=16, seq=2048, precision="bf16", compiled="blocks", grad_accum=2)
+    assert e["total_bytes"] == fixed + parts(e) + e["grads_bytes"]
+    e = est("yxanul-197m", batch=1, seq=16, precision="bf16", compiled="blocks")   # gradients dominate
+    assert e["total_bytes"] == e["master_weights_bytes"] + e["optimizer_bytes"] + e["grads_bytes"]
+    plain = est("yxanul-197m", batch=16, seq=2048, precision="bf16", compiled="model", fused_ce="off")
+    n, v = 16 * 2048, 200005
+    assert plain["logits_bytes"] == 2 * 2 * n * v and plain["breakdown"]["logits"]["forward_peak_bytes"] == 2 * n * v
+    eager = est("yxanul-197m", batch=16, seq=2048, precision="bf16", fused_ce="off")
+    assert eager["logits_bytes"] == 12 * n * v and base["total_bytes"] < plain["total_bytes"] < eager["total_bytes"]
+    with pytest.raises(YxanulError, match="none, blocks or model"):
+        est("tiny", seq=64, compiled="yes")

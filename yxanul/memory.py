@@ -31,8 +31,18 @@ parameters, tensor by tensor, and counts what autograd saves for the backward pa
 Everything is summed: the total is the peak at the start of the backward pass of a step where the
 gradients already exist (gradient accumulation, or ``zero_grad(set_to_none=False)``), or during the loss's
 forward pass when its working set is larger, an upper bound of the allocator's ``max_memory_allocated`` of
-an eager step up to fragmentation and kernel workspaces. Compiled blocks recompute cheap elementwise results
-in the backward pass instead of saving them, so a compiled step saves less.
+an eager step up to fragmentation and kernel workspaces.
+
+**Compiled** (``compiled="blocks"``: each block under ``torch.compile``, as training compiles them;
+``"model"``: the whole model and its loss, as a user compiles a plain model): inductor recomputes cheap
+elementwise results in the backward pass instead of saving them. A block then saves its input and the two
+norms' ``rsqrt`` (not their FP32 input and output), the transposed copy of SDPA's output that o_proj reads,
+and gate and up but not silu(gate) (the SwiGLU product, down's input, stays saved); everything else is
+counted as in eager mode (an FP8 linear saves what its autograd function saves, compiled or not). With the
+whole model compiled and no fused loss, the loss saves the BF16 logits and writes their BF16 gradient (two BF16
+logit tensors instead of the FP32 ones of eager mode). The gradients exist at the start of the backward pass
+only with gradient accumulation (steps end with ``zero_grad(set_to_none=True)``), so the total is the larger of
+that start and the end of the backward pass (every gradient, no activations).
 """
 from __future__ import annotations
 
@@ -48,6 +58,7 @@ OPTIMIZERS = {"adamw": 2, "sgd": 1}  # number of per-parameter states (SGD: mome
 PRECISION_MODES = ("bf16", "fp8")
 DEVICES = ("cuda", "cpu")
 FUSED_CE = ("auto", "on", "off")
+COMPILED = ("none", "blocks", "model")
 CUT_MAX_RANK = 256  # the register-only loss kernels' largest head rank (yxanul.kernels.cut_ce.MAX_K)
 CHUNK_BYTES = 1 << 30  # the chunked loss's budget for one chunk's FP32 logits (yxanul.kernels.linear_ce)
 _COMPONENT_OF = {"embeddings": "embeddings", "layer_norms": "layer_norms", "attention_compute": "attention",
@@ -65,6 +76,7 @@ class MemoryOptions:
     fp8_activation_cache: bool | None = None  # None: the policy recipe's cache_fp8_activations
     device: str = "cuda"                      # where training runs: decides the loss training uses
     fused_ce: str = "auto"                    # auto (on for CUDA) | on | off, as in the training config
+    compiled: str = "none"                    # none | blocks (torch.compile of each block) | model (all, loss too)
 
     def validate(self, cfg: ModelConfig) -> "MemoryOptions":
         if self.seq is None:
@@ -81,6 +93,8 @@ class MemoryOptions:
                               source="--optimizer")
         if self.device not in DEVICES:
             raise YxanulError(f"unknown device {self.device!r} (expected cuda or cpu)", source="--device")
+        if self.compiled not in COMPILED:
+            raise YxanulError(f"expected none, blocks or model, got {self.compiled!r}", source="--compiled")
         if self.fused_ce not in FUSED_CE:
             raise YxanulError(f"expected auto, on or off, got {self.fused_ce!r}", source="--fused-ce")
         if self.precision is not None and self.precision not in PRECISION_MODES:
@@ -142,9 +156,15 @@ def _default_chunk(n_tokens: int, vocab: int) -> int:
     return max(1, min(n_tokens, rows))
 
 
-def loss_parts(impl: str, tokens: int, vocab: int, rank: int, device: str) -> tuple[dict[str, int], int]:
+def loss_parts(impl: str, tokens: int, vocab: int, rank: int, device: str,
+               compiled: bool = False) -> tuple[dict[str, int], int]:
     """(bytes the loss holds at the start of the backward pass by part, the peak of its own forward pass)."""
     n, v, k = tokens, vocab, rank
+    if impl == "full" and compiled:
+        # inductor fuses the FP32 upcast and log-softmax into its reductions: the BF16 logits are saved, and
+        # the backward pass writes their BF16 gradient next to them
+        parts = {"logits_bf16_saved": 2 * n * v, "grad_logits_bf16": 2 * n * v}
+        return parts, 2 * n * v
     if impl == "full":
         parts = {"log_softmax_fp32_saved": 4 * n * v, "grad_log_softmax_fp32": 4 * n * v,
                  "grad_logits_fp32": 4 * n * v}
@@ -256,20 +276,25 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
     per_layer: dict[str, float] = {}
     norm = 4 * d + 4 + 4 * d  # FP32 input (or its upcast), rsqrt, normalized output
     L0 = "layers.0."
-    per_layer["attn_norm"] = norm
+    # compiled: the block's input and rsqrt; the normalized output is the q/k/v input, counted there
+    compiled = opts.compiled != "none"
+    per_layer["attn_norm"] = res_b * d + 4 if compiled else norm
     per_layer["qkv_inputs"] = linear_inputs([L0 + "attn.q_proj", L0 + "attn.k_proj", L0 + "attn.v_proj"], d,
                                             res_b, False)
     kv_heads_saved = hq if hkv != hq else hkv
     per_layer["sdpa_q_k_v"] = low_b * hd * (hq + 2 * kv_heads_saved)
     per_layer["sdpa_out"] = low_b * hq * hd
     per_layer["sdpa_logsumexp"] = 4 * hq
-    per_layer["o_proj_input"] = linear_inputs([L0 + "attn.o_proj"], hq * hd, low_b, True)
-    per_layer["mlp_norm"] = norm
+    # eager: a view of SDPA's output; compiled: its transposed copy is saved apart
+    per_layer["o_proj_input"] = linear_inputs([L0 + "attn.o_proj"], hq * hd, low_b, not compiled)
+    per_layer["mlp_norm"] = 4 if compiled else norm  # compiled: rsqrt (its output is gate/up's input)
     per_layer["gate_up_inputs"] = linear_inputs([L0 + "mlp.gate_proj", L0 + "mlp.up_proj"], d, res_b, False)
     if recipe.cache_swiglu_inputs and all(prec.get(L0 + n, "bf16").startswith("fp8")
                                           for n in ("mlp.gate_proj", "mlp.up_proj")):
         # gate and up as FP8 1 x block tiles with FP32 scales; silu(gate) recomputed (yxanul.fp8.swiglu)
         per_layer["gate_up_fp8"] = 2 * f * (1 + 4 / recipe.block_size)
+    elif compiled:
+        per_layer["gate_up"] = 2 * low_b * f  # silu(gate) recomputed
     else:
         per_layer["gate_silu_up"] = 3 * low_b * f
     per_layer["down_input"] = linear_inputs([L0 + "mlp.down_proj"], f, low_b, False)
@@ -281,7 +306,7 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
     if cfg.embed_rank:
         glob["embed_proj_input"] = int(round(tokens * linear_inputs(["embeddings.proj"], cfg.embed_rank, master_b,
                                                                     False)))
-    glob["final_norm"] = int(norm * tokens)
+    glob["final_norm"] = int((res_b * d + 4 if opts.compiled == "model" else norm) * tokens)
     head_rank = shapes["lm_head"][1]
     impl = loss_impl(opts, head_rank)
     factorized_head = bool(cfg.embed_rank and cfg.tie_embeddings)
@@ -299,7 +324,8 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
         block_inputs = 0
         activations = cfg.n_layers * layer_total + sum(glob.values())
 
-    logits_parts, logits_forward_peak = loss_parts(impl, tokens, cfg.vocab_size, head_rank, opts.device)
+    logits_parts, logits_forward_peak = loss_parts(impl, tokens, cfg.vocab_size, head_rank, opts.device,
+                                                   opts.compiled == "model")
     if impl == "chunked" and weights_by.get("output_head"):
         # the chunked loss casts the head weight inside its forward pass and saves no copy of it
         logits_forward_peak += weights_by["output_head"]
@@ -313,6 +339,9 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
     # the peak is the larger of the start of the backward pass (gradients, everything saved, the loss's saved
     # part) and the loss's own forward pass (everything saved so far plus its working set, gradients included)
     total = weights + master + grads + optimizer + scales + activations + max(logits, logits_forward_peak)
+    if compiled:  # gradients exist at the start only with accumulation; at the end of backward all do
+        start = weights + activations + max(logits, logits_forward_peak) + (grads if opts.grad_accum > 1 else 0)
+        total = master + optimizer + scales + max(start, grads)
     return {
         "model": cfg.name,
         "params": n_params,
@@ -326,6 +355,7 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
         "activation_checkpointing": opts.activation_checkpointing,
         "fp8_activation_cache": bool(cache) and mode == "fp8",
         "device": opts.device,
+        "compiled": opts.compiled,
         "loss": impl,
         "weights_bytes": weights,
         "master_weights_bytes": master,
@@ -448,12 +478,21 @@ def measure_peak(cfg: ModelConfig, policy: Policy, opts: MemoryOptions, steps: i
         for blk in model.layers:
             fwd = blk.forward
             blk.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(fwd)
+    if opts.compiled == "blocks":
+        from .model import compile_model
+
+        compile_model(model, "blocks")
+    elif opts.compiled == "model":
+        model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if opts.optimizer == "adamw" else \
         torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     g = torch.Generator(device=dev).manual_seed(0)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(steps):
+    # compiled: one step first, so that compilation's own allocations (autotuning) are not the peak
+    first = int(opts.compiled != "none")
+    for i in range(steps + first):
+        if i == first:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(opts.grad_accum):
             idx = torch.randint(0, cfg.vocab_size, (opts.batch, opts.seq + 1), device=dev, generator=g)
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -464,5 +503,6 @@ def measure_peak(cfg: ModelConfig, policy: Policy, opts: MemoryOptions, steps: i
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     return {"device": torch.cuda.get_device_name(), "steps": steps, "precision": mode, "loss": impl,
+            "compiled": opts.compiled,
             "peak_bytes": int(peak),
             "final_loss": float(loss.item())}

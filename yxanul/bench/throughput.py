@@ -531,9 +531,11 @@ def scaled_config(cfg, d_model: int):
                                name=f"{cfg.name}@d{d_model}").validate("--sweep")
 
 
-def fitting_batch(cfg, policy, batch: int, seq: int, budget_bytes: float | None, modes) -> int:
+def fitting_batch(cfg, policy, batch: int, seq: int, budget_bytes: float | None, modes,
+                  compiled: bool = False) -> int:
     """The largest batch <= `batch` (halving) whose estimated training memory fits `budget_bytes` for every mode
-    in `modes` (the plain and torchao modes take full logits); `batch` itself without a budget."""
+    in `modes` (the plain and torchao modes take full logits), estimated as the bench runs them when `compiled`
+    (the project's modes with compiled blocks, the plain ones compiled whole); `batch` itself without a budget."""
     if budget_bytes is None:
         return batch
     from ..memory import MemoryOptions, estimate
@@ -542,10 +544,11 @@ def fitting_batch(cfg, policy, batch: int, seq: int, budget_bytes: float | None,
     pol = load_policy(policy)
     budget = budget_bytes
     fused = ["on"] + (["off"] if any(m == "bf16-plain" or m.startswith("torchao") for m in modes) else [])
+    scope = {"on": "blocks" if compiled else "none", "off": "model" if compiled else "none"}
     b = batch
     while b > 1:
         need = max(estimate(cfg, pol, MemoryOptions(batch=b, seq=seq, precision="bf16", device="cuda",
-                                                    fused_ce=f))["total_bytes"] for f in fused)
+                                                    fused_ce=f, compiled=scope[f]))["total_bytes"] for f in fused)
         if need <= budget:
             break
         b //= 2
@@ -655,7 +658,8 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
         else:
             budget = (SWEEP_MEMORY_FRACTION * torch.cuda.get_device_properties(dev).total_memory
                       if dev.type == "cuda" else None)
-            b = batches[i] if batches is not None else fitting_batch(cfg, policy, batch, seq, budget, modes)
+            b = batches[i] if batches is not None else fitting_batch(cfg, policy, batch, seq, budget, modes,
+                                                                     compiled=kw.get("compile", True))
             log(f"== sweep {key}={v}: {cfg.n_heads} heads ({cfg.n_kv_heads} KV), SwiGLU {cfg.ffn_hidden}, "
                 f"batch {b}" + (" (--sweep-batch)" if batches is not None else ""))
             res = run_throughput(model=cfg, batch=b, seq=seq, modes=modes, device=device, policy=policy, log=log,

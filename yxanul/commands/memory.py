@@ -20,6 +20,10 @@ def register(sub):
                    help="where training runs; decides the loss it uses (default cuda)")
     p.add_argument("--fused-ce", choices=["auto", "on", "off"], default="auto",
                    help="the training config's fused_ce: auto (fused loss on CUDA), on or off (default auto)")
+    p.add_argument("--compiled", choices=["none", "blocks", "model"], default="none",
+                   help="torch.compile: none (eager), blocks (each block, as training compiles them) or model (the "
+                        "whole model and its loss, as a plain model is compiled); inductor saves less. With --measure "
+                        "the measured steps are compiled the same way (default none)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--measure", action="store_true", help="run real training steps on CUDA and compare")
     p.add_argument("--steps", type=int, default=3, help="training steps for --measure (default 3)")
@@ -40,7 +44,7 @@ def run(args):
     opts = MemoryOptions(batch=args.batch, seq=args.seq, optimizer=args.optimizer, grad_accum=args.grad_accum,
                          precision=args.precision, activation_checkpointing=args.activation_checkpointing,
                          fp8_activation_cache=args.fp8_activation_cache, device=args.device,
-                         fused_ce=args.fused_ce)
+                         fused_ce=args.fused_ce, compiled=args.compiled)
     est = estimate(cfg, pol, opts)
     opts = MemoryOptions(**{**opts.__dict__, "seq": est["seq"]})
     other = None
@@ -91,10 +95,15 @@ def run(args):
     row("Total Memory", "total_bytes")
     print(f"Memory Layout for {cfg.name} ({bf16['params']:,} params; micro-batch {opts.batch} x seq {opts.seq}, "
           f"grad accum {opts.grad_accum}, {args.optimizer}, recipe {fp8['recipe']}"
+          f"{'' if opts.compiled == 'none' else ', compiled ' + opts.compiled}"
           f"{', FP8 activation cache' if fp8['fp8_activation_cache'] else ''})")
     print(table(rows, ["Component", "Params", "BF16 training", "FP8 training", "Savings"], "lrrrr"))
     print("Compute weights are the copies alive during a step: autocast's BF16 weight copies (saved for backward), "
           "FP8 weights + transposes; the embedding lookup and norms read the master weights.")
+    if opts.compiled != "none":
+        print("Compiled: the total is the larger of the start of the backward pass (compute weights, activations, "
+              "the loss; gradients only with accumulation) and its end (every gradient), plus master weights and "
+              "optimizer states; the rows do not add up to it.")
     a = est["breakdown"]["activations"]
     print()
     print(f"Activations per layer ({est['precision'].upper()}, residual stream "
