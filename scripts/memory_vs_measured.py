@@ -7,6 +7,7 @@ the whole plain model with the full-logit loss; the plain model's layers are est
 Usage: python scripts/memory_vs_measured.py BENCH_JSON [BENCH_JSON ...] [--markdown]   (CPU is enough)
 """
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -27,7 +28,7 @@ def results(res):
         for p in res["points"]:
             cfg = scaled_config(base, p["d_model"])
             if layers:
-                cfg = cfg.__class__(**{**cfg.__dict__, "n_layers": layers})
+                cfg = dataclasses.replace(cfg, n_layers=int(layers))
             yield cfg, p["batch"], res["seq"], p["result"]
     else:
         yield load_model_config(res["model"]), res["batch"], res["seq"], res
@@ -39,7 +40,8 @@ def rows_of(path):
         for row in r["rows"]:
             mode = row["mode"]
             peak = row.get("peak_timed_gib") or row.get("peak_mem_gib")
-            if not peak or row.get("error") or "+" in mode:
+            if not isinstance(peak, (int, float)) or isinstance(peak, bool) or not peak > 0 or row.get("error") \
+                    or "+" in mode:
                 continue
             plain = mode == "bf16-plain" or mode.startswith("torchao")
             if mode.startswith("fp8"):

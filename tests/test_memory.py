@@ -267,3 +267,35 @@ def test_compiled_peak_by_hand():
     assert eager["logits_bytes"] == 12 * n * v and base["total_bytes"] < plain["total_bytes"] < eager["total_bytes"]
     with pytest.raises(YxanulError, match="none, blocks or model"):
         est("tiny", seq=64, compiled="yes")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"embed_rank": 64}])
+def test_compiled_model_close_to_what_inductor_saves(overrides):
+    """compiled="model" (the whole model and its full-logit loss under torch.compile): within 2% of the bytes the
+    CPU really saves (inductor's choices outside the blocks vary a little); the loss saves BF16 logits."""
+    cfg = load_model_config("tiny", overrides)
+    torch.manual_seed(0)
+    m = torch.compile(Yxanul(cfg))
+    B, T = 2, 48
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+    _saved_bytes(m, idx)  # compiles
+    saved, loss = _saved_bytes(m, idx)
+    measured = saved - loss.numel() * 4
+    e = estimate(cfg, load_policy(), MemoryOptions(batch=B, seq=T, precision="bf16", device="cpu", compiled="model"))
+    predicted = e["weights_bytes"] + e["activations_bytes"] + e["breakdown"]["logits"]["logits_bf16_saved"]
+    assert predicted == pytest.approx(measured, rel=0.02)
+
+
+def test_compiled_fp8_cache_keeps_the_mlp_norm_output_and_checkpointing_ends_with_a_block():
+    """With the FP8 activation cache, gate/up's inputs are FP8: the compiled MLP norm keeps its BF16 output;
+    with activation checkpointing the end of the backward pass holds every gradient and one recomputed block."""
+    kw = dict(batch=16, seq=2048, precision="fp8", compiled="blocks")
+    plain = est("yxanul-197m", **kw, fp8_activation_cache=False)["breakdown"]["activations"]["per_layer"]
+    cached = est("yxanul-197m", **kw, fp8_activation_cache=True)["breakdown"]["activations"]["per_layer"]
+    N = 16 * 2048
+    assert plain["mlp_norm"] == 4 * N and cached["mlp_norm"] == (4 + 2 * 768) * N
+    e = est("yxanul-197m", batch=1, seq=16, precision="bf16", compiled="blocks", activation_checkpointing=True)
+    a = e["breakdown"]["activations"]
+    assert e["peak_phase"] == "end of backward"
+    assert e["total_bytes"] == e["master_weights_bytes"] + e["optimizer_bytes"] + e["grads_bytes"] + \
+        a["per_layer_bytes"]

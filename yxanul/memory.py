@@ -41,8 +41,9 @@ and gate and up but not silu(gate) (the SwiGLU product, down's input, stays save
 counted as in eager mode (an FP8 linear saves what its autograd function saves, compiled or not). With the
 whole model compiled and no fused loss, the loss saves the BF16 logits and writes their BF16 gradient (two BF16
 logit tensors instead of the FP32 ones of eager mode). The gradients exist at the start of the backward pass
-only with gradient accumulation (steps end with ``zero_grad(set_to_none=True)``), so the total is the larger of
-that start and the end of the backward pass (every gradient, no activations).
+only with gradient accumulation (one process's steps end with ``zero_grad(set_to_none=True)``; under DDP the
+gradient buckets stay allocated, so add the gradients), so the total is the larger of that start and the end of
+the backward pass (every gradient, no activations).
 """
 from __future__ import annotations
 
@@ -287,8 +288,10 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
     per_layer["sdpa_logsumexp"] = 4 * hq
     # eager: a view of SDPA's output; compiled: its transposed copy is saved apart
     per_layer["o_proj_input"] = linear_inputs([L0 + "attn.o_proj"], hq * hd, low_b, not compiled)
-    per_layer["mlp_norm"] = 4 if compiled else norm  # compiled: rsqrt (its output is gate/up's input)
     per_layer["gate_up_inputs"] = linear_inputs([L0 + "mlp.gate_proj", L0 + "mlp.up_proj"], d, res_b, False)
+    # compiled: rsqrt, and the norm's BF16 output unless gate/up's inputs already hold it (FP8-cached inputs do not)
+    fp8_cached = cache and all(prec.get(L0 + n, "bf16").startswith("fp8") for n in ("mlp.gate_proj", "mlp.up_proj"))
+    per_layer["mlp_norm"] = (4 + (low_b * d if fp8_cached else 0)) if compiled else norm
     if recipe.cache_swiglu_inputs and all(prec.get(L0 + n, "bf16").startswith("fp8")
                                           for n in ("mlp.gate_proj", "mlp.up_proj")):
         # gate and up as FP8 1 x block tiles with FP32 scales; silu(gate) recomputed (yxanul.fp8.swiglu)
@@ -341,7 +344,12 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
     total = weights + master + grads + optimizer + scales + activations + max(logits, logits_forward_peak)
     if compiled:  # gradients exist at the start only with accumulation; at the end of backward all do
         start = weights + activations + max(logits, logits_forward_peak) + (grads if opts.grad_accum > 1 else 0)
-        total = master + optimizer + scales + max(start, grads)
+        # the end: every gradient; with checkpointing the first block is recomputed while they exist
+        end = grads + (layer_total if opts.activation_checkpointing else 0)
+        peak_phase = "start of backward" if start >= end else "end of backward"
+        total = master + optimizer + scales + max(start, end)
+    else:
+        peak_phase = "start of backward (gradients counted)"
     return {
         "model": cfg.name,
         "params": n_params,
@@ -356,6 +364,7 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
         "fp8_activation_cache": bool(cache) and mode == "fp8",
         "device": opts.device,
         "compiled": opts.compiled,
+        "peak_phase": peak_phase,
         "loss": impl,
         "weights_bytes": weights,
         "master_weights_bytes": master,
@@ -484,7 +493,7 @@ def measure_peak(cfg: ModelConfig, policy: Policy, opts: MemoryOptions, steps: i
         compile_model(model, "blocks")
     elif opts.compiled == "model":
         model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if opts.optimizer == "adamw" else \
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if opts.optimizer == "adamw" else \
         torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     g = torch.Generator(device=dev).manual_seed(0)
     # compiled: one step first, so that compilation's own allocations (autotuning) are not the peak
