@@ -23,7 +23,7 @@ GIB = 2 ** 30
 def results(res):
     """(model config, batch, seq, result dict) of a bench JSON: one, or each width of a sweep."""
     if "points" in res:
-        base = load_model_config(res["model"] if "@" not in res["model"] else res["model"].split("@")[0])
+        base = load_model_config(res["model"])
         layers = res.get("settings", {}).get("layers")
         for p in res["points"]:
             cfg = scaled_config(base, p["d_model"])

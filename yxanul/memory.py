@@ -289,11 +289,10 @@ def estimate(cfg: ModelConfig, policy: Policy, opts: MemoryOptions | None = None
     # eager: a view of SDPA's output; compiled: its transposed copy is saved apart
     per_layer["o_proj_input"] = linear_inputs([L0 + "attn.o_proj"], hq * hd, low_b, not compiled)
     per_layer["gate_up_inputs"] = linear_inputs([L0 + "mlp.gate_proj", L0 + "mlp.up_proj"], d, res_b, False)
+    gate_up_fp8 = all(prec.get(L0 + n, "bf16").startswith("fp8") for n in ("mlp.gate_proj", "mlp.up_proj"))
     # compiled: rsqrt, and the norm's BF16 output unless gate/up's inputs already hold it (FP8-cached inputs do not)
-    fp8_cached = cache and all(prec.get(L0 + n, "bf16").startswith("fp8") for n in ("mlp.gate_proj", "mlp.up_proj"))
-    per_layer["mlp_norm"] = (4 + (low_b * d if fp8_cached else 0)) if compiled else norm
-    if recipe.cache_swiglu_inputs and all(prec.get(L0 + n, "bf16").startswith("fp8")
-                                          for n in ("mlp.gate_proj", "mlp.up_proj")):
+    per_layer["mlp_norm"] = (4 + (low_b * d if cache and gate_up_fp8 else 0)) if compiled else norm
+    if recipe.cache_swiglu_inputs and gate_up_fp8:
         # gate and up as FP8 1 x block tiles with FP32 scales; silu(gate) recomputed (yxanul.fp8.swiglu)
         per_layer["gate_up_fp8"] = 2 * f * (1 + 4 / recipe.block_size)
     elif compiled:

@@ -500,10 +500,10 @@ def parse_sweep(text: str) -> tuple[str, list[int]]:
 
 
 def parse_sweep_batch(text, n: int) -> list[int] | None:
-    """``16,16,8`` -> [16, 16, 8]: one positive batch per sweep value (`n` of them); None stays None."""
+    """``16,16,8`` (or a list) -> [16, 16, 8]: one positive batch per sweep value (`n` of them); None stays None."""
     if text is None:
         return None
-    parts = [p.strip() for p in str(text).split(",")]
+    parts = [str(p).strip() for p in (text if isinstance(text, (list, tuple)) else str(text).split(","))]
     try:
         batches = [int(p) for p in parts]
     except ValueError:
@@ -620,8 +620,6 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     key, values = parse_sweep(sweep)
-    if isinstance(sweep_batch, (list, tuple)):
-        sweep_batch = ",".join(str(b) for b in sweep_batch)
     batches = parse_sweep_batch(sweep_batch, len(values))
     modes = parse_modes(",".join(modes) if not isinstance(modes, str) else modes)
     if "bf16" not in modes:
@@ -651,13 +649,13 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
             done = _resumed_points(json_out, key, values, settings, device_name)
     out = {"sweep": key, "values": values, "model": base.name, "seq": seq, "modes": modes, "settings": settings,
            "points": [], "ratio_vs_bf16": {m: [] for m in modes}, "ratio_vs_bf16_plain": {m: [] for m in modes}}
+    budget = (SWEEP_MEMORY_FRACTION * torch.cuda.get_device_properties(dev).total_memory
+              if dev.type == "cuda" else None)
     for i, (v, cfg) in enumerate(zip(values, cfgs)):
         if v in done:
             point = done[v]
             log(f"== sweep {key}={v}: kept from {json_out} (measured earlier, same settings and device)")
         else:
-            budget = (SWEEP_MEMORY_FRACTION * torch.cuda.get_device_properties(dev).total_memory
-                      if dev.type == "cuda" else None)
             b = batches[i] if batches is not None else fitting_batch(cfg, policy, batch, seq, budget, modes,
                                                                      compiled=kw.get("compile", True))
             log(f"== sweep {key}={v}: {cfg.n_heads} heads ({cfg.n_kv_heads} KV), SwiGLU {cfg.ffn_hidden}, "

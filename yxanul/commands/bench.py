@@ -65,7 +65,7 @@ def _throughput(bsub):
                         "the memory estimate fits the GPU); --json-out and --plot get the ratios against width")
     p.add_argument("--sweep-batch", default=None, metavar="B1,B2,...",
                    help="with --sweep: the batch at each width, one per value, instead of halving --batch until "
-                        "the memory estimate fits (the estimate is of eager training; compiled runs peak lower)")
+                        "the memory estimate fits")
     p.add_argument("--resume", action="store_true",
                    help="with --sweep: continue the sweep in --json-out, keeping the widths it already holds "
                         "(measured with the same flags on the same GPU) and running the others")

@@ -58,9 +58,12 @@ def run(args):
         measured = measure_peak(cfg, pol, opts, steps=args.steps)
     comparison = None
     if cfg.name == "yxanul-197m-seed":  # the note's table against the eager estimate (every term counted)
-        eager = MemoryOptions(**{**opts.__dict__, "compiled": "none"})
-        comparison = note_comparison(estimate(cfg, pol, MemoryOptions(**{**eager.__dict__, "precision": "bf16"})),
-                                     estimate(cfg, pol, MemoryOptions(**{**eager.__dict__, "precision": "fp8"})))
+        if opts.compiled == "none":
+            comparison = note_comparison(bf16, fp8)
+        else:
+            eager = {**opts.__dict__, "compiled": "none"}
+            comparison = note_comparison(estimate(cfg, pol, MemoryOptions(**{**eager, "precision": "bf16"})),
+                                         estimate(cfg, pol, MemoryOptions(**{**eager, "precision": "fp8"})))
 
     if args.json:
         out = dict(est)
