@@ -473,3 +473,22 @@ def test_sweep_batch_bad_input(tmp_path, value, extra, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert not out.exists() and "--sweep-batch" in err and "Traceback" not in err
+
+
+def test_a_failed_eager_retry_names_the_compile_failure_too(tmp_path, monkeypatch):
+    """When the compiled blocks fail and the eager retry fails as well (an eager step saves more, so a batch
+    chosen for compiled blocks may not fit), the row's error names both failures; the run ends with status 1."""
+    import yxanul.bench.throughput as bt
+    real = bt._time_mode
+
+    def fake(mode, cfg, device, compile_, *a, **kw):
+        if mode == "bf16":
+            raise (RuntimeError("inductor lowering broke") if compile_ else MemoryError("eager step too big"))
+        return real(mode, cfg, device, compile_, *a, **kw)
+    monkeypatch.setattr(bt, "_time_mode", fake)
+    out = tmp_path / "bt.json"
+    args = [a for a in ARGS if a != "--no-compile"]
+    assert main(args + ["--modes", "bf16", "--json-out", str(out)]) == 1
+    row = json.loads(out.read_text())["rows"][0]
+    assert "inductor lowering broke" in row["error"] and "MemoryError: eager step too big" in row["error"]
+    assert row["tokens_per_s"] is None

@@ -401,12 +401,18 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                 if (not compile or compile_mode or tune_kernels or mode == "bf16-plain" or compile_scope != "blocks"
                         or isinstance(e, torch.cuda.OutOfMemoryError)):
                     raise
-                log(f"[{mode}] compiled run failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                    "retrying without torch.compile")
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                log(f"[{mode}] compiled run failed ({why}); retrying without torch.compile")
                 _free(dev)
-                ms, pk, warm_s, final, notes, prof, gcs = _time_mode(mode, cfg, dev, False, policy, x, y, steps,
-                                                                     warmup, log, profile, fp8_options=fp8_options,
-                                                                     host_gc=host_gc)
+                try:
+                    ms, pk, warm_s, final, notes, prof, gcs = _time_mode(mode, cfg, dev, False, policy, x, y, steps,
+                                                                         warmup, log, profile, fp8_options=fp8_options,
+                                                                         host_gc=host_gc)
+                except Exception as e2:  # noqa: BLE001  (the row names both failures, not only the retry's)
+                    # an eager step saves more than a compiled one: a batch chosen for compiled blocks may not fit
+                    raise RuntimeError(f"compiled run failed ({why}); the eager retry failed too "
+                                       f"({type(e2).__name__}: {str(e2).splitlines()[0][:200] if str(e2) else ''})"
+                                       ) from e2
                 notes = notes + ["not compiled (compile failed)"]
             tps = batch * seq / (ms / 1000)
             row.update(tokens_per_s=round(tps, 1), step_ms=round(ms, 3),
