@@ -170,19 +170,51 @@ def test_plain_model_is_the_same_architecture(model, overrides):
     torch.testing.assert_close(plain(x, y), ours(x, y), rtol=1e-5, atol=1e-5)
 
 
-def test_plain_takes_the_faster_compile_mode():
+def test_plain_takes_the_faster_compile_mode_and_matmul_padding():
     import torch
 
     from yxanul.bench.throughput import _time_best, plain_variants
 
-    both = ["default", "reduce-overhead"]
-    assert plain_variants(True, torch.device("cuda"), both) == [None, "reduce-overhead"]
-    assert plain_variants(True, torch.device("cpu"), both) == [None]
-    assert plain_variants(False, torch.device("cuda"), both) == [None]
+    both, pads = ["default", "reduce-overhead"], ["default", "off"]
+    assert plain_variants(True, torch.device("cuda"), both) == [(None, "default"), ("reduce-overhead", "default")]
+    assert plain_variants(True, torch.device("cuda"), both[1:], pads) == [("reduce-overhead", "default"),
+                                                                         ("reduce-overhead", "off")]
+    assert plain_variants(True, torch.device("cpu"), both, pads) == [(None, "default")]  # padding is CUDA-only
+    assert plain_variants(False, torch.device("cuda"), both, pads) == [(None, "default")]
     gcs = {"gc_ms_per_step": 0.0, "gc_collections": [0, 0, 0]}
-    fake = {None: (10.0, 30.0, 1.0, 2.0, [], None, gcs), "reduce-overhead": (8.0, 40.0, 1.0, 2.0, [], None, gcs)}
-    ms, peak, _, _, notes, _, _ = _time_best("bf16-plain", [None, "reduce-overhead"], fake.__getitem__, lambda s: None)
-    assert (ms, peak) == (8.0, 40.0) and "compile mode reduce-overhead" in notes[0] and "default 10.00" in notes[0]
+    fake = {(None, "default"): (10.0, 30.0, 1.0, 2.0, [], None, gcs),
+            ("reduce-overhead", "default"): (8.0, 40.0, 1.0, 2.0, [], None, gcs),
+            ("reduce-overhead", "off"): (7.5, 28.0, 1.0, 2.0, [], None, gcs)}
+    ms, peak, _, _, notes, _, _ = _time_best("bf16-plain", list(fake), fake.__getitem__, lambda s: None)
+    assert (ms, peak) == (7.5, 28.0)
+    assert "compile mode reduce-overhead, matmul padding off (step ms" in notes[0] and "default 10.00" in notes[0]
+    assert "reduce-overhead 8.00" in notes[0]
+
+
+def test_plain_matmul_padding_reaches_inductor_for_the_plain_modes_only(tmp_path, monkeypatch):
+    """--plain-matmul-padding off compiles bf16-plain and torchao with inductor's shape_padding off, and the
+    project's modes as before; a bad value is one line, exit 2."""
+    import torch._inductor.config as inductor_config
+
+    import yxanul.bench.throughput as bt
+    seen = []
+    real = bt._Run.__init__
+
+    def spy(self, mode, *a, **kw):
+        seen.append((mode, inductor_config.shape_padding))
+        real(self, mode, *a, **kw)
+    monkeypatch.setattr(bt._Run, "__init__", spy)
+    monkeypatch.setattr(bt, "plain_variants", lambda c, d, cms, pads=("default",): [(None, p) for p in pads])
+    out = tmp_path / "bt.json"
+    assert main(ARGS + ["--modes", "bf16-plain,bf16", "--plain-matmul-padding", "default,off",
+                        "--json-out", str(out)]) == 0
+    default = inductor_config.shape_padding
+    assert seen == [("bf16-plain", default), ("bf16-plain", False), ("bf16", default)]
+    res = json.loads(out.read_text())
+    assert res["plain_matmul_padding"] == ["default", "off"]
+    assert "default, matmul padding off" in res["rows"][0]["notes"]
+    for bad in ("on", "off,off", ""):
+        assert main(ARGS + ["--modes", "bf16-plain", "--plain-matmul-padding", bad]) == 2
 
 
 def test_width_sweep_json_and_png(tmp_path, capsys):

@@ -198,7 +198,14 @@ class _Run:
 
 
 def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0, compile_mode=None,
-               tune_kernels=False, fp8_options=None, host_gc="freeze", compile_scope="blocks"):
+               tune_kernels=False, fp8_options=None, host_gc="freeze", compile_scope="blocks", matmul_padding=None):
+    """Build `mode`, warm it up and time it; ``matmul_padding="off"`` compiles with inductor's GEMM padding off
+    (its ``shape_padding``), for the whole timing since inductor compiles lazily at the first call."""
+    if matmul_padding == "off":
+        import torch._inductor.config as inductor_config
+        with inductor_config.patch(shape_padding=False):
+            return _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile,
+                              compile_mode, tune_kernels, fp8_options, host_gc, compile_scope)
     release()  # the last mode's frozen objects become collectable
     if compile_:
         torch._dynamo.reset()  # every mode compiles from scratch: no graph or guard carried over from the last
@@ -258,28 +265,40 @@ def torchao_missing() -> str | None:
     return None
 
 
-def plain_variants(compile_: bool, device, modes) -> list:
-    """The compile modes bf16-plain is timed with (the faster one is reported): eager without compile; on a
-    device without CUDA graphs only the first, since reduce-overhead adds nothing there."""
+MATMUL_PADDINGS = ("default", "off")
+
+
+def plain_variants(compile_: bool, device, modes, paddings=("default",)) -> list:
+    """The (compile mode, matmul padding) pairs a plain-model mode is timed with (the fastest is reported):
+    eager without compile; on a device without CUDA graphs only the first compile mode, since reduce-overhead adds
+    nothing there; inductor pads GEMMs on CUDA only, so elsewhere only the first padding."""
     if not compile_:
-        return [None]
+        return [(None, "default")]
     modes = [None if m == "default" else m for m in modes]
-    return modes if device.type == "cuda" else modes[:1]
+    if device.type != "cuda":
+        modes, paddings = modes[:1], paddings[:1]
+    return [(m, p) for m in modes for p in paddings]
+
+
+def _variant_name(v) -> str:
+    cm, pad = v
+    return (cm or "default") + ("" if pad == "default" else f", matmul padding {pad}")
 
 
 def _time_best(mode, variants, time_one, log):
-    """Time `mode` under each compile mode in `variants`; the fastest result, with every variant's tokens/s noted."""
+    """Time `mode` under each (compile mode, matmul padding) in `variants`; the fastest result, with every
+    variant's step time noted."""
     results = []
-    for cm in variants:
+    for v in variants:
         if len(variants) > 1:
-            log(f"[{mode}] compile mode {cm or 'default'}")
-        res = time_one(cm)
-        results.append((cm, res))
-    best_cm, best = min(results, key=lambda r: r[1][0])
+            log(f"[{mode}] compile mode {_variant_name(v)}")
+        res = time_one(v)
+        results.append((v, res))
+    best_v, best = min(results, key=lambda r: r[1][0])
     ms, pk, warm_s, final, notes, prof, gcs = best
     if len(results) > 1:
-        notes = notes + [f"compile mode {best_cm or 'default'} (step ms: " +
-                         ", ".join(f"{cm or 'default'} {r[0]:.2f}" for cm, r in results) + ")"]
+        notes = notes + [f"compile mode {_variant_name(best_v)} (step ms: " +
+                         ", ".join(f"{_variant_name(v)} {r[0]:.2f}" for v, r in results) + ")"]
     return ms, pk, warm_s, final, notes, prof, gcs
 
 
@@ -296,9 +315,11 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                    policy: str | None = None, json_out=None, peak_tflops: float | None = None, log=None,
                    profile: int = 0, compile_mode: str | None = None, tune_kernels: bool = False,
                    plain_compile_modes=("default", "reduce-overhead"), fp8_options: Fp8Options | None = None,
-                   host_gc: str = "freeze", compile_scope: str = "blocks") -> dict:
+                   host_gc: str = "freeze", compile_scope: str = "blocks", plain_matmul_padding=("default",)) -> dict:
     """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
     ``plain_compile_modes``: the compile modes bf16-plain is timed with; the fastest is its row.
+    ``plain_matmul_padding``: ``default`` and/or ``off`` (inductor's GEMM padding, CUDA only): each is tried for
+    bf16-plain (with every compile mode) and the torchao modes, and the fastest is the row.
     ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`).
     ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph);
     ``tune_kernels``: inductor's coordinate-descent tuning of the generated kernels, for every compiled mode;
@@ -334,6 +355,12 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     if bad or not plain_compile_modes:
         raise YxanulError(f"unknown or no compile mode(s) {', '.join(bad)} (expected some of: "
                           f"{', '.join(COMPILE_MODES)})", key="--plain-compile-modes")
+    plain_matmul_padding = [m.strip() for m in (plain_matmul_padding.split(",") if isinstance(plain_matmul_padding, str)
+                                                else plain_matmul_padding) if m.strip()]
+    bad = [m for m in plain_matmul_padding if m not in MATMUL_PADDINGS]
+    if bad or not plain_matmul_padding or len(set(plain_matmul_padding)) < len(plain_matmul_padding):
+        raise YxanulError(f"expected default and/or off, each once, got {','.join(plain_matmul_padding)!r}",
+                          key="--plain-matmul-padding")
     if tune_kernels and not compile:
         raise YxanulError("--tune-kernels needs torch.compile (drop --no-compile)", key="--tune-kernels")
     from ..config import ModelConfig
@@ -367,7 +394,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
               "batch": batch, "seq": seq, "compile_mode": (compile_mode or "default") if compile else None,
               "tune_kernels": bool(tune_kernels) if compile else None,
               "compile_scope": compile_scope if compile else None,
-              "fp8_options": fp8_options.as_dict(), "host_gc": host_gc, "rows": []}
+              "fp8_options": fp8_options.as_dict(), "host_gc": host_gc,
+              "plain_matmul_padding": list(plain_matmul_padding), "rows": []}
     if profile and dev.type != "cuda":
         log("bench throughput: --profile needs CUDA kernels to time; no profile on this device")
     log(f"bench throughput: {result['model']} on {result['device']}, batch {batch} x seq {seq}, "
@@ -386,13 +414,14 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         _free(dev)
         try:
             try:
-                if mode == "bf16-plain":
-                    def one(cm):
+                if mode == "bf16-plain" or mode.startswith("torchao"):
+                    def one(v):
                         _free(dev)
-                        return _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, cm,
-                                          tune_kernels, host_gc=host_gc)
+                        return _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, v[0],
+                                          tune_kernels, host_gc=host_gc, matmul_padding=v[1])
+                    cms = plain_compile_modes if mode == "bf16-plain" else [compile_mode or "default"]
                     ms, pk, warm_s, final, notes, prof, gcs = _time_best(
-                        mode, plain_variants(compile, dev, plain_compile_modes), one, log)
+                        mode, plain_variants(compile, dev, cms, plain_matmul_padding), one, log)
                 else:
                     ms, pk, warm_s, final, notes, prof, gcs = _time_mode(
                         mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, compile_mode, tune_kernels,
@@ -633,6 +662,9 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
     settings = _sweep_settings(model, batch, seq, modes, policy, kw)
     if batches is not None:  # only when given: files written before the option resume as before
         settings["sweep_batch"] = batches
+    padding = kw.get("plain_matmul_padding", "default")
+    if (padding.split(",") if isinstance(padding, str) else list(padding)) != ["default"]:  # likewise
+        settings["plain_matmul_padding"] = padding if isinstance(padding, str) else ",".join(padding)
     base = load_model_config(model)
     if kw.get("layers") is not None:
         base = dataclasses.replace(base, n_layers=int(kw.pop("layers")))

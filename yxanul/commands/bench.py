@@ -72,6 +72,9 @@ def _throughput(bsub):
     p.add_argument("--plain-compile-modes", default="default,reduce-overhead",
                    help="compile modes bf16-plain is timed with, comma-separated; the fastest is its row "
                         "(default: default,reduce-overhead; CPU: the first)")
+    p.add_argument("--plain-matmul-padding", default="default",
+                   help="inductor's GEMM padding for the plain-model modes (bf16-plain, torchao-*): default, off, "
+                        "or default,off to time both and keep the faster (CUDA only; default: default)")
     p.add_argument("--host-gc", choices=("freeze", "default"), default="freeze",
                    help="Python's garbage collector in the timed steps: freeze (collect and freeze after each "
                         "mode's warm-up, so no full collection walks the compiled graphs' objects) or default "
@@ -120,7 +123,7 @@ def _run_throughput(args):
                   modes=args.modes, layers=args.layers, compile=args.compile, device=args.device,
                   policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops, profile=args.profile,
                   compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
-                  plain_compile_modes=args.plain_compile_modes,
+                  plain_compile_modes=args.plain_compile_modes, plain_matmul_padding=args.plain_matmul_padding,
                   fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
                                          **_fp8_option_flags(args)),
                   host_gc=args.host_gc, compile_scope=args.compile_scope)
