@@ -459,6 +459,14 @@ def _(ctx):
                 needles=["--sweep-batch", "one per value"])
 
 
+@case("bench-plain-matmul-padding-unknown", "overwrite")
+def _(ctx):
+    return Spec(["bench", "throughput", "--json-out", "s.json", "--plain-matmul-padding", "default,on",
+                 "--device", "cpu", "--model", "tiny", "--modes", "bf16-plain", "--steps", "1", "--warmup", "0",
+                 "--batch", "1", "--seq", "16", "--no-compile"], outputs=["s.json"],
+                needles=["--plain-matmul-padding", "default,on"])
+
+
 @case("bench-plot-exists", "overwrite")
 def _(ctx):
     (ctx / "bars.png").write_bytes(b"\x89PNG a figure the user keeps")
