@@ -22,7 +22,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "compile_mode", "tune_kernels", "compile_scope",
-                        "fp8_options", "host_gc", "rows"}
+                        "fp8_options", "host_gc", "plain_matmul_padding", "rows"}
     assert res["host_gc"] == "freeze"
     assert res["compile_mode"] is None and res["tune_kernels"] is None and res["compile_scope"] is None
     assert res["fp8_options"] == {"kernels": "auto", "weight_cache": "graph", "fused_producers": False,
