@@ -185,8 +185,8 @@ def test_plain_takes_the_faster_compile_mode_and_matmul_padding():
     fake = {(None, "default"): (10.0, 30.0, 1.0, 2.0, [], None, gcs),
             ("reduce-overhead", "default"): (8.0, 40.0, 1.0, 2.0, [], None, gcs),
             ("reduce-overhead", "off"): (7.5, 28.0, 1.0, 2.0, [], None, gcs)}
-    ms, peak, _, _, notes, _, _ = _time_best("bf16-plain", list(fake), fake.__getitem__, lambda s: None)
-    assert (ms, peak) == (7.5, 28.0)
+    best, (ms, peak, _, _, notes, _, _) = _time_best("bf16-plain", list(fake), fake.__getitem__, lambda s: None)
+    assert best == ("reduce-overhead", "off") and (ms, peak) == (7.5, 28.0)
     assert "compile mode reduce-overhead, matmul padding off (step ms" in notes[0] and "default 10.00" in notes[0]
     assert "reduce-overhead 8.00" in notes[0]
 
@@ -215,6 +215,29 @@ def test_plain_matmul_padding_reaches_inductor_for_the_plain_modes_only(tmp_path
     assert "default, matmul padding off" in res["rows"][0]["notes"]
     for bad in ("on", "off,off", ""):
         assert main(ARGS + ["--modes", "bf16-plain", "--plain-matmul-padding", bad]) == 2
+
+
+def test_torchao_takes_the_matmul_padding_bf16_plain_chose(tmp_path, monkeypatch):
+    """With --plain-matmul-padding default,off, bf16-plain times both and keeps the faster; a torchao mode after
+    it compiles with that choice only (and says so), one before it (or without bf16-plain) tries both."""
+    import yxanul.bench.throughput as bt
+    calls = []
+    gcs = {"gc_ms_per_step": 0.0, "gc_collections": [0, 0, 0], "peak_timed_gib": None}
+
+    def fake(mode, cfg, device, compile_, *a, matmul_padding=None, **kw):
+        calls.append((mode, matmul_padding))
+        return (9.0 if matmul_padding == "off" else 10.0), None, 0.0, 1.0, [], None, dict(gcs)
+    monkeypatch.setattr(bt, "_time_mode", fake)
+    monkeypatch.setattr(bt, "torchao_missing", lambda: None)
+    monkeypatch.setattr(bt, "plain_variants", lambda c, d, cms, pads=("default",): [(None, p) for p in pads])
+    out = tmp_path / "bt.json"
+    assert main(ARGS + ["--modes", "torchao-rowwise,bf16-plain,torchao-tensorwise", "--plain-matmul-padding",
+                        "default,off", "--json-out", str(out)]) == 0
+    assert calls == [("torchao-rowwise", "default"), ("torchao-rowwise", "off"), ("bf16-plain", "default"),
+                     ("bf16-plain", "off"), ("torchao-tensorwise", "off")]
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "matmul padding off, as bf16-plain's fastest" in rows["torchao-tensorwise"]["notes"]
+    assert "matmul padding off (step ms" in rows["torchao-rowwise"]["notes"]
 
 
 def test_width_sweep_json_and_png(tmp_path, capsys):

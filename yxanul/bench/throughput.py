@@ -286,8 +286,8 @@ def _variant_name(v) -> str:
 
 
 def _time_best(mode, variants, time_one, log):
-    """Time `mode` under each (compile mode, matmul padding) in `variants`; the fastest result, with every
-    variant's step time noted."""
+    """Time `mode` under each (compile mode, matmul padding) in `variants`; the fastest variant and its result,
+    with every variant's step time noted."""
     results = []
     for v in variants:
         if len(variants) > 1:
@@ -299,7 +299,7 @@ def _time_best(mode, variants, time_one, log):
     if len(results) > 1:
         notes = notes + [f"compile mode {_variant_name(best_v)} (step ms: " +
                          ", ".join(f"{_variant_name(v)} {r[0]:.2f}" for v, r in results) + ")"]
-    return ms, pk, warm_s, final, notes, prof, gcs
+    return best_v, (ms, pk, warm_s, final, notes, prof, gcs)
 
 
 def _ratios(rows):
@@ -319,7 +319,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
     ``plain_compile_modes``: the compile modes bf16-plain is timed with; the fastest is its row.
     ``plain_matmul_padding``: ``default`` and/or ``off`` (inductor's GEMM padding, CUDA only): each is tried for
-    bf16-plain (with every compile mode) and the torchao modes, and the fastest is the row.
+    bf16-plain (with every compile mode), and the fastest is the row; the torchao modes take bf16-plain's choice
+    when it ran before them, else try each.
     ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`).
     ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph);
     ``tune_kernels``: inductor's coordinate-descent tuning of the generated kernels, for every compiled mode;
@@ -401,6 +402,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     log(f"bench throughput: {result['model']} on {result['device']}, batch {batch} x seq {seq}, "
         f"{steps} timed steps after {warmup} warm-up, compile="
         f"{(compile_mode or 'on') if compile else 'off'}")
+    plain_pad = None   # the matmul padding of bf16-plain's fastest variant, once it has run
     for mode in modes:
         row = _empty_row(mode)
         if mode.startswith("torchao") and (missing := torchao_missing()):
@@ -420,8 +422,15 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                         return _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, v[0],
                                           tune_kernels, host_gc=host_gc, matmul_padding=v[1])
                     cms = plain_compile_modes if mode == "bf16-plain" else [compile_mode or "default"]
-                    ms, pk, warm_s, final, notes, prof, gcs = _time_best(
-                        mode, plain_variants(compile, dev, cms, plain_matmul_padding), one, log)
+                    # torchao converts the plain model's linears, not its head: it takes the padding bf16-plain
+                    # chose in this run (the head's GEMMs are the ones padding concerns), or tries each itself
+                    pads = [plain_pad] if mode != "bf16-plain" and plain_pad else plain_matmul_padding
+                    best, (ms, pk, warm_s, final, notes, prof, gcs) = _time_best(
+                        mode, plain_variants(compile, dev, cms, pads), one, log)
+                    if mode == "bf16-plain":
+                        plain_pad = best[1]
+                    elif pads != plain_matmul_padding:
+                        notes = notes + [f"matmul padding {plain_pad}, as bf16-plain's fastest"]
                 else:
                     ms, pk, warm_s, final, notes, prof, gcs = _time_mode(
                         mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, compile_mode, tune_kernels,
