@@ -438,13 +438,18 @@ def test_fp8_mode_variants_run_side_by_side_in_one_process(tmp_path):
 @pytest.mark.gpu
 def test_timed_peak_is_the_steady_state_within_the_whole_peak(tmp_path):
     """peak_mem_gib spans building, warm-up (compilation) and the timed steps; peak_timed_gib the timed steps
-    alone: positive and never above the whole."""
+    alone: positive and never above the whole; null under CUDA graphs, whose memory is taken at capture."""
     out = tmp_path / "bt.json"
     args = ["bench", "throughput", "--model", "tiny", "--batch", "4", "--seq", "256", "--steps", "3", "--warmup", "2",
             "--modes", "bf16-plain,bf16", "--device", "cuda", "--json-out", str(out)]
     assert main(args) == 0
     for r in json.loads(out.read_text())["rows"]:
         assert 0 < r["peak_timed_gib"] <= r["peak_mem_gib"], r
+    graphs = tmp_path / "graphs.json"
+    assert main(args[:-1] + [str(graphs), "--compile-mode", "reduce-overhead",
+                             "--plain-compile-modes", "reduce-overhead"]) == 0
+    for r in json.loads(graphs.read_text())["rows"]:
+        assert r["peak_timed_gib"] is None and r["peak_mem_gib"] > 0, r
 
 
 def test_weight_step_variant_changes_only_its_row(tmp_path):

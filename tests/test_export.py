@@ -231,6 +231,13 @@ def test_fp8_export_loads_and_generates_in_transformers_on_cuda(tmp_path):
     bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", **kw).eval()
     fp8 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf8", **kw).eval()
     assert sum(isinstance(m, FP8Linear) for m in fp8.modules()) == 7 * bf16.config.num_hidden_layers
+    assert not [n for n, p in fp8.named_parameters() if p.is_meta]
+    # transformers 5.x runs the block-FP8 matmul with a kernel of the Hub's `kernels` package (docs/export.md);
+    # without it the loaded model cannot run its forward, whatever the checkpoint
+    from transformers.integrations import finegrained_fp8
+    hub_kernel = getattr(finegrained_fp8, "is_kernels_available", None)
+    if hub_kernel is not None and not hub_kernel():
+        pytest.skip("loaded with no hand edit; the forward needs transformers 4.57 or the `kernels` package here")
     idx = torch.randint(0, 257, (4, 256), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         a, b = bf16(idx).logits.float(), fp8(idx).logits.float()

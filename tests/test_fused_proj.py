@@ -297,6 +297,31 @@ def test_model_config_field_reads_from_yaml(tmp_path):
     assert load_model_config("yxanul-197m").fused_projections is True
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_per_tensor_fused_gradients_are_as_close_to_bf16_as_the_separate_layers(recipe):
+    """A shared per-tensor scale rounds differently from the separate layers' scales, so fused and separate
+    weight gradients differ by FP8's own error (about 10% at this size after one step); what must hold is that
+    the fused gradients are no further from BF16's than the separate layers' are (the GPU test checks the same
+    on native GEMMs)."""
+    torch.manual_seed(0)
+    base = Yxanul(_cfg())
+    idx, tgt = _batch()
+
+    def grads(recipe, fused):
+        m = Yxanul(_cfg(fused_projections=fused))
+        m.load_state_dict(base.state_dict())
+        if recipe:
+            pol = load_policy().with_recipe(name=recipe, calibration_steps=0) \
+                .with_fp8_options(fused_tensor_projections=fused)
+            convert_model(m, pol, backend="emulated", quiet=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(idx, tgt).backward()
+        return {n: getattr(m.layers[1].mlp, n).weight.grad for n in ("gate_proj", "up_proj", "down_proj")}
+    ref, sep, fused = grads(None, True), grads(recipe, False), grads(recipe, True)
+    for n in ref:
+        assert 0 < (sep[n] - ref[n]).norm() and (fused[n] - ref[n]).norm() <= 1.25 * (sep[n] - ref[n]).norm(), n
+
+
 # -- GPU ---------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("recipe", [None, "blockwise", "tensorwise", "delayed"])
@@ -305,13 +330,18 @@ def test_fused_matches_separate_on_gpu(recipe, compiled):
     """Yxanul-197M's layer shapes on the GPU, native FP8 GEMMs where the recipe has them, BF16 autocast: the
     fused GEMMs (one per group) against the separate layers. cuBLAS may pick other kernels for the wider
     fused GEMM, so outputs agree to BF16 rounding rather than bit for bit; the weight gradients of the last
-    layer's MLP to the same tolerance."""
+    layer's MLP to the same tolerance. The per-tensor recipes share one scale per operand across the group, so
+    their rounding differs from the separate layers' by FP8's own error (about 15% of a one-step weight
+    gradient at initialization, on the CPU's emulated reference as on the GPU): there the fused gradients must
+    be as close to BF16's as the separate layers' are."""
     from yxanul.model import compile_blocks
     cfg = dataclasses.replace(load_model_config("yxanul-197m"), n_layers=2, max_seq_len=512)
     torch.manual_seed(0)
     fused = Yxanul(cfg).cuda()
     sep = Yxanul(dataclasses.replace(cfg, fused_projections=False)).cuda()
     sep.load_state_dict(fused.state_dict())
+    ref = Yxanul(cfg).cuda()   # BF16, the per-tensor recipes' yardstick
+    ref.load_state_dict(fused.state_dict())
     per_tensor = recipe in ("tensorwise", "delayed")  # opt-in, one scale per operand for the group
     if recipe is not None:
         pol = load_policy().with_recipe(name=recipe).with_fp8_options(fused_tensor_projections=per_tensor)
@@ -326,18 +356,19 @@ def test_fused_matches_separate_on_gpu(recipe, compiled):
     idx = torch.randint(0, cfg.vocab_size, (4, 512), device="cuda", generator=g)
     tgt = torch.randint(0, cfg.vocab_size, (4, 512), device="cuda", generator=g)
     losses = []
-    for m in (fused, sep):
+    for m in (fused, sep, ref):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = m(idx, tgt)
         loss.backward()
         losses.append(loss.detach())
     # a shared per-tensor scale rounds the weights and gradients differently: FP8 rounding, not BF16's
-    tol = (1e-2, 0.1) if per_tensor else (2e-3, 2e-2)
-    torch.testing.assert_close(losses[0], losses[1], rtol=tol[0], atol=0)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-2 if per_tensor else 2e-3, atol=0)
     for name in ("gate_proj", "up_proj", "down_proj"):
-        a = getattr(fused.layers[1].mlp, name).weight.grad
-        b = getattr(sep.layers[1].mlp, name).weight.grad
-        assert (a - b).norm() <= tol[1] * b.norm(), name
+        a, b, r = (getattr(m.layers[1].mlp, name).weight.grad for m in (fused, sep, ref))
+        if per_tensor:
+            assert (a - r).norm() <= 1.25 * (b - r).norm(), name
+        else:
+            assert (a - b).norm() <= 2e-2 * b.norm(), name
 
 
 def test_wrong_input_width_is_reported_by_the_layer():
