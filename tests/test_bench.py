@@ -188,7 +188,7 @@ def test_plain_takes_the_faster_compile_mode_and_matmul_padding():
     best, (ms, peak, _, _, notes, _, _) = _time_best("bf16-plain", list(fake), fake.__getitem__, lambda s: None)
     assert best == ("reduce-overhead", "off") and (ms, peak) == (7.5, 28.0)
     assert "compile mode reduce-overhead, matmul padding off (step ms" in notes[0] and "default 10.00" in notes[0]
-    assert "reduce-overhead 8.00" in notes[0]
+    assert "reduce-overhead 8.00, 40.00" in notes[0] and "peak GiB" in notes[0]
 
 
 def test_plain_matmul_padding_reaches_inductor_for_the_plain_modes_only(tmp_path, monkeypatch):

@@ -290,7 +290,7 @@ def _variant_name(v) -> str:
 
 def _time_best(mode, variants, time_one, log):
     """Time `mode` under each (compile mode, matmul padding) in `variants`; the fastest variant and its result,
-    with every variant's step time noted."""
+    with every variant's step time and peak memory noted."""
     results = []
     for v in variants:
         if len(variants) > 1:
@@ -300,8 +300,9 @@ def _time_best(mode, variants, time_one, log):
     best_v, best = min(results, key=lambda r: r[1][0])
     ms, pk, warm_s, final, notes, prof, gcs = best
     if len(results) > 1:
-        notes = notes + [f"compile mode {_variant_name(best_v)} (step ms: " +
-                         ", ".join(f"{_variant_name(v)} {r[0]:.2f}" for v, r in results) + ")"]
+        notes = notes + [f"compile mode {_variant_name(best_v)} (step ms, peak GiB: " +
+                         "; ".join(f"{_variant_name(v)} {r[0]:.2f}, " + ("-" if r[1] is None else f"{r[1]:.2f}")
+                                   for v, r in results) + ")"]
     return best_v, (ms, pk, warm_s, final, notes, prof, gcs)
 
 
