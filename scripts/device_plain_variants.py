@@ -12,6 +12,8 @@ process, every variant compiled whole with the default mode (no CUDA graphs), CU
                 GEMM dimension that is not a multiple of 8 (the vocabulary, 200,005) after timing both, and a
                 padded backward GEMM copies the 12 GiB logit gradient into a padded buffer
   pad-mm        `loop` with that padding forced (force_shape_pad)
+  pad-vocab     `loop` with the vocabulary padded to a multiple of 64 (200,064 embedding rows, never a target),
+                as many users size it so that the logits' rows are aligned and no GEMM needs padding
   V+snapshot    variant V (one of the `loop`-like ones), then one more step under the CUDA allocator's recorder:
                 the tensors alive at that step's peak, largest first, with the line of inductor's generated
                 code that allocated each (yxanul.bench.memtrace); in the row as "peak_live"
@@ -20,6 +22,7 @@ process, every variant compiled whole with the default mode (no CUDA graphs), CU
   bf16          the project's BF16 mode (for the ratio), as `bench throughput` times it
 
 Usage: python scripts/device_plain_variants.py OUT_JSON [VARIANTS]"""
+import dataclasses
 import gc
 import json
 import sys
@@ -45,7 +48,8 @@ extra = {}  # what a variant records beside its timing
 
 
 # the variants that run in own_loop (bench and bf16 run in the benchmark's harness)
-LOOPS = ("loop", "step-compile", "rope-bf16", "lse-loss", "no-ignore", "bf16-params", "no-pad-mm", "pad-mm")
+LOOPS = ("loop", "step-compile", "rope-bf16", "lse-loss", "no-ignore", "bf16-params", "no-pad-mm", "pad-mm",
+         "pad-vocab")
 # the variants that write the loss otherwise: (FP32 logits [N, V], targets [N]) -> loss
 LOSSES = {"lse-loss": lambda z, t: (torch.logsumexp(z, -1) - z.gather(1, t[:, None])[:, 0]).mean(),
           "no-ignore": lambda z, t: torch.nn.functional.cross_entropy(z, t)}
@@ -59,7 +63,8 @@ def own_loop(name, snapshot=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    model = PlainLM(cfg).to(dev)
+    model = PlainLM(dataclasses.replace(cfg, vocab_size=-(-cfg.vocab_size // 64) * 64) if name == "pad-vocab"
+                    else cfg).to(dev)
     if name == "rope-bf16":
         model.cos, model.sin = model.cos.bfloat16(), model.sin.bfloat16()
     if name == "bf16-params":
