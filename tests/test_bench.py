@@ -315,11 +315,16 @@ def test_width_sweep_resume_keeps_finished_widths_and_runs_the_rest(tmp_path):
     assert again["points"][0] == first and again["points"][1]["result"]["rows"][1]["tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("case", ["other-steps", "other-modes", "corrupt", "not-a-sweep", "no-sweep-flag"])
+@pytest.mark.parametrize("case", ["other-steps", "other-modes", "other-padding", "corrupt", "not-a-sweep",
+                                  "no-sweep-flag"])
 def test_width_sweep_resume_refuses_another_sweep(tmp_path, case, capsys):
     out = tmp_path / "sweep.json"
     base = ARGS + ["--modes", "bf16", "--json-out", str(out)]
-    if case in ("other-steps", "other-modes"):
+    if case == "other-padding":   # a file written before --plain-matmul-padding resumes only without it
+        assert main(base + ["--sweep", "d_model=128"]) == 0
+        assert "plain_matmul_padding" not in json.loads(out.read_text())["settings"]
+        base = base + ["--plain-matmul-padding", "default,off"]
+    elif case in ("other-steps", "other-modes"):
         assert main(base + ["--sweep", "d_model=128"]) == 0
     else:
         out.write_text("{not json" if case == "corrupt" else '{"rows": []}')
