@@ -170,6 +170,34 @@ def test_plain_model_is_the_same_architecture(model, overrides):
     torch.testing.assert_close(plain(x, y), ours(x, y), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"embed_rank": 0}, {"tie_embeddings": False}])
+def test_plain_aligned_logits_change_nothing_but_the_layout(overrides):
+    """PlainLM(logit_align=64): the same parameters, loss and gradients as the plain head (tiny's 257-token
+    vocabulary is odd); the logits are a slice of a 320-wide buffer."""
+    from yxanul.bench.plain import PlainLM
+    from yxanul.config import load_model_config
+
+    cfg = load_model_config("tiny", overrides)
+    torch.manual_seed(0)
+    plain = PlainLM(cfg)
+    aligned = PlainLM(cfg, logit_align=64)
+    aligned.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    x, y = idx[:, :-1], idx[:, 1:]
+    z = aligned.logits(x)
+    assert z.shape[-1] == cfg.vocab_size and z.stride(-2) == 320
+    losses = []
+    for m in (plain, aligned):
+        loss = m(x, y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for (n, a), (_, b) in zip(plain.named_parameters(), aligned.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=n)
+    with pytest.raises(ValueError, match="logit_align"):
+        PlainLM(cfg, logit_align=0)
+
+
 def test_plain_takes_the_faster_compile_mode_and_matmul_padding():
     import torch
 

@@ -46,10 +46,18 @@ class Block(nn.Module):
 
 
 class PlainLM(nn.Module):
-    def __init__(self, c):
+    """``logit_align=A`` (A > 1) computes the logits with the head's weight padded by zero rows to a multiple of A
+    and slices them back to the vocabulary: the same parameters, loss and gradients, but the logits' rows are
+    A-aligned in memory, so no GEMM of the head has an odd dimension (a trick a performance-minded user may
+    write; the default, 1, is the plain head)."""
+
+    def __init__(self, c, logit_align: int = 1):
         super().__init__()
+        if not isinstance(logit_align, int) or logit_align < 1:
+            raise ValueError(f"logit_align must be a positive integer, got {logit_align!r}")
         r = c.embed_rank or c.d_model
         self.eps = c.norm_eps
+        self.logit_align = logit_align
         self.tok = nn.Embedding(c.vocab_size, r)
         self.proj = nn.Linear(r, c.d_model, bias=False) if c.embed_rank else None
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
@@ -74,6 +82,10 @@ class PlainLM(nn.Module):
         for blk in self.blocks:
             x = blk(x, cos, sin)
         h = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
-        if self.head is not None:
-            return self.head(h)
-        return (h @ self.proj.weight if self.proj is not None else h) @ self.tok.weight.T
+        w = self.head.weight if self.head is not None else self.tok.weight      # [vocab, width]
+        if self.head is None and self.proj is not None:
+            h = h @ self.proj.weight
+        pad = -w.shape[0] % self.logit_align
+        if not pad:
+            return h @ w.T
+        return (h @ F.pad(w, (0, 0, 0, pad)).T)[..., : w.shape[0]]
