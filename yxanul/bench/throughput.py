@@ -197,15 +197,19 @@ class _Run:
         return loss
 
 
-def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0, compile_mode=None,
-               tune_kernels=False, fp8_options=None, host_gc="freeze", compile_scope="blocks", matmul_padding=None):
-    """Build `mode`, warm it up and time it; ``matmul_padding="off"`` compiles with inductor's GEMM padding off
-    (its ``shape_padding``), for the whole timing since inductor compiles lazily at the first call."""
-    if matmul_padding == "off":
-        import torch._inductor.config as inductor_config
-        with inductor_config.patch(shape_padding=False):
-            return _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile,
-                              compile_mode, tune_kernels, fp8_options, host_gc, compile_scope)
+def _time_mode(*args, matmul_padding=None, **kw):
+    """Build a mode, warm it up and time it (:func:`_measure`); ``matmul_padding="off"`` compiles with inductor's
+    GEMM padding off (its ``shape_padding``), for the whole timing since inductor compiles lazily at the first
+    call."""
+    if matmul_padding != "off":
+        return _measure(*args, **kw)
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(shape_padding=False):
+        return _measure(*args, **kw)
+
+
+def _measure(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0, compile_mode=None,
+             tune_kernels=False, fp8_options=None, host_gc="freeze", compile_scope="blocks"):
     release()  # the last mode's frozen objects become collectable
     if compile_:
         torch._dynamo.reset()  # every mode compiles from scratch: no graph or guard carried over from the last
@@ -259,12 +263,22 @@ def _time_mode(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, lo
     return ms, peak, warm_s, final, notes, prof, stats
 
 
+def _names(v) -> list[str]:
+    """A comma-separated option (or a sequence of names) as a list of its non-empty, stripped names."""
+    return [m.strip() for m in (v.split(",") if isinstance(v, str) else v) if m.strip()]
+
+
+def _one_line(e: BaseException, limit: int | None = 200) -> str:
+    """``Type: first line of the message``, cut to `limit` characters of message (None: not cut)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:limit] if str(e) else ''}"
+
+
 def torchao_missing() -> str | None:
     """Why torchao's float8 training cannot be imported here, or None when it can."""
     try:
         import torchao.float8  # noqa: F401
     except Exception as e:  # noqa: BLE001 - a broken install raises more than ImportError
-        return f"torchao is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return f"torchao is not importable ({_one_line(e, None)})"
     return None
 
 
@@ -354,14 +368,12 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         raise YxanulError(f"unknown compile mode {compile_mode!r} (expected one of "
                           f"{', '.join(COMPILE_MODES)})", key="--compile-mode")
     compile_mode = None if compile_mode == "default" else compile_mode
-    plain_compile_modes = [m.strip() for m in (plain_compile_modes.split(",") if isinstance(plain_compile_modes, str)
-                                               else plain_compile_modes) if m.strip()]
+    plain_compile_modes = _names(plain_compile_modes)
     bad = [m for m in plain_compile_modes if m not in COMPILE_MODES]
     if bad or not plain_compile_modes:
         raise YxanulError(f"unknown or no compile mode(s) {', '.join(bad)} (expected some of: "
                           f"{', '.join(COMPILE_MODES)})", key="--plain-compile-modes")
-    plain_matmul_padding = [m.strip() for m in (plain_matmul_padding.split(",") if isinstance(plain_matmul_padding, str)
-                                                else plain_matmul_padding) if m.strip()]
+    plain_matmul_padding = _names(plain_matmul_padding)
     bad = [m for m in plain_matmul_padding if m not in MATMUL_PADDINGS]
     if bad or not plain_matmul_padding or len(set(plain_matmul_padding)) < len(plain_matmul_padding):
         raise YxanulError(f"expected default and/or off, each once, got {','.join(plain_matmul_padding)!r}",
@@ -443,7 +455,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                 if (not compile or compile_mode or tune_kernels or mode == "bf16-plain" or compile_scope != "blocks"
                         or isinstance(e, torch.cuda.OutOfMemoryError)):
                     raise
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                why = _one_line(e)
                 log(f"[{mode}] compiled run failed ({why}); retrying without torch.compile")
                 _free(dev)
                 try:
@@ -453,8 +465,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                 except Exception as e2:  # noqa: BLE001  (the row names both failures, not only the retry's)
                     # an eager step saves more than a compiled one: a batch chosen for compiled blocks may not fit
                     raise RuntimeError(f"compiled run failed ({why}); the eager retry failed too "
-                                       f"({type(e2).__name__}: {str(e2).splitlines()[0][:200] if str(e2) else ''})"
-                                       ) from e2
+                                       f"({_one_line(e2)})") from e2
                 notes = notes + ["not compiled (compile failed)"]
             tps = batch * seq / (ms / 1000)
             row.update(tokens_per_s=round(tps, 1), step_ms=round(ms, 3),
@@ -675,9 +686,9 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
     settings = _sweep_settings(model, batch, seq, modes, policy, kw)
     if batches is not None:  # only when given: files written before the option resume as before
         settings["sweep_batch"] = batches
-    padding = kw.get("plain_matmul_padding", "default")
-    if (padding.split(",") if isinstance(padding, str) else list(padding)) != ["default"]:  # likewise
-        settings["plain_matmul_padding"] = padding if isinstance(padding, str) else ",".join(padding)
+    padding = _names(kw.get("plain_matmul_padding", "default"))
+    if padding != ["default"]:  # likewise
+        settings["plain_matmul_padding"] = ",".join(padding)
     base = load_model_config(model)
     if kw.get("layers") is not None:
         base = dataclasses.replace(base, n_layers=int(kw.pop("layers")))
