@@ -467,6 +467,14 @@ def _(ctx):
                 needles=["--plain-matmul-padding", "default,on"])
 
 
+@case("bench-plain-logit-align-bad", "overwrite")
+def _(ctx):
+    return Spec(["bench", "throughput", "--json-out", "s.json", "--plain-logit-align", "1,0",
+                 "--device", "cpu", "--model", "tiny", "--modes", "bf16-plain", "--steps", "1", "--warmup", "0",
+                 "--batch", "1", "--seq", "16", "--no-compile"], outputs=["s.json"],
+                needles=["--plain-logit-align", "1,0"])
+
+
 @case("bench-plot-exists", "overwrite")
 def _(ctx):
     (ctx / "bars.png").write_bytes(b"\x89PNG a figure the user keeps")

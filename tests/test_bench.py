@@ -22,7 +22,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "compile_mode", "tune_kernels", "compile_scope",
-                        "fp8_options", "host_gc", "plain_matmul_padding", "rows"}
+                        "fp8_options", "host_gc", "plain_matmul_padding", "plain_logit_align", "rows"}
     assert res["host_gc"] == "freeze"
     assert res["compile_mode"] is None and res["tune_kernels"] is None and res["compile_scope"] is None
     assert res["fp8_options"] == {"kernels": "auto", "weight_cache": "graph", "fused_producers": False,
@@ -204,19 +204,24 @@ def test_plain_takes_the_faster_compile_mode_and_matmul_padding():
     from yxanul.bench.throughput import _time_best, plain_variants
 
     both, pads = ["default", "reduce-overhead"], ["default", "off"]
-    assert plain_variants(True, torch.device("cuda"), both) == [(None, "default"), ("reduce-overhead", "default")]
-    assert plain_variants(True, torch.device("cuda"), both[1:], pads) == [("reduce-overhead", "default"),
-                                                                         ("reduce-overhead", "off")]
-    assert plain_variants(True, torch.device("cpu"), both, pads) == [(None, "default")]  # padding is CUDA-only
-    assert plain_variants(False, torch.device("cuda"), both, pads) == [(None, "default")]
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert plain_variants(True, cuda, both) == [(None, "default", 1), ("reduce-overhead", "default", 1)]
+    assert plain_variants(True, cuda, both[1:], pads) == [("reduce-overhead", "default", 1),
+                                                          ("reduce-overhead", "off", 1)]
+    assert plain_variants(True, cuda, both[:1], pads[:1], [1, 64]) == [(None, "default", 1), (None, "default", 64)]
+    # padding and alignment concern CUDA's GEMMs: elsewhere the first of each
+    assert plain_variants(True, cpu, both, pads, [64, 1]) == [(None, "default", 64)]
+    assert plain_variants(False, cuda, both, pads, [64, 1]) == [(None, "default", 64)]
     gcs = {"gc_ms_per_step": 0.0, "gc_collections": [0, 0, 0]}
-    fake = {(None, "default"): (10.0, 30.0, 1.0, 2.0, [], None, gcs),
-            ("reduce-overhead", "default"): (8.0, 40.0, 1.0, 2.0, [], None, gcs),
-            ("reduce-overhead", "off"): (7.5, 28.0, 1.0, 2.0, [], None, gcs)}
+    fake = {(None, "default", 1): (10.0, 30.0, 1.0, 2.0, [], None, gcs),
+            ("reduce-overhead", "default", 1): (8.0, 40.0, 1.0, 2.0, [], None, gcs),
+            ("reduce-overhead", "off", 1): (7.5, 28.0, 1.0, 2.0, [], None, gcs),
+            ("reduce-overhead", "default", 64): (7.8, 30.0, 1.0, 2.0, [], None, gcs)}
     best, (ms, peak, _, _, notes, _, _) = _time_best("bf16-plain", list(fake), fake.__getitem__, lambda s: None)
-    assert best == ("reduce-overhead", "off") and (ms, peak) == (7.5, 28.0)
+    assert best == ("reduce-overhead", "off", 1) and (ms, peak) == (7.5, 28.0)
     assert "compile mode reduce-overhead, matmul padding off (step ms" in notes[0] and "default 10.00" in notes[0]
     assert "reduce-overhead 8.00, 40.00" in notes[0] and "peak GiB" in notes[0]
+    assert "reduce-overhead, logits aligned to 64 7.80, 30.00" in notes[0]
 
 
 def test_plain_matmul_padding_reaches_inductor_for_the_plain_modes_only(tmp_path, monkeypatch):
@@ -232,7 +237,8 @@ def test_plain_matmul_padding_reaches_inductor_for_the_plain_modes_only(tmp_path
         seen.append((mode, inductor_config.shape_padding))
         real(self, mode, *a, **kw)
     monkeypatch.setattr(bt._Run, "__init__", spy)
-    monkeypatch.setattr(bt, "plain_variants", lambda c, d, cms, pads=("default",): [(None, p) for p in pads])
+    monkeypatch.setattr(bt, "plain_variants",
+                        lambda c, d, cms, pads=("default",), al=(1,): [(None, p, a) for p in pads for a in al])
     out = tmp_path / "bt.json"
     assert main(ARGS + ["--modes", "bf16-plain,bf16", "--plain-matmul-padding", "default,off",
                         "--json-out", str(out)]) == 0
@@ -257,7 +263,8 @@ def test_torchao_takes_the_matmul_padding_bf16_plain_chose(tmp_path, monkeypatch
         return (9.0 if matmul_padding == "off" else 10.0), None, 0.0, 1.0, [], None, dict(gcs)
     monkeypatch.setattr(bt, "_time_mode", fake)
     monkeypatch.setattr(bt, "torchao_missing", lambda: None)
-    monkeypatch.setattr(bt, "plain_variants", lambda c, d, cms, pads=("default",): [(None, p) for p in pads])
+    monkeypatch.setattr(bt, "plain_variants",
+                        lambda c, d, cms, pads=("default",), al=(1,): [(None, p, a) for p in pads for a in al])
     out = tmp_path / "bt.json"
     assert main(ARGS + ["--modes", "torchao-rowwise,bf16-plain,torchao-tensorwise", "--plain-matmul-padding",
                         "default,off", "--json-out", str(out)]) == 0
@@ -266,6 +273,63 @@ def test_torchao_takes_the_matmul_padding_bf16_plain_chose(tmp_path, monkeypatch
     rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
     assert "matmul padding off, as bf16-plain's fastest" in rows["torchao-tensorwise"]["notes"]
     assert "matmul padding off (step ms" in rows["torchao-rowwise"]["notes"]
+
+
+def test_plain_logit_align_reaches_the_plain_model_and_torchao_follows(tmp_path, monkeypatch):
+    """--plain-logit-align 1,64 builds bf16-plain's PlainLM with each alignment and keeps the faster; a torchao
+    mode after it builds the plain model with that alignment (and says so); the project's modes never see it; a
+    bad value is one line, exit 2, before any mode runs."""
+    import yxanul.bench.plain as bp
+    import yxanul.bench.throughput as bt
+    built = []
+    real = bp.PlainLM.__init__
+
+    def spy(self, c, logit_align=1):
+        built.append(logit_align)
+        real(self, c, logit_align)
+    monkeypatch.setattr(bp.PlainLM, "__init__", spy)
+    monkeypatch.setattr(bt, "plain_variants",
+                        lambda c, d, cms, pads=("default",), al=(1,): [(None, p, a) for p in pads for a in al])
+    real_time = bt._time_mode
+
+    def timed(mode, *a, logit_align=1, **kw):   # the aligned head is the faster one here
+        res = real_time(mode, *a, logit_align=logit_align, **kw)
+        return (res[0] / 2 if logit_align == 64 else res[0],) + tuple(res[1:])
+    monkeypatch.setattr(bt, "_time_mode", timed)
+    seen = []
+    real_run = bt._Run.__init__
+
+    def run_spy(self, mode, *a, **kw):
+        seen.append(mode)
+        real_run(self, mode, *a, **kw)
+    monkeypatch.setattr(bt._Run, "__init__", run_spy)
+    out = tmp_path / "bt.json"
+    assert main(ARGS + ["--modes", "bf16-plain,bf16", "--plain-logit-align", "1,64", "--json-out", str(out)]) == 0
+    assert built == [1, 64] and seen == ["bf16-plain", "bf16-plain", "bf16"]
+    res = json.loads(out.read_text())
+    assert res["plain_logit_align"] == [1, 64]
+    assert "compile mode default, logits aligned to 64 (step ms" in res["rows"][0]["notes"]
+    for bad in ("0", "1,1", "x", "", "64,-1"):
+        built.clear()
+        assert main(ARGS + ["--modes", "bf16-plain", "--plain-logit-align", bad]) == 2
+        assert built == []
+
+    # torchao (its conversion faked: what is checked is the alignment it is timed with)
+    calls = []
+    gcs = {"gc_ms_per_step": 0.0, "gc_collections": [0, 0, 0], "peak_timed_gib": None}
+
+    def fake(mode, *a, matmul_padding=None, logit_align=1, **kw):
+        calls.append((mode, logit_align))
+        return (9.0 if logit_align == 64 else 10.0), None, 0.0, 1.0, [], None, dict(gcs)
+    monkeypatch.setattr(bt, "_time_mode", fake)
+    monkeypatch.setattr(bt, "torchao_missing", lambda: None)
+    assert main(ARGS + ["--modes", "torchao-rowwise,bf16-plain,torchao-tensorwise", "--plain-logit-align", "1,64",
+                        "--json-out", str(out), "--overwrite"]) == 0
+    assert calls == [("torchao-rowwise", 1), ("torchao-rowwise", 64), ("bf16-plain", 1), ("bf16-plain", 64),
+                     ("torchao-tensorwise", 64)]
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    follows = "matmul padding default, logits aligned to 64, as bf16-plain's fastest"
+    assert follows in rows["torchao-tensorwise"]["notes"]
 
 
 def test_width_sweep_json_and_png(tmp_path, capsys):
