@@ -309,6 +309,7 @@ def test_plain_logit_align_reaches_the_plain_model_and_torchao_follows(tmp_path,
     res = json.loads(out.read_text())
     assert res["plain_logit_align"] == [1, 64]
     assert "compile mode default, logits aligned to 64 (step ms" in res["rows"][0]["notes"]
+    assert bt.parse_logit_align((1,)) == [1] and bt.parse_logit_align([64, 1]) == [64, 1]  # the Python API's
     for bad in ("0", "1,1", "x", "", "64,-1"):
         built.clear()
         assert main(ARGS + ["--modes", "bf16-plain", "--plain-logit-align", bad]) == 2

@@ -308,7 +308,7 @@ def _variant_name(v) -> str:
 
 def parse_logit_align(v) -> list[int]:
     """``--plain-logit-align``: comma-separated positive integers, each once (1: the plain head)."""
-    names = _names(v if not isinstance(v, int) else str(v))
+    names = _names(str(v) if isinstance(v, int) else v if isinstance(v, str) else [str(a) for a in v])
     try:
         aligns = [int(n) for n in names]
     except ValueError:
