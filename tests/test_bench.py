@@ -408,8 +408,8 @@ def test_width_sweep_resume_keeps_finished_widths_and_runs_the_rest(tmp_path):
     assert again["points"][0] == first and again["points"][1]["result"]["rows"][1]["tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("case", ["other-steps", "other-modes", "other-padding", "corrupt", "not-a-sweep",
-                                  "no-sweep-flag"])
+@pytest.mark.parametrize("case", ["other-steps", "other-modes", "other-padding", "other-align", "corrupt",
+                                  "not-a-sweep", "no-sweep-flag"])
 def test_width_sweep_resume_refuses_another_sweep(tmp_path, case, capsys):
     out = tmp_path / "sweep.json"
     base = ARGS + ["--modes", "bf16", "--json-out", str(out)]
@@ -417,6 +417,10 @@ def test_width_sweep_resume_refuses_another_sweep(tmp_path, case, capsys):
         assert main(base + ["--sweep", "d_model=128"]) == 0
         assert "plain_matmul_padding" not in json.loads(out.read_text())["settings"]
         base = base + ["--plain-matmul-padding", "default,off"]
+    elif case == "other-align":   # likewise --plain-logit-align: recorded only when it is not 1
+        assert main(base + ["--sweep", "d_model=128", "--plain-logit-align", "1"]) == 0
+        assert "plain_logit_align" not in json.loads(out.read_text())["settings"]
+        base = base + ["--plain-logit-align", "1,64"]
     elif case in ("other-steps", "other-modes"):
         assert main(base + ["--sweep", "d_model=128"]) == 0
     else:
