@@ -44,6 +44,12 @@ TINY_TRAIN = ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--log-eve
 QUICK_TRAIN = ["--steps", "1", "--batch-size", "2", "--seq-len", "32", "--log-every", "1", "--eval-every", "0",
                "--checkpoint-every", "1", "--no-progress", "--warmup", "0", "--precision", "fp32"]
 STEP = "step_00000002"
+
+
+def tiny_bench(*args: str, modes: str = "bf16") -> list[str]:
+    """``yxanul bench throughput`` with `args` on the tiny model: one eager CPU step of one 16-token row."""
+    return ["bench", "throughput", *args, "--device", "cpu", "--model", "tiny", "--modes", modes, "--steps", "1",
+            "--warmup", "0", "--batch", "1", "--seq", "16", "--no-compile"]
 CKPT = f"run/checkpoints/{STEP}"
 UP = "model.layers.0.mlp.up_proj.weight"
 BILLION_LAUGHS = "\n".join(
@@ -437,50 +443,38 @@ def _(ctx):
 @case("bench-json-out-exists", "overwrite", quick=True)
 def _(ctx):
     (ctx / "results.json").write_text('{"measured": "on the H100, keep"}\n')
-    return Spec(["bench", "throughput", "--json-out", "results.json", "--device", "cpu", "--model", "tiny",
-                 "--modes", "bf16", "--steps", "1", "--warmup", "0", "--batch", "1", "--seq", "16", "--no-compile"],
-                inputs=["results.json"], needles=["--overwrite"])
+    return Spec(tiny_bench("--json-out", "results.json"), inputs=["results.json"], needles=["--overwrite"])
 
 
 @case("bench-sweep-resume-foreign-json", "overwrite")
 def _(ctx):
     (ctx / "results.json").write_text('{"measured": "on the H100, keep"}\n')
-    return Spec(["bench", "throughput", "--json-out", "results.json", "--sweep", "d_model=128", "--resume",
-                 "--device", "cpu", "--model", "tiny", "--modes", "bf16", "--steps", "1", "--warmup", "0",
-                 "--batch", "1", "--seq", "16", "--no-compile"],
+    return Spec(tiny_bench("--json-out", "results.json", "--sweep", "d_model=128", "--resume"),
                 inputs=["results.json"], needles=["results.json", "--resume"])
 
 
 @case("bench-sweep-batch-count", "overwrite")
 def _(ctx):
-    return Spec(["bench", "throughput", "--json-out", "s.json", "--sweep", "d_model=128,256", "--sweep-batch", "4",
-                 "--device", "cpu", "--model", "tiny", "--modes", "bf16", "--steps", "1", "--warmup", "0",
-                 "--batch", "1", "--seq", "16", "--no-compile"], outputs=["s.json"],
-                needles=["--sweep-batch", "one per value"])
+    return Spec(tiny_bench("--json-out", "s.json", "--sweep", "d_model=128,256", "--sweep-batch", "4"),
+                outputs=["s.json"], needles=["--sweep-batch", "one per value"])
 
 
 @case("bench-plain-matmul-padding-unknown", "overwrite")
 def _(ctx):
-    return Spec(["bench", "throughput", "--json-out", "s.json", "--plain-matmul-padding", "default,on",
-                 "--device", "cpu", "--model", "tiny", "--modes", "bf16-plain", "--steps", "1", "--warmup", "0",
-                 "--batch", "1", "--seq", "16", "--no-compile"], outputs=["s.json"],
-                needles=["--plain-matmul-padding", "default,on"])
+    return Spec(tiny_bench("--json-out", "s.json", "--plain-matmul-padding", "default,on", modes="bf16-plain"),
+                outputs=["s.json"], needles=["--plain-matmul-padding", "default,on"])
 
 
 @case("bench-plain-logit-align-bad", "overwrite")
 def _(ctx):
-    return Spec(["bench", "throughput", "--json-out", "s.json", "--plain-logit-align", "1,0",
-                 "--device", "cpu", "--model", "tiny", "--modes", "bf16-plain", "--steps", "1", "--warmup", "0",
-                 "--batch", "1", "--seq", "16", "--no-compile"], outputs=["s.json"],
-                needles=["--plain-logit-align", "1,0"])
+    return Spec(tiny_bench("--json-out", "s.json", "--plain-logit-align", "1,0", modes="bf16-plain"),
+                outputs=["s.json"], needles=["--plain-logit-align", "1,0"])
 
 
 @case("bench-plot-exists", "overwrite")
 def _(ctx):
     (ctx / "bars.png").write_bytes(b"\x89PNG a figure the user keeps")
-    return Spec(["bench", "throughput", "--plot", "bars.png", "--device", "cpu", "--model", "tiny",
-                 "--modes", "bf16", "--steps", "1", "--warmup", "0", "--batch", "1", "--seq", "16", "--no-compile"],
-                inputs=["bars.png"], needles=["--overwrite"])
+    return Spec(tiny_bench("--plot", "bars.png"), inputs=["bars.png"], needles=["--overwrite"])
 
 
 @case("train-out-holds-user-config", "overwrite")
