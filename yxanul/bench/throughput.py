@@ -306,6 +306,15 @@ def _variant_name(v) -> str:
             + ("" if align == 1 else f", logits aligned to {align}"))
 
 
+def parse_matmul_padding(v) -> list[str]:
+    """``--plain-matmul-padding``: ``default`` and/or ``off``, each once."""
+    names = _names(v)
+    if not names or any(m not in MATMUL_PADDINGS for m in names) or len(set(names)) < len(names):
+        raise YxanulError(f"expected default and/or off, each once, got {','.join(names)!r}",
+                          key="--plain-matmul-padding")
+    return names
+
+
 def parse_logit_align(v) -> list[int]:
     """``--plain-logit-align``: comma-separated positive integers, each once (1: the plain head)."""
     names = _names(str(v) if isinstance(v, int) else v if isinstance(v, str) else [str(a) for a in v])
@@ -393,11 +402,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     if bad or not plain_compile_modes:
         raise YxanulError(f"unknown or no compile mode(s) {', '.join(bad)} (expected some of: "
                           f"{', '.join(COMPILE_MODES)})", key="--plain-compile-modes")
-    plain_matmul_padding = _names(plain_matmul_padding)
-    bad = [m for m in plain_matmul_padding if m not in MATMUL_PADDINGS]
-    if bad or not plain_matmul_padding or len(set(plain_matmul_padding)) < len(plain_matmul_padding):
-        raise YxanulError(f"expected default and/or off, each once, got {','.join(plain_matmul_padding)!r}",
-                          key="--plain-matmul-padding")
+    plain_matmul_padding = parse_matmul_padding(plain_matmul_padding)
     plain_logit_align = parse_logit_align(plain_logit_align)
     if tune_kernels and not compile:
         raise YxanulError("--tune-kernels needs torch.compile (drop --no-compile)", key="--tune-kernels")
@@ -712,7 +717,7 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
     settings = _sweep_settings(model, batch, seq, modes, policy, kw)
     if batches is not None:  # only when given: files written before the option resume as before
         settings["sweep_batch"] = batches
-    padding = _names(kw.get("plain_matmul_padding", "default"))
+    padding = parse_matmul_padding(kw.get("plain_matmul_padding", "default"))
     if padding != ["default"]:  # likewise
         settings["plain_matmul_padding"] = ",".join(padding)
     align = parse_logit_align(kw.get("plain_logit_align", "1"))
