@@ -263,3 +263,17 @@ def test_bundled_dataset_falls_back_when_the_cache_cannot_be_written(tmp_path, m
     monkeypatch.setattr(prep._ShardWriter, "write", full_in_cache)
     out = bundled_dataset(cache=cache)
     assert (out / "meta.json").is_file() and not str(out).startswith(str(cache))
+
+
+def test_bundled_dataset_fallback_folder_is_removed_when_the_process_exits(tmp_path):
+    import subprocess
+    import sys
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")  # the cache can't be created
+    code = ("from yxanul.data import bundled_dataset; d = bundled_dataset('bytes', cache=%r); "
+            "assert (d / 'meta.json').is_file(); print(d)" % str(blocker))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = Path(r.stdout.strip().splitlines()[-1])
+    assert out.name.startswith("corpus-bytes-") and not str(out).startswith(str(blocker))
+    assert not out.exists() and not out.parent.exists()

@@ -29,7 +29,8 @@ def bundled_dataset(tokenizer="bytes", cache: str | Path | None = None, progress
     """The bundled corpus tokenized with `tokenizer`, prepared once and cached; returns the data folder.
 
     The cache key is the corpus content hash plus the tokenizer metadata, so a changed corpus or tokenizer
-    never reuses stale shards. Falls back to a temporary folder if the cache is not writable.
+    never reuses stale shards. Falls back to a temporary folder if the cache is not writable; that folder is
+    removed when the process exits, so a run without a writable cache leaves nothing behind.
     """
     from .prepare import prepare
     from .tokenizers import get_tokenizer
@@ -52,7 +53,11 @@ def bundled_dataset(tokenizer="bytes", cache: str | Path | None = None, progress
             return out
         except (OSError, WriteError):
             continue
+    import atexit
+    import shutil
     import tempfile
-    out = Path(tempfile.mkdtemp(prefix="yxanul-corpus-")) / key
+    tmp = tempfile.mkdtemp(prefix="yxanul-corpus-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    out = Path(tmp) / key
     prepare([str(train)], tok, out, val_inputs=[str(val)], overwrite=True, progress=progress)
     return out
