@@ -271,9 +271,11 @@ def test_selfcheck_cpu_and_cli(capsys):
     assert all(0.005 < r["rel_err"] < 0.08 for r in rows)
     rc = main(["selfcheck", "--model", "tiny", "--tokens", "64", "--recipes", "blockwise,delayed", "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert rc == 0 and out["all_ok"] and len(out["rows"]) == 2 * 4 * 3  # 4 distinct shapes in tiny
+    # 4 distinct shapes of separate layers in tiny, and the fused q/k/v and gate/up GEMMs
+    assert rc == 0 and out["all_ok"] and len(out["rows"]) == 2 * 6 * 3
     assert {m for r in out["rows"] for m in r["modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                              "up_proj", "down_proj"}
+                                                              "up_proj", "down_proj", "q_proj+k_proj+v_proj",
+                                                              "gate_proj+up_proj"}
     assert main(["selfcheck", "--model", "tiny", "--recipes", "nope"]) == 2
     rc = main(["selfcheck", "--model", "tiny", "--tokens", "64", "--recipes", "tensorwise", "--json",
                "--fp8-fprop-fast-accum"])

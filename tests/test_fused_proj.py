@@ -423,3 +423,59 @@ def test_per_tensor_fused_projections_train_like_the_separate_layers(recipe, mon
     if recipe == "delayed":  # the group's state is its first layer's; the others' histories are not updated
         attn = fused.layers[0].attn
         assert (attn.q_proj.amax_history > 0).any() and not (attn.k_proj.amax_history > 0).any()
+
+
+# -- the native self-check covers the fused widths ------------------------------------------------------
+def test_selfcheck_shapes_include_the_fused_gemms():
+    from yxanul.fp8.backends import model_shapes
+    cfg = load_model_config("yxanul-197m")
+    kinds = {k: (M, K, N) for k, M, K, N in model_shapes(cfg, 512)}
+    assert kinds["q_proj+k_proj+v_proj"] == (512, 768, 768 + 2 * 128)
+    assert kinds["gate_proj+up_proj"] == (512, 768, 2 * 2048)
+    sep = {k for k, *_ in model_shapes(dataclasses.replace(cfg, fused_projections=False), 512)}
+    assert sep == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("failing", [None, "qkv", "gate_up"])
+def test_a_fused_width_that_fails_the_native_check_runs_its_layers_separately(monkeypatch, failing):
+    import yxanul.fp8.linear as lin
+    fused, sep = _pair("blockwise")
+    cfg = _cfg()
+    qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    bad = {"qkv": qkv_width, "gate_up": 2 * cfg.ffn_hidden}.get(failing)
+    seen = []
+
+    def check(recipe, M, K, N):
+        seen.append((recipe.name, M, K, N))
+        return N != bad
+    monkeypatch.setattr(lin, "native_shape_ok", check)
+    for m in fused.modules():  # as if native were available: only the label matters to the check
+        if isinstance(m, Fp8Linear):
+            m.backend = "native"
+    lin._check_fused_shapes(fused)
+    # one check per group and layer (cached per process in the real check), at the fused width
+    assert {N for *_, N in seen} == {qkv_width, 2 * cfg.ffn_hidden}
+    assert all(r == "blockwise" and M == lin.NATIVE_CHECK_TOKENS and K == cfg.d_model for r, M, K, _ in seen)
+    for blk in fused.layers:
+        assert blk.attn.fused is (failing != "qkv") and blk.mlp.fused is (failing != "gate_up")
+    # separate projections are never checked at a fused width
+    seen.clear()
+    for m in sep.modules():
+        if isinstance(m, Fp8Linear):
+            m.backend = "native"
+    lin._check_fused_shapes(sep)
+    assert seen == []
+
+
+def test_emulated_layers_and_per_tensor_groups_without_the_option_are_not_checked_at_a_fused_width(monkeypatch):
+    import yxanul.fp8.linear as lin
+    seen = []
+    monkeypatch.setattr(lin, "native_shape_ok", lambda *a: seen.append(a) or True)
+    fused, _ = _pair("blockwise")
+    lin._check_fused_shapes(fused)  # emulated: nothing to check
+    fused, _ = _pair("tensorwise")  # per-tensor layers fuse only with fused_tensor_projections
+    for m in fused.modules():
+        if isinstance(m, Fp8Linear):
+            m.backend = "native"
+    lin._check_fused_shapes(fused)
+    assert seen == []

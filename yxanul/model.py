@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .fp8.producers import cat_weight_copies, norm_linear, tiled
+from .fp8.producers import cat_weight_copies, fp8_fusion_kind, norm_linear
 from .fp8.linear import Fp8Linear, _Fp8LinearFn
 
 
@@ -139,12 +139,7 @@ def fusion_kind(mods) -> str | None:
     if all(type(m) is nn.Linear for m in mods):
         return "linear"
     if all(type(m) is Fp8Linear for m in mods):
-        s = first.spec
-        same = all(m.spec == s and m.backend == first.backend and m.options == first.options for m in mods)
-        if same and tiled(s) and all(m.out_features % s.block == 0 for m in mods):
-            return "fp8"
-        if same and s.per_tensor and first.options.fused_tensor_projections:
-            return "fp8-tensor"
+        return fp8_fusion_kind(mods)
     return None
 
 

@@ -48,10 +48,9 @@ SAMPLE_TOKENS = 48
 
 def cpu_bf16_speed() -> tuple[float, float]:
     """(BF16, FP32) matmul throughput of this CPU in GFLOP/s (cached): the best of five [1024, 256] x [256, 256]
-    products each, after one warm-up, the size of the tiny model's GEMMs. (Three 128 x 128 products measured
-    thread wake-up more than throughput: under load they put BF16 at under 1% of FP32 on a CPU where at this
-    size BF16 is the faster one.) CPUs without native BF16 instructions multiply BF16 tens to hundreds
-    of times slower than FP32 in torch; the worst case costs about a second here."""
+    products each, after one warm-up, the size of the tiny model's GEMMs (smaller products measure thread
+    wake-up more than throughput). CPUs without native BF16 instructions multiply BF16 far slower than FP32 in
+    torch, which is what this detects."""
     global _CPU_BF16
     if _CPU_BF16 is None:
         a, b = torch.randn(1024, 256), torch.randn(256, 256)

@@ -518,7 +518,7 @@ def paired_row(mode: str, pairs: list[tuple[list[float], list[float]]], run_nois
     windows) per repeat, the same windows in the same order.
 
     The per-window SE covers only which windows were evaluated; two runs of the same mode also differ by
-    run-to-run noise (GPU non-determinism, data order), which on the H100 was several times larger
+    run-to-run noise (GPU non-determinism, data order), which can be much larger
     (docs/benchmarks.md, "Loss parity"). `run_noise` is that noise as the SD of one run pair's delta, with `noise_df` degrees of
     freedom (:func:`pooled_run_noise`); the mode's delta, a mean over R repeats, carries run_noise^2 / R of it.
     Without `run_noise` the mode's own SD over repeats is used, and with neither the verdicts are "unresolved".

@@ -11,8 +11,8 @@ with CUDA events (wall clock on a CPU). Modes:
                       this project's kernels
   bf16                the project's best BF16 path: fused linear cross-entropy (no logits in memory), every
                       transformer block compiled (one shared graph)
-  fp8                 the policy's FP8 linears with the fastest measured recipe (tensorwise; the default policy's
-                      own recipe is blockwise), native FP8 GEMMs, Triton quantizers, fused cross-entropy
+  fp8                 the policy's FP8 linears with the recipe ``BEST_RECIPE`` names (the default policy's own
+                      recipe is blockwise), native FP8 GEMMs, Triton quantizers, fused cross-entropy
   fp8-blockwise, fp8-tensorwise, fp8-rowwise, fp8-delayed
                       the same with that recipe
   fp8-head            fp8 plus the output head's GEMM in FP8 (tensorwise); the head then takes the chunked loss
@@ -22,8 +22,8 @@ with CUDA events (wall clock on a CPU). Modes:
 
 An FP8 mode may carry variants, ``MODE+VARIANT[+VARIANT]``, so that a choice is timed side by side with the
 mode without it in one process: ``fast-accum`` (the ``fprop_fast_accum`` FP8 option for this row),
-``fused-producers`` (the ``fused_producers`` FP8 option), ``fused-proj`` (``fused_tensor_projections``) and
-``swiglu-fp8`` (the recipe's ``cache_swiglu_inputs``), e.g.
+``fused-producers`` (the ``fused_producers`` FP8 option), ``fused-proj`` (``fused_tensor_projections``),
+``swiglu-fp8`` (the recipe's ``cache_swiglu_inputs``) and ``weight-step`` (``weight_cache: step``), e.g.
 ``--modes bf16,fp8-delayed,fp8-delayed+fast-accum``.
 
 A mode that fails records its error in its row and the run goes on. The JSON file is rewritten after every

@@ -8,7 +8,8 @@ from ..fmt import human_bytes, table  # noqa: F401  (re-exported for the subcomm
 
 
 def add_model_policy_args(p, model_default="yxanul-197m"):
-    p.add_argument("--model", default=model_default, help="preset name (tiny, yxanul-197m, yxanul-197m-seed) or YAML")
+    from ..config import list_presets
+    p.add_argument("--model", default=model_default, help=f"preset name ({', '.join(list_presets())}) or YAML")
     p.add_argument("--config", default=None, help="precision policy YAML (default: configs/mixed_precision_config.yaml)")
     p.add_argument("--lax", action="store_true", help="warn (instead of failing) on patterns that match nothing")
 

@@ -541,11 +541,16 @@ OPS = ("fprop", "dgrad", "wgrad")
 
 
 def model_shapes(cfg, tokens: int) -> list[tuple[str, int, int, int]]:
-    """(module kind, M, K, N) of every FP8 linear of a model config: q, k, v, o, gate, up, down."""
+    """(module kind, M, K, N) of every FP8 GEMM of a model config: q, k, v, o, gate, up, down and, with the
+    config's ``fused_projections``, the fused q/k/v and gate/up GEMMs (kinds ``q_proj+k_proj+v_proj`` and
+    ``gate_proj+up_proj``)."""
     d, hq, hkv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     shapes = [("q_proj", tokens, d, hq), ("k_proj", tokens, d, hkv), ("v_proj", tokens, d, hkv),
               ("o_proj", tokens, hq, d), ("gate_proj", tokens, d, cfg.ffn_hidden),
               ("up_proj", tokens, d, cfg.ffn_hidden), ("down_proj", tokens, cfg.ffn_hidden, d)]
+    if getattr(cfg, "fused_projections", False):
+        shapes += [("q_proj+k_proj+v_proj", tokens, d, hq + 2 * hkv),
+                   ("gate_proj+up_proj", tokens, d, 2 * cfg.ffn_hidden)]
     return shapes
 
 

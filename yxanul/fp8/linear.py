@@ -30,7 +30,7 @@ from ..errors import NonFiniteError, YxanulError
 from . import scaling
 from .backends import _cast, _scale_from_amax, _weight_t_transpose, build_ops, native_shape_ok, out_dtype, resolve_backend, tensor_abs_max
 from .formats import get_format
-from .producers import can_fuse, mlp_forward
+from .producers import can_fuse, fp8_fusion_kind, mlp_forward
 from .swiglu import swiglu_fp8_inputs
 from .options import Fp8Options
 from .recipe import Fp8Recipe, resolve
@@ -449,8 +449,30 @@ def convert_model(model: nn.Module, policy, backend: str = "auto", recipe: Fp8Re
         for name, m in fp8_modules(model).items():
             if not native_shape_ok(m.recipe, NATIVE_CHECK_TOKENS, m.in_features, m.out_features):
                 m.set_backend("emulated")
+        _check_fused_shapes(model)
     _install_fused_mlps(model)
     return model
+
+
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _check_fused_shapes(model: nn.Module) -> None:
+    """Fused q/k/v and gate/up GEMMs (the model's ``fused`` projections) are wider than any one layer's, so their
+    width is self-checked too, once per process like every native shape; a group whose fused GEMM disagrees
+    with the emulated reference runs its layers separately (the module's ``fused`` turned off)."""
+    for m in model.modules():
+        if not getattr(m, "fused", False):
+            continue
+        for names in FUSED_GROUPS:
+            mods = [getattr(m, n, None) for n in names]
+            if not all(type(x) is Fp8Linear and x.backend == "native" and x.bias is None for x in mods):
+                continue
+            if fp8_fusion_kind(mods) is None:
+                continue
+            width = sum(x.out_features for x in mods)
+            if not native_shape_ok(mods[0].recipe, NATIVE_CHECK_TOKENS, mods[0].in_features, width):
+                m.fused = False
 
 
 def _install_fused_mlps(model: nn.Module) -> None:

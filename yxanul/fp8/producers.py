@@ -165,6 +165,21 @@ def tiled(spec) -> bool:
     return spec.x.granularity == "tile" and spec.w.granularity == "block" and spec.dy.granularity == "tile"
 
 
+def fp8_fusion_kind(mods) -> str | None:
+    """:func:`yxanul.model.fusion_kind` of bias-free FP8 linear layers that read one input (``"fp8"``,
+    ``"fp8-tensor"`` or None): one spec, backend and options, and either tiled with every width a multiple of the
+    block or per-tensor with the ``fused_tensor_projections`` option."""
+    first = mods[0]
+    s = first.spec
+    if not all(m.spec == s and m.backend == first.backend and m.options == first.options for m in mods):
+        return None
+    if tiled(s) and all(m.out_features % s.block == 0 for m in mods):
+        return "fp8"
+    if s.per_tensor and first.options.fused_tensor_projections:
+        return "fp8-tensor"
+    return None
+
+
 def can_fuse(gate, up, down, fused_projections: bool = True) -> bool:
     """Whether three Fp8Linear layers qualify (module docstring): delayed scaling, or the blockwise recipe with a
     SwiGLU width that is a multiple of the block size, where the model runs gate and up as one GEMM

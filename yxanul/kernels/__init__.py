@@ -401,7 +401,7 @@ def fp8_op_overrides(spec, impl: str | None = None) -> dict:
     b, p2 = spec.block, spec.x.pow2
     kw = {"impl": impl} if impl else {}
     if spec.x.granularity == "tile" and spec.w.granularity == "block":
-        # not the one-pass act_quant_dual: on the H100 it is slower than the two kernels (docs/benchmarks.md)
+        # not the one-pass act_quant_dual: on the H100 it is slower than the two kernels (docs/perf-notes.md)
         return dict(act_quant=functools.partial(act_quant, block=b, fmt=f, pow2_scales=p2, **kw),
                     act_quant_t=functools.partial(act_quant_t, block=b, fmt=f, pow2_scales=p2, **kw),
                     grad_quant=functools.partial(act_quant, block=b, fmt=g, pow2_scales=p2, **kw),
