@@ -29,6 +29,18 @@ class _NoAliasLoader(yaml.SafeLoader):
                                                           "value out", event.start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        # a key given twice would silently keep the last value: say which
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(None, None, f"key {key_node.value!r} appears twice",
+                                                                key_node.start_mark)
+                    seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRESET_DIR = CONFIG_DIR / "models"
 DEFAULT_POLICY = CONFIG_DIR / "mixed_precision_config.yaml"
@@ -37,11 +49,15 @@ DEFAULT_POLICY = CONFIG_DIR / "mixed_precision_config.yaml"
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; malformed YAML or a non-mapping top level is a YxanulError."""
     path = Path(path)
+    too_big = YxanulError(f"larger than {MAX_YAML_BYTES // (1024 * 1024)} MiB; not a config file", source=str(path))
     try:
         if path.is_file() and path.stat().st_size > MAX_YAML_BYTES:
-            raise YxanulError(f"larger than {MAX_YAML_BYTES // (1024 * 1024)} MiB; not a config file",
-                              source=str(path))
-        text = path.read_text(encoding="utf-8")
+            raise too_big
+        with open(path, "rb") as f:  # at most the limit + 1 bytes: a device or a pipe may never end
+            raw = f.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise too_big
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise YxanulError("file not found", source=str(path)) from None
     except (OSError, UnicodeDecodeError) as e:
@@ -53,6 +69,10 @@ def load_yaml(path: str | Path) -> dict:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise YxanulError(f"malformed YAML{where}: {problem}", source=str(path)) from None
+    except RecursionError:
+        raise YxanulError("malformed YAML: nested too deeply", source=str(path)) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise YxanulError(f"malformed YAML: {str(e).splitlines()[0][:200]}", source=str(path)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -78,7 +98,10 @@ def _coerce(value: Any, typ: Any, source: str, key: str) -> Any:
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise YxanulError(f"expected a number, got {brief(value)}", source=source, key=key)
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise YxanulError(f"out of range: {brief(value)}", source=source, key=key) from None
     if typ is str:
         if not isinstance(value, str):
             raise YxanulError(f"expected a string, got {brief(value)}", source=source, key=key)
@@ -134,8 +157,9 @@ class ModelConfig:
                               source=source, key="n_kv_heads")
         if self.head_dim % 2:
             raise YxanulError("must be even for RoPE", source=source, key="head_dim")
-        if self.embed_rank < 0:
-            raise YxanulError("must be >= 0", source=source, key="embed_rank")
+        if not 0 <= self.embed_rank <= 2 ** 24:
+            raise YxanulError(f"must be in [0, {2 ** 24}], got {brief(self.embed_rank)}", source=source,
+                              key="embed_rank")
         if not all(math.isfinite(v) and v > 0 for v in (self.norm_eps, self.init_std, self.rope_theta)):
             raise YxanulError("norm_eps, init_std and rope_theta must be positive", source=source)
         return self

@@ -23,7 +23,11 @@ def first_line(e: BaseException) -> str:
 
 def brief(value, limit: int = MAX_USER_CHARS) -> str:
     """A bounded repr of a user-supplied value: large or deeply nested structures are never expanded."""
-    return clip(_REPR.repr(value), limit)
+    try:
+        return clip(_REPR.repr(value), limit)
+    except ValueError:  # an integer past Python's digit limit for str()
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits" if isinstance(value, int) \
+            else "a value too large to show"
 
 
 class YxanulError(Exception):

@@ -264,6 +264,11 @@ def check_output_file(path: str | os.PathLike, overwrite: bool, *, inputs=None, 
     path = Path(path)
     if inputs is not None:
         check_apart(path, inputs, allow_inside=True)
+    folder = path.parent  # the nearest existing folder above: a regular file there makes the path unwritable
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise YxanulError(f"cannot be written: {clip(folder)} is not a folder", source=clip(path), key=key)
     if os.path.lexists(path):
         if path.is_symlink() or not path.is_file():
             raise YxanulError("exists and is not a regular file; remove it yourself or choose another path",

@@ -114,6 +114,8 @@ class TrainConfig:
         for k in pos:
             if getattr(self, k) <= 0:
                 raise YxanulError(f"must be positive, got {getattr(self, k)}", source=source, key=k)
+        if not 0 <= self.seed < 2 ** 63:
+            raise YxanulError(f"must be in [0, 2**63), got {brief(self.seed)}", source=source, key="seed")
         for k in ("warmup", "eval_every", "checkpoint_every", "keep_last", "sample_every", "fp8_stats_every"):
             if getattr(self, k) < 0:
                 raise YxanulError(f"must be >= 0, got {getattr(self, k)}", source=source, key=k)
@@ -144,7 +146,11 @@ class TrainConfig:
             if choices is not None and value not in choices:
                 raise YxanulError(f"expected one of: {', '.join(map(str, choices))}, got {brief(value)}",
                                   source=source, key=f.name)
-        from .model import COMPILE_MODES  # here, not at module level: the model module imports torch
+        from .fp8.backends import BACKENDS  # here, not at module level: these modules import torch
+        from .model import COMPILE_MODES
+        if self.fp8_backend not in BACKENDS:
+            raise YxanulError(f"unknown FP8 backend {brief(self.fp8_backend)} (expected one of: "
+                              f"{', '.join(BACKENDS)})", source=source, key="fp8_backend")
         if self.compile_mode not in COMPILE_MODES:
             raise YxanulError(f"unknown compile mode {self.compile_mode!r} (expected one of: "
                               f"{', '.join(COMPILE_MODES)})", source=source, key="compile_mode")

@@ -253,6 +253,13 @@ def _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, ev
             "eval_batches": eval_batches, "log_every": eval_every, "checkpoint_every": 0, "seed": seed,
             "device": device, "compile": compile, "fp8_backend": fp8_backend, "progress": False,
             "tensorboard": False, "policy": policy}
+    # the settings every run shares, checked before the first one trains (a bad value would otherwise fail each
+    # mode in turn, after the runs before it)
+    from ..train import load_train_config
+    load_train_config(None, {**base, "compile_mode": compile_mode, "tune_kernels": bool(tune_kernels)})
+    if data is not None:
+        from ..data.loader import read_meta
+        read_meta(data)
     # how the compiled kernels are launched, not what they compute: not compared when results are reused
     # (compiling itself is: inductor's fused kernels round differently from eager ones)
     return base, steps, {"compile_mode": compile_mode, "tune_kernels": bool(tune_kernels)}
@@ -292,6 +299,8 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     ``tune_kernels`` (launch settings of the same kernels). ``fp8_options``: FP8 options switched on for the FP8
     branches (:data:`yxanul.bench.FP8_OPTION_FLAGS`, e.g. ``{"fprop_fast_accum": True}``), recorded in the result."""
     from ..train import load_train_config
+    if not isinstance(last_evals, int) or isinstance(last_evals, bool) or last_evals < 1:
+        raise YxanulError(f"must be a positive integer, got {last_evals!r}", key="--last-evals")
     fp8_options = _fp8_options(fp8_options)
     base, steps, launch = _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches,
                                    seed, policy, device, fp8_all_recipe, compile, fp8_backend, repeats,

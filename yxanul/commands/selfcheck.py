@@ -4,6 +4,7 @@ from __future__ import annotations
 from ._common import print_json, table
 
 _RECIPES = ("blockwise", "tensorwise", "rowwise", "delayed")
+MAX_TOKENS = 2 ** 18  # M of the checked GEMMs: 8 x a 16 x 2048 micro-batch; operands of 2 GB at K = 2048
 
 
 def register(sub):
@@ -38,8 +39,9 @@ def run(args):
     if not recipes or bad:
         raise YxanulError(f"unknown recipe(s) {', '.join(bad) or '(none given)'} (expected: {', '.join(RECIPES)})",
                           key="--recipes")
-    if args.tokens < 1:
-        raise YxanulError("must be >= 1", key="--tokens")
+    if not 1 <= args.tokens <= MAX_TOKENS:
+        raise YxanulError(f"must be in [1, {MAX_TOKENS}] (M of the checked GEMMs), got {args.tokens}",
+                          key="--tokens")
     cfg = load_model_config(args.model)
     ok, why = native_available()
     if args.backend == "native" and not ok:

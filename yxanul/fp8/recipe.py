@@ -27,6 +27,10 @@ from .formats import get_format
 RECIPES = ("blockwise", "tensorwise", "rowwise", "delayed")
 
 
+MAX_AMAX_HISTORY = 4096  # Transformer Engine's histories are at most about a thousand steps
+MAX_MARGIN = 32  # 2**-32 below the format's range: every value would flush to zero long before
+
+
 @dataclass(frozen=True)
 class Fp8Recipe:
     name: str = "blockwise"
@@ -50,8 +54,12 @@ class Fp8Recipe:
         if self.block_size <= 0 or self.block_size % 16:
             raise YxanulError(f"must be a positive multiple of 16, got {self.block_size}",
                               source=source, key="recipe.block_size")
-        if self.amax_history_len < 1:
-            raise YxanulError("must be >= 1", source=source, key="recipe.amax_history_len")
+        if not 1 <= self.amax_history_len <= MAX_AMAX_HISTORY:
+            raise YxanulError(f"must be in [1, {MAX_AMAX_HISTORY}], got {self.amax_history_len}", source=source,
+                              key="recipe.amax_history_len")
+        if not 0 <= self.margin <= MAX_MARGIN:
+            raise YxanulError(f"must be in [0, {MAX_MARGIN}] (scales are divided by 2**margin), got {self.margin}",
+                              source=source, key="recipe.margin")
         if self.amax_compute_algo not in ("max", "most_recent"):
             raise YxanulError(f"expected max or most_recent, got {self.amax_compute_algo!r}",
                               source=source, key="recipe.amax_compute_algo")
