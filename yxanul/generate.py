@@ -5,7 +5,6 @@ folder written by ``yxanul export`` (BF16/FP16/FP32, or FP8 blocks, which are de
 """
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +16,9 @@ from safetensors.torch import load_file
 
 from .checkpoint.convert import dequantize_checkpoint
 from .checkpoint.export import _LAYER_MAP, load_model
+from .checkpoint.layout import check_tokenizer_spec
+from .io import read_json_file
+from .checkpoint.safetensors_header import INDEX_NAME, open_checkpoint
 from .config import ModelConfig
 from .errors import YxanulError, first_line
 from .model import Yxanul
@@ -80,7 +82,11 @@ def sample_next(logits: torch.Tensor, opts: SamplingOptions, gen: torch.Generato
     if opts.temperature == 0:
         return logits.argmax(-1)
     # subtract the row max first: a tiny temperature then sends the others to -inf instead of overflowing to NaN
-    logits = (logits - logits.amax(-1, keepdim=True)) / opts.temperature
+    logits = logits - logits.amax(-1, keepdim=True)
+    if opts.temperature * torch.finfo(logits.dtype).max >= 1:
+        logits = logits / opts.temperature
+    else:  # 1/T past float32 (T rounds to 0 there): 0/0 would be NaN; the limit T -> 0 keeps the row's maxima
+        logits = logits.masked_fill(logits < 0, float("-inf"))
     if opts.top_k and opts.top_k < logits.shape[-1]:
         kth = torch.topk(logits, opts.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -178,10 +184,7 @@ def is_hf_folder(path: str | Path) -> bool:
 
 def _read_hf_config(folder: Path) -> dict:
     path = folder / "config.json"
-    try:
-        conf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise YxanulError(f"unreadable config.json: {first_line(e)}", source=str(path)) from None
+    conf = read_json_file(path)
     if not isinstance(conf, dict) or conf.get("model_type") != "llama":
         raise YxanulError("not a Llama config.json (model_type must be 'llama')", source=str(path))
     unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None}
@@ -234,9 +237,12 @@ def _ours(name: str) -> str | None:
 
 
 def _read_hf_weights(folder: Path) -> dict:
-    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
-    if not files:
+    """The folder's weights under Yxanul names. With a ``model.safetensors.index.json`` exactly the shards its
+    weight_map names are read, each holding exactly the tensors mapped to it (any other .safetensors file is
+    not part of the model); without one, every .safetensors file, no tensor in two of them."""
+    if not (folder / INDEX_NAME).is_file() and not any(f.is_file() for f in folder.glob("*.safetensors")):
         raise YxanulError("no .safetensors weights beside config.json", source=str(folder))
+    files = [Path(h.path) for h in open_checkpoint(folder).headers]  # index and headers checked against each other
     sd = {}
     for f in files:
         try:
@@ -256,12 +262,9 @@ def _hf_tokenizer(folder: Path):
         return {"kind": "hf", "path": str(folder / "tokenizer.json")}
     spec = folder / "yxanul_tokenizer.json"
     if spec.is_file():
-        try:
-            tok = json.loads(spec.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise YxanulError(f"unreadable: {first_line(e)}", source=str(spec)) from None
+        tok = read_json_file(spec)
         if isinstance(tok, dict):
-            return tok
+            return check_tokenizer_spec(tok, str(spec), key="")
     return None
 
 

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from . import __version__
-from .errors import YxanulError, clip
+from .errors import YxanulError, clip, first_line
 
 MARKER = ".yxanul-output.json"
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|old)$")
@@ -38,18 +38,32 @@ class WriteError(YxanulError):
     """An output could not be written (disk full, read-only folder, permission denied...)."""
 
 
-def read_checkpoint_meta_file(path: str | os.PathLike) -> dict:
-    """A training checkpoint's meta.json as a dict; a missing or malformed file is a one-line YxanulError."""
+def parse_json(text: str, source: str, where: str = ""):
+    """``json.loads`` for a user's file: malformed JSON, a number past Python's digit limit (ValueError) or nesting
+    too deep for the parser (RecursionError) is a one-line error naming `source`; `where` prefixes the reason (a
+    line number)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        why = f"{e.msg} (line {e.lineno})" if not where else e.msg
+    except ValueError as e:  # an integer past sys.get_int_max_str_digits(); drop the advice to raise it
+        why = first_line(e).split(";")[0]
+    except RecursionError:
+        why = "nested too deeply"
+    raise YxanulError(f"{where}invalid JSON ({why})", source=source)
+
+
+def read_json_file(path: str | os.PathLike, missing: str = "no such file"):
+    """The JSON value of a file the user handed us (meta.json, config.json, ...): a missing or unreadable file,
+    text that is not UTF-8 or JSON that :func:`parse_json` refuses is a one-line error naming the file."""
     path = Path(path)
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise YxanulError("missing meta.json (is this a training checkpoint?)", source=str(path)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise YxanulError(f"unreadable meta.json: {e}", source=str(path)) from None
-    if not isinstance(meta, dict):
-        raise YxanulError("must be a JSON object", source=str(path))
-    return meta
+        raise YxanulError(missing, source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise YxanulError(f"unreadable: {first_line(e)}", source=str(path)) from None
+    return parse_json(text, str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -867,7 +867,7 @@ class Trainer:
                 try:
                     rec = json.loads(line.decode("utf-8"))
                     step = rec.get("step", 0) if isinstance(rec, dict) else None
-                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # a line cut short by the kill
+                except (ValueError, RecursionError):  # a line cut short by the kill (or not JSON this trainer wrote)
                     step = None
                 if isinstance(step, bool) or not isinstance(step, (int, float)):
                     dropped += 1   # not a record this trainer wrote

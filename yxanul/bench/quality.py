@@ -200,7 +200,7 @@ def _metric_records(path: Path):
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             r = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a line cut short by a kill, or nothing this trainer wrote
             continue
         if isinstance(r, dict):
             yield r
@@ -769,7 +769,7 @@ def _reusable(path: Path, settings: dict, reuse: bool) -> dict | None:
         return None
     try:
         prev = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable: trained again
         return None
     ok = same_settings(prev.get("settings"), settings) and prev.get("error") is None
     return prev if ok else None

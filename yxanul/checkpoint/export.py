@@ -135,6 +135,16 @@ def hf_state_dict(cfg: ModelConfig, sd: dict, dtype: str = "bfloat16") -> dict:
     import torch
 
     td = getattr(torch, DTYPES[dtype])
+
+    def cast(name: str, t):
+        """`t` in `td`; finite weights that overflow its range (FP16 past ±65504) are refused, not written as Inf."""
+        c = t.to(td).contiguous()
+        if c.numel() and not bool(torch.isfinite(c).all()):
+            raise YxanulError(f"{name} has values beyond the {DTYPES[dtype]} range (largest magnitude "
+                              f"{float(t.float().abs().max()):.6g}, {DTYPES[dtype]} max {torch.finfo(td).max:.6g}); "
+                              f"export with --dtype {'bf16 or ' if td == torch.float16 else ''}fp32", source="--dtype")
+        return c
+
     out = {}
     E = sd["embeddings.tok.weight"]
     if cfg.embed_rank:
@@ -142,16 +152,17 @@ def hf_state_dict(cfg: ModelConfig, sd: dict, dtype: str = "bfloat16") -> dict:
         full = (E.double() @ P.double().T)
     else:
         full = E
-    out["model.embed_tokens.weight"] = full.to(td).contiguous()
+    out["model.embed_tokens.weight"] = cast("model.embed_tokens.weight", full)
     for name, t in sd.items():
         if name.startswith("layers."):
             _, i, rest = name.split(".", 2)
             mod, leaf = rest.rsplit(".", 1)
-            out[f"model.layers.{i}.{_LAYER_MAP[mod]}.{leaf}"] = t.to(td).contiguous()
+            hf = f"model.layers.{i}.{_LAYER_MAP[mod]}.{leaf}"
+            out[hf] = cast(hf, t)
         elif name == "norm.weight":
-            out["model.norm.weight"] = t.to(td).contiguous()
+            out["model.norm.weight"] = cast("model.norm.weight", t)
         elif name == "lm_head.weight":
-            out["lm_head.weight"] = t.to(td).contiguous()
+            out["lm_head.weight"] = cast("lm_head.weight", t)
     return out
 
 

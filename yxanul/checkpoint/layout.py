@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import YxanulError
-from ..io import is_stale_temporary, read_checkpoint_meta_file, sha256_of  # noqa: F401 (re-exported)
+from ..errors import YxanulError, brief
+from ..io import is_stale_temporary, read_json_file, sha256_of  # noqa: F401 (re-exported)
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 DCP_FOLDER = "dcp"
@@ -97,10 +97,57 @@ def safe_relative(name: str) -> bool:
     return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+TOKENIZER_TEXT_KEYS = ("kind", "path", "name", "eot_token", "sha256")
+
+
+def check_tokenizer_spec(tok, source: str, key: str = "tokenizer"):
+    """`tok` (a recorded tokenizer spec: None, a name, or an object whose text fields are strings or null and
+    whose ids are integers) unless it is malformed: then a one-line error naming `source` and the key (`key`
+    is the spec's own key in `source`; empty when the spec is the whole file)."""
+    def bad(k, what, v):
+        raise YxanulError(f"must be {what}, got {brief(v)}", source=source, key=f"{key}.{k}" if key else k)
+
+    if tok is None or isinstance(tok, str):
+        return tok
+    if not isinstance(tok, dict):
+        raise YxanulError(f"must be an object, a name or null, got {brief(tok)}", source=source, key=key or None)
+    if not isinstance(tok.get("kind"), str):
+        bad("kind", "a string", tok.get("kind"))
+    for k in TOKENIZER_TEXT_KEYS[1:]:
+        if tok.get(k) is not None and not isinstance(tok[k], str):
+            bad(k, "a string or null", tok[k])
+    for k in ("vocab_size", "eot_id"):
+        if tok.get(k) is not None and not (_is_int(tok[k]) and tok[k] >= 0):
+            bad(k, "a non-negative integer or null", tok[k])
+    return tok
+
+
+def check_meta_fields(meta: dict, source: str) -> dict:
+    """The fields of a checkpoint's meta.json that loaders read, of the right types (when present)."""
+    if "step" in meta and not (_is_int(meta["step"]) and meta["step"] >= 0):
+        raise YxanulError(f"must be a non-negative integer, got {brief(meta['step'])}", source=source, key="step")
+    for k in ("model_config", "train_config"):
+        if k in meta and not isinstance(meta[k], dict):
+            raise YxanulError(f"must be an object, got {brief(meta[k])}", source=source, key=k)
+    check_tokenizer_spec(meta.get("tokenizer"), source)
+    return meta
+
+
+TRAINING_STATE = "state.pt"   # optimizer, RNG and loop state: only resuming reads it
+# files a loader reads that a files table must record when they exist (a DCP checkpoint's dcp/ files are
+# recorded by the saver but not required)
+RECORDED_FILES = ("model.safetensors", TRAINING_STATE)
+
+
 def verify_files(ckpt: Path, meta: dict, skip: tuple[str, ...] = ()) -> None:
     """Check every file ``meta.json["files"]`` lists (size, then SHA-256), except those named in `skip` (files
-    the caller does not read); a mismatch or a missing file is a one-line error naming it. A checkpoint written
-    before hashes were recorded loads with one notice."""
+    the caller does not read); a mismatch or a missing file is a one-line error naming it, and so is a file the
+    loader reads (weights, training state) that has no record. A checkpoint written before hashes were recorded
+    (no ``files`` at all) loads with one notice."""
     files = meta.get("files")
     src = str(ckpt / "meta.json")
     if files is None:
@@ -129,19 +176,33 @@ def verify_files(ckpt: Path, meta: dict, skip: tuple[str, ...] = ()) -> None:
         if sha256_of(path) != rec["sha256"].lower():
             raise YxanulError("SHA-256 differs from the one recorded in meta.json; the file is damaged or was "
                               "replaced", source=str(path))
-
-
-TRAINING_STATE = "state.pt"   # optimizer, RNG and loop state: only resuming reads it
+    for name in RECORDED_FILES:  # a record removed would turn checking off for the very file that is read
+        if name not in files and name not in skip and (ckpt / name).is_file():
+            raise YxanulError(f"has no size and SHA-256 record for {name}, which the checkpoint holds; the record "
+                              "was removed or the file added, so it cannot be verified", source=src, key="files")
 
 
 def read_meta(ckpt: str | Path, verify: bool = True, weights_only: bool = False) -> dict:
     """A checkpoint folder's ``meta.json`` (a dict), its listed files verified unless `verify` is false; with
     `weights_only` the training state (which the caller will not read) is not hashed."""
     ckpt = Path(ckpt)
-    meta = read_checkpoint_meta_file(ckpt / "meta.json")
+    src = ckpt / "meta.json"
+    meta = read_json_file(src, missing="missing meta.json (is this a training checkpoint?)")
+    if not isinstance(meta, dict):
+        raise YxanulError("must be a JSON object", source=str(src))
+    check_meta_fields(meta, str(src))
     if verify:
         verify_files(ckpt, meta, skip=(TRAINING_STATE,) if weights_only else ())
     return meta
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether every value of `t` is finite; FP8 tensors (which ``isfinite`` does not take) are upcast to FP32
+    a chunk at a time."""
+    if t.element_size() > 1:
+        return bool(torch.isfinite(t).all())
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk].float()).all()) for i in range(0, flat.numel(), chunk))
 
 
 def check_finite(tensors: dict, source: str) -> None:
@@ -150,7 +211,7 @@ def check_finite(tensors: dict, source: str) -> None:
         if name.endswith(FP8_STATE_SUFFIXES) or not isinstance(t, torch.Tensor) or not t.is_floating_point():
             continue
         local = t.to_local() if hasattr(t, "to_local") else t
-        if local.numel() and not bool(torch.isfinite(local).all()):
+        if local.numel() and not _all_finite(local):
             raise YxanulError(f"{name} holds NaN or Inf values; this checkpoint cannot be used (resume from an "
                               "earlier one)", source=source)
 

@@ -17,7 +17,8 @@ def register(sub) -> None:
     q.add_argument("--out", required=True, metavar="DIR")
     q.add_argument("--val", nargs="+", metavar="INPUT", help="explicit validation inputs (no random split)")
     q.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
-    q.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    q.add_argument("--workers", type=int, default=1,
+                   help="tokenizer processes (default 1; more than the available CPUs are clamped to their number)")
     q.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 2^27)")
     q.add_argument("--errors", choices=("strict", "replace"), default="replace",
                    help="invalid UTF-8 in text inputs: replace with U+FFFD and count (default), or stop (strict)")
@@ -33,11 +34,14 @@ def register(sub) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from ..data.prepare import DEFAULT_SHARD_TOKENS, prepare
+    from ..data.prepare import DEFAULT_SHARD_TOKENS, max_workers, prepare
     from ..errors import YxanulError
 
     if args.shard_tokens is not None and args.shard_tokens <= 0:
         raise YxanulError("must be positive", source="data prepare", key="--shard-tokens")
+    cpus = max_workers()
+    if args.workers > cpus:
+        print(f"note: --workers {args.workers} is more than the {cpus} available CPU(s); using {cpus}")
     meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction, workers=args.workers,
                    overwrite=args.overwrite, val_inputs=args.val, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
                    progress=args.progress, errors=args.errors)

@@ -5,6 +5,9 @@ import sys
 
 from ..errors import YxanulError
 
+# far above any prompt that fits a model's max_seq_len tokens (131072 tokens of 128 bytes each)
+MAX_PROMPT_BYTES = 16 * 2**20
+
 
 def register(sub):
     p = sub.add_parser("generate", help="sample text from a checkpoint")
@@ -12,7 +15,9 @@ def register(sub):
                                                 "folder written by `yxanul export`")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 text file")
+    src.add_argument("--prompt-file", metavar="FILE",
+                     help=f"read the prompt from a UTF-8 text file (at most {MAX_PROMPT_BYTES // 2**20} MiB; "
+                          "the prompt must also fit the model's max_seq_len tokens)")
     p.add_argument("--echo-prompt", action="store_true", help="print the prompt before the continuation")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -26,10 +31,16 @@ def register(sub):
 
 
 def read_prompt_file(path: str) -> str:
+    """The prompt a file holds; a file (or pipe, or device) of more than MAX_PROMPT_BYTES is refused after
+    reading that much, never read whole."""
     try:
-        raw = open(path, "rb").read()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PROMPT_BYTES + 1)
     except OSError as e:
         raise YxanulError(f"cannot read: {e.strerror or e}", source=path, key="--prompt-file") from None
+    if len(raw) > MAX_PROMPT_BYTES:
+        raise YxanulError(f"holds more than {MAX_PROMPT_BYTES // 2**20} MiB; a prompt must fit the model's "
+                          "max_seq_len tokens", source=path, key="--prompt-file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -11,15 +11,15 @@ corrupt shard is a one-line error naming it rather than an out-of-range embeddin
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import YxanulError, brief, clip
-from .prepare import FORMAT
-from .tokenizers import check_ids
+from ..io import parse_json
+from .prepare import FORMAT, VERSION
+from .tokenizers import TOKENIZER_KINDS, check_ids
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -28,17 +28,34 @@ def read_meta(data_dir: str | Path) -> dict:
         raise YxanulError("not a prepared data folder (no meta.json); run `yxanul data prepare` first",
                           source=str(data_dir))
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
         raise YxanulError(f"unreadable meta.json: {clip(e)}", source=str(path)) from None
+    meta = parse_json(text, str(path))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "splits" not in meta:
         raise YxanulError(f"not a {FORMAT} meta.json", source=str(path))
+    if meta.get("version", VERSION) != VERSION or isinstance(meta.get("version"), bool):
+        raise YxanulError(f"unsupported version {brief(meta['version'])} (this yxanul reads version {VERSION})",
+                          source=str(path), key="version")
+    if meta.get("dtype", "uint32") != "uint32":
+        raise YxanulError(f"must be 'uint32' (the shards' token type), got {brief(meta['dtype'])}",
+                          source=str(path), key="dtype")
     _check_splits(meta["splits"], str(path))
     v = meta.get("vocab_size")
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise YxanulError(f"must be a positive integer, got {brief(v)}", source=str(path), key="vocab_size")
-    if not isinstance(meta.get("tokenizer"), dict):
+    if max_token_id(meta, str(path)) >= v:
+        raise YxanulError(f"must exceed max_token_id {meta['max_token_id']}, got {v}", source=str(path),
+                          key="vocab_size")
+    e = meta.get("eot_id")
+    if e is not None and (isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < v):
+        raise YxanulError(f"must be a token id below vocab_size {v}, got {brief(e)}", source=str(path), key="eot_id")
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict):
         raise YxanulError("must be an object describing the tokenizer", source=str(path), key="tokenizer")
+    if tok.get("kind") not in TOKENIZER_KINDS:
+        raise YxanulError(f"unknown kind {brief(tok.get('kind'))} (expected {', '.join(TOKENIZER_KINDS)})",
+                          source=str(path), key="tokenizer.kind")
     return meta
 
 

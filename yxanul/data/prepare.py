@@ -10,7 +10,8 @@ Every document is followed by the tokenizer's end-of-text id. A document goes to
 of (its source, its index) falls below ``val_fraction``, so the split does not depend on the worker count; if
 no document lands there (tiny inputs), the last ``val_fraction`` of the training tokens are moved instead
 (``meta.json`` records which: ``val_source`` is ``documents``, ``train tail`` or ``val inputs``). Explicit
-validation inputs (``val_inputs``) replace the random split.
+validation inputs (``val_inputs``) replace the random split. ``workers`` above the CPU count
+(:func:`max_workers`) are clamped to it.
 
 Text is decoded as UTF-8. With ``errors="replace"`` (the default) invalid byte sequences become U+FFFD and are
 counted (``invalid_utf8_replaced`` in ``meta.json``); with ``errors="strict"`` the first one is an error naming
@@ -26,6 +27,7 @@ import json
 import lzma
 import multiprocessing as mp
 import os
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -33,9 +35,11 @@ import numpy as np
 
 from ..errors import YxanulError, clip, first_line
 from ..io import atomic_dir
+from ..io import parse_json
 from .tokenizers import get_tokenizer
 
 FORMAT = "yxanul-tokens"
+VERSION = 1
 SEPARATOR_LINE = "<|endoftext|>"
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens = 512 MiB per shard
 ERRORS = ("strict", "replace")
@@ -61,13 +65,18 @@ def _open_text(path: Path, errors: str = "replace"):
     return open(path, "r", encoding="utf-8", errors=handler)
 
 
-def _strict_text(lines, path: Path):
-    """Lines of a text file; an invalid UTF-8 sequence under ``errors="strict"`` is a one-line error."""
+def _lines(path: Path, errors: str = "replace") -> Iterator[str]:
+    """Lines of a (possibly compressed) text file. An unreadable file, corrupt or truncated compressed data and,
+    under ``errors="strict"``, an invalid UTF-8 sequence are one-line errors naming the file."""
     try:
-        yield from lines
+        with _open_text(path, errors) as f:
+            yield from f
     except UnicodeDecodeError as e:
         raise YxanulError(f"not valid UTF-8 ({e.reason}); pass --errors replace to substitute U+FFFD",
-                          source=clip(path)) from None
+                          source=str(path)) from None
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # BadGzipFile is an OSError
+        what = "corrupt or truncated compressed file" if path.name.endswith((".xz", ".gz")) else "unreadable"
+        raise YxanulError(f"{what}: {first_line(e)}", source=str(path)) from None
 
 
 def _base_suffix(path: Path) -> str:
@@ -80,17 +89,16 @@ def _base_suffix(path: Path) -> str:
 
 def _text_docs(path: Path, errors: str = "replace") -> Iterator[str]:
     buf: list[str] = []
-    with _open_text(path, errors) as f:
-        for line in _strict_text(f, path):
-            if line.rstrip("\r\n") == SEPARATOR_LINE:
-                doc = "".join(buf)
-                if doc.endswith("\n"):
-                    doc = doc[:-1]
-                if doc:
-                    yield doc
-                buf = []
-            else:
-                buf.append(line)
+    for line in _lines(path, errors):
+        if line.rstrip("\r\n") == SEPARATOR_LINE:
+            doc = "".join(buf)
+            if doc.endswith("\n"):
+                doc = doc[:-1]
+            if doc:
+                yield doc
+            buf = []
+        else:
+            buf.append(line)
     doc = "".join(buf)
     if doc.endswith("\n"):
         doc = doc[:-1]
@@ -99,19 +107,15 @@ def _text_docs(path: Path, errors: str = "replace") -> Iterator[str]:
 
 
 def _jsonl_docs(path: Path, field: str, errors: str = "replace") -> Iterator[str]:
-    with _open_text(path, errors) as f:
-        for n, line in enumerate(_strict_text(f, path), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise YxanulError(f"line {n}: invalid JSON ({e.msg})", source=str(path)) from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise YxanulError(f"line {n}: expected an object with a string {field!r} field", source=str(path),
-                                  key=field)
-            if rec[field]:
-                yield rec[field]
+    for n, line in enumerate(_lines(path, errors), 1):
+        if not line.strip():
+            continue
+        rec = parse_json(line, str(path), f"line {n}: ")
+        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+            raise YxanulError(f"line {n}: expected an object with a string {field!r} field", source=str(path),
+                              key=field)
+        if rec[field]:
+            yield rec[field]
 
 
 def _parquet_docs(path: Path, field: str) -> Iterator[str]:
@@ -187,7 +191,8 @@ def iter_documents(label: str, item, field: str = "text", errors: str = "replace
 def _is_val(label: str, index: int, fraction: float) -> bool:
     if fraction <= 0:
         return False
-    h = hashlib.blake2b(f"{label}\0{index}".encode(), digest_size=8).digest()
+    # surrogateescape: a file name that is not UTF-8 hashes as its bytes (valid names hash as before)
+    h = hashlib.blake2b(f"{label}\0{index}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2.0 ** 64 < fraction
 
 
@@ -269,6 +274,14 @@ def _batched(stream, size: int = 256, max_chars: int = 4 << 20):
         yield batch
 
 
+def max_workers() -> int:
+    """The most tokenizer processes `prepare` starts (more are clamped to it): the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float = 0.01, workers: int = 1,
             overwrite: bool = False, val_inputs: list[str] | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             progress: bool = True, errors: str = "replace") -> dict:
@@ -282,6 +295,7 @@ def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float =
         raise YxanulError(f"must be in [0, 1), got {val_fraction}", source="data prepare", key="--val-fraction")
     if workers < 1:
         raise YxanulError(f"must be >= 1, got {workers}", source="data prepare", key="--workers")
+    workers = min(workers, max_workers())
     tok = get_tokenizer(tokenizer) if isinstance(tokenizer, (str, dict, os.PathLike)) else tokenizer
     meta_tok = tok.to_meta()
     items = resolve_inputs(inputs)
@@ -350,7 +364,7 @@ def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float =
             raise YxanulError(f"tokenizer produced id {max(train.max_id, val.max_id)} >= its vocab_size "
                               f"{tok.vocab_size}", source=str(meta_tok.get("path") or meta_tok["kind"]))
         meta = {
-            "format": FORMAT, "version": 1, "dtype": "uint32",
+            "format": FORMAT, "version": VERSION, "dtype": "uint32",
             "tokenizer": meta_tok, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
             "max_token_id": max(train.max_id, val.max_id),
             "val_fraction": val_fraction if not val_items else None,

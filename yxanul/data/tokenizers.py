@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import YxanulError, first_line
+from ..errors import YxanulError, brief, first_line
 from ..io import sha256_of
+
+TOKENIZER_KINDS = ("bytes", "o200k", "tiktoken", "hf")  # what `to_meta()["kind"]` may be
 
 
 class ByteTokenizer:
@@ -50,6 +52,27 @@ class ByteTokenizer:
                 "eot_id": self.eot_id}
 
 
+_RANK_LIMIT = 2 ** 32 - 1  # ranks and the end-of-text id after them must fit the uint32 shards (and tiktoken's u32)
+
+
+def _check_ranks(ranks: dict, source: str) -> None:
+    """Refuse a ranks file tiktoken cannot take: it panics (pyo3's PanicException is a BaseException, so it is
+    not caught as an error) on a missing single byte or a rank used twice, and overflows on a rank out of u32."""
+    if not ranks:
+        raise YxanulError("not a tiktoken ranks file: no ranks", source=source)
+    bad = next((r for r in ranks.values() if not 0 <= r < _RANK_LIMIT), None)
+    if bad is not None:
+        raise YxanulError(f"rank {brief(bad)} is outside [0, 2**32 - 1)", source=source)
+    if len(set(ranks.values())) != len(ranks):
+        seen: set[int] = set()
+        dup = next(r for r in ranks.values() if r in seen or seen.add(r))
+        raise YxanulError(f"rank {dup} is given to more than one token", source=source)
+    missing = next((b for b in range(256) if bytes([b]) not in ranks), None)
+    if missing is not None:
+        raise YxanulError(f"no rank for the single byte 0x{missing:02x} (every one of the 256 bytes needs one)",
+                          source=source)
+
+
 class TiktokenTokenizer:
     """tiktoken BPE from a ranks file; ``kind`` is ``o200k`` for o200k_base, ``tiktoken`` otherwise."""
 
@@ -65,7 +88,8 @@ class TiktokenTokenizer:
             except FileNotFoundError:
                 raise YxanulError("tokenizer ranks file not found", source=str(path)) from None
             except Exception as e:  # malformed ranks file
-                raise YxanulError(f"not a tiktoken ranks file: {e}", source=str(path)) from None
+                raise YxanulError(f"not a tiktoken ranks file: {first_line(e)}", source=str(path)) from None
+            _check_ranks(ranks, str(path))
             # Reuse tiktoken's own o200k definition (pattern and specials) with the offline ranks.
             real = openai_public.load_tiktoken_bpe
             openai_public.load_tiktoken_bpe = lambda *a, **k: ranks
@@ -91,8 +115,12 @@ class TiktokenTokenizer:
             specials = {"<|endoftext|>": n_ranks}
             self.kind, self.eot_id = "tiktoken", n_ranks
         self.name = name or ("o200k_base" if o200k else Path(str(path)).stem)
-        self._enc = tiktoken.Encoding(name=self.name, pat_str=spec["pat_str"], mergeable_ranks=ranks,
-                                      special_tokens=specials)
+        try:
+            self._enc = tiktoken.Encoding(name=self.name, pat_str=spec["pat_str"], mergeable_ranks=ranks,
+                                          special_tokens=specials)
+        except Exception as e:
+            raise YxanulError(f"not a usable tiktoken ranks file: {first_line(e)}",
+                              source=self.path or "o200k_base") from None
         self.vocab_size = max(n_ranks, self.eot_id + 1)
 
     def encode(self, text: str) -> list[int]:
@@ -169,7 +197,7 @@ def get_tokenizer(spec):
             return TiktokenTokenizer(path if path else None, o200k=(kind == "o200k"), name=spec.get("name"))
         if kind == "hf":
             return HFTokenizer(spec.get("path"), eot_token=spec.get("eot_token"))
-        raise YxanulError(f"unknown tokenizer kind {kind!r} (expected bytes, o200k, tiktoken, hf)",
+        raise YxanulError(f"unknown tokenizer kind {kind!r} (expected {', '.join(TOKENIZER_KINDS)})",
                           source="tokenizer", key="kind")
     if not isinstance(spec, (str, os.PathLike)):
         raise YxanulError(f"expected a tokenizer name or path, got {spec!r}", source="tokenizer")

@@ -1,0 +1,254 @@
+"""Hostile checkpoints and generation inputs: hash records that are missing, HF folders whose index and shards
+disagree, FP16 overflow on export, JSON past the parser's limits, meta.json fields of the wrong type, FP8
+weights, underflowing temperatures and endless prompt files. Every refusal is one line, exit code 2, no output."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from yxanul.checkpoint.layout import sha256_of
+from yxanul.cli import main
+from yxanul.config import load_model_config
+from yxanul.generate import SamplingOptions, sample_next
+from yxanul.model import Yxanul
+
+from test_checkpoint_safety import base_run, ckpt_of, run  # noqa: F401 (fixtures: a tiny trained run)
+
+STEP = "step_00000001"
+HUGE_INT = "1" * 5000            # past Python's 4,300-digit limit for int(str): a ValueError, not JSONDecodeError
+DEEP = "[" * 100_000 + "]" * 100_000  # a RecursionError in the parser
+
+
+def make_ckpt(root: Path, edit=None) -> Path:
+    """A run folder holding one step of the tiny preset (random weights), its meta.json hashes recorded; `edit`
+    changes the state dict before it is written."""
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    sd = {k: v.contiguous() for k, v in Yxanul(cfg).state_dict().items()}
+    if edit is not None:
+        edit(sd)
+    step = root / "checkpoints" / STEP
+    step.mkdir(parents=True)
+    w = step / "model.safetensors"
+    save_file(sd, str(w))
+    meta = {"step": 1, "model_config": dataclasses.asdict(cfg), "train_config": {},
+            "tokenizer": {"kind": "bytes", "path": None, "vocab_size": 257, "eot_id": 256},
+            "files": {"model.safetensors": {"bytes": w.stat().st_size, "sha256": sha256_of(w)}}}
+    (step / "meta.json").write_text(json.dumps(meta))
+    (root / "checkpoints" / "latest").write_text(STEP + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    return make_ckpt(tmp_path / "run")
+
+
+def edit_meta(step: Path, edit) -> None:
+    meta = json.loads((step / "meta.json").read_text())
+    edit(meta)
+    (step / "meta.json").write_text(json.dumps(meta))
+
+
+def refused(capsys, args, *needles) -> str:
+    rc = main(list(map(str, args)))
+    cap = capsys.readouterr()
+    lines = [ln for ln in cap.err.splitlines() if ln.startswith("yxanul: error:")]
+    assert rc == 2 and cap.out == "" and len(lines) == 1 and "Traceback" not in cap.err, (rc, cap.out, cap.err)
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def greedy(capsys, ckpt, *extra) -> str:
+    assert main(["generate", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0",
+                 *map(str, extra)]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def flip_byte(path: Path, offset_from_end: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# -- 1. a files table without a record for a file that is read ------------------------------------------------
+
+@pytest.mark.parametrize("keep", [[], ["state.pt"]], ids=["empty", "no-weights-record"])
+def test_unrecorded_weights_are_refused_by_generate_export_and_resume(run, tmp_path, capsys, keep):  # noqa: F811
+    step = ckpt_of(run)
+    flip_byte(step / "model.safetensors")   # damaged weights that a missing record would let through
+    edit_meta(step, lambda m: m.update(files={k: m["files"][k] for k in keep}))
+    refused(capsys, ["generate", run, "--prompt", "x", "--max-new-tokens", "2"], "meta.json", "model.safetensors")
+    refused(capsys, ["export", run, "--out", tmp_path / "hf"], "meta.json", "model.safetensors")
+    assert not (tmp_path / "hf").exists()
+    refused(capsys, ["train", "--resume", run, "--no-progress", "--steps", "3"], "model.safetensors")
+
+
+def test_unrecorded_training_state_is_refused_by_resume_only(run, tmp_path, capsys):  # noqa: F811
+    step = ckpt_of(run)
+    edit_meta(step, lambda m: m["files"].pop("state.pt"))
+    n_before = len((run / "metrics.jsonl").read_text().splitlines())
+    refused(capsys, ["train", "--resume", run, "--no-progress", "--steps", "3"], "meta.json", "state.pt")
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == n_before
+    greedy(capsys, run)   # generate does not read state.pt
+
+
+def test_meta_without_files_table_still_loads_with_a_notice(tiny, capsys):
+    edit_meta(tiny / "checkpoints" / STEP, lambda m: m.pop("files"))
+    assert main(["generate", str(tiny), "--prompt", "x", "--max-new-tokens", "2"]) == 0
+    assert "loading it unverified" in capsys.readouterr().err
+
+
+# -- 2. exported folders: the index decides which shards are read ---------------------------------------------
+
+@pytest.fixture
+def hf(tiny, tmp_path) -> Path:
+    from yxanul.checkpoint.export import export_hf
+
+    out = tmp_path / "hf"
+    export_hf(tiny, out, max_shard_size=400_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    return out
+
+
+def test_stray_safetensors_beside_an_index_is_not_read(hf, capsys):
+    want = greedy(capsys, hf)
+    save_file({"model.norm.weight": torch.zeros(load_model_config("tiny").d_model)}, str(hf / "zz-stray.safetensors"))
+    assert greedy(capsys, hf) == want
+
+
+def test_index_and_shards_must_agree(hf, capsys):
+    ip = hf / "model.safetensors.index.json"
+    index = json.loads(ip.read_text())
+    name = "model.norm.weight"
+    del index["weight_map"][name]
+    ip.write_text(json.dumps(index))
+    refused(capsys, ["generate", hf, "--prompt", "x"], "not in weight_map", name)
+    index = json.loads(ip.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][name] = next(s for s in shards if name not in load_file(str(hf / s)))  # the wrong shard
+    ip.write_text(json.dumps(index))
+    refused(capsys, ["generate", hf, "--prompt", "x"], "weight_map", name)
+
+
+def test_duplicate_tensor_without_an_index_is_refused(tiny, tmp_path, capsys):
+    from yxanul.checkpoint.export import export_hf
+
+    out = tmp_path / "hf1"
+    export_hf(tiny, out)
+    assert not (out / "model.safetensors.index.json").exists()
+    save_file({"model.norm.weight": torch.zeros(load_model_config("tiny").d_model)}, str(out / "zz.safetensors"))
+    refused(capsys, ["generate", out, "--prompt", "x"], "model.norm.weight", "zz.safetensors")
+
+
+# -- 3. FP16 export of weights past its range -----------------------------------------------------------------
+
+def test_fp16_export_refuses_weights_past_its_range(tmp_path, capsys):
+    def big(sd):
+        sd["layers.1.mlp.up_proj.weight"][0, 0] = 1e5
+
+    ck = make_ckpt(tmp_path / "run", big)
+    refused(capsys, ["export", ck, "--out", tmp_path / "hf", "--dtype", "fp16"],
+            "model.layers.1.mlp.up_proj.weight", "float16")
+    assert not (tmp_path / "hf").exists()
+    assert main(["export", str(ck), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+
+
+# -- 4. JSON past the parser's limits -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [f'{{"step": {HUGE_INT}}}', DEEP], ids=["huge-int", "deep"])
+def test_meta_json_past_parser_limits(tiny, tmp_path, capsys, bad):
+    (tiny / "checkpoints" / STEP / "meta.json").write_text(bad)
+    refused(capsys, ["generate", tiny, "--prompt", "x"], "meta.json")
+    refused(capsys, ["export", tiny, "--out", tmp_path / "hf"], "meta.json")
+    refused(capsys, ["train", "--resume", tiny, "--no-progress"], "meta.json")
+
+
+@pytest.mark.parametrize("name", ["config.json", "yxanul_tokenizer.json"])
+@pytest.mark.parametrize("bad", [f'{{"vocab_size": {HUGE_INT}}}', DEEP], ids=["huge-int", "deep"])
+def test_hf_json_past_parser_limits(hf, capsys, name, bad):
+    (hf / name).write_text(bad)
+    refused(capsys, ["generate", hf, "--prompt", "x"], name)
+
+
+# -- 5. meta.json fields of the wrong type --------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [("step", "x"), ("train_config", None), ("train_config", [1])])
+def test_meta_field_types_on_resume(run, capsys, key, value):  # noqa: F811
+    edit_meta(ckpt_of(run), lambda m: m.update({key: value}))
+    refused(capsys, ["train", "--resume", run, "--no-progress", "--steps", "3"], "meta.json", key)
+
+
+@pytest.mark.parametrize("kind", ["tiktoken", "hf", "o200k"])
+def test_tokenizer_path_of_the_wrong_type(tiny, tmp_path, capsys, kind):
+    edit_meta(tiny / "checkpoints" / STEP, lambda m: m.update(tokenizer={"kind": kind, "path": ["a"]}))
+    refused(capsys, ["generate", tiny, "--prompt", "x"], "meta.json", "tokenizer.path")
+    refused(capsys, ["export", tiny, "--out", tmp_path / "hf"], "meta.json", "tokenizer.path")
+
+
+def test_exported_tokenizer_spec_of_the_wrong_type(hf, capsys):
+    (hf / "yxanul_tokenizer.json").write_text(json.dumps({"kind": "tiktoken", "path": ["a"]}))
+    refused(capsys, ["generate", hf, "--prompt", "x"], "yxanul_tokenizer.json", "path")
+
+
+# -- 6. FP8 tensors in a bare .safetensors --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_bare_fp8_safetensors(tmp_path, capsys, dtype):
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    sd = {k: v.contiguous() for k, v in Yxanul(cfg).state_dict().items()}
+    name = "layers.0.mlp.up_proj.weight"
+    sd[name] = sd[name].to(dtype)
+    f = tmp_path / "w.safetensors"
+    save_file(sd, str(f))
+    greedy(capsys, f, "--model", "tiny")
+    assert main(["export", str(f), "--model", "tiny", "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    sd[name][0, 0] = float("nan")
+    save_file(sd, str(f))
+    refused(capsys, ["generate", f, "--model", "tiny", "--prompt", "x"], name, "NaN")
+    refused(capsys, ["export", f, "--model", "tiny", "--out", tmp_path / "hf2"], name, "NaN")
+
+
+# -- 7. temperatures below float32's range --------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", [1e-300, 5e-324, 1e-46, 1e-39])
+def test_tiny_temperature_is_its_greedy_limit(tiny, capsys, t):
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.9]])
+    for top_p in (1.0, 0.5):
+        assert int(sample_next(logits, SamplingOptions(temperature=t, top_p=top_p), None)) == 1
+    assert greedy(capsys, tiny, "--seed", "1", "--temperature", t) == greedy(capsys, tiny)
+
+
+def test_ordinary_temperature_unchanged():
+    logits = torch.randn(4, 257, generator=torch.Generator().manual_seed(0))
+    for t in (0.8, 1.0, 1e-3):
+        want = torch.multinomial(torch.softmax((logits - logits.amax(-1, keepdim=True)) / t, -1), 1,
+                                 generator=torch.Generator().manual_seed(3)).squeeze(-1)
+        got = sample_next(logits, SamplingOptions(temperature=t), torch.Generator().manual_seed(3))
+        assert torch.equal(got, want)
+
+
+# -- 8. prompt files that never end ---------------------------------------------------------------------------
+
+def test_endless_or_huge_prompt_file_is_refused_without_reading_it_whole(tiny, tmp_path, capsys):
+    from yxanul.commands.generate import MAX_PROMPT_BYTES
+
+    if os.path.exists("/dev/zero"):
+        refused(capsys, ["generate", tiny, "--prompt-file", "/dev/zero"], "/dev/zero", "--prompt-file", "MiB")
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(64 * MAX_PROMPT_BYTES)  # sparse
+    refused(capsys, ["generate", tiny, "--prompt-file", big], "big.txt", "MiB")
+    ok = tmp_path / "ok.txt"
+    ok.write_text("Hello")
+    assert main(["generate", str(tiny), "--prompt-file", str(ok), "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == greedy(capsys, tiny)
