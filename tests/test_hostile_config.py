@@ -104,3 +104,10 @@ def test_output_file_under_a_regular_file_is_refused_before_the_benchmark(tmp_pa
 def test_selfcheck_tokens_out_of_range(capsys, tokens):
     assert main(["selfcheck", "--model", "tiny", "--backend", "emulated", "--tokens", tokens]) == 2
     assert "--tokens" in _err(capsys)
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
+def test_bench_peak_tflops_must_be_positive_and_finite(capsys, value):
+    rc = main(["bench", "throughput", "--device", "cpu", "--model", "tiny", "--steps", "1", "--warmup", "0",
+               "--batch", "1", "--seq", "16", "--no-compile", "--modes", "bf16", f"--peak-tflops={value}"])
+    assert rc == 2 and "--peak-tflops" in _err(capsys)

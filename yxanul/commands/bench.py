@@ -2,6 +2,7 @@
 `bench` subparsers and sets ``func``; add one by appending to that list (or calling ``add_subcommand``)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 SUBCOMMANDS = []
@@ -108,6 +109,8 @@ def _run_throughput(args):
         raise YxanulError("continues a sweep: needs --sweep and --json-out", key="--resume")
     if args.sweep_batch is not None and not args.sweep:
         raise YxanulError("sets the batch of each width of a sweep: needs --sweep", key="--sweep-batch")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        raise YxanulError(f"must be a positive number of TFLOP/s, got {args.peak_tflops}", key="--peak-tflops")
     if args.json_out:
         check_output_file(args.json_out, args.overwrite or args.resume, key="--json-out")
     if args.plot:
