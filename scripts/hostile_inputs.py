@@ -193,6 +193,9 @@ def plant_dcp(run: Path, payload: bytes) -> None:
     meta = json.loads((ck / "meta.json").read_text())
     meta.update(format="dcp", world_size=1)
     meta["files"].pop("model.safetensors")
+    for p in sorted((ck / "dcp").iterdir()):  # recorded as the saver records them: only the payload is foreign
+        meta["files"][f"dcp/{p.name}"] = {"bytes": p.stat().st_size,
+                                          "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
     (ck / "meta.json").write_text(json.dumps(meta))
 
 

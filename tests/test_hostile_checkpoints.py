@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from yxanul.checkpoint.layout import sha256_of
 from yxanul.cli import main
+from yxanul.errors import YxanulError
 from yxanul.config import load_model_config
 from yxanul.generate import SamplingOptions, sample_next
 from yxanul.model import Yxanul
@@ -252,3 +253,19 @@ def test_endless_or_huge_prompt_file_is_refused_without_reading_it_whole(tiny, t
     ok.write_text("Hello")
     assert main(["generate", str(tiny), "--prompt-file", str(ok), "--max-new-tokens", "8", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == greedy(capsys, tiny)
+
+
+def test_a_sharded_checkpoint_file_without_a_record_is_refused(tmp_path):
+    """The saver records every file of a DCP checkpoint's dcp/ folder: one without a record was added or had its
+    record removed, and is refused before anything is read."""
+    from yxanul.checkpoint.layout import verify_files
+    ck = tmp_path / "step_00000002"
+    (ck / "dcp").mkdir(parents=True)
+    (ck / "dcp" / "__0_0.distcp").write_bytes(b"\0" * 64)
+    (ck / "dcp" / ".metadata").write_bytes(b"x")
+    files = {f"dcp/{n}": {"bytes": (ck / "dcp" / n).stat().st_size, "sha256": sha256_of(ck / "dcp" / n)}
+             for n in ("__0_0.distcp", ".metadata")}
+    verify_files(ck, {"files": files})  # every file recorded: fine
+    for name in files:
+        with pytest.raises(YxanulError, match="no size and SHA-256 record for " + name.replace(".", r"\.")):
+            verify_files(ck, {"files": {k: v for k, v in files.items() if k != name}})

@@ -138,8 +138,8 @@ def check_meta_fields(meta: dict, source: str) -> dict:
 
 
 TRAINING_STATE = "state.pt"   # optimizer, RNG and loop state: only resuming reads it
-# files a loader reads that a files table must record when they exist (a DCP checkpoint's dcp/ files are
-# recorded by the saver but not required)
+# files a loader reads that a files table must record when they exist (and every file of a DCP checkpoint's
+# dcp/ folder)
 RECORDED_FILES = ("model.safetensors", TRAINING_STATE)
 
 
@@ -176,8 +176,11 @@ def verify_files(ckpt: Path, meta: dict, skip: tuple[str, ...] = ()) -> None:
         if sha256_of(path) != rec["sha256"].lower():
             raise YxanulError("SHA-256 differs from the one recorded in meta.json; the file is damaged or was "
                               "replaced", source=str(path))
-    for name in RECORDED_FILES:  # a record removed would turn checking off for the very file that is read
-        if name not in files and name not in skip and (ckpt / name).is_file():
+    held = [name for name in RECORDED_FILES if (ckpt / name).is_file()]
+    if (ckpt / DCP_FOLDER).is_dir():  # a sharded checkpoint: the saver records every file of its dcp/ folder
+        held += sorted(str(p.relative_to(ckpt)) for p in (ckpt / DCP_FOLDER).rglob("*") if p.is_file())
+    for name in held:  # a record removed would turn checking off for the very file that is read
+        if name not in files and name not in skip:
             raise YxanulError(f"has no size and SHA-256 record for {name}, which the checkpoint holds; the record "
                               "was removed or the file added, so it cannot be verified", source=src, key="files")
 
