@@ -173,6 +173,20 @@ def put_nan(st_file: Path) -> None:
     raise RuntimeError(f"no floating-point weight in {st_file}")
 
 
+def put_value(st_file: Path, value: float) -> None:
+    """`value` into every element of the first F32/BF16 weight of a safetensors file (header untouched)."""
+    n, hdr = read_st_header(st_file)
+    for name, rec in hdr.items():
+        if name != "__metadata__" and rec["dtype"] in ("F32", "BF16") and name.endswith("weight"):
+            one = struct.pack("<f", value) if rec["dtype"] == "F32" else struct.pack("<f", value)[2:]
+            lo, hi = rec["data_offsets"]
+            with open(st_file, "r+b") as f:
+                f.seek(8 + n + lo)
+                f.write(one * ((hi - lo) // len(one)))
+            return
+    raise RuntimeError(f"no floating-point weight in {st_file}")
+
+
 class _Payload:
     """Unpickling it runs a shell command (what a crafted DCP .metadata would do)."""
 
@@ -194,8 +208,7 @@ def plant_dcp(run: Path, payload: bytes) -> None:
     meta.update(format="dcp", world_size=1)
     meta["files"].pop("model.safetensors")
     for p in sorted((ck / "dcp").iterdir()):  # recorded as the saver records them: only the payload is foreign
-        meta["files"][f"dcp/{p.name}"] = {"bytes": p.stat().st_size,
-                                          "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        meta["files"][f"dcp/{p.name}"] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
     (ck / "meta.json").write_text(json.dumps(meta))
 
 
@@ -953,6 +966,66 @@ def _(ctx):
     p.write_bytes(p.read_bytes()[:-3])
     return Spec(["train", "--data", "data", "--out", "r", *QUICK_TRAIN], inputs=["data"], outputs=["r"],
                 needles=["train_000.bin"])
+
+
+@case("ckpt-files-table-emptied", "records", ("run",), quick=True)
+def _(ctx):
+    ck = ctx / "run" / "checkpoints" / STEP
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["files"] = {}  # the records gone, then the weights damaged
+    (ck / "meta.json").write_text(json.dumps(meta))
+    flip_bytes(ck / "model.safetensors")
+    return Spec(["generate", "run", "--prompt", "Hi"], inputs=["run"], needles=["no size and SHA-256 record"])
+
+
+@case("ckpt-meta-number-past-digit-limit", "records", ("run",))
+def _(ctx):
+    meta = ctx / "run" / "checkpoints" / STEP / "meta.json"
+    meta.write_text('{"z": ' + "1" * 5000 + ", " + meta.read_text().lstrip()[1:])
+    return Spec(["export", "run", "--out", "hf2"], inputs=["run"], outputs=["hf2"], needles=["meta.json"])
+
+
+@case("export-fp16-overflow", "records", ("run",))
+def _(ctx):
+    ck = ctx / "run" / "checkpoints" / STEP
+    put_value(ck / "model.safetensors", 1e30)  # finite, beyond fp16's 65504
+    rehash(ck)
+    return Spec(["export", "run", "--out", "hf2", "--dtype", "fp16"], inputs=["run"], outputs=["hf2"],
+                needles=["range"])
+
+
+@case("tiktoken-ranks-empty", "records")
+def _(ctx):
+    (ctx / "corpus").mkdir()
+    (ctx / "corpus" / "a.txt").write_text("hello\n")
+    (ctx / "e.tiktoken").write_bytes(b"")
+    return Spec(["data", "prepare", "corpus", "--out", "d", "--tokenizer", "e.tiktoken", "--no-progress"],
+                inputs=["corpus", "e.tiktoken"], outputs=["d"], needles=["e.tiktoken"])
+
+
+@case("data-gzip-truncated", "records")
+def _(ctx):
+    import gzip
+    (ctx / "c.txt.gz").write_bytes(gzip.compress(b"hello world\n" * 100)[:30])
+    return Spec(["data", "prepare", "c.txt.gz", "--out", "d", "--no-progress"], inputs=["c.txt.gz"],
+                outputs=["d"], needles=["c.txt.gz"])
+
+
+@case("yaml-duplicate-key", "records")
+def _(ctx):
+    (ctx / "t.yaml").write_text("steps: 1\nsteps: 2\n")
+    return Spec(["train", "--train-config", "t.yaml", "--out", "r"], inputs=["t.yaml"], outputs=["r"],
+                needles=["twice"])
+
+
+@case("config-endless-device", "bounded")
+def _(ctx):
+    return Spec(["policy", "--config", "/dev/zero"], timeout=60, needles=["larger than"])
+
+
+@case("prompt-file-endless-device", "bounded", ("run",))
+def _(ctx):
+    return Spec(["generate", "run", "--prompt-file", "/dev/zero"], inputs=["run"], timeout=60, needles=["MiB"])
 
 
 @case("data-meta-not-json", "records", ("data",))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from yxanul.errors import YxanulError
+
 from yxanul.cli import main
 
 HUGE_NUMBER = "1" * 5000    # past Python's 4300-digit limit for int(str): a ValueError, not a JSONDecodeError
@@ -209,3 +211,17 @@ def test_data_meta_values_are_checked(tmp_path, capsys, edit, key):
     _one_line_error(capsys, "meta.json", key)
     with pytest.raises(YxanulError, match=key):   # what train, evaluate and the loader read
         read_meta(d)
+
+
+def test_a_ranks_file_edited_at_the_same_path_is_read_anew(tmp_path):
+    """tiktoken's loader caches a ranks file by its path; the project reads the file itself, so a file replaced
+    at the same path is never read as it was."""
+    import base64
+
+    from yxanul.data.tokenizers import get_tokenizer
+    p = tmp_path / "r.tiktoken"
+    p.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    assert get_tokenizer(str(p)).vocab_size == 257
+    p.write_bytes(b"")
+    with pytest.raises(YxanulError, match="no ranks"):
+        get_tokenizer(str(p))

@@ -21,6 +21,8 @@ vocabulary) explicitly rather than remapping it.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from pathlib import Path
 
@@ -73,23 +75,40 @@ def _check_ranks(ranks: dict, source: str) -> None:
                           source=source)
 
 
+def read_ranks(path: str | Path) -> dict:
+    """A tiktoken ranks file (a line ``base64(token) rank`` per token), read from the file itself: tiktoken's own
+    loader caches files by their path under the temporary folder, so an edited or replaced file at the same path
+    would be read as it was. Malformed lines and rank sets tiktoken cannot take are one-line errors."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise YxanulError("tokenizer ranks file not found", source=str(path)) from None
+    except OSError as e:
+        raise YxanulError(f"unreadable: {first_line(e)}", source=str(path)) from None
+    ranks = {}
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise YxanulError(f"not a tiktoken ranks file: line {n} is not 'base64-token rank'",
+                              source=str(path)) from None
+    _check_ranks(ranks, str(path))
+    return ranks
+
+
 class TiktokenTokenizer:
     """tiktoken BPE from a ranks file; ``kind`` is ``o200k`` for o200k_base, ``tiktoken`` otherwise."""
 
     def __init__(self, path: str | Path | None, o200k: bool, name: str | None = None):
         import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
         from tiktoken_ext import openai_public
 
         self.path = str(path) if path is not None else None
         if path is not None:
-            try:
-                ranks = load_tiktoken_bpe(str(path))
-            except FileNotFoundError:
-                raise YxanulError("tokenizer ranks file not found", source=str(path)) from None
-            except Exception as e:  # malformed ranks file
-                raise YxanulError(f"not a tiktoken ranks file: {first_line(e)}", source=str(path)) from None
-            _check_ranks(ranks, str(path))
+            ranks = read_ranks(path)
             # Reuse tiktoken's own o200k definition (pattern and specials) with the offline ranks.
             real = openai_public.load_tiktoken_bpe
             openai_public.load_tiktoken_bpe = lambda *a, **k: ranks
