@@ -111,3 +111,17 @@ def test_bench_peak_tflops_must_be_positive_and_finite(capsys, value):
     rc = main(["bench", "throughput", "--device", "cpu", "--model", "tiny", "--steps", "1", "--warmup", "0",
                "--batch", "1", "--seq", "16", "--no-compile", "--modes", "bf16", f"--peak-tflops={value}"])
     assert rc == 2 and "--peak-tflops" in _err(capsys)
+
+
+def test_resume_with_another_out_folder_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--steps", "1", "--batch-size", "2", "--seq-len", "32", "--log-every", "1", "--eval-every", "0",
+            "--checkpoint-every", "1", "--no-progress", "--warmup", "0", "--precision", "fp32"]
+    assert main(["train", "--out", str(run), *args]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in run.rglob("*"))
+    assert main(["train", "--resume", str(run), "--out", str(tmp_path / "other"), "--steps", "2"]) == 2
+    assert "--out" in _err(capsys) and not (tmp_path / "other").exists()
+    assert sorted(p.name for p in run.rglob("*")) == before
+    # the run's own folder named again is fine
+    assert main(["train", "--resume", str(run), "--out", str(run), "--steps", "2", "--no-progress"]) == 0

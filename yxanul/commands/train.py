@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from pathlib import Path
 
 from ..errors import YxanulError
 from ..train_config import TrainConfig, load_train_config
@@ -83,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise YxanulError("bare --resume needs --out RUN_DIR (or pass --resume PATH)", source="--resume")
         ckpt = resolve_checkpoint(resume)
+        run_dir = ckpt.parent.parent
+        if args.out and Path(args.out).resolve() != run_dir.resolve():
+            raise YxanulError(f"a resumed run goes on in its own folder ({run_dir}), not in another; drop --out",
+                              key="--out")
         if args.restart:
             raise YxanulError("--resume continues a run and --restart starts one over: pass one of them",
                               source="--restart")
