@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from .checkpoint.convert import dequantize_checkpoint
 from .checkpoint.export import _LAYER_MAP, load_model
 from .checkpoint.layout import check_tokenizer_spec
-from .io import read_json_file
 from .checkpoint.safetensors_header import INDEX_NAME, open_checkpoint
 from .config import ModelConfig
 from .errors import YxanulError, first_line
+from .io import read_json_file
 from .model import Yxanul
 
 DEVICE_TYPES = ("cpu", "cuda")

@@ -40,8 +40,8 @@ def register(sub) -> None:
 def read_metrics(run_dir):
     from pathlib import Path
 
-    from ..io import parse_json
     from ..errors import YxanulError
+    from ..io import parse_json
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
