@@ -285,6 +285,13 @@ def test_dequantize_block_flag_declares_an_odd_block(tmp_path, capsys):
     assert main(["dequantize", str(src), str(tmp_path / "out2"), "--block", "64"]) == 2
 
 
+def test_dequantize_block_flag_against_a_declared_block(tmp_path, capsys):
+    src = _fp8_ckpt(tmp_path / "in", torch.ones(2, 2), block=[128, 128])
+    assert main(["dequantize", str(src), str(tmp_path / "out"), "--block", "64"]) == 2
+    assert "disagrees" in _err_line(capsys) and not (tmp_path / "out").exists()
+    assert main(["dequantize", str(src), str(tmp_path / "out"), "--block", "128"]) == 0  # the same: fine
+
+
 def test_tensor_names_are_escaped_in_the_table(tmp_path, capsys):
     evil = "model.layers.0.mlp.\x1b[2Jdown_proj.weight"
     src = _ckpt(tmp_path / "in", extra={evil: torch.zeros(4, 4, dtype=torch.bfloat16)})

@@ -495,6 +495,10 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
             raise _yerr(f"must be two positive integers, got {wbs!r}", source=str(cfg_path),
                         key="quantization_config.weight_block_size")
         cfg_block = (wbs[0], wbs[1])
+        if block is not None and cfg_block != (block, block):
+            raise _yerr(f"--block {block} disagrees with the folder's declared block size {list(cfg_block)}; drop "
+                        "--block (the declared size is used)", source=str(cfg_path),
+                        key="quantization_config.weight_block_size")
 
     where: dict[str, tuple] = {}
     for h, t in ck.tensors():

@@ -30,7 +30,8 @@ def register(sub):
     d.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="output dtype (default bf16)")
     d.add_argument("--block", type=int, default=None,
                    help="square block size, when config.json declares no quantization_config.weight_block_size "
-                        "(default: inferred from the shapes when unambiguous)")
+                        "(a different one from a declared size is refused; default: inferred from the shapes "
+                        "when unambiguous)")
     d.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it is an empty folder or an earlier `yxanul dequantize` output")
     d.add_argument("--json", action="store_true", help="print one JSON object")
