@@ -219,6 +219,25 @@ def test_bare_fp8_safetensors(tmp_path, capsys, dtype):
     refused(capsys, ["export", f, "--model", "tiny", "--out", tmp_path / "hf2"], name, "NaN")
 
 
+def test_bare_safetensors_of_a_deeper_model_is_refused(tmp_path, capsys):
+    """A bare file holding layers the named model does not have is another model's checkpoint: refused, not
+    exported with those layers dropped; the FP8 layers' scaling state is still dropped quietly."""
+    import dataclasses
+    cfg = load_model_config("tiny")
+    torch.manual_seed(0)
+    deeper = Yxanul(dataclasses.replace(cfg, n_layers=cfg.n_layers + 1))
+    sd = {k: v.contiguous() for k, v in deeper.state_dict().items()}
+    f = tmp_path / "w.safetensors"
+    save_file(sd, str(f))
+    refused(capsys, ["export", f, "--model", "tiny", "--out", tmp_path / "hf"], "does not have",
+            f"layers.{cfg.n_layers}.")
+    assert not (tmp_path / "hf").exists()
+    sd = {k: v for k, v in sd.items() if not k.startswith(f"layers.{cfg.n_layers}.")}
+    sd["layers.0.mlp.up_proj.amax_history"] = torch.zeros(16, 3)
+    save_file(sd, str(f))
+    assert main(["export", str(f), "--model", "tiny", "--out", str(tmp_path / "hf")]) == 0
+
+
 # -- 7. temperatures below float32's range --------------------------------------------------------------------
 
 @pytest.mark.parametrize("t", [1e-300, 5e-324, 1e-46, 1e-39])

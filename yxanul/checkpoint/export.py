@@ -24,8 +24,8 @@ from pathlib import Path
 
 from ..config import ModelConfig, dataclass_from_dict, load_model_config
 from .analyze import HEAD_MODULE, classify, modules_to_not_convert  # noqa: F401 (re-exported)
-from ..errors import YxanulError, first_line
-from .layout import check_finite
+from ..errors import YxanulError, brief, first_line
+from .layout import FP8_STATE_SUFFIXES, check_finite
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
           "fp16": "float16", "float16": "float16"}
@@ -59,8 +59,9 @@ text = enc.decode(ids)
 def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
     """(ModelConfig, {parameter name: tensor}, meta) of a run folder, a step folder, or a bare ``.safetensors``.
 
-    A bare file needs ``model`` (a preset name or YAML); folders read ``meta.json``. Keys that are not model
-    parameters (FP8 scaling buffers and the like) are dropped; a missing or misshapen parameter is an error.
+    A bare file needs ``model`` (a preset name or YAML); folders read ``meta.json``. The FP8 layers' scaling
+    state is dropped; a missing or misshapen parameter, or a tensor the model does not have (a checkpoint of
+    another model), is an error.
     """
     import torch
     from safetensors import SafetensorError
@@ -102,6 +103,11 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
         raise YxanulError(f"unreadable safetensors: {first_line(e)}", source=str(weights)) from None
     with torch.device("meta"):
         ref = Yxanul(cfg)
+    known = {n for n, _ in ref.named_parameters()} | {n for n, _ in ref.named_buffers()}
+    extra = sorted(k for k in sd if k not in known and not k.endswith(FP8_STATE_SUFFIXES))
+    if extra:
+        raise YxanulError(f"holds {len(extra)} tensor(s) that model {cfg.name} does not have, e.g. {brief(extra[0])}; "
+                          "a checkpoint of another model? (pass the --model it was trained with)", source=str(weights))
     out = {}
     for name, prm in ref.named_parameters():
         t = sd.get(name)
