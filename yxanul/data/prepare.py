@@ -34,8 +34,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import YxanulError, clip, first_line
-from ..io import atomic_dir
-from ..io import parse_json
+from ..io import atomic_dir, parse_json
 from .tokenizers import get_tokenizer
 
 FORMAT = "yxanul-tokens"
