@@ -82,7 +82,8 @@ def test_unknown_fp8_backend_is_a_config_error():
 @pytest.mark.parametrize("extra, key", [(["--last-evals", "-3"], "--last-evals"), (["--last-evals", "0"], "--last-evals"),
                                         (["--fp8-backend", "bogus"], "fp8_backend"),
                                         (["--data", "/nonexistent-yxanul"], "nonexistent"),
-                                        (["--seed", "-1"], "seed")])
+                                        (["--seed", "-1"], "seed"), (["--seeds", "7"], "--seeds"),
+                                        (["--seeds", "0"], "--seeds")])
 def test_bench_quality_checks_shared_settings_before_any_run(tmp_path, capsys, extra, key):
     out = tmp_path / "qo"
     rc = main(["bench", "quality", "--model", "tiny", "--device", "cpu", "--no-compile", "--batch", "2",

@@ -301,6 +301,8 @@ def run_quality(model: str, data: str | None, tokens: int, modes: list[str], see
     from ..train import load_train_config
     if not isinstance(last_evals, int) or isinstance(last_evals, bool) or last_evals < 1:
         raise YxanulError(f"must be a positive integer, got {last_evals!r}", key="--last-evals")
+    if seeds not in (1, 2) or isinstance(seeds, bool):
+        raise YxanulError(f"must be 1 or 2 (2 adds BF16 on a second data order), got {seeds!r}", key="--seeds")
     fp8_options = _fp8_options(fp8_options)
     base, steps, launch = _prepare(model, data, tokens, batch, seq, lr, min_lr, warmup, eval_every, eval_batches,
                                    seed, policy, device, fp8_all_recipe, compile, fp8_backend, repeats,

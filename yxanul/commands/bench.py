@@ -170,7 +170,8 @@ def _quality(bsub):
                    help="comma-separated: bf16, fp8, fp8-blockwise, fp8-tensorwise, fp8-rowwise, fp8-delayed, "
                         "fp8-head, fp8-all; bf16-b (BF16 on the same data: the noise floor), bf16-seed2 (BF16 on "
                         "another data order)")
-    p.add_argument("--seeds", type=int, default=2, help="2 adds a second BF16 run with another data order")
+    p.add_argument("--seeds", type=int, default=2,
+                   help="1, or 2 (the default) to add a BF16 run with another data order")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--lr", type=float, default=3e-3)
