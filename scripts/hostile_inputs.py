@@ -160,21 +160,9 @@ def flip_bytes(path: Path, at: float = 0.6, count: int = 16) -> None:
     path.write_bytes(bytes(data))
 
 
-def put_nan(st_file: Path) -> None:
-    """NaN into the first F32/BF16 weight of a safetensors file (header untouched)."""
-    n, hdr = read_st_header(st_file)
-    for name, rec in hdr.items():
-        if name != "__metadata__" and rec["dtype"] in ("F32", "BF16") and name.endswith("weight"):
-            nan = struct.pack("<f", float("nan")) if rec["dtype"] == "F32" else b"\xc0\x7f"
-            with open(st_file, "r+b") as f:
-                f.seek(8 + n + rec["data_offsets"][0])
-                f.write(nan * 4)
-            return
-    raise RuntimeError(f"no floating-point weight in {st_file}")
-
-
-def put_value(st_file: Path, value: float) -> None:
-    """`value` into every element of the first F32/BF16 weight of a safetensors file (header untouched)."""
+def put_value(st_file: Path, value: float, count: int | None = None) -> None:
+    """`value` into the first `count` elements (all by default) of the first F32/BF16 weight of a safetensors
+    file (header untouched)."""
     n, hdr = read_st_header(st_file)
     for name, rec in hdr.items():
         if name != "__metadata__" and rec["dtype"] in ("F32", "BF16") and name.endswith("weight"):
@@ -182,9 +170,14 @@ def put_value(st_file: Path, value: float) -> None:
             lo, hi = rec["data_offsets"]
             with open(st_file, "r+b") as f:
                 f.seek(8 + n + lo)
-                f.write(one * ((hi - lo) // len(one)))
+                f.write(one * ((hi - lo) // len(one) if count is None else count))
             return
     raise RuntimeError(f"no floating-point weight in {st_file}")
+
+
+def put_nan(st_file: Path) -> None:
+    """NaN into the first F32/BF16 weight of a safetensors file (header untouched)."""
+    put_value(st_file, float("nan"), count=4)
 
 
 class _Payload:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .errors import YxanulError, brief
+from .errors import YxanulError, brief, first_line
 
 MAX_YAML_BYTES = 16 * 1024 * 1024   # config files are small; a larger one is refused before parsing
 
@@ -49,14 +49,12 @@ DEFAULT_POLICY = CONFIG_DIR / "mixed_precision_config.yaml"
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; malformed YAML or a non-mapping top level is a YxanulError."""
     path = Path(path)
-    too_big = YxanulError(f"larger than {MAX_YAML_BYTES // (1024 * 1024)} MiB; not a config file", source=str(path))
     try:
-        if path.is_file() and path.stat().st_size > MAX_YAML_BYTES:
-            raise too_big
         with open(path, "rb") as f:  # at most the limit + 1 bytes: a device or a pipe may never end
             raw = f.read(MAX_YAML_BYTES + 1)
         if len(raw) > MAX_YAML_BYTES:
-            raise too_big
+            raise YxanulError(f"larger than {MAX_YAML_BYTES // (1024 * 1024)} MiB; not a config file",
+                              source=str(path))
         text = raw.decode("utf-8")
     except FileNotFoundError:
         raise YxanulError("file not found", source=str(path)) from None
@@ -71,8 +69,8 @@ def load_yaml(path: str | Path) -> dict:
         raise YxanulError(f"malformed YAML{where}: {problem}", source=str(path)) from None
     except RecursionError:
         raise YxanulError("malformed YAML: nested too deeply", source=str(path)) from None
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise YxanulError(f"malformed YAML: {str(e).splitlines()[0][:200]}", source=str(path)) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts; drop the advice to raise it
+        raise YxanulError(f"malformed YAML: {first_line(e).split(';')[0]}", source=str(path)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

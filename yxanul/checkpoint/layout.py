@@ -19,6 +19,7 @@ import torch
 
 from ..errors import YxanulError, brief
 from ..io import is_stale_temporary, read_json_file, sha256_of  # noqa: F401 (re-exported)
+from .safetensors_header import is_int
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 DCP_FOLDER = "dcp"
@@ -97,10 +98,6 @@ def safe_relative(name: str) -> bool:
     return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 TOKENIZER_TEXT_KEYS = ("kind", "path", "name", "eot_token", "sha256")
 
 
@@ -121,14 +118,14 @@ def check_tokenizer_spec(tok, source: str, key: str = "tokenizer"):
         if tok.get(k) is not None and not isinstance(tok[k], str):
             bad(k, "a string or null", tok[k])
     for k in ("vocab_size", "eot_id"):
-        if tok.get(k) is not None and not (_is_int(tok[k]) and tok[k] >= 0):
+        if tok.get(k) is not None and not (is_int(tok[k]) and tok[k] >= 0):
             bad(k, "a non-negative integer or null", tok[k])
     return tok
 
 
 def check_meta_fields(meta: dict, source: str) -> dict:
     """The fields of a checkpoint's meta.json that loaders read, of the right types (when present)."""
-    if "step" in meta and not (_is_int(meta["step"]) and meta["step"] >= 0):
+    if "step" in meta and not (is_int(meta["step"]) and meta["step"] >= 0):
         raise YxanulError(f"must be a non-negative integer, got {brief(meta['step'])}", source=source, key="step")
     for k in ("model_config", "train_config"):
         if k in meta and not isinstance(meta[k], dict):

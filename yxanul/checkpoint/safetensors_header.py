@@ -135,7 +135,7 @@ def _no_duplicates(pairs):
     return out
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -151,11 +151,11 @@ def _tensor_info(path, name: str, entry, data_size: int) -> TensorInfo:
     dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise _err(path, f"unknown dtype {dtype!r}", name)
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) for d in shape):
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(is_int(d) for d in shape):
         raise _err(path, f"shape must be a list of at most {MAX_DIMS} integers, got {_short(shape)}", name)
     if any(d < 0 for d in shape):
         raise _err(path, f"negative dimension in shape {shape}", name)
-    if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
+    if not isinstance(offs, list) or len(offs) != 2 or not all(is_int(o) for o in offs):
         raise _err(path, f"data_offsets must be [begin, end] integers, got {_short(offs)}", name)
     begin, end = offs
     if begin < 0 or end < begin:

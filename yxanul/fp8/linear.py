@@ -466,9 +466,8 @@ def _check_fused_shapes(model: nn.Module) -> None:
             continue
         for names in FUSED_GROUPS:
             mods = [getattr(m, n, None) for n in names]
-            if not all(type(x) is Fp8Linear and x.backend == "native" and x.bias is None for x in mods):
-                continue
-            if fp8_fusion_kind(mods) is None:
+            if not all(type(x) is Fp8Linear and x.bias is None for x in mods) or mods[0].backend != "native" \
+                    or fp8_fusion_kind(mods) is None:
                 continue
             width = sum(x.out_features for x in mods)
             if not native_shape_ok(mods[0].recipe, NATIVE_CHECK_TOKENS, mods[0].in_features, width):
