@@ -126,3 +126,16 @@ def test_resume_with_another_out_folder_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in run.rglob("*")) == before
     # the run's own folder named again is fine
     assert main(["train", "--resume", str(run), "--out", str(run), "--steps", "2", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["memory", "--batch", str(10 ** 20)], "--batch: batch x seq"),
+    (["memory", "--grad-accum", "100000"], "--grad-accum: must be <= 4096"),
+    (["bench", "throughput", "--layers", "100000", "--device", "cpu"], "--layers: must be in [1, 1024]"),
+    (["train", "--grad-accum", "100000", "--steps", "1"], "grad_accum: must be <= 4096"),
+])
+def test_absurd_sizes_are_refused_up_front(tmp_path, monkeypatch, capsys, argv, says):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, not even a default run folder
+    assert main(argv) == 2
+    assert says in _err(capsys)
+    assert list(tmp_path.iterdir()) == []

@@ -63,7 +63,8 @@ def window_losses(model, loader, windows: int | None = None, autocast: Callable 
                   before_forward: Callable | None = None) -> torch.Tensor:
     """The loss of each of this rank's first `windows` validation windows (default: every window once), as a
     float64 CPU tensor in window order (see :func:`window_index`; one process: window k is the k-th entry).
-    More windows than the split holds wrap around, as :meth:`DataLoader.val_batches` does.
+    At most as many windows as the split holds are evaluated (a larger `windows` asks for the split once: repeating
+    windows adds time, not information).
 
     `model` is a :class:`yxanul.model.Yxanul` (or a module wrapping one in place, such as FSDP2's); its own
     loss path is used (the fused cross-entropy when installed), one window at a time for the fused one.
@@ -72,7 +73,7 @@ def window_losses(model, loader, windows: int | None = None, autocast: Callable 
     n_total = val_window_count(loader)
     if n_total == 0:
         return torch.zeros(0, dtype=torch.float64)
-    windows = n_total if windows is None else int(windows)
+    windows = n_total if windows is None else min(int(windows), n_total)
     if windows <= 0:
         return torch.zeros(0, dtype=torch.float64)
     batches = math.ceil(windows / loader.B)

@@ -137,6 +137,9 @@ class TrainConfig:
             if getattr(self, k) > MAX_LR:
                 raise YxanulError(f"must be <= {MAX_LR} (a step of that size destroys the weights), got "
                                   f"{getattr(self, k)}", source=source, key=k)
+        if self.grad_accum > MAX_GRAD_ACCUM:
+            raise YxanulError(f"must be <= {MAX_GRAD_ACCUM} micro-batches per step, got {self.grad_accum}",
+                              source=source, key="grad_accum")
         tokens = self.batch_size * self.seq_len
         if tokens > MAX_MICROBATCH_TOKENS:
             raise YxanulError(f"batch_size x seq_len = {tokens} tokens per micro-batch exceeds "
@@ -181,6 +184,7 @@ class TrainConfig:
 MAX_LR = 10.0  # bounds that turn absurd numbers into one-line errors before anything is allocated
 MAX_LOSS_SCALE = 2.0 ** 64
 MAX_MICROBATCH_TOKENS = 2 ** 31 - 1
+MAX_GRAD_ACCUM = 4096  # larger is a typo, not a batch: a step would take hours
 
 
 class StepSet:

@@ -58,6 +58,7 @@ from .plain import PlainLM
 # the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md); the
 # policy decides which linears are FP8, the fp8-<recipe> modes measure each recipe
 BEST_RECIPE = "delayed"
+MAX_LAYERS = 1024  # --layers: a quick-iteration override, not a model
 ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
 
 
@@ -409,8 +410,8 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
     from ..config import ModelConfig
     cfg = model if isinstance(model, ModelConfig) else load_model_config(model)
     if layers is not None:
-        if layers < 1:
-            raise YxanulError(f"must be a positive integer, got {layers}", key="--layers")
+        if not 1 <= layers <= MAX_LAYERS:
+            raise YxanulError(f"must be in [1, {MAX_LAYERS}], got {layers}", key="--layers")
         cfg = dataclasses.replace(cfg, n_layers=int(layers))
     if seq > cfg.max_seq_len:
         raise YxanulError(f"sequence length {seq} exceeds the model's max_seq_len {cfg.max_seq_len}", key="--seq")
