@@ -54,7 +54,7 @@ from .config import ModelConfig
 from .errors import YxanulError
 from .fp8.recipe import Fp8Spec, resolve
 from .precision import BYTES, Policy
-from .train_config import MAX_GRAD_ACCUM, MAX_MICROBATCH_TOKENS
+from .train_config import check_step_sizes
 
 OPTIMIZERS = {"adamw": 2, "sgd": 1}  # number of per-parameter states (SGD: momentum)
 PRECISION_MODES = ("bf16", "fp8")
@@ -90,11 +90,7 @@ class MemoryOptions:
                 raise YxanulError(f"must be a positive integer, got {v!r}", source=f"--{k.replace('_', '-')}")
         if self.seq > cfg.max_seq_len:
             raise YxanulError(f"{self.seq} exceeds the model's max_seq_len {cfg.max_seq_len}", source="--seq")
-        if self.batch * self.seq > MAX_MICROBATCH_TOKENS:
-            raise YxanulError(f"batch x seq = {self.batch * self.seq} tokens per micro-batch exceeds "
-                              f"{MAX_MICROBATCH_TOKENS} (int32 indexing)", source="--batch")
-        if self.grad_accum > MAX_GRAD_ACCUM:
-            raise YxanulError(f"must be <= {MAX_GRAD_ACCUM}, got {self.grad_accum}", source="--grad-accum")
+        check_step_sizes(self.batch, self.seq, self.grad_accum, None, ("--batch", "--seq", "--grad-accum"))
         if self.optimizer not in OPTIMIZERS:
             raise YxanulError(f"unknown optimizer {self.optimizer!r} (expected one of: {', '.join(OPTIMIZERS)})",
                               source="--optimizer")

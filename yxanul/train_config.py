@@ -137,13 +137,8 @@ class TrainConfig:
             if getattr(self, k) > MAX_LR:
                 raise YxanulError(f"must be <= {MAX_LR} (a step of that size destroys the weights), got "
                                   f"{getattr(self, k)}", source=source, key=k)
-        if self.grad_accum > MAX_GRAD_ACCUM:
-            raise YxanulError(f"must be <= {MAX_GRAD_ACCUM} micro-batches per step, got {self.grad_accum}",
-                              source=source, key="grad_accum")
-        tokens = self.batch_size * self.seq_len
-        if tokens > MAX_MICROBATCH_TOKENS:
-            raise YxanulError(f"batch_size x seq_len = {tokens} tokens per micro-batch exceeds "
-                              f"{MAX_MICROBATCH_TOKENS} (int32 indexing)", source=source, key="batch_size")
+        check_step_sizes(self.batch_size, self.seq_len, self.grad_accum, source,
+                         ("batch_size", "seq_len", "grad_accum"))
         for f in fields(self):  # every field with a fixed set of values (its command-line choices)
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices is not None and value not in choices:
@@ -185,6 +180,17 @@ MAX_LR = 10.0  # bounds that turn absurd numbers into one-line errors before any
 MAX_LOSS_SCALE = 2.0 ** 64
 MAX_MICROBATCH_TOKENS = 2 ** 31 - 1
 MAX_GRAD_ACCUM = 4096  # larger is a typo, not a batch: a step would take hours
+
+
+def check_step_sizes(batch: int, seq: int, grad_accum: int, source: str | None, names: tuple[str, str, str]):
+    """A step's micro-batch within int32 indexing and its accumulation within MAX_GRAD_ACCUM; `names` are the
+    keys of batch, seq and grad_accum where they were given (a config's fields or a command's flags)."""
+    if grad_accum > MAX_GRAD_ACCUM:
+        raise YxanulError(f"must be <= {MAX_GRAD_ACCUM} micro-batches per step, got {grad_accum}", source=source,
+                          key=names[2])
+    if batch * seq > MAX_MICROBATCH_TOKENS:
+        raise YxanulError(f"{names[0].lstrip('-')} x {names[1].lstrip('-')} = {batch * seq} tokens per micro-batch exceeds "
+                          f"{MAX_MICROBATCH_TOKENS} (int32 indexing)", source=source, key=names[0])
 
 
 class StepSet:
