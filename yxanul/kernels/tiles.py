@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import YxanulError
 from ..fp8.formats import get_format
 from .quant import _cdiv, cast_fp8, check_offsets, nan_max, scale_from_amax, scale_inv_constant
 
