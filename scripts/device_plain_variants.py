@@ -15,7 +15,7 @@ process, every variant compiled whole with the default mode (no CUDA graphs), CU
   pad-vocab     `loop` with the vocabulary padded to a multiple of 64 (200,064 embedding rows, never a target),
                 as many users size it so that the logits' rows are aligned and no GEMM needs padding
   aligned-logits  `loop` with the same parameters and loss, the head's weight padded by zero rows to a multiple
-                of 64 inside the step and the logits sliced back (PlainLM(logit_align=64))
+                of 64 inside the step and the logits sliced back (PlainLM(vocab_multiple=64))
   V+snapshot    variant V (one of the `loop`-like ones), then one more step under the CUDA allocator's recorder:
                 the tensors alive at that step's peak, largest first, with the line of inductor's generated
                 code that allocated each (yxanul.bench.memtrace); in the row as "peak_live"
@@ -66,7 +66,7 @@ def own_loop(name, snapshot=False):
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model = PlainLM(dataclasses.replace(cfg, vocab_size=-(-cfg.vocab_size // 64) * 64) if name == "pad-vocab"
-                    else cfg, logit_align=64 if name == "aligned-logits" else 1).to(dev)
+                    else cfg, vocab_multiple=64 if name == "aligned-logits" else 1).to(dev)
     if name == "rope-bf16":
         model.cos, model.sin = model.cos.bfloat16(), model.sin.bfloat16()
     if name == "bf16-params":

@@ -474,10 +474,10 @@ def _(ctx):
                 outputs=["s.json"], needles=["--plain-matmul-padding", "default,on"])
 
 
-@case("bench-plain-logit-align-bad", "overwrite")
+@case("bench-plain-vocab-multiple-bad", "overwrite")
 def _(ctx):
-    return Spec(tiny_bench("--json-out", "s.json", "--plain-logit-align", "1,0", modes="bf16-plain"),
-                outputs=["s.json"], needles=["--plain-logit-align", "1,0"])
+    return Spec(tiny_bench("--json-out", "s.json", "--plain-vocab-multiple", "1,0", modes="bf16-plain"),
+                outputs=["s.json"], needles=["--plain-vocab-multiple", "1,0"])
 
 
 @case("bench-plot-exists", "overwrite")

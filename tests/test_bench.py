@@ -22,7 +22,7 @@ def test_throughput_json_schema_and_error_rows(tmp_path, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res) == {"device", "torch", "date", "model", "batch", "seq", "compile_mode", "tune_kernels", "compile_scope",
-                        "fp8_options", "host_gc", "plain_matmul_padding", "plain_logit_align", "rows"}
+                        "fp8_options", "host_gc", "plain_matmul_padding", "plain_vocab_multiple", "rows"}
     assert res["host_gc"] == "freeze"
     assert res["compile_mode"] is None and res["tune_kernels"] is None and res["compile_scope"] is None
     assert res["fp8_options"] == {"kernels": "auto", "weight_cache": "graph", "fused_producers": False,
@@ -172,7 +172,7 @@ def test_plain_model_is_the_same_architecture(model, overrides):
 
 @pytest.mark.parametrize("overrides", [{}, {"embed_rank": 0}, {"tie_embeddings": False}])
 def test_plain_aligned_logits_change_nothing_but_the_layout(overrides):
-    """PlainLM(logit_align=64): the same parameters, loss and gradients as the plain head (tiny's 257-token
+    """PlainLM(vocab_multiple=64): the same parameters, loss and gradients as the plain head (tiny's 257-token
     vocabulary is odd); the logits are a slice of a 320-wide buffer."""
     from yxanul.bench.plain import PlainLM
     from yxanul.config import load_model_config
@@ -180,7 +180,7 @@ def test_plain_aligned_logits_change_nothing_but_the_layout(overrides):
     cfg = load_model_config("tiny", overrides)
     torch.manual_seed(0)
     plain = PlainLM(cfg)
-    aligned = PlainLM(cfg, logit_align=64)
+    aligned = PlainLM(cfg, vocab_multiple=64)
     aligned.load_state_dict(plain.state_dict())
     idx = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     x, y = idx[:, :-1], idx[:, 1:]
@@ -194,8 +194,8 @@ def test_plain_aligned_logits_change_nothing_but_the_layout(overrides):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
     for (n, a), (_, b) in zip(plain.named_parameters(), aligned.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=n)
-    with pytest.raises(ValueError, match="logit_align"):
-        PlainLM(cfg, logit_align=0)
+    with pytest.raises(ValueError, match="vocab_multiple"):
+        PlainLM(cfg, vocab_multiple=0)
 
 
 def test_plain_takes_the_faster_compile_mode_and_matmul_padding():
@@ -275,8 +275,8 @@ def test_torchao_takes_the_matmul_padding_bf16_plain_chose(tmp_path, monkeypatch
     assert "matmul padding off (step ms" in rows["torchao-rowwise"]["notes"]
 
 
-def test_plain_logit_align_reaches_the_plain_model_and_torchao_follows(tmp_path, monkeypatch):
-    """--plain-logit-align 1,64 builds bf16-plain's PlainLM with each alignment and keeps the faster; a torchao
+def test_plain_vocab_multiple_reaches_the_plain_model_and_torchao_follows(tmp_path, monkeypatch):
+    """--plain-vocab-multiple 1,64 builds bf16-plain's PlainLM with each alignment and keeps the faster; a torchao
     mode after it builds the plain model with that alignment (and says so); the project's modes never see it; a
     bad value is one line, exit 2, before any mode runs."""
     import yxanul.bench.plain as bp
@@ -284,17 +284,17 @@ def test_plain_logit_align_reaches_the_plain_model_and_torchao_follows(tmp_path,
     built = []
     real = bp.PlainLM.__init__
 
-    def spy(self, c, logit_align=1):
-        built.append(logit_align)
-        real(self, c, logit_align)
+    def spy(self, c, vocab_multiple=1):
+        built.append(vocab_multiple)
+        real(self, c, vocab_multiple)
     monkeypatch.setattr(bp.PlainLM, "__init__", spy)
     monkeypatch.setattr(bt, "plain_variants",
                         lambda c, d, cms, pads=("default",), al=(1,): [(None, p, a) for p in pads for a in al])
     real_time = bt._time_mode
 
-    def timed(mode, *a, logit_align=1, **kw):   # the aligned head is the faster one here
-        res = real_time(mode, *a, logit_align=logit_align, **kw)
-        return (res[0] / 2 if logit_align == 64 else res[0],) + tuple(res[1:])
+    def timed(mode, *a, vocab_multiple=1, **kw):   # the aligned head is the faster one here
+        res = real_time(mode, *a, vocab_multiple=vocab_multiple, **kw)
+        return (res[0] / 2 if vocab_multiple == 64 else res[0],) + tuple(res[1:])
     monkeypatch.setattr(bt, "_time_mode", timed)
     seen = []
     real_run = bt._Run.__init__
@@ -304,27 +304,27 @@ def test_plain_logit_align_reaches_the_plain_model_and_torchao_follows(tmp_path,
         real_run(self, mode, *a, **kw)
     monkeypatch.setattr(bt._Run, "__init__", run_spy)
     out = tmp_path / "bt.json"
-    assert main(ARGS + ["--modes", "bf16-plain,bf16", "--plain-logit-align", "1,64", "--json-out", str(out)]) == 0
+    assert main(ARGS + ["--modes", "bf16-plain,bf16", "--plain-vocab-multiple", "1,64", "--json-out", str(out)]) == 0
     assert built == [1, 64] and seen == ["bf16-plain", "bf16-plain", "bf16"]
     res = json.loads(out.read_text())
-    assert res["plain_logit_align"] == [1, 64]
+    assert res["plain_vocab_multiple"] == [1, 64]
     assert "compile mode default, logits aligned to 64 (step ms" in res["rows"][0]["notes"]
-    assert bt.parse_logit_align((1,)) == [1] and bt.parse_logit_align([64, 1]) == [64, 1]  # the Python API's
+    assert bt.parse_vocab_multiple((1,)) == [1] and bt.parse_vocab_multiple([64, 1]) == [64, 1]  # the Python API's
     for bad in ("0", "1,1", "x", "", "64,-1"):
         built.clear()
-        assert main(ARGS + ["--modes", "bf16-plain", "--plain-logit-align", bad]) == 2
+        assert main(ARGS + ["--modes", "bf16-plain", "--plain-vocab-multiple", bad]) == 2
         assert built == []
 
     # torchao (its conversion faked: what is checked is the alignment it is timed with)
     calls = []
     gcs = {"gc_ms_per_step": 0.0, "gc_collections": [0, 0, 0], "peak_timed_gib": None}
 
-    def fake(mode, *a, matmul_padding=None, logit_align=1, **kw):
-        calls.append((mode, logit_align))
-        return (9.0 if logit_align == 64 else 10.0), None, 0.0, 1.0, [], None, dict(gcs)
+    def fake(mode, *a, matmul_padding=None, vocab_multiple=1, **kw):
+        calls.append((mode, vocab_multiple))
+        return (9.0 if vocab_multiple == 64 else 10.0), None, 0.0, 1.0, [], None, dict(gcs)
     monkeypatch.setattr(bt, "_time_mode", fake)
     monkeypatch.setattr(bt, "torchao_missing", lambda: None)
-    assert main(ARGS + ["--modes", "torchao-rowwise,bf16-plain,torchao-tensorwise", "--plain-logit-align", "1,64",
+    assert main(ARGS + ["--modes", "torchao-rowwise,bf16-plain,torchao-tensorwise", "--plain-vocab-multiple", "1,64",
                         "--json-out", str(out), "--overwrite"]) == 0
     assert calls == [("torchao-rowwise", 1), ("torchao-rowwise", 64), ("bf16-plain", 1), ("bf16-plain", 64),
                      ("torchao-tensorwise", 64)]
@@ -417,10 +417,10 @@ def test_width_sweep_resume_refuses_another_sweep(tmp_path, case, capsys):
         assert main(base + ["--sweep", "d_model=128"]) == 0
         assert "plain_matmul_padding" not in json.loads(out.read_text())["settings"]
         base = base + ["--plain-matmul-padding", "default,off"]
-    elif case == "other-align":   # likewise --plain-logit-align: recorded only when it is not 1
-        assert main(base + ["--sweep", "d_model=128", "--plain-logit-align", "1"]) == 0
-        assert "plain_logit_align" not in json.loads(out.read_text())["settings"]
-        base = base + ["--plain-logit-align", "1,64"]
+    elif case == "other-align":   # likewise --plain-vocab-multiple: recorded only when it is not 1
+        assert main(base + ["--sweep", "d_model=128", "--plain-vocab-multiple", "1"]) == 0
+        assert "plain_vocab_multiple" not in json.loads(out.read_text())["settings"]
+        base = base + ["--plain-vocab-multiple", "1,64"]
     elif case in ("other-steps", "other-modes"):
         assert main(base + ["--sweep", "d_model=128"]) == 0
     else:

@@ -46,23 +46,24 @@ class Block(nn.Module):
 
 
 class PlainLM(nn.Module):
-    """``logit_align=A`` (A > 1) computes the logits with the head's weight padded by zero rows to a multiple of A
-    and slices them back to the vocabulary: the same parameters, loss and gradients, but the logits' rows are
-    A-aligned in memory, so no GEMM of the head has an odd dimension (a trick a performance-minded user may
-    write; the default, 1, is the plain head)."""
+    """``vocab_multiple=M`` (M > 1) sizes the embedding (and an untied head) at the vocabulary rounded up to a
+    multiple of M, as users often do so that the head's GEMMs have aligned dimensions: the extra rows are never a
+    target, but they take part in the softmax (their logits are learned down) and add ``pad × width``
+    parameters. The default, 1, is the vocabulary as it is."""
 
-    def __init__(self, c, logit_align: int = 1):
+    def __init__(self, c, vocab_multiple: int = 1):
         super().__init__()
-        if not isinstance(logit_align, int) or logit_align < 1:
-            raise ValueError(f"logit_align must be a positive integer, got {logit_align!r}")
+        if not isinstance(vocab_multiple, int) or isinstance(vocab_multiple, bool) or vocab_multiple < 1:
+            raise ValueError(f"vocab_multiple must be a positive integer, got {vocab_multiple!r}")
+        rows = -(-c.vocab_size // vocab_multiple) * vocab_multiple
         r = c.embed_rank or c.d_model
         self.eps = c.norm_eps
-        self.logit_align = logit_align
-        self.tok = nn.Embedding(c.vocab_size, r)
+        self.vocab_size, self.vocab_multiple = c.vocab_size, vocab_multiple
+        self.tok = nn.Embedding(rows, r)
         self.proj = nn.Linear(r, c.d_model, bias=False) if c.embed_rank else None
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = nn.Parameter(torch.ones(c.d_model))
-        self.head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.head = None if c.tie_embeddings else nn.Linear(c.d_model, rows, bias=False)
         inv = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim)
         f = torch.outer(torch.arange(c.max_seq_len, dtype=torch.float64), inv).repeat(1, 2)
         self.register_buffer("cos", f.cos().float(), persistent=False)
@@ -82,10 +83,7 @@ class PlainLM(nn.Module):
         for blk in self.blocks:
             x = blk(x, cos, sin)
         h = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
-        w = self.head.weight if self.head is not None else self.tok.weight      # [vocab, width]
+        w = self.head.weight if self.head is not None else self.tok.weight      # [rows, width]
         if self.head is None and self.proj is not None:
             h = h @ self.proj.weight
-        pad = -w.shape[0] % self.logit_align
-        if not pad:
-            return h @ w.T
-        return (h @ F.pad(w, (0, 0, 0, pad)).T)[..., : w.shape[0]]
+        return h @ w.T

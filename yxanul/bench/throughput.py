@@ -59,6 +59,9 @@ from .plain import PlainLM
 # policy decides which linears are FP8, the fp8-<recipe> modes measure each recipe
 BEST_RECIPE = "delayed"
 MAX_LAYERS = 1024  # --layers: a quick-iteration override, not a model
+# bf16-plain's embedding rows: the vocabulary padded to a multiple of 64 (rows that are never a target), as users
+# size it so that the head's GEMMs have aligned dimensions (docs/performance.md)
+DEFAULT_VOCAB_MULTIPLE = (64,)
 ROW_KEYS = ("mode", "tokens_per_s", "step_ms", "peak_mem_gib", "mfu", "ratio_vs_bf16_plain", "ratio_vs_bf16")
 
 
@@ -118,7 +121,7 @@ class _Run:
     """One mode's model, optimizer and step function."""
 
     def __init__(self, mode, cfg, device, compile_, policy_path, compile_mode=None, tune_kernels=False,
-                 fp8_options=None, compile_scope="blocks", logit_align=1):
+                 fp8_options=None, compile_scope="blocks", vocab_multiple=1):
         from ..kernels.linear_ce import use_fused_ce
         from ..model import Yxanul, compile_kwargs, compile_mode_uses_cuda_graphs, compile_model
 
@@ -130,7 +133,7 @@ class _Run:
         torch.manual_seed(0)
         with torch.device(device):  # the plain and torchao modes train the plain model
             plain = mode == "bf16-plain" or mode.startswith("torchao")
-            model = PlainLM(cfg, logit_align=logit_align) if plain else Yxanul(cfg)
+            model = PlainLM(cfg, vocab_multiple=vocab_multiple) if plain else Yxanul(cfg)
         self.model = model
         self.notes = []
         fwd = model
@@ -202,7 +205,7 @@ class _Run:
 def _time_mode(*args, matmul_padding=None, **kw):
     """Build a mode, warm it up and time it (:func:`_measure`); ``matmul_padding="off"`` compiles with inductor's
     GEMM padding off (its ``shape_padding``), for the whole timing since inductor compiles lazily at the first
-    call; ``logit_align`` (plain-model modes) is :class:`~yxanul.bench.plain.PlainLM`'s."""
+    call; ``vocab_multiple`` (plain-model modes) is :class:`~yxanul.bench.plain.PlainLM`'s."""
     if matmul_padding != "off":
         return _measure(*args, **kw)
     import torch._inductor.config as inductor_config
@@ -211,12 +214,12 @@ def _time_mode(*args, matmul_padding=None, **kw):
 
 
 def _measure(mode, cfg, device, compile_, policy_path, x, y, steps, warmup, log, profile=0, compile_mode=None,
-             tune_kernels=False, fp8_options=None, host_gc="freeze", compile_scope="blocks", logit_align=1):
+             tune_kernels=False, fp8_options=None, host_gc="freeze", compile_scope="blocks", vocab_multiple=1):
     release()  # the last mode's frozen objects become collectable
     if compile_:
         torch._dynamo.reset()  # every mode compiles from scratch: no graph or guard carried over from the last
     run = _Run(mode, cfg, device, compile_, policy_path, compile_mode, tune_kernels, fp8_options, compile_scope,
-               logit_align)
+               vocab_multiple)
     t0 = time.perf_counter()
     for _ in range(warmup):
         loss = run.step(x, y)
@@ -288,23 +291,23 @@ def torchao_missing() -> str | None:
 MATMUL_PADDINGS = ("default", "off")
 
 
-def plain_variants(compile_: bool, device, modes, paddings=("default",), aligns=(1,)) -> list:
-    """The (compile mode, matmul padding, logit alignment) triples a plain-model mode is timed with (the fastest
+def plain_variants(compile_: bool, device, modes, paddings=("default",), multiples=(1,)) -> list:
+    """The (compile mode, matmul padding, vocabulary multiple) triples a plain-model mode is timed with (the fastest
     is reported): eager without compile; on a device without CUDA graphs only the first compile mode, since
     reduce-overhead adds nothing there; inductor pads GEMMs and GEMM speed depends on the logits' alignment on
-    CUDA, so elsewhere only the first padding and the first alignment."""
+    CUDA, so elsewhere only the first padding and the first vocabulary multiple."""
     if not compile_:
-        return [(None, "default", aligns[0])]
+        return [(None, "default", multiples[0])]
     modes = [None if m == "default" else m for m in modes]
     if device.type != "cuda":
-        modes, paddings, aligns = modes[:1], paddings[:1], aligns[:1]
-    return [(m, p, a) for m in modes for p in paddings for a in aligns]
+        modes, paddings, multiples = modes[:1], paddings[:1], multiples[:1]
+    return [(m, p, a) for m in modes for p in paddings for a in multiples]
 
 
 def _variant_name(v) -> str:
-    cm, pad, align = v
+    cm, pad, mult = v
     return ((cm or "default") + ("" if pad == "default" else f", matmul padding {pad}")
-            + ("" if align == 1 else f", logits aligned to {align}"))
+            + ("" if mult == 1 else f", vocabulary padded to a multiple of {mult}"))
 
 
 def parse_matmul_padding(v) -> list[str]:
@@ -316,21 +319,21 @@ def parse_matmul_padding(v) -> list[str]:
     return names
 
 
-def parse_logit_align(v) -> list[int]:
-    """``--plain-logit-align``: comma-separated positive integers, each once (1: the plain head)."""
+def parse_vocab_multiple(v) -> list[int]:
+    """``--plain-vocab-multiple``: comma-separated positive integers, each once (1: the vocabulary as it is)."""
     names = _names(str(v) if isinstance(v, int) else v if isinstance(v, str) else [str(a) for a in v])
     try:
-        aligns = [int(n) for n in names]
+        mults = [int(n) for n in names]
     except ValueError:
-        aligns = []
-    if not aligns or any(a < 1 for a in aligns) or len(set(aligns)) < len(aligns):
-        raise YxanulError(f"expected positive integers, each once (1: the plain head), got {','.join(names)!r}",
-                          key="--plain-logit-align")
-    return aligns
+        mults = []
+    if not mults or any(m < 1 for m in mults) or len(set(mults)) < len(mults):
+        raise YxanulError(f"expected positive integers, each once (1: the vocabulary as it is), got "
+                          f"{','.join(names)!r}", key="--plain-vocab-multiple")
+    return mults
 
 
 def _time_best(mode, variants, time_one, log):
-    """Time `mode` under each (compile mode, matmul padding, logit alignment) in `variants`; the fastest variant
+    """Time `mode` under each (compile mode, matmul padding, vocabulary multiple) in `variants`; the fastest variant
     and its result, with every variant's step time and peak memory noted."""
     results = []
     for v in variants:
@@ -361,14 +364,15 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                    profile: int = 0, compile_mode: str | None = None, tune_kernels: bool = False,
                    plain_compile_modes=("default", "reduce-overhead"), fp8_options: Fp8Options | None = None,
                    host_gc: str = "freeze", compile_scope: str = "blocks", plain_matmul_padding=("default",),
-                   plain_logit_align=(1,)) -> dict:
+                   plain_vocab_multiple=DEFAULT_VOCAB_MULTIPLE) -> dict:
     """Benchmark every mode; returns the result dict (and writes it to `json_out` after every mode).
     ``plain_compile_modes``: the compile modes bf16-plain is timed with; the fastest is its row.
     ``plain_matmul_padding``: ``default`` and/or ``off`` (inductor's GEMM padding, CUDA only): each is tried for
     bf16-plain (with every compile mode), and the fastest is the row; the torchao modes take bf16-plain's choice
     when it ran before them, else try each.
-    ``plain_logit_align``: the head alignments bf16-plain is timed with (:class:`~yxanul.bench.plain.PlainLM`'s
-    ``logit_align``, 1 the plain head; on CUDA only), the fastest kept; the torchao modes follow like the padding.
+    ``plain_vocab_multiple``: the embedding sizes bf16-plain is timed with (:class:`~yxanul.bench.plain.PlainLM`'s
+    ``vocab_multiple``: the vocabulary padded to a multiple of it, 1 as it is; several on CUDA only), the fastest
+    kept; the torchao modes follow like the padding.
     ``profile=N`` (CUDA only) adds each mode's kernel-time breakdown over N more steps (:mod:`.profile`).
     ``compile_mode``: torch.compile's mode (``reduce-overhead`` replays each compiled graph as a CUDA graph);
     ``tune_kernels``: inductor's coordinate-descent tuning of the generated kernels, for every compiled mode;
@@ -404,7 +408,7 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
         raise YxanulError(f"unknown or no compile mode(s) {', '.join(bad)} (expected some of: "
                           f"{', '.join(COMPILE_MODES)})", key="--plain-compile-modes")
     plain_matmul_padding = parse_matmul_padding(plain_matmul_padding)
-    plain_logit_align = parse_logit_align(plain_logit_align)
+    plain_vocab_multiple = parse_vocab_multiple(plain_vocab_multiple)
     if tune_kernels and not compile:
         raise YxanulError("--tune-kernels needs torch.compile (drop --no-compile)", key="--tune-kernels")
     from ..config import ModelConfig
@@ -439,14 +443,14 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
               "tune_kernels": bool(tune_kernels) if compile else None,
               "compile_scope": compile_scope if compile else None,
               "fp8_options": fp8_options.as_dict(), "host_gc": host_gc,
-              "plain_matmul_padding": list(plain_matmul_padding), "plain_logit_align": plain_logit_align,
+              "plain_matmul_padding": list(plain_matmul_padding), "plain_vocab_multiple": plain_vocab_multiple,
               "rows": []}
     if profile and dev.type != "cuda":
         log("bench throughput: --profile needs CUDA kernels to time; no profile on this device")
     log(f"bench throughput: {result['model']} on {result['device']}, batch {batch} x seq {seq}, "
         f"{steps} timed steps after {warmup} warm-up, compile="
         f"{(compile_mode or 'on') if compile else 'off'}")
-    plain_pick = None   # the (matmul padding, logit alignment) of bf16-plain's fastest variant, once it has run
+    plain_pick = None   # the (matmul padding, vocabulary multiple) of bf16-plain's fastest variant, once it has run
     for mode in modes:
         row = _empty_row(mode)
         if mode.startswith("torchao") and (missing := torchao_missing()):
@@ -464,20 +468,20 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                     def one(v):
                         _free(dev)
                         return _time_mode(mode, cfg, dev, compile, policy, x, y, steps, warmup, log, profile, v[0],
-                                          tune_kernels, host_gc=host_gc, matmul_padding=v[1], logit_align=v[2])
+                                          tune_kernels, host_gc=host_gc, matmul_padding=v[1], vocab_multiple=v[2])
                     cms = plain_compile_modes if mode == "bf16-plain" else [compile_mode or "default"]
-                    # torchao converts the plain model's linears, not its head: it takes the padding and head
-                    # alignment bf16-plain chose in this run (both concern the head's GEMMs), or tries each itself
+                    # torchao converts the plain model's linears, not its head: it takes the padding and vocabulary
+                    # size bf16-plain chose in this run (both concern the head's GEMMs), or tries each itself
                     follow = mode != "bf16-plain" and plain_pick is not None
-                    pads, aligns = ([plain_pick[0]], [plain_pick[1]]) if follow else (plain_matmul_padding,
-                                                                                      plain_logit_align)
+                    pads, mults = ([plain_pick[0]], [plain_pick[1]]) if follow else (plain_matmul_padding,
+                                                                                      plain_vocab_multiple)
                     best, (ms, pk, warm_s, final, notes, prof, gcs) = _time_best(
-                        mode, plain_variants(compile, dev, cms, pads, aligns), one, log)
+                        mode, plain_variants(compile, dev, cms, pads, mults), one, log)
                     if mode == "bf16-plain":
                         plain_pick = best[1:]
-                    elif follow and (len(plain_matmul_padding) > 1 or len(plain_logit_align) > 1):
+                    elif follow and (len(plain_matmul_padding) > 1 or len(plain_vocab_multiple) > 1):
                         notes = notes + [f"matmul padding {plain_pick[0]}" + (
-                            f", logits aligned to {plain_pick[1]}" if plain_pick[1] != 1 else "")
+                            f", vocabulary padded to a multiple of {plain_pick[1]}" if plain_pick[1] != 1 else "")
                             + ", as bf16-plain's fastest"]
                 else:
                     ms, pk, warm_s, final, notes, prof, gcs = _time_mode(
@@ -721,9 +725,8 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
     padding = parse_matmul_padding(kw.get("plain_matmul_padding", "default"))
     if padding != ["default"]:  # likewise
         settings["plain_matmul_padding"] = ",".join(padding)
-    align = parse_logit_align(kw.get("plain_logit_align", "1"))
-    if align != [1]:  # likewise
-        settings["plain_logit_align"] = ",".join(map(str, align))
+    mults = parse_vocab_multiple(kw.get("plain_vocab_multiple", DEFAULT_VOCAB_MULTIPLE))
+    settings["plain_vocab_multiple"] = ",".join(map(str, mults))
     base = load_model_config(model)
     if kw.get("layers") is not None:
         base = dataclasses.replace(base, n_layers=int(kw.pop("layers")))

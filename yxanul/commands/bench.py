@@ -76,10 +76,10 @@ def _throughput(bsub):
     p.add_argument("--plain-matmul-padding", default="default",
                    help="inductor's GEMM padding for the plain-model modes (bf16-plain, torchao-*): default, off, "
                         "or default,off to time both and keep the faster (CUDA only; default: default)")
-    p.add_argument("--plain-logit-align", default="1",
-                   help="bf16-plain's head: 1 (the plain head) or A > 1 (the head's weight padded by zero rows to a "
-                        "multiple of A and the logits sliced back: same parameters, loss and gradients, aligned "
-                        "logit rows); comma-separated to time each and keep the fastest (CUDA only; default: 1)")
+    p.add_argument("--plain-vocab-multiple", default="64",
+                   help="the plain-model modes' embedding rows: the vocabulary padded to a multiple of this (rows "
+                        "that are never a target, as users size it for aligned GEMMs; 1: the vocabulary as it is); "
+                        "comma-separated to time each and keep the fastest (CUDA only; default: 64)")
     p.add_argument("--host-gc", choices=("freeze", "default"), default="freeze",
                    help="Python's garbage collector in the timed steps: freeze (collect and freeze after each "
                         "mode's warm-up, so no full collection walks the compiled graphs' objects) or default "
@@ -131,7 +131,7 @@ def _run_throughput(args):
                   policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops, profile=args.profile,
                   compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
                   plain_compile_modes=args.plain_compile_modes, plain_matmul_padding=args.plain_matmul_padding,
-                  plain_logit_align=args.plain_logit_align,
+                  plain_vocab_multiple=args.plain_vocab_multiple,
                   fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
                                          **_fp8_option_flags(args)),
                   host_gc=args.host_gc, compile_scope=args.compile_scope)
