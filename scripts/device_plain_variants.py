@@ -2,8 +2,9 @@
 process, every variant compiled whole with the default mode (no CUDA graphs), CUDA-event timing, peak memory
 (over the whole run, and of the timed steps alone):
 
-  bench         bf16-plain exactly as `bench throughput` times it (its harness: dynamo reset, frozen GC)
-  loop          the same PlainLM in a minimal loop a user writes (no harness)
+  bench         bf16-plain exactly as `bench throughput` times it (its harness: dynamo reset, frozen GC; its default
+                vocabulary padded to a multiple of 64)
+  loop          PlainLM with the vocabulary as it is (200,005 rows) in a minimal loop a user writes (no harness)
   step-compile  forward and loss under autocast inside one compiled function
   rope-bf16     RoPE tables in BF16 (q and k rotated in BF16, no FP32 intermediates)
   lse-loss      the same loss written as logsumexp(logits) - logits[target] (no log-probabilities tensor)
@@ -14,8 +15,7 @@ process, every variant compiled whole with the default mode (no CUDA graphs), CU
   pad-mm        `loop` with that padding forced (force_shape_pad)
   pad-vocab     `loop` with the vocabulary padded to a multiple of 64 (200,064 embedding rows, never a target),
                 as many users size it so that the logits' rows are aligned and no GEMM needs padding
-  aligned-logits  `loop` with the same parameters and loss, the head's weight padded by zero rows to a multiple
-                of 64 inside the step and the logits sliced back (PlainLM(vocab_multiple=64))
+                (PlainLM(vocab_multiple=64), what `bench` uses by default)
   V+snapshot    variant V (one of the `loop`-like ones), then one more step under the CUDA allocator's recorder:
                 the tensors alive at that step's peak, largest first, with the line of inductor's generated
                 code that allocated each (yxanul.bench.memtrace); in the row as "peak_live"
@@ -24,7 +24,6 @@ process, every variant compiled whole with the default mode (no CUDA graphs), CU
   bf16          the project's BF16 mode (for the ratio), as `bench throughput` times it
 
 Usage: python scripts/device_plain_variants.py OUT_JSON [VARIANTS]"""
-import dataclasses
 import gc
 import json
 import sys
@@ -34,7 +33,7 @@ import torch
 
 from yxanul.bench.memtrace import peak_live, record_step
 from yxanul.bench.plain import PlainLM
-from yxanul.bench.throughput import _time_mode
+from yxanul.bench.throughput import DEFAULT_VOCAB_MULTIPLE, _time_mode
 from yxanul.config import load_model_config
 
 out = sys.argv[1]
@@ -51,7 +50,7 @@ extra = {}  # what a variant records beside its timing
 
 # the variants that run in own_loop (bench and bf16 run in the benchmark's harness)
 LOOPS = ("loop", "step-compile", "rope-bf16", "lse-loss", "no-ignore", "bf16-params", "no-pad-mm", "pad-mm",
-         "pad-vocab", "aligned-logits")
+         "pad-vocab")
 # the variants that write the loss otherwise: (FP32 logits [N, V], targets [N]) -> loss
 LOSSES = {"lse-loss": lambda z, t: (torch.logsumexp(z, -1) - z.gather(1, t[:, None])[:, 0]).mean(),
           "no-ignore": lambda z, t: torch.nn.functional.cross_entropy(z, t)}
@@ -65,8 +64,7 @@ def own_loop(name, snapshot=False):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    model = PlainLM(dataclasses.replace(cfg, vocab_size=-(-cfg.vocab_size // 64) * 64) if name == "pad-vocab"
-                    else cfg, vocab_multiple=64 if name == "aligned-logits" else 1).to(dev)
+    model = PlainLM(cfg, vocab_multiple=64 if name == "pad-vocab" else 1).to(dev)
     if name == "rope-bf16":
         model.cos, model.sin = model.cos.bfloat16(), model.sin.bfloat16()
     if name == "bf16-params":
@@ -130,7 +128,8 @@ for v in variants:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             ms, peak, warm, final, _, _, stats = _time_mode("bf16-plain" if v == "bench" else "bf16", cfg, dev, True,
-                                                            None, x, y, STEPS, WARM, print)
+                                                            None, x, y, STEPS, WARM, print,
+                                                            vocab_multiple=DEFAULT_VOCAB_MULTIPLE[0])
             timed = stats["peak_timed_gib"]
         else:
             name, _, tag = v.partition("+")

@@ -171,31 +171,38 @@ def test_plain_model_is_the_same_architecture(model, overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"embed_rank": 0}, {"tie_embeddings": False}])
-def test_plain_aligned_logits_change_nothing_but_the_layout(overrides):
-    """PlainLM(vocab_multiple=64): the same parameters, loss and gradients as the plain head (tiny's 257-token
-    vocabulary is odd); the logits are a slice of a 320-wide buffer."""
+def test_plain_vocab_multiple_pads_rows_that_are_never_a_target(overrides):
+    """PlainLM(vocab_multiple=64): tiny's 257-token vocabulary becomes 320 embedding (and untied head) rows; with
+    the padded rows' logits at -inf it is the plain model exactly (the same loss and, on the shared rows, the
+    same gradients), and with them as trained they only add to the softmax's normalizer."""
     from yxanul.bench.plain import PlainLM
     from yxanul.config import load_model_config
 
     cfg = load_model_config("tiny", overrides)
     torch.manual_seed(0)
     plain = PlainLM(cfg)
-    aligned = PlainLM(cfg, vocab_multiple=64)
-    aligned.load_state_dict(plain.state_dict())
+    padded = PlainLM(cfg, vocab_multiple=64)
+    extra = 63 * (cfg.embed_rank or cfg.d_model) + (63 * cfg.d_model if not cfg.tie_embeddings else 0)
+    assert sum(p.numel() for p in padded.parameters()) == sum(p.numel() for p in plain.parameters()) + extra
+    state = {k: (torch.cat([v, torch.zeros(63, v.shape[1])]) if v.shape[0] == cfg.vocab_size else v)
+             for k, v in plain.state_dict().items()}
+    padded.load_state_dict(state)
     idx = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     x, y = idx[:, :-1], idx[:, 1:]
-    z = aligned.logits(x)
-    assert z.shape[-1] == cfg.vocab_size and z.stride(-2) == 320
-    losses = []
-    for m in (plain, aligned):
-        loss = m(x, y)
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
-    for (n, a), (_, b) in zip(plain.named_parameters(), aligned.named_parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=n)
-    with pytest.raises(ValueError, match="vocab_multiple"):
-        PlainLM(cfg, vocab_multiple=0)
+    z = padded.logits(x)
+    assert z.shape[-1] == 320
+    torch.testing.assert_close(z[..., :cfg.vocab_size], plain.logits(x), rtol=1e-5, atol=1e-6)
+    # zero rows give zero logits: the padded model's loss is the plain one's with 63 more exp(0) terms
+    ref = torch.logsumexp(torch.cat([plain.logits(x), torch.zeros(2, 32, 63)], -1), -1) \
+        - plain.logits(x).gather(-1, y[..., None])[..., 0]
+    torch.testing.assert_close(padded(x, y), ref.mean(), rtol=1e-5, atol=1e-6)
+    masked = z.clone()
+    masked[..., cfg.vocab_size:] = float("-inf")
+    loss = torch.nn.functional.cross_entropy(masked.float().flatten(0, 1), y.flatten())
+    torch.testing.assert_close(loss, plain(x, y), rtol=1e-5, atol=1e-6)
+    for bad in (0, -64, 1.5, True):
+        with pytest.raises(ValueError, match="vocab_multiple"):
+            PlainLM(cfg, vocab_multiple=bad)
 
 
 def test_plain_takes_the_faster_compile_mode_and_matmul_padding():
@@ -209,7 +216,7 @@ def test_plain_takes_the_faster_compile_mode_and_matmul_padding():
     assert plain_variants(True, cuda, both[1:], pads) == [("reduce-overhead", "default", 1),
                                                           ("reduce-overhead", "off", 1)]
     assert plain_variants(True, cuda, both[:1], pads[:1], [1, 64]) == [(None, "default", 1), (None, "default", 64)]
-    # padding and alignment concern CUDA's GEMMs: elsewhere the first of each
+    # GEMM padding and vocabulary size concern CUDA's GEMMs: elsewhere the first of each
     assert plain_variants(True, cpu, both, pads, [64, 1]) == [(None, "default", 64)]
     assert plain_variants(False, cuda, both, pads, [64, 1]) == [(None, "default", 64)]
     gcs = {"gc_ms_per_step": 0.0, "gc_collections": [0, 0, 0]}
@@ -221,7 +228,7 @@ def test_plain_takes_the_faster_compile_mode_and_matmul_padding():
     assert best == ("reduce-overhead", "off", 1) and (ms, peak) == (7.5, 28.0)
     assert "compile mode reduce-overhead, matmul padding off (step ms" in notes[0] and "default 10.00" in notes[0]
     assert "reduce-overhead 8.00, 40.00" in notes[0] and "peak GiB" in notes[0]
-    assert "reduce-overhead, logits aligned to 64 7.80, 30.00" in notes[0]
+    assert "reduce-overhead, vocabulary padded to a multiple of 64 7.80, 30.00" in notes[0]
 
 
 def test_plain_matmul_padding_reaches_inductor_for_the_plain_modes_only(tmp_path, monkeypatch):
@@ -271,13 +278,15 @@ def test_torchao_takes_the_matmul_padding_bf16_plain_chose(tmp_path, monkeypatch
     assert calls == [("torchao-rowwise", "default"), ("torchao-rowwise", "off"), ("bf16-plain", "default"),
                      ("bf16-plain", "off"), ("torchao-tensorwise", "off")]
     rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
-    assert "matmul padding off, as bf16-plain's fastest" in rows["torchao-tensorwise"]["notes"]
-    assert "matmul padding off (step ms" in rows["torchao-rowwise"]["notes"]
+    # (the vocabulary padded to a multiple of 64 is the default: the notes name it)
+    assert "matmul padding off, vocabulary padded to a multiple of 64, as bf16-plain's fastest" in \
+        rows["torchao-tensorwise"]["notes"]
+    assert "matmul padding off, vocabulary padded to a multiple of 64 (step ms" in rows["torchao-rowwise"]["notes"]
 
 
 def test_plain_vocab_multiple_reaches_the_plain_model_and_torchao_follows(tmp_path, monkeypatch):
-    """--plain-vocab-multiple 1,64 builds bf16-plain's PlainLM with each alignment and keeps the faster; a torchao
-    mode after it builds the plain model with that alignment (and says so); the project's modes never see it; a
+    """--plain-vocab-multiple 1,64 builds bf16-plain's PlainLM with each vocabulary size and keeps the faster; a
+    torchao mode after it builds the plain model with that size (and says so); the project's modes never see it; a
     bad value is one line, exit 2, before any mode runs."""
     import yxanul.bench.plain as bp
     import yxanul.bench.throughput as bt
@@ -292,7 +301,7 @@ def test_plain_vocab_multiple_reaches_the_plain_model_and_torchao_follows(tmp_pa
                         lambda c, d, cms, pads=("default",), al=(1,): [(None, p, a) for p in pads for a in al])
     real_time = bt._time_mode
 
-    def timed(mode, *a, vocab_multiple=1, **kw):   # the aligned head is the faster one here
+    def timed(mode, *a, vocab_multiple=1, **kw):   # the padded vocabulary is the faster one here
         res = real_time(mode, *a, vocab_multiple=vocab_multiple, **kw)
         return (res[0] / 2 if vocab_multiple == 64 else res[0],) + tuple(res[1:])
     monkeypatch.setattr(bt, "_time_mode", timed)
@@ -308,14 +317,14 @@ def test_plain_vocab_multiple_reaches_the_plain_model_and_torchao_follows(tmp_pa
     assert built == [1, 64] and seen == ["bf16-plain", "bf16-plain", "bf16"]
     res = json.loads(out.read_text())
     assert res["plain_vocab_multiple"] == [1, 64]
-    assert "compile mode default, logits aligned to 64 (step ms" in res["rows"][0]["notes"]
+    assert "compile mode default, vocabulary padded to a multiple of 64 (step ms" in res["rows"][0]["notes"]
     assert bt.parse_vocab_multiple((1,)) == [1] and bt.parse_vocab_multiple([64, 1]) == [64, 1]  # the Python API's
     for bad in ("0", "1,1", "x", "", "64,-1"):
         built.clear()
         assert main(ARGS + ["--modes", "bf16-plain", "--plain-vocab-multiple", bad]) == 2
         assert built == []
 
-    # torchao (its conversion faked: what is checked is the alignment it is timed with)
+    # torchao (its conversion faked: what is checked is the vocabulary size it is timed with)
     calls = []
     gcs = {"gc_ms_per_step": 0.0, "gc_collections": [0, 0, 0], "peak_timed_gib": None}
 
@@ -329,7 +338,7 @@ def test_plain_vocab_multiple_reaches_the_plain_model_and_torchao_follows(tmp_pa
     assert calls == [("torchao-rowwise", 1), ("torchao-rowwise", 64), ("bf16-plain", 1), ("bf16-plain", 64),
                      ("torchao-tensorwise", 64)]
     rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
-    follows = "matmul padding default, logits aligned to 64, as bf16-plain's fastest"
+    follows = "matmul padding default, vocabulary padded to a multiple of 64, as bf16-plain's fastest"
     assert follows in rows["torchao-tensorwise"]["notes"]
 
 
@@ -408,7 +417,7 @@ def test_width_sweep_resume_keeps_finished_widths_and_runs_the_rest(tmp_path):
     assert again["points"][0] == first and again["points"][1]["result"]["rows"][1]["tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("case", ["other-steps", "other-modes", "other-padding", "other-align", "corrupt",
+@pytest.mark.parametrize("case", ["other-steps", "other-modes", "other-padding", "other-vocab-multiple", "corrupt",
                                   "not-a-sweep", "no-sweep-flag"])
 def test_width_sweep_resume_refuses_another_sweep(tmp_path, case, capsys):
     out = tmp_path / "sweep.json"
@@ -417,10 +426,9 @@ def test_width_sweep_resume_refuses_another_sweep(tmp_path, case, capsys):
         assert main(base + ["--sweep", "d_model=128"]) == 0
         assert "plain_matmul_padding" not in json.loads(out.read_text())["settings"]
         base = base + ["--plain-matmul-padding", "default,off"]
-    elif case == "other-align":   # likewise --plain-vocab-multiple: recorded only when it is not 1
+    elif case == "other-vocab-multiple":   # recorded always (a file without it was the unpadded vocabulary)
         assert main(base + ["--sweep", "d_model=128", "--plain-vocab-multiple", "1"]) == 0
-        assert "plain_vocab_multiple" not in json.loads(out.read_text())["settings"]
-        base = base + ["--plain-vocab-multiple", "1,64"]
+        assert json.loads(out.read_text())["settings"]["plain_vocab_multiple"] == "1"
     elif case in ("other-steps", "other-modes"):
         assert main(base + ["--sweep", "d_model=128"]) == 0
     else:
