@@ -6,9 +6,10 @@ with CUDA events (wall clock on a CPU). Modes:
 
   bf16-plain          the model as a user would write it (:mod:`yxanul.bench.plain`: separate linears,
                       F.rms_norm, SDPA with enable_gqa, the factorized tied head, F.cross_entropy over FP32
-                      logits), autocast BF16, fused AdamW, torch.compile of the whole model, the faster of the
-                      compile modes in ``plain_compile_modes`` (default and reduce-overhead on CUDA); nothing of
-                      this project's kernels
+                      logits; the embedding's rows padded to a multiple of ``plain_vocab_multiple``), autocast
+                      BF16, fused AdamW, torch.compile of the whole model, the faster of the compile modes in
+                      ``plain_compile_modes`` (default and reduce-overhead on CUDA); nothing of this project's
+                      kernels
   bf16                the project's best BF16 path: fused linear cross-entropy (no logits in memory), every
                       transformer block compiled (one shared graph)
   fp8                 the policy's FP8 linears with the recipe ``BEST_RECIPE`` names (the default policy's own
