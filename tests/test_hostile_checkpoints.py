@@ -288,3 +288,74 @@ def test_a_sharded_checkpoint_file_without_a_record_is_refused(tmp_path):
     for name in files:
         with pytest.raises(YxanulError, match="no size and SHA-256 record for " + name.replace(".", r"\.")):
             verify_files(ck, {"files": {k: v for k, v in files.items() if k != name}})
+
+
+def _edit_weights(ckpt: Path, edit) -> None:
+    from test_checkpoint_safety import rehash
+    sd = load_file(str(ckpt / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(ckpt / "model.safetensors"))
+    rehash(ckpt)
+
+
+def _edit_state(ckpt: Path, edit) -> None:
+    from test_checkpoint_safety import rehash
+    st = torch.load(ckpt / "state.pt", weights_only=True)
+    edit(st)
+    torch.save(st, ckpt / "state.pt")
+    rehash(ckpt)
+
+
+def _norm(sd: dict) -> str:
+    return next(k for k, v in sd.items() if v.dim() == 1)
+
+
+@pytest.mark.parametrize("case", ["int-weight", "other-shape", "half-width-fp16"])
+def test_weights_of_another_type_or_shape_are_named_on_resume_and_export(run, tmp_path, capsys, case):  # noqa: F811
+    """A weight stored as integers (its bits would be read as numbers), of another shape, or of a narrower float
+    type (the same bytes, twice the elements) is refused naming the tensor and what is wrong with it, not as NaN."""
+    names = []
+
+    def edit(sd):
+        name = _norm(sd) if case != "int-weight" else next(k for k, v in sd.items() if v.dim() == 2 and "q_proj" in k)
+        names.append(name)
+        v = sd[name]
+        sd[name] = (v.view(torch.int32) if case == "int-weight" else v[None] if case == "other-shape"
+                    else v.view(torch.float16))
+    _edit_weights(ckpt_of(run), edit)
+    want = "int32" if case == "int-weight" else "shape"
+    refused(capsys, ["train", "--resume", run, "--no-progress", "--steps", "3"], names[0], want)
+    if case == "int-weight":
+        refused(capsys, ["export", run, "--out", tmp_path / "hf"], names[0], want)
+        assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("case", ["nan-moment", "negative-second-moment", "negative-step"])
+def test_poisoned_optimizer_state_is_refused_on_resume(run, capsys, case):  # noqa: F811
+    """Moments with NaN (which would turn the weights into NaN at the first step), a negative second moment or
+    step count: one line naming the state and the key, before training continues; the run is left as it was."""
+    def edit(st):
+        s0 = st["optimizer"]["state"][0]
+        if case == "nan-moment":
+            s0["exp_avg"].view(-1)[0] = float("nan")
+        elif case == "negative-second-moment":
+            s0["exp_avg_sq"].fill_(-1.0)
+        else:
+            s0["step"] = torch.tensor(-10.0)
+    _edit_state(ckpt_of(run), edit)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    key = {"nan-moment": "'exp_avg'", "negative-second-moment": "'exp_avg_sq'", "negative-step": "'step'"}[case]
+    refused(capsys, ["train", "--resume", run, "--no-progress", "--steps", "3"], "state.pt", key)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_resume_takes_the_optimizer_settings_from_the_config_not_the_checkpoint(run, capsys):  # noqa: F811
+    """Flags given on resume reach the optimizer (and a tampered param_groups entry never does): the next
+    checkpoint's param_groups hold the resumed run's betas, eps and weight decay."""
+    _edit_state(ckpt_of(run), lambda st: st["optimizer"]["param_groups"][0].update(betas=(2.0, 0.95)))
+    assert main(["train", "--resume", str(run), "--no-progress", "--steps", "4", "--beta1", "0.5", "--eps",
+                 "1e-5", "--weight-decay", "0.3", "--checkpoint-every", "4"]) == 0, capsys.readouterr().err
+    groups = torch.load(run / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)["optimizer"][
+        "param_groups"]
+    assert [tuple(g["betas"]) for g in groups] == [(0.5, 0.95)] * 2
+    assert [g["eps"] for g in groups] == [1e-5] * 2 and [g["weight_decay"] for g in groups] == [0.3, 0.0]

@@ -416,7 +416,12 @@ class Trainer:
     def _restore_training_state(self) -> None:
         """Weights, optimizer, loss-scaler and RNG states and the counters from the checkpoint being resumed."""
         from .checkpoint.training import restore_training_checkpoint
+        # the optimizer's settings (betas, eps, weight decay, ...) are this run's validated config, flags given on
+        # resume included: the checkpoint's param_groups bring only the moments' bookkeeping, never a setting
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         st = restore_training_checkpoint(self.ckpt, self.model, self.opt, self.device, meta=self.ck_meta)
+        for g, own in zip(self.opt.param_groups, settings):
+            g.update(own)
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         self.step = int(st["step"])

@@ -206,10 +206,13 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
 
 
 def check_finite(tensors: dict, source: str) -> None:
-    """Every floating-point weight finite; the FP8 scaling state is not checked here."""
+    """Every weight of a floating-point type and finite; the FP8 scaling state is not checked here."""
     for name, t in tensors.items():
-        if name.endswith(FP8_STATE_SUFFIXES) or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        if name.endswith(FP8_STATE_SUFFIXES) or not isinstance(t, torch.Tensor):
             continue
+        if not t.is_floating_point():
+            raise YxanulError(f"{name}: dtype {str(t.dtype).removeprefix('torch.')}, expected a floating-point "
+                              "type; the file is damaged or not a yxanul checkpoint", source=source)
         local = t.to_local() if hasattr(t, "to_local") else t
         if local.numel() and not _all_finite(local):
             raise YxanulError(f"{name} holds NaN or Inf values; this checkpoint cannot be used (resume from an "

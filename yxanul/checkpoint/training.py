@@ -29,8 +29,8 @@ from .layout import (FP8_STATE_SUFFIXES, STEP_RE, check_finite, checkpoint_name,
                      latest_checkpoint, list_checkpoints, prepare_fresh_run_dir, prune_checkpoints, read_meta,
                      TRAINING_STATE, plain_meta, remove_stale_temporaries, resolve_checkpoint, torch_save_hashed,
                      write_bytes_hashed)
-from .sharded import (load_dcp_weights, load_full_model_state, load_plain_optimizer_state, load_state_file,
-                      pick_rank_rng, save_dcp_checkpoint)
+from .sharded import (check_matches_model, load_dcp_weights, load_full_model_state, load_plain_optimizer_state,
+                      load_state_file, pick_rank_rng, save_dcp_checkpoint)
 
 __all__ = ["STEP_RE", "checkpoint_name", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
            "load_training_state", "prepare_fresh_run_dir", "prune_checkpoints", "read_meta", "resolve_checkpoint",
@@ -93,7 +93,7 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Mod
         raise err from None
 
 
-def _load_weights_file(p: Path) -> dict[str, torch.Tensor]:
+def _load_weights_file(p: Path, finite: bool = True) -> dict[str, torch.Tensor]:
     try:
         sd = load_file(str(p / "model.safetensors"))
     except FileNotFoundError:
@@ -101,7 +101,8 @@ def _load_weights_file(p: Path) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise YxanulError(f"unreadable weights: {first_line(e)}",
                           source=str(p / "model.safetensors")) from None
-    check_finite(sd, str(p / "model.safetensors"))
+    if finite:
+        check_finite(sd, str(p / "model.safetensors"))
     return sd
 
 
@@ -162,14 +163,27 @@ def check_training_state(st, source: str, optimizer: bool = True) -> dict:
 
 
 def check_optimizer_shapes(optimizer: torch.optim.Optimizer, source: str) -> None:
-    """Every per-parameter optimizer tensor (moments) has its parameter's shape; a mismatch would only surface
-    at the first ``step()`` after training restarted."""
+    """Every per-parameter optimizer tensor (moments) has its parameter's shape and finite values, the second
+    moments are not negative and the step count is not; a bad one would only surface at the first ``step()``
+    after training restarted (or silently, as NaN weights)."""
+    names = {"exp_avg": "first moment", "exp_avg_sq": "second moment", "step": "step count"}
     for g in optimizer.param_groups:
         for p in g["params"]:
             for k, v in optimizer.state.get(p, {}).items():
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if v.dim() > 0 and tuple(v.shape) != tuple(p.shape):
                     raise YxanulError(f"optimizer state {k!r} has shape {list(v.shape)}, its parameter "
                                       f"{list(p.shape)}; the checkpoint does not belong to this model",
+                                      source=source, key="optimizer")
+                local = v.to_local() if hasattr(v, "to_local") else v
+                if not local.is_floating_point() or not local.numel():
+                    continue
+                bad = ("NaN or Inf" if not bool(torch.isfinite(local).all()) else
+                       "negative" if k in ("exp_avg_sq", "step") and bool((local < 0).any()) else None)
+                if bad:
+                    raise YxanulError(f"optimizer state {k!r} ({names.get(k, k)}) holds {bad} values; this "
+                                      "checkpoint cannot be used (resume from an earlier one)",
                                       source=source, key="optimizer")
 
 
@@ -208,7 +222,11 @@ def restore_training_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimi
     if sharded_ckpt:
         load_dcp_weights(p, model, optimizer)
     else:
-        load_full_model_state(model, _model_weights_for(model, _load_weights_file(p)), str(p))
+        src = str(p / "model.safetensors")
+        sd = _model_weights_for(model, _load_weights_file(p, finite=False))
+        check_matches_model(model, sd, src)   # a shape or type that is wrong is named as such, not as NaN
+        check_finite(sd, src)
+        load_full_model_state(model, sd, src)
         load_plain_optimizer_state(model, optimizer, st["optimizer"], source=state_src)
     check_optimizer_shapes(optimizer, state_src)
     if int(meta.get("step", -1)) != st["step"]:
