@@ -359,3 +359,37 @@ def test_resume_takes_the_optimizer_settings_from_the_config_not_the_checkpoint(
         "param_groups"]
     assert [tuple(g["betas"]) for g in groups] == [(0.5, 0.95)] * 2
     assert [g["eps"] for g in groups] == [1e-5] * 2 and [g["weight_decay"] for g in groups] == [0.3, 0.0]
+
+
+def test_resume_from_another_folder_uses_the_run_s_own_files(tmp_path, monkeypatch, capsys):
+    """A run started with relative --data, --config and --model records them as absolute paths, so it resumes
+    from any folder with the same files (not the folder's own `data/` or `p.yaml`); the model is the checkpoint's
+    own model_config: a model file edited since is refused naming the field, one that is gone is not needed."""
+    import shutil
+
+    from test_checkpoint_safety import MODEL
+    from yxanul.data import bundled_dataset
+
+    shutil.copytree(bundled_dataset("bytes", cache=tmp_path / "cache"), tmp_path / "data")
+    (tmp_path / "m.yaml").write_text(MODEL)
+    (tmp_path / "p.yaml").write_text("recipe: {name: tensorwise}\n")
+    monkeypatch.chdir(tmp_path)
+    small = ["--batch-size", "2", "--seq-len", "32", "--log-every", "1", "--eval-every", "0", "--no-progress",
+             "--warmup", "1", "--precision", "fp32"]
+    assert main(["train", "--out", "r", "--data", "data", "--config", "p.yaml", "--model", "m.yaml", "--steps", "2",
+                 "--checkpoint-every", "2", *small]) == 0, capsys.readouterr().err
+    tc = json.loads((tmp_path / "r" / "checkpoints" / "step_00000002" / "meta.json").read_text())["train_config"]
+    assert (tc["data"], tc["policy"], tc["model"]) == tuple(str(tmp_path / n) for n in ("data", "p.yaml", "m.yaml"))
+    sub = tmp_path / "sub"
+    (sub / "data").mkdir(parents=True)   # a folder of the same name that is not prepared data
+    (sub / "m.yaml").write_text(MODEL.replace("n_layers: 2", "n_layers: 3"))
+    monkeypatch.chdir(sub)
+    capsys.readouterr()
+    assert main(["train", "--resume", "../r", "--steps", "3", "--checkpoint-every", "3", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    (tmp_path / "m.yaml").write_text(MODEL.replace("tiny", "tiny\nrope_theta: 5.0"))
+    capsys.readouterr()
+    refused(capsys, ["train", "--resume", "../r", "--steps", "4", "--no-progress"], "rope_theta", "model_config")
+    (tmp_path / "m.yaml").unlink()
+    assert main(["train", "--resume", "../r", "--steps", "4", "--checkpoint-every", "4", "--no-progress"]) == 0
+    assert "is gone; resuming with the checkpoint's model_config" in capsys.readouterr().out

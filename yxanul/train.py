@@ -237,6 +237,7 @@ class Trainer:
     def _setup(self) -> None:
         """The run's set-up, in order: device and precision, run folder, data, model and precision, optimizer and
         runtime, then the checkpoint's training state when resuming."""
+        self.cfg = self._absolute_paths(self.cfg)
         self.device = self._device()
         self._setup_precision()
         self._setup_run_folder()
@@ -246,6 +247,17 @@ class Trainer:
         self._setup_runtime()
         if self.ckpt is not None:
             self._restore_training_state()
+
+    @staticmethod
+    def _absolute_paths(cfg):
+        """The data folder, policy file and model file as absolute paths, so that the checkpoint's record of them
+        means the same files from whatever folder the run is resumed (a preset name stays a name)."""
+        def absolute(v):
+            return str(Path(v).expanduser().resolve()) if v else v
+        model = cfg.model
+        if Path(model).suffix in (".yaml", ".yml") or Path(model).exists():
+            model = absolute(model)
+        return replace(cfg, data=absolute(cfg.data), policy=absolute(cfg.policy), model=model)
 
     def _setup_precision(self) -> None:
         """Resolve ``precision: auto`` (every rank takes rank 0's choice)."""
@@ -315,7 +327,8 @@ class Trainer:
         from .model import Yxanul
         from .precision import load_policy
         cfg, meta = self.cfg, self.data_meta
-        self.model_cfg = load_model_config(cfg.model)
+        self.ck_meta = self._read_checkpoint_meta()
+        self.model_cfg = self._model_config()
         if not cfg.fused_projections:
             self.model_cfg = replace(self.model_cfg, fused_projections=False)
         from .data.loader import max_token_id
@@ -348,7 +361,6 @@ class Trainer:
         if cfg.fused_ce == "on" or (cfg.fused_ce == "auto" and self.device.type == "cuda"):
             from .kernels.linear_ce import use_fused_ce
             use_fused_ce(model)  # halves peak memory with a 200k vocabulary (docs/benchmarks.md)
-        self.ck_meta = self._read_checkpoint_meta()
         amp_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = DynamicLossScaler(cfg.loss_scale_init, 2.0, cfg.loss_scale_backoff,
@@ -359,6 +371,31 @@ class Trainer:
                                     source=str(self.ckpt))
         # data-parallel wrapping first (FSDP2 replaces parameters in place), then the optimizer over them
         self.train_model = self.wrap_model(model)
+
+    def _model_config(self):
+        """The model to train: ``model``'s; when resuming, the checkpoint's own ``model_config``. A model file that
+        was edited since, or another ``--model``, is refused where it differs; a model file that is gone is not
+        needed."""
+        from .config import ModelConfig, dataclass_from_dict
+        spec = self.cfg.model
+        if self.ckpt is None:
+            return load_model_config(spec)
+        src = str(self.ckpt / "meta.json")
+        mc = self.ck_meta.get("model_config")
+        if not isinstance(mc, dict):
+            raise YxanulError("has no model_config object", source=src, key="model_config")
+        ck = dataclass_from_dict(ModelConfig, mc, src, prefix="model_config.").validate(src)
+        path = Path(spec)
+        if path.suffix in (".yaml", ".yml") and not path.exists():
+            self.log(f"model file {spec} is gone; resuming with the checkpoint's model_config")
+            return replace(ck, fused_projections=ModelConfig.fused_projections)
+        want = load_model_config(spec)
+        compute_only = ("name", "fused_projections")  # how the layers compute, not what they are
+        diff = [k for k in want.__dict__ if k not in compute_only and getattr(want, k) != getattr(ck, k)]
+        if diff:
+            raise YxanulError(f"model {spec} differs from the checkpoint's model_config in {', '.join(diff)}; a "
+                              "run resumes with the model it was trained with", source=src)
+        return replace(ck, fused_projections=want.fused_projections)
 
     def _read_checkpoint_meta(self) -> dict | None:
         """The checkpoint's meta (its files verified; None when not resuming). The weights themselves are
