@@ -139,3 +139,32 @@ def test_absurd_sizes_are_refused_up_front(tmp_path, monkeypatch, capsys, argv, 
     assert main(argv) == 2
     assert says in _err(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides", [{"n_layers": 3}, {"n_layers": 1, "tie_embeddings": False},
+                                       {"n_layers": 5, "embed_rank": 0}])
+def test_param_count_is_the_built_model_s(overrides):
+    """param_count counts one and two layers and extrapolates (so a deep config costs nothing to count): the
+    same number as the model built whole."""
+    from yxanul.config import load_model_config
+    from yxanul.model import Yxanul, param_count
+
+    cfg = load_model_config("tiny", overrides)
+    assert param_count(cfg) == Yxanul(cfg).num_params()
+
+
+def test_a_model_deeper_than_the_limit_is_refused_at_once(tmp_path, capsys):
+    """n_layers: 100000 used to build the whole model on the meta device before any check (minutes, memory
+    growing); it is one line, exit 2, for train, memory and policy alike."""
+    import time
+
+    from yxanul.config import MAX_LAYERS
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(f"preset: tiny\nn_layers: {MAX_LAYERS + 1}\n")
+    for args in (["train", "--model", str(deep), "--out", str(tmp_path / "r"), "--steps", "1"],
+                 ["memory", "--model", str(deep)], ["policy", "--model", str(deep)]):
+        t0 = time.perf_counter()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "n_layers" in err and str(deep) in err and "Traceback" not in err and time.perf_counter() - t0 < 10
+    assert not (tmp_path / "r").exists()

@@ -147,7 +147,8 @@ class ModelConfig:
         for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "max_seq_len"):
             if getattr(self, k) <= 0:
                 raise YxanulError(f"must be positive, got {getattr(self, k)}", source=source, key=k)
-            limit = 2 ** 32 if k == "vocab_size" else 2 ** 24  # token ids are stored as uint32
+            # token ids are stored as uint32; a model deeper than MAX_LAYERS is not what this toolkit trains
+            limit = 2 ** 32 if k == "vocab_size" else MAX_LAYERS if k == "n_layers" else 2 ** 24
             if getattr(self, k) > limit:
                 raise YxanulError(f"must be <= {limit}, got {getattr(self, k)}", source=source, key=k)
         if self.n_heads % self.n_kv_heads:
@@ -161,6 +162,9 @@ class ModelConfig:
         if not all(math.isfinite(v) and v > 0 for v in (self.norm_eps, self.init_std, self.rope_theta)):
             raise YxanulError("norm_eps, init_std and rope_theta must be positive", source=source)
         return self
+
+
+MAX_LAYERS = 1024  # a model config's n_layers (the presets have 4 to 28)
 
 
 def list_presets() -> list[str]:

@@ -47,6 +47,7 @@ import torch.nn.functional as F  # noqa: F401  (the plain mode's loss lives in Y
 
 from .. import kernels  # noqa: F401  (registers the Triton quantizers with the FP8 layers)
 from ..errors import YxanulError
+from ..config import MAX_LAYERS
 from ..flops import flops_per_token, peak_flops
 from ..fmt import table
 from ..fp8.backends import fast_accum_applies, kernel_overrides
@@ -59,7 +60,6 @@ from .plain import PlainLM
 # the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md); the
 # policy decides which linears are FP8, the fp8-<recipe> modes measure each recipe
 BEST_RECIPE = "delayed"
-MAX_LAYERS = 1024  # --layers: a quick-iteration override, not a model
 # bf16-plain's embedding rows: the vocabulary padded to a multiple of 64 (rows that are never a target), as users
 # size it so that the head's GEMMs have aligned dimensions (docs/performance.md)
 DEFAULT_VOCAB_MULTIPLE = (64,)
