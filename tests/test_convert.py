@@ -210,7 +210,8 @@ def test_bad_inputs_exit_2_and_leave_nothing(hf_ckpt, tmp_path, capsys):
     assert json.loads((q / "config.json").read_text())["quantization_config"]["weight_block_size"] == [64, 64]
     # quantizing an already-FP8 checkpoint
     fails(["quantize", str(q), str(tmp_path / "qq")], "dequantize it first")
-    fails(["quantize", str(hf_ckpt), str(tmp_path / "x"), "--block", "0"], "block")
+    for bad in ("0", "100000"):   # past MAX_BLOCK the padded tile alone would not fit in memory
+        fails(["quantize", str(hf_ckpt), str(tmp_path / "x"), "--block", bad], "block")
     bad_pol = tmp_path / "bad.yaml"
     bad_pol.write_text("precision_strategy:\n  ffn_compute: int4\n")
     fails(["quantize", str(hf_ckpt), str(tmp_path / "x"), "--policy", str(bad_pol)], "ffn_compute")

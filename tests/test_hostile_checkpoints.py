@@ -181,10 +181,18 @@ def test_hf_json_past_parser_limits(hf, capsys, name, bad):
 
 # -- 5. meta.json fields of the wrong type --------------------------------------------------------------------
 
-@pytest.mark.parametrize("key,value", [("step", "x"), ("train_config", None), ("train_config", [1])])
+@pytest.mark.parametrize("key,value", [("step", "x"), ("train_config", None), ("train_config", [1]),
+                                       ("world_size", "two"), ("world_size", 0)])
 def test_meta_field_types_on_resume(run, capsys, key, value):  # noqa: F811
     edit_meta(ckpt_of(run), lambda m: m.update({key: value}))
     refused(capsys, ["train", "--resume", run, "--no-progress", "--steps", "3"], "meta.json", key)
+
+
+@pytest.mark.parametrize("value", ["many", 2.5, True, None])
+def test_recorded_train_config_of_the_wrong_type_on_resume(run, capsys, value):  # noqa: F811
+    """A recorded train_config field of the wrong type is named like a YAML's, not a TypeError in validation."""
+    edit_meta(ckpt_of(run), lambda m: m["train_config"].update(steps=value))
+    refused(capsys, ["train", "--resume", run, "--no-progress"], "meta.json", "train_config.steps")
 
 
 @pytest.mark.parametrize("kind", ["tiktoken", "hf", "o200k"])

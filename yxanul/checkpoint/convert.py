@@ -38,6 +38,8 @@ _FP8 = {"F8_E4M3", "F8_E5M2"}
 _SCALE_DTYPES = {"F32", "BF16", "F16", "F8_E8M0"}
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".md", ".py")   # tokenizer, generation config...
 _COPY_MAX_BYTES = 256 * 1024 * 1024
+# the largest --block (DeepSeek uses 128): a padded 4096 x 4096 FP32 tile is 64 MiB
+MAX_BLOCK = 4096
 _COPY_CHUNK = 16 * 1024 * 1024
 
 
@@ -57,6 +59,7 @@ class _Out:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
+
 
 
 def _header_bytes(outs: list[_Out], metadata: dict[str, str]) -> tuple[bytes, list[_Out]]:
@@ -297,8 +300,8 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
     from ..fp8.quant import compute_scale_inv, dequantize, quantize, scale_shape, tile_amax
     from ..precision import Policy, load_policy
 
-    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
-        raise _yerr(f"block size must be a positive integer, got {block!r}", key="--block")
+    if not isinstance(block, int) or isinstance(block, bool) or not 0 < block <= MAX_BLOCK:
+        raise _yerr(f"block size must be an integer in [1, {MAX_BLOCK}], got {block!r}", key="--block")
     f8 = get_format(fmt)
     skip = tuple(skip or ())
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
@@ -481,8 +484,8 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
     dt = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}.get(str(dtype).lower())
     if dt is None:
         raise _yerr(f"unknown dtype {dtype!r} (expected bf16 or fp32)", key="--dtype")
-    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or block <= 0):
-        raise _yerr(f"block size must be a positive integer, got {block!r}", key="--block")
+    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or not 0 < block <= MAX_BLOCK):
+        raise _yerr(f"block size must be an integer in [1, {MAX_BLOCK}], got {block!r}", key="--block")
     ck = open_checkpoint(src)
     inputs = _inputs_of(src, ck)
     cfg, cfg_path = _read_config(ck)

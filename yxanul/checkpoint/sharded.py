@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 
 from ..distributed import dist_info, unwrap_model
-from ..errors import YxanulError, first_line
+from ..errors import YxanulError, brief, first_line
 from ..io import atomic_path, atomic_write_text, tmp_sibling
 from .layout import (DCP_FOLDER, HashingWriter, checkpoint_name, check_finite, is_dcp_checkpoint, latest_checkpoint,
                      list_checkpoints, prune_checkpoints, read_meta, remove_stale_temporaries, safe_relative,
@@ -308,7 +308,10 @@ def check_resume_world_size(meta: dict, world_size: int, batch_size: int, grad_a
     grad_accum`` unchanged continues the same training. A different global batch would silently change the
     run (learning-rate schedule and data order were tuned for the saved one): that is refused.
     """
-    saved_world = int(meta.get("world_size", 1))
+    saved_world = meta.get("world_size", 1)
+    if not isinstance(saved_world, int) or isinstance(saved_world, bool) or saved_world < 1:
+        raise YxanulError(f"must be a positive integer, got {brief(saved_world)}", source=f"{source}/meta.json",
+                          key="world_size")
     if saved_world == world_size:
         return  # same ranks: a changed --batch-size / --grad-accum is the user's explicit choice
     tc = meta.get("train_config") or {}

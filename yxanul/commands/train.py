@@ -70,6 +70,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     # imported here, not at module level: they import torch, which the command line's start-up avoids
     from ..checkpoint.training import read_meta, resolve_checkpoint
+    from ..config import dataclass_from_dict
     from ..distributed import destroy_distributed
     from ..train import Trainer
 
@@ -93,8 +94,11 @@ def run(args: argparse.Namespace) -> int:
                               source="--restart")
         meta = read_meta(ckpt, verify=False)  # the trainer verifies the files once
         # how the run is launched (--parallel) is not inherited: a checkpoint resumes in any mode
-        base = TrainConfig(**{k: v for k, v in meta.get("train_config", {}).items()
-                              if k in TrainConfig.__dataclass_fields__ and k != "parallel"})
+        # the recorded fields are type-checked like a YAML's and validated (with the flags given) below
+        recorded = meta.get("train_config", {})
+        base = dataclass_from_dict(TrainConfig, {k: v for k, v in recorded.items()
+                                                 if k in TrainConfig.__dataclass_fields__ and k != "parallel"},
+                                   source=str(ckpt / "meta.json"), prefix="train_config.")
         overrides.pop("out", None)
         resume = str(ckpt)
     cfg = load_train_config(args.train_config, overrides, base=base)
