@@ -327,6 +327,9 @@ def test_fsdp2_dcp_checkpoint_resume_and_consolidate(tmp_path):
     yaml_path.write_text(yaml.safe_dump(cfg))
     _, weights, _ = load_checkpoint_weights(out, model=str(yaml_path))
     assert set(weights) == keys
+    # and the run folder itself (export and generate read the sharded checkpoint without a consolidated file)
+    _, direct, _ = load_checkpoint_weights(tmp_path / "run")
+    assert set(direct) == keys and all(torch.equal(direct[k], ref[k]) for k in keys)
 
     # overwrite protection, then CLI
     from yxanul.errors import YxanulError

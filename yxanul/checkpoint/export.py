@@ -25,7 +25,7 @@ from pathlib import Path
 from ..config import ModelConfig, dataclass_from_dict, load_model_config
 from .analyze import HEAD_MODULE, classify, modules_to_not_convert  # noqa: F401 (re-exported)
 from ..errors import YxanulError, brief, first_line
-from .layout import FP8_STATE_SUFFIXES, check_finite
+from .layout import DCP_FOLDER, FP8_STATE_SUFFIXES, check_finite, is_dcp_checkpoint
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
           "fp16": "float16", "float16": "float16"}
@@ -68,8 +68,10 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
     from safetensors.torch import load_file
 
     from ..model import Yxanul
+    from .sharded import read_dcp_model_state
 
     p = Path(ckpt)
+    sharded = None
     if not p.exists():
         raise YxanulError("checkpoint not found", source=str(p))
     if p.is_file():
@@ -95,8 +97,10 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
                     {k: v for k, v in cfg.__dict__.items() if k not in compute_only}:
                 raise YxanulError(f"checkpoint's model_config differs from --model {model}", source=src)
         weights = folder / "model.safetensors"
+        if not weights.is_file() and is_dcp_checkpoint(folder):   # a sharded run's: its shards read in one process
+            sharded = weights = folder / DCP_FOLDER
     try:
-        sd = load_file(str(weights))
+        sd = read_dcp_model_state(sharded) if sharded else load_file(str(weights))
     except FileNotFoundError:
         raise YxanulError("missing model.safetensors", source=str(weights)) from None
     except (SafetensorError, OSError, ValueError) as e:
