@@ -118,6 +118,14 @@ def test_nan_injection_skips_counts_and_stops(tmp_path, micro_model, data_dir, c
     assert recs[-1]["loss"] is not None
     assert "non-finite" in capsys.readouterr().out
 
+    # the last step's checkpoint postponed (its step was bad): the closing lines say so, not "checkpoint_every is 0"
+    run3 = tmp_path / "nan3"
+    assert main(_args(run3, micro_model, data_dir, steps=4, inject_nan_at="4", checkpoint_every=2)) == 0
+    out = capsys.readouterr().out
+    assert "step 4: checkpoint postponed" in out and "checkpoint_every is 0" not in out
+    assert "not checkpointed: the checkpoint due at step 4 was postponed" in out
+    assert (run3 / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
     run2 = tmp_path / "nan2"
     rc = main(_args(run2, micro_model, data_dir, steps=20, inject_nan_at="5-20", max_bad_steps=3,
                     checkpoint_every=2))

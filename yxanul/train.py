@@ -667,6 +667,7 @@ class Trainer:
         last: dict = {}
         first_loss = None
         self.last_checkpoint: Path | None = None
+        self.postponed: int | None = None   # the step of a checkpoint postponed since the last one written
         if self.fp8 and self._stats_due(self.step + 1):  # the first pass: no earlier step armed its statistics
             self._arm_stats(self.model)
         try:
@@ -735,8 +736,10 @@ class Trainer:
                 if do_ckpt and consecutive == 0:  # never checkpoint in the middle of a bad streak
                     with clock.apart("checkpoint_s"):
                         self.last_checkpoint = self.save() or self.last_checkpoint
+                    self.postponed = None
                 elif do_ckpt:
                     self.log(f"step {self.step}: checkpoint postponed ({consecutive} bad steps in a row)")
+                    self.postponed = self.step
                 if do_sample:
                     with clock.apart("sample_s"):
                         self._print_sample(bar)
@@ -801,9 +804,13 @@ class Trainer:
 
     def _print_next_steps(self) -> None:
         run = str(self.run_dir)
+        why = (f"the checkpoint due at step {self.postponed} was postponed: the steps before it were not finite"
+               if self.postponed is not None else "checkpoint_every is 0")
         if self.last_checkpoint is None:
-            self.log(f"no checkpoint written (checkpoint_every is 0); plot the losses: yxanul plot {run} --out loss.png")
+            self.log(f"no checkpoint written ({why}); plot the losses: yxanul plot {run} --out loss.png")
             return
+        if self.postponed is not None:
+            self.log(f"not checkpointed: {why}")
         self.log(f"checkpoint: {self.last_checkpoint}\n"
                  "next:\n"
                  f"  yxanul generate {run} --prompt {shlex.quote(SAMPLE_PROMPT)}   # sample from the model\n"
