@@ -54,8 +54,9 @@ class _Parser(argparse.ArgumentParser):
             formatter.config_defaults = self.config_defaults()
         return formatter
 
-    def error(self, message):  # argparse's own usage errors also exit 2, with one line
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message):  # argparse's own usage errors also exit 2, with one line of the same form
+        command = self.prog.removeprefix("yxanul").strip()
+        self.exit(2, f"yxanul: error: {command + ': ' if command else ''}{message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
