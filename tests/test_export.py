@@ -115,11 +115,15 @@ def test_export_errors(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".o")] == []
 
 
-def test_fp8_export_loads_fp8_config(tmp_path):
+def test_fp8_export_loads_fp8_config(tmp_path, capsys):
     pytest.importorskip("yxanul.checkpoint.convert")
     run, ref = make_run(tmp_path)
     out = tmp_path / "hf8"
-    assert main(["export", str(run), "--out", str(out), "--fp8"]) == 0
+    assert main(["export", str(run), "--out", str(out), "--fp8", "--json"]) == 0
+    # the report lists what the folder holds, no intermediate or bookkeeping file
+    listed = json.loads(capsys.readouterr().out)["files"]
+    assert listed == sorted(p.name for p in out.iterdir() if p.name != ".yxanul-output.json")
+    assert "model.safetensors" in listed and not [f for f in listed if f.startswith(".")]
     conf = transformers.AutoConfig.from_pretrained(out)
     q = conf.quantization_config
     q = q if isinstance(q, dict) else q.to_dict()

@@ -25,6 +25,7 @@ from pathlib import Path
 from ..config import ModelConfig, dataclass_from_dict, load_model_config
 from .analyze import HEAD_MODULE, classify, modules_to_not_convert  # noqa: F401 (re-exported)
 from ..errors import YxanulError, brief, first_line
+from ..io import MARKER
 from .layout import DCP_FOLDER, FP8_STATE_SUFFIXES, check_finite, is_dcp_checkpoint
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
@@ -313,7 +314,8 @@ def export_hf(ckpt: str | Path, out: str | Path, *, fp8: bool = False, overwrite
                     conf["quantization_config"] = qrep.get("quantization_config")
                     (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n", encoding="utf-8")
                 rep["quantization_config"] = conf["quantization_config"]
-                rep["files"] = sorted(f.name for f in tmp.iterdir())
+                # what the output folder holds (not the intermediate folder, nor the output marker of yxanul.io)
+                rep["files"] = sorted(f.name for f in tmp.iterdir() if f.name != MARKER and Path(f) != Path(td))
     rep.update({"out": str(out), "model": cfg.name, "dtype": dtype, "fp8": fp8,
                 "tie_word_embeddings": cfg.tie_embeddings, "factorized_embedding_multiplied_out": bool(cfg.embed_rank)})
     return rep
