@@ -401,3 +401,14 @@ def test_resume_from_another_folder_uses_the_run_s_own_files(tmp_path, monkeypat
     (tmp_path / "m.yaml").unlink()
     assert main(["train", "--resume", "../r", "--steps", "4", "--checkpoint-every", "4", "--no-progress"]) == 0
     assert "is gone; resuming with the checkpoint's model_config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key,value", [("eot_id", 999999), ("eot_id", -1), ("eot_id", "256"),
+                                       ("vocab_size", 1000000)])
+def test_recorded_tokenizer_outside_the_model_s_vocabulary(tiny, tmp_path, capsys, key, value):
+    """An end-of-text id or tokenizer vocabulary past the model's 257 tokens would become the exported config's
+    bos/eos ids and generation's stop token: export and generate both refuse it, naming the key."""
+    edit_meta(tiny / "checkpoints" / STEP, lambda m: m["tokenizer"].update({key: value}))
+    refused(capsys, ["export", tiny, "--out", tmp_path / "hf"], f"tokenizer.{key}")
+    refused(capsys, ["generate", tiny, "--prompt", "Hi", "--max-new-tokens", "2"], f"tokenizer.{key}")
+    assert not (tmp_path / "hf").exists()

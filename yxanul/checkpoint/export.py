@@ -57,6 +57,18 @@ text = enc.decode(ids)
 """
 
 
+def _check_tokenizer_fits(tok, cfg: ModelConfig, source: str) -> None:
+    """The recorded tokenizer's vocabulary and end-of-text id within the model's vocabulary (they become the
+    exported config's token ids and generation's stop token)."""
+    if not isinstance(tok, dict):
+        return
+    for key, limit in (("vocab_size", cfg.vocab_size + 1), ("eot_id", cfg.vocab_size)):
+        v = tok.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < limit):
+            raise YxanulError(f"must be an integer in [0, {limit - 1}] for a model of vocab_size {cfg.vocab_size}, "
+                              f"got {brief(v)}", source=source, key=f"tokenizer.{key}")
+
+
 def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
     """(ModelConfig, {parameter name: tensor}, meta) of a run folder, a step folder, or a bare ``.safetensors``.
 
@@ -91,6 +103,7 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
         if not isinstance(mc, dict):
             raise YxanulError("has no model_config object", source=src, key="model_config")
         cfg = dataclass_from_dict(ModelConfig, mc, src, prefix="model_config.").validate(src)
+        _check_tokenizer_fits(meta.get("tokenizer"), cfg, src)
         if model is not None:
             want = load_model_config(model)
             compute_only = ("name", "fused_projections")  # not part of the weights' layout
