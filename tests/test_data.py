@@ -277,3 +277,14 @@ def test_bundled_dataset_fallback_folder_is_removed_when_the_process_exits(tmp_p
     out = Path(r.stdout.strip().splitlines()[-1])
     assert out.name.startswith("corpus-bytes-") and not str(out).startswith(str(blocker))
     assert not out.exists() and not out.parent.exists()
+
+
+def test_shards_shorter_than_a_window_are_named_as_such(tmp_path, capsys):
+    """Windows never span shards: a split of many tokens in shards shorter than seq_len + 1 is refused saying
+    so (and how to prepare it), not as a split with fewer tokens than one window."""
+    out = tmp_path / "d"
+    assert main(["data", "prepare", str(_corpus(tmp_path)), "--tokenizer", "bytes", "--out", str(out),
+                 "--shard-tokens", "20", "--no-progress"]) == 0
+    capsys.readouterr()
+    with pytest.raises(YxanulError, match=r"longest shard has 20 tokens .*--shard-tokens.*fewer than seq_len \+ 1"):
+        DataLoader(out, 2, 32)

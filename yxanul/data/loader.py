@@ -150,9 +150,12 @@ class DataLoader:
         self.train = TokenShards(data_dir, "train", self.meta)
         self.val = TokenShards(data_dir, "val", self.meta) if self.meta["splits"].get("val", {}).get("tokens") else None
         counts = self.train.window_counts(self.T)
-        if counts.sum() <= 0:
-            raise YxanulError(f"training split has {self.train.tokens} tokens, fewer than seq_len + 1 = {self.T + 1}",
-                              source=str(self.dir), key="seq_len")
+        if counts.sum() <= 0:   # windows never span two shards
+            longest = int(self.train.lengths.max()) if self.train.lengths.size else 0
+            what = (f"training split has {self.train.tokens} tokens" if longest == self.train.tokens else
+                    f"training split's longest shard has {longest} tokens (windows do not span shards; prepare "
+                    "it again with a larger --shard-tokens)")
+            raise YxanulError(f"{what}, fewer than seq_len + 1 = {self.T + 1}", source=str(self.dir), key="seq_len")
         self._probs = counts / counts.sum()
         self._counts = counts
         self._pin = self.device.type == "cuda"
