@@ -142,3 +142,22 @@ def test_console_entry_point_no_traceback(tmp_path):
     p = write(tmp_path, "precision_strategy: {fp8_format: e9m9}\n")
     r = subprocess.run([sys.executable, "-m", "yxanul", "policy", "--config", str(p)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "fp8_format" in r.stderr
+
+
+def test_fp8_asked_of_a_module_that_is_not_linear_is_reported_in_its_real_precision(tmp_path):
+    """`fp8_components: ['*']` (or FP8 for norms or embeddings): training converts Linear layers only, so the
+    policy's resolution (what `yxanul policy` and `yxanul memory` report) keeps the others in BF16 and says why."""
+    import torch
+
+    from yxanul.config import load_model_config
+    from yxanul.model import Yxanul
+    from yxanul.precision import load_policy
+
+    p = tmp_path / "star.yaml"
+    p.write_text("fp8_components: ['*']\n")
+    with torch.device("meta"):
+        model = Yxanul(load_model_config("tiny"))
+    mods = load_policy(p).resolve(model)
+    assert {m.kind for m in mods if m.precision.startswith("fp8")} == {"Linear"}
+    others = [m for m in mods if m.kind != "Linear"]
+    assert others and all(m.precision == "bf16" and "Linear layers only" in m.rule for m in others)

@@ -155,6 +155,9 @@ class Policy:
                 prec, rule = best[0], f"pattern {best[1]!r}"
             if prec.startswith("fp8") and not self.strategy.use_fp8:
                 prec, rule = fallback, "use_fp8: false"
+            elif prec.startswith("fp8") and kind != "Linear":
+                # training converts Linear layers only: a norm, the embedding or a tied head keeps its compute dtype
+                prec, rule = fallback, f"{rule} (FP8 is for Linear layers only)"
             params = sum(p.numel() for p in mod.parameters(recurse=False)) if mod is not None else 0
             out.append(ModulePrecision(name, kind, comp, prec, params, rule))
         for lp, pats in lists:
