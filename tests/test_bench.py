@@ -662,3 +662,15 @@ def test_a_failed_eager_retry_names_the_compile_failure_too(tmp_path, monkeypatc
     row = json.loads(out.read_text())["rows"][0]
     assert "inductor lowering broke" in row["error"] and "MemoryError: eager step too big" in row["error"]
     assert row["tokens_per_s"] is None
+
+
+def test_only_torchao_modes_without_torchao_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    """Every mode asked for needs torchao and it is missing: one line, exit 2, no JSON (with another mode beside
+    them the torchao rows are recorded as skipped instead)."""
+    import yxanul.bench.throughput as bt
+    monkeypatch.setattr(bt, "torchao_missing", lambda: "torchao is not importable (test)")
+    out = tmp_path / "t.json"
+    assert main(ARGS + ["--modes", "torchao-tensorwise,torchao-rowwise", "--json-out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("yxanul: error: --modes: torchao is not importable") and err.count("\n") == 1
+    assert not out.exists()

@@ -803,7 +803,7 @@ class Trainer:
             self.log(line)
 
     def _print_next_steps(self) -> None:
-        run = str(self.run_dir)
+        run = shlex.quote(str(self.run_dir))   # commands to copy: a path with spaces or quotes stays one word
         why = (f"the checkpoint due at step {self.postponed} was postponed: the steps before it were not finite"
                if self.postponed is not None else "checkpoint_every is 0")
         if self.last_checkpoint is None:

@@ -410,6 +410,9 @@ def run_throughput(model: str = "yxanul-197m", batch: int = 16, seq: int = 2048,
                           f"{', '.join(COMPILE_MODES)})", key="--plain-compile-modes")
     plain_matmul_padding = parse_matmul_padding(plain_matmul_padding)
     plain_vocab_multiple = parse_vocab_multiple(plain_vocab_multiple)
+    if all(m.startswith("torchao") for m in modes) and (missing := torchao_missing()):
+        raise YxanulError(f"{missing}: every mode asked for needs it (install torchao, or add other modes)",
+                          key="--modes")
     if tune_kernels and not compile:
         raise YxanulError("--tune-kernels needs torch.compile (drop --no-compile)", key="--tune-kernels")
     from ..config import ModelConfig
