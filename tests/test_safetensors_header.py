@@ -69,6 +69,9 @@ HOSTILE = [
     ("extra field", lambda h: h["w"].update(foo=1), "unexpected"),
     ("entry not object", lambda h: h.update(w=[1, 2]), "must be an object"),
     ("bad metadata", lambda h: h.update(__metadata__={"a": 1}), "__metadata__"),
+    # the library refuses a file its tensors do not fully cover ("incomplete metadata"): so does the parser
+    ("gap", lambda h: h["b"].update(data_offsets=[26, 34]) or 34, r"bytes \[24, 26\) before tensor 'b'"),
+    ("trailing bytes", lambda h: 40, "last 8 byte"),
 ]
 
 
@@ -172,6 +175,7 @@ def test_index_and_collect(tmp_path):
     (lambda ix: ix["weight_map"].update({"zz.weight": "model-00002-of-00002.safetensors"}), "does not hold"),
     (lambda ix: ix["weight_map"].pop("b.weight"), "not in weight_map"),
     (lambda ix: ix["weight_map"].update({"a.weight": 3}), "file name"),
+    (lambda ix: ix.update(weight_map={}), "lists no tensors"),
 ])
 def test_hostile_index(tmp_path, mutate, match):
     root = _shards(tmp_path)

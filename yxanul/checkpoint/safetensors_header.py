@@ -118,6 +118,14 @@ def parse_header_bytes(raw: bytes, path: str = "<bytes>", file_size: int | None 
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise _err(path, f"tensors {n0!r} [{b0}, {e0}) and {n1!r} [{b1}, {e1}) overlap", n1)
+    # and the tensors' bytes tile the data section with no gap or trailing bytes, as safetensors' loaders demand
+    end = 0
+    for b, e, n in spans:
+        if b != end:
+            raise _err(path, f"bytes [{end}, {b}) before tensor {n!r} belong to no tensor", n)
+        end = e
+    if end != data_size:
+        raise _err(path, f"the last {data_size - end} byte(s) of the data belong to no tensor")
     return SafetensorsHeader(path=str(path), header_len=header_len, data_start=data_start, file_size=file_size,
                              tensors=tensors, metadata=metadata)
 
@@ -246,6 +254,8 @@ def read_index(path: str | os.PathLike, check_files: bool = True) -> Safetensors
     wm = obj.get("weight_map")
     if not isinstance(wm, dict):
         raise _err(p, "missing or non-object weight_map", "weight_map")
+    if not wm:
+        raise _err(p, "weight_map lists no tensors", "weight_map")
     for name, shard in wm.items():
         if not isinstance(shard, str) or not shard:
             raise _err(p, f"shard for {name!r} must be a file name", "weight_map")
