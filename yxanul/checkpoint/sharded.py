@@ -541,6 +541,7 @@ def consolidate_checkpoint(src: str | Path, out: str | Path, overwrite: bool = F
     with torch.device("meta"):
         ref = Yxanul(cfg)
     kind, sd = _read_weights(ckpt)
+    check_matches_model(ref, sd, str(ckpt))   # another shape or type is named as such before finiteness
     check_finite(sd, str(ckpt))
     shapes = {n: tuple(p.shape) for n, p in ref.named_parameters()}
     tensors: dict[str, torch.Tensor] = {}
