@@ -89,6 +89,11 @@ def test_generate_errors(ckpt, tmp_path, capsys):
     assert main(["generate", str(run), "--prompt", ""]) == 2
     with pytest.raises(YxanulError, match="tokenizer mismatch"):
         list(generate_ids(m, [300], SamplingOptions(max_new_tokens=1)))
+    # a prompt that fills the context leaves no room for a token: said, not an empty answer
+    for n in (m.cfg.max_seq_len, m.cfg.max_seq_len + 1):
+        with pytest.raises(YxanulError, match="leaves no room"):
+            list(generate_ids(m, [1] * n, SamplingOptions(max_new_tokens=1)))
+    assert len(list(generate_ids(m, [1] * (m.cfg.max_seq_len - 1), SamplingOptions(max_new_tokens=5)))) == 1
     step = run / "checkpoints" / "step_00000001"
     meta = json.loads((step / "meta.json").read_text())
     meta["model_config"]["vocab_size"] = 100

@@ -412,3 +412,10 @@ def test_recorded_tokenizer_outside_the_model_s_vocabulary(tiny, tmp_path, capsy
     refused(capsys, ["export", tiny, "--out", tmp_path / "hf"], f"tokenizer.{key}")
     refused(capsys, ["generate", tiny, "--prompt", "Hi", "--max-new-tokens", "2"], f"tokenizer.{key}")
     assert not (tmp_path / "hf").exists()
+
+
+def test_resume_from_a_file_of_a_checkpoint_names_its_folder(run, capsys):  # noqa: F811
+    """`--resume RUN/checkpoints/step_X/model.safetensors` (a file that exists) is not "not found": the message
+    names the folder to give."""
+    refused(capsys, ["train", "--resume", ckpt_of(run) / "model.safetensors", "--no-progress"],
+            "is a file of a checkpoint; give its folder", str(ckpt_of(run)))

@@ -111,9 +111,9 @@ def generate_ids(model, prompt_ids: list[int], opts: SamplingOptions, eot_id: in
         raise YxanulError(f"prompt token id {max(prompt_ids)} is outside the model's vocabulary "
                           f"({cfg.vocab_size}): tokenizer mismatch", source="--prompt")
     n = min(opts.max_new_tokens, cfg.max_seq_len - len(prompt_ids))
-    if len(prompt_ids) > cfg.max_seq_len:
-        raise YxanulError(f"prompt of {len(prompt_ids)} tokens exceeds max_seq_len {cfg.max_seq_len}",
-                          source="--prompt")
+    if len(prompt_ids) >= cfg.max_seq_len:   # at max_seq_len there is no room for one new token
+        raise YxanulError(f"prompt of {len(prompt_ids)} tokens leaves no room in the model's context of "
+                          f"max_seq_len {cfg.max_seq_len} tokens", source="--prompt")
     dev = next(model.parameters()).device
     gen = None
     if opts.seed is not None:

@@ -82,7 +82,7 @@ class TrainConfig:
     eval_batches: int = _opt(4, "validation batches per evaluation")
     log_every: int = _opt(10, "a metrics record (and, without a progress bar, a log line) every N steps")
     checkpoint_every: int = _opt(40, "checkpoint every N steps and at the end (0: never)")
-    keep_last: int = _opt(2, "checkpoints to keep")
+    keep_last: int = _opt(2, "checkpoints to keep (0: keep every one)")
     sample_every: int = _opt(0, "print a short generated sample every N steps (0: never)")
     # runtime
     compile: bool = _opt(False, "torch.compile the model's blocks")

@@ -287,6 +287,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         hint = (f"; it stopped before its first checkpoint: start it over with `yxanul train --out {p} --restart`"
                 if (p / "metrics.jsonl").exists() else "")
         raise YxanulError(f"no checkpoint found in this run folder{hint}", source=str(p))
+    if p.is_file() and (p.parent / "meta.json").exists() and has_weights(p.parent):
+        raise YxanulError(f"is a file of a checkpoint; give its folder ({p.parent}) or the run folder", source=str(p))
     raise YxanulError("checkpoint not found", source=str(p))
 
 
