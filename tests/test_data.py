@@ -288,3 +288,15 @@ def test_shards_shorter_than_a_window_are_named_as_such(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(YxanulError, match=r"longest shard has 20 tokens .*--shard-tokens.*fewer than seq_len \+ 1"):
         DataLoader(out, 2, 32)
+
+
+def test_an_empty_validation_input_is_refused(tmp_path, capsys):
+    """--val naming a file with no text would give a 0-token validation split (and `val loss None` in training)."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "d"
+    assert main(["data", "prepare", str(_corpus(tmp_path)), "--val", str(empty), "--tokenizer", "bytes", "--out",
+                 str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "validation inputs hold no text" in err and str(empty) in err and err.count("\n") == 1
+    assert not out.exists()

@@ -356,6 +356,8 @@ def prepare(inputs: list[str], tokenizer, out: str | Path, val_fraction: float =
             train, val = val, _ShardWriter(tmp, "val", shard_tokens)
         if train.tokens == 0:
             raise YxanulError("inputs hold no text", source=", ".join(map(str, inputs)))
+        if val_items and val.tokens == 0:   # asked for, and empty: a run would report no validation loss
+            raise YxanulError("validation inputs hold no text", source=", ".join(map(str, val_inputs)), key="--val")
         if val.tokens == 0 and val_fraction > 0 and not val_items:
             _move_tail_to_val(tmp, train, val, val_fraction)
             val_source = "train tail" if val.tokens else None
