@@ -165,6 +165,19 @@ class ModelConfig:
 
 
 MAX_LAYERS = 1024  # a model config's n_layers (the presets have 4 to 28)
+# fields that say how the layers compute, not what the model is (its weights and its function)
+COMPUTE_ONLY_FIELDS = ("name", "fused_projections")
+
+
+def model_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The fields in which two model configs describe different models (:data:`COMPUTE_ONLY_FIELDS` aside)."""
+    return [f.name for f in fields(a) if f.name not in COMPUTE_ONLY_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
+
+
+def is_model_file(spec: str | Path) -> bool:
+    """Whether a ``--model`` value names a YAML file rather than a preset."""
+    path = Path(spec)
+    return path.suffix in (".yaml", ".yml") or path.exists()
 
 
 def list_presets() -> list[str]:
@@ -178,7 +191,7 @@ def load_model_config(spec: str | Path, overrides: dict | None = None, _seen: tu
     """
     spec = str(spec)
     path = Path(spec)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if is_model_file(path):
         data = load_yaml(path)
         source = str(path)
         name = path.stem

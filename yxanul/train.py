@@ -31,7 +31,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import kernels  # noqa: F401  (registers the Triton quantizers with the FP8 layers)
-from .config import load_model_config
+from .config import is_model_file, load_model_config, model_differences
 from .distributed import micro_batch_context, sync_fp8_amax
 from .errors import NonFiniteError, YxanulError
 from .evaluate import window_losses
@@ -254,9 +254,7 @@ class Trainer:
         means the same files from whatever folder the run is resumed (a preset name stays a name)."""
         def absolute(v):
             return str(Path(v).expanduser().resolve()) if v else v
-        model = cfg.model
-        if Path(model).suffix in (".yaml", ".yml") or Path(model).exists():
-            model = absolute(model)
+        model = absolute(cfg.model) if is_model_file(cfg.model) else cfg.model
         return replace(cfg, data=absolute(cfg.data), policy=absolute(cfg.policy), model=model)
 
     def _setup_precision(self) -> None:
@@ -385,13 +383,11 @@ class Trainer:
         if not isinstance(mc, dict):
             raise YxanulError("has no model_config object", source=src, key="model_config")
         ck = dataclass_from_dict(ModelConfig, mc, src, prefix="model_config.").validate(src)
-        path = Path(spec)
-        if path.suffix in (".yaml", ".yml") and not path.exists():
+        if is_model_file(spec) and not Path(spec).exists():
             self.log(f"model file {spec} is gone; resuming with the checkpoint's model_config")
             return replace(ck, fused_projections=ModelConfig.fused_projections)
         want = load_model_config(spec)
-        compute_only = ("name", "fused_projections")  # how the layers compute, not what they are
-        diff = [k for k in want.__dict__ if k not in compute_only and getattr(want, k) != getattr(ck, k)]
+        diff = model_differences(want, ck)
         if diff:
             raise YxanulError(f"model {spec} differs from the checkpoint's model_config in {', '.join(diff)}; a "
                               "run resumes with the model it was trained with", source=src)

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config import ModelConfig, dataclass_from_dict, load_model_config
+from ..config import ModelConfig, dataclass_from_dict, load_model_config, model_differences
 from .analyze import HEAD_MODULE, classify, modules_to_not_convert  # noqa: F401 (re-exported)
 from ..errors import YxanulError, brief, first_line
 from ..io import MARKER
@@ -105,10 +105,7 @@ def load_checkpoint_weights(ckpt: str | Path, model: str | None = None):
         cfg = dataclass_from_dict(ModelConfig, mc, src, prefix="model_config.").validate(src)
         _check_tokenizer_fits(meta.get("tokenizer"), cfg, src)
         if model is not None:
-            want = load_model_config(model)
-            compute_only = ("name", "fused_projections")  # not part of the weights' layout
-            if {k: v for k, v in want.__dict__.items() if k not in compute_only} != \
-                    {k: v for k, v in cfg.__dict__.items() if k not in compute_only}:
+            if model_differences(load_model_config(model), cfg):
                 raise YxanulError(f"checkpoint's model_config differs from --model {model}", source=src)
         weights = folder / "model.safetensors"
         if not weights.is_file() and is_dcp_checkpoint(folder):   # a sharded run's: its shards read in one process
@@ -242,10 +239,6 @@ def _write_tokenizer(out: Path, tok: dict | None, cfg: ModelConfig) -> list[str]
     if not isinstance(tok, dict):
         return []
     kind, eot = tok.get("kind"), tok.get("eot_id")
-    vs = tok.get("vocab_size")
-    if isinstance(vs, int) and vs > cfg.vocab_size:
-        raise YxanulError(f"tokenizer vocab_size {vs} exceeds the model's vocab_size {cfg.vocab_size}",
-                          source="meta.json", key="tokenizer.vocab_size")
     written = ["yxanul_tokenizer.json"]
     (out / "yxanul_tokenizer.json").write_text(json.dumps(tok, indent=2) + "\n", encoding="utf-8")
     if kind == "bytes":

@@ -397,25 +397,22 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def check_matches_model(model: nn.Module, sd: dict, source: str) -> None:
-    """Every tensor of `sd` that `model` holds has its shape, and a floating-point type where the model's is."""
+    """Every tensor of `sd` that `model` holds has its shape (checked before :func:`check_finite`, which refuses
+    a weight of a non-floating type: a tensor of another shape or width is named as such, not as NaN)."""
     for name, own in unwrap_model(model).state_dict().items():
         t = sd.get(name)
-        if not isinstance(t, torch.Tensor):
-            continue
-        if tuple(t.shape) != tuple(own.shape):
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != tuple(own.shape):
             raise YxanulError(f"{name}: shape {list(t.shape)} in the checkpoint, {list(own.shape)} in the model; "
                               "the checkpoint does not belong to this model", source=source)
-        if own.is_floating_point() and not t.is_floating_point():
-            raise YxanulError(f"{name}: dtype {str(t.dtype).removeprefix('torch.')} in the checkpoint, expected a "
-                              "floating-point type", source=source)
 
 
 def load_full_model_state(model: nn.Module, sd: dict, source: str) -> None:
     """Load a full (unsharded) model state dict into `model`, which may be FSDP2-sharded: every rank holds the
-    full tensors and keeps its shard. Missing or unexpected keys, and a tensor of another shape or of an integer
-    type where the model holds a floating-point one, are a one-line error naming the tensor."""
+    full tensors and keeps its shard. Missing or unexpected keys, a tensor of another shape, of a non-floating
+    type or with NaN or Inf values are a one-line error naming the tensor."""
     base = unwrap_model(model)
     check_matches_model(base, sd, source)
+    check_finite(sd, source)
     try:
         if is_sharded(base):
             own = set(base.state_dict())

@@ -29,7 +29,7 @@ from .layout import (FP8_STATE_SUFFIXES, STEP_RE, check_finite, checkpoint_name,
                      latest_checkpoint, list_checkpoints, prepare_fresh_run_dir, prune_checkpoints, read_meta,
                      TRAINING_STATE, plain_meta, remove_stale_temporaries, resolve_checkpoint, torch_save_hashed,
                      write_bytes_hashed)
-from .sharded import (check_matches_model, load_dcp_weights, load_full_model_state, load_plain_optimizer_state,
+from .sharded import (load_dcp_weights, load_full_model_state, load_plain_optimizer_state,
                       load_state_file, pick_rank_rng, save_dcp_checkpoint)
 
 __all__ = ["STEP_RE", "checkpoint_name", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
@@ -162,7 +162,7 @@ def check_training_state(st, source: str, optimizer: bool = True) -> dict:
     return st
 
 
-def check_optimizer_shapes(optimizer: torch.optim.Optimizer, source: str) -> None:
+def check_optimizer_state(optimizer: torch.optim.Optimizer, source: str) -> None:
     """Every per-parameter optimizer tensor (moments) has its parameter's shape and finite values, the second
     moments are not negative and the step count is not; a bad one would only surface at the first ``step()``
     after training restarted (or silently, as NaN weights)."""
@@ -222,13 +222,10 @@ def restore_training_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimi
     if sharded_ckpt:
         load_dcp_weights(p, model, optimizer)
     else:
-        src = str(p / "model.safetensors")
-        sd = _model_weights_for(model, _load_weights_file(p, finite=False))
-        check_matches_model(model, sd, src)   # a shape or type that is wrong is named as such, not as NaN
-        check_finite(sd, src)
-        load_full_model_state(model, sd, src)
+        sd = _model_weights_for(model, _load_weights_file(p, finite=False))   # finiteness after the shapes
+        load_full_model_state(model, sd, str(p / "model.safetensors"))
         load_plain_optimizer_state(model, optimizer, st["optimizer"], source=state_src)
-    check_optimizer_shapes(optimizer, state_src)
+    check_optimizer_state(optimizer, state_src)
     if int(meta.get("step", -1)) != st["step"]:
         raise YxanulError("state.pt and meta.json disagree on the step", source=str(p))
     _restore_rng(st["rng"], device, state_src)
