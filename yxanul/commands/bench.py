@@ -76,7 +76,7 @@ def _throughput(bsub):
     p.add_argument("--plain-matmul-padding", default="default",
                    help="inductor's GEMM padding for the plain-model modes (bf16-plain, torchao-*): default, off, "
                         "or default,off to time both and keep the faster (CUDA only; default: default)")
-    p.add_argument("--plain-vocab-multiple", default="64",
+    p.add_argument("--plain-vocab-multiple", default=None,
                    help="the plain-model modes' embedding rows: the vocabulary padded to a multiple of this (rows "
                         "that are never a target, as users size it for aligned GEMMs; 1: the vocabulary as it is); "
                         "comma-separated to time each and keep the fastest (CUDA only; default: 64)")
@@ -124,14 +124,16 @@ def _run_throughput(args):
             raise YxanulError("--plot needs matplotlib (pip install matplotlib)", key="--plot") from None
         if not str(args.plot).lower().endswith(".png"):
             raise YxanulError("the plot is written as PNG; give a .png path", key="--plot")
-    from ..bench.throughput import format_sweep, format_table, plot, plot_sweep, run_sweep, run_throughput
+    from ..bench.throughput import (DEFAULT_VOCAB_MULTIPLE, format_sweep, format_table, plot, plot_sweep, run_sweep,
+                                    run_throughput)
     from ..fp8.options import Fp8Options
     common = dict(model=args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                   modes=args.modes, layers=args.layers, compile=args.compile, device=args.device,
                   policy=args.config, json_out=args.json_out, peak_tflops=args.peak_tflops, profile=args.profile,
                   compile_mode=args.compile_mode, tune_kernels=args.tune_kernels,
                   plain_compile_modes=args.plain_compile_modes, plain_matmul_padding=args.plain_matmul_padding,
-                  plain_vocab_multiple=args.plain_vocab_multiple,
+                  plain_vocab_multiple=DEFAULT_VOCAB_MULTIPLE if args.plain_vocab_multiple is None
+                  else args.plain_vocab_multiple,
                   fp8_options=Fp8Options(kernels=args.fp8_kernels, weight_cache=args.fp8_weight_cache,
                                          **_fp8_option_flags(args)),
                   host_gc=args.host_gc, compile_scope=args.compile_scope)
