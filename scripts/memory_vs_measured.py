@@ -80,7 +80,8 @@ def main():
         w = [max(len(x) for x in col) for col in zip(head, *lines)]
         for ln in [head] + lines:
             print("  ".join(x.rjust(n) if i > 2 else x.ljust(n) for i, (x, n) in enumerate(zip(ln, w))))
-    print("* the whole run's peak (compilation included): the file predates the timed-steps peak")
+    print("* the whole run's peak (compilation included): no timed-steps peak in the file (under CUDA graphs the "
+          "memory is taken at capture, in the warm-up; older files predate the field)")
 
 
 if __name__ == "__main__":
