@@ -2,7 +2,8 @@
 bench JSON files (a sweep's file too), the measured peak of the timed steps (or of the whole run, in files
 written before that was recorded) next to the estimate for the same model, batch, precision and recipe, eager
 and compiled the way the bench compiles the mode (the project's modes: compiled blocks; bf16-plain and torchao:
-the whole plain model with the full-logit loss; the plain model's layers are estimated as the project's).
+the whole plain model with the full-logit loss over its vocabulary, padded as the file records (unpadded in
+files written before that was recorded); the plain model's layers are estimated as the project's).
 
 Usage: python scripts/memory_vs_measured.py BENCH_JSON [BENCH_JSON ...] [--markdown]   (CPU is enough)
 """
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import sys
 
+from yxanul.bench.plain import padded_vocab
 from yxanul.bench.throughput import scaled_config
 from yxanul.config import load_model_config
 from yxanul.errors import YxanulError
@@ -44,15 +46,19 @@ def rows_of(path):
                     or "+" in mode:
                 continue
             plain = mode == "bf16-plain" or mode.startswith("torchao")
+            # the smallest multiple the file timed (several: the unpadded variant needs most); older files: 1
+            mult = min(r.get("plain_vocab_multiple") or [1])
+            mcfg = dataclasses.replace(cfg, vocab_size=padded_vocab(cfg.vocab_size, mult)) if plain else cfg
             if mode.startswith("fp8"):
                 recipe = {"fp8": "delayed", "fp8-head": "delayed"}.get(mode, mode[len("fp8-"):])
                 pol, prec = load_policy().with_recipe(name=recipe), "fp8"
             else:
                 pol, prec = load_policy(), "bf16"
             kw = dict(batch=batch, seq=seq, precision=prec, device="cuda", fused_ce="off" if plain else "auto")
-            eager = estimate(cfg, pol, MemoryOptions(**kw))["total_bytes"] / GIB
-            comp = estimate(cfg, pol, MemoryOptions(**kw, compiled="model" if plain else "blocks"))["total_bytes"] / GIB
-            yield {"file": path, "model": cfg.name, "batch": batch, "mode": mode, "measured_gib": peak,
+            eager = estimate(mcfg, pol, MemoryOptions(**kw))["total_bytes"] / GIB
+            comp = estimate(mcfg, pol, MemoryOptions(**kw, compiled="model" if plain else "blocks"))["total_bytes"] / GIB
+            yield {"file": path, "model": cfg.name, "batch": batch, "measured_gib": peak,
+                   "mode": f"{mode} ({mcfg.vocab_size:,} rows)" if plain else mode,
                    "timed": "peak_timed_gib" in row and row["peak_timed_gib"] is not None,
                    "eager_gib": eager, "compiled_gib": comp}
 

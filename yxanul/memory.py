@@ -39,8 +39,9 @@ elementwise results in the backward pass instead of saving them. A block then sa
 norms' ``rsqrt`` (not their FP32 input and output), the transposed copy of SDPA's output that o_proj reads,
 and gate and up but not silu(gate) (the SwiGLU product, down's input, stays saved); everything else is
 counted as in eager mode (an FP8 linear saves what its autograd function saves, compiled or not). With the
-whole model compiled and no fused loss, the loss saves the BF16 logits and writes their BF16 gradient (two BF16
-logit tensors instead of the FP32 ones of eager mode). The gradients exist at the start of the backward pass
+whole model compiled and no fused loss, the loss saves the BF16 logits and writes their BF16 gradient into the
+same buffer (one BF16 logit tensor instead of the three FP32 ones of eager mode); on CUDA, with a vocabulary that
+is not a multiple of 8, inductor pads the head's GEMMs and the gradient is a padded copy beside the logits (two). The gradients exist at the start of the backward pass
 only with gradient accumulation (one process's steps end with ``zero_grad(set_to_none=True)``; under DDP the
 gradient buckets stay allocated, so add the gradients), so the total is the larger of that start and the end of
 the backward pass (every gradient, no activations).
@@ -62,6 +63,7 @@ DEVICES = ("cuda", "cpu")
 FUSED_CE = ("auto", "on", "off")
 COMPILED = ("none", "blocks", "model")
 CUT_MAX_RANK = 256  # the register-only loss kernels' largest head rank (yxanul.kernels.cut_ce.MAX_K)
+GEMM_ALIGN = 8  # inductor pads a 16-bit GEMM's dimensions that are not multiples of this (CUDA only)
 CHUNK_BYTES = 1 << 30  # the chunked loss's budget for one chunk's FP32 logits (yxanul.kernels.linear_ce)
 _COMPONENT_OF = {"embeddings": "embeddings", "layer_norms": "layer_norms", "attention_compute": "attention",
                  "ffn_compute": "ffn", "output_head": "output_head", "other": "other"}
@@ -165,8 +167,11 @@ def loss_parts(impl: str, tokens: int, vocab: int, rank: int, device: str,
     n, v, k = tokens, vocab, rank
     if impl == "full" and compiled:
         # inductor fuses the FP32 upcast and log-softmax into its reductions: the BF16 logits are saved, and
-        # the backward pass writes their BF16 gradient next to them
-        parts = {"logits_bf16_saved": 2 * n * v, "grad_logits_bf16": 2 * n * v}
+        # the backward pass writes their BF16 gradient into the same buffer, except where inductor pads the head's
+        # GEMMs (CUDA, a vocabulary not a multiple of 8): the gradient then goes to a padded copy beside the logits
+        parts = {"logits_bf16_saved": 2 * n * v}
+        if device == "cuda" and v % GEMM_ALIGN:
+            parts["grad_logits_bf16_padded"] = 2 * n * (v + (-v) % GEMM_ALIGN)
         return parts, 2 * n * v
     if impl == "full":
         parts = {"log_softmax_fp32_saved": 4 * n * v, "grad_log_softmax_fp32": 4 * n * v,

@@ -45,6 +45,11 @@ class Block(nn.Module):
         return x + self.down(F.silu(self.gate(m)) * self.up(m))
 
 
+def padded_vocab(vocab_size: int, vocab_multiple: int = 1) -> int:
+    """The embedding's rows of a :class:`PlainLM` with this ``vocab_multiple``: the vocabulary rounded up."""
+    return -(-vocab_size // vocab_multiple) * vocab_multiple
+
+
 class PlainLM(nn.Module):
     """``vocab_multiple=M`` (M > 1) sizes the embedding (and an untied head) at the vocabulary rounded up to a
     multiple of M, as users often do so that the head's GEMMs have aligned dimensions: the extra rows are never a
@@ -55,7 +60,7 @@ class PlainLM(nn.Module):
         super().__init__()
         if not isinstance(vocab_multiple, int) or isinstance(vocab_multiple, bool) or vocab_multiple < 1:
             raise ValueError(f"vocab_multiple must be a positive integer, got {vocab_multiple!r}")
-        rows = -(-c.vocab_size // vocab_multiple) * vocab_multiple
+        rows = padded_vocab(c.vocab_size, vocab_multiple)
         r = c.embed_rank or c.d_model
         self.eps = c.norm_eps
         self.vocab_size, self.vocab_multiple = c.vocab_size, vocab_multiple

@@ -55,7 +55,7 @@ from ..fp8.options import Fp8Options
 from ..fp8.recipe import resolve
 from ..hostgc import HOST_GC_MODES, GcWatch, release, settle
 from . import DEFAULT_MODES, MODES
-from .plain import PlainLM
+from .plain import PlainLM, padded_vocab
 
 # the recipe of the `fp8` and `fp8-head` modes: the fastest measured on the H100 (docs/benchmarks.md); the
 # policy decides which linears are FP8, the fp8-<recipe> modes measure each recipe
@@ -631,9 +631,10 @@ def scaled_config(cfg, d_model: int):
 
 
 def fitting_batch(cfg, policy, batch: int, seq: int, budget_bytes: float | None, modes,
-                  compiled: bool = False) -> int:
+                  compiled: bool = False, plain_vocab_multiple=DEFAULT_VOCAB_MULTIPLE) -> int:
     """The largest batch <= `batch` (halving) whose estimated training memory fits `budget_bytes` for every mode
-    in `modes` (the plain and torchao modes take full logits), estimated as the bench runs them when `compiled`
+    in `modes` (the plain and torchao modes take full logits over the vocabulary padded to the smallest of
+    `plain_vocab_multiple`, the variant that needs most), estimated as the bench runs them when `compiled`
     (the project's modes with compiled blocks, the plain ones compiled whole); `batch` itself without a budget."""
     if budget_bytes is None:
         return batch
@@ -642,12 +643,16 @@ def fitting_batch(cfg, policy, batch: int, seq: int, budget_bytes: float | None,
 
     pol = load_policy(policy)
     budget = budget_bytes
+    plain_cfg = dataclasses.replace(
+        cfg, vocab_size=padded_vocab(cfg.vocab_size, min(parse_vocab_multiple(plain_vocab_multiple))))
     fused = ["on"] + (["off"] if any(m == "bf16-plain" or m.startswith("torchao") for m in modes) else [])
     scope = {"on": "blocks" if compiled else "none", "off": "model" if compiled else "none"}
+    model_of = {"on": cfg, "off": plain_cfg}
     b = batch
     while b > 1:
-        need = max(estimate(cfg, pol, MemoryOptions(batch=b, seq=seq, precision="bf16", device="cuda",
-                                                    fused_ce=f, compiled=scope[f]))["total_bytes"] for f in fused)
+        need = max(estimate(model_of[f], pol, MemoryOptions(batch=b, seq=seq, precision="bf16", device="cuda",
+                                                            fused_ce=f, compiled=scope[f]))["total_bytes"]
+                   for f in fused)
         if need <= budget:
             break
         b //= 2
@@ -760,8 +765,9 @@ def run_sweep(sweep: str, model: str = "yxanul-197m", batch: int = 16, seq: int 
             point = done[v]
             log(f"== sweep {key}={v}: kept from {json_out} (measured earlier, same settings and device)")
         else:
-            b = batches[i] if batches is not None else fitting_batch(cfg, policy, batch, seq, budget, modes,
-                                                                     compiled=kw.get("compile", True))
+            b = batches[i] if batches is not None else fitting_batch(
+                cfg, policy, batch, seq, budget, modes, compiled=kw.get("compile", True),
+                plain_vocab_multiple=kw.get("plain_vocab_multiple", DEFAULT_VOCAB_MULTIPLE))
             log(f"== sweep {key}={v}: {cfg.n_heads} heads ({cfg.n_kv_heads} KV), SwiGLU {cfg.ffn_hidden}, "
                 f"batch {b}" + (" (--sweep-batch)" if batches is not None else ""))
             res = run_throughput(model=cfg, batch=b, seq=seq, modes=modes, device=device, policy=policy, log=log,
