@@ -56,7 +56,8 @@ def rows_of(path):
                 pol, prec = load_policy(), "bf16"
             kw = dict(batch=batch, seq=seq, precision=prec, device="cuda", fused_ce="off" if plain else "auto")
             eager = estimate(mcfg, pol, MemoryOptions(**kw))["total_bytes"] / GIB
-            comp = estimate(mcfg, pol, MemoryOptions(**kw, compiled="model" if plain else "blocks"))["total_bytes"] / GIB
+            scope = "model" if plain else "blocks"
+            comp = estimate(mcfg, pol, MemoryOptions(**kw, compiled=scope))["total_bytes"] / GIB
             yield {"file": path, "model": cfg.name, "batch": batch, "measured_gib": peak,
                    "mode": f"{mode} ({mcfg.vocab_size:,} rows)" if plain else mode,
                    "timed": "peak_timed_gib" in row and row["peak_timed_gib"] is not None,

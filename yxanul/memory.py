@@ -41,10 +41,10 @@ and gate and up but not silu(gate) (the SwiGLU product, down's input, stays save
 counted as in eager mode (an FP8 linear saves what its autograd function saves, compiled or not). With the
 whole model compiled and no fused loss, the loss saves the BF16 logits and writes their BF16 gradient into the
 same buffer (one BF16 logit tensor instead of the three FP32 ones of eager mode); on CUDA, with a vocabulary that
-is not a multiple of 8, inductor pads the head's GEMMs and the gradient is a padded copy beside the logits (two). The gradients exist at the start of the backward pass
-only with gradient accumulation (one process's steps end with ``zero_grad(set_to_none=True)``; under DDP the
-gradient buckets stay allocated, so add the gradients), so the total is the larger of that start and the end of
-the backward pass (every gradient, no activations).
+is not a multiple of 8, inductor pads the head's GEMMs and the gradient is a padded copy beside the logits (two).
+The gradients exist at the start of the backward pass only with gradient accumulation (one process's steps end
+with ``zero_grad(set_to_none=True)``; under DDP the gradient buckets stay allocated, so add the gradients), so the
+total is the larger of that start and the end of the backward pass (every gradient, no activations).
 """
 from __future__ import annotations
 
