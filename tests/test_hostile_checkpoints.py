@@ -403,6 +403,36 @@ def test_resume_from_another_folder_uses_the_run_s_own_files(tmp_path, monkeypat
     assert "is gone; resuming with the checkpoint's model_config" in capsys.readouterr().out
 
 
+def test_resume_refuses_a_policy_edited_since_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """The layers a run converts to FP8 come from its policy file: edited since the checkpoint, a resume is
+    refused naming the file and the changed setting; `--config` with it resumes deliberately, and a checkpoint
+    written before the record was kept resumes unchecked."""
+    from test_checkpoint_safety import MODEL
+
+    (tmp_path / "m.yaml").write_text(MODEL)
+    pol = tmp_path / "p.yaml"
+    pol.write_text("precision_strategy: {attention_compute: fp8_e4m3}\nrecipe: {name: tensorwise}\n")
+    monkeypatch.chdir(tmp_path)
+    small = ["--batch-size", "2", "--seq-len", "32", "--log-every", "1", "--eval-every", "0", "--no-progress",
+             "--warmup", "1", "--precision", "fp32"]
+    assert main(["train", "--out", "r", "--config", "p.yaml", "--model", "m.yaml", "--steps", "2",
+                 "--checkpoint-every", "1", *small]) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "r" / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["policy"]["source"] == str(pol) and meta["policy"]["settings"]["recipe"] == {"name": "tensorwise"}
+    assert main(["train", "--resume", "r", "--steps", "3", "--checkpoint-every", "3", "--no-progress"]) == 0
+    pol.write_text("precision_strategy: {attention_compute: bfloat16}\nrecipe: {name: tensorwise}\n")
+    capsys.readouterr()
+    err = refused(capsys, ["train", "--resume", "r", "--steps", "4", "--no-progress"],
+                  "precision_strategy.attention_compute", "p.yaml")
+    assert "--config" in err
+    assert not (tmp_path / "r" / "checkpoints" / "step_00000004").exists()
+    assert main(["train", "--resume", "r", "--config", str(pol), "--steps", "4", "--checkpoint-every", "4",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    pol.write_text("precision_strategy: {attention_compute: fp8_e4m3}\nrecipe: {name: tensorwise}\n")
+    edit_meta(tmp_path / "r" / "checkpoints" / "step_00000004", lambda m: m.pop("policy"))
+    assert main(["train", "--resume", "r", "--steps", "5", "--checkpoint-every", "5", "--no-progress"]) == 0
+
+
 @pytest.mark.parametrize("key,value", [("eot_id", 999999), ("eot_id", -1), ("eot_id", "256"),
                                        ("vocab_size", 1000000)])
 def test_recorded_tokenizer_outside_the_model_s_vocabulary(tiny, tmp_path, capsys, key, value):

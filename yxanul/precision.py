@@ -228,6 +228,27 @@ def _matches(pat: str, name: str, kind: str) -> bool:
 _TOP_KEYS = {"precision_strategy", "fp32_components", "bf16_components", "fp8_components", "recipe", "strict"}
 
 
+def policy_record(path: str | Path | None = None) -> dict:
+    """What a checkpoint records of the policy it trained with: the file and its settings as read (JSON-safe), so
+    that a resumed run can tell an edited policy from the one its layers were converted by."""
+    import json
+    path = Path(path) if path is not None else DEFAULT_POLICY
+    return {"source": str(path), "settings": json.loads(json.dumps(load_yaml(path), default=str))}
+
+
+def policy_changes(recorded: dict, current: dict) -> list[str]:
+    """The settings (``section.key``) in which two :func:`policy_record` results differ, sorted."""
+    a, b = recorded.get("settings") or {}, current.get("settings") or {}
+    out = set()
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.update(f"{k}.{kk}" for kk in set(va) | set(vb) if va.get(kk) != vb.get(kk))
+        elif va != vb:
+            out.add(str(k))
+    return sorted(out)
+
+
 def load_policy(path: str | Path | None = None, strict: bool | None = None) -> Policy:
     """Load a policy YAML (default: the shipped mixed_precision_config.yaml) and validate it fully."""
     path = Path(path) if path is not None else DEFAULT_POLICY

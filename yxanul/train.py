@@ -323,7 +323,7 @@ class Trainer:
         the loss scaler, then the data-parallel wrapper."""
         from .data.tokenizers import check_ids
         from .model import Yxanul
-        from .precision import load_policy
+        from .precision import load_policy, policy_record
         cfg, meta = self.cfg, self.data_meta
         self.ck_meta = self._read_checkpoint_meta()
         self.model_cfg = self._model_config()
@@ -340,6 +340,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = Yxanul(self.model_cfg)
         self.policy = load_policy(cfg.policy)
+        self.policy_record = policy_record(cfg.policy)
         if cfg.fp8_recipe or cfg.fp8_calibration_steps is not None:
             self.policy = self.policy.with_recipe(name=cfg.fp8_recipe,
                                                   calibration_steps=cfg.fp8_calibration_steps)
@@ -483,7 +484,7 @@ class Trainer:
     def checkpoint_meta(self) -> dict:
         return {"model_config": asdict(self.model_cfg), "tokenizer": self.tokenizer_meta,
                 "train_config": asdict(self.cfg), "tokens_seen": self.step * self.tokens_per_step,
-                "precision": self.cfg.precision, "data": str(self.data_dir)}
+                "precision": self.cfg.precision, "data": str(self.data_dir), "policy": self.policy_record}
 
     def training_state(self, optimizer: bool = True) -> dict:
         rng = {"torch": torch.get_rng_state()}

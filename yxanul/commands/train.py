@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import types
 import typing
 from pathlib import Path
@@ -102,6 +103,18 @@ def run(args: argparse.Namespace) -> int:
         overrides.pop("out", None)
         resume = str(ckpt)
     cfg = load_train_config(args.train_config, overrides, base=base)
+    recorded_policy = meta.get("policy") if resume is not None else None
+    if "policy" not in overrides and isinstance(recorded_policy, dict) and isinstance(recorded_policy.get("settings"),
+                                                                                      dict):
+        # the layers a run converts to FP8 come from its policy file: an edit since the checkpoint is refused
+        # unless asked for (checkpoints written before the record was kept are not checked)
+        from ..precision import policy_changes, policy_record
+        current = policy_record(cfg.policy)
+        changed = policy_changes(recorded_policy, current)
+        if changed:
+            raise YxanulError(f"changed since the checkpoint was written ({', '.join(changed)}); restore it, or "
+                              f"pass --config {shlex.quote(current['source'])} to resume with the edited policy",
+                              source=current["source"])
     try:
         Trainer(cfg, resume=resume, restart=args.restart).fit()
     finally:
