@@ -403,6 +403,15 @@ def test_resume_from_another_folder_uses_the_run_s_own_files(tmp_path, monkeypat
     assert "is gone; resuming with the checkpoint's model_config" in capsys.readouterr().out
 
 
+def test_resume_names_recorded_settings_this_version_does_not_know(run, capsys):  # noqa: F811
+    """A checkpoint of another version may record train_config settings this one lacks: the resume goes on
+    without them and says which (they were dropped without a word)."""
+    edit_meta(ckpt_of(run), lambda m: m["train_config"].update(future_knob=3, other_knob="x"))
+    assert main(["train", "--resume", str(run), "--steps", "3", "--no-progress"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "train_config has settings this version does not know, ignored: future_knob, other_knob" in out
+
+
 def test_resume_refuses_a_policy_edited_since_the_checkpoint(tmp_path, monkeypatch, capsys):
     """The layers a run converts to FP8 come from its policy file: edited since the checkpoint, a resume is
     refused naming the file and the changed setting; `--config` with it resumes deliberately, and a checkpoint

@@ -97,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
         # how the run is launched (--parallel) is not inherited: a checkpoint resumes in any mode
         # the recorded fields are type-checked like a YAML's and validated (with the flags given) below
         recorded = meta.get("train_config", {})
+        unknown = sorted(str(k) for k in recorded if k not in TrainConfig.__dataclass_fields__) \
+            if isinstance(recorded, dict) else []
+        if unknown:   # settings of another version of the trainer: resumed without them, said so
+            print(f"note: {ckpt / 'meta.json'}: train_config has settings this version does not know, ignored: "
+                  f"{', '.join(unknown)}")
         base = dataclass_from_dict(TrainConfig, {k: v for k, v in recorded.items()
                                                  if k in TrainConfig.__dataclass_fields__ and k != "parallel"},
                                    source=str(ckpt / "meta.json"), prefix="train_config.")
