@@ -290,6 +290,21 @@ def test_shards_shorter_than_a_window_are_named_as_such(tmp_path, capsys):
         DataLoader(out, 2, 32)
 
 
+def test_a_shard_size_that_would_write_too_many_files_is_refused(tmp_path, capsys, monkeypatch):
+    """`--shard-tokens 1` would write a file per token: past MAX_SHARDS files per split the run stops with one
+    line naming the flag, and no output folder is left."""
+    import yxanul.data.prepare as prep
+    monkeypatch.setattr(prep, "MAX_SHARDS", 50)
+    out = tmp_path / "d"
+    rc = main(["data", "prepare", str(_corpus(tmp_path)), "--tokenizer", "bytes", "--out", str(out),
+               "--shard-tokens", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--shard-tokens" in err and "more than 50 shards of 1 tokens" in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(["data", "prepare", str(_corpus(tmp_path)), "--tokenizer", "bytes", "--out", str(out),
+                 "--no-progress"]) == 0
+
+
 def test_an_empty_validation_input_is_refused(tmp_path, capsys):
     """--val naming a file with no text would give a 0-token validation split (and `val loss None` in training)."""
     empty = tmp_path / "empty.txt"

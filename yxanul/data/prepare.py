@@ -41,6 +41,7 @@ FORMAT = "yxanul-tokens"
 VERSION = 1
 SEPARATOR_LINE = "<|endoftext|>"
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens = 512 MiB per shard
+MAX_SHARDS = 10_000   # per split: more is a --shard-tokens typo (one token per file), not a dataset
 ERRORS = ("strict", "replace")
 _COUNTING_REPLACE = "yxanul-count-replace"
 _replaced = [0]   # invalid UTF-8 sequences replaced so far (decoding happens in the main process)
@@ -220,6 +221,10 @@ class _ShardWriter:
         self.max_id = -1
 
     def _open(self):
+        if len(self.shards) >= MAX_SHARDS:
+            raise YxanulError(f"the {self.split} split needs more than {MAX_SHARDS:,} shards of {self.shard_tokens:,} "
+                              f"tokens; give a larger --shard-tokens (default {DEFAULT_SHARD_TOKENS:,})",
+                              key="--shard-tokens")
         name = f"{self.split}_{len(self.shards):03d}.bin"
         self.shards.append({"file": name, "tokens": 0})
         self.f = open(self.folder / name, "wb")
