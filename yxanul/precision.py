@@ -22,6 +22,7 @@ The factorized, tied output head owns no parameters; it is listed as ``lm_head``
 from __future__ import annotations
 
 import fnmatch
+import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ class Policy:
     fp8_options: Fp8Options = field(default_factory=Fp8Options)  # how (not what) the FP8 layers compute
     strict: bool = True
     source: str = "<default>"
+    settings: dict = field(default_factory=dict, repr=False, compare=False)  # the file as read (JSON-safe)
 
     # -- derived settings ---------------------------------------------------------------------------
     @property
@@ -228,12 +230,10 @@ def _matches(pat: str, name: str, kind: str) -> bool:
 _TOP_KEYS = {"precision_strategy", "fp32_components", "bf16_components", "fp8_components", "recipe", "strict"}
 
 
-def policy_record(path: str | Path | None = None) -> dict:
-    """What a checkpoint records of the policy it trained with: the file and its settings as read (JSON-safe), so
-    that a resumed run can tell an edited policy from the one its layers were converted by."""
-    import json
-    path = Path(path) if path is not None else DEFAULT_POLICY
-    return {"source": str(path), "settings": json.loads(json.dumps(load_yaml(path), default=str))}
+def policy_record(policy: Policy) -> dict:
+    """What a checkpoint records of the policy it trained with: the file and its settings as read, so that a
+    resumed run can tell an edited policy from the one its layers were converted by."""
+    return {"source": policy.source, "settings": policy.settings}
 
 
 def policy_changes(recorded: dict, current: dict) -> list[str]:
@@ -261,7 +261,7 @@ def load_policy(path: str | Path | None = None, strict: bool | None = None) -> P
     if not isinstance(ps, dict):
         raise YxanulError("expected a mapping", source=src, key="precision_strategy")
     strategy = dataclass_from_dict(PrecisionStrategy, ps, src, prefix="precision_strategy.")
-    pol = Policy(strategy=strategy, source=src)
+    pol = Policy(strategy=strategy, source=src, settings=json.loads(json.dumps(data, default=str)))
     fmt = strategy.fp8_format.lower()
     strategy = PrecisionStrategy(**{**asdict(strategy), "fp8_format": fmt})
     pol.strategy = strategy

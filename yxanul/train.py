@@ -340,7 +340,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = Yxanul(self.model_cfg)
         self.policy = load_policy(cfg.policy)
-        self.policy_record = policy_record(cfg.policy)
+        self.policy_record = policy_record(self.policy)
         if cfg.fp8_recipe or cfg.fp8_calibration_steps is not None:
             self.policy = self.policy.with_recipe(name=cfg.fp8_recipe,
                                                   calibration_steps=cfg.fp8_calibration_steps)

@@ -61,6 +61,11 @@ class _Out:
         return math.prod(self.shape) * DTYPE_BITS[self.dtype] // 8
 
 
+def _check_block(block) -> None:
+    """``--block``: an integer in [1, MAX_BLOCK]."""
+    if not isinstance(block, int) or isinstance(block, bool) or not 0 < block <= MAX_BLOCK:
+        raise _yerr(f"block size must be an integer in [1, {MAX_BLOCK}], got {block!r}", key="--block")
+
 
 def _header_bytes(outs: list[_Out], metadata: dict[str, str]) -> tuple[bytes, list[_Out]]:
     """Order tensors like safetensors does (wider dtypes first, then name) so every tensor stays aligned."""
@@ -300,8 +305,7 @@ def quantize_checkpoint(src, dst, block: int = 128, fmt: str = "e4m3", pow2_scal
     from ..fp8.quant import compute_scale_inv, dequantize, quantize, scale_shape, tile_amax
     from ..precision import Policy, load_policy
 
-    if not isinstance(block, int) or isinstance(block, bool) or not 0 < block <= MAX_BLOCK:
-        raise _yerr(f"block size must be an integer in [1, {MAX_BLOCK}], got {block!r}", key="--block")
+    _check_block(block)
     f8 = get_format(fmt)
     skip = tuple(skip or ())
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
@@ -484,8 +488,8 @@ def dequantize_checkpoint(src, dst, dtype: str = "bf16", overwrite: bool = False
     dt = {"bf16": "BF16", "bfloat16": "BF16", "fp32": "F32", "float32": "F32"}.get(str(dtype).lower())
     if dt is None:
         raise _yerr(f"unknown dtype {dtype!r} (expected bf16 or fp32)", key="--dtype")
-    if block is not None and (not isinstance(block, int) or isinstance(block, bool) or not 0 < block <= MAX_BLOCK):
-        raise _yerr(f"block size must be an integer in [1, {MAX_BLOCK}], got {block!r}", key="--block")
+    if block is not None:
+        _check_block(block)
     ck = open_checkpoint(src)
     inputs = _inputs_of(src, ck)
     cfg, cfg_path = _read_config(ck)

@@ -113,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
                                                                                       dict):
         # the layers a run converts to FP8 come from its policy file: an edit since the checkpoint is refused
         # unless asked for (checkpoints written before the record was kept are not checked)
-        from ..precision import policy_changes, policy_record
-        current = policy_record(cfg.policy)
+        from ..precision import load_policy, policy_changes, policy_record
+        current = policy_record(load_policy(cfg.policy))
         changed = policy_changes(recorded_policy, current)
         if changed:
             raise YxanulError(f"changed since the checkpoint was written ({', '.join(changed)}); restore it, or "
